@@ -1,0 +1,1 @@
+//! flotilla-api (placeholder until its owner fills it in).

@@ -1,0 +1,1 @@
+//! flotilla-cli (placeholder until its owner fills it in).

@@ -1,0 +1,1 @@
+//! flotilla-control (placeholder until its owner fills it in).

@@ -1,0 +1,1 @@
+//! flotilla-node (placeholder until its owner fills it in).

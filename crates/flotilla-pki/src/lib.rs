@@ -1,0 +1,1 @@
+//! flotilla-pki (placeholder until its owner fills it in).

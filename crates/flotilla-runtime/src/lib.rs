@@ -1,0 +1,1 @@
+//! flotilla-runtime (placeholder until its owner fills it in).

@@ -1,0 +1,1 @@
+//! flotilla-shim (placeholder until its owner fills it in).

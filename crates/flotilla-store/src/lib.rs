@@ -1,0 +1,1 @@
+//! flotilla-store (placeholder until its owner fills it in).

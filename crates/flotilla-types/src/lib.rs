@@ -1,0 +1,1 @@
+//! flotilla-types (placeholder until its owner fills it in).
