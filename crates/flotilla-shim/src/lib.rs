@@ -1,1 +1,225 @@
-//! flotilla-shim (placeholder until its owner fills it in).
+//! flotilla-shim: the per-container supervisor.
+//!
+//! One shim runs per container, started by the agent as `flotilla shim <args>` (see [`run`]).
+//! It detaches (double fork + `setsid`), becomes a child subreaper, drives the OCI runtime
+//! (`runc create/start/delete`), owns the container's stdout/stderr and writes them to a
+//! JSON-lines log ([`logfile`]), records the exit code and OOM kills (also in `status.json`), and
+//! serves the [`proto`] API on a unix socket. It keeps no tokio runtime: a single-threaded poll
+//! loop keeps its memory small.
+//!
+//! Readiness handshake: the process started by the agent prints exactly one line on its stdout
+//! and exits: `ok <init-pid> <shim-pid>` once the container is created and the socket listens,
+//! or `error <message>`.
+
+pub mod logfile;
+pub mod proto;
+mod server;
+mod sys;
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::PathBuf;
+
+pub use logfile::{read_logs, LogFollower, LogLine};
+pub use proto::{Request, Response, ShimState, Status};
+
+/// Parsed command line of `flotilla shim`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShimArgs {
+    /// Container id, as given to the runtime.
+    pub id: String,
+    /// OCI bundle directory (with config.json).
+    pub bundle: PathBuf,
+    /// Directory for `status.json`, `init.pid`, `runtime.log`, `shim.log`.
+    pub state_dir: PathBuf,
+    /// Unix socket to serve.
+    pub socket: PathBuf,
+    /// Container log file (rotated as `<log>.1`, `<log>.2` …).
+    pub log: PathBuf,
+    pub log_max_bytes: u64,
+    pub log_max_files: u32,
+    /// OCI runtime binary (runc, crun …).
+    pub runtime: PathBuf,
+    /// The runtime's `--root` state directory.
+    pub runtime_root: PathBuf,
+    /// The container's cgroups path (as in config.json), to read OOM kills.
+    pub cgroup: String,
+    /// Hide the cgroup2 mount of a hybrid layout from the runtime (needed by crun).
+    pub hide_cgroup2: bool,
+    /// Stay in the foreground (no fork), for debugging.
+    pub foreground: bool,
+}
+
+impl ShimArgs {
+    /// Renders the arguments in the form [`ShimArgs::parse`] accepts.
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut v: Vec<OsString> = Vec::new();
+        let mut kv = |k: &str, val: OsString| {
+            v.push(k.into());
+            v.push(val);
+        };
+        kv("--id", self.id.clone().into());
+        kv("--bundle", self.bundle.clone().into());
+        kv("--state-dir", self.state_dir.clone().into());
+        kv("--socket", self.socket.clone().into());
+        kv("--log", self.log.clone().into());
+        kv("--log-max-bytes", self.log_max_bytes.to_string().into());
+        kv("--log-max-files", self.log_max_files.to_string().into());
+        kv("--runtime", self.runtime.clone().into());
+        kv("--runtime-root", self.runtime_root.clone().into());
+        kv("--cgroup", self.cgroup.clone().into());
+        if self.hide_cgroup2 {
+            v.push("--hide-cgroup2".into());
+        }
+        if self.foreground {
+            v.push("--foreground".into());
+        }
+        v
+    }
+
+    /// Parses `--key value` flags (the arguments after `shim`).
+    pub fn parse(args: &[OsString]) -> Result<ShimArgs, String> {
+        let mut a = ShimArgs {
+            id: String::new(),
+            bundle: PathBuf::new(),
+            state_dir: PathBuf::new(),
+            socket: PathBuf::new(),
+            log: PathBuf::new(),
+            log_max_bytes: 10 << 20,
+            log_max_files: 3,
+            runtime: PathBuf::from("runc"),
+            runtime_root: PathBuf::from("/run/flotilla/runc"),
+            cgroup: String::new(),
+            hide_cgroup2: false,
+            foreground: false,
+        };
+        let mut it = args.iter();
+        while let Some(k) = it.next() {
+            let k = k.to_str().ok_or("non-UTF-8 flag")?;
+            match k {
+                "--hide-cgroup2" => {
+                    a.hide_cgroup2 = true;
+                    continue;
+                }
+                "--foreground" => {
+                    a.foreground = true;
+                    continue;
+                }
+                _ => {}
+            }
+            let v = it.next().ok_or_else(|| format!("{k} needs a value"))?;
+            let s = || v.to_str().map(str::to_string).ok_or(format!("{k}: not UTF-8"));
+            match k {
+                "--id" => a.id = s()?,
+                "--bundle" => a.bundle = v.into(),
+                "--state-dir" => a.state_dir = v.into(),
+                "--socket" => a.socket = v.into(),
+                "--log" => a.log = v.into(),
+                "--log-max-bytes" => a.log_max_bytes = s()?.parse().map_err(|e| format!("{k}: {e}"))?,
+                "--log-max-files" => a.log_max_files = s()?.parse().map_err(|e| format!("{k}: {e}"))?,
+                "--runtime" => a.runtime = v.into(),
+                "--runtime-root" => a.runtime_root = v.into(),
+                "--cgroup" => a.cgroup = s()?,
+                other => return Err(format!("unknown flag {other}")),
+            }
+        }
+        for (name, empty) in [
+            ("--id", a.id.is_empty()),
+            ("--bundle", a.bundle.as_os_str().is_empty()),
+            ("--state-dir", a.state_dir.as_os_str().is_empty()),
+            ("--socket", a.socket.as_os_str().is_empty()),
+            ("--log", a.log.as_os_str().is_empty()),
+        ] {
+            if empty {
+                return Err(format!("missing {name}"));
+            }
+        }
+        Ok(a)
+    }
+}
+
+/// Entry point of `flotilla shim <args>`; returns the process exit code.
+///
+/// Call it from `main` **before** starting any thread or async runtime: it forks.
+/// `args` are the arguments after `shim` (see [`ShimArgs::parse`]).
+pub fn run(args: Vec<OsString>) -> i32 {
+    let args = match ShimArgs::parse(&args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("flotilla shim: {e}");
+            return 2;
+        }
+    };
+    if !args.foreground {
+        match sys::fork() {
+            Ok(Some(_)) => return 0, // the grandparent reaps us; the child reports readiness
+            Ok(None) => {}
+            Err(e) => {
+                println!("error fork: {e}");
+                return 1;
+            }
+        }
+    }
+    if let Err(e) = sys::setsid() {
+        if !args.foreground {
+            println!("error setsid: {e}");
+            return 1;
+        }
+    }
+    if let Err(e) = sys::set_child_subreaper() {
+        println!("error subreaper: {e}");
+        return 1;
+    }
+    if args.hide_cgroup2 {
+        if let Err(e) = sys::hide_cgroup2() {
+            println!("error hide cgroup2: {e}");
+            return 1;
+        }
+    }
+    let (shim, listener) = match server::Shim::create(args.clone()) {
+        Ok(x) => x,
+        Err(e) => {
+            println!("error {}", e.replace('\n', " "));
+            return 1;
+        }
+    };
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "ok {} {}", shim.pid(), std::process::id());
+    let _ = out.flush();
+    if !args.foreground {
+        let _ = server::detach_stdio(&args.state_dir);
+    }
+    match shim.serve(listener) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("flotilla shim {}: {e}", args.id);
+            1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_round_trip() -> Result<(), String> {
+        let a = ShimArgs {
+            id: "c1".into(),
+            bundle: "/b".into(),
+            state_dir: "/s".into(),
+            socket: "/s/sock".into(),
+            log: "/l/container.log".into(),
+            log_max_bytes: 5,
+            log_max_files: 2,
+            runtime: "/usr/bin/crun".into(),
+            runtime_root: "/r".into(),
+            cgroup: "/flotilla/c1".into(),
+            hide_cgroup2: true,
+            foreground: false,
+        };
+        assert_eq!(ShimArgs::parse(&a.to_args())?, a);
+        assert!(ShimArgs::parse(&["--id".into()]).is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,345 @@
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::{BodyExt, BodyStream, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::Mutex;
+use tokio_rustls::TlsConnector;
+
+use flotilla_types::ErrorBody;
+
+/// Where a client talks to.
+#[derive(Clone)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    /// `host:port` with the TLS client configuration to use (CA + optional client cert).
+    Https {
+        addr: String,
+        tls: Arc<rustls::ClientConfig>,
+    },
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "unix://{}", p.display()),
+            Endpoint::Https { addr, .. } => write!(f, "https://{addr}"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {endpoint}: {detail}")]
+    Connect { endpoint: String, detail: String },
+    #[error("request to {endpoint} failed: {detail}")]
+    Transport { endpoint: String, detail: String },
+    #[error("request to {endpoint} timed out after {after:?}")]
+    Timeout { endpoint: String, after: Duration },
+    /// The server answered with an error status and `{"message": ...}`.
+    #[error("{message}")]
+    Api { status: u16, message: String },
+    #[error("unexpected response from {endpoint}: {detail}")]
+    Decode { endpoint: String, detail: String },
+}
+
+impl ClientError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+    /// True when the peer could not be reached at all (as opposed to answering with an error).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Connect { .. } | ClientError::Timeout { .. } | ClientError::Transport { .. }
+        )
+    }
+}
+
+/// A complete response.
+#[derive(Debug)]
+pub struct Response {
+    pub status: StatusCode,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+}
+
+/// A small HTTP client. Cheap to clone; clones share the pooled HTTP/2 connection.
+#[derive(Clone)]
+pub struct Client {
+    endpoint: Endpoint,
+    h2: Arc<Mutex<Option<hyper::client::conn::http2::SendRequest<Full<Bytes>>>>>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Client({:?})", self.endpoint)
+    }
+}
+
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Client {
+    pub fn new(endpoint: Endpoint) -> Client {
+        Client {
+            endpoint,
+            h2: Arc::new(Mutex::new(None)),
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Deadline for whole non-streaming requests (default 30 s).
+    pub fn with_timeout(mut self, timeout: Duration) -> Client {
+        self.timeout = timeout;
+        self
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    fn ep(&self) -> String {
+        format!("{:?}", self.endpoint)
+    }
+
+    fn connect_err(&self, e: impl std::fmt::Display) -> ClientError {
+        ClientError::Connect {
+            endpoint: self.ep(),
+            detail: e.to_string(),
+        }
+    }
+
+    async fn sender(&self) -> Result<Sender, ClientError> {
+        match &self.endpoint {
+            Endpoint::Unix(path) => {
+                let stream = tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(path))
+                    .await
+                    .map_err(|_| self.connect_err("connect timed out"))?
+                    .map_err(|e| self.connect_err(e))?;
+                let (sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                        .await
+                        .map_err(|e| self.connect_err(e))?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                Ok(Sender::H1(sender))
+            }
+            Endpoint::Https { addr, tls } => {
+                let mut guard = self.h2.lock().await;
+                if let Some(s) = guard.as_ref() {
+                    if !s.is_closed() {
+                        return Ok(Sender::H2(s.clone()));
+                    }
+                }
+                let connect = async {
+                    let tcp = TcpStream::connect(addr.as_str())
+                        .await
+                        .map_err(|e| self.connect_err(e))?;
+                    let _ = tcp.set_nodelay(true);
+                    let name = rustls_pki_types::ServerName::try_from(flotilla_pki::SERVER_NAME)
+                        .map_err(|e| self.connect_err(e))?;
+                    let stream = TlsConnector::from(tls.clone())
+                        .connect(name, tcp)
+                        .await
+                        .map_err(|e| self.connect_err(format!("tls: {e}")))?;
+                    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                        .keep_alive_interval(Duration::from_secs(5))
+                        .keep_alive_timeout(Duration::from_secs(5))
+                        .handshake(TokioIo::new(stream))
+                        .await
+                        .map_err(|e| self.connect_err(e))?;
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                    Ok::<_, ClientError>(sender)
+                };
+                let sender = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+                    .await
+                    .map_err(|_| self.connect_err("connect timed out"))??;
+                *guard = Some(sender.clone());
+                Ok(Sender::H2(sender))
+            }
+        }
+    }
+
+    /// Sends a request and returns the response head with its body still streaming.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<hyper::Response<Incoming>, ClientError> {
+        let uri = match &self.endpoint {
+            Endpoint::Unix(_) => format!("http://localhost{path}"),
+            Endpoint::Https { .. } => format!("https://{}{path}", flotilla_pki::SERVER_NAME),
+        };
+        let mut builder = Request::builder().method(method).uri(uri);
+        if body.is_some() {
+            builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        if matches!(self.endpoint, Endpoint::Unix(_)) {
+            builder = builder.header(hyper::header::HOST, "localhost");
+        }
+        let req = builder
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| ClientError::Transport {
+                endpoint: self.ep(),
+                detail: e.to_string(),
+            })?;
+        let res = match self.sender().await? {
+            Sender::H1(mut s) => s.send_request(req).await,
+            Sender::H2(mut s) => s.send_request(req).await,
+        };
+        res.map_err(|e| ClientError::Transport {
+            endpoint: self.ep(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// A whole request with the client's deadline; error statuses become [`ClientError::Api`].
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Response, ClientError> {
+        let fut = async {
+            let resp = self.send(method, path, body).await?;
+            let (parts, body) = resp.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map_err(|e| ClientError::Transport {
+                    endpoint: self.ep(),
+                    detail: e.to_string(),
+                })?
+                .to_bytes();
+            Ok::<_, ClientError>(Response {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        };
+        let resp = tokio::time::timeout(self.timeout, fut)
+            .await
+            .map_err(|_| ClientError::Timeout {
+                endpoint: self.ep(),
+                after: self.timeout,
+            })??;
+        if !resp.status.is_success() {
+            let message = serde_json::from_slice::<ErrorBody>(&resp.body)
+                .map(|e| e.message)
+                .unwrap_or_else(|_| {
+                    format!(
+                        "{} {}",
+                        resp.status,
+                        String::from_utf8_lossy(&resp.body).trim()
+                    )
+                });
+            return Err(ClientError::Api {
+                status: resp.status.as_u16(),
+                message,
+            });
+        }
+        Ok(resp)
+    }
+
+    fn decode<T: DeserializeOwned>(&self, body: &[u8]) -> Result<T, ClientError> {
+        serde_json::from_slice(body).map_err(|e| ClientError::Decode {
+            endpoint: self.ep(),
+            detail: e.to_string(),
+        })
+    }
+
+    pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let resp = self.request(Method::GET, path, None).await?;
+        self.decode(&resp.body)
+    }
+
+    pub async fn send_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Decode {
+            endpoint: self.ep(),
+            detail: e.to_string(),
+        })?;
+        let resp = self.request(method, path, Some(bytes)).await?;
+        if resp.body.is_empty() {
+            return self.decode(b"null");
+        }
+        self.decode(&resp.body)
+    }
+
+    pub async fn post_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.send_json(Method::POST, path, body).await
+    }
+
+    /// A streaming GET whose body is newline-delimited JSON; calls `on_line` for each line
+    /// until the stream ends or `on_line` returns false.
+    pub async fn stream_lines<F>(&self, path: &str, mut on_line: F) -> Result<(), ClientError>
+    where
+        F: FnMut(&[u8]) -> bool,
+    {
+        let resp = self.send(Method::GET, path, None).await?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let message = serde_json::from_slice::<ErrorBody>(&body)
+                .map(|e| e.message)
+                .unwrap_or_else(|_| status.to_string());
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                message,
+            });
+        }
+        let mut stream = BodyStream::new(resp.into_body());
+        let mut buf: Vec<u8> = Vec::new();
+        while let Some(frame) = stream.next().await {
+            let frame = frame.map_err(|e| ClientError::Transport {
+                endpoint: self.ep(),
+                detail: e.to_string(),
+            })?;
+            if let Ok(data) = frame.into_data() {
+                buf.extend_from_slice(&data);
+                while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=pos).collect();
+                    let line = &line[..line.len() - 1];
+                    if !line.is_empty() && !on_line(line) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

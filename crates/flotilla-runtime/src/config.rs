@@ -1,0 +1,74 @@
+//! Runtime configuration.
+
+use serde::{Deserialize, Serialize};
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+/// A contiguous range of host ids that container ids 0.. map to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdRange {
+    /// First host uid/gid (container id 0 maps here).
+    pub host_start: u32,
+    /// Number of ids mapped.
+    pub size: u32,
+}
+
+impl Default for IdRange {
+    fn default() -> Self {
+        IdRange { host_start: 100_000, size: 65_536 }
+    }
+}
+
+impl IdRange {
+    /// Shifts a container id into the host range (ids beyond the range map to the overflow id).
+    pub fn shift(&self, id: u32) -> u32 {
+        if id < self.size {
+            self.host_start + id
+        } else {
+            self.host_start + self.size.saturating_sub(1).min(65_534)
+        }
+    }
+}
+
+/// Configuration of the node runtime.
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    /// Root of all runtime state, e.g. `<data-dir>/runtime`. Holds `images/` (content store and
+    /// unpacked layers), `containers/<id>/` (bundle, overlay dirs, shim state), `logs/<id>/`,
+    /// `runc/` (the OCI runtime's `--root`) and `sock/`.
+    pub root: PathBuf,
+    /// OCI runtime binary: `runc` (searched in PATH) by default, or e.g. `/usr/bin/crun`.
+    pub runtime_bin: PathBuf,
+    /// Executable that runs the shim, e.g. the `flotilla` binary.
+    pub shim_exe: PathBuf,
+    /// Arguments put before the shim's own flags, e.g. `["shim"]`.
+    pub shim_args: Vec<OsString>,
+    /// Rotate a container log when it would exceed this size (0: never).
+    pub log_max_bytes: u64,
+    /// Number of log files kept per container, the live one included.
+    pub log_max_files: u32,
+    /// User-namespace range for containers; `None` disables user namespaces node-wide.
+    pub userns: Option<IdRange>,
+    /// Parent of every container cgroup, e.g. `/flotilla` → `/flotilla/<id>`.
+    pub cgroup_parent: String,
+    /// Hide the cgroup2 mount of a hybrid layout from the OCI runtime (crun needs this). `None`
+    /// decides automatically: on for a runtime whose file name contains `crun` on a hybrid host.
+    pub hide_cgroup2: Option<bool>,
+}
+
+impl RuntimeConfig {
+    /// Defaults for a given root and shim command.
+    pub fn new(root: impl Into<PathBuf>, shim_exe: impl Into<PathBuf>, shim_args: Vec<OsString>) -> Self {
+        RuntimeConfig {
+            root: root.into(),
+            runtime_bin: PathBuf::from("runc"),
+            shim_exe: shim_exe.into(),
+            shim_args,
+            log_max_bytes: 10 << 20,
+            log_max_files: 3,
+            userns: Some(IdRange::default()),
+            cgroup_parent: "/flotilla".into(),
+            hide_cgroup2: None,
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! Thin wrappers over the few raw syscalls the shim needs. Every `unsafe` block is here.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicI32, Ordering};
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// `fork()`: `Ok(None)` in the child, `Ok(Some(pid))` in the parent.
+/// Only call while the process is single-threaded.
+pub fn fork() -> io::Result<Option<i32>> {
+    // SAFETY: the shim calls this before it creates any thread, so the child inherits a
+    // consistent address space (no lock can be held by a vanished thread).
+    let pid = cvt(unsafe { libc::fork() })?;
+    Ok(if pid == 0 { None } else { Some(pid) })
+}
+
+/// Starts a new session so the shim leaves the agent's process group and terminal.
+pub fn setsid() -> io::Result<()> {
+    // SAFETY: setsid has no memory-safety preconditions.
+    cvt(unsafe { libc::setsid() }).map(|_| ())
+}
+
+/// Makes orphaned descendants (the container init once runc exits) our children.
+pub fn set_child_subreaper() -> io::Result<()> {
+    // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer argument and touches no memory of ours.
+    cvt(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) }).map(|_| ())
+}
+
+/// A pipe with both ends close-on-exec: (read, write).
+pub fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is a valid, writable array of two ints as pipe2 requires.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Sets O_NONBLOCK on a descriptor.
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor we own; F_GETFL/F_SETFL take no pointers.
+    let flags = cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
+    // SAFETY: as above.
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) }).map(|_| ())
+}
+
+static SIGCHLD_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_sigchld(_sig: libc::c_int) {
+    let fd = SIGCHLD_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let b = 1u8;
+        // SAFETY: write(2) is async-signal-safe; the buffer is a valid one-byte local. A full
+        // pipe (EAGAIN) is fine: a wake-up is already pending.
+        unsafe {
+            libc::write(fd, (&b as *const u8).cast(), 1);
+        }
+    }
+}
+
+/// Installs a SIGCHLD handler that writes a byte to `notify` (the write end of a non-blocking
+/// self-pipe), so the poll loop wakes up when a child changes state.
+pub fn install_sigchld(notify: &OwnedFd) -> io::Result<()> {
+    SIGCHLD_FD.store(notify.as_raw_fd(), Ordering::Relaxed);
+    // SAFETY: a zeroed sigaction is a valid starting value; we fill the handler and flags, and
+    // the handler only performs async-signal-safe work.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigchld as *const () as libc::sighandler_t;
+        sa.sa_flags = libc::SA_RESTART | libc::SA_NOCLDSTOP;
+        libc::sigemptyset(&mut sa.sa_mask);
+        cvt(libc::sigaction(libc::SIGCHLD, &sa, std::ptr::null_mut()))?;
+    }
+    Ok(())
+}
+
+/// Reaps one terminated child without blocking: `(pid, raw wait status)`.
+pub fn reap_any() -> Option<(i32, i32)> {
+    let mut status = 0;
+    // SAFETY: `status` is a valid out-pointer.
+    let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+    (pid > 0).then_some((pid, status))
+}
+
+/// Waits (blocking) for a specific child.
+pub fn wait_pid(pid: i32) -> io::Result<i32> {
+    let mut status = 0;
+    loop {
+        // SAFETY: `status` is a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            return Ok(status);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Decodes a wait status into (exit code, killing signal). Killed by a signal gives 128+sig.
+pub fn decode_status(status: i32) -> (i32, Option<i32>) {
+    if libc::WIFEXITED(status) {
+        (libc::WEXITSTATUS(status), None)
+    } else if libc::WIFSIGNALED(status) {
+        let sig = libc::WTERMSIG(status);
+        (128 + sig, Some(sig))
+    } else {
+        (255, None)
+    }
+}
+
+/// `kill(pid, sig)`.
+pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
+    if pid <= 0 {
+        return Err(io::Error::from_raw_os_error(libc::ESRCH));
+    }
+    // SAFETY: kill takes plain integers; pid > 0 so it never targets a process group.
+    cvt(unsafe { libc::kill(pid, sig) }).map(|_| ())
+}
+
+/// `poll(2)` over the given descriptors.
+pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
+    // SAFETY: `fds` is a valid mutable slice of pollfd and its length is passed alongside.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(0);
+        }
+        return Err(e);
+    }
+    Ok(r as usize)
+}
+
+/// Points fd `target` at `src` (dup2).
+pub fn dup2(src: RawFd, target: RawFd) -> io::Result<()> {
+    // SAFETY: dup2 on descriptors we own; it atomically replaces `target`.
+    cvt(unsafe { libc::dup2(src, target) }).map(|_| ())
+}
+
+/// Enters a private mount namespace and detaches the cgroup2 mount of a hybrid layout, so
+/// runtimes that reject hybrid cgroups (crun) see pure v1. Must run before any thread exists.
+pub fn hide_cgroup2() -> io::Result<()> {
+    let root = CString::new("/").map_err(io::Error::other)?;
+    let unified = CString::new("/sys/fs/cgroup/unified").map_err(io::Error::other)?;
+    // SAFETY: unshare/mount/umount2 with valid NUL-terminated strings and null data pointers.
+    unsafe {
+        cvt(libc::unshare(libc::CLONE_NEWNS))?;
+        cvt(libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_SLAVE,
+            std::ptr::null(),
+        ))?;
+        if libc::umount2(unified.as_ptr(), libc::MNT_DETACH) != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINVAL) && e.raw_os_error() != Some(libc::ENOENT) {
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Our pid.
+pub fn getpid() -> i32 {
+    std::process::id() as i32
+}

@@ -1,0 +1,331 @@
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Meta;
+
+/// A declared workload: "run this task template N times (or once per node), keep it so".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Service {
+    pub id: String,
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub spec: ServiceSpec,
+    /// The spec before the last update; `service rollback` returns to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_spec: Option<ServiceSpec>,
+    /// Bumped on every spec change; tasks record the generation they were created from, so the
+    /// orchestrator knows which tasks are out of date.
+    #[serde(default)]
+    pub spec_version: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_status: Option<UpdateStatus>,
+    /// For jobs: bumped by `service update --force` to run the job again.
+    #[serde(default)]
+    pub job_iteration: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub task_template: TaskSpec,
+    pub mode: ServiceMode,
+    #[serde(default)]
+    pub update_config: UpdateConfig,
+    #[serde(default)]
+    pub rollback_config: UpdateConfig,
+    #[serde(default)]
+    pub endpoint_spec: EndpointSpec,
+}
+
+/// Replicated (N slots), global (one per eligible node) or jobs that run to completion.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceMode {
+    Replicated {
+        replicas: u64,
+    },
+    Global,
+    ReplicatedJob {
+        /// How many tasks may run at once.
+        max_concurrent: u64,
+        /// How many successful completions finish the job.
+        total_completions: u64,
+    },
+    GlobalJob,
+}
+
+impl ServiceMode {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ServiceMode::Replicated { .. } => "replicated",
+            ServiceMode::Global => "global",
+            ServiceMode::ReplicatedJob { .. } => "replicated-job",
+            ServiceMode::GlobalJob => "global-job",
+        }
+    }
+}
+
+/// What each task of a service runs, and where.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub container: ContainerSpec,
+    #[serde(default)]
+    pub resources: ResourceRequirements,
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+    #[serde(default)]
+    pub placement: Placement,
+    /// Bumped by `service update --force` to replace tasks without a spec change.
+    #[serde(default)]
+    pub force_update: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ContainerSpec {
+    /// `name:tag@sha256:…` once pinned at create time.
+    pub image: String,
+    /// Replaces the image's entrypoint when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Replaces the image's cmd.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// `KEY=VALUE`.
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Nanoseconds between SIGTERM and SIGKILL; default 10 s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_grace_period: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthcheck: Option<HealthCheck>,
+}
+
+/// Exec/HTTP/TCP probes; durations in nanoseconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    pub probe: HealthProbe,
+    pub interval: u64,
+    pub timeout: u64,
+    pub retries: u32,
+    #[serde(default)]
+    pub start_period: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthProbe {
+    /// Run inside the container (`sh -c CMD`); exit 0 = healthy.
+    Exec { cmd: String },
+    Http { path: String, port: u16 },
+    Tcp { port: u16 },
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceRequirements {
+    #[serde(default)]
+    pub limits: crate::Resources,
+    #[serde(default)]
+    pub reservations: crate::Resources,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartCondition {
+    None,
+    OnFailure,
+    #[default]
+    Any,
+}
+
+/// Docker's restart policy; durations in nanoseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestartPolicy {
+    #[serde(default)]
+    pub condition: RestartCondition,
+    /// Delay between a task ending and its replacement starting; default 5 s.
+    #[serde(default = "default_restart_delay")]
+    pub delay: u64,
+    /// 0 = unlimited.
+    #[serde(default)]
+    pub max_attempts: u64,
+    /// Window in which attempts are counted; 0 = unbounded.
+    #[serde(default)]
+    pub window: u64,
+}
+
+fn default_restart_delay() -> u64 {
+    5_000_000_000
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            condition: RestartCondition::Any,
+            delay: default_restart_delay(),
+            max_attempts: 0,
+            window: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// Swarm syntax: `node.labels.zone==eu`, `node.role!=manager`, `node.hostname==a`, `node.id==…`.
+    #[serde(default)]
+    pub constraints: Vec<String>,
+    /// Spread over the values of these node label names (`spread=node.labels.zone`), in order.
+    #[serde(default)]
+    pub preferences: Vec<String>,
+    /// 0 = unlimited.
+    #[serde(default)]
+    pub max_replicas_per_node: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureAction {
+    #[default]
+    Pause,
+    Continue,
+    Rollback,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpdateOrder {
+    #[default]
+    StopFirst,
+    StartFirst,
+}
+
+/// Rolling update (and rollback) parameters; durations in nanoseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct UpdateConfig {
+    /// Tasks replaced at once; 0 = all at once. Default 1.
+    #[serde(default = "one")]
+    pub parallelism: u64,
+    #[serde(default)]
+    pub delay: u64,
+    #[serde(default)]
+    pub failure_action: FailureAction,
+    /// How long a new task is watched for failure after it starts; default 5 s.
+    #[serde(default = "default_monitor")]
+    pub monitor: u64,
+    /// Fraction of failed tasks tolerated during an update.
+    #[serde(default)]
+    pub max_failure_ratio: f64,
+    #[serde(default)]
+    pub order: UpdateOrder,
+}
+
+fn one() -> u64 {
+    1
+}
+fn default_monitor() -> u64 {
+    5_000_000_000
+}
+
+impl Default for UpdateConfig {
+    fn default() -> Self {
+        UpdateConfig {
+            parallelism: 1,
+            delay: 0,
+            failure_action: FailureAction::Pause,
+            monitor: default_monitor(),
+            max_failure_ratio: 0.0,
+            order: UpdateOrder::StopFirst,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateState {
+    Updating,
+    Paused,
+    Completed,
+    RollbackStarted,
+    RollbackPaused,
+    RollbackCompleted,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateStatus {
+    pub state: UpdateState,
+    /// Unix milliseconds.
+    pub started_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<u64>,
+    #[serde(default)]
+    pub message: String,
+}
+
+/// Published ports and the service's endpoint mode (filled in by networking).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointSpec {
+    #[serde(default)]
+    pub mode: EndpointMode,
+    #[serde(default)]
+    pub ports: Vec<PortConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointMode {
+    #[default]
+    Vip,
+    Dnsrr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortConfig {
+    pub published: u16,
+    pub target: u16,
+    #[serde(default = "tcp")]
+    pub protocol: String,
+    /// `ingress` (routing mesh, every node) or `host` (only where a task runs).
+    #[serde(default = "ingress")]
+    pub publish_mode: String,
+}
+
+fn tcp() -> String {
+    "tcp".into()
+}
+fn ingress() -> String {
+    "ingress".into()
+}
+
+/// A named blob handed to tasks (`Secret` data is encrypted at rest by the store's owner).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Secret {
+    pub id: String,
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Never returned by the API.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Config {
+    pub id: String,
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub data: Vec<u8>,
+}

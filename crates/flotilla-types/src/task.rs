@@ -1,0 +1,157 @@
+use serde::{Deserialize, Serialize};
+
+use crate::{Meta, TaskSpec};
+
+/// One scheduled instance of a service: a container on one node. A task never moves backwards
+/// through its states; a restart is a new task in the same slot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: String,
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub service_id: String,
+    /// Replicated services and jobs: 1..=N. Global services: none (the node identifies it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u64>,
+    /// Set by the scheduler (or at creation for global services).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    pub spec: TaskSpec,
+    /// `Service::spec_version` this task was created from.
+    #[serde(default)]
+    pub spec_version: u64,
+    /// For jobs: the `Service::job_iteration` this task belongs to.
+    #[serde(default)]
+    pub job_iteration: u64,
+    pub desired_state: TaskState,
+    pub status: TaskStatus,
+}
+
+/// Swarm's task states, in order. Comparisons (`<`, `>=`) follow this order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    New,
+    Pending,
+    Assigned,
+    Accepted,
+    Preparing,
+    Ready,
+    Starting,
+    Running,
+    Complete,
+    Shutdown,
+    Failed,
+    Rejected,
+    Remove,
+    Orphaned,
+}
+
+impl TaskState {
+    pub const ALL: [TaskState; 14] = [
+        TaskState::New,
+        TaskState::Pending,
+        TaskState::Assigned,
+        TaskState::Accepted,
+        TaskState::Preparing,
+        TaskState::Ready,
+        TaskState::Starting,
+        TaskState::Running,
+        TaskState::Complete,
+        TaskState::Shutdown,
+        TaskState::Failed,
+        TaskState::Rejected,
+        TaskState::Remove,
+        TaskState::Orphaned,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::New => "new",
+            TaskState::Pending => "pending",
+            TaskState::Assigned => "assigned",
+            TaskState::Accepted => "accepted",
+            TaskState::Preparing => "preparing",
+            TaskState::Ready => "ready",
+            TaskState::Starting => "starting",
+            TaskState::Running => "running",
+            TaskState::Complete => "complete",
+            TaskState::Shutdown => "shutdown",
+            TaskState::Failed => "failed",
+            TaskState::Rejected => "rejected",
+            TaskState::Remove => "remove",
+            TaskState::Orphaned => "orphaned",
+        }
+    }
+
+    /// The task has stopped for good (its container is gone or will never start).
+    pub fn is_terminal(self) -> bool {
+        self > TaskState::Running
+    }
+}
+
+impl std::fmt::Display for TaskState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for TaskState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TaskState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("unknown task state {s:?}"))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskStatus {
+    pub state: TaskState,
+    /// Unix milliseconds of the last state change.
+    pub timestamp: u64,
+    /// Human summary of the state ("started", "no suitable node (…)").
+    #[serde(default)]
+    pub message: String,
+    /// Error that ended the task, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub err: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    /// Health as seen by the agent: `starting`, `healthy`, `unhealthy` (only with a health check).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<String>,
+}
+
+impl TaskStatus {
+    pub fn new(state: TaskState, timestamp: u64, message: impl Into<String>) -> Self {
+        TaskStatus {
+            state,
+            timestamp,
+            message: message.into(),
+            err: None,
+            exit_code: None,
+            container_id: None,
+            health: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_are_ordered_like_swarm() {
+        assert!(TaskState::New < TaskState::Pending);
+        assert!(TaskState::Running < TaskState::Complete);
+        assert!(!TaskState::Running.is_terminal());
+        assert!(TaskState::Failed.is_terminal());
+        for st in TaskState::ALL {
+            assert_eq!(st.as_str().parse::<TaskState>(), Ok(st));
+        }
+    }
+}
