@@ -161,6 +161,7 @@ impl Client {
                         .await
                         .map_err(|e| self.connect_err(format!("tls: {e}")))?;
                     let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                        .timer(hyper_util::rt::TokioTimer::new())
                         .keep_alive_interval(Duration::from_secs(5))
                         .keep_alive_timeout(Duration::from_secs(5))
                         .handshake(TokioIo::new(stream))
@@ -187,6 +188,16 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<hyper::Response<Incoming>, ClientError> {
+        self.send_raw(method, path, body, &[]).await
+    }
+
+    async fn send_raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, String)],
+    ) -> Result<hyper::Response<Incoming>, ClientError> {
         let uri = match &self.endpoint {
             Endpoint::Unix(_) => format!("http://localhost{path}"),
             Endpoint::Https { .. } => format!("https://{}{path}", flotilla_pki::SERVER_NAME),
@@ -197,6 +208,9 @@ impl Client {
         }
         if matches!(self.endpoint, Endpoint::Unix(_)) {
             builder = builder.header(hyper::header::HOST, "localhost");
+        }
+        for (k, v) in headers {
+            builder = builder.header(*k, v.as_str());
         }
         let req = builder
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
@@ -214,15 +228,17 @@ impl Client {
         })
     }
 
-    /// A whole request with the client's deadline; error statuses become [`ClientError::Api`].
-    pub async fn request(
+    /// A whole request with extra headers and the client's deadline; any status is returned
+    /// as is (for proxies).
+    pub async fn send_with_headers(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
+        headers: &[(&str, String)],
     ) -> Result<Response, ClientError> {
         let fut = async {
-            let resp = self.send(method, path, body).await?;
+            let resp = self.send_raw(method, path, body, headers).await?;
             let (parts, body) = resp.into_parts();
             let body = body
                 .collect()
@@ -238,12 +254,22 @@ impl Client {
                 body,
             })
         };
-        let resp = tokio::time::timeout(self.timeout, fut)
+        tokio::time::timeout(self.timeout, fut)
             .await
             .map_err(|_| ClientError::Timeout {
                 endpoint: self.ep(),
                 after: self.timeout,
-            })??;
+            })?
+    }
+
+    /// A whole request with the client's deadline; error statuses become [`ClientError::Api`].
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Response, ClientError> {
+        let resp = self.send_with_headers(method, path, body, &[]).await?;
         if !resp.status.is_success() {
             let message = serde_json::from_slice::<ErrorBody>(&resp.body)
                 .map(|e| e.message)

@@ -1,1 +1,32 @@
-//! flotilla-runtime (placeholder until its owner fills it in).
+//! flotilla-runtime: the node runtime.
+//!
+//! - [`ImageStore`]: sha256 content store, `name:tag` index, `docker save` / OCI archive loading,
+//!   rootfs import, layers unpacked once with ownership shifted into the user-namespace range.
+//! - [`overlay`]: per-container overlay mounts (new mount API, no option-length limit).
+//! - [`spec`]: container spec → OCI `config.json` (secure defaults: userns, Docker's
+//!   capabilities, no_new_privs, seccomp, masked paths).
+//! - [`Runtime`]: the [`RuntimeDriver`] driving runc (or `--runtime PATH`) through one
+//!   `flotilla shim` per container; survives agent restarts ([`RuntimeDriver::adopt`]).
+//! - [`HostProbe`]: host requirements checked at node start.
+//! - [`testing`]: the driver contract suite and test-image helpers.
+
+mod config;
+mod driver;
+mod error;
+pub mod image;
+pub mod overlay;
+mod probe;
+mod runtime;
+pub mod seccomp;
+mod shim_client;
+pub mod spec;
+pub mod testing;
+
+pub use config::{IdRange, RuntimeConfig};
+pub use driver::{AdoptReport, ContainerInfo, ContainerState, ContainerStatus, ExitStatus, RuntimeDriver};
+pub use error::{Result, RuntimeError};
+pub use flotilla_shim::logfile::{read_logs, LogFollower, LogLine};
+pub use image::{ImageConfigInput, ImageInspect, ImageStore, ImageSummary};
+pub use probe::{CgroupLayout, HostProbe};
+pub use runtime::Runtime;
+pub use spec::{BindMount, ContainerSpec, Resources, SecurityOptions};

@@ -364,6 +364,7 @@ impl Shim {
                     self.kill_deadline = None;
                 }
             }
+            let n_clients = clients.len();
             if fds[1].revents != 0 {
                 while let Ok((sock, _)) = listener.accept() {
                     if sock.set_nonblocking(true).is_ok() {
@@ -373,7 +374,6 @@ impl Shim {
             }
             // Serve client requests.
             let mut delete_requested: Option<usize> = None;
-            let n_clients = clients.len();
             let mut drop_idx = Vec::new();
             for (ci, client) in clients.iter_mut().enumerate() {
                 if ci >= n_clients || fds[4 + ci].revents == 0 {

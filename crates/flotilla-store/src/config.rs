@@ -118,10 +118,16 @@ mod tests {
     #[test]
     fn default_is_valid_and_bad_values_are_named() {
         StoreConfig::default().validate().expect("default valid");
-        let cfg = StoreConfig { election_min_ms: 50, ..Default::default() };
+        let cfg = StoreConfig {
+            election_min_ms: 50,
+            ..Default::default()
+        };
         let err = cfg.validate().expect_err("invalid");
         assert!(err.to_string().contains("election_min_ms"), "{err}");
-        let cfg = StoreConfig { event_retention: 0, ..Default::default() };
+        let cfg = StoreConfig {
+            event_retention: 0,
+            ..Default::default()
+        };
         assert!(cfg.validate().is_err());
     }
 }

@@ -16,7 +16,10 @@ use crate::types::NodeId;
 #[serde(rename_all = "snake_case")]
 pub enum StoreError {
     #[error("this node is not the leader; forward the request to the leader (id {leader_id:?}, address {leader_addr:?})")]
-    ForwardToLeader { leader_id: Option<NodeId>, leader_addr: Option<String> },
+    ForwardToLeader {
+        leader_id: Option<NodeId>,
+        leader_addr: Option<String>,
+    },
 
     #[error("no quorum answered within the deadline (quorum lost?); the outcome of a write is unknown, re-read before retrying")]
     Timeout,

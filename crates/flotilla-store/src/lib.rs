@@ -1,1 +1,68 @@
-//! flotilla-store (placeholder until its owner fills it in).
+//! # flotilla-store: the replicated cluster state
+//!
+//! The managers' shared state (nodes, services, tasks, secrets, ...) replicated with
+//! **openraft 0.9** (storage-v2 API) and persisted with **redb**. All openraft glue lives in this
+//! crate; the public API ([`Store`] and the plain types below) carries no openraft types, so a
+//! move to openraft 0.10 only touches this crate.
+//!
+//! ## Data model
+//! - [`Table`]s of [`Versioned`] objects: an id, opaque value bytes (JSON by convention), the
+//!   Raft log index that created the object and the one that last wrote it (`version`).
+//! - A write is a [`Batch`] of [`Op`]s proposed as **one Raft entry** and applied atomically:
+//!   preconditions (exists / absent / `expect_version`) are all checked before anything is
+//!   written. In openraft 0.9 the leader fsyncs once per entry, so batching is how throughput
+//!   scales (see `tests/cluster.rs::t60_batch_throughput`).
+//! - Every applied op yields an [`Event`]; [`Store::watch`] replays retained events from disk
+//!   and then follows live ones. Gaps are never silent: they surface as
+//!   [`StoreError::Compacted`] and the consumer relists ([`Store::list_at`]).
+//!
+//! ## Files (in `data_dir`)
+//! - `raft-log.redb` ([`LOG_FILE`]): log entries, vote, committed log id, last purged log id.
+//!   Every mutation is committed with fsync before openraft hears it is done (the `LogFlushed`
+//!   callback fires after the commit).
+//! - `state.redb` ([`STATE_FILE`]): one redb table per [`Table`], the last applied log id and
+//!   membership, the event history and the current snapshot. Applies commit without fsync; the
+//!   persisted committed index plus re-apply at startup (`Raft::new`) and the fsynced snapshot
+//!   builds make that safe (details in `state_machine.rs`).
+//!
+//! ## Snapshots
+//! Built from the redb state (all tables, a compact binary format, tables by name), every
+//! `snapshot_every` entries; the log is then purged keeping `logs_to_keep` entries. Lagging or
+//! new nodes receive them through chunked `install_snapshot` (4 MiB chunks, 30 s per chunk);
+//! installing one replaces all tables and resets watchers ([`StoreError::Compacted`]).
+//!
+//! ## Transport
+//! [`RaftTransport`] moves opaque JSON bodies between managers; the daemon implements it over
+//! mTLS HTTP and routes incoming bodies to [`Store::handle_rpc`]. Connect failures must be
+//! reported as [`TransportError::Unreachable`]. The network glue records, per peer, when an
+//! RPC last succeeded ([`RaftStatus::peers`]).
+//!
+//! ## Failure behaviour
+//! Writes and read barriers have a deadline (`write_timeout`): losing quorum yields
+//! [`StoreError::Timeout`] rather than a hang. Storage errors stop the Raft core
+//! ([`StoreError::Fatal`]); the manager should exit and be restarted. Disaster recovery from a
+//! single surviving manager is [`Store::force_new_cluster`].
+#![forbid(unsafe_code)]
+
+mod config;
+mod error;
+mod log_store;
+mod network;
+mod raft_types;
+mod state_machine;
+mod store;
+mod types;
+mod watch;
+
+#[cfg(test)]
+mod tests;
+
+pub use config::StoreConfig;
+pub use error::{StoreError, TransportError};
+pub use network::RaftTransport;
+pub use store::{Store, LOG_FILE, STATE_FILE};
+pub use types::{
+    Batch, Event, EventKind, FailureKind, NodeId, Op, OpFailure, PeerContact, RaftStatus, RpcKind,
+    Table, Versioned, WriteOutcome,
+};
+pub use watch::Watch;

@@ -13,7 +13,9 @@ use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{LogState, RaftLogId, RaftLogReader};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::raft_types::{blocking, read_err, write_err, Entry, LogId, StorageError, TypeConfig, Vote};
+use crate::raft_types::{
+    blocking, read_err, write_err, Entry, LogId, StorageError, TypeConfig, Vote,
+};
 
 /// index → JSON-encoded entry.
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
@@ -40,9 +42,14 @@ impl LogStore {
             txn.open_table(META).map_err(write_err)?;
         }
         txn.commit().map_err(write_err)?;
-        let store = LogStore { db, committed: Arc::new(AtomicU64::new(0)) };
+        let store = LogStore {
+            db,
+            committed: Arc::new(AtomicU64::new(0)),
+        };
         let committed = store.read_committed_sync()?;
-        store.committed.store(committed.map(|c| c.index).unwrap_or(0), Ordering::Relaxed);
+        store
+            .committed
+            .store(committed.map(|c| c.index).unwrap_or(0), Ordering::Relaxed);
         Ok(store)
     }
 
@@ -50,7 +57,10 @@ impl LogStore {
         self.committed.clone()
     }
 
-    fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError> {
+    fn read_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, StorageError> {
         let txn = self.db.begin_read().map_err(read_err)?;
         let table = txn.open_table(META).map_err(read_err)?;
         match table.get(key).map_err(read_err)? {
@@ -59,12 +69,17 @@ impl LogStore {
         }
     }
 
-    async fn write_meta<T: serde::Serialize>(&self, key: &'static str, value: &T) -> Result<(), StorageError> {
+    async fn write_meta<T: serde::Serialize>(
+        &self,
+        key: &'static str,
+        value: &T,
+    ) -> Result<(), StorageError> {
         let bytes = serde_json::to_vec(value).map_err(write_err)?;
         let db = self.db.clone();
         blocking(move || {
             let mut txn = db.begin_write().map_err(write_err)?;
-            txn.set_durability(Durability::Immediate).map_err(write_err)?;
+            txn.set_durability(Durability::Immediate)
+                .map_err(write_err)?;
             {
                 let mut table = txn.open_table(META).map_err(write_err)?;
                 table.insert(key, bytes.as_slice()).map_err(write_err)?;
@@ -75,7 +90,10 @@ impl LogStore {
     }
 
     /// Reads entries in `range` (used by openraft and by force-new-cluster recovery).
-    pub(crate) fn read_range(&self, range: (Bound<u64>, Bound<u64>)) -> Result<Vec<Entry>, StorageError> {
+    pub(crate) fn read_range(
+        &self,
+        range: (Bound<u64>, Bound<u64>),
+    ) -> Result<Vec<Entry>, StorageError> {
         let txn = self.db.begin_read().map_err(read_err)?;
         let table = txn.open_table(LOG).map_err(read_err)?;
         let mut out = Vec::new();
@@ -108,10 +126,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let txn = self.db.begin_read().map_err(read_err)?;
         let table = txn.open_table(LOG).map_err(read_err)?;
         let last = match table.last().map_err(read_err)? {
-            Some((_, v)) => Some(*serde_json::from_slice::<Entry>(v.value()).map_err(read_err)?.get_log_id()),
+            Some((_, v)) => Some(
+                *serde_json::from_slice::<Entry>(v.value())
+                    .map_err(read_err)?
+                    .get_log_id(),
+            ),
             None => None,
         };
-        Ok(LogState { last_purged_log_id, last_log_id: last.or(last_purged_log_id) })
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id: last.or(last_purged_log_id),
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -128,7 +153,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         self.write_meta(KEY_COMMITTED, &committed).await?;
-        self.committed.store(committed.map(|c| c.index).unwrap_or(0), Ordering::Relaxed);
+        self.committed
+            .store(committed.map(|c| c.index).unwrap_or(0), Ordering::Relaxed);
         Ok(())
     }
 
@@ -136,7 +162,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.read_committed_sync()
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
@@ -149,7 +179,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let db = self.db.clone();
         let res = blocking(move || {
             let mut txn = db.begin_write().map_err(write_err)?;
-            txn.set_durability(Durability::Immediate).map_err(write_err)?;
+            txn.set_durability(Durability::Immediate)
+                .map_err(write_err)?;
             {
                 let mut table = txn.open_table(LOG).map_err(write_err)?;
                 for (index, bytes) in &encoded {
@@ -177,10 +208,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let db = self.db.clone();
         blocking(move || {
             let mut txn = db.begin_write().map_err(write_err)?;
-            txn.set_durability(Durability::Immediate).map_err(write_err)?;
+            txn.set_durability(Durability::Immediate)
+                .map_err(write_err)?;
             {
                 let mut table = txn.open_table(LOG).map_err(write_err)?;
-                table.retain_in(log_id.index.., |_, _| false).map_err(write_err)?;
+                table
+                    .retain_in(log_id.index.., |_, _| false)
+                    .map_err(write_err)?;
             }
             txn.commit().map_err(write_err)
         })
@@ -193,12 +227,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let db = self.db.clone();
         blocking(move || {
             let mut txn = db.begin_write().map_err(write_err)?;
-            txn.set_durability(Durability::Immediate).map_err(write_err)?;
+            txn.set_durability(Durability::Immediate)
+                .map_err(write_err)?;
             {
                 let mut meta = txn.open_table(META).map_err(write_err)?;
-                meta.insert(KEY_PURGED, purged.as_slice()).map_err(write_err)?;
+                meta.insert(KEY_PURGED, purged.as_slice())
+                    .map_err(write_err)?;
                 let mut table = txn.open_table(LOG).map_err(write_err)?;
-                table.retain_in(..=log_id.index, |_, _| false).map_err(write_err)?;
+                table
+                    .retain_in(..=log_id.index, |_, _| false)
+                    .map_err(write_err)?;
             }
             txn.commit().map_err(write_err)
         })

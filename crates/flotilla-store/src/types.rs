@@ -173,7 +173,11 @@ pub enum Op {
 
 impl Op {
     pub fn create(table: Table, id: impl Into<String>, value: impl Into<Vec<u8>>) -> Op {
-        Op::Create { table, id: id.into(), value: value.into() }
+        Op::Create {
+            table,
+            id: id.into(),
+            value: value.into(),
+        }
     }
 
     pub fn update(
@@ -182,15 +186,28 @@ impl Op {
         value: impl Into<Vec<u8>>,
         expect_version: Option<u64>,
     ) -> Op {
-        Op::Update { table, id: id.into(), value: value.into(), expect_version }
+        Op::Update {
+            table,
+            id: id.into(),
+            value: value.into(),
+            expect_version,
+        }
     }
 
     pub fn upsert(table: Table, id: impl Into<String>, value: impl Into<Vec<u8>>) -> Op {
-        Op::Upsert { table, id: id.into(), value: value.into() }
+        Op::Upsert {
+            table,
+            id: id.into(),
+            value: value.into(),
+        }
     }
 
     pub fn delete(table: Table, id: impl Into<String>, expect_version: Option<u64>) -> Op {
-        Op::Delete { table, id: id.into(), expect_version }
+        Op::Delete {
+            table,
+            id: id.into(),
+            expect_version,
+        }
     }
 
     /// The table this op touches.
@@ -206,7 +223,10 @@ impl Op {
     /// The object id this op touches.
     pub fn id(&self) -> &str {
         match self {
-            Op::Create { id, .. } | Op::Update { id, .. } | Op::Upsert { id, .. } | Op::Delete { id, .. } => id,
+            Op::Create { id, .. }
+            | Op::Update { id, .. }
+            | Op::Upsert { id, .. }
+            | Op::Delete { id, .. } => id,
         }
     }
 }
@@ -448,19 +468,31 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", t.as_str()));
         }
         assert!("bogus".parse::<Table>().is_err());
-        for k in [RpcKind::AppendEntries, RpcKind::Vote, RpcKind::InstallSnapshot] {
+        for k in [
+            RpcKind::AppendEntries,
+            RpcKind::Vote,
+            RpcKind::InstallSnapshot,
+        ] {
             assert_eq!(k.path().parse::<RpcKind>().expect("parse"), k);
         }
     }
 
     #[test]
     fn values_serialize_as_text_or_bytes() {
-        let v = Versioned { id: "a".into(), version: 2, created: 1, value: br#"{"x":1}"#.to_vec() };
+        let v = Versioned {
+            id: "a".into(),
+            version: 2,
+            created: 1,
+            value: br#"{"x":1}"#.to_vec(),
+        };
         let json = serde_json::to_string(&v).expect("json");
         assert!(json.contains(r#""value":"{\"x\":1}""#), "{json}");
         assert_eq!(serde_json::from_str::<Versioned>(&json).expect("back"), v);
 
-        let raw = Versioned { value: vec![0xff, 0, 1], ..v.clone() };
+        let raw = Versioned {
+            value: vec![0xff, 0, 1],
+            ..v.clone()
+        };
         let json = serde_json::to_string(&raw).expect("json");
         assert!(json.contains(r#""value":[255,0,1]"#), "{json}");
         assert_eq!(serde_json::from_str::<Versioned>(&json).expect("back"), raw);

@@ -119,6 +119,8 @@ pub struct HeartbeatResponse {
     /// Milliseconds until the next heartbeat is due.
     pub period_ms: u64,
     pub managers: Vec<String>,
+    /// The role the cluster wants this node in (promote/demote).
+    pub role: NodeRole,
 }
 
 /// One line of `GET /v1/events` (newline-delimited JSON).

@@ -1,1 +1,115 @@
-fn main() {}
+//! `flotilla`: one binary, several modes. This file only parses arguments, sets up tracing
+//! and hands over to the libraries: the node daemon (`node run`), the per-container shim
+//! (`shim`), or the API client (everything else).
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use flotilla_cli::{Cli, Command, NodeCmd, RunArgs};
+use flotilla_node::{NodeConfig, StartMode};
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn node_config(args: &RunArgs) -> anyhow::Result<NodeConfig> {
+    let mode = if args.init {
+        StartMode::Init
+    } else if let (Some(m), Some(t)) = (&args.join, &args.token) {
+        StartMode::Join {
+            manager: m.clone(),
+            token: t.clone(),
+        }
+    } else if args.force_new_cluster {
+        StartMode::ForceNewCluster
+    } else {
+        StartMode::Resume
+    };
+    let mut cfg = NodeConfig::new(args.data_dir.clone(), args.listen, mode);
+    cfg.advertise = args.advertise;
+    cfg.name = args.name.clone();
+    cfg.cert_lifetime = args.cert_lifetime;
+    cfg.heartbeat_timeout = args.heartbeat_timeout;
+    cfg.heartbeat_period = (args.heartbeat_timeout / 6).max(std::time::Duration::from_millis(100));
+    let (min, max) = args
+        .election_timeout
+        .split_once('-')
+        .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)))
+        .context("--election-timeout takes MIN-MAX in milliseconds, e.g. 250-500")?;
+    cfg.raft_election_min_ms = min;
+    cfg.raft_election_max_ms = max;
+    cfg.raft_heartbeat_ms = (min / 3).max(20);
+    Ok(cfg)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn run_node(args: RunArgs) -> anyhow::Result<()> {
+    let cfg = node_config(&args)?;
+    let mut engine = std::collections::BTreeMap::new();
+    engine.insert(
+        "flotilla_version".to_string(),
+        serde_json::Value::String(env!("CARGO_PKG_VERSION").into()),
+    );
+    flotilla_node::run(cfg, engine, shutdown_signal()).await?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Shim(args) = cli.command {
+        // The shim is a small single-threaded supervisor: no tokio runtime here.
+        return ExitCode::from(flotilla_shim::run(args.args).clamp(0, 255) as u8);
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match cli.command {
+        Command::Node(NodeCmd::Run(args)) => {
+            init_tracing();
+            match rt.block_on(run_node(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        command => {
+            let res = rt.block_on(flotilla_cli::run_client(
+                cli.host.as_deref(),
+                cli.tls_dir.as_deref(),
+                command,
+            ));
+            match res {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {}", e.message);
+                    ExitCode::from(e.code.clamp(1, 255) as u8)
+                }
+            }
+        }
+    }
+}

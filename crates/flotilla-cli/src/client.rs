@@ -1,0 +1,367 @@
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hyper::Method;
+
+use flotilla_api::{Client, Endpoint};
+use flotilla_types::{ClusterInfo, EventMessage, JoinTokens, Node, NodeUpdate};
+
+use crate::output::{ago, print_json, print_table, table};
+use crate::{ClusterCmd, Command, EventsArgs, Format, NodeCmd, NodeUpdateArgs, CliError, DEFAULT_DATA_DIR};
+
+/// Builds the API client from `--host` / `--tls-dir`.
+pub fn connect(host: Option<&str>, tls_dir: Option<&Path>) -> Result<Client, CliError> {
+    let host = host
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("unix://{DEFAULT_DATA_DIR}/api.sock"));
+    if let Some(path) = host.strip_prefix("unix://") {
+        let p = PathBuf::from(path);
+        if !p.exists() {
+            return Err(CliError::new(format!(
+                "no node API socket at {path}: is `flotilla node run` running with that data dir? Point at one with --host unix:///DATA_DIR/api.sock"
+            )));
+        }
+        return Ok(Client::new(Endpoint::Unix(p)));
+    }
+    if let Some(addr) = host.strip_prefix("https://") {
+        let dir = tls_dir.ok_or_else(|| {
+            CliError::usage(format!(
+                "--host {host} needs --tls-dir DIR with ca.pem, cert.pem and key.pem (the admin bundle in the first manager's DATA_DIR/admin)"
+            ))
+        })?;
+        let read = |name: &str| {
+            std::fs::read_to_string(dir.join(name)).map_err(|e| {
+                CliError::usage(format!("--tls-dir {}: cannot read {name}: {e}", dir.display()))
+            })
+        };
+        let (ca, cert, key) = (read("ca.pem")?, read("cert.pem")?, read("key.pem")?);
+        let tls = flotilla_pki::client_config(&ca, Some((&cert, &key)))
+            .map_err(|e| CliError::usage(format!("--tls-dir {}: {e}", dir.display())))?;
+        return Ok(Client::new(Endpoint::Https {
+            addr: addr.trim_end_matches('/').to_string(),
+            tls,
+        }));
+    }
+    Err(CliError::usage(format!(
+        "--host {host:?} is not understood: use unix:///path/api.sock or https://IP:PORT"
+    )))
+}
+
+/// Runs a client subcommand against the API.
+pub async fn run_client(
+    host: Option<&str>,
+    tls_dir: Option<&Path>,
+    command: Command,
+) -> Result<(), CliError> {
+    let client = connect(host, tls_dir)?;
+    match command {
+        Command::Node(cmd) => node(&client, cmd).await,
+        Command::Cluster(cmd) => cluster(&client, cmd).await,
+        Command::Events(args) => events(&client, args).await,
+        Command::Shim(_) => Err(CliError::usage("shim is started by the agent, not by hand")),
+    }
+}
+
+fn warn_if_stale(resp: &flotilla_api::Response) {
+    if resp
+        .headers
+        .get("x-flotilla-stale")
+        .is_some_and(|v| v == "true")
+    {
+        eprintln!("WARNING: no leader could confirm this answer (quorum lost?): it may be stale");
+    }
+}
+
+async fn get<T: serde::de::DeserializeOwned>(client: &Client, path: &str) -> Result<T, CliError> {
+    let resp = client.request(Method::GET, path, None).await?;
+    warn_if_stale(&resp);
+    serde_json::from_slice(&resp.body)
+        .map_err(|e| CliError::new(format!("unexpected answer from the node: {e}")))
+}
+
+fn node_row(n: &Node) -> Vec<String> {
+    let manager = match &n.manager_status {
+        Some(m) if m.leader => "Leader".to_string(),
+        Some(m) if m.reachability == "reachable" => "Reachable".to_string(),
+        Some(m) if m.reachability == "unreachable" => "Unreachable".to_string(),
+        Some(_) => "Manager".to_string(),
+        None => String::new(),
+    };
+    vec![
+        n.id.clone(),
+        n.spec.name.clone(),
+        n.status.state.as_str().to_string(),
+        n.spec.availability.as_str().to_string(),
+        manager,
+        n.status.addr.clone(),
+    ]
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+async fn node(client: &Client, cmd: NodeCmd) -> Result<(), CliError> {
+    match cmd {
+        NodeCmd::Run(_) => Err(CliError::usage("`node run` is handled by the binary")),
+        NodeCmd::Ls(f) => {
+            let nodes: Vec<Node> = get(client, "/v1/nodes").await?;
+            if f.format == Format::Json {
+                return print_json(&nodes);
+            }
+            let mut t = table(&["ID", "NAME", "STATUS", "AVAILABILITY", "MANAGER STATUS", "ADDRESS"]);
+            for n in &nodes {
+                t.add_row(node_row(n));
+            }
+            print_table(&t);
+            Ok(())
+        }
+        NodeCmd::Inspect { node, format } => {
+            let nodes: Vec<Node> = get(client, &format!("/v1/nodes/{}", enc(&node))).await?;
+            if format.format == Format::Json {
+                return print_json(&nodes);
+            }
+            for n in &nodes {
+                println!("ID:            {}", n.id);
+                println!("Name:          {}", n.spec.name);
+                println!("Role:          {}", n.spec.role.as_str());
+                println!("Availability:  {}", n.spec.availability.as_str());
+                println!("Status:        {} {}", n.status.state.as_str(), n.status.message);
+                println!("Address:       {}", n.status.addr);
+                println!("Version:       {}", n.meta.version);
+                if !n.spec.labels.is_empty() {
+                    println!("Labels:");
+                    for (k, v) in &n.spec.labels {
+                        println!("  {k}={v}");
+                    }
+                }
+                if let Some(m) = &n.manager_status {
+                    println!(
+                        "Manager:       raft id {} at {}, {}{}",
+                        m.raft_id,
+                        m.addr,
+                        m.reachability,
+                        if m.leader { ", leader" } else { "" }
+                    );
+                }
+                let d = &n.description;
+                println!("Hostname:      {}", d.hostname);
+                println!("Platform:      {}/{}", d.os, d.arch);
+                println!(
+                    "Resources:     {} CPUs, {} MiB",
+                    d.resources.nano_cpus / 1_000_000_000,
+                    d.resources.memory_bytes / (1024 * 1024)
+                );
+                for (k, v) in &d.engine {
+                    println!("Engine {k}: {v}");
+                }
+                println!("Updated:       {}", ago(n.meta.updated_at));
+            }
+            Ok(())
+        }
+        NodeCmd::Update(args) => node_update(client, args).await,
+        NodeCmd::Promote { nodes } => {
+            for n in nodes {
+                let _: serde_json::Value = client
+                    .post_json(&format!("/v1/nodes/{}/promote", enc(&n)), &())
+                    .await?;
+                println!("Node {n} promoted to a manager in the cluster.");
+            }
+            Ok(())
+        }
+        NodeCmd::Demote { nodes } => {
+            for n in nodes {
+                let _: serde_json::Value = client
+                    .post_json(&format!("/v1/nodes/{}/demote", enc(&n)), &())
+                    .await?;
+                println!("Manager {n} demoted in the cluster.");
+            }
+            Ok(())
+        }
+        NodeCmd::Rm { nodes, force } => {
+            for n in nodes {
+                client
+                    .request(
+                        Method::DELETE,
+                        &format!("/v1/nodes/{}?force={force}", enc(&n)),
+                        None,
+                    )
+                    .await?;
+                println!("{n}");
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn node_update(client: &Client, args: NodeUpdateArgs) -> Result<(), CliError> {
+    let mut upd = NodeUpdate::default();
+    for kv in &args.label_add {
+        let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
+        if k.is_empty() {
+            return Err(CliError::usage(format!(
+                "--label-add {kv:?}: expected KEY=VALUE"
+            )));
+        }
+        upd.label_add.insert(k.to_string(), v.to_string());
+    }
+    upd.label_rm = args.label_rm.clone();
+    if let Some(a) = &args.availability {
+        upd.availability = Some(a.parse().map_err(CliError::usage)?);
+    }
+    if upd == NodeUpdate::default() {
+        return Err(CliError::usage(
+            "nothing to update: give --availability, --label-add or --label-rm",
+        ));
+    }
+    let _: Node = client
+        .post_json(&format!("/v1/nodes/{}", enc(&args.node)), &upd)
+        .await?;
+    println!("{}", args.node);
+    Ok(())
+}
+
+async fn cluster(client: &Client, cmd: ClusterCmd) -> Result<(), CliError> {
+    match cmd {
+        ClusterCmd::Info(f) => {
+            let info: ClusterInfo = get(client, "/v1/cluster").await?;
+            if f.format == Format::Json {
+                return print_json(&info);
+            }
+            println!("Cluster ID:     {}", info.cluster_id);
+            println!("CA fingerprint: {}", info.ca_fingerprint);
+            match &info.leader {
+                Some(l) => println!("Leader:         {} ({}) at {}", l.name, l.node_id, l.addr),
+                None => println!("Leader:         none (no quorum?)"),
+            }
+            println!(
+                "Raft:           term {}, commit index {}, applied {}, this manager is {}",
+                info.raft.term, info.raft.commit_index, info.raft.applied_index, info.raft.state
+            );
+            println!("Managers:");
+            let mut t = table(&["NODE ID", "NAME", "ADDRESS", "RAFT ID", "ROLE", "REACHABILITY"]);
+            for m in &info.managers {
+                t.add_row(vec![
+                    m.node_id.clone(),
+                    m.name.clone(),
+                    m.addr.clone(),
+                    m.raft_id.to_string(),
+                    if m.leader {
+                        "leader".into()
+                    } else if m.voter {
+                        "voter".into()
+                    } else {
+                        "learner".to_string()
+                    },
+                    m.reachability.clone(),
+                ]);
+            }
+            print_table(&t);
+            Ok(())
+        }
+        ClusterCmd::JoinToken {
+            role,
+            rotate,
+            quiet,
+        } => {
+            let tokens: JoinTokens = if rotate {
+                client
+                    .post_json(&format!("/v1/cluster/join-tokens/rotate?role={role}"), &())
+                    .await?
+            } else {
+                get(client, "/v1/cluster/join-tokens").await?
+            };
+            let token = if role == "manager" {
+                tokens.manager
+            } else {
+                tokens.worker
+            };
+            if quiet {
+                println!("{token}");
+            } else {
+                if rotate {
+                    println!("Rotated the {role} join token; the old one no longer works.");
+                }
+                println!("To add a {role} to this cluster, run on the new node:\n");
+                println!(
+                    "    flotilla node run --data-dir DIR --listen IP:PORT --join MANAGER_IP:PORT --token {token}\n"
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn events(client: &Client, args: EventsArgs) -> Result<(), CliError> {
+    let mut types = Vec::new();
+    for f in &args.filter {
+        match f.split_once('=') {
+            Some(("type", v)) => types.push(v.to_string()),
+            _ => {
+                return Err(CliError::usage(format!(
+                    "--filter {f:?}: only type=KIND is supported (node, service, task, …)"
+                )))
+            }
+        }
+    }
+    let mut query: BTreeMap<&str, String> = BTreeMap::new();
+    if let Some(s) = args.since {
+        query.insert("since", s.to_string());
+    }
+    if !types.is_empty() {
+        query.insert("type", types.join(","));
+    }
+    let qs: Vec<String> = query.iter().map(|(k, v)| format!("{k}={}", enc(v))).collect();
+    let path = if qs.is_empty() {
+        "/v1/events".to_string()
+    } else {
+        format!("/v1/events?{}", qs.join("&"))
+    };
+    let mut seen = 0usize;
+    let limit = args.limit;
+    let format = args.format;
+    let mut failure: Option<String> = None;
+    let client = client.clone().with_timeout(Duration::from_secs(u64::MAX / 4));
+    client
+        .stream_lines(&path, |line| {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) {
+                if let Some(err) = v.get("error").and_then(|e| e.as_str()) {
+                    failure = Some(err.to_string());
+                    return false;
+                }
+            }
+            match format {
+                Format::Json => println!("{}", String::from_utf8_lossy(line)),
+                Format::Table => match serde_json::from_slice::<EventMessage>(line) {
+                    Ok(ev) => {
+                        let name = ev
+                            .object
+                            .as_ref()
+                            .and_then(|o| {
+                                o.pointer("/spec/name")
+                                    .or_else(|| o.get("name"))
+                                    .and_then(|n| n.as_str())
+                            })
+                            .unwrap_or("");
+                        println!("{:>8} {} {} {} {}", ev.revision, ev.kind, ev.action, ev.id, name);
+                    }
+                    Err(_) => println!("{}", String::from_utf8_lossy(line)),
+                },
+            }
+            seen += 1;
+            !limit.is_some_and(|l| seen >= l)
+        })
+        .await?;
+    if let Some(f) = failure {
+        return Err(CliError::new(f));
+    }
+    Ok(())
+}

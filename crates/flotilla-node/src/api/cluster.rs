@@ -1,0 +1,146 @@
+use axum::extract::{Query, State};
+use axum::response::Response;
+use axum::Extension;
+use serde::Deserialize;
+
+use flotilla_pki::JoinToken;
+use flotilla_store::{Batch, Op, Table};
+use flotilla_types::{ClusterInfo, ClusterMember, JoinTokens, Node, NodeRole, RaftInfo};
+
+use super::{json_ok, Caller, Ctx};
+use crate::error::ApiError;
+use crate::manager::{ClusterObject, CLUSTER_KEY};
+
+pub async fn ping(State(ctx): State<Ctx>) -> Response {
+    let ident = ctx.identity();
+    json_ok(&serde_json::json!({
+        "node_id": ident.node_id,
+        "role": ident.role,
+        "cluster_id": ident.cluster_id,
+    }))
+}
+
+/// Reachability of each member as this manager sees it: itself, and peers it heard from
+/// within the last two seconds (the leader tracks every member; a follower only the leader).
+pub fn member_reachability(
+    status: &flotilla_store::RaftStatus,
+    raft_id: u64,
+) -> &'static str {
+    if raft_id == status.id {
+        return "reachable";
+    }
+    match status.peers.iter().find(|p| p.id == raft_id) {
+        Some(p) => match p.last_contact_ms {
+            Some(ms) if ms < 2000 => "reachable",
+            _ => "unreachable",
+        },
+        None => "unknown",
+    }
+}
+
+pub async fn info(State(ctx): State<Ctx>) -> Result<Response, ApiError> {
+    let mgr = ctx.manager()?;
+    let status = mgr.store.status();
+    let nodes: Vec<Node> = mgr.list()?;
+    let name_of = |raft_id: u64| {
+        nodes
+            .iter()
+            .find(|n| n.manager_status.as_ref().is_some_and(|m| m.raft_id == raft_id))
+            .map(|n| (n.id.clone(), n.spec.name.clone()))
+            .unwrap_or_default()
+    };
+    let member = |raft_id: u64, addr: &str, voter: bool| {
+        let (node_id, name) = name_of(raft_id);
+        ClusterMember {
+            node_id,
+            name,
+            raft_id,
+            addr: addr.to_string(),
+            leader: status.leader_id == Some(raft_id),
+            reachability: member_reachability(&status, raft_id).to_string(),
+            voter,
+        }
+    };
+    let mut managers: Vec<ClusterMember> = status
+        .voters
+        .iter()
+        .map(|(id, addr)| member(*id, addr, true))
+        .collect();
+    managers.extend(status.learners.iter().map(|(id, addr)| member(*id, addr, false)));
+    let leader = managers.iter().find(|m| m.leader).cloned();
+    let info = ClusterInfo {
+        cluster_id: mgr.cluster_id.clone(),
+        node_id: ctx.identity().node_id,
+        leader,
+        managers,
+        raft: RaftInfo {
+            raft_id: status.id,
+            state: status.state.clone(),
+            term: status.term,
+            commit_index: status.committed,
+            applied_index: status.applied,
+            last_log_index: status.last_log_index,
+        },
+        consistent: status.state == "leader",
+        ca_fingerprint: flotilla_pki::fingerprint_pem(&ctx.tls.ca_pem()).unwrap_or_default(),
+        settings: Default::default(),
+    };
+    Ok(json_ok(&info))
+}
+
+fn tokens(c: &ClusterObject) -> JoinTokens {
+    let fp = flotilla_pki::fingerprint_pem(&c.ca_cert_pem).unwrap_or_default();
+    JoinTokens {
+        worker: JoinToken {
+            ca_fingerprint: fp.clone(),
+            secret: c.worker_secret.clone(),
+        }
+        .to_string(),
+        manager: JoinToken {
+            ca_fingerprint: fp,
+            secret: c.manager_secret.clone(),
+        }
+        .to_string(),
+    }
+}
+
+pub async fn join_tokens(
+    State(ctx): State<Ctx>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ApiError> {
+    if !caller.is_admin() {
+        return Err(ApiError::forbidden("join tokens are for admins"));
+    }
+    let mgr = ctx.manager()?;
+    Ok(json_ok(&tokens(&mgr.cluster()?)))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RotateQuery {
+    role: String,
+}
+
+pub async fn rotate_token(
+    State(ctx): State<Ctx>,
+    Extension(caller): Extension<Caller>,
+    Query(q): Query<RotateQuery>,
+) -> Result<Response, ApiError> {
+    if !caller.is_admin() {
+        return Err(ApiError::forbidden("join tokens are for admins"));
+    }
+    let role: NodeRole = q.role.parse().map_err(ApiError::bad_request)?;
+    let mgr = ctx.manager()?;
+    let (mut c, version) = mgr.cluster_versioned()?;
+    let fresh = JoinToken::new("").secret;
+    match role {
+        NodeRole::Worker => c.worker_secret = fresh,
+        NodeRole::Manager => c.manager_secret = fresh,
+    }
+    let value = serde_json::to_vec(&c).map_err(|e| ApiError::internal(e.to_string()))?;
+    mgr.write(
+        Batch::single(Op::update(Table::Cluster, CLUSTER_KEY, value, Some(version))),
+        "cluster",
+    )
+    .await?;
+    Ok(json_ok(&tokens(&c)))
+}

@@ -1,0 +1,314 @@
+//! The HTTP API of a node. One router serves both the local unix socket and the mTLS
+//! listener; two middlewares run before every handler:
+//!
+//! 1. [`authorize`] turns the transport's [`Peer`] into a [`Caller`] and refuses what the caller
+//!    may not do (anonymous callers reach only ping and the join endpoints; worker
+//!    certificates only their own agent endpoints; Raft RPCs only manager certificates).
+//! 2. [`leader_gate`] makes every cluster-level request consistent: the leader answers
+//!    (reads after a linearizable barrier), followers proxy to the leader, and when no leader
+//!    can be reached reads are answered from local state marked stale
+//!    (`x-flotilla-stale: true`) while writes fail fast with a quorum message.
+
+mod cluster;
+mod events;
+pub mod join;
+mod nodes;
+mod raft;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use http_body_util::BodyExt;
+
+use flotilla_api::Peer;
+use flotilla_pki::Role;
+
+use crate::error::ApiError;
+use crate::NodeCtx;
+
+pub type Ctx = Arc<NodeCtx>;
+
+/// Who a request acts for, after authentication and (for forwarded requests) the
+/// forwarding manager's word.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// Local socket or an admin certificate.
+    Admin,
+    Node { id: String, role: Role },
+    Anonymous,
+}
+
+impl Caller {
+    fn header_value(&self) -> String {
+        match self {
+            Caller::Admin => "admin".into(),
+            Caller::Node { id, role } => format!(
+                "node:{}:{id}",
+                if *role == Role::Manager { "manager" } else { "worker" }
+            ),
+            Caller::Anonymous => "anonymous".into(),
+        }
+    }
+    fn from_header(v: &str) -> Caller {
+        let parts: Vec<&str> = v.splitn(3, ':').collect();
+        match parts.as_slice() {
+            ["admin"] => Caller::Admin,
+            ["node", "manager", id] => Caller::Node {
+                id: id.to_string(),
+                role: Role::Manager,
+            },
+            ["node", "worker", id] => Caller::Node {
+                id: id.to_string(),
+                role: Role::Worker,
+            },
+            _ => Caller::Anonymous,
+        }
+    }
+    pub fn is_admin(&self) -> bool {
+        matches!(self, Caller::Admin)
+    }
+    /// The caller is the node `id` itself (or an admin).
+    pub fn is_node_or_admin(&self, id: &str) -> bool {
+        match self {
+            Caller::Admin => true,
+            Caller::Node { id: me, .. } => me == id,
+            Caller::Anonymous => false,
+        }
+    }
+}
+
+const CALLER_HEADER: &str = "x-flotilla-caller";
+pub const STALE_HEADER: &str = "x-flotilla-stale";
+
+pub fn router(ctx: Ctx) -> Router {
+    let cluster_routes = Router::new()
+        .route("/v1/join", post(join::join))
+        .route("/v1/nodes", get(nodes::list))
+        .route(
+            "/v1/nodes/{id}",
+            get(nodes::inspect).post(nodes::update).delete(nodes::remove),
+        )
+        .route("/v1/nodes/{id}/promote", post(nodes::promote))
+        .route("/v1/nodes/{id}/demote", post(nodes::demote))
+        .route("/v1/nodes/{id}/heartbeat", post(nodes::heartbeat))
+        .route("/v1/nodes/{id}/renew", post(join::renew))
+        .route("/v1/cluster", get(cluster::info))
+        .route("/v1/cluster/join-tokens", get(cluster::join_tokens))
+        .route("/v1/cluster/join-tokens/rotate", post(cluster::rotate_token))
+        .route("/v1/cluster/managers", post(join::add_manager))
+        .layer(middleware::from_fn_with_state(ctx.clone(), leader_gate));
+    let local_routes = Router::new()
+        .route("/v1/ping", get(cluster::ping))
+        .route("/v1/join/ca", get(join::ca))
+        .route("/v1/events", get(events::events))
+        .route("/internal/raft/{kind}", post(raft::rpc));
+    cluster_routes
+        .merge(local_routes)
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .layer(middleware::from_fn_with_state(ctx.clone(), authorize))
+        .with_state(ctx)
+}
+
+fn anonymous_allowed(path: &str) -> bool {
+    matches!(path, "/v1/ping" | "/v1/join/ca" | "/v1/join")
+}
+
+async fn authorize(State(ctx): State<Ctx>, mut req: Request, next: Next) -> Response {
+    let peer = req
+        .extensions()
+        .get::<Peer>()
+        .cloned()
+        .unwrap_or(Peer::Anonymous);
+    let caller = match &peer {
+        Peer::Local => Caller::Admin,
+        Peer::Anonymous => Caller::Anonymous,
+        Peer::Verified(id) => {
+            if id.cluster_id != ctx.cluster_id() {
+                return ApiError::forbidden("certificate belongs to another cluster").into_response();
+            }
+            match id.role {
+                Role::Admin => Caller::Admin,
+                Role::Manager => match req.headers().get(CALLER_HEADER).and_then(|v| v.to_str().ok()) {
+                    // A manager forwarding a request on behalf of its own caller.
+                    Some(v) => Caller::from_header(v),
+                    None => Caller::Node {
+                        id: id.node_id.clone(),
+                        role: Role::Manager,
+                    },
+                },
+                Role::Worker => Caller::Node {
+                    id: id.node_id.clone(),
+                    role: Role::Worker,
+                },
+            }
+        }
+    };
+    let path = req.uri().path().to_string();
+    if path.starts_with("/internal/raft/") {
+        let is_manager_peer = matches!(&peer, Peer::Verified(id) if id.role == Role::Manager);
+        if !is_manager_peer {
+            return ApiError::forbidden("raft rpcs need a manager certificate").into_response();
+        }
+    } else if caller == Caller::Anonymous && !anonymous_allowed(&path) {
+        return ApiError::unauthorized(
+            "a client certificate is required: pass --tls-dir with the admin bundle (DATA_DIR/admin of the first manager)",
+        )
+        .into_response();
+    } else if let Caller::Node { id, .. } = &caller {
+        // Node certificates may only use their own agent endpoints (and the read-only basics).
+        let own = path == format!("/v1/nodes/{id}/heartbeat")
+            || path == format!("/v1/nodes/{id}/renew")
+            || path == "/v1/cluster/managers"
+            || anonymous_allowed(&path);
+        if !own {
+            return ApiError::forbidden(format!(
+                "node certificates may not call {path}; use an admin bundle"
+            ))
+            .into_response();
+        }
+    }
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+/// The local node's manager, or the error a worker gives for cluster-level requests.
+fn worker_refusal() -> ApiError {
+    ApiError::unavailable(
+        "this node is a worker: cluster commands go to a manager, e.g. `flotilla --host unix:///MANAGER_DATA_DIR/api.sock …` or `--host https://MANAGER:PORT --tls-dir ADMIN_BUNDLE`",
+    )
+}
+
+async fn leader_gate(State(ctx): State<Ctx>, req: Request, next: Next) -> Response {
+    let Some(mgr) = ctx.manager.clone() else {
+        return worker_refusal().into_response();
+    };
+    let is_read = req.method() == Method::GET;
+    let status = mgr.store.status();
+    if status.state == "leader" {
+        if !is_read {
+            return next.run(req).await;
+        }
+        // Linearizable read: confirm leadership with a quorum, then read local state.
+        let barrier = tokio::time::timeout(
+            mgr.write_timeout,
+            mgr.store.linearizable_barrier(),
+        )
+        .await;
+        let stale = !matches!(barrier, Ok(Ok(_)));
+        let mut resp = next.run(req).await;
+        if stale {
+            resp.headers_mut()
+                .insert(STALE_HEADER, HeaderValue::from_static("true"));
+        }
+        return resp;
+    }
+    // Not the leader: proxy to it.
+    let caller = req
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .unwrap_or(Caller::Anonymous);
+    let (parts, body) = req.into_parts();
+    let body = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return ApiError::bad_request(format!("reading body: {e}")).into_response(),
+    };
+    if let Some(addr) = status.leader_addr.clone().filter(|_| status.leader_id.is_some()) {
+        match proxy(&ctx, &addr, &parts, &caller, body.clone()).await {
+            Ok(resp) => return resp,
+            Err(e) => {
+                tracing::debug!(leader = %addr, error = %e, "forwarding to leader failed");
+            }
+        }
+    }
+    if is_read {
+        let req = Request::from_parts(parts, Body::from(body));
+        let mut resp = next.run(req).await;
+        resp.headers_mut()
+            .insert(STALE_HEADER, HeaderValue::from_static("true"));
+        return resp;
+    }
+    ApiError::unavailable(quorum_message(&ctx).await).into_response()
+}
+
+async fn proxy(
+    ctx: &Ctx,
+    leader: &str,
+    parts: &axum::http::request::Parts,
+    caller: &Caller,
+    body: bytes::Bytes,
+) -> Result<Response, flotilla_api::ClientError> {
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| parts.uri.path().to_string());
+    let client = ctx.tls.peer(leader).with_timeout(Duration::from_secs(120));
+    let resp = client
+        .send_with_headers(
+            parts.method.clone(),
+            &path,
+            if body.is_empty() { None } else { Some(body.to_vec()) },
+            &[(CALLER_HEADER, caller.header_value())],
+        )
+        .await?;
+    let mut out = Response::builder().status(resp.status);
+    for (k, v) in resp.headers.iter() {
+        if k == hyper::header::CONTENT_TYPE || k.as_str().starts_with("x-flotilla") {
+            out = out.header(k, v);
+        }
+    }
+    Ok(out
+        .body(Body::from(resp.body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+}
+
+/// "quorum lost: 1 of 3 managers reachable …" with what to do about it.
+pub async fn quorum_message(ctx: &Ctx) -> String {
+    let Some(mgr) = &ctx.manager else {
+        return worker_refusal().message;
+    };
+    let status = mgr.store.status();
+    let total = status.voters.len().max(1);
+    let me = status.id;
+    let mut reachable = 0usize;
+    let mut checks = Vec::new();
+    for (id, addr) in &status.voters {
+        if *id == me {
+            reachable += 1;
+            continue;
+        }
+        let client = ctx.tls.peer(addr).with_timeout(Duration::from_millis(800));
+        checks.push(async move { client.request(Method::GET, "/v1/ping", None).await.is_ok() });
+    }
+    reachable += futures::future::join_all(checks)
+        .await
+        .into_iter()
+        .filter(|ok| *ok)
+        .count();
+    let needed = total / 2 + 1;
+    format!(
+        "quorum lost: {reachable} of {total} managers reachable, {needed} needed; writes are refused until a majority is back. \
+         If the missing managers are gone for good, recover from this one: stop it and restart it with \
+         `flotilla node run --data-dir {} --listen {} --force-new-cluster`",
+        ctx.cfg.data_dir.display(),
+        ctx.cfg.listen
+    )
+}
+
+/// `?version=N` for optimistic concurrency.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct VersionQuery {
+    pub version: Option<u64>,
+}
+
+pub fn json_ok<T: serde::Serialize>(v: &T) -> Response {
+    axum::Json(v).into_response()
+}

@@ -1,0 +1,253 @@
+use std::time::Instant;
+
+use axum::extract::{Path, Query, State};
+use axum::response::Response;
+use axum::{Extension, Json};
+use serde::Deserialize;
+
+use flotilla_store::{Batch, Op, Table};
+use flotilla_types::{
+    Heartbeat, HeartbeatResponse, ManagerStatus, Node, NodeRole, NodeState, NodeUpdate,
+};
+
+use super::cluster::member_reachability;
+use super::join::{manager_addrs, raft_id_for};
+use super::{json_ok, Caller, Ctx, VersionQuery};
+use crate::error::ApiError;
+use crate::manager::{encode, now_ms, Manager};
+
+/// Finds a node by exact id, exact name, or unique id prefix (as the Docker CLI does).
+pub fn find_node(mgr: &Manager, key: &str) -> Result<Node, ApiError> {
+    if let Some(n) = mgr.get::<Node>(key)? {
+        return Ok(n);
+    }
+    let nodes: Vec<Node> = mgr.list()?;
+    let by_name: Vec<&Node> = nodes.iter().filter(|n| n.spec.name == key).collect();
+    if by_name.len() == 1 {
+        return Ok(by_name[0].clone());
+    }
+    if by_name.len() > 1 {
+        return Err(ApiError::conflict(format!(
+            "{} nodes are named {key:?}: use the node id",
+            by_name.len()
+        )));
+    }
+    let by_prefix: Vec<&Node> = nodes.iter().filter(|n| n.id.starts_with(key)).collect();
+    match by_prefix.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => Err(ApiError::not_found(format!(
+            "node {key} not found: see `flotilla node ls`"
+        ))),
+        _ => Err(ApiError::conflict(format!(
+            "node prefix {key:?} is ambiguous: give more characters"
+        ))),
+    }
+}
+
+/// Adds what only the answering manager knows: Raft leadership and reachability.
+fn with_live_status(mgr: &Manager, mut nodes: Vec<Node>) -> Vec<Node> {
+    let status = mgr.store.status();
+    for n in &mut nodes {
+        if n.spec.role != NodeRole::Manager {
+            n.manager_status = None;
+            continue;
+        }
+        let raft_id = raft_id_for(&n.id);
+        let addr = status
+            .voters
+            .iter()
+            .chain(status.learners.iter())
+            .find(|(id, _)| *id == raft_id)
+            .map(|(_, a)| a.clone())
+            .unwrap_or_else(|| n.status.addr.clone());
+        n.manager_status = Some(ManagerStatus {
+            raft_id,
+            addr,
+            leader: status.leader_id == Some(raft_id),
+            reachability: member_reachability(&status, raft_id).to_string(),
+        });
+    }
+    nodes
+}
+
+pub async fn list(State(ctx): State<Ctx>) -> Result<Response, ApiError> {
+    let mgr = ctx.manager()?;
+    let mut nodes = with_live_status(&mgr, mgr.list()?);
+    nodes.sort_by(|a, b| a.spec.name.cmp(&b.spec.name).then(a.id.cmp(&b.id)));
+    Ok(json_ok(&nodes))
+}
+
+pub async fn inspect(
+    State(ctx): State<Ctx>,
+    Path(key): Path<String>,
+) -> Result<Response, ApiError> {
+    let mgr = ctx.manager()?;
+    let node = find_node(&mgr, &key)?;
+    Ok(json_ok(&with_live_status(&mgr, vec![node])))
+}
+
+pub async fn update(
+    State(ctx): State<Ctx>,
+    Path(key): Path<String>,
+    Query(q): Query<VersionQuery>,
+    Json(upd): Json<NodeUpdate>,
+) -> Result<Response, ApiError> {
+    let mgr = ctx.manager()?;
+    let mut node = find_node(&mgr, &key)?;
+    if upd.role.is_some_and(|r| r != node.spec.role) {
+        return Err(ApiError::bad_request(
+            "change roles with `flotilla node promote` / `flotilla node demote`",
+        ));
+    }
+    let expect = q.version.unwrap_or(node.meta.version);
+    if let Some(a) = upd.availability {
+        node.spec.availability = a;
+    }
+    for k in &upd.label_rm {
+        if node.spec.labels.remove(k).is_none() {
+            return Err(ApiError::bad_request(format!(
+                "node {} has no label {k:?}",
+                node.spec.name
+            )));
+        }
+    }
+    for (k, v) in &upd.label_add {
+        if k.is_empty() {
+            return Err(ApiError::bad_request("label keys must not be empty"));
+        }
+        node.spec.labels.insert(k.clone(), v.clone());
+    }
+    node.meta.updated_at = now_ms();
+    let id = node.id.clone();
+    let rev = mgr
+        .write(Batch::single(Manager::put_op(&node, &id, Some(expect))?), "node")
+        .await?;
+    node.meta.version = rev;
+    Ok(json_ok(&node))
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RemoveQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+pub async fn remove(
+    State(ctx): State<Ctx>,
+    Path(key): Path<String>,
+    Query(q): Query<RemoveQuery>,
+) -> Result<Response, ApiError> {
+    let mgr = ctx.manager()?;
+    let node = find_node(&mgr, &key)?;
+    if node.spec.role == NodeRole::Manager {
+        return Err(ApiError::bad_request(format!(
+            "node {} is a manager: demote it first (`flotilla node demote {}`)",
+            node.spec.name, node.spec.name
+        )));
+    }
+    if node.status.state == NodeState::Ready && !q.force {
+        return Err(ApiError::bad_request(format!(
+            "node {} is ready: stop it first, or remove it anyway with --force",
+            node.spec.name
+        )));
+    }
+    mgr.write(
+        Batch::single(Op::delete(Table::Nodes, &node.id, Some(node.meta.version))),
+        "node",
+    )
+    .await?;
+    if let Ok(mut hb) = mgr.heartbeats.lock() {
+        hb.remove(&node.id);
+    }
+    Ok(json_ok(&serde_json::json!({ "removed": node.id })))
+}
+
+pub async fn promote(
+    State(ctx): State<Ctx>,
+    Path(key): Path<String>,
+) -> Result<Response, ApiError> {
+    let mgr = ctx.manager()?;
+    let mut node = find_node(&mgr, &key)?;
+    if node.spec.role == NodeRole::Manager {
+        return Ok(json_ok(&node));
+    }
+    node.spec.role = NodeRole::Manager;
+    node.meta.updated_at = now_ms();
+    let id = node.id.clone();
+    mgr.write(
+        Batch::single(Manager::put_op(&node, &id, Some(node.meta.version))?),
+        "node",
+    )
+    .await?;
+    Ok(json_ok(&node))
+}
+
+pub async fn demote(
+    State(ctx): State<Ctx>,
+    Path(key): Path<String>,
+) -> Result<Response, ApiError> {
+    let mgr = ctx.manager()?;
+    let mut node = find_node(&mgr, &key)?;
+    if node.spec.role == NodeRole::Worker {
+        return Ok(json_ok(&node));
+    }
+    let status = mgr.store.status();
+    let raft_id = raft_id_for(&node.id);
+    if status.voters.len() <= 1 && status.voters.iter().any(|(v, _)| *v == raft_id) {
+        return Err(ApiError::bad_request(
+            "cannot demote the last manager: promote another node first",
+        ));
+    }
+    if status.voters.iter().any(|(v, _)| *v == raft_id)
+        || status.learners.iter().any(|(v, _)| *v == raft_id)
+    {
+        let _one_at_a_time = mgr.membership.lock().await;
+        mgr.store.remove_voter(raft_id).await?;
+    }
+    node.spec.role = NodeRole::Worker;
+    node.manager_status = None;
+    node.meta.updated_at = now_ms();
+    let id = node.id.clone();
+    mgr.write(Batch::single(Manager::put_op(&node, &id, None)?), "node")
+        .await?;
+    Ok(json_ok(&node))
+}
+
+/// `POST /v1/nodes/{id}/heartbeat` (leader): records the check-in in memory and writes only
+/// changes (state, address, description) to the store.
+pub async fn heartbeat(
+    State(ctx): State<Ctx>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    Json(hb): Json<Heartbeat>,
+) -> Result<Response, ApiError> {
+    if !caller.is_node_or_admin(&id) {
+        return Err(ApiError::forbidden("a node may only heartbeat for itself"));
+    }
+    let mgr = ctx.manager()?;
+    if let Ok(mut beats) = mgr.heartbeats.lock() {
+        beats.insert(id.clone(), Instant::now());
+    }
+    let mut node: Node = mgr.get(&id)?.ok_or_else(|| {
+        ApiError::not_found(format!("node {id} is not part of the cluster (removed?)"))
+    })?;
+    let changed = node.status.state != NodeState::Ready
+        || node.status.addr != hb.addr
+        || node.description != hb.description;
+    if changed {
+        node.status.state = NodeState::Ready;
+        node.status.message = String::new();
+        node.status.addr = hb.addr.clone();
+        node.status.last_heartbeat = now_ms();
+        node.description = hb.description;
+        node.meta.updated_at = now_ms();
+        let op = Op::update(Table::Nodes, &id, encode(&node)?, Some(node.meta.version));
+        // A concurrent change (e.g. `node update`) wins; the next heartbeat retries.
+        let _ = mgr.store.write(Batch::single(op)).await?;
+    }
+    Ok(json_ok(&HeartbeatResponse {
+        period_ms: ctx.cfg.heartbeat_period.as_millis() as u64,
+        managers: manager_addrs(&mgr),
+        role: node.spec.role,
+    }))
+}

@@ -1,0 +1,95 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How a node starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartMode {
+    /// Create a new cluster: root CA, cluster id, this node as the first manager.
+    Init,
+    /// Join the cluster at `manager` with a join token.
+    Join { manager: String, token: String },
+    /// Resume from the data directory.
+    Resume,
+    /// Disaster recovery: resume this manager's data as a new single-manager cluster.
+    ForceNewCluster,
+}
+
+/// Everything `flotilla node run` takes. Validate once with [`NodeConfig::validate`] before
+/// binding anything.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Where the node keeps its identity, certificates, Raft data and runtime state.
+    pub data_dir: PathBuf,
+    /// TCP address of the node's mTLS listener (API, Raft, agent sessions).
+    pub listen: SocketAddr,
+    /// Address other nodes use to reach this one (default: `listen`).
+    pub advertise: Option<SocketAddr>,
+    /// Node name (default: the host name).
+    pub name: Option<String>,
+    pub mode: StartMode,
+    /// Lifetime of node certificates; they renew after two thirds of it.
+    pub cert_lifetime: Duration,
+    /// Interval of agent heartbeats to the leader.
+    pub heartbeat_period: Duration,
+    /// A node whose heartbeats stop for this long is marked down.
+    pub heartbeat_timeout: Duration,
+    /// Raft timings (milliseconds).
+    pub raft_heartbeat_ms: u64,
+    pub raft_election_min_ms: u64,
+    pub raft_election_max_ms: u64,
+    /// Deadline for a write to commit before it is reported as quorum loss.
+    pub write_timeout: Duration,
+    /// Raft snapshot interval in entries.
+    pub snapshot_every: u64,
+}
+
+impl NodeConfig {
+    pub fn new(data_dir: PathBuf, listen: SocketAddr, mode: StartMode) -> NodeConfig {
+        NodeConfig {
+            data_dir,
+            listen,
+            advertise: None,
+            name: None,
+            mode,
+            cert_lifetime: Duration::from_secs(90 * 24 * 3600),
+            heartbeat_period: Duration::from_millis(500),
+            heartbeat_timeout: Duration::from_secs(3),
+            raft_heartbeat_ms: 75,
+            raft_election_min_ms: 250,
+            raft_election_max_ms: 500,
+            write_timeout: Duration::from_secs(3),
+            snapshot_every: 1000,
+        }
+    }
+
+    pub fn advertise_addr(&self) -> String {
+        self.advertise.unwrap_or(self.listen).to_string()
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.listen.ip().is_unspecified() && self.advertise.is_none() {
+            return Err(format!(
+                "--listen {} is a wildcard address: also give --advertise IP:PORT, the address other nodes reach this one at",
+                self.listen
+            ));
+        }
+        if self.cert_lifetime < Duration::from_secs(10) {
+            return Err("--cert-lifetime must be at least 10s".into());
+        }
+        if self.heartbeat_timeout <= self.heartbeat_period {
+            return Err("--heartbeat-timeout must be longer than the heartbeat period".into());
+        }
+        if !(self.raft_heartbeat_ms < self.raft_election_min_ms
+            && self.raft_election_min_ms < self.raft_election_max_ms)
+        {
+            return Err(
+                "raft timings must satisfy heartbeat < election-min < election-max".into(),
+            );
+        }
+        if let Some(name) = &self.name {
+            flotilla_types::validate_name(name).map_err(|e| format!("--name: {e}"))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,322 @@
+//! `flotilla node run`: start-up for each mode, then serve until SIGTERM/SIGINT.
+
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use flotilla_pki::{Ca, JoinToken, Role};
+use flotilla_store::{Batch, Op, Store, StoreConfig, Table};
+use flotilla_types::{
+    Availability, ManagerStatus, Meta, Node, NodeRole, NodeSpec, NodeState, NodeStatus,
+};
+
+use crate::api::join::raft_id_for;
+use crate::disk::{read_identity, write_atomic, write_identity, NodeIdentity, Paths};
+use crate::manager::{now_ms, ClusterObject, Manager, CLUSTER_KEY};
+use crate::tls::TlsState;
+use crate::transport::HttpRaftTransport;
+use crate::{agent, api, joining, leader, NodeConfig, NodeCtx, NodeError, StartMode};
+
+const CA_LIFETIME: Duration = Duration::from_secs(20 * 365 * 24 * 3600);
+const ADMIN_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+
+fn io(what: &str) -> impl Fn(std::io::Error) -> NodeError + '_ {
+    move |e| NodeError::Io(format!("{what}: {e}"))
+}
+
+fn default_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| flotilla_types::validate_name(s).is_ok())
+        .unwrap_or_else(|| "node".into())
+}
+
+/// Creates the cluster's root CA, the first manager's identity and the admin bundle.
+fn init_cluster(cfg: &NodeConfig, paths: &Paths) -> Result<(NodeIdentity, ClusterObject), NodeError> {
+    let cluster_id = flotilla_types::new_id();
+    let node_id = flotilla_types::new_id();
+    let ca = Ca::generate(&cluster_id, CA_LIFETIME).map_err(|e| NodeError::Tls(e.to_string()))?;
+    let (cert, key) = ca
+        .issue(&cluster_id, &node_id, Role::Manager, cfg.cert_lifetime)
+        .map_err(|e| NodeError::Tls(e.to_string()))?;
+    write_atomic(&paths.ca_cert(), ca.cert_pem().as_bytes(), 0o644).map_err(io("writing CA"))?;
+    write_atomic(&paths.ca_key(), ca.key_pem().as_bytes(), 0o600).map_err(io("writing CA key"))?;
+    write_atomic(&paths.node_cert(), cert.as_bytes(), 0o644).map_err(io("writing cert"))?;
+    write_atomic(&paths.node_key(), key.as_bytes(), 0o600).map_err(io("writing key"))?;
+    let (acert, akey) = ca
+        .issue(&cluster_id, &format!("admin-{}", &node_id[..8]), Role::Admin, ADMIN_LIFETIME)
+        .map_err(|e| NodeError::Tls(e.to_string()))?;
+    let admin = paths.admin();
+    write_atomic(&admin.join("ca.pem"), ca.cert_pem().as_bytes(), 0o644).map_err(io("admin bundle"))?;
+    write_atomic(&admin.join("cert.pem"), acert.as_bytes(), 0o644).map_err(io("admin bundle"))?;
+    write_atomic(&admin.join("key.pem"), akey.as_bytes(), 0o600).map_err(io("admin bundle"))?;
+    let fp = ca.fingerprint();
+    let cluster = ClusterObject {
+        cluster_id: cluster_id.clone(),
+        ca_cert_pem: ca.cert_pem().to_string(),
+        ca_key_pem: ca.key_pem().to_string(),
+        worker_secret: JoinToken::new(&fp).secret,
+        manager_secret: JoinToken::new(&fp).secret,
+        cert_lifetime_secs: cfg.cert_lifetime.as_secs(),
+        created_at: now_ms(),
+    };
+    let identity = NodeIdentity {
+        cluster_id,
+        node_id: node_id.clone(),
+        name: cfg.name.clone().unwrap_or_else(default_name),
+        role: NodeRole::Manager,
+        raft_id: raft_id_for(&node_id),
+        addr: cfg.advertise_addr(),
+        managers: vec![cfg.advertise_addr()],
+    };
+    Ok((identity, cluster))
+}
+
+fn first_node(identity: &NodeIdentity, description: flotilla_types::NodeDescription) -> Node {
+    let now = now_ms();
+    Node {
+        id: identity.node_id.clone(),
+        meta: Meta {
+            version: 0,
+            created_at: now,
+            updated_at: now,
+        },
+        spec: NodeSpec {
+            name: identity.name.clone(),
+            role: NodeRole::Manager,
+            availability: Availability::Active,
+            labels: Default::default(),
+        },
+        description,
+        status: NodeStatus {
+            state: NodeState::Ready,
+            message: String::new(),
+            addr: identity.addr.clone(),
+            last_heartbeat: now,
+        },
+        manager_status: Some(ManagerStatus {
+            raft_id: identity.raft_id,
+            addr: identity.addr.clone(),
+            leader: true,
+            reachability: "reachable".into(),
+        }),
+    }
+}
+
+async fn wait_leader(store: &Store, within: Duration) -> Result<(), NodeError> {
+    let deadline = tokio::time::Instant::now() + within;
+    while store.status().state != "leader" {
+        if tokio::time::Instant::now() > deadline {
+            return Err(NodeError::Config("this node did not become leader after bootstrap".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Runs a node until `shutdown` resolves (the binary passes SIGTERM/SIGINT).
+pub async fn run(
+    cfg: NodeConfig,
+    engine: std::collections::BTreeMap<String, serde_json::Value>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), NodeError> {
+    cfg.validate().map_err(NodeError::Config)?;
+    let paths = Paths::new(&cfg.data_dir);
+    std::fs::create_dir_all(&cfg.data_dir).map_err(io("creating the data directory"))?;
+    let existing = read_identity(&paths).map_err(io("reading node.json"))?;
+    let description = agent::describe_host(engine);
+    // Bind first: a taken port is a usage error before anything is written.
+    let listener = TcpListener::bind(cfg.listen).await.map_err(|e| {
+        NodeError::Config(format!("cannot listen on {}: {e}", cfg.listen))
+    })?;
+
+    let mut bootstrap: Option<ClusterObject> = None;
+    let mut register_voter = false;
+    let identity = match (&cfg.mode, existing) {
+        (StartMode::Init, Some(id)) => {
+            return Err(NodeError::Config(format!(
+                "{} already holds node {} of cluster {}: drop --init to resume it, or use an empty --data-dir",
+                cfg.data_dir.display(),
+                id.node_id,
+                id.cluster_id
+            )))
+        }
+        (StartMode::Join { .. }, Some(id)) => {
+            return Err(NodeError::Config(format!(
+                "{} already holds node {} of cluster {}: drop --join/--token to resume it, or use an empty --data-dir",
+                cfg.data_dir.display(),
+                id.node_id,
+                id.cluster_id
+            )))
+        }
+        (StartMode::Init, None) => {
+            let (identity, cluster) = init_cluster(&cfg, &paths)?;
+            bootstrap = Some(cluster);
+            identity
+        }
+        (StartMode::Join { manager, token }, None) => {
+            let name = cfg.name.clone().unwrap_or_else(default_name);
+            let id = joining::join_cluster(&cfg, &paths, manager, token, name, description.clone()).await?;
+            register_voter = id.role == NodeRole::Manager;
+            id
+        }
+        (StartMode::Resume | StartMode::ForceNewCluster, None) => {
+            return Err(NodeError::Config(format!(
+                "{} holds no node: start a new cluster with --init, or join one with --join MANAGER --token TOKEN",
+                cfg.data_dir.display()
+            )))
+        }
+        (StartMode::Resume | StartMode::ForceNewCluster, Some(mut id)) => {
+            if id.addr != cfg.advertise_addr() {
+                tracing::info!(old = %id.addr, new = %cfg.advertise_addr(), "advertise address changed");
+                id.addr = cfg.advertise_addr();
+            }
+            id
+        }
+    };
+    if cfg.mode == StartMode::ForceNewCluster && identity.role != NodeRole::Manager {
+        return Err(NodeError::Config("--force-new-cluster needs a manager's data directory".into()));
+    }
+    write_identity(&paths, &identity).map_err(io("writing node.json"))?;
+
+    let tls = Arc::new(TlsState::load(&paths)?);
+    let manager = if identity.role == NodeRole::Manager {
+        let store_cfg = StoreConfig {
+            node_id: identity.raft_id,
+            data_dir: paths.raft(),
+            heartbeat_ms: cfg.raft_heartbeat_ms,
+            election_min_ms: cfg.raft_election_min_ms,
+            election_max_ms: cfg.raft_election_max_ms,
+            snapshot_every: cfg.snapshot_every,
+            write_timeout: cfg.write_timeout,
+            ..StoreConfig::default()
+        };
+        let transport = Arc::new(HttpRaftTransport { tls: tls.clone() });
+        let store = if cfg.mode == StartMode::ForceNewCluster {
+            tracing::warn!("forcing a new single-manager cluster from this manager's data");
+            Store::force_new_cluster(store_cfg, transport, identity.addr.clone()).await?
+        } else {
+            Store::open(store_cfg, transport).await?
+        };
+        Some(Arc::new(Manager {
+            store,
+            cluster_id: identity.cluster_id.clone(),
+            heartbeats: Mutex::new(Default::default()),
+            membership: tokio::sync::Mutex::new(()),
+            write_timeout: cfg.write_timeout,
+        }))
+    } else {
+        None
+    };
+
+    let ctx = Arc::new(NodeCtx {
+        cfg: cfg.clone(),
+        paths: Paths::new(&cfg.data_dir),
+        identity: RwLock::new(identity.clone()),
+        tls: tls.clone(),
+        manager: manager.clone(),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let router = api::router(ctx.clone());
+    let tls_for_server = tls.clone();
+    let tcp_server = tokio::spawn(flotilla_api::serve_tls(
+        listener,
+        move || tls_for_server.server_config(),
+        router.clone(),
+        stop_rx.clone(),
+    ));
+    let sock = paths.socket();
+    let unix_server = {
+        let stop = stop_rx.clone();
+        let router = router.clone();
+        tokio::spawn(async move { flotilla_api::serve_unix(&sock, router, stop).await })
+    };
+
+    if let (Some(mgr), Some(cluster)) = (&manager, bootstrap) {
+        mgr.store.initialize(identity.addr.clone()).await?;
+        wait_leader(&mgr.store, Duration::from_secs(10)).await?;
+        let cluster_bytes = serde_json::to_vec(&cluster).map_err(|e| NodeError::Config(e.to_string()))?;
+        let node_bytes = serde_json::to_vec(&first_node(&identity, description.clone()))
+            .map_err(|e| NodeError::Config(e.to_string()))?;
+        let out = mgr
+            .store
+            .write(Batch::from(vec![
+                Op::create(Table::Cluster, CLUSTER_KEY, cluster_bytes),
+                Op::create(Table::Nodes, &identity.node_id, node_bytes),
+            ]))
+            .await?;
+        if let Err(f) = out.result {
+            return Err(NodeError::Config(format!("seeding the new cluster failed: {f}")));
+        }
+        tracing::info!(cluster = %identity.cluster_id, node = %identity.node_id, "cluster initialized");
+    }
+    if register_voter {
+        register_as_voter(&ctx).await?;
+    }
+    tracing::info!(
+        node = %identity.node_id,
+        name = %identity.name,
+        role = identity.role.as_str(),
+        listen = %cfg.listen,
+        socket = %paths.socket().display(),
+        "node running"
+    );
+
+    let loops = vec![
+        tokio::spawn(agent::heartbeat_loop(ctx.clone(), description, stop_rx.clone())),
+        tokio::spawn(agent::renewal_loop(ctx.clone(), stop_rx.clone())),
+        tokio::spawn(leader::liveness_loop(ctx.clone(), stop_rx.clone())),
+    ];
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    for l in loops {
+        let _ = l.await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp_server).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), unix_server).await;
+    if let Some(mgr) = &manager {
+        if let Err(e) = mgr.store.shutdown().await {
+            tracing::warn!(error = %e, "store shutdown");
+        }
+    }
+    Ok(())
+}
+
+/// A freshly joined manager asks the leader to add it as a Raft voter (retrying while the
+/// cluster is busy with another membership change).
+async fn register_as_voter(ctx: &Arc<NodeCtx>) -> Result<(), NodeError> {
+    let ident = ctx.identity();
+    let body = api::join::AddManager {
+        raft_id: ident.raft_id,
+        addr: ident.addr.clone(),
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut last = String::new();
+    while tokio::time::Instant::now() < deadline {
+        for m in &ident.managers {
+            if *m == ident.addr {
+                continue;
+            }
+            let client = ctx.tls.peer(m).with_timeout(Duration::from_secs(90));
+            match client
+                .post_json::<_, serde_json::Value>("/v1/cluster/managers", &body)
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!("joined the raft group as a voter");
+                    return Ok(());
+                }
+                Err(e) => last = format!("{m}: {e}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(NodeError::Join(format!(
+        "could not become a raft voter: {last}"
+    )))
+}

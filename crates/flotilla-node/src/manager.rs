@@ -1,0 +1,134 @@
+//! The manager role: the Raft store plus what only managers hold (the CA key, join secrets)
+//! and typed access to the replicated objects.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use flotilla_pki::Ca;
+use flotilla_store::{Batch, Op, Store, Table, Versioned};
+use flotilla_types::{Meta, Node};
+
+use crate::error::{op_failure, ApiError};
+
+/// The cluster-wide singleton (table `cluster`, id `cluster`). Holds secrets: never returned
+/// by the API as is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterObject {
+    pub cluster_id: String,
+    pub ca_cert_pem: String,
+    /// The root key, replicated to managers so any of them can sign as leader.
+    pub ca_key_pem: String,
+    pub worker_secret: String,
+    pub manager_secret: String,
+    /// Lifetime of issued node certificates, seconds.
+    pub cert_lifetime_secs: u64,
+    /// Unix ms.
+    pub created_at: u64,
+}
+
+pub const CLUSTER_KEY: &str = "cluster";
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Objects stored as JSON whose `Meta` the store's versions fill in.
+pub trait Stored: Serialize + DeserializeOwned {
+    const TABLE: Table;
+    const KIND: &'static str;
+    fn meta_mut(&mut self) -> &mut Meta;
+}
+
+impl Stored for Node {
+    const TABLE: Table = Table::Nodes;
+    const KIND: &'static str = "node";
+    fn meta_mut(&mut self) -> &mut Meta {
+        &mut self.meta
+    }
+}
+
+pub fn decode<T: Stored>(v: &Versioned) -> Result<T, ApiError> {
+    let mut obj: T = serde_json::from_slice(&v.value)
+        .map_err(|e| ApiError::internal(format!("corrupt {} {}: {e}", T::KIND, v.id)))?;
+    obj.meta_mut().version = v.version;
+    Ok(obj)
+}
+
+pub fn encode<T: Stored>(obj: &T) -> Result<Vec<u8>, ApiError> {
+    serde_json::to_vec(obj).map_err(|e| ApiError::internal(format!("encoding: {e}")))
+}
+
+pub struct Manager {
+    pub store: Store,
+    pub cluster_id: String,
+    /// Leader only: when each node's agent last checked in (in memory, like swarmkit's
+    /// dispatcher; only state changes are written to Raft).
+    pub heartbeats: Mutex<HashMap<String, std::time::Instant>>,
+    /// Serializes membership changes (one at a time, as Raft requires).
+    pub membership: tokio::sync::Mutex<()>,
+    pub write_timeout: Duration,
+}
+
+impl Manager {
+    pub fn get<T: Stored>(&self, id: &str) -> Result<Option<T>, ApiError> {
+        match self.store.get(T::TABLE, id)? {
+            Some(v) => decode(&v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    pub fn list<T: Stored>(&self) -> Result<Vec<T>, ApiError> {
+        self.store.list(T::TABLE)?.iter().map(decode).collect()
+    }
+
+    /// Writes a batch; a failed precondition becomes 404/409 naming `what`.
+    pub async fn write(&self, batch: Batch, what: &str) -> Result<u64, ApiError> {
+        let out = self.store.write(batch).await?;
+        match out.result {
+            Ok(()) => Ok(out.revision),
+            Err(f) => Err(op_failure(&f, what)),
+        }
+    }
+
+    pub fn cluster(&self) -> Result<ClusterObject, ApiError> {
+        let v = self
+            .store
+            .get(Table::Cluster, CLUSTER_KEY)?
+            .ok_or_else(|| ApiError::unavailable("cluster object not replicated yet; retry"))?;
+        serde_json::from_slice(&v.value)
+            .map_err(|e| ApiError::internal(format!("corrupt cluster object: {e}")))
+    }
+
+    pub fn cluster_versioned(&self) -> Result<(ClusterObject, u64), ApiError> {
+        let v = self
+            .store
+            .get(Table::Cluster, CLUSTER_KEY)?
+            .ok_or_else(|| ApiError::unavailable("cluster object not replicated yet; retry"))?;
+        let obj = serde_json::from_slice(&v.value)
+            .map_err(|e| ApiError::internal(format!("corrupt cluster object: {e}")))?;
+        Ok((obj, v.version))
+    }
+
+    pub fn put_op<T: Stored>(obj: &T, id: &str, expect: Option<u64>) -> Result<Op, ApiError> {
+        Ok(Op::update(T::TABLE, id, encode(obj)?, expect))
+    }
+
+    /// The signing CA, from the replicated cluster object (managers that joined later get the
+    /// key through Raft).
+    pub fn ca(&self) -> Result<Ca, ApiError> {
+        let c = self.cluster()?;
+        Ca::from_pem(&c.ca_cert_pem, &c.ca_key_pem)
+            .map_err(|e| ApiError::internal(format!("cluster CA: {e}")))
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.store.status().state == "leader"
+    }
+}

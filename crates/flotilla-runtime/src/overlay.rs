@@ -1,0 +1,179 @@
+//! Overlay mounts for container root filesystems.
+//!
+//! The classic `mount(2)` option string is limited to one page (~4 KiB), which caps the number of
+//! lower layers with long paths. We use the new mount API (`fsopen` + one `fsconfig("lowerdir+")`
+//! per layer, Linux ≥ 6.8), which has no such limit, and fall back to `mount(2)` with the classic
+//! option string on older kernels, failing clearly if it would be too long.
+
+use crate::error::{Result, RuntimeError};
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// Longest option string `mount(2)` accepts (one page, minus the NUL).
+pub const MAX_MOUNT_DATA: usize = 4095;
+
+const FSOPEN_CLOEXEC: libc::c_uint = 1;
+const FSCONFIG_SET_STRING: libc::c_uint = 1;
+const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+
+fn cstr(p: &Path) -> Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| RuntimeError::Invalid(format!("path with NUL: {}", p.display())))
+}
+
+/// Classic overlay option string; `lowers` are top-most first.
+pub fn overlay_options(lowers: &[PathBuf], upper: &Path, work: &Path) -> String {
+    let lower: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
+    format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.join(":"),
+        upper.display(),
+        work.display()
+    )
+}
+
+fn errno() -> io::Error {
+    io::Error::last_os_error()
+}
+
+fn mount_new_api(lowers: &[PathBuf], upper: &Path, work: &Path, target: &Path) -> io::Result<()> {
+    let fstype = CString::new("overlay").map_err(io::Error::other)?;
+    // SAFETY: fsopen takes a NUL-terminated name and flags; it returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_fsopen, fstype.as_ptr(), FSOPEN_CLOEXEC) };
+    if fd < 0 {
+        return Err(errno());
+    }
+    // SAFETY: fsopen succeeded; we own the returned descriptor.
+    let fs = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let set = |key: &str, val: &Path| -> io::Result<()> {
+        let k = CString::new(key).map_err(io::Error::other)?;
+        let v = CString::new(val.as_os_str().as_bytes()).map_err(io::Error::other)?;
+        // SAFETY: valid fs context fd and NUL-terminated key/value strings.
+        let r = unsafe {
+            libc::syscall(libc::SYS_fsconfig, fs.as_raw_fd(), FSCONFIG_SET_STRING, k.as_ptr(), v.as_ptr(), 0)
+        };
+        if r < 0 {
+            Err(errno())
+        } else {
+            Ok(())
+        }
+    };
+    for l in lowers {
+        set("lowerdir+", l)?;
+    }
+    set("upperdir", upper)?;
+    set("workdir", work)?;
+    // SAFETY: CMD_CREATE takes no key/value pointers.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fs.as_raw_fd(),
+            FSCONFIG_CMD_CREATE,
+            std::ptr::null::<libc::c_char>(),
+            std::ptr::null::<libc::c_void>(),
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(errno());
+    }
+    // SAFETY: fsmount on a created fs context; returns a new mount fd or -1.
+    let m = unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, 0) };
+    if m < 0 {
+        return Err(errno());
+    }
+    // SAFETY: fsmount succeeded; we own the returned descriptor.
+    let mnt = unsafe { OwnedFd::from_raw_fd(m as i32) };
+    let tgt = CString::new(target.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let empty = CString::new("").map_err(io::Error::other)?;
+    // SAFETY: move the detached mount (empty path relative to its fd) onto the target path.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            mnt.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            tgt.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if r < 0 {
+        return Err(errno());
+    }
+    Ok(())
+}
+
+/// Mounts an overlay at `target`. `lowers` are top-most first.
+pub fn mount_overlay(lowers: &[PathBuf], upper: &Path, work: &Path, target: &Path) -> Result<()> {
+    match mount_new_api(lowers, upper, work, target) {
+        Ok(()) => return Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EINVAL)) => {
+            tracing::debug!(error = %e, "new mount api unavailable for overlay, using mount(2)");
+        }
+        Err(e) => return Err(RuntimeError::Mount(format!("overlay on {}: {e}", target.display()))),
+    }
+    let opts = overlay_options(lowers, upper, work);
+    if opts.len() > MAX_MOUNT_DATA {
+        return Err(RuntimeError::Mount(format!(
+            "overlay options for {} layers are {} bytes, over the {MAX_MOUNT_DATA}-byte limit of mount(2): \
+             use a shorter runtime root or a kernel ≥ 6.8",
+            lowers.len(),
+            opts.len()
+        )));
+    }
+    let src = CString::new("overlay").map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+    let data = CString::new(opts).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+    let tgt = cstr(target)?;
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
+    let r = unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), src.as_ptr(), 0, data.as_ptr().cast()) };
+    if r != 0 {
+        return Err(RuntimeError::Mount(format!("overlay on {}: {}", target.display(), errno())));
+    }
+    Ok(())
+}
+
+/// Unmounts `target` if it is mounted (lazily when busy).
+pub fn unmount(target: &Path) -> Result<()> {
+    let tgt = cstr(target)?;
+    // SAFETY: valid NUL-terminated path.
+    let r = unsafe { libc::umount2(tgt.as_ptr(), 0) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = errno();
+    match e.raw_os_error() {
+        Some(libc::EINVAL) | Some(libc::ENOENT) => Ok(()), // not a mount point (any more)
+        Some(libc::EBUSY) => {
+            // SAFETY: as above.
+            let r = unsafe { libc::umount2(tgt.as_ptr(), libc::MNT_DETACH) };
+            if r == 0 {
+                Ok(())
+            } else {
+                Err(RuntimeError::Mount(format!("unmount {}: {}", target.display(), errno())))
+            }
+        }
+        _ => Err(RuntimeError::Mount(format!("unmount {}: {e}", target.display()))),
+    }
+}
+
+/// Whether `path` is a mount point, per /proc/self/mountinfo.
+pub fn is_mounted(path: &Path) -> bool {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let want = path.display().to_string();
+    text.lines().any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classic_options_order_top_first() {
+        let o = overlay_options(&["/a".into(), "/b".into()], Path::new("/u"), Path::new("/w"));
+        assert_eq!(o, "lowerdir=/a:/b,upperdir=/u,workdir=/w");
+    }
+}

@@ -1,0 +1,479 @@
+//! [`Runtime`]: the default [`RuntimeDriver`], runc (or another OCI runtime) via flotilla-shim.
+//!
+//! State layout under `RuntimeConfig::root`:
+//! - `containers/<id>/meta.json` — [`ContainerInfo`]; `bundle/config.json` and `bundle/rootfs`
+//!   (the overlay mount point); `fs/upper`, `fs/work`; the shim's `status.json`, `init.pid`,
+//!   `runtime.log`, `shim.log`;
+//! - `sock/<hash>.sock` — shim sockets (short paths, under the 108-byte sun_path limit);
+//! - `logs/<id>/container.log[.N]` — container logs (kept after removal when asked);
+//! - `runc/` — the OCI runtime's `--root`;
+//! - `images/` — the [`ImageStore`].
+
+use crate::config::{IdRange, RuntimeConfig};
+use crate::driver::{AdoptReport, ContainerInfo, ContainerState, ContainerStatus, ExitStatus, RuntimeDriver};
+use crate::error::{IoContext, Result, RuntimeError};
+use crate::image::ImageStore;
+use crate::overlay;
+use crate::probe::{CgroupLayout, HostProbe};
+use crate::shim_client;
+use crate::spec::{self, BuildContext, ContainerSpec};
+use flotilla_shim::{Request, ShimArgs, ShimState, Status};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use sha2::{Digest, Sha256};
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The default runtime driver.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: RuntimeConfig,
+    images: ImageStore,
+    probe: HostProbe,
+    runtime_path: PathBuf,
+    hide_cgroup2: bool,
+}
+
+fn mkdir(p: &Path, mode: u32) -> Result<()> {
+    fs::create_dir_all(p).ctx(|| format!("create {}", p.display()))?;
+    fs::set_permissions(p, fs::Permissions::from_mode(mode)).ctx(|| format!("chmod {}", p.display()))
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| RuntimeError::Shim(format!("worker thread failed: {e}")))?
+}
+
+impl Runtime {
+    /// Probes the host (failing with a message naming the fix when something is missing) and
+    /// opens the state directories.
+    pub fn new(cfg: RuntimeConfig) -> Result<Runtime> {
+        let probe = HostProbe::run(&cfg);
+        probe.check()?;
+        let runtime_path = probe
+            .runtime_path
+            .clone()
+            .ok_or_else(|| RuntimeError::HostRequirement("runc not found: apt-get install runc".into()))?;
+        for (d, mode) in [("", 0o711), ("containers", 0o711), ("sock", 0o700), ("logs", 0o700), ("runc", 0o700)] {
+            mkdir(&cfg.root.join(d), mode)?;
+        }
+        let images = ImageStore::open(cfg.root.join("images"))?;
+        // Layers must be traversable by the container's (unprivileged) root.
+        fs::set_permissions(images.root(), fs::Permissions::from_mode(0o711)).ctx(|| "chmod images".into())?;
+        for d in ["layers"] {
+            fs::set_permissions(images.root().join(d), fs::Permissions::from_mode(0o711)).ctx(|| "chmod layers".into())?;
+        }
+        let is_crun = runtime_path.file_name().is_some_and(|n| n.to_string_lossy().contains("crun"));
+        let hide_cgroup2 = cfg.hide_cgroup2.unwrap_or(is_crun && probe.cgroup_layout == CgroupLayout::Hybrid);
+        Ok(Runtime { inner: Arc::new(Inner { cfg, images, probe, runtime_path, hide_cgroup2 }) })
+    }
+
+    /// The content store.
+    pub fn images(&self) -> &ImageStore {
+        &self.inner.images
+    }
+
+    /// What the host probe found (for `node inspect`).
+    pub fn probe(&self) -> &HostProbe {
+        &self.inner.probe
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.inner.cfg
+    }
+
+    /// Removes an image reference unless a container uses the image; frees unused blobs and layers.
+    pub fn remove_image(&self, reference: &str) -> Result<Vec<String>> {
+        let digest = self.inner.images.resolve(reference)?;
+        for c in self.inner.list_sync()? {
+            if c.image == digest {
+                return Err(RuntimeError::ImageInUse { image: reference.into(), container: c.id });
+            }
+        }
+        self.inner.images.remove(reference)
+    }
+
+    /// The stored info of a container.
+    pub fn inspect(&self, id: &str) -> Result<ContainerInfo> {
+        self.inner.info(id)
+    }
+}
+
+impl Inner {
+    fn dir(&self, id: &str) -> PathBuf {
+        self.cfg.root.join("containers").join(id)
+    }
+
+    fn socket(&self, id: &str) -> PathBuf {
+        let h = hex::encode(Sha256::digest(id.as_bytes()));
+        self.cfg.root.join("sock").join(format!("{}.sock", &h[..16]))
+    }
+
+    fn log_path(&self, id: &str) -> PathBuf {
+        self.cfg.root.join("logs").join(id).join("container.log")
+    }
+
+    fn info(&self, id: &str) -> Result<ContainerInfo> {
+        spec::validate_id(id).map_err(|_| RuntimeError::ContainerNotFound(id.into()))?;
+        let p = self.dir(id).join("meta.json");
+        let b = fs::read(&p).map_err(|_| RuntimeError::ContainerNotFound(id.into()))?;
+        serde_json::from_slice(&b).map_err(|e| RuntimeError::Json { path: p, message: e.to_string() })
+    }
+
+    fn list_sync(&self) -> Result<Vec<ContainerInfo>> {
+        let mut out = Vec::new();
+        let dir = self.cfg.root.join("containers");
+        for e in fs::read_dir(&dir).ctx(|| format!("list {}", dir.display()))?.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            match self.info(&id) {
+                Ok(i) => out.push(i),
+                Err(err) => tracing::warn!(container = %id, error = %err, "container dir without readable meta.json"),
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    fn shim_args(&self, info: &ContainerInfo) -> ShimArgs {
+        ShimArgs {
+            id: info.id.clone(),
+            bundle: info.bundle.clone(),
+            state_dir: self.dir(&info.id),
+            socket: self.socket(&info.id),
+            log: info.log_path.clone(),
+            log_max_bytes: self.cfg.log_max_bytes,
+            log_max_files: self.cfg.log_max_files,
+            runtime: self.runtime_path.clone(),
+            runtime_root: self.cfg.root.join("runc"),
+            cgroup: info.cgroups_path.clone(),
+            hide_cgroup2: self.hide_cgroup2,
+            foreground: false,
+        }
+    }
+
+    /// Everything of `create` up to a running shim. On error the caller cleans up.
+    fn create_sync(&self, spec: ContainerSpec) -> Result<ContainerInfo> {
+        let id = spec.id.clone();
+        let dir = self.dir(&id);
+        let digest = self.images.resolve(&spec.image)?;
+        let image_cfg = self.images.config(&digest)?;
+        let sec = &spec.security;
+        let userns: Option<IdRange> = if sec.userns && !sec.privileged { self.cfg.userns } else { None };
+        let layers = self.images.unpacked_layers(&digest, userns)?;
+        let bundle = dir.join("bundle");
+        let rootfs = bundle.join("rootfs");
+        let upper = dir.join("fs/upper");
+        let work = dir.join("fs/work");
+        mkdir(&bundle, 0o711)?;
+        mkdir(&rootfs, 0o755)?;
+        mkdir(&dir.join("fs"), 0o711)?;
+        mkdir(&upper, 0o755)?;
+        mkdir(&work, 0o700)?;
+        if let Some(r) = userns {
+            let root = r.shift(0);
+            std::os::unix::fs::chown(&upper, Some(root), Some(root)).ctx(|| "chown upper".into())?;
+            std::os::unix::fs::chown(&rootfs, Some(root), Some(root)).ctx(|| "chown rootfs".into())?;
+        }
+        overlay::mount_overlay(&layers, &upper, &work, &rootfs)?;
+        let read = |p: &str| fs::read_to_string(rootfs.join(p)).unwrap_or_default();
+        let user_str = spec
+            .user
+            .clone()
+            .or_else(|| image_cfg.config().as_ref().and_then(|c| c.user().clone()))
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| "0".into());
+        let user = spec::resolve_user(&user_str, &read("etc/passwd"), &read("etc/group"))?;
+        let cgroups_path = format!("{}/{}", self.cfg.cgroup_parent.trim_end_matches('/'), id);
+        let oci = spec::build_spec(
+            &spec,
+            image_cfg.config().as_ref(),
+            &BuildContext { rootfs: &rootfs, cgroups_path: cgroups_path.clone(), userns, user },
+        )?;
+        oci.save(bundle.join("config.json")).map_err(|e| RuntimeError::Invalid(format!("write config.json: {e}")))?;
+        let mut opt_outs = Vec::new();
+        if sec.privileged {
+            opt_outs.push("privileged".to_string());
+        }
+        if userns.is_none() {
+            opt_outs.push("userns=host".into());
+        }
+        if !sec.seccomp || sec.privileged {
+            opt_outs.push("seccomp=unconfined".into());
+        }
+        if !sec.no_new_privs || sec.privileged {
+            opt_outs.push("no-new-privileges=false".into());
+        }
+        for c in &sec.cap_add {
+            opt_outs.push(format!("cap-add={c}"));
+        }
+        let info = ContainerInfo {
+            id: id.clone(),
+            image: digest,
+            created_at: flotilla_shim::logfile::now_rfc3339(),
+            bundle,
+            log_path: self.log_path(&id),
+            cgroups_path,
+            userns,
+            security_opt_outs: opt_outs,
+            runtime: self.runtime_path.clone(),
+            spec,
+        };
+        let meta = serde_json::to_vec_pretty(&info).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        fs::write(dir.join("meta.json"), meta).ctx(|| "write meta.json".into())?;
+        self.spawn_shim(&info)?;
+        Ok(info)
+    }
+
+    fn spawn_shim(&self, info: &ContainerInfo) -> Result<()> {
+        let args = self.shim_args(info);
+        let mut child = Command::new(&self.cfg.shim_exe)
+            .args(&self.cfg.shim_args)
+            .args(args.to_args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .ctx(|| format!("start shim {}", self.cfg.shim_exe.display()))?;
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            let _ = BufReader::new(out).read_line(&mut line);
+        }
+        let _ = child.wait();
+        let line = line.trim();
+        if line.starts_with("ok ") {
+            tracing::debug!(container = %info.id, handshake = %line, "shim ready");
+            Ok(())
+        } else if let Some(msg) = line.strip_prefix("error ") {
+            Err(RuntimeError::Oci(msg.to_string()))
+        } else {
+            Err(RuntimeError::Shim(format!("shim exited without a handshake (got {line:?})")))
+        }
+    }
+
+    /// State from the shim, or from `status.json` when the shim is dead.
+    async fn state(&self, id: &str) -> Result<ContainerState> {
+        self.info(id)?;
+        match shim_client::call(&self.socket(id), id, &Request::State).await {
+            Ok(s) => Ok(to_state(&s, true)),
+            Err(RuntimeError::ShimDead(_)) => Ok(self.dead_state(id)),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn dead_state(&self, id: &str) -> ContainerState {
+        let recorded: Option<ShimState> =
+            fs::read(self.dir(id).join("status.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        match recorded {
+            Some(s) if s.exit_code.is_some() => to_state(&s, false),
+            Some(s) => ContainerState { status: ContainerStatus::Unknown, ..to_state(&s, false) },
+            None => ContainerState {
+                id: id.to_string(),
+                status: ContainerStatus::Unknown,
+                pid: 0,
+                exit_code: None,
+                oom_killed: false,
+                started_at: None,
+                finished_at: None,
+                shim_alive: false,
+                shim_pid: 0,
+            },
+        }
+    }
+
+    async fn exit_of(&self, id: &str, req: Request) -> Result<ExitStatus> {
+        self.info(id)?;
+        let s = match shim_client::call(&self.socket(id), id, &req).await {
+            Ok(s) => to_state(&s, true),
+            Err(RuntimeError::ShimDead(_)) => {
+                let s = self.dead_state(id);
+                if s.exit_code.is_none() {
+                    return Err(RuntimeError::ShimDead(id.into()));
+                }
+                s
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(ExitStatus { code: s.exit_code.unwrap_or(255), oom_killed: s.oom_killed })
+    }
+
+    /// Frees everything of a container (idempotent).
+    fn cleanup_sync(&self, id: &str, keep_log: bool) -> Result<()> {
+        let dir = self.dir(id);
+        let cgroups_path = self.info(id).map(|i| i.cgroups_path).ok();
+        // The runtime's own state (when the shim could not delete it).
+        let _ = Command::new(&self.runtime_path)
+            .arg("--root")
+            .arg(self.cfg.root.join("runc"))
+            .args(["delete", "--force", id])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let rootfs = dir.join("bundle/rootfs");
+        if overlay::is_mounted(&rootfs) {
+            overlay::unmount(&rootfs)?;
+        }
+        if let Some(cg) = cgroups_path {
+            remove_cgroup(&cg);
+        }
+        let _ = fs::remove_file(self.socket(id));
+        if dir.exists() {
+            fs::remove_dir_all(&dir).ctx(|| format!("remove {}", dir.display()))?;
+        }
+        if !keep_log {
+            let logs = self.cfg.root.join("logs").join(id);
+            if logs.exists() {
+                fs::remove_dir_all(&logs).ctx(|| format!("remove {}", logs.display()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Removes a container's cgroup directories left in any hierarchy (v1 controllers or v2).
+fn remove_cgroup(cgroups_path: &str) {
+    let rel = cgroups_path.trim_start_matches('/');
+    if rel.is_empty() {
+        return;
+    }
+    let mut candidates = vec![PathBuf::from("/sys/fs/cgroup").join(rel)];
+    if let Ok(rd) = fs::read_dir("/sys/fs/cgroup") {
+        for e in rd.flatten() {
+            candidates.push(e.path().join(rel));
+        }
+    }
+    for c in candidates {
+        if c.is_dir() {
+            if let Err(e) = fs::remove_dir(&c) {
+                tracing::warn!(cgroup = %c.display(), error = %e, "could not remove container cgroup");
+            }
+        }
+    }
+}
+
+fn to_state(s: &ShimState, alive: bool) -> ContainerState {
+    ContainerState {
+        id: s.id.clone(),
+        status: match s.status {
+            Status::Created => ContainerStatus::Created,
+            Status::Running => ContainerStatus::Running,
+            Status::Stopped => ContainerStatus::Stopped,
+        },
+        pid: s.pid,
+        exit_code: s.exit_code,
+        oom_killed: s.oom_killed,
+        started_at: s.started_at.clone(),
+        finished_at: s.finished_at.clone(),
+        shim_alive: alive,
+        shim_pid: s.shim_pid,
+    }
+}
+
+impl RuntimeDriver for Runtime {
+    fn create(&self, spec: ContainerSpec) -> BoxFuture<'_, Result<ContainerInfo>> {
+        let inner = self.inner.clone();
+        async move {
+            spec::validate_id(&spec.id)?;
+            let id = spec.id.clone();
+            let dir = inner.dir(&id);
+            // Claim the id atomically.
+            match fs::create_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(RuntimeError::ContainerExists(id)),
+                Err(e) => return Err(RuntimeError::Io { context: format!("create {}", dir.display()), source: e }),
+            }
+            tracing::debug!(container = %id, "creating container");
+            let i2 = inner.clone();
+            let res = blocking(move || i2.create_sync(spec)).await;
+            if let Err(err) = &res {
+                tracing::warn!(container = %id, error = %err, "create failed; cleaning up");
+                let i3 = inner.clone();
+                let id2 = id.clone();
+                let _ = blocking(move || i3.cleanup_sync(&id2, false)).await;
+            }
+            res
+        }
+        .boxed()
+    }
+
+    fn start<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<()>> {
+        async move {
+            self.inner.info(id)?;
+            shim_client::call(&self.inner.socket(id), id, &Request::Start).await.map(|_| ())
+        }
+        .boxed()
+    }
+
+    fn state<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<ContainerState>> {
+        async move { self.inner.state(id).await }.boxed()
+    }
+
+    fn wait<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<ExitStatus>> {
+        async move { self.inner.exit_of(id, Request::Wait).await }.boxed()
+    }
+
+    fn signal<'a>(&'a self, id: &'a str, signal: i32) -> BoxFuture<'a, Result<()>> {
+        async move {
+            self.inner.info(id)?;
+            shim_client::call(&self.inner.socket(id), id, &Request::Signal { signal }).await.map(|_| ())
+        }
+        .boxed()
+    }
+
+    fn stop<'a>(&'a self, id: &'a str, grace: Duration) -> BoxFuture<'a, Result<ExitStatus>> {
+        let grace_ms = grace.as_millis().min(u64::MAX as u128) as u64;
+        async move { self.inner.exit_of(id, Request::Stop { grace_ms }).await }.boxed()
+    }
+
+    fn remove<'a>(&'a self, id: &'a str, keep_log: bool) -> BoxFuture<'a, Result<()>> {
+        async move {
+            self.inner.info(id)?;
+            match shim_client::call(&self.inner.socket(id), id, &Request::Delete).await {
+                Ok(_) | Err(RuntimeError::ShimDead(_)) => {}
+                Err(e) => tracing::warn!(container = %id, error = %e, "shim delete failed; forcing"),
+            }
+            // The shim exits right after answering; make sure it is gone before removing its dir.
+            let inner = self.inner.clone();
+            let id2 = id.to_string();
+            blocking(move || inner.cleanup_sync(&id2, keep_log)).await
+        }
+        .boxed()
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<ContainerInfo>>> {
+        let inner = self.inner.clone();
+        async move { blocking(move || inner.list_sync()).await }.boxed()
+    }
+
+    fn adopt(&self) -> BoxFuture<'_, Result<AdoptReport>> {
+        async move {
+            let mut report = AdoptReport::default();
+            for info in self.list().await? {
+                let s = self.inner.state(&info.id).await?;
+                if s.shim_alive {
+                    tracing::info!(container = %info.id, pid = s.pid, status = ?s.status, "re-adopted shim");
+                    report.adopted.push(s);
+                } else {
+                    tracing::warn!(container = %info.id, status = ?s.status, exit_code = ?s.exit_code, "shim is dead");
+                    report.dead_shims.push(s);
+                }
+            }
+            Ok(report)
+        }
+        .boxed()
+    }
+
+    fn log_path(&self, id: &str) -> PathBuf {
+        self.inner.log_path(id)
+    }
+}

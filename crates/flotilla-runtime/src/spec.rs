@@ -1,0 +1,495 @@
+//! Container specs and their translation to an OCI runtime `config.json`.
+//!
+//! Everything here is pure: [`build_spec`] takes the container spec, the image config and a few
+//! node facts and returns an `oci_spec::runtime::Spec`.
+
+use crate::config::IdRange;
+use crate::error::{Result, RuntimeError};
+use crate::seccomp;
+use oci_spec::image::Config as ImageConfig;
+use oci_spec::runtime::{
+    Capability, LinuxCapabilities, LinuxCpu, LinuxIdMapping, LinuxIdMappingBuilder, LinuxMemory, LinuxNamespace,
+    LinuxNamespaceType, LinuxPids, LinuxResources, Mount, Spec, User,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+/// A host path bind-mounted into the container.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BindMount {
+    pub src: PathBuf,
+    pub dst: PathBuf,
+    pub readonly: bool,
+}
+
+/// cgroup limits. `None` means unlimited.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    pub memory_bytes: Option<i64>,
+    /// CFS quota in µs per `cpu_period` (takes precedence over `nano_cpus`).
+    pub cpu_quota: Option<i64>,
+    pub cpu_period: Option<u64>,
+    /// CPUs in units of 1e-9 (Docker's `--cpus 1.5` = 1_500_000_000).
+    pub nano_cpus: Option<u64>,
+    pub cpu_shares: Option<u64>,
+    pub pids_limit: Option<i64>,
+}
+
+/// Security options; the defaults are the secure ones. Every opt-out is recorded in the
+/// container's info and shown by inspect.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SecurityOptions {
+    /// Run in a user namespace (container root = unprivileged host uid).
+    pub userns: bool,
+    /// Apply the default seccomp profile.
+    pub seccomp: bool,
+    pub no_new_privs: bool,
+    /// Capabilities added to Docker's default set (`CAP_` prefix optional, `ALL` allowed).
+    pub cap_add: Vec<String>,
+    pub cap_drop: Vec<String>,
+    /// All capabilities, no seccomp, no masked paths, no user namespace.
+    pub privileged: bool,
+}
+
+impl Default for SecurityOptions {
+    fn default() -> Self {
+        SecurityOptions {
+            userns: true,
+            seccomp: true,
+            no_new_privs: true,
+            cap_add: Vec::new(),
+            cap_drop: Vec::new(),
+            privileged: false,
+        }
+    }
+}
+
+/// What the agent asks the runtime to run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ContainerSpec {
+    /// `[A-Za-z0-9][A-Za-z0-9_.-]{0,63}`.
+    pub id: String,
+    /// Manifest digest or `name:tag`.
+    pub image: String,
+    /// Replaces the image's entrypoint (and then drops the image's cmd, as Docker does).
+    pub entrypoint: Option<Vec<String>>,
+    /// Replaces the image's cmd.
+    pub args: Option<Vec<String>>,
+    /// `KEY=VALUE`, overriding the image's.
+    pub env: Vec<String>,
+    pub workdir: Option<String>,
+    /// `uid[:gid]` or `name[:group]` (looked up in the image's /etc/passwd and /etc/group).
+    pub user: Option<String>,
+    /// Defaults to the first 12 characters of the id.
+    pub hostname: Option<String>,
+    pub mounts: Vec<BindMount>,
+    pub resources: Resources,
+    pub security: SecurityOptions,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Validates a container id.
+pub fn validate_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(RuntimeError::Invalid(format!(
+            "container id {id:?}: use 1-64 characters from [A-Za-z0-9_.-], starting with a letter or digit"
+        )))
+    }
+}
+
+/// Docker's default capability set.
+pub const DEFAULT_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// Every capability runc 1.1 knows.
+pub const ALL_CAPS: &[&str] = &[
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT",
+    "CAP_SYS_NICE", "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
+    "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG",
+    "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+];
+
+fn norm_cap(c: &str) -> String {
+    let up = c.trim().to_ascii_uppercase();
+    if up == "ALL" || up.starts_with("CAP_") {
+        up
+    } else {
+        format!("CAP_{up}")
+    }
+}
+
+/// The effective capability names: defaults (or all when privileged) + add − drop.
+pub fn capability_set(sec: &SecurityOptions) -> Result<Vec<String>> {
+    let mut set: Vec<String> = if sec.privileged { ALL_CAPS } else { DEFAULT_CAPS }.iter().map(|s| s.to_string()).collect();
+    for c in sec.cap_add.iter().map(|c| norm_cap(c)) {
+        if c == "CAP_ALL" || c == "ALL" {
+            set = ALL_CAPS.iter().map(|s| s.to_string()).collect();
+        } else if !ALL_CAPS.contains(&c.as_str()) {
+            return Err(RuntimeError::Invalid(format!("unknown capability {c}")));
+        } else if !set.contains(&c) {
+            set.push(c);
+        }
+    }
+    for c in sec.cap_drop.iter().map(|c| norm_cap(c)) {
+        if c == "CAP_ALL" || c == "ALL" {
+            set.clear();
+        } else {
+            set.retain(|x| *x != c);
+        }
+    }
+    Ok(set)
+}
+
+/// Merges the process args Docker-style: entrypoint + cmd, the task's overrides winning.
+pub fn merge_args(spec: &ContainerSpec, image: Option<&ImageConfig>) -> Result<Vec<String>> {
+    let img_ep = image.and_then(|c| c.entrypoint().clone()).unwrap_or_default();
+    let img_cmd = image.and_then(|c| c.cmd().clone()).unwrap_or_default();
+    let (ep, cmd) = match (&spec.entrypoint, &spec.args) {
+        (Some(ep), Some(args)) => (ep.clone(), args.clone()),
+        (Some(ep), None) => (ep.clone(), Vec::new()),
+        (None, Some(args)) => (img_ep, args.clone()),
+        (None, None) => (img_ep, img_cmd),
+    };
+    let all: Vec<String> = ep.into_iter().chain(cmd).collect();
+    if all.is_empty() {
+        return Err(RuntimeError::Invalid("no command: the image has no cmd/entrypoint and the task sets none".into()));
+    }
+    Ok(all)
+}
+
+/// Merges environments: image first, then the task's, later keys replacing earlier ones; PATH is
+/// always set.
+pub fn merge_env(spec: &ContainerSpec, image: Option<&ImageConfig>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let img = image.and_then(|c| c.env().clone()).unwrap_or_default();
+    for kv in img.iter().chain(spec.env.iter()) {
+        let key = kv.split('=').next().unwrap_or("");
+        out.retain(|e| e.split('=').next() != Some(key));
+        out.push(kv.clone());
+    }
+    if !out.iter().any(|e| e.starts_with("PATH=")) {
+        out.insert(0, "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    }
+    out
+}
+
+fn lookup(db: &str, name: &str, id_field: usize) -> Option<u32> {
+    db.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.first() == Some(&name)).then(|| f.get(id_field)?.parse().ok()).flatten()
+    })
+}
+
+/// Resolves `user[:group]` against passwd/group file contents: `(uid, gid)`.
+pub fn resolve_user(user: &str, passwd: &str, group: &str) -> Result<(u32, u32)> {
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let uid = match u.parse::<u32>() {
+        Ok(n) => n,
+        Err(_) => lookup(passwd, u, 2)
+            .ok_or_else(|| RuntimeError::Invalid(format!("user {u} not found in the image's /etc/passwd")))?,
+    };
+    let gid = match g {
+        Some(g) => match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => lookup(group, g, 2)
+                .ok_or_else(|| RuntimeError::Invalid(format!("group {g} not found in the image's /etc/group")))?,
+        },
+        None => passwd
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                (f.get(2).and_then(|x| x.parse::<u32>().ok()) == Some(uid)).then(|| f.get(3)?.parse().ok()).flatten()
+            })
+            .unwrap_or(0),
+    };
+    Ok((uid, gid))
+}
+
+/// Node facts [`build_spec`] needs.
+pub struct BuildContext<'a> {
+    /// Merged overlay root.
+    pub rootfs: &'a Path,
+    /// `linux.cgroupsPath`.
+    pub cgroups_path: String,
+    /// The user-namespace range when the container uses one.
+    pub userns: Option<IdRange>,
+    /// Resolved `(uid, gid)` for the process.
+    pub user: (u32, u32),
+}
+
+fn json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T> {
+    serde_json::from_value(v).map_err(|e| RuntimeError::Invalid(format!("spec: {e}")))
+}
+
+fn mapping(r: IdRange) -> Result<LinuxIdMapping> {
+    LinuxIdMappingBuilder::default()
+        .container_id(0u32)
+        .host_id(r.host_start)
+        .size(r.size)
+        .build()
+        .map_err(|e| RuntimeError::Invalid(e.to_string()))
+}
+
+/// Builds the OCI runtime spec for a container.
+pub fn build_spec(spec: &ContainerSpec, image: Option<&ImageConfig>, ctx: &BuildContext<'_>) -> Result<Spec> {
+    let mut s = Spec::default();
+    let sec = &spec.security;
+
+    // Process.
+    let mut process = s.process().clone().unwrap_or_default();
+    process.set_terminal(Some(false));
+    process.set_args(Some(merge_args(spec, image)?));
+    process.set_env(Some(merge_env(spec, image)));
+    let cwd = spec
+        .workdir
+        .clone()
+        .or_else(|| image.and_then(|c| c.working_dir().clone()).filter(|w| !w.is_empty()))
+        .unwrap_or_else(|| "/".into());
+    if !cwd.starts_with('/') {
+        return Err(RuntimeError::Invalid(format!("workdir {cwd} must be absolute")));
+    }
+    process.set_cwd(PathBuf::from(cwd));
+    let mut user = User::default();
+    user.set_uid(ctx.user.0);
+    user.set_gid(ctx.user.1);
+    process.set_user(user);
+    process.set_no_new_privileges(Some(sec.no_new_privs && !sec.privileged));
+    let caps: HashSet<Capability> = capability_set(sec)?
+        .into_iter()
+        .filter_map(|c| serde_json::from_value(serde_json::Value::String(c)).ok())
+        .collect();
+    let mut lc = LinuxCapabilities::default();
+    lc.set_bounding(Some(caps.clone()));
+    lc.set_effective(Some(caps.clone()));
+    lc.set_permitted(Some(caps));
+    lc.set_inheritable(None);
+    lc.set_ambient(None);
+    process.set_capabilities(Some(lc));
+    s.set_process(Some(process));
+
+    // Root and hostname.
+    let mut root = s.root().clone().unwrap_or_default();
+    root.set_path(ctx.rootfs.to_path_buf());
+    root.set_readonly(Some(false));
+    s.set_root(Some(root));
+    let hostname = spec.hostname.clone().unwrap_or_else(|| spec.id.chars().take(12).collect());
+    s.set_hostname(Some(hostname));
+
+    // Mounts: the standard set plus binds.
+    let mut mounts: Vec<Mount> = s.mounts().clone().unwrap_or_default();
+    for b in &spec.mounts {
+        if !b.dst.is_absolute() {
+            return Err(RuntimeError::Invalid(format!("mount destination {} must be absolute", b.dst.display())));
+        }
+        let mut opts = vec!["rbind".to_string(), "rprivate".to_string(), "nosuid".to_string(), "nodev".to_string()];
+        if b.readonly {
+            opts.push("ro".into());
+        }
+        mounts.push(json(serde_json::json!({
+            "destination": b.dst, "type": "bind", "source": b.src, "options": opts
+        }))?);
+    }
+    s.set_mounts(Some(mounts));
+
+    // Linux.
+    let mut linux = s.linux().clone().unwrap_or_default();
+    linux.set_cgroups_path(Some(PathBuf::from(&ctx.cgroups_path)));
+    let mut namespaces: Vec<LinuxNamespace> = linux.namespaces().clone().unwrap_or_default();
+    namespaces.retain(|n| n.typ() != LinuxNamespaceType::User && n.typ() != LinuxNamespaceType::Cgroup);
+    if let Some(r) = ctx.userns {
+        namespaces.push(json(serde_json::json!({"type": "user"}))?);
+        linux.set_uid_mappings(Some(vec![mapping(r)?]));
+        linux.set_gid_mappings(Some(vec![mapping(r)?]));
+    }
+    linux.set_namespaces(Some(namespaces));
+    let mut res = LinuxResources::default();
+    res.set_devices(Some(vec![json(serde_json::json!({"allow": false, "access": "rwm"}))?]));
+    let r = &spec.resources;
+    if let Some(m) = r.memory_bytes {
+        let mut mem = LinuxMemory::default();
+        mem.set_limit(Some(m));
+        res.set_memory(Some(mem));
+    }
+    let mut cpu = LinuxCpu::default();
+    let mut any_cpu = false;
+    if let Some(q) = r.cpu_quota {
+        cpu.set_quota(Some(q));
+        cpu.set_period(Some(r.cpu_period.unwrap_or(100_000)));
+        any_cpu = true;
+    } else if let Some(n) = r.nano_cpus {
+        let period = r.cpu_period.unwrap_or(100_000);
+        cpu.set_quota(Some((n as u128 * period as u128 / 1_000_000_000) as i64));
+        cpu.set_period(Some(period));
+        any_cpu = true;
+    }
+    if let Some(sh) = r.cpu_shares {
+        cpu.set_shares(Some(sh));
+        any_cpu = true;
+    }
+    if any_cpu {
+        res.set_cpu(Some(cpu));
+    }
+    if let Some(p) = r.pids_limit {
+        let mut pids = LinuxPids::default();
+        pids.set_limit(p);
+        res.set_pids(Some(pids));
+    }
+    linux.set_resources(Some(res));
+    if sec.privileged {
+        linux.set_masked_paths(None);
+        linux.set_readonly_paths(None);
+        linux.set_seccomp(None);
+    } else {
+        linux.set_masked_paths(Some(masked_paths()));
+        linux.set_readonly_paths(Some(readonly_paths()));
+        linux.set_seccomp(if sec.seccomp { Some(seccomp::default_profile()?) } else { None });
+    }
+    s.set_linux(Some(linux));
+    Ok(s)
+}
+
+/// Docker's masked /proc and /sys paths.
+pub fn masked_paths() -> Vec<String> {
+    [
+        "/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
+        "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Docker's read-only /proc paths.
+pub fn readonly_paths() -> Vec<String> {
+    ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"].iter().map(|s| s.to_string()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oci_spec::image::ConfigBuilder;
+
+    fn img(ep: &[&str], cmd: &[&str]) -> Result<ImageConfig> {
+        let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        ConfigBuilder::default()
+            .entrypoint(v(ep))
+            .cmd(v(cmd))
+            .env(vec!["A=1".to_string(), "PATH=/bin".to_string()])
+            .build()
+            .map_err(|e| RuntimeError::Invalid(e.to_string()))
+    }
+
+    #[test]
+    fn args_merge_like_docker() -> Result<()> {
+        let i = img(&["/ep"], &["c1"])?;
+        let mut s = ContainerSpec::default();
+        assert_eq!(merge_args(&s, Some(&i))?, ["/ep", "c1"]);
+        s.args = Some(vec!["x".into()]);
+        assert_eq!(merge_args(&s, Some(&i))?, ["/ep", "x"]);
+        s.args = None;
+        s.entrypoint = Some(vec!["/other".into()]);
+        assert_eq!(merge_args(&s, Some(&i))?, ["/other"], "overriding the entrypoint drops the image cmd");
+        assert!(merge_args(&ContainerSpec::default(), None).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn env_task_overrides_image() -> Result<()> {
+        let i = img(&[], &["x"])?;
+        let s = ContainerSpec { env: vec!["A=2".into(), "B=3".into()], ..Default::default() };
+        assert_eq!(merge_env(&s, Some(&i)), ["PATH=/bin", "A=2", "B=3"]);
+        assert!(merge_env(&ContainerSpec::default(), None)[0].starts_with("PATH="));
+        Ok(())
+    }
+
+    #[test]
+    fn resolves_users() -> Result<()> {
+        let passwd = "root:x:0:0::/root:/bin/sh\nnobody:x:65534:65533::/:/bin/false\n";
+        let group = "root:x:0:\nstaff:x:50:\n";
+        assert_eq!(resolve_user("nobody", passwd, group)?, (65534, 65533));
+        assert_eq!(resolve_user("1000:50", passwd, group)?, (1000, 50));
+        assert_eq!(resolve_user("root:staff", passwd, group)?, (0, 50));
+        assert!(resolve_user("ghost", passwd, group).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn caps_add_drop() -> Result<()> {
+        let mut sec = SecurityOptions::default();
+        assert_eq!(capability_set(&sec)?.len(), DEFAULT_CAPS.len());
+        sec.cap_add = vec!["net_admin".into()];
+        sec.cap_drop = vec!["CAP_CHOWN".into()];
+        let set = capability_set(&sec)?;
+        assert!(set.contains(&"CAP_NET_ADMIN".to_string()) && !set.contains(&"CAP_CHOWN".to_string()));
+        sec.cap_drop = vec!["ALL".into()];
+        assert!(capability_set(&sec)?.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn builds_secure_spec() -> Result<()> {
+        let spec = ContainerSpec {
+            id: "abc".into(),
+            args: Some(vec!["echo".into(), "hi".into()]),
+            resources: Resources {
+                memory_bytes: Some(64 << 20),
+                nano_cpus: Some(1_500_000_000),
+                cpu_shares: Some(512),
+                pids_limit: Some(100),
+                ..Default::default()
+            },
+            mounts: vec![BindMount { src: "/etc/hostname".into(), dst: "/h".into(), readonly: true }],
+            ..Default::default()
+        };
+        let ctx = BuildContext {
+            rootfs: Path::new("/r"),
+            cgroups_path: "/flotilla/abc".into(),
+            userns: Some(IdRange::default()),
+            user: (0, 0),
+        };
+        let s = build_spec(&spec, None, &ctx)?;
+        let v = serde_json::to_value(&s).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        assert_eq!(v["process"]["args"], serde_json::json!(["echo", "hi"]));
+        assert_eq!(v["process"]["noNewPrivileges"], true);
+        assert_eq!(v["linux"]["uidMappings"][0]["hostID"], 100000);
+        assert_eq!(v["linux"]["cgroupsPath"], "/flotilla/abc");
+        assert_eq!(v["linux"]["resources"]["cpu"]["quota"], 150000);
+        assert_eq!(v["linux"]["resources"]["pids"]["limit"], 100);
+        assert!(v["linux"]["seccomp"]["syscalls"].as_array().is_some_and(|a| !a.is_empty()));
+        assert!(v["linux"]["namespaces"].as_array().is_some_and(|a| a.iter().any(|n| n["type"] == "user")));
+        assert!(v["mounts"].as_array().is_some_and(|a| a.iter().any(|m| m["destination"] == "/h"
+            && m["options"].as_array().is_some_and(|o| o.contains(&serde_json::json!("ro"))))));
+        let caps = v["process"]["capabilities"]["bounding"].as_array().map(|a| a.len());
+        assert_eq!(caps, Some(DEFAULT_CAPS.len()));
+        Ok(())
+    }
+}

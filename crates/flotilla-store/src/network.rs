@@ -1,0 +1,190 @@
+//! The pluggable transport and openraft's network glue over it.
+//!
+//! RPC bodies are JSON: requests are the openraft request types, replies are
+//! `Result<Response, RaftError>` so a remote Raft error travels back intact.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
+};
+use openraft::network::RPCOption;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, RPCTypes, RaftNetwork, RaftNetworkFactory};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::TransportError;
+use crate::raft_types::TypeConfig;
+use crate::types::{NodeId, RpcKind};
+
+/// How Raft RPCs reach peers. The daemon implements it over mTLS HTTP; tests use an in-process
+/// one. `call` sends `body` to node `target` at `addr` and returns the reply body, which the
+/// peer produced with [`crate::Store::handle_rpc`].
+///
+/// Return [`TransportError::Unreachable`] when the peer cannot be reached at all (openraft backs
+/// off 500 ms before retrying that peer) and [`TransportError::Other`] otherwise. The caller
+/// applies its own deadline (openraft's per-RPC TTL), so `call` need not time out by itself.
+pub trait RaftTransport: Send + Sync + 'static {
+    fn call(
+        &self,
+        target: NodeId,
+        addr: &str,
+        rpc: RpcKind,
+        body: Vec<u8>,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, TransportError>> + Send + '_>>;
+}
+
+/// When each peer last answered us (outbound) and when each leader last called us (inbound).
+#[derive(Default)]
+pub(crate) struct PeerTracker {
+    outbound: Mutex<HashMap<NodeId, Instant>>,
+    inbound: Mutex<HashMap<NodeId, Instant>>,
+}
+
+impl PeerTracker {
+    pub(crate) fn record_outbound(&self, target: NodeId) {
+        if let Ok(mut m) = self.outbound.lock() {
+            m.insert(target, Instant::now());
+        }
+    }
+
+    pub(crate) fn record_inbound(&self, from: NodeId) {
+        if let Ok(mut m) = self.inbound.lock() {
+            m.insert(from, Instant::now());
+        }
+    }
+
+    fn ms_since(map: &Mutex<HashMap<NodeId, Instant>>, id: NodeId) -> Option<u64> {
+        let m = map.lock().ok()?;
+        m.get(&id)
+            .map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub(crate) fn outbound_ms(&self, id: NodeId) -> Option<u64> {
+        Self::ms_since(&self.outbound, id)
+    }
+
+    pub(crate) fn inbound_ms(&self, id: NodeId) -> Option<u64> {
+        Self::ms_since(&self.inbound, id)
+    }
+}
+
+pub(crate) struct NetworkFactory {
+    pub(crate) self_id: NodeId,
+    pub(crate) transport: Arc<dyn RaftTransport>,
+    pub(crate) peers: Arc<PeerTracker>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = NetworkClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+        NetworkClient {
+            self_id: self.self_id,
+            target,
+            addr: node.addr.clone(),
+            transport: self.transport.clone(),
+            peers: self.peers.clone(),
+        }
+    }
+}
+
+pub(crate) struct NetworkClient {
+    self_id: NodeId,
+    target: NodeId,
+    addr: String,
+    transport: Arc<dyn RaftTransport>,
+    peers: Arc<PeerTracker>,
+}
+
+impl NetworkClient {
+    async fn send<Req, Resp, E>(
+        &self,
+        kind: RpcKind,
+        action: RPCTypes,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let body = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let ttl = option.hard_ttl();
+        let call = self.transport.call(self.target, &self.addr, kind, body);
+        let reply = match tokio::time::timeout(ttl, call).await {
+            Err(_) => {
+                return Err(RPCError::Timeout(Timeout {
+                    action,
+                    id: self.self_id,
+                    target: self.target,
+                    timeout: ttl,
+                }))
+            }
+            Ok(Err(e @ TransportError::Unreachable(_))) => {
+                tracing::debug!(target_node = self.target, addr = %self.addr, rpc = %kind, error = %e, "peer unreachable");
+                return Err(RPCError::Unreachable(Unreachable::new(&e)));
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(target_node = self.target, addr = %self.addr, rpc = %kind, error = %e, "rpc failed");
+                return Err(RPCError::Network(NetworkError::new(&e)));
+            }
+            Ok(Ok(reply)) => reply,
+        };
+        let decoded: Result<Resp, RaftError<NodeId, E>> =
+            serde_json::from_slice(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        self.peers.record_outbound(self.target);
+        decoded.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for NetworkClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.send(
+            RpcKind::AppendEntries,
+            RPCTypes::AppendEntries,
+            &rpc,
+            &option,
+        )
+        .await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.send(
+            RpcKind::InstallSnapshot,
+            RPCTypes::InstallSnapshot,
+            &rpc,
+            &option,
+        )
+        .await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.send(RpcKind::Vote, RPCTypes::Vote, &rpc, &option)
+            .await
+    }
+}

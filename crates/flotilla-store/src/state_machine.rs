@@ -1,0 +1,751 @@
+//! The replicated state machine, persisted in redb (`state.redb`).
+//!
+//! Tables: one per [`Table`] (`id → [version u64][created u64][value]`), `_meta` (last applied
+//! log id, last membership, events floor), `_events` (`(revision, op index) → Event JSON`, the
+//! most recent `event_retention` events) and `_snapshot` (the current snapshot's meta and data).
+//!
+//! # Durability of apply
+//! `apply` commits with `Durability::None` (no fsync). That is safe because:
+//! 1. openraft persists the committed log id (`save_committed`, fsynced) *before* it asks the
+//!    state machine to apply, and `Raft::new` re-applies the log from the state machine's
+//!    durable `last_applied` up to that committed id before it returns. A crash can therefore
+//!    only lose applies that are re-done (deterministically, events included) on restart, and a
+//!    restarted node never serves reads older than what it had acknowledged as committed.
+//! 2. Every snapshot build and install commits with `Durability::Immediate`, which makes all
+//!    earlier non-durable commits durable too. Openraft purges the log only up to a snapshot,
+//!    so the entries needed for re-apply are always still in the log.
+//!
+//! [`crate::Store::shutdown`] additionally makes the state durable on a clean stop.
+
+use std::collections::hash_map::Entry as MapEntry;
+use std::collections::HashMap;
+use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use openraft::storage::RaftStateMachine;
+use openraft::{EntryPayload, RaftSnapshotBuilder};
+use redb::{
+    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition, WriteTransaction,
+};
+use tokio::sync::broadcast;
+
+use crate::error::{storage, StoreError};
+use crate::raft_types::{
+    blocking, read_err, write_err, Entry, LogId, Response, Snapshot, SnapshotMeta, StorageError,
+    StoredMembership, TypeConfig,
+};
+use crate::types::{Batch, Event, EventKind, FailureKind, Op, OpFailure, Table, Versioned};
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("_meta");
+const EVENTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("_events");
+const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("_snapshot");
+
+const KEY_APPLIED: &str = "last_applied";
+const KEY_MEMBERSHIP: &str = "last_membership";
+const KEY_EVENTS_FLOOR: &str = "events_floor";
+const KEY_SNAP_META: &str = "meta";
+const KEY_SNAP_DATA: &str = "data";
+
+const SNAPSHOT_MAGIC: &[u8; 8] = b"FLTSNAP1";
+
+type ObjTable<'txn> = redb::Table<'txn, &'static str, &'static [u8]>;
+
+fn obj_def(t: Table) -> TableDefinition<'static, &'static str, &'static [u8]> {
+    TableDefinition::new(t.as_str())
+}
+
+/// A stored object without its id.
+#[derive(Clone)]
+struct Rec {
+    version: u64,
+    created: u64,
+    value: Vec<u8>,
+}
+
+fn encode_rec(version: u64, created: u64, value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + value.len());
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&created.to_le_bytes());
+    out.extend_from_slice(value);
+    out
+}
+
+fn decode_rec(bytes: &[u8]) -> Result<Rec, String> {
+    if bytes.len() < 16 {
+        return Err(format!("object record too short ({} bytes)", bytes.len()));
+    }
+    let (v, rest) = bytes.split_at(8);
+    let (c, value) = rest.split_at(8);
+    let mut vb = [0u8; 8];
+    vb.copy_from_slice(v);
+    let mut cb = [0u8; 8];
+    cb.copy_from_slice(c);
+    Ok(Rec {
+        version: u64::from_le_bytes(vb),
+        created: u64::from_le_bytes(cb),
+        value: value.to_vec(),
+    })
+}
+
+/// What the live change feed carries.
+#[derive(Debug, Clone)]
+pub(crate) enum Feed {
+    /// All events of one applied entry (same revision), in op order.
+    Entry(Arc<Vec<Event>>),
+    /// A snapshot replaced the state; history before `oldest` is gone.
+    Reset { oldest: u64 },
+}
+
+/// State shared between the state machine (inside openraft) and the `Store` handle.
+pub(crate) struct SmShared {
+    /// Last applied log index.
+    pub(crate) applied: AtomicU64,
+    pub(crate) feed: broadcast::Sender<Feed>,
+    pub(crate) event_retention: u64,
+}
+
+pub(crate) struct StateMachine {
+    db: Arc<Database>,
+    shared: Arc<SmShared>,
+}
+
+impl StateMachine {
+    /// Wraps an open database, creating the tables if needed.
+    pub(crate) fn open(
+        db: Arc<Database>,
+        event_retention: u64,
+    ) -> Result<StateMachine, StorageError> {
+        init_tables(&db).map_err(write_err)?;
+        let applied = applied_index(&db).map_err(read_err)?;
+        let (feed, _) = broadcast::channel(1024);
+        let shared = Arc::new(SmShared {
+            applied: AtomicU64::new(applied),
+            feed,
+            event_retention,
+        });
+        Ok(StateMachine { db, shared })
+    }
+
+    pub(crate) fn shared(&self) -> Arc<SmShared> {
+        self.shared.clone()
+    }
+}
+
+pub(crate) fn init_tables(db: &Database) -> Result<(), StoreError> {
+    let txn = db.begin_write().map_err(storage)?;
+    {
+        txn.open_table(META).map_err(storage)?;
+        txn.open_table(EVENTS).map_err(storage)?;
+        txn.open_table(SNAPSHOT).map_err(storage)?;
+        for t in Table::ALL {
+            txn.open_table(obj_def(*t)).map_err(storage)?;
+        }
+    }
+    txn.commit().map_err(storage)
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<T>, String> {
+    match table.get(key).map_err(|e| e.to_string())? {
+        Some(v) => serde_json::from_slice(v.value())
+            .map(Some)
+            .map_err(|e| e.to_string()),
+        None => Ok(None),
+    }
+}
+
+fn applied_in(txn: &ReadTransaction) -> Result<u64, String> {
+    let meta = txn.open_table(META).map_err(|e| e.to_string())?;
+    let applied: Option<LogId> = read_json(&meta, KEY_APPLIED)?;
+    Ok(applied.map(|l| l.index).unwrap_or(0))
+}
+
+pub(crate) fn applied_index(db: &Database) -> Result<u64, String> {
+    let txn = db.begin_read().map_err(|e| e.to_string())?;
+    applied_in(&txn)
+}
+
+/// Reads `(last_applied, last_membership)`.
+pub(crate) fn read_applied_state(
+    db: &Database,
+) -> Result<(Option<LogId>, StoredMembership), String> {
+    let txn = db.begin_read().map_err(|e| e.to_string())?;
+    let meta = txn.open_table(META).map_err(|e| e.to_string())?;
+    let applied: Option<LogId> = read_json(&meta, KEY_APPLIED)?;
+    let membership: Option<StoredMembership> = read_json(&meta, KEY_MEMBERSHIP)?;
+    Ok((applied, membership.unwrap_or_default()))
+}
+
+fn to_versioned(id: &str, bytes: &[u8]) -> Result<Versioned, StoreError> {
+    let rec = decode_rec(bytes).map_err(StoreError::Storage)?;
+    Ok(Versioned {
+        id: id.to_string(),
+        version: rec.version,
+        created: rec.created,
+        value: rec.value,
+    })
+}
+
+pub(crate) fn get(db: &Database, table: Table, id: &str) -> Result<Option<Versioned>, StoreError> {
+    let txn = db.begin_read().map_err(storage)?;
+    let t = txn.open_table(obj_def(table)).map_err(storage)?;
+    match t.get(id).map_err(storage)? {
+        Some(v) => Ok(Some(to_versioned(id, v.value())?)),
+        None => Ok(None),
+    }
+}
+
+/// Lists a table and returns the applied revision it was read at (one read transaction).
+pub(crate) fn list(db: &Database, table: Table) -> Result<(u64, Vec<Versioned>), StoreError> {
+    let txn = db.begin_read().map_err(storage)?;
+    let revision = applied_in(&txn).map_err(StoreError::Storage)?;
+    let t = txn.open_table(obj_def(table)).map_err(storage)?;
+    let mut out = Vec::with_capacity(usize::try_from(t.len().map_err(storage)?).unwrap_or(0));
+    for item in t.iter().map_err(storage)? {
+        let (k, v) = item.map_err(storage)?;
+        out.push(to_versioned(k.value(), v.value())?);
+    }
+    Ok((revision, out))
+}
+
+/// Every object of every table (force-new-cluster recovery).
+pub(crate) fn export_all(db: &Database) -> Result<Vec<(Table, Vec<Versioned>)>, StoreError> {
+    Table::ALL
+        .iter()
+        .map(|t| list(db, *t).map(|(_, objs)| (*t, objs)))
+        .collect()
+}
+
+/// Retained events with revision > `after`, or `Compacted` if some of them are gone.
+pub(crate) fn events_after(db: &Database, after: u64) -> Result<Vec<Event>, StoreError> {
+    let txn = db.begin_read().map_err(storage)?;
+    let meta = txn.open_table(META).map_err(storage)?;
+    let floor: u64 = read_json(&meta, KEY_EVENTS_FLOOR)
+        .map_err(StoreError::Storage)?
+        .unwrap_or(0);
+    if after < floor {
+        return Err(StoreError::Compacted { oldest: floor });
+    }
+    let events = txn.open_table(EVENTS).map_err(storage)?;
+    let mut out = Vec::new();
+    for item in events
+        .range((after.saturating_add(1), 0u32)..)
+        .map_err(storage)?
+    {
+        let (_, v) = item.map_err(storage)?;
+        out.push(serde_json::from_slice::<Event>(v.value()).map_err(storage)?);
+    }
+    Ok(out)
+}
+
+/// Makes every earlier non-durable commit durable.
+pub(crate) fn sync(db: &Database) -> Result<(), StoreError> {
+    let mut txn = db.begin_write().map_err(storage)?;
+    txn.set_durability(Durability::Immediate).map_err(storage)?;
+    txn.commit().map_err(storage)
+}
+
+fn open_obj<'m, 'txn>(
+    txn: &'txn WriteTransaction,
+    tables: &'m mut HashMap<Table, ObjTable<'txn>>,
+    t: Table,
+) -> Result<&'m mut ObjTable<'txn>, StorageError> {
+    Ok(match tables.entry(t) {
+        MapEntry::Occupied(o) => o.into_mut(),
+        MapEntry::Vacant(v) => v.insert(txn.open_table(obj_def(t)).map_err(write_err)?),
+    })
+}
+
+/// Applies one batch at `index` inside `txn`: checks every precondition against the state as
+/// left by the previous ops of the batch, and writes only if all pass.
+fn apply_batch(
+    txn: &WriteTransaction,
+    index: u64,
+    batch: &Batch,
+) -> Result<(Result<(), OpFailure>, Vec<Event>), StorageError> {
+    let mut tables: HashMap<Table, ObjTable<'_>> = HashMap::new();
+    let mut overlay: HashMap<(Table, &str), Option<Rec>> = HashMap::new();
+    let mut events = Vec::with_capacity(batch.ops.len());
+
+    for (op_index, op) in batch.ops.iter().enumerate() {
+        let table = op.table();
+        let id = op.id();
+        let current = match overlay.get(&(table, id)) {
+            Some(cur) => cur.clone(),
+            None => {
+                let t = open_obj(txn, &mut tables, table)?;
+                let found = t.get(id).map_err(read_err)?;
+                match found {
+                    Some(v) => Some(decode_rec(v.value()).map_err(read_err)?),
+                    None => None,
+                }
+            }
+        };
+        let fail = |kind| {
+            Ok((
+                Err(OpFailure {
+                    op_index,
+                    table,
+                    id: id.to_string(),
+                    kind,
+                }),
+                Vec::new(),
+            ))
+        };
+        let check_version = |cur: &Rec, expect: &Option<u64>| match expect {
+            Some(expected) if *expected != cur.version => Some(FailureKind::VersionConflict {
+                current: cur.version,
+                expected: *expected,
+            }),
+            _ => None,
+        };
+        let (next, kind, event_value, event_version) = match op {
+            Op::Create { value, .. } => {
+                if current.is_some() {
+                    return fail(FailureKind::AlreadyExists);
+                }
+                let rec = Rec {
+                    version: index,
+                    created: index,
+                    value: value.clone(),
+                };
+                (Some(rec), EventKind::Created, Some(value.clone()), index)
+            }
+            Op::Update {
+                value,
+                expect_version,
+                ..
+            } => {
+                let Some(cur) = current else {
+                    return fail(FailureKind::NotFound);
+                };
+                if let Some(kind) = check_version(&cur, expect_version) {
+                    return fail(kind);
+                }
+                let rec = Rec {
+                    version: index,
+                    created: cur.created,
+                    value: value.clone(),
+                };
+                (Some(rec), EventKind::Updated, Some(value.clone()), index)
+            }
+            Op::Upsert { value, .. } => {
+                let (created, kind) = match &current {
+                    Some(cur) => (cur.created, EventKind::Updated),
+                    None => (index, EventKind::Created),
+                };
+                let rec = Rec {
+                    version: index,
+                    created,
+                    value: value.clone(),
+                };
+                (Some(rec), kind, Some(value.clone()), index)
+            }
+            Op::Delete { expect_version, .. } => {
+                let Some(cur) = current else {
+                    return fail(FailureKind::NotFound);
+                };
+                if let Some(kind) = check_version(&cur, expect_version) {
+                    return fail(kind);
+                }
+                (None, EventKind::Deleted, Some(cur.value), cur.version)
+            }
+        };
+        overlay.insert((table, id), next);
+        events.push(Event {
+            revision: index,
+            table,
+            id: id.to_string(),
+            kind,
+            value: event_value,
+            version: event_version,
+        });
+    }
+
+    for ((table, id), rec) in overlay {
+        let t = open_obj(txn, &mut tables, table)?;
+        match rec {
+            Some(rec) => {
+                t.insert(
+                    id,
+                    encode_rec(rec.version, rec.created, &rec.value).as_slice(),
+                )
+                .map_err(write_err)?;
+            }
+            None => {
+                t.remove(id).map_err(write_err)?;
+            }
+        }
+    }
+    Ok((Ok(()), events))
+}
+
+/// Drops the oldest events (whole revisions) once there are noticeably more than `retention`.
+/// Returns the new floor (every event with revision > floor is still retained).
+fn prune_events(
+    events: &mut redb::Table<'_, (u64, u32), &'static [u8]>,
+    retention: u64,
+) -> Result<Option<u64>, StorageError> {
+    let len = events.len().map_err(read_err)?;
+    let slack = (retention / 16).max(64);
+    if len <= retention.saturating_add(slack) {
+        return Ok(None);
+    }
+    let to_delete = len - retention;
+    let mut cutoff = None;
+    for (n, item) in events.iter().map_err(read_err)?.enumerate() {
+        if n as u64 + 1 >= to_delete {
+            let (k, _) = item.map_err(read_err)?;
+            cutoff = Some(k.value().0);
+            break;
+        }
+    }
+    if let Some(rev) = cutoff {
+        events
+            .retain_in(..=(rev, u32::MAX), |_, _| false)
+            .map_err(write_err)?;
+    }
+    Ok(cutoff)
+}
+
+/// Applies entries in one (non-durable, see module docs) write transaction.
+fn apply_entries(
+    db: &Database,
+    entries: Vec<Entry>,
+    retention: u64,
+) -> Result<(Vec<Response>, Vec<Vec<Event>>, u64), StorageError> {
+    let mut txn = db.begin_write().map_err(write_err)?;
+    txn.set_durability(Durability::None).map_err(write_err)?;
+    let mut responses = Vec::with_capacity(entries.len());
+    let mut feeds = Vec::new();
+    let mut last_applied: Option<LogId> = None;
+    let mut membership: Option<StoredMembership> = None;
+    {
+        let mut events = txn.open_table(EVENTS).map_err(write_err)?;
+        for entry in entries {
+            let log_id = entry.log_id;
+            last_applied = Some(log_id);
+            match entry.payload {
+                EntryPayload::Blank => responses.push(Response { result: Ok(()) }),
+                EntryPayload::Normal(batch) => {
+                    let (result, evs) = apply_batch(&txn, log_id.index, &batch)?;
+                    for (i, ev) in evs.iter().enumerate() {
+                        let seq = u32::try_from(i).map_err(write_err)?;
+                        let bytes = serde_json::to_vec(ev).map_err(write_err)?;
+                        events
+                            .insert((log_id.index, seq), bytes.as_slice())
+                            .map_err(write_err)?;
+                    }
+                    if !evs.is_empty() {
+                        feeds.push(evs);
+                    }
+                    responses.push(Response { result });
+                }
+                EntryPayload::Membership(m) => {
+                    membership = Some(StoredMembership::new(Some(log_id), m));
+                    responses.push(Response { result: Ok(()) });
+                }
+            }
+        }
+        let floor = prune_events(&mut events, retention)?;
+        let mut meta = txn.open_table(META).map_err(write_err)?;
+        let applied = serde_json::to_vec(&last_applied).map_err(write_err)?;
+        meta.insert(KEY_APPLIED, applied.as_slice())
+            .map_err(write_err)?;
+        if let Some(m) = &membership {
+            let bytes = serde_json::to_vec(m).map_err(write_err)?;
+            meta.insert(KEY_MEMBERSHIP, bytes.as_slice())
+                .map_err(write_err)?;
+        }
+        if let Some(floor) = floor {
+            let bytes = serde_json::to_vec(&floor).map_err(write_err)?;
+            meta.insert(KEY_EVENTS_FLOOR, bytes.as_slice())
+                .map_err(write_err)?;
+        }
+    }
+    txn.commit().map_err(write_err)?;
+    Ok((responses, feeds, last_applied.map(|l| l.index).unwrap_or(0)))
+}
+
+// ---- snapshot data format ----
+// "FLTSNAP1", u32 table count, per table: u16 name length, name, u64 object count,
+// per object: u32 id length, id, u64 version, u64 created, u32 value length, value.
+// Tables are stored by name so tables can be added later.
+
+fn encode_snapshot(txn: &ReadTransaction) -> Result<Vec<u8>, StorageError> {
+    let mut out = Vec::new();
+    out.extend_from_slice(SNAPSHOT_MAGIC);
+    out.extend_from_slice(
+        &u32::try_from(Table::ALL.len())
+            .map_err(read_err)?
+            .to_le_bytes(),
+    );
+    for t in Table::ALL {
+        let table = txn.open_table(obj_def(*t)).map_err(read_err)?;
+        let name = t.as_str().as_bytes();
+        out.extend_from_slice(&u16::try_from(name.len()).map_err(read_err)?.to_le_bytes());
+        out.extend_from_slice(name);
+        out.extend_from_slice(&table.len().map_err(read_err)?.to_le_bytes());
+        for item in table.iter().map_err(read_err)? {
+            let (k, v) = item.map_err(read_err)?;
+            let id = k.value().as_bytes();
+            let rec = decode_rec(v.value()).map_err(read_err)?;
+            out.extend_from_slice(&u32::try_from(id.len()).map_err(read_err)?.to_le_bytes());
+            out.extend_from_slice(id);
+            out.extend_from_slice(&rec.version.to_le_bytes());
+            out.extend_from_slice(&rec.created.to_le_bytes());
+            out.extend_from_slice(
+                &u32::try_from(rec.value.len())
+                    .map_err(read_err)?
+                    .to_le_bytes(),
+            );
+            out.extend_from_slice(&rec.value);
+        }
+    }
+    Ok(out)
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.buf.len() < n {
+            return Err("snapshot data is truncated".to_string());
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+
+    fn u16(&mut self) -> Result<u16, String> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    fn str(&mut self, n: usize) -> Result<&'a str, String> {
+        std::str::from_utf8(self.take(n)?)
+            .map_err(|e| format!("snapshot holds a non-UTF-8 name: {e}"))
+    }
+}
+
+/// Replaces every object table with the snapshot's content inside `txn`.
+fn load_snapshot(txn: &WriteTransaction, data: &[u8]) -> Result<(), String> {
+    let mut r = Reader { buf: data };
+    if r.take(SNAPSHOT_MAGIC.len())? != SNAPSHOT_MAGIC {
+        return Err("not a flotilla snapshot (bad magic)".to_string());
+    }
+    for t in Table::ALL {
+        txn.delete_table(obj_def(*t)).map_err(|e| e.to_string())?;
+        txn.open_table(obj_def(*t)).map_err(|e| e.to_string())?;
+    }
+    let tables = r.u32()?;
+    for _ in 0..tables {
+        let name_len = usize::from(r.u16()?);
+        let name = r.str(name_len)?;
+        let table: Table = name.parse().map_err(|e: StoreError| e.to_string())?;
+        let mut t = txn.open_table(obj_def(table)).map_err(|e| e.to_string())?;
+        let count = r.u64()?;
+        for _ in 0..count {
+            let id_len = usize::try_from(r.u32()?).map_err(|e| e.to_string())?;
+            let id = r.str(id_len)?;
+            let version = r.u64()?;
+            let created = r.u64()?;
+            let value_len = usize::try_from(r.u32()?).map_err(|e| e.to_string())?;
+            let value = r.take(value_len)?;
+            t.insert(id, encode_rec(version, created, value).as_slice())
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    if !r.buf.is_empty() {
+        return Err("snapshot data has trailing bytes".to_string());
+    }
+    Ok(())
+}
+
+fn now_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+pub(crate) struct SnapshotBuilder {
+    db: Arc<Database>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let db = self.db.clone();
+        let (meta, data) = blocking(move || {
+            let (meta, data) = {
+                let txn = db.begin_read().map_err(read_err)?;
+                let meta_table = txn.open_table(META).map_err(read_err)?;
+                let last_log_id: Option<LogId> =
+                    read_json(&meta_table, KEY_APPLIED).map_err(read_err)?;
+                let last_membership: StoredMembership = read_json(&meta_table, KEY_MEMBERSHIP)
+                    .map_err(read_err)?
+                    .unwrap_or_default();
+                let data = encode_snapshot(&txn)?;
+                let snapshot_id = match &last_log_id {
+                    Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, now_nanos()),
+                    None => format!("0-0-{}", now_nanos()),
+                };
+                (
+                    SnapshotMeta {
+                        last_log_id,
+                        last_membership,
+                        snapshot_id,
+                    },
+                    data,
+                )
+            };
+            // Immediate: also makes every earlier non-durable apply durable, before openraft
+            // purges the log up to this snapshot.
+            let mut txn = db.begin_write().map_err(write_err)?;
+            txn.set_durability(Durability::Immediate)
+                .map_err(write_err)?;
+            {
+                let mut snap = txn.open_table(SNAPSHOT).map_err(write_err)?;
+                let meta_bytes = serde_json::to_vec(&meta).map_err(write_err)?;
+                snap.insert(KEY_SNAP_META, meta_bytes.as_slice())
+                    .map_err(write_err)?;
+                snap.insert(KEY_SNAP_DATA, data.as_slice())
+                    .map_err(write_err)?;
+            }
+            txn.commit().map_err(write_err)?;
+            Ok((meta, data))
+        })
+        .await?;
+        tracing::info!(
+            snapshot_id = %meta.snapshot_id,
+            last_index = meta.last_log_id.map(|l| l.index).unwrap_or(0),
+            bytes = data.len(),
+            "built snapshot"
+        );
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        read_applied_state(&self.db).map_err(read_err)
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let db = self.db.clone();
+        let retention = self.shared.event_retention;
+        let (responses, feeds, last) =
+            blocking(move || apply_entries(&db, entries, retention)).await?;
+        self.shared.applied.store(last, Ordering::Release);
+        for evs in feeds {
+            // No receivers is fine.
+            let _ = self.shared.feed.send(Feed::Entry(Arc::new(evs)));
+        }
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            db: self.db.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let meta = meta.clone();
+        let db = self.db.clone();
+        let index = meta.last_log_id.map(|l| l.index).unwrap_or(0);
+        let bytes = data.len();
+        let snapshot_id = meta.snapshot_id.clone();
+        blocking(move || {
+            let mut txn = db.begin_write().map_err(write_err)?;
+            txn.set_durability(Durability::Immediate)
+                .map_err(write_err)?;
+            load_snapshot(&txn, &data).map_err(write_err)?;
+            txn.delete_table(EVENTS).map_err(write_err)?;
+            txn.open_table(EVENTS).map_err(write_err)?;
+            {
+                let mut m = txn.open_table(META).map_err(write_err)?;
+                let applied = serde_json::to_vec(&meta.last_log_id).map_err(write_err)?;
+                m.insert(KEY_APPLIED, applied.as_slice())
+                    .map_err(write_err)?;
+                let membership = serde_json::to_vec(&meta.last_membership).map_err(write_err)?;
+                m.insert(KEY_MEMBERSHIP, membership.as_slice())
+                    .map_err(write_err)?;
+                let floor = serde_json::to_vec(&index).map_err(write_err)?;
+                m.insert(KEY_EVENTS_FLOOR, floor.as_slice())
+                    .map_err(write_err)?;
+                let mut snap = txn.open_table(SNAPSHOT).map_err(write_err)?;
+                let meta_bytes = serde_json::to_vec(&meta).map_err(write_err)?;
+                snap.insert(KEY_SNAP_META, meta_bytes.as_slice())
+                    .map_err(write_err)?;
+                snap.insert(KEY_SNAP_DATA, data.as_slice())
+                    .map_err(write_err)?;
+            }
+            txn.commit().map_err(write_err)
+        })
+        .await?;
+        self.shared.applied.store(index, Ordering::Release);
+        let _ = self.shared.feed.send(Feed::Reset { oldest: index });
+        tracing::info!(snapshot_id = %snapshot_id, last_index = index, bytes, "installed snapshot; watchers reset");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+        let txn = self.db.begin_read().map_err(read_err)?;
+        let snap = txn.open_table(SNAPSHOT).map_err(read_err)?;
+        let meta: Option<SnapshotMeta> = read_json(&snap, KEY_SNAP_META).map_err(read_err)?;
+        let Some(meta) = meta else {
+            return Ok(None);
+        };
+        let data = match snap.get(KEY_SNAP_DATA).map_err(read_err)? {
+            Some(v) => v.value().to_vec(),
+            None => return Err(read_err("snapshot meta present but data missing")),
+        };
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
+    }
+}

@@ -1,0 +1,399 @@
+//! Unit tests: the openraft storage suite and single-node behaviour.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::testing::{StoreBuilder, Suite};
+use tempfile::TempDir;
+
+use crate::log_store::LogStore;
+use crate::raft_types::{write_err, StorageError, TypeConfig};
+use crate::state_machine::StateMachine;
+use crate::*;
+
+struct SuiteBuilder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for SuiteBuilder {
+    async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError> {
+        let dir = tempfile::tempdir().map_err(write_err)?;
+        let log_db = redb::Database::create(dir.path().join(LOG_FILE)).map_err(write_err)?;
+        let sm_db = redb::Database::create(dir.path().join(STATE_FILE)).map_err(write_err)?;
+        let log = LogStore::new(Arc::new(log_db))?;
+        let sm = StateMachine::open(Arc::new(sm_db), 1000)?;
+        Ok((dir, log, sm))
+    }
+}
+
+#[test]
+fn t00_openraft_storage_suite() {
+    Suite::test_all(SuiteBuilder).expect("openraft storage suite");
+}
+
+/// A transport for single-node stores: every peer is unreachable.
+struct NoPeers;
+
+impl RaftTransport for NoPeers {
+    fn call(
+        &self,
+        target: NodeId,
+        _addr: &str,
+        _rpc: RpcKind,
+        _body: Vec<u8>,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, TransportError>> + Send + '_>> {
+        Box::pin(async move {
+            Err(TransportError::Unreachable(format!(
+                "no peer {target} in unit tests"
+            )))
+        })
+    }
+}
+
+fn cfg(dir: &TempDir) -> StoreConfig {
+    StoreConfig {
+        node_id: 1,
+        data_dir: dir.path().to_path_buf(),
+        heartbeat_ms: 50,
+        election_min_ms: 150,
+        election_max_ms: 300,
+        ..Default::default()
+    }
+}
+
+async fn single(cfg: StoreConfig) -> Store {
+    let store = Store::open(cfg, Arc::new(NoPeers)).await.expect("open");
+    store.initialize("node-1".into()).await.expect("initialize");
+    store
+}
+
+async fn ok_write(store: &Store, ops: Vec<Op>) -> u64 {
+    let out = store.write(Batch { ops }).await.expect("write");
+    out.result.expect("preconditions hold");
+    out.revision
+}
+
+async fn next_event(w: &mut Watch) -> Result<Event, StoreError> {
+    tokio::time::timeout(Duration::from_secs(5), w.next())
+        .await
+        .expect("event in time")
+        .expect("stream open")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t10_batch_is_atomic_and_versions_are_log_indexes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = single(cfg(&dir)).await;
+    assert!(store.is_initialized());
+
+    let r1 = ok_write(
+        &store,
+        vec![
+            Op::create(Table::Services, "a", "1"),
+            Op::create(Table::Services, "b", "1"),
+        ],
+    )
+    .await;
+    let a = store
+        .get(Table::Services, "a")
+        .expect("get")
+        .expect("a exists");
+    assert_eq!(
+        (a.version, a.created, a.value.as_slice()),
+        (r1, r1, b"1".as_slice())
+    );
+    assert_eq!(store.revision(), r1);
+
+    // The second op fails: nothing of the batch is applied, the first failing op is named.
+    let out = store
+        .write(Batch {
+            ops: vec![
+                Op::update(Table::Services, "a", "2", None),
+                Op::create(Table::Services, "b", "x"),
+            ],
+        })
+        .await
+        .expect("write");
+    let failure = out.result.expect_err("create of existing b must fail");
+    assert_eq!(
+        (failure.op_index, failure.table, failure.id.as_str()),
+        (1, Table::Services, "b")
+    );
+    assert_eq!(failure.kind, FailureKind::AlreadyExists);
+    assert_eq!(
+        store
+            .get(Table::Services, "a")
+            .expect("get")
+            .expect("a")
+            .value,
+        b"1"
+    );
+    assert!(
+        out.revision > r1,
+        "a rejected batch still consumes a log index"
+    );
+
+    // Version conflicts and not-found.
+    let out = store
+        .write(Batch::single(Op::update(
+            Table::Services,
+            "a",
+            "2",
+            Some(r1 + 100),
+        )))
+        .await
+        .expect("write");
+    assert_eq!(
+        out.result.expect_err("conflict").kind,
+        FailureKind::VersionConflict {
+            current: r1,
+            expected: r1 + 100
+        }
+    );
+    let out = store
+        .write(Batch::single(Op::delete(Table::Services, "nope", None)))
+        .await
+        .expect("write");
+    assert_eq!(out.result.expect_err("absent").kind, FailureKind::NotFound);
+    let out = store
+        .write(Batch::single(Op::update(
+            Table::Services,
+            "nope",
+            "1",
+            None,
+        )))
+        .await
+        .expect("write");
+    assert_eq!(out.result.expect_err("absent").kind, FailureKind::NotFound);
+
+    // A correct expected version succeeds; created is kept; ops see earlier ops of the batch.
+    let r2 = ok_write(
+        &store,
+        vec![
+            Op::update(Table::Services, "a", "2", Some(r1)),
+            Op::create(Table::Tasks, "t", "new"),
+            Op::update(Table::Tasks, "t", "newer", None),
+            Op::delete(Table::Services, "b", Some(r1)),
+            Op::upsert(Table::Nodes, "n", "up"),
+        ],
+    )
+    .await;
+    let a = store.get(Table::Services, "a").expect("get").expect("a");
+    assert_eq!(
+        (a.version, a.created, a.value.as_slice()),
+        (r2, r1, b"2".as_slice())
+    );
+    let t = store.get(Table::Tasks, "t").expect("get").expect("t");
+    assert_eq!(
+        (t.version, t.created, t.value.as_slice()),
+        (r2, r2, b"newer".as_slice())
+    );
+    assert!(store.get(Table::Services, "b").expect("get").is_none());
+    let (rev, services) = store.list_at(Table::Services).expect("list");
+    assert_eq!(rev, r2);
+    assert_eq!(
+        services.iter().map(|v| v.id.as_str()).collect::<Vec<_>>(),
+        vec!["a"]
+    );
+
+    // Events of that batch, in op order, all at revision r2.
+    let mut w = store.watch(r2 - 1).expect("watch");
+    let kinds: Vec<(EventKind, String)> = {
+        let mut v = Vec::new();
+        for _ in 0..5 {
+            let e = next_event(&mut w).await.expect("event");
+            assert_eq!(e.revision, r2);
+            v.push((e.kind, e.id));
+        }
+        v
+    };
+    assert_eq!(
+        kinds,
+        vec![
+            (EventKind::Updated, "a".into()),
+            (EventKind::Created, "t".into()),
+            (EventKind::Updated, "t".into()),
+            (EventKind::Deleted, "b".into()),
+            (EventKind::Created, "n".into()),
+        ]
+    );
+    store.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t20_watch_replays_then_follows_live_and_reports_compaction() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = single(StoreConfig {
+        event_retention: 10,
+        ..cfg(&dir)
+    })
+    .await;
+    let start = store.revision();
+
+    let r1 = ok_write(&store, vec![Op::create(Table::Configs, "c1", "v1")]).await;
+    let r2 = ok_write(&store, vec![Op::update(Table::Configs, "c1", "v2", None)]).await;
+
+    // Replay from history...
+    let mut w = store.watch(start).expect("watch");
+    let e = next_event(&mut w).await.expect("replayed");
+    assert_eq!(
+        (e.revision, e.kind, e.value.as_deref()),
+        (r1, EventKind::Created, Some(b"v1".as_slice()))
+    );
+    let e = next_event(&mut w).await.expect("replayed");
+    assert_eq!(
+        (e.revision, e.kind, e.version),
+        (r2, EventKind::Updated, r2)
+    );
+
+    // ...then live.
+    let writer = store.clone();
+    let live = tokio::spawn(async move {
+        ok_write(&writer, vec![Op::delete(Table::Configs, "c1", None)]).await
+    });
+    let e = next_event(&mut w).await.expect("live");
+    let r3 = live.await.expect("join");
+    assert_eq!(
+        (e.revision, e.kind, e.value.as_deref(), e.version),
+        (r3, EventKind::Deleted, Some(b"v2".as_slice()), r2)
+    );
+
+    // Push history past retention (10 kept + slack of 64) in a few big batches.
+    for round in 0..4 {
+        let ops = (0..30)
+            .map(|i| Op::upsert(Table::Tasks, format!("t{round}-{i}"), "x"))
+            .collect();
+        ok_write(&store, ops).await;
+    }
+    let mut old = store.watch(start).expect("watch");
+    match next_event(&mut old).await {
+        Err(StoreError::Compacted { oldest }) => assert!(oldest > r3, "oldest {oldest}"),
+        other => panic!("expected Compacted, got {other:?}"),
+    }
+    assert!(old.next().await.is_none(), "a compacted watch ends");
+
+    // A watch from the current revision sees only new events.
+    let now = store.revision();
+    let mut fresh = store.watch(now).expect("watch");
+    let r = ok_write(&store, vec![Op::create(Table::Secrets, "s", "x")]).await;
+    let e = next_event(&mut fresh).await.expect("live");
+    assert_eq!(
+        (e.revision, e.table, e.id.as_str()),
+        (r, Table::Secrets, "s")
+    );
+
+    // The earlier live watcher kept up and continues too.
+    let mut seen = 0;
+    loop {
+        let e = next_event(&mut w).await.expect("continues");
+        seen += 1;
+        if e.revision == r {
+            break;
+        }
+    }
+    assert_eq!(seen, 4 * 30 + 1);
+    store.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t30_restart_from_disk_keeps_state_revision_and_history() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Small snapshot interval so the restart also crosses a snapshot + log purge.
+    let config = StoreConfig {
+        snapshot_every: 5,
+        logs_to_keep: 2,
+        ..cfg(&dir)
+    };
+    let store = single(config.clone()).await;
+    let first = ok_write(&store, vec![Op::create(Table::Nodes, "n0", "0")]).await;
+    for i in 1..12 {
+        ok_write(
+            &store,
+            vec![Op::upsert(Table::Nodes, format!("n{i}"), i.to_string())],
+        )
+        .await;
+    }
+    let last = ok_write(
+        &store,
+        vec![Op::update(Table::Nodes, "n0", "changed", Some(first))],
+    )
+    .await;
+    let before = store.list(Table::Nodes).expect("list");
+    let status = store.status();
+    assert_eq!(status.state, "leader");
+    assert_eq!(status.voters, vec![(1, "node-1".to_string())]);
+    assert!(
+        status.applied >= last && status.committed >= last,
+        "{status:?}"
+    );
+    store.shutdown().await.expect("shutdown");
+    assert_eq!(store.status().state, "shutdown");
+    drop(store);
+
+    let store = Store::open(config, Arc::new(NoPeers))
+        .await
+        .expect("reopen");
+    assert!(store.is_initialized());
+    assert!(
+        store.revision() >= last,
+        "revision went backwards: {} < {last}",
+        store.revision()
+    );
+    assert_eq!(store.list(Table::Nodes).expect("list"), before);
+    // Event history survived the restart.
+    let mut w = store.watch(first - 1).expect("watch");
+    let e = next_event(&mut w).await.expect("history");
+    assert_eq!((e.revision, e.id.as_str()), (first, "n0"));
+    // The single voter elects itself again and accepts writes at higher revisions.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        match store
+            .write(Batch::single(Op::upsert(Table::Cluster, "c", "1")))
+            .await
+        {
+            Ok(out) => break out.revision,
+            Err(StoreError::ForwardToLeader { .. }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("write after restart: {e}"),
+        }
+    };
+    assert!(r > last);
+    store.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t35_uninitialized_node_forwards_and_config_is_validated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(cfg(&dir), Arc::new(NoPeers))
+        .await
+        .expect("open");
+    assert!(!store.is_initialized());
+    match store
+        .write(Batch::single(Op::upsert(Table::Nodes, "n", "x")))
+        .await
+    {
+        Err(StoreError::ForwardToLeader {
+            leader_id: None,
+            leader_addr: None,
+        }) => {}
+        other => panic!("expected ForwardToLeader, got {other:?}"),
+    }
+    match store.linearizable_barrier().await {
+        Err(StoreError::ForwardToLeader { .. }) => {}
+        other => panic!("expected ForwardToLeader, got {other:?}"),
+    }
+    let status = store.status();
+    assert_eq!((status.leader_id, status.applied), (None, 0));
+    store.shutdown().await.expect("shutdown");
+
+    let bad = StoreConfig {
+        election_max_ms: 100,
+        ..cfg(&dir)
+    };
+    match Store::open(bad, Arc::new(NoPeers)).await {
+        Err(StoreError::InvalidConfig(msg)) => assert!(msg.contains("election"), "{msg}"),
+        Err(e) => panic!("expected InvalidConfig, got {e}"),
+        Ok(_) => panic!("expected InvalidConfig"),
+    }
+}
