@@ -14,6 +14,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::sync::Arc;
 
 use flotilla_types::{Availability, Node, NodeState, Resources, Task, TaskState};
 
@@ -58,6 +59,8 @@ pub struct Scheduler {
     index: HashMap<String, usize>,
     /// Service id → node index → number of that service's tasks on the node.
     per_service: HashMap<String, HashMap<usize, u32>>,
+    /// Constraint list → nodes passing the static filters; cleared when nodes change.
+    static_cache: HashMap<Vec<String>, Arc<(Vec<usize>, Why)>>,
 }
 
 #[derive(Debug, Clone)]
@@ -93,6 +96,7 @@ impl Scheduler {
                 })
                 .collect(),
             per_service: HashMap::new(),
+            static_cache: HashMap::new(),
         };
         for t in existing.iter().filter(|t| occupies(t)) {
             s.add_task(t);
@@ -137,6 +141,7 @@ impl Scheduler {
     /// Replaces a node's record (state, availability, labels, resources changed) or adds a new
     /// node. Adding a node re-indexes, which costs O(nodes + counted services).
     pub fn upsert_node(&mut self, node: &Node) {
+        self.static_cache.clear();
         if let Some(&i) = self.index.get(&node.id) {
             self.nodes[i].node = node.clone();
             return;
@@ -159,6 +164,7 @@ impl Scheduler {
         let Some(&pos) = self.index.get(node_id) else {
             return;
         };
+        self.static_cache.clear();
         self.nodes.remove(pos);
         self.reindex(|i| match i.cmp(&pos) {
             std::cmp::Ordering::Less => Some(i),
@@ -253,6 +259,21 @@ impl Scheduler {
         no_node(task_id, why.reason(&constraints, &base))
     }
 
+    /// Nodes passing the static filters (ready, active, constraints), cached per constraint
+    /// list until the node set changes.
+    fn static_set(&mut self, key: &[String], constraints: &[Constraint]) -> Arc<(Vec<usize>, Why)> {
+        if let Some(s) = self.static_cache.get(key) {
+            return Arc::clone(s);
+        }
+        let mut why = Why::default();
+        let candidates: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| why.static_ok(&self.nodes[i].node, constraints))
+            .collect();
+        let set = Arc::new((candidates, why));
+        self.static_cache.insert(key.to_vec(), Arc::clone(&set));
+        set
+    }
+
     fn service_count(&self, service_id: &str, i: usize) -> u32 {
         self.per_service
             .get(service_id)
@@ -279,19 +300,24 @@ impl Scheduler {
             Ok(p) => p,
             Err(e) => return fail_all(out, &format!("no suitable node ({e})")),
         };
-        let mut why = Why::default();
-        let candidates: Vec<usize> = (0..self.nodes.len())
-            .filter(|&i| why.static_ok(&self.nodes[i].node, &constraints))
-            .collect();
+        let statics = self.static_set(&proto.spec.placement.constraints, &constraints);
+        let (candidates, mut why) = (&statics.0, statics.1.clone());
         let service = proto.service_id.clone();
-        let mut tree = SpreadTree::build(&candidates, &prefs, &self.nodes, |i| {
-            self.service_count(&service, i)
-        });
+        let mut counts = vec![0u32; candidates.len()];
+        if let Some(per) = self.per_service.get(&service) {
+            for (i, &c) in per {
+                if let Ok(pos) = candidates.binary_search(i) {
+                    counts[pos] = c;
+                }
+            }
+        }
+        let mut tree = SpreadTree::build(candidates, &counts, &prefs, &self.nodes, group.len());
         let mut dynamic = Dynamic::default();
         let mut failure: Option<String> = None;
         for &k in group {
             let t = &tasks[k];
-            match tree.pick(self, t, &mut dynamic) {
+            let svc = self.per_service.get(&service);
+            match tree.pick(self, t, svc, &mut dynamic) {
                 Some(i) => {
                     self.bump(i, &service, t.spec.resources.reservations);
                     tree.placed(i, self.service_count(&service, i), self.nodes[i].tasks);
@@ -436,77 +462,153 @@ impl Dynamic {
     }
 }
 
-/// Heap key: fewest tasks of the service, then fewest tasks, then node index (= id order).
-type Key = Reverse<(u32, u32, usize)>;
+/// Ordering key of a node within a group: (tasks of the service, tasks in total, node index).
+/// Smaller is better; the index order is the node id order.
+type Key = (u32, u32, usize);
+
+/// A min-heap over many keys of which only a few will be popped: it heapifies the `expect`
+/// smallest keys and keeps the rest in a reserve that is drawn from (in chunks, smallest first)
+/// only when the reserve could hold the minimum. Placing k tasks on n nodes then costs
+/// O(n + k log k) instead of O(n log n).
+struct LazyHeap {
+    heap: BinaryHeap<Reverse<Key>>,
+    reserve: Vec<Key>,
+    reserve_min: Option<Key>,
+    chunk: usize,
+}
+
+impl LazyHeap {
+    fn new(mut keys: Vec<Key>, expect: usize) -> LazyHeap {
+        let chunk = expect.saturating_add(16).max(64);
+        let mut h = LazyHeap {
+            heap: BinaryHeap::new(),
+            reserve: Vec::new(),
+            reserve_min: None,
+            chunk,
+        };
+        if keys.len() <= chunk {
+            h.heap = keys.into_iter().map(Reverse).collect();
+        } else {
+            keys.select_nth_unstable(chunk - 1);
+            h.reserve = keys.split_off(chunk);
+            h.heap = keys.into_iter().map(Reverse).collect();
+            h.reserve_min = h.reserve.iter().min().copied();
+        }
+        h
+    }
+
+    fn refill(&mut self) {
+        let n = self.chunk.min(self.reserve.len());
+        if n < self.reserve.len() {
+            self.reserve.select_nth_unstable(n - 1);
+            let rest = self.reserve.split_off(n);
+            let take = std::mem::replace(&mut self.reserve, rest);
+            self.heap.extend(take.into_iter().map(Reverse));
+        } else {
+            self.heap.extend(self.reserve.drain(..).map(Reverse));
+        }
+        self.reserve_min = self.reserve.iter().min().copied();
+    }
+
+    fn pop(&mut self) -> Option<Key> {
+        while let Some(rmin) = self.reserve_min {
+            match self.heap.peek() {
+                Some(Reverse(top)) if *top < rmin => break,
+                _ => self.refill(),
+            }
+        }
+        self.heap.pop().map(|Reverse(k)| k)
+    }
+
+    fn push(&mut self, k: Key) {
+        self.heap.push(Reverse(k));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.heap.is_empty() && self.reserve.is_empty()
+    }
+}
 
 /// Candidate nodes of one group arranged by placement preferences: each level splits by one
 /// label's value; leaves hold a min-heap of nodes. With no preferences it is a single leaf.
 struct SpreadTree {
     /// Arena; index 0 is the root.
     nodes: Vec<TreeNode>,
-    /// Node index → path of tree nodes from the root to its leaf.
-    path_of: HashMap<usize, Vec<usize>>,
+    /// Candidate node indexes (sorted) and the leaf each one sits in.
+    candidates: Vec<usize>,
+    leaf_of: Vec<usize>,
 }
 
 struct TreeNode {
+    parent: usize,
     /// Tasks of the service below this tree node.
     count: u64,
     /// Label value → child tree node, ordered by value for deterministic ties.
     children: BTreeMap<String, usize>,
-    heap: BinaryHeap<Key>,
+    heap: Option<LazyHeap>,
     exhausted: bool,
 }
 
 impl TreeNode {
-    fn new() -> TreeNode {
+    fn new(parent: usize) -> TreeNode {
         TreeNode {
+            parent,
             count: 0,
             children: BTreeMap::new(),
-            heap: BinaryHeap::new(),
+            heap: None,
             exhausted: false,
         }
     }
 }
 
 impl SpreadTree {
+    /// `candidates` sorted by index; `counts[k]` = tasks of the service on `candidates[k]`.
     fn build(
         candidates: &[usize],
+        counts: &[u32],
         prefs: &[SpreadPreference],
         nodes: &[NodeInfo],
-        count: impl Fn(usize) -> u32,
+        expect: usize,
     ) -> SpreadTree {
         let mut tree = SpreadTree {
-            nodes: vec![TreeNode::new()],
-            path_of: HashMap::new(),
+            nodes: vec![TreeNode::new(0)],
+            candidates: candidates.to_vec(),
+            leaf_of: Vec::new(),
         };
-        let mut leaf_keys: HashMap<usize, Vec<Key>> = HashMap::new();
-        for &i in candidates {
-            let c = count(i);
-            let mut cur = 0;
-            let mut path = vec![0];
-            tree.nodes[0].count += u64::from(c);
-            for p in prefs {
-                let v = p.value(&nodes[i].node);
-                let next = match tree.nodes[cur].children.get(v) {
-                    Some(&n) => n,
-                    None => {
-                        tree.nodes.push(TreeNode::new());
-                        let n = tree.nodes.len() - 1;
-                        tree.nodes[cur].children.insert(v.to_string(), n);
-                        n
-                    }
-                };
-                cur = next;
-                tree.nodes[cur].count += u64::from(c);
-                path.push(cur);
-            }
-            leaf_keys.entry(cur).or_default().push(Reverse((c, nodes[i].tasks, i)));
-            if !prefs.is_empty() {
-                tree.path_of.insert(i, path);
+        let mut leaf_keys: BTreeMap<usize, Vec<Key>> = BTreeMap::new();
+        if prefs.is_empty() {
+            let keys: Vec<Key> = candidates
+                .iter()
+                .zip(counts)
+                .map(|(&i, &c)| (c, nodes[i].tasks, i))
+                .collect();
+            tree.nodes[0].count = counts.iter().map(|&c| u64::from(c)).sum();
+            leaf_keys.insert(0, keys);
+        } else {
+            tree.leaf_of.reserve(candidates.len());
+            for (&i, &c) in candidates.iter().zip(counts) {
+                let mut cur = 0;
+                tree.nodes[0].count += u64::from(c);
+                for p in prefs {
+                    let v = p.value(&nodes[i].node);
+                    let next = match tree.nodes[cur].children.get(v) {
+                        Some(&n) => n,
+                        None => {
+                            tree.nodes.push(TreeNode::new(cur));
+                            let n = tree.nodes.len() - 1;
+                            tree.nodes[cur].children.insert(v.to_string(), n);
+                            n
+                        }
+                    };
+                    cur = next;
+                    tree.nodes[cur].count += u64::from(c);
+                }
+                leaf_keys.entry(cur).or_default().push((c, nodes[i].tasks, i));
+                tree.leaf_of.push(cur);
             }
         }
         for (leaf, keys) in leaf_keys {
-            tree.nodes[leaf].heap = BinaryHeap::from(keys);
+            tree.nodes[leaf].heap = Some(LazyHeap::new(keys, expect));
         }
         if candidates.is_empty() {
             tree.nodes[0].exhausted = true;
@@ -515,13 +617,12 @@ impl SpreadTree {
     }
 
     /// Picks the node for `t`, or `None` when every candidate is full.
-    fn pick(&mut self, s: &Scheduler, t: &Task, d: &mut Dynamic) -> Option<usize> {
+    fn pick(&mut self, s: &Scheduler, t: &Task, svc: Option<&HashMap<usize, u32>>, d: &mut Dynamic) -> Option<usize> {
         loop {
             if self.nodes[0].exhausted {
                 return None;
             }
             // Descend to the least-loaded non-exhausted leaf.
-            let mut path = vec![0];
             let mut cur = 0;
             while !self.nodes[cur].children.is_empty() {
                 let next = self.nodes[cur]
@@ -531,50 +632,56 @@ impl SpreadTree {
                     .filter(|&c| !self.nodes[c].exhausted)
                     .min_by_key(|&c| self.nodes[c].count);
                 match next {
-                    Some(n) => {
-                        cur = n;
-                        path.push(n);
-                    }
+                    Some(n) => cur = n,
                     None => break, // cannot happen: exhaustion propagates up
                 }
             }
-            while let Some(Reverse((_, _, i))) = self.nodes[cur].heap.pop() {
-                let svc = s.service_count(&t.service_id, i);
-                if d.fits(&s.nodes[i], t, svc) {
-                    return Some(i);
+            if let Some(heap) = self.nodes[cur].heap.as_mut() {
+                while let Some((_, _, i)) = heap.pop() {
+                    let count = svc.and_then(|m| m.get(&i)).copied().unwrap_or(0);
+                    if d.fits(&s.nodes[i], t, count) {
+                        return Some(i);
+                    }
                 }
             }
             // Leaf is empty: mark it and its now-empty ancestors exhausted, then retry.
-            for &p in path.iter().rev() {
-                let done = self.nodes[p].heap.is_empty()
-                    && self.nodes[p]
-                        .children
-                        .values()
-                        .all(|&c| self.nodes[c].exhausted);
-                if done {
-                    self.nodes[p].exhausted = true;
-                } else {
+            loop {
+                let n = &self.nodes[cur];
+                let done = n.heap.as_ref().is_none_or(LazyHeap::is_empty)
+                    && n.children.values().all(|&c| self.nodes[c].exhausted);
+                if !done {
                     break;
                 }
+                self.nodes[cur].exhausted = true;
+                if cur == 0 {
+                    break;
+                }
+                cur = self.nodes[cur].parent;
             }
         }
     }
 
     /// Records a placement on node `i` (now with `svc` tasks of the service, `total` tasks).
     fn placed(&mut self, i: usize, svc: u32, total: u32) {
-        let leaf = match self.path_of.get(&i) {
-            Some(path) => {
-                for &p in path {
-                    self.nodes[p].count += 1;
-                }
-                path.last().copied().unwrap_or(0)
-            }
-            None => {
-                self.nodes[0].count += 1;
-                0
+        let leaf = if self.leaf_of.is_empty() {
+            0
+        } else {
+            match self.candidates.binary_search(&i) {
+                Ok(pos) => self.leaf_of[pos],
+                Err(_) => return,
             }
         };
-        self.nodes[leaf].heap.push(Reverse((svc, total, i)));
+        let mut cur = leaf;
+        loop {
+            self.nodes[cur].count += 1;
+            if cur == 0 {
+                break;
+            }
+            cur = self.nodes[cur].parent;
+        }
+        if let Some(h) = self.nodes[leaf].heap.as_mut() {
+            h.push((svc, total, i));
+        }
     }
 }
 

@@ -58,7 +58,7 @@ impl NodeConfig {
             raft_heartbeat_ms: 75,
             raft_election_min_ms: 250,
             raft_election_max_ms: 500,
-            write_timeout: Duration::from_secs(3),
+            write_timeout: Duration::from_secs(2),
             snapshot_every: 1000,
         }
     }

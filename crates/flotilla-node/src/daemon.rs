@@ -207,6 +207,9 @@ pub async fn run(
             heartbeats: Mutex::new(Default::default()),
             membership: tokio::sync::Mutex::new(()),
             write_timeout: cfg.write_timeout,
+            tls: tls.clone(),
+            data_dir: cfg.data_dir.display().to_string(),
+            listen: cfg.listen.to_string(),
         }))
     } else {
         None
@@ -219,22 +222,7 @@ pub async fn run(
         tls: tls.clone(),
         manager: manager.clone(),
     });
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let router = api::router(ctx.clone());
-    let tls_for_server = tls.clone();
-    let tcp_server = tokio::spawn(flotilla_api::serve_tls(
-        listener,
-        move || tls_for_server.server_config(),
-        router.clone(),
-        stop_rx.clone(),
-    ));
-    let sock = paths.socket();
-    let unix_server = {
-        let stop = stop_rx.clone();
-        let router = router.clone();
-        tokio::spawn(async move { flotilla_api::serve_unix(&sock, router, stop).await })
-    };
-
+    // A new cluster is seeded before the API opens, so no client ever sees it half-made.
     if let (Some(mgr), Some(cluster)) = (&manager, bootstrap) {
         mgr.store.initialize(identity.addr.clone()).await?;
         wait_leader(&mgr.store, Duration::from_secs(10)).await?;
@@ -253,6 +241,22 @@ pub async fn run(
         }
         tracing::info!(cluster = %identity.cluster_id, node = %identity.node_id, "cluster initialized");
     }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let router = api::router(ctx.clone());
+    let tls_for_server = tls.clone();
+    let tcp_server = tokio::spawn(flotilla_api::serve_tls(
+        listener,
+        move || tls_for_server.server_config(),
+        router.clone(),
+        stop_rx.clone(),
+    ));
+    let sock = paths.socket();
+    let unix_server = {
+        let stop = stop_rx.clone();
+        let router = router.clone();
+        tokio::spawn(async move { flotilla_api::serve_unix(&sock, router, stop).await })
+    };
+
     if register_voter {
         register_as_voter(&ctx).await?;
     }

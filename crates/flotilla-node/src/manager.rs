@@ -2,17 +2,18 @@
 //! and typed access to the replicated objects.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use flotilla_pki::Ca;
-use flotilla_store::{Batch, Op, Store, Table, Versioned};
+use flotilla_store::{Batch, Op, Store, StoreError, Table, Versioned};
 use flotilla_types::{Meta, Node};
 
 use crate::error::{op_failure, ApiError};
+use crate::tls::TlsState;
 
 /// The cluster-wide singleton (table `cluster`, id `cluster`). Holds secrets: never returned
 /// by the API as is.
@@ -74,6 +75,11 @@ pub struct Manager {
     /// Serializes membership changes (one at a time, as Raft requires).
     pub membership: tokio::sync::Mutex<()>,
     pub write_timeout: Duration,
+    /// For probing peers when quorum seems lost.
+    pub tls: Arc<TlsState>,
+    /// `--data-dir` and `--listen`, for the recovery hint.
+    pub data_dir: String,
+    pub listen: String,
 }
 
 impl Manager {
@@ -88,9 +94,16 @@ impl Manager {
         self.store.list(T::TABLE)?.iter().map(decode).collect()
     }
 
-    /// Writes a batch; a failed precondition becomes 404/409 naming `what`.
+    /// Writes a batch; a failed precondition becomes 404/409 naming `what`, a commit timeout
+    /// the quorum-loss message.
     pub async fn write(&self, batch: Batch, what: &str) -> Result<u64, ApiError> {
-        let out = self.store.write(batch).await?;
+        let out = match self.store.write(batch).await {
+            Ok(out) => out,
+            Err(StoreError::Timeout) => {
+                return Err(ApiError::unavailable(self.quorum_message().await))
+            }
+            Err(e) => return Err(e.into()),
+        };
         match out.result {
             Ok(()) => Ok(out.revision),
             Err(f) => Err(op_failure(&f, what)),
@@ -126,6 +139,40 @@ impl Manager {
         let c = self.cluster()?;
         Ca::from_pem(&c.ca_cert_pem, &c.ca_key_pem)
             .map_err(|e| ApiError::internal(format!("cluster CA: {e}")))
+    }
+
+    /// "quorum lost: 1 of 3 managers reachable, 2 needed …" and how to recover. Probes every
+    /// other voter with a short ping.
+    pub async fn quorum_message(&self) -> String {
+        let status = self.store.status();
+        let total = status.voters.len().max(1);
+        let mut reachable = 0usize;
+        let mut checks = Vec::new();
+        for (id, addr) in &status.voters {
+            if *id == status.id {
+                reachable += 1;
+                continue;
+            }
+            let client = self.tls.peer(addr).with_timeout(Duration::from_millis(500));
+            checks.push(async move {
+                client
+                    .request(hyper::Method::GET, "/v1/ping", None)
+                    .await
+                    .is_ok()
+            });
+        }
+        reachable += futures::future::join_all(checks)
+            .await
+            .into_iter()
+            .filter(|ok| *ok)
+            .count();
+        let needed = total / 2 + 1;
+        format!(
+            "quorum lost: {reachable} of {total} managers reachable, {needed} needed; writes are refused until a majority is back. \
+             If the missing managers are gone for good, recover from this one: stop it and restart it with \
+             `flotilla node run --data-dir {} --listen {} --force-new-cluster`",
+            self.data_dir, self.listen
+        )
     }
 
     pub fn is_leader(&self) -> bool {

@@ -15,7 +15,10 @@ pub struct IdRange {
 
 impl Default for IdRange {
     fn default() -> Self {
-        IdRange { host_start: 100_000, size: 65_536 }
+        IdRange {
+            host_start: 100_000,
+            size: 65_536,
+        }
     }
 }
 
@@ -58,7 +61,11 @@ pub struct RuntimeConfig {
 
 impl RuntimeConfig {
     /// Defaults for a given root and shim command.
-    pub fn new(root: impl Into<PathBuf>, shim_exe: impl Into<PathBuf>, shim_args: Vec<OsString>) -> Self {
+    pub fn new(
+        root: impl Into<PathBuf>,
+        shim_exe: impl Into<PathBuf>,
+        shim_args: Vec<OsString>,
+    ) -> Self {
         RuntimeConfig {
             root: root.into(),
             runtime_bin: PathBuf::from("runc"),

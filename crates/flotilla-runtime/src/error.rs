@@ -16,7 +16,9 @@ pub enum RuntimeError {
     ContainerExists(String),
     #[error("image {image} is in use by container {container} (remove the container first)")]
     ImageInUse { image: String, container: String },
-    #[error("digest mismatch: expected {expected}, got {actual} (the blob is corrupt; fetch it again)")]
+    #[error(
+        "digest mismatch: expected {expected}, got {actual} (the blob is corrupt; fetch it again)"
+    )]
     DigestMismatch { expected: String, actual: String },
     #[error("invalid argument: {0}")]
     Invalid(String),
@@ -26,7 +28,9 @@ pub enum RuntimeError {
     Mount(String),
     #[error("shim failed: {0}")]
     Shim(String),
-    #[error("shim for container {0} is dead (its container state is unknown; remove the container)")]
+    #[error(
+        "shim for container {0} is dead (its container state is unknown; remove the container)"
+    )]
     ShimDead(String),
     #[error("oci runtime: {0}")]
     Oci(String),

@@ -23,7 +23,9 @@ pub mod spec;
 pub mod testing;
 
 pub use config::{IdRange, RuntimeConfig};
-pub use driver::{AdoptReport, ContainerInfo, ContainerState, ContainerStatus, ExitStatus, RuntimeDriver};
+pub use driver::{
+    AdoptReport, ContainerInfo, ContainerState, ContainerStatus, ExitStatus, RuntimeDriver,
+};
 pub use error::{Result, RuntimeError};
 pub use flotilla_shim::logfile::{read_logs, LogFollower, LogLine};
 pub use image::{ImageConfigInput, ImageInspect, ImageStore, ImageSummary};

@@ -22,7 +22,8 @@ const FSMOUNT_CLOEXEC: libc::c_uint = 1;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
 
 fn cstr(p: &Path) -> Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| RuntimeError::Invalid(format!("path with NUL: {}", p.display())))
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| RuntimeError::Invalid(format!("path with NUL: {}", p.display())))
 }
 
 /// Classic overlay option string; `lowers` are top-most first.
@@ -54,7 +55,14 @@ fn mount_new_api(lowers: &[PathBuf], upper: &Path, work: &Path, target: &Path) -
         let v = CString::new(val.as_os_str().as_bytes()).map_err(io::Error::other)?;
         // SAFETY: valid fs context fd and NUL-terminated key/value strings.
         let r = unsafe {
-            libc::syscall(libc::SYS_fsconfig, fs.as_raw_fd(), FSCONFIG_SET_STRING, k.as_ptr(), v.as_ptr(), 0)
+            libc::syscall(
+                libc::SYS_fsconfig,
+                fs.as_raw_fd(),
+                FSCONFIG_SET_STRING,
+                k.as_ptr(),
+                v.as_ptr(),
+                0,
+            )
         };
         if r < 0 {
             Err(errno())
@@ -114,7 +122,12 @@ pub fn mount_overlay(lowers: &[PathBuf], upper: &Path, work: &Path, target: &Pat
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EINVAL)) => {
             tracing::debug!(error = %e, "new mount api unavailable for overlay, using mount(2)");
         }
-        Err(e) => return Err(RuntimeError::Mount(format!("overlay on {}: {e}", target.display()))),
+        Err(e) => {
+            return Err(RuntimeError::Mount(format!(
+                "overlay on {}: {e}",
+                target.display()
+            )))
+        }
     }
     let opts = overlay_options(lowers, upper, work);
     if opts.len() > MAX_MOUNT_DATA {
@@ -129,9 +142,21 @@ pub fn mount_overlay(lowers: &[PathBuf], upper: &Path, work: &Path, target: &Pat
     let data = CString::new(opts).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
     let tgt = cstr(target)?;
     // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
-    let r = unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), src.as_ptr(), 0, data.as_ptr().cast()) };
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            tgt.as_ptr(),
+            src.as_ptr(),
+            0,
+            data.as_ptr().cast(),
+        )
+    };
     if r != 0 {
-        return Err(RuntimeError::Mount(format!("overlay on {}: {}", target.display(), errno())));
+        return Err(RuntimeError::Mount(format!(
+            "overlay on {}: {}",
+            target.display(),
+            errno()
+        )));
     }
     Ok(())
 }
@@ -153,10 +178,17 @@ pub fn unmount(target: &Path) -> Result<()> {
             if r == 0 {
                 Ok(())
             } else {
-                Err(RuntimeError::Mount(format!("unmount {}: {}", target.display(), errno())))
+                Err(RuntimeError::Mount(format!(
+                    "unmount {}: {}",
+                    target.display(),
+                    errno()
+                )))
             }
         }
-        _ => Err(RuntimeError::Mount(format!("unmount {}: {e}", target.display()))),
+        _ => Err(RuntimeError::Mount(format!(
+            "unmount {}: {e}",
+            target.display()
+        ))),
     }
 }
 
@@ -164,7 +196,8 @@ pub fn unmount(target: &Path) -> Result<()> {
 pub fn is_mounted(path: &Path) -> bool {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let want = path.display().to_string();
-    text.lines().any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+    text.lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
 }
 
 #[cfg(test)]
@@ -173,7 +206,11 @@ mod tests {
 
     #[test]
     fn classic_options_order_top_first() {
-        let o = overlay_options(&["/a".into(), "/b".into()], Path::new("/u"), Path::new("/w"));
+        let o = overlay_options(
+            &["/a".into(), "/b".into()],
+            Path::new("/u"),
+            Path::new("/w"),
+        );
         assert_eq!(o, "lowerdir=/a:/b,upperdir=/u,workdir=/w");
     }
 }

@@ -50,7 +50,17 @@ pub fn which(bin: &Path) -> Option<PathBuf> {
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
-        .chain(["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"].map(PathBuf::from))
+        .chain(
+            [
+                "/usr/local/sbin",
+                "/usr/local/bin",
+                "/usr/sbin",
+                "/usr/bin",
+                "/sbin",
+                "/bin",
+            ]
+            .map(PathBuf::from),
+        )
         .map(|d| d.join(bin))
         .find(|p| p.is_file())
 }
@@ -61,8 +71,12 @@ pub fn cgroup_layout_from_mountinfo(mountinfo: &str) -> CgroupLayout {
     let mut unified = false;
     for line in mountinfo.lines() {
         let fields: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = fields.iter().position(|f| *f == "-") else { continue };
-        let (Some(mnt), Some(fstype)) = (fields.get(4), fields.get(sep + 1)) else { continue };
+        let Some(sep) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        let (Some(mnt), Some(fstype)) = (fields.get(4), fields.get(sep + 1)) else {
+            continue;
+        };
         match (*fstype, *mnt) {
             ("cgroup2", "/sys/fs/cgroup") => return CgroupLayout::V2,
             ("cgroup2", "/sys/fs/cgroup/unified") => unified = true,
@@ -79,7 +93,9 @@ pub fn cgroup_layout_from_mountinfo(mountinfo: &str) -> CgroupLayout {
 
 /// `(major, minor)` of a kernel release string like `6.18.0-1-amd64`.
 pub fn kernel_version(release: &str) -> (u32, u32) {
-    let mut it = release.split(|c: char| !c.is_ascii_digit()).filter_map(|s| s.parse().ok());
+    let mut it = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|s| s.parse().ok());
     (it.next().unwrap_or(0), it.next().unwrap_or(0))
 }
 
@@ -112,7 +128,9 @@ impl HostProbe {
             runtime_path,
             runc_version,
             cgroup_layout: cgroup_layout_from_mountinfo(&mountinfo),
-            overlay: filesystems.lines().any(|l| l.trim_end().ends_with("\toverlay")),
+            overlay: filesystems
+                .lines()
+                .any(|l| l.trim_end().ends_with("\toverlay")),
             userns: max_userns > 0 && Path::new("/proc/self/ns/user").exists(),
             userns_range: cfg.userns,
             overlay_lowerdir_plus: kernel_version(&kernel) >= (6, 8),
@@ -134,7 +152,9 @@ impl HostProbe {
             return missing("the oci runtime does not answer `--version`: reinstall it (apt-get install --reinstall runc)");
         }
         if self.cgroup_layout == CgroupLayout::Unknown {
-            return missing("no cgroup filesystem under /sys/fs/cgroup: mount cgroups (v1, hybrid or v2)");
+            return missing(
+                "no cgroup filesystem under /sys/fs/cgroup: mount cgroups (v1, hybrid or v2)",
+            );
         }
         if !self.overlay {
             return missing("overlayfs not available: modprobe overlay (CONFIG_OVERLAY_FS)");
@@ -159,7 +179,11 @@ mod tests {
     #[test]
     fn detects_layouts() {
         assert_eq!(cgroup_layout_from_mountinfo(HYBRID), CgroupLayout::Hybrid);
-        let v1: String = HYBRID.lines().filter(|l| !l.contains("unified")).collect::<Vec<_>>().join("\n");
+        let v1: String = HYBRID
+            .lines()
+            .filter(|l| !l.contains("unified"))
+            .collect::<Vec<_>>()
+            .join("\n");
         assert_eq!(cgroup_layout_from_mountinfo(&v1), CgroupLayout::V1);
         let v2 = "30 24 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw";
         assert_eq!(cgroup_layout_from_mountinfo(v2), CgroupLayout::V2);
@@ -178,7 +202,11 @@ mod tests {
         cfg.runtime_bin = PathBuf::from("/nonexistent/runc");
         let mut p = HostProbe::run(&cfg);
         p.root = true;
-        let msg = p.check().map_err(|e| e.to_string()).err().unwrap_or_default();
+        let msg = p
+            .check()
+            .map_err(|e| e.to_string())
+            .err()
+            .unwrap_or_default();
         assert!(msg.contains("apt-get install runc"), "{msg}");
     }
 }

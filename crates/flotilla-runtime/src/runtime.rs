@@ -10,7 +10,9 @@
 //! - `images/` — the [`ImageStore`].
 
 use crate::config::{IdRange, RuntimeConfig};
-use crate::driver::{AdoptReport, ContainerInfo, ContainerState, ContainerStatus, ExitStatus, RuntimeDriver};
+use crate::driver::{
+    AdoptReport, ContainerInfo, ContainerState, ContainerStatus, ExitStatus, RuntimeDriver,
+};
 use crate::error::{IoContext, Result, RuntimeError};
 use crate::image::ImageStore;
 use crate::overlay;
@@ -45,7 +47,8 @@ struct Inner {
 
 fn mkdir(p: &Path, mode: u32) -> Result<()> {
     fs::create_dir_all(p).ctx(|| format!("create {}", p.display()))?;
-    fs::set_permissions(p, fs::Permissions::from_mode(mode)).ctx(|| format!("chmod {}", p.display()))
+    fs::set_permissions(p, fs::Permissions::from_mode(mode))
+        .ctx(|| format!("chmod {}", p.display()))
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -60,22 +63,39 @@ impl Runtime {
     pub fn new(cfg: RuntimeConfig) -> Result<Runtime> {
         let probe = HostProbe::run(&cfg);
         probe.check()?;
-        let runtime_path = probe
-            .runtime_path
-            .clone()
-            .ok_or_else(|| RuntimeError::HostRequirement("runc not found: apt-get install runc".into()))?;
-        for (d, mode) in [("", 0o711), ("containers", 0o711), ("sock", 0o700), ("logs", 0o700), ("runc", 0o700)] {
+        let runtime_path = probe.runtime_path.clone().ok_or_else(|| {
+            RuntimeError::HostRequirement("runc not found: apt-get install runc".into())
+        })?;
+        for (d, mode) in [
+            ("", 0o711),
+            ("containers", 0o711),
+            ("sock", 0o700),
+            ("logs", 0o700),
+            ("runc", 0o700),
+        ] {
             mkdir(&cfg.root.join(d), mode)?;
         }
         let images = ImageStore::open(cfg.root.join("images"))?;
         // Layers must be traversable by the container's (unprivileged) root.
-        fs::set_permissions(images.root(), fs::Permissions::from_mode(0o711)).ctx(|| "chmod images".into())?;
-        for d in ["layers"] {
-            fs::set_permissions(images.root().join(d), fs::Permissions::from_mode(0o711)).ctx(|| "chmod layers".into())?;
-        }
-        let is_crun = runtime_path.file_name().is_some_and(|n| n.to_string_lossy().contains("crun"));
-        let hide_cgroup2 = cfg.hide_cgroup2.unwrap_or(is_crun && probe.cgroup_layout == CgroupLayout::Hybrid);
-        Ok(Runtime { inner: Arc::new(Inner { cfg, images, probe, runtime_path, hide_cgroup2 }) })
+        fs::set_permissions(images.root(), fs::Permissions::from_mode(0o711))
+            .ctx(|| "chmod images".into())?;
+        fs::set_permissions(images.root().join("layers"), fs::Permissions::from_mode(0o711))
+            .ctx(|| "chmod layers".into())?;
+        let is_crun = runtime_path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().contains("crun"));
+        let hide_cgroup2 = cfg
+            .hide_cgroup2
+            .unwrap_or(is_crun && probe.cgroup_layout == CgroupLayout::Hybrid);
+        Ok(Runtime {
+            inner: Arc::new(Inner {
+                cfg,
+                images,
+                probe,
+                runtime_path,
+                hide_cgroup2,
+            }),
+        })
     }
 
     /// The content store.
@@ -98,7 +118,10 @@ impl Runtime {
         let digest = self.inner.images.resolve(reference)?;
         for c in self.inner.list_sync()? {
             if c.image == digest {
-                return Err(RuntimeError::ImageInUse { image: reference.into(), container: c.id });
+                return Err(RuntimeError::ImageInUse {
+                    image: reference.into(),
+                    container: c.id,
+                });
             }
         }
         self.inner.images.remove(reference)
@@ -117,7 +140,10 @@ impl Inner {
 
     fn socket(&self, id: &str) -> PathBuf {
         let h = hex::encode(Sha256::digest(id.as_bytes()));
-        self.cfg.root.join("sock").join(format!("{}.sock", &h[..16]))
+        self.cfg
+            .root
+            .join("sock")
+            .join(format!("{}.sock", &h[..16]))
     }
 
     fn log_path(&self, id: &str) -> PathBuf {
@@ -128,17 +154,25 @@ impl Inner {
         spec::validate_id(id).map_err(|_| RuntimeError::ContainerNotFound(id.into()))?;
         let p = self.dir(id).join("meta.json");
         let b = fs::read(&p).map_err(|_| RuntimeError::ContainerNotFound(id.into()))?;
-        serde_json::from_slice(&b).map_err(|e| RuntimeError::Json { path: p, message: e.to_string() })
+        serde_json::from_slice(&b).map_err(|e| RuntimeError::Json {
+            path: p,
+            message: e.to_string(),
+        })
     }
 
     fn list_sync(&self) -> Result<Vec<ContainerInfo>> {
         let mut out = Vec::new();
         let dir = self.cfg.root.join("containers");
-        for e in fs::read_dir(&dir).ctx(|| format!("list {}", dir.display()))?.flatten() {
+        for e in fs::read_dir(&dir)
+            .ctx(|| format!("list {}", dir.display()))?
+            .flatten()
+        {
             let id = e.file_name().to_string_lossy().into_owned();
             match self.info(&id) {
                 Ok(i) => out.push(i),
-                Err(err) => tracing::warn!(container = %id, error = %err, "container dir without readable meta.json"),
+                Err(err) => {
+                    tracing::warn!(container = %id, error = %err, "container dir without readable meta.json")
+                }
             }
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
@@ -169,7 +203,11 @@ impl Inner {
         let digest = self.images.resolve(&spec.image)?;
         let image_cfg = self.images.config(&digest)?;
         let sec = &spec.security;
-        let userns: Option<IdRange> = if sec.userns && !sec.privileged { self.cfg.userns } else { None };
+        let userns: Option<IdRange> = if sec.userns && !sec.privileged {
+            self.cfg.userns
+        } else {
+            None
+        };
         let layers = self.images.unpacked_layers(&digest, userns)?;
         let bundle = dir.join("bundle");
         let rootfs = bundle.join("rootfs");
@@ -182,8 +220,10 @@ impl Inner {
         mkdir(&work, 0o700)?;
         if let Some(r) = userns {
             let root = r.shift(0);
-            std::os::unix::fs::chown(&upper, Some(root), Some(root)).ctx(|| "chown upper".into())?;
-            std::os::unix::fs::chown(&rootfs, Some(root), Some(root)).ctx(|| "chown rootfs".into())?;
+            std::os::unix::fs::chown(&upper, Some(root), Some(root))
+                .ctx(|| "chown upper".into())?;
+            std::os::unix::fs::chown(&rootfs, Some(root), Some(root))
+                .ctx(|| "chown rootfs".into())?;
         }
         overlay::mount_overlay(&layers, &upper, &work, &rootfs)?;
         let read = |p: &str| fs::read_to_string(rootfs.join(p)).unwrap_or_default();
@@ -198,9 +238,15 @@ impl Inner {
         let oci = spec::build_spec(
             &spec,
             image_cfg.config().as_ref(),
-            &BuildContext { rootfs: &rootfs, cgroups_path: cgroups_path.clone(), userns, user },
+            &BuildContext {
+                rootfs: &rootfs,
+                cgroups_path: cgroups_path.clone(),
+                userns,
+                user,
+            },
         )?;
-        oci.save(bundle.join("config.json")).map_err(|e| RuntimeError::Invalid(format!("write config.json: {e}")))?;
+        oci.save(bundle.join("config.json"))
+            .map_err(|e| RuntimeError::Invalid(format!("write config.json: {e}")))?;
         let mut opt_outs = Vec::new();
         if sec.privileged {
             opt_outs.push("privileged".to_string());
@@ -229,7 +275,8 @@ impl Inner {
             runtime: self.runtime_path.clone(),
             spec,
         };
-        let meta = serde_json::to_vec_pretty(&info).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        let meta =
+            serde_json::to_vec_pretty(&info).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         fs::write(dir.join("meta.json"), meta).ctx(|| "write meta.json".into())?;
         self.spawn_shim(&info)?;
         Ok(info)
@@ -257,7 +304,9 @@ impl Inner {
         } else if let Some(msg) = line.strip_prefix("error ") {
             Err(RuntimeError::Oci(msg.to_string()))
         } else {
-            Err(RuntimeError::Shim(format!("shim exited without a handshake (got {line:?})")))
+            Err(RuntimeError::Shim(format!(
+                "shim exited without a handshake (got {line:?})"
+            )))
         }
     }
 
@@ -272,11 +321,15 @@ impl Inner {
     }
 
     fn dead_state(&self, id: &str) -> ContainerState {
-        let recorded: Option<ShimState> =
-            fs::read(self.dir(id).join("status.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        let recorded: Option<ShimState> = fs::read(self.dir(id).join("status.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
         match recorded {
             Some(s) if s.exit_code.is_some() => to_state(&s, false),
-            Some(s) => ContainerState { status: ContainerStatus::Unknown, ..to_state(&s, false) },
+            Some(s) => ContainerState {
+                status: ContainerStatus::Unknown,
+                ..to_state(&s, false)
+            },
             None => ContainerState {
                 id: id.to_string(),
                 status: ContainerStatus::Unknown,
@@ -304,7 +357,10 @@ impl Inner {
             }
             Err(e) => return Err(e),
         };
-        Ok(ExitStatus { code: s.exit_code.unwrap_or(255), oom_killed: s.oom_killed })
+        Ok(ExitStatus {
+            code: s.exit_code.unwrap_or(255),
+            oom_killed: s.oom_killed,
+        })
     }
 
     /// Frees everything of a container (idempotent).
@@ -389,8 +445,15 @@ impl RuntimeDriver for Runtime {
             // Claim the id atomically.
             match fs::create_dir(&dir) {
                 Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(RuntimeError::ContainerExists(id)),
-                Err(e) => return Err(RuntimeError::Io { context: format!("create {}", dir.display()), source: e }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return Err(RuntimeError::ContainerExists(id))
+                }
+                Err(e) => {
+                    return Err(RuntimeError::Io {
+                        context: format!("create {}", dir.display()),
+                        source: e,
+                    })
+                }
             }
             tracing::debug!(container = %id, "creating container");
             let i2 = inner.clone();
@@ -409,7 +472,9 @@ impl RuntimeDriver for Runtime {
     fn start<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<()>> {
         async move {
             self.inner.info(id)?;
-            shim_client::call(&self.inner.socket(id), id, &Request::Start).await.map(|_| ())
+            shim_client::call(&self.inner.socket(id), id, &Request::Start)
+                .await
+                .map(|_| ())
         }
         .boxed()
     }
@@ -425,7 +490,9 @@ impl RuntimeDriver for Runtime {
     fn signal<'a>(&'a self, id: &'a str, signal: i32) -> BoxFuture<'a, Result<()>> {
         async move {
             self.inner.info(id)?;
-            shim_client::call(&self.inner.socket(id), id, &Request::Signal { signal }).await.map(|_| ())
+            shim_client::call(&self.inner.socket(id), id, &Request::Signal { signal })
+                .await
+                .map(|_| ())
         }
         .boxed()
     }
@@ -440,7 +507,9 @@ impl RuntimeDriver for Runtime {
             self.inner.info(id)?;
             match shim_client::call(&self.inner.socket(id), id, &Request::Delete).await {
                 Ok(_) | Err(RuntimeError::ShimDead(_)) => {}
-                Err(e) => tracing::warn!(container = %id, error = %e, "shim delete failed; forcing"),
+                Err(e) => {
+                    tracing::warn!(container = %id, error = %e, "shim delete failed; forcing")
+                }
             }
             // The shim exits right after answering; make sure it is gone before removing its dir.
             let inner = self.inner.clone();

@@ -12,18 +12,79 @@ use serde_json::json;
 
 /// Syscalls the default profile refuses with EPERM.
 pub const DENIED: &[&str] = &[
-    "acct", "add_key", "afs_syscall", "bpf", "clock_adjtime", "clock_settime", "create_module", "delete_module",
-    "finit_module", "fsconfig", "fsmount", "fsopen", "fspick", "get_kernel_syms", "get_mempolicy", "init_module",
-    "ioperm", "iopl", "kcmp", "kexec_file_load", "kexec_load", "keyctl", "lookup_dcookie", "mbind", "mount",
-    "mount_setattr", "move_mount", "move_pages", "name_to_handle_at", "nfsservctl", "open_by_handle_at", "open_tree",
-    "perf_event_open", "pivot_root", "putpmsg", "query_module", "quotactl", "quotactl_fd", "reboot", "request_key",
-    "security", "set_mempolicy", "setns", "settimeofday", "stime", "swapoff", "swapon", "sysfs", "_sysctl", "syslog",
-    "tuxcall", "umount", "umount2", "unshare", "uselib", "userfaultfd", "ustat", "vhangup", "vm86", "vm86old",
+    "acct",
+    "add_key",
+    "afs_syscall",
+    "bpf",
+    "clock_adjtime",
+    "clock_settime",
+    "create_module",
+    "delete_module",
+    "finit_module",
+    "fsconfig",
+    "fsmount",
+    "fsopen",
+    "fspick",
+    "get_kernel_syms",
+    "get_mempolicy",
+    "init_module",
+    "ioperm",
+    "iopl",
+    "kcmp",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "lookup_dcookie",
+    "mbind",
+    "mount",
+    "mount_setattr",
+    "move_mount",
+    "move_pages",
+    "name_to_handle_at",
+    "nfsservctl",
+    "open_by_handle_at",
+    "open_tree",
+    "perf_event_open",
+    "pivot_root",
+    "putpmsg",
+    "query_module",
+    "quotactl",
+    "quotactl_fd",
+    "reboot",
+    "request_key",
+    "security",
+    "set_mempolicy",
+    "setns",
+    "settimeofday",
+    "stime",
+    "swapoff",
+    "swapon",
+    "sysfs",
+    "_sysctl",
+    "syslog",
+    "tuxcall",
+    "umount",
+    "umount2",
+    "unshare",
+    "uselib",
+    "userfaultfd",
+    "ustat",
+    "vhangup",
+    "vm86",
+    "vm86old",
     "vserver",
 ];
 
 /// Namespace flags `clone` may not carry (CLONE_NEWNS … CLONE_NEWNET, CLONE_NEWCGROUP).
-pub const CLONE_NS_FLAGS: &[u64] = &[0x0002_0000, 0x0200_0000, 0x0400_0000, 0x0800_0000, 0x1000_0000, 0x2000_0000, 0x4000_0000];
+pub const CLONE_NS_FLAGS: &[u64] = &[
+    0x0002_0000,
+    0x0200_0000,
+    0x0400_0000,
+    0x0800_0000,
+    0x1000_0000,
+    0x2000_0000,
+    0x4000_0000,
+];
 
 /// The profile, as an oci-spec value.
 pub fn default_profile() -> Result<LinuxSeccomp> {
@@ -50,7 +111,10 @@ mod tests {
     #[test]
     fn profile_parses() -> crate::error::Result<()> {
         let p = super::default_profile()?;
-        assert!(p.syscalls().as_ref().is_some_and(|s| s.len() == 2 + super::CLONE_NS_FLAGS.len()));
+        assert!(p
+            .syscalls()
+            .as_ref()
+            .is_some_and(|s| s.len() == 2 + super::CLONE_NS_FLAGS.len()));
         Ok(())
     }
 }

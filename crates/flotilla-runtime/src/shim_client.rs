@@ -8,18 +8,27 @@ use tokio::net::UnixStream;
 
 /// Sends one request and reads the answer. `Err(ShimDead)` when nothing listens.
 pub async fn call(socket: &Path, id: &str, req: &Request) -> Result<ShimState> {
-    let stream = UnixStream::connect(socket).await.map_err(|_| RuntimeError::ShimDead(id.to_string()))?;
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|_| RuntimeError::ShimDead(id.to_string()))?;
     let (r, mut w) = stream.into_split();
     let mut line = serde_json::to_vec(req).map_err(|e| RuntimeError::Shim(e.to_string()))?;
     line.push(b'\n');
-    w.write_all(&line).await.map_err(|_| RuntimeError::ShimDead(id.to_string()))?;
+    w.write_all(&line)
+        .await
+        .map_err(|_| RuntimeError::ShimDead(id.to_string()))?;
     let mut reader = BufReader::new(r);
     let mut resp = String::new();
-    let n = reader.read_line(&mut resp).await.map_err(|_| RuntimeError::ShimDead(id.to_string()))?;
+    let n = reader
+        .read_line(&mut resp)
+        .await
+        .map_err(|_| RuntimeError::ShimDead(id.to_string()))?;
     if n == 0 {
         return Err(RuntimeError::ShimDead(id.to_string()));
     }
-    match serde_json::from_str::<Response>(&resp).map_err(|e| RuntimeError::Shim(format!("bad answer: {e}")))? {
+    match serde_json::from_str::<Response>(&resp)
+        .map_err(|e| RuntimeError::Shim(format!("bad answer: {e}")))?
+    {
         Response::Ok { state } => Ok(state),
         Response::Error { message } => Err(RuntimeError::Oci(message)),
     }

@@ -8,8 +8,8 @@ use crate::error::{Result, RuntimeError};
 use crate::seccomp;
 use oci_spec::image::Config as ImageConfig;
 use oci_spec::runtime::{
-    Capability, LinuxCapabilities, LinuxCpu, LinuxIdMapping, LinuxIdMappingBuilder, LinuxMemory, LinuxNamespace,
-    LinuxNamespaceType, LinuxPids, LinuxResources, Mount, Spec, User,
+    Capability, LinuxCapabilities, LinuxCpu, LinuxIdMapping, LinuxIdMappingBuilder, LinuxMemory,
+    LinuxNamespace, LinuxNamespaceType, LinuxPids, LinuxResources, Mount, Spec, User,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
@@ -96,7 +96,9 @@ pub fn validate_id(id: &str) -> Result<()> {
     let ok = !id.is_empty()
         && id.len() <= 64
         && id.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
     if ok {
         Ok(())
     } else {
@@ -126,13 +128,47 @@ pub const DEFAULT_CAPS: &[&str] = &[
 
 /// Every capability runc 1.1 knows.
 pub const ALL_CAPS: &[&str] = &[
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
-    "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE",
-    "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE",
-    "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT",
-    "CAP_SYS_NICE", "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
-    "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG",
-    "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
 ];
 
 fn norm_cap(c: &str) -> String {
@@ -146,7 +182,14 @@ fn norm_cap(c: &str) -> String {
 
 /// The effective capability names: defaults (or all when privileged) + add − drop.
 pub fn capability_set(sec: &SecurityOptions) -> Result<Vec<String>> {
-    let mut set: Vec<String> = if sec.privileged { ALL_CAPS } else { DEFAULT_CAPS }.iter().map(|s| s.to_string()).collect();
+    let mut set: Vec<String> = if sec.privileged {
+        ALL_CAPS
+    } else {
+        DEFAULT_CAPS
+    }
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     for c in sec.cap_add.iter().map(|c| norm_cap(c)) {
         if c == "CAP_ALL" || c == "ALL" {
             set = ALL_CAPS.iter().map(|s| s.to_string()).collect();
@@ -168,7 +211,9 @@ pub fn capability_set(sec: &SecurityOptions) -> Result<Vec<String>> {
 
 /// Merges the process args Docker-style: entrypoint + cmd, the task's overrides winning.
 pub fn merge_args(spec: &ContainerSpec, image: Option<&ImageConfig>) -> Result<Vec<String>> {
-    let img_ep = image.and_then(|c| c.entrypoint().clone()).unwrap_or_default();
+    let img_ep = image
+        .and_then(|c| c.entrypoint().clone())
+        .unwrap_or_default();
     let img_cmd = image.and_then(|c| c.cmd().clone()).unwrap_or_default();
     let (ep, cmd) = match (&spec.entrypoint, &spec.args) {
         (Some(ep), Some(args)) => (ep.clone(), args.clone()),
@@ -178,7 +223,9 @@ pub fn merge_args(spec: &ContainerSpec, image: Option<&ImageConfig>) -> Result<V
     };
     let all: Vec<String> = ep.into_iter().chain(cmd).collect();
     if all.is_empty() {
-        return Err(RuntimeError::Invalid("no command: the image has no cmd/entrypoint and the task sets none".into()));
+        return Err(RuntimeError::Invalid(
+            "no command: the image has no cmd/entrypoint and the task sets none".into(),
+        ));
     }
     Ok(all)
 }
@@ -194,7 +241,10 @@ pub fn merge_env(spec: &ContainerSpec, image: Option<&ImageConfig>) -> Vec<Strin
         out.push(kv.clone());
     }
     if !out.iter().any(|e| e.starts_with("PATH=")) {
-        out.insert(0, "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+        out.insert(
+            0,
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        );
     }
     out
 }
@@ -202,7 +252,9 @@ pub fn merge_env(spec: &ContainerSpec, image: Option<&ImageConfig>) -> Vec<Strin
 fn lookup(db: &str, name: &str, id_field: usize) -> Option<u32> {
     db.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
-        (f.first() == Some(&name)).then(|| f.get(id_field)?.parse().ok()).flatten()
+        (f.first() == Some(&name))
+            .then(|| f.get(id_field)?.parse().ok())
+            .flatten()
     })
 }
 
@@ -214,20 +266,24 @@ pub fn resolve_user(user: &str, passwd: &str, group: &str) -> Result<(u32, u32)>
     };
     let uid = match u.parse::<u32>() {
         Ok(n) => n,
-        Err(_) => lookup(passwd, u, 2)
-            .ok_or_else(|| RuntimeError::Invalid(format!("user {u} not found in the image's /etc/passwd")))?,
+        Err(_) => lookup(passwd, u, 2).ok_or_else(|| {
+            RuntimeError::Invalid(format!("user {u} not found in the image's /etc/passwd"))
+        })?,
     };
     let gid = match g {
         Some(g) => match g.parse::<u32>() {
             Ok(n) => n,
-            Err(_) => lookup(group, g, 2)
-                .ok_or_else(|| RuntimeError::Invalid(format!("group {g} not found in the image's /etc/group")))?,
+            Err(_) => lookup(group, g, 2).ok_or_else(|| {
+                RuntimeError::Invalid(format!("group {g} not found in the image's /etc/group"))
+            })?,
         },
         None => passwd
             .lines()
             .find_map(|l| {
                 let f: Vec<&str> = l.split(':').collect();
-                (f.get(2).and_then(|x| x.parse::<u32>().ok()) == Some(uid)).then(|| f.get(3)?.parse().ok()).flatten()
+                (f.get(2).and_then(|x| x.parse::<u32>().ok()) == Some(uid))
+                    .then(|| f.get(3)?.parse().ok())
+                    .flatten()
             })
             .unwrap_or(0),
     };
@@ -260,7 +316,11 @@ fn mapping(r: IdRange) -> Result<LinuxIdMapping> {
 }
 
 /// Builds the OCI runtime spec for a container.
-pub fn build_spec(spec: &ContainerSpec, image: Option<&ImageConfig>, ctx: &BuildContext<'_>) -> Result<Spec> {
+pub fn build_spec(
+    spec: &ContainerSpec,
+    image: Option<&ImageConfig>,
+    ctx: &BuildContext<'_>,
+) -> Result<Spec> {
     let mut s = Spec::default();
     let sec = &spec.security;
 
@@ -272,10 +332,16 @@ pub fn build_spec(spec: &ContainerSpec, image: Option<&ImageConfig>, ctx: &Build
     let cwd = spec
         .workdir
         .clone()
-        .or_else(|| image.and_then(|c| c.working_dir().clone()).filter(|w| !w.is_empty()))
+        .or_else(|| {
+            image
+                .and_then(|c| c.working_dir().clone())
+                .filter(|w| !w.is_empty())
+        })
         .unwrap_or_else(|| "/".into());
     if !cwd.starts_with('/') {
-        return Err(RuntimeError::Invalid(format!("workdir {cwd} must be absolute")));
+        return Err(RuntimeError::Invalid(format!(
+            "workdir {cwd} must be absolute"
+        )));
     }
     process.set_cwd(PathBuf::from(cwd));
     let mut user = User::default();
@@ -301,16 +367,27 @@ pub fn build_spec(spec: &ContainerSpec, image: Option<&ImageConfig>, ctx: &Build
     root.set_path(ctx.rootfs.to_path_buf());
     root.set_readonly(Some(false));
     s.set_root(Some(root));
-    let hostname = spec.hostname.clone().unwrap_or_else(|| spec.id.chars().take(12).collect());
+    let hostname = spec
+        .hostname
+        .clone()
+        .unwrap_or_else(|| spec.id.chars().take(12).collect());
     s.set_hostname(Some(hostname));
 
     // Mounts: the standard set plus binds.
     let mut mounts: Vec<Mount> = s.mounts().clone().unwrap_or_default();
     for b in &spec.mounts {
         if !b.dst.is_absolute() {
-            return Err(RuntimeError::Invalid(format!("mount destination {} must be absolute", b.dst.display())));
+            return Err(RuntimeError::Invalid(format!(
+                "mount destination {} must be absolute",
+                b.dst.display()
+            )));
         }
-        let mut opts = vec!["rbind".to_string(), "rprivate".to_string(), "nosuid".to_string(), "nodev".to_string()];
+        let mut opts = vec![
+            "rbind".to_string(),
+            "rprivate".to_string(),
+            "nosuid".to_string(),
+            "nodev".to_string(),
+        ];
         if b.readonly {
             opts.push("ro".into());
         }
@@ -324,7 +401,8 @@ pub fn build_spec(spec: &ContainerSpec, image: Option<&ImageConfig>, ctx: &Build
     let mut linux = s.linux().clone().unwrap_or_default();
     linux.set_cgroups_path(Some(PathBuf::from(&ctx.cgroups_path)));
     let mut namespaces: Vec<LinuxNamespace> = linux.namespaces().clone().unwrap_or_default();
-    namespaces.retain(|n| n.typ() != LinuxNamespaceType::User && n.typ() != LinuxNamespaceType::Cgroup);
+    namespaces
+        .retain(|n| n.typ() != LinuxNamespaceType::User && n.typ() != LinuxNamespaceType::Cgroup);
     if let Some(r) = ctx.userns {
         namespaces.push(json(serde_json::json!({"type": "user"}))?);
         linux.set_uid_mappings(Some(vec![mapping(r)?]));
@@ -332,7 +410,9 @@ pub fn build_spec(spec: &ContainerSpec, image: Option<&ImageConfig>, ctx: &Build
     }
     linux.set_namespaces(Some(namespaces));
     let mut res = LinuxResources::default();
-    res.set_devices(Some(vec![json(serde_json::json!({"allow": false, "access": "rwm"}))?]));
+    res.set_devices(Some(vec![json(
+        serde_json::json!({"allow": false, "access": "rwm"}),
+    )?]));
     let r = &spec.resources;
     if let Some(m) = r.memory_bytes {
         let mut mem = LinuxMemory::default();
@@ -371,7 +451,11 @@ pub fn build_spec(spec: &ContainerSpec, image: Option<&ImageConfig>, ctx: &Build
     } else {
         linux.set_masked_paths(Some(masked_paths()));
         linux.set_readonly_paths(Some(readonly_paths()));
-        linux.set_seccomp(if sec.seccomp { Some(seccomp::default_profile()?) } else { None });
+        linux.set_seccomp(if sec.seccomp {
+            Some(seccomp::default_profile()?)
+        } else {
+            None
+        });
     }
     s.set_linux(Some(linux));
     Ok(s)
@@ -380,8 +464,17 @@ pub fn build_spec(spec: &ContainerSpec, image: Option<&ImageConfig>, ctx: &Build
 /// Docker's masked /proc and /sys paths.
 pub fn masked_paths() -> Vec<String> {
     [
-        "/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
-        "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap",
+        "/proc/asound",
+        "/proc/acpi",
+        "/proc/kcore",
+        "/proc/keys",
+        "/proc/latency_stats",
+        "/proc/timer_list",
+        "/proc/timer_stats",
+        "/proc/sched_debug",
+        "/proc/scsi",
+        "/sys/firmware",
+        "/sys/devices/virtual/powercap",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -390,7 +483,16 @@ pub fn masked_paths() -> Vec<String> {
 
 /// Docker's read-only /proc paths.
 pub fn readonly_paths() -> Vec<String> {
-    ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"].iter().map(|s| s.to_string()).collect()
+    [
+        "/proc/bus",
+        "/proc/fs",
+        "/proc/irq",
+        "/proc/sys",
+        "/proc/sysrq-trigger",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 #[cfg(test)]
@@ -417,7 +519,11 @@ mod tests {
         assert_eq!(merge_args(&s, Some(&i))?, ["/ep", "x"]);
         s.args = None;
         s.entrypoint = Some(vec!["/other".into()]);
-        assert_eq!(merge_args(&s, Some(&i))?, ["/other"], "overriding the entrypoint drops the image cmd");
+        assert_eq!(
+            merge_args(&s, Some(&i))?,
+            ["/other"],
+            "overriding the entrypoint drops the image cmd"
+        );
         assert!(merge_args(&ContainerSpec::default(), None).is_err());
         Ok(())
     }
@@ -425,7 +531,10 @@ mod tests {
     #[test]
     fn env_task_overrides_image() -> Result<()> {
         let i = img(&[], &["x"])?;
-        let s = ContainerSpec { env: vec!["A=2".into(), "B=3".into()], ..Default::default() };
+        let s = ContainerSpec {
+            env: vec!["A=2".into(), "B=3".into()],
+            ..Default::default()
+        };
         assert_eq!(merge_env(&s, Some(&i)), ["PATH=/bin", "A=2", "B=3"]);
         assert!(merge_env(&ContainerSpec::default(), None)[0].starts_with("PATH="));
         Ok(())
@@ -449,7 +558,9 @@ mod tests {
         sec.cap_add = vec!["net_admin".into()];
         sec.cap_drop = vec!["CAP_CHOWN".into()];
         let set = capability_set(&sec)?;
-        assert!(set.contains(&"CAP_NET_ADMIN".to_string()) && !set.contains(&"CAP_CHOWN".to_string()));
+        assert!(
+            set.contains(&"CAP_NET_ADMIN".to_string()) && !set.contains(&"CAP_CHOWN".to_string())
+        );
         sec.cap_drop = vec!["ALL".into()];
         assert!(capability_set(&sec)?.is_empty());
         Ok(())
@@ -467,7 +578,11 @@ mod tests {
                 pids_limit: Some(100),
                 ..Default::default()
             },
-            mounts: vec![BindMount { src: "/etc/hostname".into(), dst: "/h".into(), readonly: true }],
+            mounts: vec![BindMount {
+                src: "/etc/hostname".into(),
+                dst: "/h".into(),
+                readonly: true,
+            }],
             ..Default::default()
         };
         let ctx = BuildContext {
@@ -484,11 +599,21 @@ mod tests {
         assert_eq!(v["linux"]["cgroupsPath"], "/flotilla/abc");
         assert_eq!(v["linux"]["resources"]["cpu"]["quota"], 150000);
         assert_eq!(v["linux"]["resources"]["pids"]["limit"], 100);
-        assert!(v["linux"]["seccomp"]["syscalls"].as_array().is_some_and(|a| !a.is_empty()));
-        assert!(v["linux"]["namespaces"].as_array().is_some_and(|a| a.iter().any(|n| n["type"] == "user")));
-        assert!(v["mounts"].as_array().is_some_and(|a| a.iter().any(|m| m["destination"] == "/h"
-            && m["options"].as_array().is_some_and(|o| o.contains(&serde_json::json!("ro"))))));
-        let caps = v["process"]["capabilities"]["bounding"].as_array().map(|a| a.len());
+        assert!(v["linux"]["seccomp"]["syscalls"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty()));
+        assert!(v["linux"]["namespaces"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|n| n["type"] == "user")));
+        assert!(v["mounts"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|m| m["destination"] == "/h"
+                && m["options"]
+                    .as_array()
+                    .is_some_and(|o| o.contains(&serde_json::json!("ro"))))));
+        let caps = v["process"]["capabilities"]["bounding"]
+            .as_array()
+            .map(|a| a.len());
         assert_eq!(caps, Some(DEFAULT_CAPS.len()));
         Ok(())
     }

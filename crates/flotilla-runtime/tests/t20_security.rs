@@ -13,18 +13,45 @@ async fn t20_container_root_is_unprivileged_on_the_host() {
     let env = Env::new("uid");
     let rt = &env.runtime;
     let id = env.id("uid");
-    rt.create(spec(&id, &env.image, &["sh", "-c", "id -u; touch /made-here; echo ready; sleep 100"])).await.expect("create");
+    rt.create(spec(
+        &id,
+        &env.image,
+        &["sh", "-c", "id -u; touch /made-here; echo ready; sleep 100"],
+    ))
+    .await
+    .expect("create");
     rt.start(&id).await.expect("start");
-    assert!(common::wait_line(rt, &id, "ready", 10).await, "container started");
+    assert!(
+        common::wait_line(rt, &id, "ready", 10).await,
+        "container started"
+    );
     let st = rt.state(&id).await.expect("state");
     let logs = flotilla_runtime::read_logs(&rt.log_path(&id), None, None).expect("logs");
     assert_eq!(logs[0].line, "0", "id -u inside prints 0");
-    assert_eq!(common::host_uid(st.pid), Some(100_000), "the host sees uid 100000 for the container's root");
+    assert_eq!(
+        common::host_uid(st.pid),
+        Some(100_000),
+        "the host sees uid 100000 for the container's root"
+    );
     let upper = env.root.join("containers").join(&id).join("fs/upper");
-    assert_eq!(std::fs::metadata(&upper).expect("upper").uid(), 100_000, "upper dir owned by the range root");
-    assert_eq!(std::fs::metadata(upper.join("made-here")).expect("file").uid(), 100_000, "writes land as uid 100000");
+    assert_eq!(
+        std::fs::metadata(&upper).expect("upper").uid(),
+        100_000,
+        "upper dir owned by the range root"
+    );
+    assert_eq!(
+        std::fs::metadata(upper.join("made-here"))
+            .expect("file")
+            .uid(),
+        100_000,
+        "writes land as uid 100000"
+    );
     let info = rt.inspect(&id).expect("inspect");
-    assert!(info.security_opt_outs.is_empty(), "secure default has no opt-outs: {:?}", info.security_opt_outs);
+    assert!(
+        info.security_opt_outs.is_empty(),
+        "secure default has no opt-outs: {:?}",
+        info.security_opt_outs
+    );
     assert_eq!(info.userns.map(|r| r.host_start), Some(100_000));
     rt.remove(&id, false).await.expect("remove");
 }
@@ -39,41 +66,112 @@ async fn t21_container_root_cannot_write_mount_or_load_modules() {
     // A host-root-owned file, bind-mounted read-write: only the user namespace protects it.
     let host_file = env.root.join("host-owned");
     std::fs::write(&host_file, "original\n").expect("write");
-    std::fs::set_permissions(&host_file, std::os::unix::fs::PermissionsExt::from_mode(0o644)).expect("chmod");
-    let mut s = spec(&env.id("write"), &env.image, &["sh", "-c", "echo pwned > /host-owned"]);
-    s.mounts.push(BindMount { src: host_file.clone(), dst: "/host-owned".into(), readonly: false });
+    std::fs::set_permissions(
+        &host_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .expect("chmod");
+    let mut s = spec(
+        &env.id("write"),
+        &env.image,
+        &["sh", "-c", "echo pwned > /host-owned"],
+    );
+    s.mounts.push(BindMount {
+        src: host_file.clone(),
+        dst: "/host-owned".into(),
+        readonly: false,
+    });
     let (code, lines) = run_to_exit(rt, s).await;
     assert_ne!(code, 0, "write must fail: {lines:?}");
-    assert_eq!(std::fs::read_to_string(&host_file).expect("read"), "original\n");
+    assert_eq!(
+        std::fs::read_to_string(&host_file).expect("read"),
+        "original\n"
+    );
 
-    let (code, lines) = run_to_exit(rt, spec(&env.id("mount"), &env.image, &["mount", "-t", "tmpfs", "none", "/mnt"])).await;
+    let (code, lines) = run_to_exit(
+        rt,
+        spec(
+            &env.id("mount"),
+            &env.image,
+            &["mount", "-t", "tmpfs", "none", "/mnt"],
+        ),
+    )
+    .await;
     assert_ne!(code, 0, "mount must fail: {lines:?}");
 
     let (code, lines) = run_to_exit(
         rt,
-        spec(&env.id("insmod"), &env.image, &["sh", "-c", "echo junk > /tmp/m.ko; insmod /tmp/m.ko"]),
+        spec(
+            &env.id("insmod"),
+            &env.image,
+            &["sh", "-c", "echo junk > /tmp/m.ko; insmod /tmp/m.ko"],
+        ),
     )
     .await;
     assert_ne!(code, 0, "insmod must fail: {lines:?}");
-    assert!(lines.iter().any(|l| l.contains("not permitted")), "refused with EPERM: {lines:?}");
+    assert!(
+        lines.iter().any(|l| l.contains("not permitted")),
+        "refused with EPERM: {lines:?}"
+    );
 
     let (code, lines) = run_to_exit(
         rt,
-        spec(&env.id("proc"), &env.image, &["sh", "-c", "echo 1 > /proc/sys/vm/drop_caches"]),
+        spec(
+            &env.id("proc"),
+            &env.image,
+            &["sh", "-c", "echo 1 > /proc/sys/vm/drop_caches"],
+        ),
     )
     .await;
     assert_ne!(code, 0, "/proc/sys is read-only: {lines:?}");
-    let masked = ["/proc/kcore", "/proc/timer_list", "/proc/keys", "/proc/sched_debug"]
-        .into_iter()
-        .find(|p| std::fs::metadata(p).is_ok())
-        .expect("one masked path exists on the host");
+    let masked = [
+        "/proc/kcore",
+        "/proc/timer_list",
+        "/proc/keys",
+        "/proc/sched_debug",
+    ]
+    .into_iter()
+    .find(|p| std::fs::metadata(p).is_ok())
+    .expect("one masked path exists on the host");
     let cmd = format!("wc -c < {masked}");
-    let (_, lines) = run_to_exit(rt, spec(&env.id("masked"), &env.image, &["sh", "-c", &cmd])).await;
-    assert_eq!(lines.first().map(|l| l.trim()), Some("0"), "{masked} is masked: {lines:?}");
-    let (_, lines) = run_to_exit(rt, spec(&env.id("caps"), &env.image, &["sh", "-c", "grep CapEff /proc/self/status"])).await;
-    assert_eq!(lines.first().map(String::as_str), Some("CapEff:\t00000000a80425fb"), "Docker's default capability set");
-    let (_, lines) = run_to_exit(rt, spec(&env.id("nnp"), &env.image, &["sh", "-c", "grep -E 'NoNewPrivs|Seccomp:' /proc/self/status"])).await;
-    assert!(lines.iter().any(|l| l == "NoNewPrivs:\t1") && lines.iter().any(|l| l == "Seccomp:\t2"), "{lines:?}");
+    let (_, lines) =
+        run_to_exit(rt, spec(&env.id("masked"), &env.image, &["sh", "-c", &cmd])).await;
+    assert_eq!(
+        lines.first().map(|l| l.trim()),
+        Some("0"),
+        "{masked} is masked: {lines:?}"
+    );
+    let (_, lines) = run_to_exit(
+        rt,
+        spec(
+            &env.id("caps"),
+            &env.image,
+            &["sh", "-c", "grep CapEff /proc/self/status"],
+        ),
+    )
+    .await;
+    assert_eq!(
+        lines.first().map(String::as_str),
+        Some("CapEff:\t00000000a80425fb"),
+        "Docker's default capability set"
+    );
+    let (_, lines) = run_to_exit(
+        rt,
+        spec(
+            &env.id("nnp"),
+            &env.image,
+            &[
+                "sh",
+                "-c",
+                "grep -E 'NoNewPrivs|Seccomp:' /proc/self/status",
+            ],
+        ),
+    )
+    .await;
+    assert!(
+        lines.iter().any(|l| l == "NoNewPrivs:\t1") && lines.iter().any(|l| l == "Seccomp:\t2"),
+        "{lines:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -91,10 +189,20 @@ async fn t22_opting_out_is_explicit_and_visible() {
     rt.start(&id).await.expect("start");
     assert!(common::wait_line(rt, &id, "ready", 10).await);
     let st = rt.state(&id).await.expect("state");
-    assert_eq!(common::host_uid(st.pid), Some(0), "without userns the container runs as host root");
+    assert_eq!(
+        common::host_uid(st.pid),
+        Some(0),
+        "without userns the container runs as host root"
+    );
     let info = rt.inspect(&id).expect("inspect");
     assert!(info.userns.is_none());
-    assert!(info.security_opt_outs.contains(&"userns=host".to_string()), "{:?}", info.security_opt_outs);
-    assert!(info.security_opt_outs.contains(&"seccomp=unconfined".to_string()));
+    assert!(
+        info.security_opt_outs.contains(&"userns=host".to_string()),
+        "{:?}",
+        info.security_opt_outs
+    );
+    assert!(info
+        .security_opt_outs
+        .contains(&"seccomp=unconfined".to_string()));
     rt.remove(&id, false).await.expect("remove");
 }

@@ -14,7 +14,8 @@ async fn t30_kill_9_agent_then_readopt() {
     }
     let env = Env::new("adopt");
     let id = env.id("long");
-    let script = "trap 'exit 42' USR1; i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.05; done";
+    let script =
+        "trap 'exit 42' USR1; i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.05; done";
     let mut agent = Command::new(common::shim_exe())
         .arg("agent")
         .arg(&env.root)
@@ -25,28 +26,49 @@ async fn t30_kill_9_agent_then_readopt() {
         .spawn()
         .expect("spawn agent");
     let mut line = String::new();
-    BufReader::new(agent.stdout.take().expect("stdout")).read_line(&mut line).expect("read");
-    let pid: i32 = line.trim().strip_prefix("started ").and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("agent said {line:?}"));
-    assert!(common::wait_line(&env.runtime, &id, "tick 2", 10).await, "container is ticking");
+    BufReader::new(agent.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    let pid: i32 = line
+        .trim()
+        .strip_prefix("started ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("agent said {line:?}"));
+    assert!(
+        common::wait_line(&env.runtime, &id, "tick 2", 10).await,
+        "container is ticking"
+    );
 
     agent.kill().expect("kill -9 the agent");
     agent.wait().expect("reap agent");
 
     // A fresh "agent" (this process's runtime) re-adopts.
     let report = env.runtime.adopt().await.expect("adopt");
-    let st = report.adopted.iter().find(|s| s.id == id).unwrap_or_else(|| panic!("not adopted: {report:?}"));
+    let st = report
+        .adopted
+        .iter()
+        .find(|s| s.id == id)
+        .unwrap_or_else(|| panic!("not adopted: {report:?}"));
     assert_eq!(st.status, ContainerStatus::Running);
     assert_eq!(st.pid, pid, "same container process");
     assert!(report.dead_shims.is_empty());
     assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
 
     // Output after the agent died keeps reaching the log.
-    let n = flotilla_runtime::read_logs(&env.runtime.log_path(&id), None, None).expect("logs").len();
+    let n = flotilla_runtime::read_logs(&env.runtime.log_path(&id), None, None)
+        .expect("logs")
+        .len();
     let later = format!("tick {}", n + 5);
-    assert!(common::wait_line(&env.runtime, &id, &later, 10).await, "log keeps growing after the agent died");
+    assert!(
+        common::wait_line(&env.runtime, &id, &later, 10).await,
+        "log keeps growing after the agent died"
+    );
 
     // Its exit code is recorded when it ends.
-    env.runtime.signal(&id, libc::SIGUSR1).await.expect("signal");
+    env.runtime
+        .signal(&id, libc::SIGUSR1)
+        .await
+        .expect("signal");
     let exit = env.runtime.wait(&id).await.expect("wait");
     assert_eq!(exit.code, 42);
     env.runtime.remove(&id, false).await.expect("remove");
@@ -60,12 +82,17 @@ async fn t31_dead_shim_is_reported_not_forgotten() {
     let env = Env::new("deadshim");
     let rt = &env.runtime;
     let id = env.id("orphan");
-    rt.create(spec(&id, &env.image, &["sleep", "100"])).await.expect("create");
+    rt.create(spec(&id, &env.image, &["sleep", "100"]))
+        .await
+        .expect("create");
     rt.start(&id).await.expect("start");
     let st = rt.state(&id).await.expect("state");
     assert!(st.shim_alive && st.shim_pid > 0);
     let shim_pid = st.shim_pid;
-    Command::new("kill").args(["-9", &shim_pid.to_string()]).status().expect("kill shim");
+    Command::new("kill")
+        .args(["-9", &shim_pid.to_string()])
+        .status()
+        .expect("kill shim");
     let gone = flotilla_runtime::testing::wait_for(std::time::Duration::from_secs(10), || async {
         (!common::alive(shim_pid)).then_some(())
     })
@@ -75,9 +102,20 @@ async fn t31_dead_shim_is_reported_not_forgotten() {
     assert!(!st.shim_alive);
     assert_eq!(st.status, ContainerStatus::Unknown);
     let report = rt.adopt().await.expect("adopt");
-    assert!(report.dead_shims.iter().any(|s| s.id == id), "dead shim reported: {report:?}");
-    assert!(matches!(rt.wait(&id).await, Err(flotilla_runtime::RuntimeError::ShimDead(_))));
-    rt.remove(&id, false).await.expect("remove cleans up a container whose shim died");
-    assert!(!common::alive(st.pid), "the orphaned container process was killed");
+    assert!(
+        report.dead_shims.iter().any(|s| s.id == id),
+        "dead shim reported: {report:?}"
+    );
+    assert!(matches!(
+        rt.wait(&id).await,
+        Err(flotilla_runtime::RuntimeError::ShimDead(_))
+    ));
+    rt.remove(&id, false)
+        .await
+        .expect("remove cleans up a container whose shim died");
+    assert!(
+        !common::alive(st.pid),
+        "the orphaned container process was killed"
+    );
     assert!(common::leftover_cgroups(&id).is_empty());
 }

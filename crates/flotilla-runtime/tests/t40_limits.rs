@@ -12,7 +12,11 @@ async fn t40_memory_limit_exceeded_reports_oom() {
     let env = Env::new("oom");
     let rt = &env.runtime;
     let id = env.id("oom");
-    let mut s = spec(&id, &env.image, &["dd", "if=/dev/zero", "of=/dev/null", "bs=256M", "count=1"]);
+    let mut s = spec(
+        &id,
+        &env.image,
+        &["dd", "if=/dev/zero", "of=/dev/null", "bs=256M", "count=1"],
+    );
     s.resources.memory_bytes = Some(32 << 20);
     rt.create(s).await.expect("create");
     rt.start(&id).await.expect("start");
@@ -24,7 +28,11 @@ async fn t40_memory_limit_exceeded_reports_oom() {
     rt.remove(&id, false).await.expect("remove");
     // Within the limit: no OOM.
     let id = env.id("fits");
-    let mut s = spec(&id, &env.image, &["dd", "if=/dev/zero", "of=/dev/null", "bs=1M", "count=4"]);
+    let mut s = spec(
+        &id,
+        &env.image,
+        &["dd", "if=/dev/zero", "of=/dev/null", "bs=1M", "count=4"],
+    );
     s.resources.memory_bytes = Some(32 << 20);
     let (code, _) = common::run_to_exit(rt, s).await;
     assert_eq!(code, 0);
@@ -50,21 +58,47 @@ async fn t41_cpu_and_pids_limits_reach_the_cgroup() {
     rt.create(s).await.expect("create");
     rt.start(&id).await.expect("start");
     assert!(common::wait_line(rt, &id, "ready", 10).await);
-    let read = |p: String| std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{p}: {e}")).trim().to_string();
+    let read = |p: String| {
+        std::fs::read_to_string(&p)
+            .unwrap_or_else(|e| panic!("{p}: {e}"))
+            .trim()
+            .to_string()
+    };
     match rt.probe().cgroup_layout {
         CgroupLayout::V2 => {
             let base = format!("/sys/fs/cgroup/flotilla/{id}");
             assert_eq!(read(format!("{base}/cpu.max")), "50000 100000");
             assert_eq!(read(format!("{base}/pids.max")), "50");
-            assert_eq!(read(format!("{base}/memory.max")), (64u64 << 20).to_string());
+            assert_eq!(
+                read(format!("{base}/memory.max")),
+                (64u64 << 20).to_string()
+            );
         }
         _ => {
-            assert_eq!(read(format!("/sys/fs/cgroup/cpu/flotilla/{id}/cpu.cfs_quota_us")), "50000");
-            assert_eq!(read(format!("/sys/fs/cgroup/cpu/flotilla/{id}/cpu.shares")), "512");
-            assert_eq!(read(format!("/sys/fs/cgroup/pids/flotilla/{id}/pids.max")), "50");
-            assert_eq!(read(format!("/sys/fs/cgroup/memory/flotilla/{id}/memory.limit_in_bytes")), (64u64 << 20).to_string());
+            assert_eq!(
+                read(format!("/sys/fs/cgroup/cpu/flotilla/{id}/cpu.cfs_quota_us")),
+                "50000"
+            );
+            assert_eq!(
+                read(format!("/sys/fs/cgroup/cpu/flotilla/{id}/cpu.shares")),
+                "512"
+            );
+            assert_eq!(
+                read(format!("/sys/fs/cgroup/pids/flotilla/{id}/pids.max")),
+                "50"
+            );
+            assert_eq!(
+                read(format!(
+                    "/sys/fs/cgroup/memory/flotilla/{id}/memory.limit_in_bytes"
+                )),
+                (64u64 << 20).to_string()
+            );
         }
     }
     rt.remove(&id, false).await.expect("remove");
-    assert!(common::leftover_cgroups(&id).is_empty(), "{:?}", common::leftover_cgroups(&id));
+    assert!(
+        common::leftover_cgroups(&id).is_empty(),
+        "{:?}",
+        common::leftover_cgroups(&id)
+    );
 }

@@ -108,15 +108,23 @@ impl ShimArgs {
                 _ => {}
             }
             let v = it.next().ok_or_else(|| format!("{k} needs a value"))?;
-            let s = || v.to_str().map(str::to_string).ok_or(format!("{k}: not UTF-8"));
+            let s = || {
+                v.to_str()
+                    .map(str::to_string)
+                    .ok_or(format!("{k}: not UTF-8"))
+            };
             match k {
                 "--id" => a.id = s()?,
                 "--bundle" => a.bundle = v.into(),
                 "--state-dir" => a.state_dir = v.into(),
                 "--socket" => a.socket = v.into(),
                 "--log" => a.log = v.into(),
-                "--log-max-bytes" => a.log_max_bytes = s()?.parse().map_err(|e| format!("{k}: {e}"))?,
-                "--log-max-files" => a.log_max_files = s()?.parse().map_err(|e| format!("{k}: {e}"))?,
+                "--log-max-bytes" => {
+                    a.log_max_bytes = s()?.parse().map_err(|e| format!("{k}: {e}"))?
+                }
+                "--log-max-files" => {
+                    a.log_max_files = s()?.parse().map_err(|e| format!("{k}: {e}"))?
+                }
                 "--runtime" => a.runtime = v.into(),
                 "--runtime-root" => a.runtime_root = v.into(),
                 "--cgroup" => a.cgroup = s()?,

@@ -191,7 +191,11 @@ fn parse_lines(text: &str, out: &mut Vec<LogLine>) {
 ///
 /// `since` keeps records whose timestamp is at or after it (RFC 3339, as written by the shim);
 /// `tail` keeps only the last N records after that filter. A missing log reads as empty.
-pub fn read_logs(path: &Path, since: Option<&str>, tail: Option<usize>) -> io::Result<Vec<LogLine>> {
+pub fn read_logs(
+    path: &Path,
+    since: Option<&str>,
+    tail: Option<usize>,
+) -> io::Result<Vec<LogLine>> {
     let mut out = Vec::new();
     let mut n = 1;
     while rotated_path(path, n).exists() {
@@ -313,7 +317,10 @@ mod tests {
 
     #[test]
     fn rotation_policy() {
-        assert!(!needs_rotation(0, 500, 100), "an empty file always takes the record");
+        assert!(
+            !needs_rotation(0, 500, 100),
+            "an empty file always takes the record"
+        );
         assert!(!needs_rotation(50, 50, 100));
         assert!(needs_rotation(51, 50, 100));
         assert!(!needs_rotation(1 << 40, 50, 0), "0 means unlimited");
@@ -325,7 +332,10 @@ mod tests {
         let path = dir.path().join("container.log");
         let mut w = LogWriter::open(&path, 200, 3)?;
         for i in 0..20 {
-            w.write_record(if i % 2 == 0 { "stdout" } else { "stderr" }, format!("line {i}").as_bytes())?;
+            w.write_record(
+                if i % 2 == 0 { "stdout" } else { "stderr" },
+                format!("line {i}").as_bytes(),
+            )?;
         }
         assert!(rotated_path(&path, 1).exists());
         assert!(rotated_path(&path, 2).exists());
@@ -335,7 +345,10 @@ mod tests {
             .iter()
             .filter_map(|l| l.line.strip_prefix("line ")?.parse().ok())
             .collect();
-        assert!(nums.windows(2).all(|w| w[1] == w[0] + 1), "ordered: {nums:?}");
+        assert!(
+            nums.windows(2).all(|w| w[1] == w[0] + 1),
+            "ordered: {nums:?}"
+        );
         assert_eq!(*nums.last().unwrap_or(&0), 19);
         let tail = read_logs(&path, None, Some(2))?;
         assert_eq!(tail.len(), 2);

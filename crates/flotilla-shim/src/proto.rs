@@ -66,10 +66,21 @@ mod tests {
 
     #[test]
     fn wire_format_is_stable() -> Result<(), serde_json::Error> {
-        assert_eq!(serde_json::to_string(&Request::Stop { grace_ms: 5 })?, r#"{"op":"stop","grace_ms":5}"#);
-        assert_eq!(serde_json::from_str::<Request>(r#"{"op":"state"}"#)?, Request::State);
-        let e = Response::Error { message: "x".into() };
-        assert_eq!(serde_json::to_string(&e)?, r#"{"result":"error","message":"x"}"#);
+        assert_eq!(
+            serde_json::to_string(&Request::Stop { grace_ms: 5 })?,
+            r#"{"op":"stop","grace_ms":5}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"state"}"#)?,
+            Request::State
+        );
+        let e = Response::Error {
+            message: "x".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&e)?,
+            r#"{"result":"error","message":"x"}"#
+        );
         Ok(())
     }
 }

@@ -50,7 +50,11 @@ fn runtime_cmd(args: &ShimArgs) -> Command {
 /// Last error message the runtime logged (runc/crun write JSON or text lines to `--log`).
 fn runtime_error(state_dir: &Path, fallback: &str) -> String {
     let text = fs::read_to_string(state_dir.join("runtime.log")).unwrap_or_default();
-    let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
     let msg = serde_json::from_str::<serde_json::Value>(last)
         .ok()
         .and_then(|v| v.get("msg").and_then(|m| m.as_str()).map(str::to_string))
@@ -66,7 +70,10 @@ fn runtime_error(state_dir: &Path, fallback: &str) -> String {
 fn oom_kills(cgroup: &str) -> u64 {
     let cg = cgroup.trim_start_matches('/');
     let candidates = [
-        (format!("/sys/fs/cgroup/memory/{cg}/memory.oom_control"), "oom_kill "),
+        (
+            format!("/sys/fs/cgroup/memory/{cg}/memory.oom_control"),
+            "oom_kill ",
+        ),
         (format!("/sys/fs/cgroup/{cg}/memory.events"), "oom_kill "),
     ];
     for (path, key) in candidates {
@@ -105,7 +112,9 @@ impl Shim {
             .map_err(|e| format!("run {}: {e}", args.runtime.display()))?;
         if !status.success() {
             let msg = runtime_error(&args.state_dir, "create failed");
-            let _ = runtime_cmd(&args).args(["delete", "--force", &args.id]).output();
+            let _ = runtime_cmd(&args)
+                .args(["delete", "--force", &args.id])
+                .output();
             return Err(format!("{} create: {msg}", args.runtime.display()));
         }
         let pid: i32 = fs::read_to_string(&pid_file)
@@ -139,8 +148,16 @@ impl Shim {
         let to_file = |fd: OwnedFd| Some(File::from(fd));
         let shim = Shim {
             outputs: [
-                Output { fd: to_file(out_r), stream: "stdout", split: LineSplitter::default() },
-                Output { fd: to_file(err_r), stream: "stderr", split: LineSplitter::default() },
+                Output {
+                    fd: to_file(out_r),
+                    stream: "stdout",
+                    split: LineSplitter::default(),
+                },
+                Output {
+                    fd: to_file(err_r),
+                    stream: "stderr",
+                    split: LineSplitter::default(),
+                },
             ],
             args,
             state,
@@ -218,7 +235,9 @@ impl Shim {
         if self.finalized {
             return true;
         }
-        let Some(at) = self.exited_at else { return false };
+        let Some(at) = self.exited_at else {
+            return false;
+        };
         let drained = self.outputs.iter().all(|o| o.fd.is_none());
         if !drained && at.elapsed() < DRAIN_AFTER_EXIT {
             return false;
@@ -244,9 +263,15 @@ impl Shim {
             Request::State => Some(self.ok()),
             Request::Start => {
                 if self.state.status != Status::Created || self.exited_at.is_some() {
-                    return Some(err(format!("container is {:?}, not created", self.state.status)));
+                    return Some(err(format!(
+                        "container is {:?}, not created",
+                        self.state.status
+                    )));
                 }
-                match runtime_cmd(&self.args).args(["start", &self.args.id]).output() {
+                match runtime_cmd(&self.args)
+                    .args(["start", &self.args.id])
+                    .output()
+                {
                     Ok(o) if o.status.success() => {
                         self.state.status = Status::Running;
                         self.state.started_at = Some(now_rfc3339());
@@ -294,7 +319,9 @@ impl Shim {
     }
 
     fn ok(&self) -> Response {
-        Response::Ok { state: self.state.clone() }
+        Response::Ok {
+            state: self.state.clone(),
+        }
     }
 
     /// Kills (if needed) and deletes the container with the runtime.
@@ -305,10 +332,15 @@ impl Shim {
                 self.record_exit(status);
             }
         }
-        let past = Instant::now().checked_sub(DRAIN_AFTER_EXIT).unwrap_or_else(Instant::now);
+        let past = Instant::now()
+            .checked_sub(DRAIN_AFTER_EXIT)
+            .unwrap_or_else(Instant::now);
         self.exited_at = self.exited_at.or(Some(past));
         self.maybe_finalize();
-        match runtime_cmd(&self.args).args(["delete", "--force", &self.args.id]).output() {
+        match runtime_cmd(&self.args)
+            .args(["delete", "--force", &self.args.id])
+            .output()
+        {
             Ok(o) if o.status.success() => self.ok(),
             Ok(_) => err(format!(
                 "delete: {}",
@@ -368,7 +400,11 @@ impl Shim {
             if fds[1].revents != 0 {
                 while let Ok((sock, _)) = listener.accept() {
                     if sock.set_nonblocking(true).is_ok() {
-                        clients.push(Client { sock, buf: Vec::new(), waiting: false });
+                        clients.push(Client {
+                            sock,
+                            buf: Vec::new(),
+                            waiting: false,
+                        });
                     }
                 }
             }
@@ -437,7 +473,11 @@ impl Shim {
 }
 
 fn pollfd(fd: i32) -> libc::pollfd {
-    libc::pollfd { fd, events: libc::POLLIN, revents: 0 }
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
 }
 
 fn err(message: String) -> Response {
@@ -457,7 +497,10 @@ fn send(sock: &UnixStream, resp: &Response) -> io::Result<()> {
 
 /// Redirects stdin/stdout to /dev/null and stderr to `shim.log` in the state dir.
 pub(crate) fn detach_stdio(state_dir: &Path) -> io::Result<()> {
-    let null = OpenOptions::new().read(true).write(true).open("/dev/null")?;
+    let null = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
     let log = OpenOptions::new()
         .create(true)
         .append(true)

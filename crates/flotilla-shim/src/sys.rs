@@ -31,7 +31,8 @@ pub fn setsid() -> io::Result<()> {
 /// Makes orphaned descendants (the container init once runc exits) our children.
 pub fn set_child_subreaper() -> io::Result<()> {
     // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer argument and touches no memory of ours.
-    cvt(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) }).map(|_| ())
+    cvt(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) })
+        .map(|_| ())
 }
 
 /// A pipe with both ends close-on-exec: (read, write).

@@ -413,12 +413,16 @@ fn prune_events(
     Ok(cutoff)
 }
 
+/// Result of applying entries: one response per entry, the events of each entry that produced
+/// any, and the last applied index.
+type Applied = (Vec<Response>, Vec<Vec<Event>>, u64);
+
 /// Applies entries in one (non-durable, see module docs) write transaction.
 fn apply_entries(
     db: &Database,
     entries: Vec<Entry>,
     retention: u64,
-) -> Result<(Vec<Response>, Vec<Vec<Event>>, u64), StorageError> {
+) -> Result<Applied, StorageError> {
     let mut txn = db.begin_write().map_err(write_err)?;
     txn.set_durability(Durability::None).map_err(write_err)?;
     let mut responses = Vec::with_capacity(entries.len());

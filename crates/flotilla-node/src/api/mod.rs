@@ -272,35 +272,10 @@ async fn proxy(
 
 /// "quorum lost: 1 of 3 managers reachable …" with what to do about it.
 pub async fn quorum_message(ctx: &Ctx) -> String {
-    let Some(mgr) = &ctx.manager else {
-        return worker_refusal().message;
-    };
-    let status = mgr.store.status();
-    let total = status.voters.len().max(1);
-    let me = status.id;
-    let mut reachable = 0usize;
-    let mut checks = Vec::new();
-    for (id, addr) in &status.voters {
-        if *id == me {
-            reachable += 1;
-            continue;
-        }
-        let client = ctx.tls.peer(addr).with_timeout(Duration::from_millis(800));
-        checks.push(async move { client.request(Method::GET, "/v1/ping", None).await.is_ok() });
+    match &ctx.manager {
+        Some(mgr) => mgr.quorum_message().await,
+        None => worker_refusal().message,
     }
-    reachable += futures::future::join_all(checks)
-        .await
-        .into_iter()
-        .filter(|ok| *ok)
-        .count();
-    let needed = total / 2 + 1;
-    format!(
-        "quorum lost: {reachable} of {total} managers reachable, {needed} needed; writes are refused until a majority is back. \
-         If the missing managers are gone for good, recover from this one: stop it and restart it with \
-         `flotilla node run --data-dir {} --listen {} --force-new-cluster`",
-        ctx.cfg.data_dir.display(),
-        ctx.cfg.listen
-    )
 }
 
 /// `?version=N` for optimistic concurrency.

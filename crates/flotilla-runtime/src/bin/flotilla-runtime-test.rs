@@ -27,7 +27,10 @@ fn main() {
 }
 
 fn agent(args: Vec<OsString>) -> i32 {
-    let s: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    let s: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
     if s.len() < 4 {
         eprintln!("usage: agent <root> <id> <image> <cmd…>");
         return 2;

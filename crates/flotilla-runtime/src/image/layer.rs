@@ -34,11 +34,17 @@ pub fn classify(path: &Path) -> Result<EntryKind> {
             Component::Normal(p) => rel.push(p),
             Component::CurDir | Component::RootDir => {}
             Component::ParentDir | Component::Prefix(_) => {
-                return Err(RuntimeError::BadArchive(format!("layer entry escapes the root: {}", path.display())))
+                return Err(RuntimeError::BadArchive(format!(
+                    "layer entry escapes the root: {}",
+                    path.display()
+                )))
             }
         }
     }
-    let name = rel.file_name().map(|n| n.as_bytes().to_vec()).unwrap_or_default();
+    let name = rel
+        .file_name()
+        .map(|n| n.as_bytes().to_vec())
+        .unwrap_or_default();
     let parent = rel.parent().map(Path::to_path_buf).unwrap_or_default();
     if name == b".wh..wh..opq" {
         return Ok(EntryKind::Opaque(parent));
@@ -47,7 +53,9 @@ pub fn classify(path: &Path) -> Result<EntryKind> {
         if target.is_empty() {
             return Err(RuntimeError::BadArchive("empty whiteout name".into()));
         }
-        return Ok(EntryKind::Whiteout(parent.join(std::ffi::OsStr::from_bytes(target))));
+        return Ok(EntryKind::Whiteout(
+            parent.join(std::ffi::OsStr::from_bytes(target)),
+        ));
     }
     Ok(EntryKind::Normal(rel))
 }
@@ -61,11 +69,18 @@ pub struct HashingReader<R> {
 
 impl<R: Read> HashingReader<R> {
     pub fn new(inner: R) -> Self {
-        HashingReader { inner, hasher: Sha256::new(), count: 0 }
+        HashingReader {
+            inner,
+            hasher: Sha256::new(),
+            count: 0,
+        }
     }
     /// `sha256:<hex>` and byte count of everything read so far.
     pub fn finish(self) -> (String, u64) {
-        (format!("sha256:{}", hex::encode(self.hasher.finalize())), self.count)
+        (
+            format!("sha256:{}", hex::encode(self.hasher.finalize())),
+            self.count,
+        )
     }
 }
 
@@ -94,14 +109,17 @@ pub fn decompressed(mut r: impl Read + 'static) -> Result<Box<dyn Read>> {
     if got == 2 && magic == [0x1f, 0x8b] {
         Ok(Box::new(flate2::read::GzDecoder::new(chained)))
     } else if got == 2 && magic == [0x28, 0xb5] {
-        Err(RuntimeError::BadArchive("zstd layers are not supported: re-export the image with gzip or plain layers".into()))
+        Err(RuntimeError::BadArchive(
+            "zstd layers are not supported: re-export the image with gzip or plain layers".into(),
+        ))
     } else {
         Ok(Box::new(chained))
     }
 }
 
 fn c_path(p: &Path) -> Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| RuntimeError::BadArchive(format!("path with NUL: {}", p.display())))
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| RuntimeError::BadArchive(format!("path with NUL: {}", p.display())))
 }
 
 fn make_whiteout(path: &Path) -> Result<()> {
@@ -116,7 +134,8 @@ fn make_whiteout(path: &Path) -> Result<()> {
 
 fn set_opaque(dir: &Path) -> Result<()> {
     let c = c_path(dir)?;
-    let name = CString::new("trusted.overlay.opaque").map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+    let name =
+        CString::new("trusted.overlay.opaque").map_err(|e| RuntimeError::Invalid(e.to_string()))?;
     // SAFETY: valid NUL-terminated path and name; the value is a 1-byte buffer of known size.
     let r = unsafe { libc::lsetxattr(c.as_ptr(), name.as_ptr(), b"y".as_ptr().cast(), 1, 0) };
     if r != 0 {
@@ -127,7 +146,9 @@ fn set_opaque(dir: &Path) -> Result<()> {
 
 fn remove_any(path: &Path) -> Result<()> {
     match fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(path).ctx(|| format!("remove {}", path.display())),
+        Ok(m) if m.is_dir() => {
+            fs::remove_dir_all(path).ctx(|| format!("remove {}", path.display()))
+        }
         Ok(_) => fs::remove_file(path).ctx(|| format!("remove {}", path.display())),
         Err(_) => Ok(()),
     }
@@ -185,11 +206,14 @@ pub fn unpack_layer(reader: impl Read, dest: &Path, shift: Option<IdRange>) -> R
                             }
                         }
                     }
-                    let unpacked = entry.unpack_in(dest).ctx(|| format!("unpack {}", rel.display()))?;
+                    let unpacked = entry
+                        .unpack_in(dest)
+                        .ctx(|| format!("unpack {}", rel.display()))?;
                     if !unpacked {
                         continue;
                     }
-                    std::os::unix::fs::lchown(&t, Some(uid), Some(gid)).ctx(|| format!("chown {}", t.display()))?;
+                    std::os::unix::fs::lchown(&t, Some(uid), Some(gid))
+                        .ctx(|| format!("chown {}", t.display()))?;
                     if !kind.is_symlink() && !kind.is_hard_link() {
                         // chown clears set-id bits; put the recorded mode back.
                         fs::set_permissions(&t, fs::Permissions::from_mode(mode & 0o7777))
@@ -215,10 +239,22 @@ mod tests {
 
     #[test]
     fn classifies_whiteouts() -> Result<()> {
-        assert_eq!(classify(Path::new("etc/.wh.passwd"))?, EntryKind::Whiteout("etc/passwd".into()));
-        assert_eq!(classify(Path::new("./.wh.x"))?, EntryKind::Whiteout("x".into()));
-        assert_eq!(classify(Path::new("var/.wh..wh..opq"))?, EntryKind::Opaque("var".into()));
-        assert_eq!(classify(Path::new("/bin/sh"))?, EntryKind::Normal("bin/sh".into()));
+        assert_eq!(
+            classify(Path::new("etc/.wh.passwd"))?,
+            EntryKind::Whiteout("etc/passwd".into())
+        );
+        assert_eq!(
+            classify(Path::new("./.wh.x"))?,
+            EntryKind::Whiteout("x".into())
+        );
+        assert_eq!(
+            classify(Path::new("var/.wh..wh..opq"))?,
+            EntryKind::Opaque("var".into())
+        );
+        assert_eq!(
+            classify(Path::new("/bin/sh"))?,
+            EntryKind::Normal("bin/sh".into())
+        );
         assert!(classify(Path::new("../etc/shadow")).is_err());
         Ok(())
     }
@@ -241,10 +277,17 @@ mod tests {
     fn unpacks_with_shift_and_whiteouts() -> Result<()> {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().ctx(|| "tempdir".into())?;
-        let data = tar_with(&[("bin/tool", b"x"), ("etc/.wh.gone", b""), ("var/.wh..wh..opq", b"")])
-            .ctx(|| "tar".into())?;
+        let data = tar_with(&[
+            ("bin/tool", b"x"),
+            ("etc/.wh.gone", b""),
+            ("var/.wh..wh..opq", b""),
+        ])
+        .ctx(|| "tar".into())?;
         let digest = unpack_layer(&data[..], dir.path(), Some(IdRange::default()))?;
-        assert_eq!(digest, format!("sha256:{}", hex::encode(Sha256::digest(&data))));
+        assert_eq!(
+            digest,
+            format!("sha256:{}", hex::encode(Sha256::digest(&data)))
+        );
         let m = fs::metadata(dir.path().join("bin/tool")).ctx(|| "stat".into())?;
         assert_eq!(m.uid(), 100_000);
         assert_eq!(m.mode() & 0o7777, 0o4755, "set-uid bit survives the chown");

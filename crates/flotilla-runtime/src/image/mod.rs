@@ -13,8 +13,8 @@ pub mod layer;
 use crate::config::IdRange;
 use crate::error::{IoContext, Result, RuntimeError};
 use oci_spec::image::{
-    Arch, ConfigBuilder, Descriptor, Digest, ImageConfiguration, ImageConfigurationBuilder, ImageIndex,
-    ImageManifest, ImageManifestBuilder, MediaType, Os, RootFsBuilder,
+    Arch, ConfigBuilder, Descriptor, Digest, ImageConfiguration, ImageConfigurationBuilder,
+    ImageIndex, ImageManifest, ImageManifestBuilder, MediaType, Os, RootFsBuilder,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -79,10 +79,14 @@ pub fn normalize_ref(r: &str) -> String {
 }
 
 fn valid_digest(d: &str) -> Result<&str> {
-    let hex = d
-        .strip_prefix("sha256:")
-        .ok_or_else(|| RuntimeError::Invalid(format!("unsupported digest {d}: only sha256 is supported")))?;
-    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+    let hex = d.strip_prefix("sha256:").ok_or_else(|| {
+        RuntimeError::Invalid(format!("unsupported digest {d}: only sha256 is supported"))
+    })?;
+    if hex.len() != 64
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
         return Err(RuntimeError::Invalid(format!("malformed digest {d}")));
     }
     Ok(hex)
@@ -114,7 +118,10 @@ impl ImageStore {
                 let _ = fs::remove_dir_all(e.path()).or_else(|_| fs::remove_file(e.path()));
             }
         }
-        Ok(ImageStore { root, lock: Mutex::new(()) })
+        Ok(ImageStore {
+            root,
+            lock: Mutex::new(()),
+        })
     }
 
     /// Root directory of the store.
@@ -124,7 +131,9 @@ impl ImageStore {
 
     fn tmp_path(&self, tag: &str) -> PathBuf {
         let n = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
-        self.root.join("tmp").join(format!("{tag}-{}-{n}", std::process::id()))
+        self.root
+            .join("tmp")
+            .join(format!("{tag}-{}-{n}", std::process::id()))
     }
 
     /// Where a blob lives (whether or not it exists).
@@ -142,7 +151,10 @@ impl ImageStore {
         let p = self.blob_path(digest)?;
         fs::read(&p).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => RuntimeError::ImageNotFound(format!("blob {digest}")),
-            _ => RuntimeError::Io { context: format!("read {}", p.display()), source: e },
+            _ => RuntimeError::Io {
+                context: format!("read {}", p.display()),
+                source: e,
+            },
         })
     }
 
@@ -152,7 +164,9 @@ impl ImageStore {
             valid_digest(e)?;
             if self.has_blob(e) {
                 // Already present (and verified when written); consume nothing.
-                let size = fs::metadata(self.blob_path(e)?).map(|m| m.len()).unwrap_or(0);
+                let size = fs::metadata(self.blob_path(e)?)
+                    .map(|m| m.len())
+                    .unwrap_or(0);
                 return Ok((e.to_string(), size));
             }
         }
@@ -167,7 +181,10 @@ impl ImageStore {
         if let Some(e) = expected {
             if e != digest {
                 let _ = fs::remove_file(&tmp);
-                return Err(RuntimeError::DigestMismatch { expected: e.into(), actual: digest });
+                return Err(RuntimeError::DigestMismatch {
+                    expected: e.into(),
+                    actual: digest,
+                });
             }
         }
         let dst = self.blob_path(&digest)?;
@@ -183,22 +200,34 @@ impl ImageStore {
     fn read_index(&self) -> Result<Index> {
         let p = self.root.join("index.json");
         match fs::read(&p) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| RuntimeError::Json { path: p, message: e.to_string() }),
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| RuntimeError::Json {
+                path: p,
+                message: e.to_string(),
+            }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Index::default()),
-            Err(e) => Err(RuntimeError::Io { context: format!("read {}", p.display()), source: e }),
+            Err(e) => Err(RuntimeError::Io {
+                context: format!("read {}", p.display()),
+                source: e,
+            }),
         }
     }
 
     fn write_index(&self, idx: &Index) -> Result<()> {
         let p = self.root.join("index.json");
         let tmp = self.tmp_path("index");
-        let data = serde_json::to_vec_pretty(idx).map_err(|e| RuntimeError::Json { path: p.clone(), message: e.to_string() })?;
+        let data = serde_json::to_vec_pretty(idx).map_err(|e| RuntimeError::Json {
+            path: p.clone(),
+            message: e.to_string(),
+        })?;
         fs::write(&tmp, data).ctx(|| format!("write {}", tmp.display()))?;
         fs::rename(&tmp, &p).ctx(|| format!("write {}", p.display()))
     }
 
     fn tag(&self, reference: Option<&str>, digest: &str) -> Result<()> {
-        let _g = self.lock.lock().map_err(|_| RuntimeError::Invalid("image store lock poisoned".into()))?;
+        let _g = self
+            .lock
+            .lock()
+            .map_err(|_| RuntimeError::Invalid("image store lock poisoned".into()))?;
         let mut idx = self.read_index()?;
         match reference {
             Some(r) => {
@@ -218,7 +247,9 @@ impl ImageStore {
     pub fn resolve(&self, reference: &str) -> Result<String> {
         let idx = self.read_index()?;
         if reference.starts_with("sha256:") && reference.len() == 71 {
-            if self.has_blob(reference) && (idx.refs.values().any(|d| d == reference) || idx.untagged.contains(reference)) {
+            if self.has_blob(reference)
+                && (idx.refs.values().any(|d| d == reference) || idx.untagged.contains(reference))
+            {
                 return Ok(reference.to_string());
             }
             return Err(RuntimeError::ImageNotFound(reference.into()));
@@ -240,7 +271,8 @@ impl ImageStore {
     /// The manifest stored under a digest.
     pub fn manifest(&self, digest: &str) -> Result<ImageManifest> {
         let b = self.get_blob(digest)?;
-        serde_json::from_slice(&b).map_err(|e| RuntimeError::BadArchive(format!("manifest {digest}: {e}")))
+        serde_json::from_slice(&b)
+            .map_err(|e| RuntimeError::BadArchive(format!("manifest {digest}: {e}")))
     }
 
     /// The image config of a manifest.
@@ -248,14 +280,20 @@ impl ImageStore {
         let m = self.manifest(manifest_digest)?;
         let cd = m.config().digest().to_string();
         let b = self.get_blob(&cd)?;
-        serde_json::from_slice(&b).map_err(|e| RuntimeError::BadArchive(format!("config {cd}: {e}")))
+        serde_json::from_slice(&b)
+            .map_err(|e| RuntimeError::BadArchive(format!("config {cd}: {e}")))
     }
 
     fn summary(&self, idx: &Index, digest: &str) -> Result<ImageSummary> {
         let m = self.manifest(digest)?;
         Ok(ImageSummary {
             digest: digest.to_string(),
-            refs: idx.refs.iter().filter(|(_, d)| *d == digest).map(|(r, _)| r.clone()).collect(),
+            refs: idx
+                .refs
+                .iter()
+                .filter(|(_, d)| *d == digest)
+                .map(|(r, _)| r.clone())
+                .collect(),
             size: m.layers().iter().map(|l| l.size()).sum(),
             layers: m.layers().len(),
         })
@@ -272,7 +310,11 @@ impl ImageStore {
     pub fn inspect(&self, reference: &str) -> Result<ImageInspect> {
         let d = self.resolve(reference)?;
         let idx = self.read_index()?;
-        Ok(ImageInspect { summary: self.summary(&idx, &d)?, manifest: self.manifest(&d)?, config: self.config(&d)? })
+        Ok(ImageInspect {
+            summary: self.summary(&idx, &d)?,
+            manifest: self.manifest(&d)?,
+            config: self.config(&d)?,
+        })
     }
 
     /// Removes a reference (a tag, or a digest with all its tags); when no reference to the
@@ -280,9 +322,13 @@ impl ImageStore {
     /// makes sure no container uses the image. Returns the manifest digests deleted.
     pub fn remove(&self, reference: &str) -> Result<Vec<String>> {
         let digest = self.resolve(reference)?;
-        let _g = self.lock.lock().map_err(|_| RuntimeError::Invalid("image store lock poisoned".into()))?;
+        let _g = self
+            .lock
+            .lock()
+            .map_err(|_| RuntimeError::Invalid("image store lock poisoned".into()))?;
         let mut idx = self.read_index()?;
-        let by_digest = reference.starts_with("sha256:") || !idx.refs.contains_key(&normalize_ref(reference));
+        let by_digest =
+            reference.starts_with("sha256:") || !idx.refs.contains_key(&normalize_ref(reference));
         if by_digest {
             idx.refs.retain(|_, d| *d != digest);
         } else {
@@ -318,13 +364,19 @@ impl ImageStore {
                 }
             }
         }
-        for e in fs::read_dir(self.root.join("blobs/sha256")).ctx(|| "list blobs".into())?.flatten() {
+        for e in fs::read_dir(self.root.join("blobs/sha256"))
+            .ctx(|| "list blobs".into())?
+            .flatten()
+        {
             let name = e.file_name().to_string_lossy().into_owned();
             if !keep_blobs.contains(&format!("sha256:{name}")) {
                 fs::remove_file(e.path()).ctx(|| format!("remove blob {name}"))?;
             }
         }
-        for e in fs::read_dir(self.root.join("layers")).ctx(|| "list layers".into())?.flatten() {
+        for e in fs::read_dir(self.root.join("layers"))
+            .ctx(|| "list layers".into())?
+            .flatten()
+        {
             let name = e.file_name().to_string_lossy().into_owned();
             let diff = name.split('.').next().unwrap_or("");
             if !keep_diffs.contains(diff) {
@@ -346,7 +398,11 @@ impl ImageStore {
         let manifest = ImageManifestBuilder::default()
             .schema_version(2u32)
             .media_type(MediaType::ImageManifest)
-            .config(Descriptor::new(MediaType::ImageConfig, cfg_size, Digest::from_str(&cfg_digest).map_err(oci_err)?))
+            .config(Descriptor::new(
+                MediaType::ImageConfig,
+                cfg_size,
+                Digest::from_str(&cfg_digest).map_err(oci_err)?,
+            ))
             .layers(layers)
             .build()
             .map_err(oci_err)?;
@@ -358,15 +414,23 @@ impl ImageStore {
 
     /// Imports a root filesystem (a directory, or a tar / tar.gz file) as a one-layer image named
     /// `name` with the given config. Returns the manifest digest.
-    pub fn import_rootfs(&self, src: &Path, name: &str, input: &ImageConfigInput) -> Result<String> {
+    pub fn import_rootfs(
+        &self,
+        src: &Path,
+        name: &str,
+        input: &ImageConfigInput,
+    ) -> Result<String> {
         let tmp = self.tmp_path("layer");
         if src.is_dir() {
             let f = File::create(&tmp).ctx(|| format!("create {}", tmp.display()))?;
             let mut b = tar::Builder::new(f);
             b.follow_symlinks(false);
             b.mode(tar::HeaderMode::Complete);
-            b.append_dir_all(".", src).ctx(|| format!("tar {}", src.display()))?;
-            b.into_inner().and_then(|mut f| f.flush()).ctx(|| "finish layer tar".into())?;
+            b.append_dir_all(".", src)
+                .ctx(|| format!("tar {}", src.display()))?;
+            b.into_inner()
+                .and_then(|mut f| f.flush())
+                .ctx(|| "finish layer tar".into())?;
         } else {
             let f = File::open(src).ctx(|| format!("open {}", src.display()))?;
             let mut r = layer::decompressed(f)?;
@@ -377,7 +441,9 @@ impl ImageStore {
             let f = File::open(&tmp).ctx(|| format!("open {}", tmp.display()))?;
             let (digest, size) = self.put_blob(None, f)?;
             let mut cb = ConfigBuilder::default().env(if input.env.is_empty() {
-                vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string()]
+                vec![
+                    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+                ]
             } else {
                 input.env.clone()
             });
@@ -406,7 +472,11 @@ impl ImageStore {
                 )
                 .build()
                 .map_err(oci_err)?;
-            let layer = Descriptor::new(MediaType::ImageLayer, size, Digest::from_str(&digest).map_err(oci_err)?);
+            let layer = Descriptor::new(
+                MediaType::ImageLayer,
+                size,
+                Digest::from_str(&digest).map_err(oci_err)?,
+            );
             self.commit_image(&config, vec![layer], Some(name))
         })();
         let _ = fs::remove_file(&tmp);
@@ -461,24 +531,35 @@ impl ImageStore {
 
     fn load_oci_layout(&self, dir: &Path) -> Result<Vec<(String, String)>> {
         let text = fs::read(dir.join("index.json")).ctx(|| "read index.json".into())?;
-        let index: ImageIndex = serde_json::from_slice(&text).map_err(|e| RuntimeError::BadArchive(format!("index.json: {e}")))?;
+        let index: ImageIndex = serde_json::from_slice(&text)
+            .map_err(|e| RuntimeError::BadArchive(format!("index.json: {e}")))?;
         let mut out = Vec::new();
         for desc in index.manifests() {
             let ann = desc.annotations().clone().unwrap_or_default();
-            let name = ann
-                .get("io.containerd.image.name")
-                .cloned()
-                .or_else(|| ann.get("org.opencontainers.image.ref.name").filter(|n| n.contains(':') || n.contains('/')).cloned());
+            let name = ann.get("io.containerd.image.name").cloned().or_else(|| {
+                ann.get("org.opencontainers.image.ref.name")
+                    .filter(|n| n.contains(':') || n.contains('/'))
+                    .cloned()
+            });
             let mut mdesc = desc.clone();
-            if matches!(desc.media_type(), MediaType::ImageIndex) || desc.media_type().to_string().contains("manifest.list") {
+            if matches!(desc.media_type(), MediaType::ImageIndex)
+                || desc.media_type().to_string().contains("manifest.list")
+            {
                 // Nested index: take the linux/amd64 manifest, or the first one.
-                let p = dir.join("blobs/sha256").join(valid_digest(&desc.digest().to_string())?);
-                let nested: ImageIndex = serde_json::from_slice(&fs::read(&p).ctx(|| format!("read {}", p.display()))?)
-                    .map_err(|e| RuntimeError::BadArchive(format!("nested index: {e}")))?;
+                let p = dir
+                    .join("blobs/sha256")
+                    .join(valid_digest(desc.digest().as_ref())?);
+                let nested: ImageIndex =
+                    serde_json::from_slice(&fs::read(&p).ctx(|| format!("read {}", p.display()))?)
+                        .map_err(|e| RuntimeError::BadArchive(format!("nested index: {e}")))?;
                 let pick = nested
                     .manifests()
                     .iter()
-                    .find(|m| m.platform().as_ref().is_some_and(|p| *p.architecture() == Arch::Amd64 && *p.os() == Os::Linux))
+                    .find(|m| {
+                        m.platform().as_ref().is_some_and(|p| {
+                            *p.architecture() == Arch::Amd64 && *p.os() == Os::Linux
+                        })
+                    })
                     .or_else(|| nested.manifests().first())
                     .ok_or_else(|| RuntimeError::BadArchive("empty nested index".into()))?;
                 mdesc = pick.clone();
@@ -505,8 +586,8 @@ impl ImageStore {
             layers: Vec<String>,
         }
         let text = fs::read(dir.join("manifest.json")).ctx(|| "read manifest.json".into())?;
-        let entries: Vec<Entry> =
-            serde_json::from_slice(&text).map_err(|e| RuntimeError::BadArchive(format!("manifest.json: {e}")))?;
+        let entries: Vec<Entry> = serde_json::from_slice(&text)
+            .map_err(|e| RuntimeError::BadArchive(format!("manifest.json: {e}")))?;
         let mut out = Vec::new();
         for e in entries {
             let inside = |rel: &str| -> Result<PathBuf> {
@@ -516,8 +597,8 @@ impl ImageStore {
                 })
             };
             let cfg_bytes = fs::read(inside(&e.config)?).ctx(|| format!("read {}", e.config))?;
-            let config: ImageConfiguration =
-                serde_json::from_slice(&cfg_bytes).map_err(|err| RuntimeError::BadArchive(format!("config {}: {err}", e.config)))?;
+            let config: ImageConfiguration = serde_json::from_slice(&cfg_bytes)
+                .map_err(|err| RuntimeError::BadArchive(format!("config {}: {err}", e.config)))?;
             let mut layers = Vec::new();
             for l in &e.layers {
                 let p = inside(l)?;
@@ -526,18 +607,31 @@ impl ImageStore {
                 let gz = f.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b];
                 let f = File::open(&p).ctx(|| format!("open {l}"))?;
                 let (digest, size) = self.put_blob(None, f)?;
-                let mt = if gz { MediaType::Other(GZIP_TAR.into()) } else { MediaType::ImageLayer };
-                layers.push(Descriptor::new(mt, size, Digest::from_str(&digest).map_err(oci_err)?));
+                let mt = if gz {
+                    MediaType::Other(GZIP_TAR.into())
+                } else {
+                    MediaType::ImageLayer
+                };
+                layers.push(Descriptor::new(
+                    mt,
+                    size,
+                    Digest::from_str(&digest).map_err(oci_err)?,
+                ));
             }
             if layers.len() != config.rootfs().diff_ids().len() {
-                return Err(RuntimeError::BadArchive("layer count differs from the config's diff_ids".into()));
+                return Err(RuntimeError::BadArchive(
+                    "layer count differs from the config's diff_ids".into(),
+                ));
             }
             let tags = e.repo_tags.unwrap_or_default();
             let digest = self.commit_image(&config, layers, tags.first().map(String::as_str))?;
             for t in tags.iter().skip(1) {
                 self.tag(Some(t), &digest)?;
             }
-            out.push((tags.first().cloned().unwrap_or_else(|| digest.clone()), digest));
+            out.push((
+                tags.first().cloned().unwrap_or_else(|| digest.clone()),
+                digest,
+            ));
         }
         Ok(out)
     }
@@ -545,12 +639,18 @@ impl ImageStore {
     /// Unpacks (once) every layer of an image, ownership shifted by `shift`, and returns the
     /// layer directories top-most first (overlay `lowerdir` order). Each layer's diff id is
     /// verified while unpacking.
-    pub fn unpacked_layers(&self, manifest_digest: &str, shift: Option<IdRange>) -> Result<Vec<PathBuf>> {
+    pub fn unpacked_layers(
+        &self,
+        manifest_digest: &str,
+        shift: Option<IdRange>,
+    ) -> Result<Vec<PathBuf>> {
         let m = self.manifest(manifest_digest)?;
         let c = self.config(manifest_digest)?;
         let diff_ids = c.rootfs().diff_ids();
         if diff_ids.len() != m.layers().len() {
-            return Err(RuntimeError::BadArchive(format!("{manifest_digest}: layer count differs from diff_ids")));
+            return Err(RuntimeError::BadArchive(format!(
+                "{manifest_digest}: layer count differs from diff_ids"
+            )));
         }
         let mut dirs = Vec::new();
         for (desc, diff_id) in m.layers().iter().zip(diff_ids) {
@@ -564,18 +664,24 @@ impl ImageStore {
                 let tmp = self.tmp_path("unpack");
                 fs::create_dir_all(&tmp).ctx(|| format!("create {}", tmp.display()))?;
                 let res = (|| {
-                    let f = File::open(self.blob_path(&desc.digest().to_string())?)
+                    let f = File::open(self.blob_path(desc.digest().as_ref())?)
                         .ctx(|| format!("open layer {}", desc.digest()))?;
                     let got = layer::unpack_layer(layer::decompressed(f)?, &tmp, shift)?;
                     if got != *diff_id {
-                        return Err(RuntimeError::DigestMismatch { expected: diff_id.clone(), actual: got });
+                        return Err(RuntimeError::DigestMismatch {
+                            expected: diff_id.clone(),
+                            actual: got,
+                        });
                     }
                     fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))
                         .ctx(|| "chmod layer".into())?;
                     match fs::rename(&tmp, &dst) {
                         Ok(()) => Ok(()),
                         Err(_) if dst.is_dir() => Ok(()), // unpacked concurrently
-                        Err(e) => Err(RuntimeError::Io { context: format!("store layer {name}"), source: e }),
+                        Err(e) => Err(RuntimeError::Io {
+                            context: format!("store layer {name}"),
+                            source: e,
+                        }),
                     }
                 })();
                 if tmp.exists() {
@@ -615,7 +721,10 @@ mod tests {
         assert_eq!(n, 5);
         assert_eq!(s.get_blob(&d)?, b"hello");
         let wrong = format!("sha256:{}", "0".repeat(64));
-        assert!(matches!(s.put_blob(Some(&wrong), &b"x"[..]), Err(RuntimeError::DigestMismatch { .. })));
+        assert!(matches!(
+            s.put_blob(Some(&wrong), &b"x"[..]),
+            Err(RuntimeError::DigestMismatch { .. })
+        ));
         assert!(!s.has_blob(&wrong));
         Ok(())
     }
@@ -627,20 +736,33 @@ mod tests {
         fs::create_dir_all(src.join("bin")).ctx(|| "mkdir".into())?;
         fs::write(src.join("bin/x"), b"data").ctx(|| "write".into())?;
         let s = ImageStore::open(dir.path().join("images"))?;
-        let input = ImageConfigInput { cmd: Some(vec!["/bin/x".into()]), ..Default::default() };
+        let input = ImageConfigInput {
+            cmd: Some(vec!["/bin/x".into()]),
+            ..Default::default()
+        };
         let d = s.import_rootfs(&src, "t", &input)?;
         assert_eq!(s.resolve("t")?, d);
         assert_eq!(s.resolve("t:latest")?, d);
         assert_eq!(s.resolve(&d[..20])?, d);
         let c = s.config(&d)?;
-        assert_eq!(c.config().as_ref().and_then(|c| c.cmd().clone()), Some(vec!["/bin/x".to_string()]));
+        assert_eq!(
+            c.config().as_ref().and_then(|c| c.cmd().clone()),
+            Some(vec!["/bin/x".to_string()])
+        );
         let layers = s.unpacked_layers(&d, None)?;
-        assert_eq!(fs::read(layers[0].join("bin/x")).ctx(|| "read".into())?, b"data");
+        assert_eq!(
+            fs::read(layers[0].join("bin/x")).ctx(|| "read".into())?,
+            b"data"
+        );
         assert_eq!(s.list()?.len(), 1);
         s.remove("t")?;
         assert!(s.list()?.is_empty());
-        let blobs = fs::read_dir(dir.path().join("images/blobs/sha256")).ctx(|| "ls".into())?.count();
-        let layers = fs::read_dir(dir.path().join("images/layers")).ctx(|| "ls".into())?.count();
+        let blobs = fs::read_dir(dir.path().join("images/blobs/sha256"))
+            .ctx(|| "ls".into())?
+            .count();
+        let layers = fs::read_dir(dir.path().join("images/layers"))
+            .ctx(|| "ls".into())?
+            .count();
         assert_eq!((blobs, layers), (0, 0));
         Ok(())
     }

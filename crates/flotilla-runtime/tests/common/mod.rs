@@ -10,11 +10,14 @@ pub fn can_run() -> bool {
         .unwrap_or_default()
         .lines()
         .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
-    let runc = flotilla_runtime::HostProbe::run(&RuntimeConfig::new("/nonexistent", "/bin/true", vec![]))
-        .runtime_path
-        .is_some();
+    let runc =
+        flotilla_runtime::HostProbe::run(&RuntimeConfig::new("/nonexistent", "/bin/true", vec![]))
+            .runtime_path
+            .is_some();
     if !root || !runc {
-        eprintln!("!!!!! SKIPPING runtime integration test: needs root ({root}) and runc ({runc}) !!!!!");
+        eprintln!(
+            "!!!!! SKIPPING runtime integration test: needs root ({root}) and runc ({runc}) !!!!!"
+        );
         return false;
     }
     true
@@ -53,8 +56,14 @@ impl Env {
         let root = PathBuf::from("/tmp").join(format!("flotilla-rt-{prefix}"));
         let _ = std::fs::remove_dir_all(&root);
         let runtime = Runtime::new(config(&root)).expect("runtime");
-        let image = testing::import_busybox(runtime.images(), "busybox:test").expect("busybox image");
-        Env { runtime, root, image, prefix }
+        let image =
+            testing::import_busybox(runtime.images(), "busybox:test").expect("busybox image");
+        Env {
+            runtime,
+            root,
+            image,
+            prefix,
+        }
     }
 
     pub fn id(&self, name: &str) -> String {
@@ -80,14 +89,20 @@ impl Drop for Env {
             Ok(_) => {
                 // Inside a runtime: run the cleanup on a separate thread with its own runtime.
                 let _ = std::thread::spawn(move || {
-                    if let Ok(r) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    if let Ok(r) = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
                         r.block_on(cleanup);
                     }
                 })
                 .join();
             }
             Err(_) => {
-                if let Ok(r) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                if let Ok(r) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
                     r.block_on(cleanup);
                 }
             }
@@ -114,11 +129,18 @@ pub fn leftover_cgroups(id: &str) -> Vec<PathBuf> {
 pub fn mounts_under(root: &Path) -> Vec<String> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let r = root.display().to_string();
-    text.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&r)).map(str::to_string).collect()
+    text.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(&r))
+        .map(str::to_string)
+        .collect()
 }
 
 /// Runs a container to completion: (exit code, stdout+stderr lines).
-pub async fn run_to_exit(rt: &Runtime, spec: flotilla_runtime::ContainerSpec) -> (i32, Vec<String>) {
+pub async fn run_to_exit(
+    rt: &Runtime,
+    spec: flotilla_runtime::ContainerSpec,
+) -> (i32, Vec<String>) {
     let id = spec.id.clone();
     rt.create(spec).await.expect("create");
     rt.start(&id).await.expect("start");
@@ -138,7 +160,11 @@ pub async fn wait_line(rt: &Runtime, id: &str, want: &str, secs: u64) -> bool {
         let lp = lp.clone();
         let want = want.to_string();
         async move {
-            flotilla_runtime::read_logs(&lp, None, None).ok()?.iter().any(|l| l.line == want).then_some(())
+            flotilla_runtime::read_logs(&lp, None, None)
+                .ok()?
+                .iter()
+                .any(|l| l.line == want)
+                .then_some(())
         }
     })
     .await
@@ -160,7 +186,9 @@ pub fn host_uid(pid: i32) -> Option<u32> {
 /// Whether a process exists and is not a zombie.
 pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Ok(s) => !s
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
         Err(_) => false,
     }
 }

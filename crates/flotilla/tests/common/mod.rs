@@ -1,0 +1,282 @@
+//! Test harness: real `flotilla` node processes on distinct loopback addresses, real sockets,
+//! real disks. Every wait is a condition polled against a deadline.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
+
+pub struct NodeProc {
+    pub name: String,
+    pub dir: PathBuf,
+    pub addr: String,
+    pub child: Option<Child>,
+    pub extra: Vec<String>,
+}
+
+impl NodeProc {
+    pub fn socket(&self) -> String {
+        format!("unix://{}/api.sock", self.dir.display())
+    }
+
+    pub fn log(&self) -> PathBuf {
+        self.dir.with_extension("log")
+    }
+
+    fn spawn(&mut self, args: &[String]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log())
+            .expect("log file");
+        let child = Command::new(BIN)
+            .arg("node")
+            .arg("run")
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .arg("--listen")
+            .arg(&self.addr)
+            .args(args)
+            .args(&self.extra)
+            .env("FLOTILLA_LOG", "info,openraft=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn flotilla");
+        self.child = Some(child);
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                return c.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn(&[]);
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub struct Cluster {
+    pub tmp: tempfile::TempDir,
+    pub nodes: Vec<NodeProc>,
+    /// 127.0.<net>.x
+    pub net: u8,
+    pub extra: Vec<String>,
+}
+
+/// Runs the CLI; returns its output.
+pub fn cli(host: &str, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("--host")
+        .arg(host)
+        .args(args)
+        .output()
+        .expect("run flotilla cli")
+}
+
+pub fn cli_tls(host: &str, tls_dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("--host")
+        .arg(host)
+        .arg("--tls-dir")
+        .arg(tls_dir)
+        .args(args)
+        .output()
+        .expect("run flotilla cli")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// Polls `f` until it returns Some or the deadline passes.
+pub fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {within:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Cluster {
+    /// A new cluster whose first manager is initialized on 127.0.<net>.1.
+    pub fn init(net: u8, extra: &[&str]) -> Cluster {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut c = Cluster {
+            tmp,
+            nodes: Vec::new(),
+            net,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        c.add_node("m1", &["--init"]);
+        let sock = c.nodes[0].socket();
+        wait_for("first manager to answer", Duration::from_secs(30), || {
+            let o = cli(&sock, &["node", "ls", "--format", "json"]);
+            o.status.success().then_some(())
+        });
+        c
+    }
+
+    pub fn admin_dir(&self) -> PathBuf {
+        self.nodes[0].dir.join("admin")
+    }
+
+    fn add_node(&mut self, name: &str, args: &[&str]) -> usize {
+        let idx = self.nodes.len();
+        let mut n = NodeProc {
+            name: name.to_string(),
+            dir: self.tmp.path().join(name),
+            addr: format!("127.0.{}.{}:4440", self.net, idx + 1),
+            child: None,
+            extra: self.extra.clone(),
+        };
+        let mut all: Vec<String> = vec!["--name".into(), name.into()];
+        all.extend(args.iter().map(|s| s.to_string()));
+        n.spawn(&all);
+        self.nodes.push(n);
+        idx
+    }
+
+    pub fn token(&self, role: &str) -> String {
+        let o = self.any_cli(&["cluster", "join-token", role, "-q"]);
+        assert!(o.status.success(), "join-token: {}", stderr(&o));
+        stdout(&o).trim().to_string()
+    }
+
+    /// Joins a node through the first live manager; waits until it shows as ready.
+    pub fn join(&mut self, name: &str, role: &str) -> usize {
+        let token = self.token(role);
+        let via = self.live_manager_addr();
+        let idx = self.add_node(name, &["--join", &via, "--token", &token]);
+        let want = name.to_string();
+        wait_for(&format!("{name} to be ready"), Duration::from_secs(60), || {
+            let nodes = self.node_ls().ok()?;
+            nodes
+                .iter()
+                .any(|n| n["spec"]["name"] == want.as_str() && n["status"]["state"] == "ready")
+                .then_some(())
+        });
+        if role == "manager" {
+            let addr = self.nodes[idx].addr.clone();
+            wait_for(&format!("{name} to be a raft voter"), Duration::from_secs(60), || {
+                let info = self.cluster_info().ok()?;
+                info["managers"]
+                    .as_array()?
+                    .iter()
+                    .any(|m| m["addr"] == addr.as_str() && m["voter"] == true)
+                    .then_some(())
+            });
+        }
+        idx
+    }
+
+    pub fn live_manager_addr(&mut self) -> String {
+        for n in self.nodes.iter_mut() {
+            if n.is_running() && n.dir.join("raft").exists() {
+                return n.addr.clone();
+            }
+        }
+        panic!("no live manager")
+    }
+
+    /// Runs a CLI command against the first live manager socket.
+    pub fn any_cli(&self, args: &[&str]) -> Output {
+        let mut last = None;
+        for n in &self.nodes {
+            if n.child.is_none() || !n.dir.join("raft").exists() {
+                continue;
+            }
+            let o = cli(&n.socket(), args);
+            if o.status.success() {
+                return o;
+            }
+            last = Some(o);
+        }
+        last.expect("no manager to ask")
+    }
+
+    pub fn node_ls(&self) -> Result<Vec<serde_json::Value>, String> {
+        let o = self.any_cli(&["node", "ls", "--format", "json"]);
+        if !o.status.success() {
+            return Err(stderr(&o));
+        }
+        serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())
+    }
+
+    pub fn cluster_info(&self) -> Result<serde_json::Value, String> {
+        let o = self.any_cli(&["cluster", "info", "--format", "json"]);
+        if !o.status.success() {
+            return Err(stderr(&o));
+        }
+        serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())
+    }
+
+    /// Index of the node that is the current Raft leader, as a consistent (non-stale)
+    /// `cluster info` from any live manager reports it.
+    pub fn leader(&self) -> Option<usize> {
+        for n in &self.nodes {
+            if n.child.is_none() || !n.dir.join("raft").exists() {
+                continue;
+            }
+            let o = cli(&n.socket(), &["cluster", "info", "--format", "json"]);
+            if !o.status.success() || stderr(&o).contains("stale") {
+                continue;
+            }
+            let v: serde_json::Value = match serde_json::from_slice(&o.stdout) {
+                Ok(v) => v,
+                Err(_) => continue,
+            };
+            let addr = v["leader"]["addr"].as_str()?.to_string();
+            return self.nodes.iter().position(|n| n.addr == addr && n.child.is_some());
+        }
+        None
+    }
+
+    pub fn wait_leader(&self, within: Duration) -> usize {
+        wait_for("a leader", within, || self.leader())
+    }
+}
