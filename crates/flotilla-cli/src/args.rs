@@ -31,6 +31,14 @@ pub enum Command {
     Cluster(ClusterCmd),
     /// Stream changes to cluster objects.
     Events(EventsArgs),
+    /// Create and manage services.
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Manage images in the cluster's content store.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Start a single-node cluster in the foreground with a demo service.
+    Dev(DevArgs),
     /// Per-container supervisor started by the agent (not for humans).
     #[command(hide = true)]
     Shim(ShimArgs),
@@ -164,4 +172,231 @@ pub struct EventsArgs {
 pub struct ShimArgs {
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub args: Vec<std::ffi::OsString>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCmd {
+    /// Create a service.
+    Create(ServiceCreateArgs),
+    /// List services.
+    Ls(FormatArgs),
+    /// List the tasks of one or more services.
+    Ps(ServicePsArgs),
+    /// Show a service in detail.
+    Inspect {
+        service: String,
+        #[command(flatten)]
+        format: FormatArgs,
+    },
+    /// Change a service; a change to what the tasks run is rolled out as a rolling update.
+    Update(ServiceUpdateArgs),
+    /// Set the number of replicas: `scale web=5 api=2`.
+    Scale {
+        #[arg(value_name = "SERVICE=REPLICAS", required = true)]
+        pairs: Vec<String>,
+        #[arg(long, short)]
+        detach: bool,
+    },
+    /// Return to the previous spec.
+    Rollback {
+        service: String,
+        #[arg(long, short)]
+        detach: bool,
+    },
+    /// Remove services.
+    Rm {
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
+    /// Show the output of a service's (or one task's) containers, from every node.
+    Logs(ServiceLogsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServicePsArgs {
+    #[arg(required = true)]
+    pub services: Vec<String>,
+    /// `desired-state=running`, `node=NAME` (repeatable).
+    #[arg(long, short)]
+    pub filter: Vec<String>,
+    /// Show only running tasks' ids.
+    #[arg(long, short)]
+    pub quiet: bool,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct ServiceLogsArgs {
+    /// Service name/id, or a task id.
+    pub target: String,
+    /// Keep following new output, including tasks that start later.
+    #[arg(long, short)]
+    pub follow: bool,
+    /// Only the last N lines of each task.
+    #[arg(long)]
+    pub tail: Option<usize>,
+    /// Only lines since this time (RFC 3339) or this long ago (e.g. 10m).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Prefix each line with its timestamp.
+    #[arg(long, short)]
+    pub timestamps: bool,
+}
+
+/// Flags shared by `service create` and `service update`.
+#[derive(Debug, Args, Default)]
+pub struct SpecFlags {
+    /// Number of tasks (replicated services and jobs).
+    #[arg(long)]
+    pub replicas: Option<u64>,
+    /// For replicated jobs: how many tasks may run at once.
+    #[arg(long)]
+    pub max_concurrent: Option<u64>,
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    #[arg(long)]
+    pub workdir: Option<String>,
+    #[arg(long, short)]
+    pub user: Option<String>,
+    /// Placement constraint, e.g. node.labels.zone==eu (repeatable).
+    #[arg(long)]
+    pub constraint: Vec<String>,
+    /// Placement preference, e.g. spread=node.labels.zone (repeatable).
+    #[arg(long = "placement-pref")]
+    pub placement_pref: Vec<String>,
+    #[arg(long)]
+    pub replicas_max_per_node: Option<u64>,
+    /// CPUs to reserve, e.g. 0.5.
+    #[arg(long)]
+    pub reserve_cpu: Option<f64>,
+    /// Memory to reserve, e.g. 64m, 1g.
+    #[arg(long)]
+    pub reserve_memory: Option<String>,
+    #[arg(long)]
+    pub limit_cpu: Option<f64>,
+    #[arg(long)]
+    pub limit_memory: Option<String>,
+    #[arg(long, value_parser = ["none", "on-failure", "any"])]
+    pub restart_condition: Option<String>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub restart_delay: Option<std::time::Duration>,
+    #[arg(long)]
+    pub restart_max_attempts: Option<u64>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub restart_window: Option<std::time::Duration>,
+    /// Command run inside the container (`sh -c`); exit 0 = healthy.
+    #[arg(long)]
+    pub health_cmd: Option<String>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub health_interval: Option<std::time::Duration>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub health_timeout: Option<std::time::Duration>,
+    #[arg(long)]
+    pub health_retries: Option<u32>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub health_start_period: Option<std::time::Duration>,
+    #[arg(long)]
+    pub update_parallelism: Option<u64>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub update_delay: Option<std::time::Duration>,
+    #[arg(long, value_parser = ["pause", "continue", "rollback"])]
+    pub update_failure_action: Option<String>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub update_monitor: Option<std::time::Duration>,
+    #[arg(long, value_parser = ["stop-first", "start-first"])]
+    pub update_order: Option<String>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub stop_grace_period: Option<std::time::Duration>,
+    /// Service label key=value (repeatable).
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub label: Vec<String>,
+    /// Return at once instead of showing progress until converged.
+    #[arg(long, short)]
+    pub detach: bool,
+    /// Give up waiting for convergence after this long.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct ServiceCreateArgs {
+    #[arg(long)]
+    pub name: String,
+    /// replicated (default), global, replicated-job or global-job.
+    #[arg(long, default_value = "replicated", value_parser = ["replicated", "global", "replicated-job", "global-job"])]
+    pub mode: String,
+    #[command(flatten)]
+    pub flags: SpecFlags,
+    pub image: String,
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServiceUpdateArgs {
+    pub service: String,
+    #[arg(long)]
+    pub image: Option<String>,
+    #[arg(long = "env-add", value_name = "KEY=VALUE")]
+    pub env_add: Vec<String>,
+    #[arg(long = "env-rm", value_name = "KEY")]
+    pub env_rm: Vec<String>,
+    /// Replace the command's arguments.
+    #[arg(long, num_args = 1.., allow_hyphen_values = true)]
+    pub args: Option<Vec<String>>,
+    /// Replace the tasks even if nothing changed.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub flags: SpecFlags,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCmd {
+    /// Import a root filesystem (directory or tar) as a one-layer image.
+    Import {
+        /// Directory or tar(.gz) file.
+        src: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// Default command (repeat for each argument, or one string run by `sh -c`).
+        #[arg(long, num_args = 1.., allow_hyphen_values = true)]
+        cmd: Option<Vec<String>>,
+        #[arg(long, num_args = 1.., allow_hyphen_values = true)]
+        entrypoint: Option<Vec<String>>,
+        #[arg(long, value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        #[arg(long)]
+        workdir: Option<String>,
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Load a `docker save` or OCI archive.
+    Load { file: PathBuf },
+    /// List images.
+    Ls(FormatArgs),
+    /// Show one image.
+    Inspect {
+        image: String,
+        #[command(flatten)]
+        format: FormatArgs,
+    },
+    /// Remove images.
+    Rm {
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Data directory (default: a fresh temporary one, removed on exit).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1:4440")]
+    pub listen: SocketAddr,
+    /// Do not deploy the demo service.
+    #[arg(long)]
+    pub no_demo: bool,
 }

@@ -59,6 +59,9 @@ pub async fn run_client(
         Command::Node(cmd) => node(&client, cmd).await,
         Command::Cluster(cmd) => cluster(&client, cmd).await,
         Command::Events(args) => events(&client, args).await,
+        Command::Service(cmd) => crate::service::run(&client, cmd).await,
+        Command::Image(cmd) => crate::image::run(&client, cmd).await,
+        Command::Dev(_) => Err(CliError::usage("`dev` is handled by the binary")),
         Command::Shim(_) => Err(CliError::usage("shim is started by the agent, not by hand")),
     }
 }
@@ -73,7 +76,7 @@ fn warn_if_stale(resp: &flotilla_api::Response) {
     }
 }
 
-async fn get<T: serde::de::DeserializeOwned>(client: &Client, path: &str) -> Result<T, CliError> {
+pub async fn get<T: serde::de::DeserializeOwned>(client: &Client, path: &str) -> Result<T, CliError> {
     let resp = client.request(Method::GET, path, None).await?;
     warn_if_stale(&resp);
     serde_json::from_slice(&resp.body)
@@ -98,7 +101,7 @@ fn node_row(n: &Node) -> Vec<String> {
     ]
 }
 
-fn enc(s: &str) -> String {
+pub fn enc(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {

@@ -4,7 +4,10 @@
 
 mod args;
 mod client;
+mod image;
+mod logs;
 mod output;
+mod service;
 
 pub use args::*;
 pub use client::run_client;

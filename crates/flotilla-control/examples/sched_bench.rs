@@ -28,7 +28,7 @@ fn arg(i: usize, default: usize) -> usize {
 fn make_node(i: usize) -> Node {
     let mut labels = BTreeMap::new();
     labels.insert("zone".to_string(), format!("z{}", i % ZONES));
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         labels.insert("disk".to_string(), "ssd".to_string());
     }
     Node {
@@ -73,7 +73,10 @@ fn template(service: usize) -> TaskSpec {
         ..Default::default()
     };
     match service % 4 {
-        1 => spec.placement.constraints = vec!["node.labels.disk==ssd".into(), "node.role!=manager".into()],
+        1 => {
+            spec.placement.constraints =
+                vec!["node.labels.disk==ssd".into(), "node.role!=manager".into()]
+        }
         2 => spec.placement.preferences = vec!["spread=node.labels.zone".into()],
         3 => {
             spec.resources.reservations.memory_bytes = 64 << 20;
@@ -167,5 +170,8 @@ fn main() {
         worst_batch * 1e3
     );
     println!("total (incl. generating tasks): {total:.3} s");
-    println!("anchor (sort 10M u64): {anchor:.3} s; scheduling/anchor = {:.2}", sched_time / anchor);
+    println!(
+        "anchor (sort 10M u64): {anchor:.3} s; scheduling/anchor = {:.2}",
+        sched_time / anchor
+    );
 }

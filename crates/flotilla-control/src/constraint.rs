@@ -172,12 +172,18 @@ mod tests {
         assert_eq!(c.key, ConstraintKey::Role);
         assert!(!c.equal);
         assert_eq!(c.text, "node.role != manager");
-        assert_eq!(Constraint::parse("node.id==abc").unwrap().key, ConstraintKey::Id);
+        assert_eq!(
+            Constraint::parse("node.id==abc").unwrap().key,
+            ConstraintKey::Id
+        );
         assert_eq!(
             Constraint::parse("node.hostname==h1").unwrap().key,
             ConstraintKey::Hostname
         );
-        assert_eq!(Constraint::parse("node.platform.os==linux").unwrap().key, ConstraintKey::Os);
+        assert_eq!(
+            Constraint::parse("node.platform.os==linux").unwrap().key,
+            ConstraintKey::Os
+        );
         assert_eq!(
             Constraint::parse("node.platform.arch!=arm64").unwrap().key,
             ConstraintKey::Arch
@@ -186,15 +192,39 @@ mod tests {
 
     #[test]
     fn rejects_bad_syntax() {
-        assert!(matches!(Constraint::parse("node.labels.zone=eu"), Err(ConstraintError::Syntax(_))));
-        assert!(matches!(Constraint::parse("==eu"), Err(ConstraintError::Syntax(_))));
-        assert!(matches!(Constraint::parse("node.labels.zone==a==b"), Err(ConstraintError::Syntax(_))));
-        assert!(matches!(Constraint::parse("node.labels.zone=="), Err(ConstraintError::EmptyValue(_))));
-        assert!(matches!(Constraint::parse("node.color==red"), Err(ConstraintError::UnknownKey(_))));
-        assert!(matches!(Constraint::parse("node.labels.==x"), Err(ConstraintError::UnknownKey(_))));
-        assert!(matches!(Constraint::parse("node.role==boss"), Err(ConstraintError::BadRole(_))));
+        assert!(matches!(
+            Constraint::parse("node.labels.zone=eu"),
+            Err(ConstraintError::Syntax(_))
+        ));
+        assert!(matches!(
+            Constraint::parse("==eu"),
+            Err(ConstraintError::Syntax(_))
+        ));
+        assert!(matches!(
+            Constraint::parse("node.labels.zone==a==b"),
+            Err(ConstraintError::Syntax(_))
+        ));
+        assert!(matches!(
+            Constraint::parse("node.labels.zone=="),
+            Err(ConstraintError::EmptyValue(_))
+        ));
+        assert!(matches!(
+            Constraint::parse("node.color==red"),
+            Err(ConstraintError::UnknownKey(_))
+        ));
+        assert!(matches!(
+            Constraint::parse("node.labels.==x"),
+            Err(ConstraintError::UnknownKey(_))
+        ));
+        assert!(matches!(
+            Constraint::parse("node.role==boss"),
+            Err(ConstraintError::BadRole(_))
+        ));
         let msg = Constraint::parse("zone=eu").unwrap_err().to_string();
-        assert_eq!(msg, "invalid constraint \"zone=eu\": expected KEY==VALUE or KEY!=VALUE");
+        assert_eq!(
+            msg,
+            "invalid constraint \"zone=eu\": expected KEY==VALUE or KEY!=VALUE"
+        );
     }
 
     #[test]
@@ -211,7 +241,8 @@ mod tests {
         assert!(m("node.role==worker"));
         assert!(m("node.role!=manager"));
         assert!(m("node.platform.os==linux"));
-        let all = parse_constraints(&["node.role==worker".into(), "node.labels.zone==us".into()]).unwrap();
+        let all = parse_constraints(&["node.role==worker".into(), "node.labels.zone==us".into()])
+            .unwrap();
         assert!(!matches_all(&all, &n));
         assert!(parse_constraints(&["node.role==worker".into(), "bad".into()]).is_err());
     }
@@ -220,7 +251,10 @@ mod tests {
     fn preferences() {
         let p = SpreadPreference::parse("spread=node.labels.zone").unwrap();
         assert_eq!(p.label, "zone");
-        assert_eq!(SpreadPreference::parse("node.labels.rack").unwrap().label, "rack");
+        assert_eq!(
+            SpreadPreference::parse("node.labels.rack").unwrap().label,
+            "rack"
+        );
         assert!(SpreadPreference::parse("spread=node.role").is_err());
         assert!(SpreadPreference::parse("pack=node.labels.zone").is_err());
         let mut n = node("n1");

@@ -53,8 +53,14 @@ mod tests {
         c.status.state = NodeState::Down;
         c.status.last_heartbeat = 0;
         let nodes = vec![a, b, c];
-        assert!(node_liveness(&nodes, 6_000, 5_000).is_empty(), "exactly at the limit is alive");
-        assert_eq!(node_liveness(&nodes, 6_001, 5_000), vec![("a".to_string(), NodeState::Down)]);
+        assert!(
+            node_liveness(&nodes, 6_000, 5_000).is_empty(),
+            "exactly at the limit is alive"
+        );
+        assert_eq!(
+            node_liveness(&nodes, 6_001, 5_000),
+            vec![("a".to_string(), NodeState::Down)]
+        );
         assert_eq!(next_liveness_check(&nodes, 5_000), Some(6_001));
         assert_eq!(node_liveness(&nodes, 20_000, 5_000).len(), 2);
     }

@@ -52,7 +52,7 @@ pub struct Reconcile {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Insert this new task (state `new`, desired `running`; `node_id` set for global modes).
-    CreateTask(Task),
+    CreateTask(Box<Task>),
     /// Change an existing task.
     UpdateTask(TaskUpdate),
     /// Delete an ended task (history pruning, scale down, service removal).
@@ -111,7 +111,10 @@ pub fn reconcile_with_ids(
     ids: &mut dyn FnMut() -> String,
 ) -> Reconcile {
     let mut o = Orch::new(service, nodes, now_ms, cfg, ids);
-    let tasks: Vec<&Task> = tasks.iter().filter(|t| t.service_id == service.id).collect();
+    let tasks: Vec<&Task> = tasks
+        .iter()
+        .filter(|t| t.service_id == service.id)
+        .collect();
     let views = o.prepass(&tasks);
     match service.spec.mode {
         ServiceMode::Replicated { .. } | ServiceMode::Global => o.run_service(&views),
@@ -133,7 +136,12 @@ pub fn reconcile_removed(tasks: &[Task], nodes: &[Node], now_ms: u64) -> Reconci
         if let Some(msg) = lost(t, &node_map) {
             out.observe(t, TaskState::Orphaned, msg, now_ms);
         } else if t.status.state < TaskState::Assigned {
-            out.observe(t, TaskState::Shutdown, "removed before it was assigned", now_ms);
+            out.observe(
+                t,
+                TaskState::Shutdown,
+                "removed before it was assigned",
+                now_ms,
+            );
         }
         if t.desired_state != TaskState::Remove {
             out.desire(t, TaskState::Remove);
@@ -258,6 +266,7 @@ impl View<'_> {
             TaskState::Complete | TaskState::Failed | TaskState::Rejected | TaskState::Orphaned
         ) || self.unhealthy()
     }
+    /// Failed, rejected, lost or unhealthy (not: stopped on purpose, completed).
     fn failed(&self) -> bool {
         self.failed_or_done() && self.state != TaskState::Complete
     }
@@ -302,7 +311,10 @@ enum KeyStatus<'a> {
     /// Replacement in progress (old stopping, or new not yet running).
     Busy,
     /// Runs a current task in state running since `since`, created at `created`.
-    Running { since: u64, created: u64 },
+    Running {
+        since: u64,
+        created: u64,
+    },
 }
 
 /// The restart policy's verdict for an ended task.
@@ -357,8 +369,15 @@ impl<'a, 'i> Orch<'a, 'i> {
                         self.out.observe(t, TaskState::Orphaned, msg, self.now);
                         v.state = TaskState::Orphaned;
                         v.ts = self.now;
-                    } else if t.desired_state > TaskState::Running && t.status.state < TaskState::Assigned {
-                        self.out.observe(t, TaskState::Shutdown, "shut down before it was assigned", self.now);
+                    } else if t.desired_state > TaskState::Running
+                        && t.status.state < TaskState::Assigned
+                    {
+                        self.out.observe(
+                            t,
+                            TaskState::Shutdown,
+                            "shut down before it was assigned",
+                            self.now,
+                        );
                         v.state = TaskState::Shutdown;
                         v.ts = self.now;
                     }
@@ -456,17 +475,19 @@ impl<'a, 'i> Orch<'a, 'i> {
             desired_state: TaskState::Running,
             status: TaskStatus::new(TaskState::New, self.now, "created"),
         };
-        self.out.creates.push(Action::CreateTask(task));
+        self.out.creates.push(Action::CreateTask(Box::new(task)));
     }
 
     /// The restart policy's verdict for the slot whose latest ended task is `last`.
     fn restart(&self, last: &View, key_views: &[View], job: bool) -> Restart {
         let p = last.t.spec.restart_policy;
+        // Anything but a clean exit is a failure here, including a shutdown nobody asked for.
+        let failed = last.unhealthy() || (last.ended() && last.state != TaskState::Complete);
         let allowed = match p.condition {
             RestartCondition::None => false,
-            RestartCondition::OnFailure => last.failed(),
+            RestartCondition::OnFailure => failed,
             // A job's success is never "restarted".
-            RestartCondition::Any => !job || last.failed(),
+            RestartCondition::Any => !job || failed,
         };
         if !allowed {
             return Restart::Never;
@@ -504,17 +525,23 @@ impl<'a, 'i> Orch<'a, 'i> {
             .map(|v| v.t.spec.restart_policy.max_attempts)
             .max()
             .unwrap_or(0);
-        let keep = self
-            .cfg
-            .task_history
-            .max(1)
-            .max(usize::try_from(max_attempts).unwrap_or(usize::MAX).saturating_add(1));
-        let newest = views.iter().max_by(|a, b| a.age_key().cmp(&b.age_key())).map(|v| v.t.id.as_str());
+        let keep = self.cfg.task_history.max(1).max(
+            usize::try_from(max_attempts)
+                .unwrap_or(usize::MAX)
+                .saturating_add(1),
+        );
+        let newest = views
+            .iter()
+            .max_by(|a, b| a.age_key().cmp(&b.age_key()))
+            .map(|v| v.t.id.as_str());
         let mut ended: Vec<&View> = views
             .iter()
             .filter(|v| v.t.status.state.is_terminal() && !v.wanted())
             .collect();
-        for v in ended.iter().filter(|v| v.t.desired_state == TaskState::Remove) {
+        for v in ended
+            .iter()
+            .filter(|v| v.t.desired_state == TaskState::Remove)
+        {
             self.out.delete(v.t);
         }
         ended.retain(|v| v.t.desired_state != TaskState::Remove);
@@ -707,7 +734,10 @@ impl<'a, 'i> Orch<'a, 'i> {
                     .iter()
                     .max_by(|a, b| a.age_key().cmp(&b.age_key()))
                     .copied();
-                for o in alive.iter().filter(|v| Some(v.t.id.as_str()) != keep.map(|k| k.t.id.as_str())) {
+                for o in alive
+                    .iter()
+                    .filter(|v| Some(v.t.id.as_str()) != keep.map(|k| k.t.id.as_str()))
+                {
                     self.out.desire(o.t, TaskState::Shutdown);
                 }
                 KeyStatus::Dirty(keep.map(|k| k.t))
@@ -728,7 +758,10 @@ impl<'a, 'i> Orch<'a, 'i> {
             .collect();
         let (started_at, rollback) = match s.update_status.as_ref().map(|u| u.state) {
             Some(UpdateState::Paused) | Some(UpdateState::RollbackPaused) => return,
-            Some(UpdateState::Updating) => (s.update_status.as_ref().map_or(now, |u| u.started_at), false),
+            Some(UpdateState::Updating) => (
+                s.update_status.as_ref().map_or(now, |u| u.started_at),
+                false,
+            ),
             Some(UpdateState::RollbackStarted) => {
                 (s.update_status.as_ref().map_or(now, |u| u.started_at), true)
             }
@@ -761,16 +794,29 @@ impl<'a, 'i> Orch<'a, 'i> {
             && failed.len() as f64 > uc.max_failure_ratio * total as f64
             && uc.failure_action != FailureAction::Continue
         {
-            let first = failed.iter().min_by_key(|v| (v.ts, v.t.id.as_str())).map_or("", |v| v.t.id.as_str());
+            let first = failed
+                .iter()
+                .min_by_key(|v| (v.ts, v.t.id.as_str()))
+                .map_or("", |v| v.t.id.as_str());
             let what = if rollback { "rollback" } else { "update" };
-            let message = format!("{what} paused due to failure or early termination of task {first}");
-            if !rollback && uc.failure_action == FailureAction::Rollback && s.previous_spec.is_some() {
+            let message =
+                format!("{what} paused due to failure or early termination of task {first}");
+            if !rollback
+                && uc.failure_action == FailureAction::Rollback
+                && s.previous_spec.is_some()
+            {
                 self.out.service.push(Action::Rollback {
-                    message: format!("update rolled back due to failure or early termination of task {first}"),
+                    message: format!(
+                        "update rolled back due to failure or early termination of task {first}"
+                    ),
                 });
             } else {
                 self.out.service.push(Action::SetUpdateStatus(UpdateStatus {
-                    state: if rollback { UpdateState::RollbackPaused } else { UpdateState::Paused },
+                    state: if rollback {
+                        UpdateState::RollbackPaused
+                    } else {
+                        UpdateState::Paused
+                    },
                     started_at,
                     completed_at: None,
                     message,
@@ -815,21 +861,29 @@ impl<'a, 'i> Orch<'a, 'i> {
                 },
                 started_at,
                 completed_at: Some(now),
-                message: if rollback { "rollback completed" } else { "update completed" }.to_string(),
+                message: if rollback {
+                    "rollback completed"
+                } else {
+                    "update completed"
+                }
+                .to_string(),
             }));
             return;
         }
         let room = if uc.parallelism == 0 {
             usize::MAX
         } else {
-            usize::try_from(uc.parallelism).unwrap_or(usize::MAX).saturating_sub(busy)
+            usize::try_from(uc.parallelism)
+                .unwrap_or(usize::MAX)
+                .saturating_sub(busy)
         };
         for (key, old) in dirty.into_iter().take(room) {
             match (old, uc.order) {
                 (Some(t), UpdateOrder::StopFirst) => {
                     self.out.desire(t, TaskState::Shutdown);
                     if t.status.state < TaskState::Assigned {
-                        self.out.observe(t, TaskState::Shutdown, "replaced by update", now);
+                        self.out
+                            .observe(t, TaskState::Shutdown, "replaced by update", now);
                         self.create(key);
                     }
                 }
@@ -850,8 +904,13 @@ impl<'a, 'i> Orch<'a, 'i> {
                 total_completions,
             } => {
                 let conc = max_concurrent.max(1);
-                let total = if total_completions == 0 { conc } else { total_completions };
-                let mut keys: Vec<(Key, Fit)> = (1..=total).map(|s| (Key::Slot(s), Fit::Create)).collect();
+                let total = if total_completions == 0 {
+                    conc
+                } else {
+                    total_completions
+                };
+                let mut keys: Vec<(Key, Fit)> =
+                    (1..=total).map(|s| (Key::Slot(s), Fit::Create)).collect();
                 keys.extend(
                     by_key
                         .keys()
@@ -888,11 +947,15 @@ impl<'a, 'i> Orch<'a, 'i> {
                 continue;
             }
             // Tasks of an earlier run of the job are stopped.
-            let (cur, old): (Vec<View>, Vec<View>) = kv.iter().partition(|v| v.t.job_iteration == iteration);
+            let (cur, old): (Vec<View>, Vec<View>) =
+                kv.iter().partition(|v| v.t.job_iteration == iteration);
             for v in old.iter().filter(|v| v.wanted() && !v.ended()) {
                 self.out.desire(v.t, TaskState::Shutdown);
             }
-            let done = cur.iter().find(|v| v.t.status.state == TaskState::Complete).map(|v| v.t.id.as_str());
+            let done = cur
+                .iter()
+                .find(|v| v.t.status.state == TaskState::Complete)
+                .map(|v| v.t.id.as_str());
             let mut alive = Vec::new();
             let mut dead = Vec::new();
             let mut stopping = false;
@@ -901,7 +964,9 @@ impl<'a, 'i> Orch<'a, 'i> {
                 if v.wanted() && v.state != TaskState::Complete {
                     if v.ended() || v.unhealthy() {
                         dead.push(*v);
-                    } else if fit == Fit::Evict || (matches!(key, Key::Slot(_)) && self.must_move(v.t)) {
+                    } else if fit == Fit::Evict
+                        || (matches!(key, Key::Slot(_)) && self.must_move(v.t))
+                    {
                         self.out.desire(v.t, TaskState::Shutdown);
                         moved = true;
                     } else {
@@ -933,7 +998,9 @@ impl<'a, 'i> Orch<'a, 'i> {
             } else if stopping && !moved {
                 running += 1;
             } else {
-                let given_up = cur.iter().any(|v| v.t.desired_state == TaskState::Complete && v.ended());
+                let given_up = cur
+                    .iter()
+                    .any(|v| v.t.desired_state == TaskState::Complete && v.ended());
                 if !given_up {
                     fresh.push(key);
                 }

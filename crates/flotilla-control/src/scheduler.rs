@@ -60,7 +60,7 @@ pub struct Scheduler {
     /// Service id → node index → number of that service's tasks on the node.
     per_service: HashMap<String, HashMap<usize, u32>>,
     /// Constraint list → nodes passing the static filters; cleared when nodes change.
-    static_cache: HashMap<Vec<String>, Arc<(Vec<usize>, Why)>>,
+    static_cache: HashMap<(Vec<String>, Vec<String>), Arc<StaticSet>>,
 }
 
 #[derive(Debug, Clone)]
@@ -86,7 +86,11 @@ impl Scheduler {
         sorted.sort_by(|a, b| a.id.cmp(&b.id));
         sorted.dedup_by(|a, b| a.id == b.id);
         let mut s = Scheduler {
-            index: sorted.iter().enumerate().map(|(i, n)| (n.id.clone(), i)).collect(),
+            index: sorted
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.id.clone(), i))
+                .collect(),
             nodes: sorted
                 .into_iter()
                 .map(|n| NodeInfo {
@@ -261,16 +265,27 @@ impl Scheduler {
 
     /// Nodes passing the static filters (ready, active, constraints), cached per constraint
     /// list until the node set changes.
-    fn static_set(&mut self, key: &[String], constraints: &[Constraint]) -> Arc<(Vec<usize>, Why)> {
-        if let Some(s) = self.static_cache.get(key) {
+    fn static_set(
+        &mut self,
+        placement: &flotilla_types::Placement,
+        constraints: &[Constraint],
+        prefs: &[SpreadPreference],
+    ) -> Arc<StaticSet> {
+        let key = (placement.constraints.clone(), placement.preferences.clone());
+        if let Some(s) = self.static_cache.get(&key) {
             return Arc::clone(s);
         }
         let mut why = Why::default();
         let candidates: Vec<usize> = (0..self.nodes.len())
             .filter(|&i| why.static_ok(&self.nodes[i].node, constraints))
             .collect();
-        let set = Arc::new((candidates, why));
-        self.static_cache.insert(key.to_vec(), Arc::clone(&set));
+        let shape = Shape::build(&candidates, prefs, &self.nodes);
+        let set = Arc::new(StaticSet {
+            candidates,
+            why,
+            shape,
+        });
+        self.static_cache.insert(key, Arc::clone(&set));
         set
     }
 
@@ -300,18 +315,24 @@ impl Scheduler {
             Ok(p) => p,
             Err(e) => return fail_all(out, &format!("no suitable node ({e})")),
         };
-        let statics = self.static_set(&proto.spec.placement.constraints, &constraints);
-        let (candidates, mut why) = (&statics.0, statics.1.clone());
+        let statics = self.static_set(&proto.spec.placement, &constraints, &prefs);
+        let (candidates, mut why) = (&statics.candidates, statics.why.clone());
         let service = proto.service_id.clone();
         let mut counts = vec![0u32; candidates.len()];
         if let Some(per) = self.per_service.get(&service) {
-            for (i, &c) in per {
-                if let Ok(pos) = candidates.binary_search(i) {
+            let all = candidates.len() == self.nodes.len();
+            for (&i, &c) in per {
+                let pos = if all {
+                    Ok(i)
+                } else {
+                    candidates.binary_search(&i)
+                };
+                if let Ok(pos) = pos {
                     counts[pos] = c;
                 }
             }
         }
-        let mut tree = SpreadTree::build(candidates, &counts, &prefs, &self.nodes, group.len());
+        let mut tree = SpreadTree::build(&statics, &counts, &self.nodes, group.len());
         let mut dynamic = Dynamic::default();
         let mut failure: Option<String> = None;
         for &k in group {
@@ -398,7 +419,10 @@ impl Why {
             for c in constraints {
                 let m = base.iter().filter(|n| c.matches(n)).count();
                 if m < base.len() {
-                    parts.push(format!("constraint {c} matched {m} of {}", plural(base.len())));
+                    parts.push(format!(
+                        "constraint {c} matched {m} of {}",
+                        plural(base.len())
+                    ));
                 }
             }
         }
@@ -448,7 +472,9 @@ impl Dynamic {
         }
         let need = t.spec.resources.reservations;
         let have = info.node.description.resources;
-        if need.nano_cpus > 0 && have.nano_cpus.saturating_sub(info.reserved.nano_cpus) < need.nano_cpus {
+        if need.nano_cpus > 0
+            && have.nano_cpus.saturating_sub(info.reserved.nano_cpus) < need.nano_cpus
+        {
             self.cpu += 1;
             return false;
         }
@@ -529,95 +555,148 @@ impl LazyHeap {
     }
 }
 
+/// Nodes passing a placement's static filters, and how they split by its preferences; cached
+/// per (constraints, preferences) until the node set changes.
+#[derive(Debug)]
+struct StaticSet {
+    /// Sorted node indexes.
+    candidates: Vec<usize>,
+    why: Why,
+    shape: Shape,
+}
+
+/// The preference tree without counts: tree node parents and children (by label value), and
+/// the leaf of each candidate (empty when there are no preferences: the root is the only leaf).
+#[derive(Debug)]
+struct Shape {
+    parent: Vec<usize>,
+    children: Vec<BTreeMap<String, usize>>,
+    leaf_of: Vec<usize>,
+}
+
+impl Shape {
+    fn build(candidates: &[usize], prefs: &[SpreadPreference], nodes: &[NodeInfo]) -> Shape {
+        let mut shape = Shape {
+            parent: vec![0],
+            children: vec![BTreeMap::new()],
+            leaf_of: Vec::new(),
+        };
+        if prefs.is_empty() {
+            return shape;
+        }
+        shape.leaf_of.reserve(candidates.len());
+        for &i in candidates {
+            let mut cur = 0;
+            for p in prefs {
+                let v = p.value(&nodes[i].node);
+                cur = match shape.children[cur].get(v) {
+                    Some(&n) => n,
+                    None => {
+                        shape.parent.push(cur);
+                        shape.children.push(BTreeMap::new());
+                        let n = shape.parent.len() - 1;
+                        shape.children[cur].insert(v.to_string(), n);
+                        n
+                    }
+                };
+            }
+            shape.leaf_of.push(cur);
+        }
+        shape
+    }
+}
+
 /// Candidate nodes of one group arranged by placement preferences: each level splits by one
 /// label's value; leaves hold a min-heap of nodes. With no preferences it is a single leaf.
 struct SpreadTree {
     /// Arena; index 0 is the root.
     nodes: Vec<TreeNode>,
-    /// Candidate node indexes (sorted) and the leaf each one sits in.
-    candidates: Vec<usize>,
-    leaf_of: Vec<usize>,
+    set: Arc<StaticSet>,
 }
 
 struct TreeNode {
     parent: usize,
     /// Tasks of the service below this tree node.
     count: u64,
-    /// Label value → child tree node, ordered by value for deterministic ties.
-    children: BTreeMap<String, usize>,
+    /// Child tree nodes ordered by label value, for deterministic ties.
+    children: Vec<usize>,
     heap: Option<LazyHeap>,
     exhausted: bool,
 }
 
-impl TreeNode {
-    fn new(parent: usize) -> TreeNode {
-        TreeNode {
-            parent,
-            count: 0,
-            children: BTreeMap::new(),
-            heap: None,
-            exhausted: false,
-        }
-    }
-}
-
 impl SpreadTree {
-    /// `candidates` sorted by index; `counts[k]` = tasks of the service on `candidates[k]`.
+    /// `counts[k]` = tasks of the service on `set.candidates[k]`.
     fn build(
-        candidates: &[usize],
+        set: &Arc<StaticSet>,
         counts: &[u32],
-        prefs: &[SpreadPreference],
         nodes: &[NodeInfo],
         expect: usize,
     ) -> SpreadTree {
+        let shape = &set.shape;
         let mut tree = SpreadTree {
-            nodes: vec![TreeNode::new(0)],
-            candidates: candidates.to_vec(),
-            leaf_of: Vec::new(),
+            nodes: shape
+                .parent
+                .iter()
+                .zip(&shape.children)
+                .map(|(&parent, ch)| TreeNode {
+                    parent,
+                    count: 0,
+                    children: ch.values().copied().collect(),
+                    heap: None,
+                    exhausted: false,
+                })
+                .collect(),
+            set: Arc::clone(set),
         };
-        let mut leaf_keys: BTreeMap<usize, Vec<Key>> = BTreeMap::new();
-        if prefs.is_empty() {
-            let keys: Vec<Key> = candidates
+        if shape.leaf_of.is_empty() {
+            let keys: Vec<Key> = set
+                .candidates
                 .iter()
                 .zip(counts)
                 .map(|(&i, &c)| (c, nodes[i].tasks, i))
                 .collect();
             tree.nodes[0].count = counts.iter().map(|&c| u64::from(c)).sum();
-            leaf_keys.insert(0, keys);
+            tree.nodes[0].heap = Some(LazyHeap::new(keys, expect));
         } else {
-            tree.leaf_of.reserve(candidates.len());
-            for (&i, &c) in candidates.iter().zip(counts) {
-                let mut cur = 0;
-                tree.nodes[0].count += u64::from(c);
-                for p in prefs {
-                    let v = p.value(&nodes[i].node);
-                    let next = match tree.nodes[cur].children.get(v) {
-                        Some(&n) => n,
-                        None => {
-                            tree.nodes.push(TreeNode::new(cur));
-                            let n = tree.nodes.len() - 1;
-                            tree.nodes[cur].children.insert(v.to_string(), n);
-                            n
-                        }
-                    };
-                    cur = next;
-                    tree.nodes[cur].count += u64::from(c);
+            let mut leaf_keys: Vec<Vec<Key>> = vec![Vec::new(); tree.nodes.len()];
+            for (k, (&i, &c)) in set.candidates.iter().zip(counts).enumerate() {
+                let leaf = shape.leaf_of[k];
+                leaf_keys[leaf].push((c, nodes[i].tasks, i));
+                if c > 0 {
+                    tree.add_count(leaf, u64::from(c));
                 }
-                leaf_keys.entry(cur).or_default().push((c, nodes[i].tasks, i));
-                tree.leaf_of.push(cur);
+            }
+            for (leaf, keys) in leaf_keys.into_iter().enumerate() {
+                if !keys.is_empty() {
+                    tree.nodes[leaf].heap = Some(LazyHeap::new(keys, expect));
+                }
             }
         }
-        for (leaf, keys) in leaf_keys {
-            tree.nodes[leaf].heap = Some(LazyHeap::new(keys, expect));
-        }
-        if candidates.is_empty() {
+        if set.candidates.is_empty() {
             tree.nodes[0].exhausted = true;
         }
         tree
     }
 
+    fn add_count(&mut self, leaf: usize, c: u64) {
+        let mut cur = leaf;
+        loop {
+            self.nodes[cur].count += c;
+            if cur == 0 {
+                break;
+            }
+            cur = self.nodes[cur].parent;
+        }
+    }
+
     /// Picks the node for `t`, or `None` when every candidate is full.
-    fn pick(&mut self, s: &Scheduler, t: &Task, svc: Option<&HashMap<usize, u32>>, d: &mut Dynamic) -> Option<usize> {
+    fn pick(
+        &mut self,
+        s: &Scheduler,
+        t: &Task,
+        svc: Option<&HashMap<usize, u32>>,
+        d: &mut Dynamic,
+    ) -> Option<usize> {
         loop {
             if self.nodes[0].exhausted {
                 return None;
@@ -627,7 +706,7 @@ impl SpreadTree {
             while !self.nodes[cur].children.is_empty() {
                 let next = self.nodes[cur]
                     .children
-                    .values()
+                    .iter()
                     .copied()
                     .filter(|&c| !self.nodes[c].exhausted)
                     .min_by_key(|&c| self.nodes[c].count);
@@ -648,7 +727,7 @@ impl SpreadTree {
             loop {
                 let n = &self.nodes[cur];
                 let done = n.heap.as_ref().is_none_or(LazyHeap::is_empty)
-                    && n.children.values().all(|&c| self.nodes[c].exhausted);
+                    && n.children.iter().all(|&c| self.nodes[c].exhausted);
                 if !done {
                     break;
                 }
@@ -663,22 +742,15 @@ impl SpreadTree {
 
     /// Records a placement on node `i` (now with `svc` tasks of the service, `total` tasks).
     fn placed(&mut self, i: usize, svc: u32, total: u32) {
-        let leaf = if self.leaf_of.is_empty() {
+        let leaf = if self.set.shape.leaf_of.is_empty() {
             0
         } else {
-            match self.candidates.binary_search(&i) {
-                Ok(pos) => self.leaf_of[pos],
+            match self.set.candidates.binary_search(&i) {
+                Ok(pos) => self.set.shape.leaf_of[pos],
                 Err(_) => return,
             }
         };
-        let mut cur = leaf;
-        loop {
-            self.nodes[cur].count += 1;
-            if cur == 0 {
-                break;
-            }
-            cur = self.nodes[cur].parent;
-        }
+        self.add_count(leaf, 1);
         if let Some(h) = self.nodes[leaf].heap.as_mut() {
             h.push((svc, total, i));
         }
@@ -755,7 +827,10 @@ mod tests {
             }]
         );
         let ds = schedule(&tasks(6, "s", |_| {}), &ns, &[]);
-        assert_eq!(counts(&ds).values().copied().collect::<Vec<_>>(), vec![2, 2, 2]);
+        assert_eq!(
+            counts(&ds).values().copied().collect::<Vec<_>>(),
+            vec![2, 2, 2]
+        );
         let ns: Vec<Node> = (0..10).map(|i| node(&format!("n{i}"))).collect();
         let ds = schedule(&tasks(1000, "s", |_| {}), &ns, &[]);
         assert!(counts(&ds).values().all(|&c| c == 100));
@@ -786,14 +861,13 @@ mod tests {
     #[test]
     fn constraint_nobody_meets_explains_itself() {
         let ns = nodes(&["a", "b", "c"]);
-        let ts = tasks(2, "s", |t| t.spec.placement.constraints = vec!["node.labels.zone==eu".into()]);
+        let ts = tasks(2, "s", |t| {
+            t.spec.placement.constraints = vec!["node.labels.zone==eu".into()]
+        });
         let ds = schedule(&ts, &ns, &[]);
         assert_eq!(
             reasons(&ds),
-            vec![
-                "no suitable node (constraint node.labels.zone==eu matched 0 of 3 nodes)";
-                2
-            ]
+            vec!["no suitable node (constraint node.labels.zone==eu matched 0 of 3 nodes)"; 2]
         );
         assert_eq!(ds[0].task_id(), "s-0");
     }
@@ -803,11 +877,16 @@ mod tests {
         let mut ns = nodes(&["a", "b", "c"]);
         ns[1].spec.labels.insert("zone".into(), "eu".into());
         ns[2].spec.role = flotilla_types::NodeRole::Manager;
-        let ts = tasks(3, "s", |t| t.spec.placement.constraints = vec!["node.role!=manager".into()]);
+        let ts = tasks(3, "s", |t| {
+            t.spec.placement.constraints = vec!["node.role!=manager".into()]
+        });
         let c = counts(&schedule(&ts, &ns, &[]));
         assert_eq!(c.keys().collect::<Vec<_>>(), vec!["a", "b"]);
         let ts = tasks(2, "s", |t| {
-            t.spec.placement.constraints = vec!["node.labels.zone==eu".into(), "node.hostname==host-b".into()]
+            t.spec.placement.constraints = vec![
+                "node.labels.zone==eu".into(),
+                "node.hostname==host-b".into(),
+            ]
         });
         assert_eq!(counts(&schedule(&ts, &ns, &[])).get("b"), Some(&2));
     }
@@ -815,7 +894,9 @@ mod tests {
     #[test]
     fn invalid_constraint_is_the_reason() {
         let ns = nodes(&["a"]);
-        let ts = tasks(1, "s", |t| t.spec.placement.constraints = vec!["node.zone=eu".into()]);
+        let ts = tasks(1, "s", |t| {
+            t.spec.placement.constraints = vec!["node.zone=eu".into()]
+        });
         let r = schedule(&ts, &ns, &[]);
         assert_eq!(
             reasons(&r),
@@ -835,24 +916,43 @@ mod tests {
             vec!["no suitable node (1 node not ready; 2 nodes not active (paused or drained))"]
         );
         let ds = schedule(&tasks(1, "s", |_| {}), &[], &[]);
-        assert_eq!(reasons(&ds), vec!["no suitable node (no nodes in the cluster)"]);
+        assert_eq!(
+            reasons(&ds),
+            vec!["no suitable node (no nodes in the cluster)"]
+        );
     }
 
     #[test]
     fn memory_reservations_fill_nodes() {
         let ns = nodes(&["a", "b", "c"]);
-        let big = tasks(1, "s", |t| t.spec.resources.reservations.memory_bytes = 16 * GIB);
+        let big = tasks(1, "s", |t| {
+            t.spec.resources.reservations.memory_bytes = 16 * GIB
+        });
         assert_eq!(
             reasons(&schedule(&big, &ns, &[])),
             vec!["no suitable node (insufficient memory on 3 nodes)"]
         );
-        let ts = tasks(7, "s", |t| t.spec.resources.reservations.memory_bytes = 3 * GIB);
+        let ts = tasks(7, "s", |t| {
+            t.spec.resources.reservations.memory_bytes = 3 * GIB
+        });
         let ds = schedule(&ts, &ns, &[]);
-        assert_eq!(counts(&ds).values().sum::<usize>(), 6, "two 3 GiB tasks per 8 GiB node");
-        assert_eq!(reasons(&ds), vec!["no suitable node (insufficient memory on 3 nodes)"]);
-        let cpu = tasks(3, "s", |t| t.spec.resources.reservations.nano_cpus = 3_000_000_000);
+        assert_eq!(
+            counts(&ds).values().sum::<usize>(),
+            6,
+            "two 3 GiB tasks per 8 GiB node"
+        );
+        assert_eq!(
+            reasons(&ds),
+            vec!["no suitable node (insufficient memory on 3 nodes)"]
+        );
+        let cpu = tasks(3, "s", |t| {
+            t.spec.resources.reservations.nano_cpus = 3_000_000_000
+        });
         let ds = schedule(&cpu, &ns[..1], &[]);
-        assert_eq!(reasons(&ds), vec!["no suitable node (insufficient cpu on 1 node)"; 2]);
+        assert_eq!(
+            reasons(&ds),
+            vec!["no suitable node (insufficient cpu on 1 node)"; 2]
+        );
     }
 
     #[test]
@@ -869,7 +969,9 @@ mod tests {
             t.status.state = TaskState::Failed;
             t.spec.resources.reservations.memory_bytes = 8 * GIB;
         }));
-        let ts = tasks(2, "s", |t| t.spec.resources.reservations.memory_bytes = 4 * GIB);
+        let ts = tasks(2, "s", |t| {
+            t.spec.resources.reservations.memory_bytes = 4 * GIB
+        });
         let c = counts(&schedule(&ts, &ns, &existing));
         assert_eq!(c.get("b"), Some(&2));
     }
@@ -880,7 +982,10 @@ mod tests {
         let ts = tasks(4, "s", |t| t.spec.placement.max_replicas_per_node = 1);
         let ds = schedule(&ts, &ns, &[]);
         assert_eq!(counts(&ds).len(), 3);
-        assert_eq!(reasons(&ds), vec!["no suitable node (max replicas per node reached on 3 nodes)"]);
+        assert_eq!(
+            reasons(&ds),
+            vec!["no suitable node (max replicas per node reached on 3 nodes)"]
+        );
     }
 
     #[test]
@@ -891,11 +996,16 @@ mod tests {
             n.spec.labels.insert("zone".into(), "b".into());
         }
         // x has no zone label: its own group.
-        let ts = tasks(6, "s", |t| t.spec.placement.preferences = vec!["spread=node.labels.zone".into()]);
+        let ts = tasks(6, "s", |t| {
+            t.spec.placement.preferences = vec!["spread=node.labels.zone".into()]
+        });
         let c = counts(&schedule(&ts, &ns, &[]));
         assert_eq!(c.get("a1"), Some(&2));
         assert_eq!(c.get("x"), Some(&2));
-        let b: usize = ["b1", "b2", "b3"].iter().map(|n| c.get(*n).copied().unwrap_or(0)).sum();
+        let b: usize = ["b1", "b2", "b3"]
+            .iter()
+            .map(|n| c.get(*n).copied().unwrap_or(0))
+            .sum();
         assert_eq!(b, 2);
         // A full branch makes way for the others.
         let ts = tasks(6, "s", |t| {
@@ -910,19 +1020,30 @@ mod tests {
     #[test]
     fn two_level_preferences() {
         let mut ns: Vec<Node> = Vec::new();
-        for (id, dc, rack) in [("n1", "d1", "r1"), ("n2", "d1", "r1"), ("n3", "d1", "r2"), ("n4", "d2", "r3")] {
+        for (id, dc, rack) in [
+            ("n1", "d1", "r1"),
+            ("n2", "d1", "r1"),
+            ("n3", "d1", "r2"),
+            ("n4", "d2", "r3"),
+        ] {
             let mut n = node(id);
             n.spec.labels.insert("dc".into(), dc.into());
             n.spec.labels.insert("rack".into(), rack.into());
             ns.push(n);
         }
         let ts = tasks(4, "s", |t| {
-            t.spec.placement.preferences = vec!["spread=node.labels.dc".into(), "spread=node.labels.rack".into()]
+            t.spec.placement.preferences = vec![
+                "spread=node.labels.dc".into(),
+                "spread=node.labels.rack".into(),
+            ]
         });
         let c = counts(&schedule(&ts, &ns, &[]));
         assert_eq!(c.get("n4"), Some(&2), "half to d2");
         assert_eq!(c.get("n3"), Some(&1), "d1 split over racks");
-        assert_eq!(c.get("n1").copied().unwrap_or(0) + c.get("n2").copied().unwrap_or(0), 1);
+        assert_eq!(
+            c.get("n1").copied().unwrap_or(0) + c.get("n2").copied().unwrap_or(0),
+            1
+        );
     }
 
     #[test]
@@ -968,7 +1089,10 @@ mod tests {
         let ns = nodes(&["b", "c"]);
         let mut s = Scheduler::new(&ns, &[]);
         let ds = s.schedule(&tasks(4, "s", |_| {}));
-        assert_eq!(counts(&ds).values().copied().collect::<Vec<_>>(), vec![2, 2]);
+        assert_eq!(
+            counts(&ds).values().copied().collect::<Vec<_>>(),
+            vec![2, 2]
+        );
         assert_eq!(s.tasks_on("b"), 2);
         s.upsert_node(&node("a"));
         let ds = s.schedule(&tasks(2, "t", |_| {}));
@@ -977,7 +1101,10 @@ mod tests {
         gone.node_id = Some("b".into());
         gone.status.state = TaskState::Running;
         // a: t-0; b: s-0, s-2, t-1; c: s-1, s-3.
-        assert_eq!((s.tasks_on("a"), s.tasks_on("b"), s.tasks_on("c")), (1, 3, 2));
+        assert_eq!(
+            (s.tasks_on("a"), s.tasks_on("b"), s.tasks_on("c")),
+            (1, 3, 2)
+        );
         s.remove_task(&gone);
         assert_eq!(s.tasks_on("b"), 2);
         s.add_task(&gone);
@@ -987,5 +1114,35 @@ mod tests {
         assert_eq!(s.tasks_on("c"), 2);
         let ds = s.schedule(&tasks(1, "u", |_| {}));
         assert_eq!(counts(&ds).get("c"), Some(&1), "fewest tasks overall");
+    }
+
+    #[test]
+    fn lazy_heap_pops_like_a_full_heap() {
+        // xorshift, deterministic
+        let mut x: u64 = 42;
+        let mut rnd = move |m: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % m
+        };
+        for expect in [0, 1, 5, 100] {
+            let keys: Vec<Key> = (0..500)
+                .map(|i| (rnd(3) as u32, rnd(50) as u32, i))
+                .collect();
+            let mut lazy = LazyHeap::new(keys.clone(), expect);
+            let mut full: BinaryHeap<Reverse<Key>> = keys.into_iter().map(Reverse).collect();
+            for step in 0..2000 {
+                let a = lazy.pop();
+                let b = full.pop().map(|Reverse(k)| k);
+                assert_eq!(a, b, "step {step}");
+                let Some((c, t, i)) = a else { break };
+                // Usually put it back with a bigger key (a placement), sometimes drop it.
+                if rnd(10) != 0 {
+                    lazy.push((c + 1, t + 1, i));
+                    full.push(Reverse((c + 1, t + 1, i)));
+                }
+            }
+        }
     }
 }

@@ -78,6 +78,7 @@ pub fn service(mode: ServiceMode) -> Service {
         spec_version: 1,
         update_status: None,
         job_iteration: 0,
+        service_status: None,
     }
 }
 
@@ -106,15 +107,24 @@ impl Sim {
     }
 
     pub fn node_mut(&mut self, id: &str) -> &mut Node {
-        self.nodes.iter_mut().find(|n| n.id == id).expect("no such node")
+        self.nodes
+            .iter_mut()
+            .find(|n| n.id == id)
+            .expect("no such node")
     }
 
     pub fn task(&self, id: &str) -> &Task {
-        self.tasks.iter().find(|t| t.id == id).expect("no such task")
+        self.tasks
+            .iter()
+            .find(|t| t.id == id)
+            .expect("no such task")
     }
 
     pub fn task_mut(&mut self, id: &str) -> &mut Task {
-        self.tasks.iter_mut().find(|t| t.id == id).expect("no such task")
+        self.tasks
+            .iter_mut()
+            .find(|t| t.id == id)
+            .expect("no such task")
     }
 
     /// One orchestrator pass, applied.
@@ -124,7 +134,14 @@ impl Sim {
             *seq += 1;
             format!("t{seq:03}")
         };
-        let r = reconcile_with_ids(&self.svc, &self.tasks, &self.nodes, self.now, &self.cfg, &mut ids);
+        let r = reconcile_with_ids(
+            &self.svc,
+            &self.tasks,
+            &self.nodes,
+            self.now,
+            &self.cfg,
+            &mut ids,
+        );
         self.apply(&r.actions);
         r
     }
@@ -133,7 +150,7 @@ impl Sim {
         for a in actions {
             self.history.push(a.clone());
             match a {
-                Action::CreateTask(t) => self.tasks.push(t.clone()),
+                Action::CreateTask(t) => self.tasks.push((**t).clone()),
                 Action::UpdateTask(u) => {
                     let now = self.now;
                     let t = self.task_mut(&u.task_id);
@@ -209,7 +226,9 @@ impl Sim {
             .map(|n| n.id.clone())
             .collect();
         for t in &mut self.tasks {
-            if t.node_id.as_ref().is_some_and(|n| down.contains(n)) || t.status.state < TaskState::Assigned {
+            if t.node_id.as_ref().is_some_and(|n| down.contains(n))
+                || t.status.state < TaskState::Assigned
+            {
                 continue;
             }
             if t.desired_state > TaskState::Complete && !t.status.state.is_terminal() {
@@ -227,12 +246,18 @@ impl Sim {
         let mut last = Reconcile::default();
         for _ in 0..n {
             last = self.reconcile();
-            let before: Vec<(TaskState, TaskState)> =
-                self.tasks.iter().map(|t| (t.status.state, t.desired_state)).collect();
+            let before: Vec<(TaskState, TaskState)> = self
+                .tasks
+                .iter()
+                .map(|t| (t.status.state, t.desired_state))
+                .collect();
             self.schedule();
             self.agents();
-            let after: Vec<(TaskState, TaskState)> =
-                self.tasks.iter().map(|t| (t.status.state, t.desired_state)).collect();
+            let after: Vec<(TaskState, TaskState)> = self
+                .tasks
+                .iter()
+                .map(|t| (t.status.state, t.desired_state))
+                .collect();
             if last.actions.is_empty() && before == after {
                 break;
             }
@@ -243,7 +268,9 @@ impl Sim {
     pub fn running(&self) -> Vec<&Task> {
         self.tasks
             .iter()
-            .filter(|t| t.status.state == TaskState::Running && t.desired_state == TaskState::Running)
+            .filter(|t| {
+                t.status.state == TaskState::Running && t.desired_state == TaskState::Running
+            })
             .collect()
     }
 
@@ -264,7 +291,7 @@ impl Sim {
         r.actions
             .iter()
             .filter_map(|a| match a {
-                Action::CreateTask(t) => Some(t),
+                Action::CreateTask(t) => Some(&**t),
                 _ => None,
             })
             .collect()

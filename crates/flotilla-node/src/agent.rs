@@ -42,7 +42,7 @@ pub fn describe_host(engine: std::collections::BTreeMap<String, serde_json::Valu
 }
 
 /// Managers to try, own address first on a manager.
-fn targets(ctx: &NodeCtx) -> Vec<String> {
+pub fn targets(ctx: &NodeCtx) -> Vec<String> {
     let ident = ctx.identity();
     let mut out = Vec::new();
     if ctx.manager.is_some() {

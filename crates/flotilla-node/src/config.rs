@@ -42,6 +42,8 @@ pub struct NodeConfig {
     pub write_timeout: Duration,
     /// Raft snapshot interval in entries.
     pub snapshot_every: u64,
+    /// OCI runtime binary (`--runtime`); default `runc` from PATH.
+    pub runtime_bin: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -60,6 +62,7 @@ impl NodeConfig {
             raft_election_max_ms: 500,
             write_timeout: Duration::from_secs(2),
             snapshot_every: 1000,
+            runtime_bin: None,
         }
     }
 

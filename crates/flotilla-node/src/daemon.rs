@@ -17,7 +17,7 @@ use crate::disk::{read_identity, write_atomic, write_identity, NodeIdentity, Pat
 use crate::manager::{now_ms, ClusterObject, Manager, CLUSTER_KEY};
 use crate::tls::TlsState;
 use crate::transport::HttpRaftTransport;
-use crate::{agent, api, joining, leader, NodeConfig, NodeCtx, NodeError, StartMode};
+use crate::{agent, api, control, executor, joining, leader, NodeConfig, NodeCtx, NodeError, StartMode};
 
 const CA_LIFETIME: Duration = Duration::from_secs(20 * 365 * 24 * 3600);
 const ADMIN_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -117,6 +117,21 @@ async fn wait_leader(store: &Store, within: Duration) -> Result<(), NodeError> {
     Ok(())
 }
 
+/// Opens the node's container runtime under DATA_DIR/runtime; a missing host requirement is a
+/// start-up error that names the fix.
+fn open_runtime(cfg: &NodeConfig) -> Result<flotilla_runtime::Runtime, NodeError> {
+    let exe = std::env::current_exe().map_err(io("locating the flotilla binary"))?;
+    let mut rc = flotilla_runtime::RuntimeConfig::new(
+        cfg.data_dir.join("runtime"),
+        exe,
+        vec!["shim".into()],
+    );
+    if let Some(bin) = &cfg.runtime_bin {
+        rc.runtime_bin = bin.clone();
+    }
+    flotilla_runtime::Runtime::new(rc).map_err(|e| NodeError::Config(format!("container runtime: {e}")))
+}
+
 /// Runs a node until `shutdown` resolves (the binary passes SIGTERM/SIGINT).
 pub async fn run(
     cfg: NodeConfig,
@@ -127,6 +142,11 @@ pub async fn run(
     let paths = Paths::new(&cfg.data_dir);
     std::fs::create_dir_all(&cfg.data_dir).map_err(io("creating the data directory"))?;
     let existing = read_identity(&paths).map_err(io("reading node.json"))?;
+    let runtime = open_runtime(&cfg)?;
+    let mut engine = engine;
+    if let Ok(v) = serde_json::to_value(runtime.probe()) {
+        engine.insert("runtime".into(), v);
+    }
     let description = agent::describe_host(engine);
     // Bind first: a taken port is a usage error before anything is written.
     let listener = TcpListener::bind(cfg.listen).await.map_err(|e| {
@@ -206,6 +226,8 @@ pub async fn run(
             cluster_id: identity.cluster_id.clone(),
             heartbeats: Mutex::new(Default::default()),
             membership: tokio::sync::Mutex::new(()),
+            names: tokio::sync::Mutex::new(()),
+            wake: tokio::sync::Notify::new(),
             write_timeout: cfg.write_timeout,
             tls: tls.clone(),
             data_dir: cfg.data_dir.display().to_string(),
@@ -221,6 +243,7 @@ pub async fn run(
         identity: RwLock::new(identity.clone()),
         tls: tls.clone(),
         manager: manager.clone(),
+        runtime: Some(runtime.clone()),
     });
     // A new cluster is seeded before the API opens, so no client ever sees it half-made.
     if let (Some(mgr), Some(cluster)) = (&manager, bootstrap) {
@@ -269,7 +292,19 @@ pub async fn run(
         "node running"
     );
 
+    let (exec, reports) = executor::Executor::new(runtime.clone());
+    match flotilla_runtime::RuntimeDriver::adopt(&runtime).await {
+        Ok(r) => tracing::info!(
+            adopted = r.adopted.len(),
+            dead_shims = r.dead_shims.len(),
+            "re-attached to existing containers"
+        ),
+        Err(e) => tracing::warn!(error = %e, "re-adopting containers failed"),
+    }
     let loops = vec![
+        tokio::spawn(executor::assignment_loop(ctx.clone(), exec, stop_rx.clone())),
+        tokio::spawn(executor::report_loop(ctx.clone(), reports, stop_rx.clone())),
+        tokio::spawn(control::control_loop(ctx.clone(), stop_rx.clone())),
         tokio::spawn(agent::heartbeat_loop(ctx.clone(), description, stop_rx.clone())),
         tokio::spawn(agent::renewal_loop(ctx.clone(), stop_rx.clone())),
         tokio::spawn(leader::liveness_loop(ctx.clone(), stop_rx.clone())),

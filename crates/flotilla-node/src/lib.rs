@@ -6,6 +6,8 @@
 #![forbid(unsafe_code)]
 
 mod agent;
+mod control;
+mod executor;
 pub mod api;
 mod config;
 mod daemon;
@@ -34,6 +36,8 @@ pub struct NodeCtx {
     identity: RwLock<NodeIdentity>,
     pub tls: Arc<tls::TlsState>,
     pub manager: Option<Arc<Manager>>,
+    /// The node's container runtime and image store.
+    pub runtime: Option<flotilla_runtime::Runtime>,
 }
 
 impl NodeCtx {

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use flotilla_pki::Ca;
 use flotilla_store::{Batch, Op, Store, StoreError, Table, Versioned};
-use flotilla_types::{Meta, Node};
+use flotilla_types::{Meta, Node, Service, Task};
 
 use crate::error::{op_failure, ApiError};
 use crate::tls::TlsState;
@@ -55,6 +55,22 @@ impl Stored for Node {
     }
 }
 
+impl Stored for Service {
+    const TABLE: Table = Table::Services;
+    const KIND: &'static str = "service";
+    fn meta_mut(&mut self) -> &mut Meta {
+        &mut self.meta
+    }
+}
+
+impl Stored for Task {
+    const TABLE: Table = Table::Tasks;
+    const KIND: &'static str = "task";
+    fn meta_mut(&mut self) -> &mut Meta {
+        &mut self.meta
+    }
+}
+
 pub fn decode<T: Stored>(v: &Versioned) -> Result<T, ApiError> {
     let mut obj: T = serde_json::from_slice(&v.value)
         .map_err(|e| ApiError::internal(format!("corrupt {} {}: {e}", T::KIND, v.id)))?;
@@ -74,6 +90,10 @@ pub struct Manager {
     pub heartbeats: Mutex<HashMap<String, std::time::Instant>>,
     /// Serializes membership changes (one at a time, as Raft requires).
     pub membership: tokio::sync::Mutex<()>,
+    /// Serializes service create/rename so names stay unique.
+    pub names: tokio::sync::Mutex<()>,
+    /// Wakes the control loop after an API change.
+    pub wake: tokio::sync::Notify,
     pub write_timeout: Duration,
     /// For probing peers when quorum seems lost.
     pub tls: Arc<TlsState>,
@@ -173,6 +193,11 @@ impl Manager {
              `flotilla node run --data-dir {} --listen {} --force-new-cluster`",
             self.data_dir, self.listen
         )
+    }
+
+    /// Asks the leader's control loop to run a pass now.
+    pub fn kick(&self) {
+        self.wake.notify_one();
     }
 
     pub fn is_leader(&self) -> bool {

@@ -23,8 +23,15 @@ fn main() {
         args.remove(0);
         std::process::exit(flotilla_shim::run(args));
     }
-    let rounds: usize = args.first().and_then(|a| a.to_str()?.parse().ok()).unwrap_or(20);
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rounds: usize = args
+        .first()
+        .and_then(|a| a.to_str()?.parse().ok())
+        .unwrap_or(20);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("tokio: {e}");
@@ -42,7 +49,15 @@ type R<T> = Result<T, Box<dyn std::error::Error>>;
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse().ok()))
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmRSS:")?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+        })
         .unwrap_or(0)
 }
 
@@ -82,7 +97,12 @@ struct Runc {
 impl Runc {
     fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.bin);
-        c.arg("--root").arg(&self.root).args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        c.arg("--root")
+            .arg(&self.root)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         c
     }
     fn ok(&self, args: &[&str]) -> R<()> {
@@ -98,10 +118,14 @@ impl Runc {
 /// A copy of a container's bundle whose config.json runs `args`, sharing the same rootfs.
 fn baseline_bundle(src: &Path, dst: &Path, args: &[&str]) -> R<()> {
     std::fs::create_dir_all(dst)?;
-    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(src.join("config.json"))?)?;
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("config.json"))?)?;
     cfg["process"]["args"] = serde_json::json!(args);
     cfg["root"]["path"] = serde_json::json!(src.join("rootfs"));
-    let cg = cfg["linux"]["cgroupsPath"].as_str().unwrap_or("/flotilla/x").to_string();
+    let cg = cfg["linux"]["cgroupsPath"]
+        .as_str()
+        .unwrap_or("/flotilla/x")
+        .to_string();
     cfg["linux"]["cgroupsPath"] = serde_json::json!(format!("{cg}-baseline"));
     std::fs::write(dst.join("config.json"), serde_json::to_vec(&cfg)?)?;
     Ok(())
@@ -113,12 +137,20 @@ async fn bench(rounds: usize) -> R<()> {
     cfg.log_max_bytes = 1 << 20;
     let runtime = Runtime::new(cfg)?;
     let image = import_busybox(runtime.images(), "busybox:bench")?;
-    let runc = Runc { bin: runtime.probe().runtime_path.clone().ok_or("no runc")?, root: root.join("runc-baseline") };
+    let runc = Runc {
+        bin: runtime.probe().runtime_path.clone().ok_or("no runc")?,
+        root: root.join("runc-baseline"),
+    };
     std::fs::create_dir_all(&runc.root)?;
-    println!("runtime: {}", runtime.probe().runc_version.clone().unwrap_or_default());
+    println!(
+        "runtime: {}",
+        runtime.probe().runc_version.clone().unwrap_or_default()
+    );
 
     // Template container whose bundle (config.json + mounted rootfs) the baseline reuses.
-    runtime.create(spec("bench-template", &image, &["true"])).await?;
+    runtime
+        .create(spec("bench-template", &image, &["true"]))
+        .await?;
     let tpl = root.join("containers/bench-template/bundle");
     let b_sleep = root.join("baseline-sleep");
     let b_true = root.join("baseline-true");
@@ -130,7 +162,9 @@ async fn bench(rounds: usize) -> R<()> {
         // Ours: create→running.
         let id = format!("bench-s-{i}");
         let t = Instant::now();
-        runtime.create(spec(&id, &image, &["sleep", "1000"])).await?;
+        runtime
+            .create(spec(&id, &image, &["sleep", "1000"]))
+            .await?;
         runtime.start(&id).await?;
         ours_cr.push(ms(t.elapsed()));
         runtime.remove(&id, false).await?;
@@ -153,7 +187,14 @@ async fn bench(rounds: usize) -> R<()> {
         let bid = format!("bench-u-{i}");
         set_subreaper(true);
         let pid_file = root.join("baseline.pid");
-        runc.ok(&["create", "--bundle", &b_true.display().to_string(), "--pid-file", &pid_file.display().to_string(), &bid])?;
+        runc.ok(&[
+            "create",
+            "--bundle",
+            &b_true.display().to_string(),
+            "--pid-file",
+            &pid_file.display().to_string(),
+            &bid,
+        ])?;
         let pid: i32 = std::fs::read_to_string(&pid_file)?.trim().parse()?;
         let t = Instant::now();
         runc.ok(&["start", &bid])?;
@@ -162,16 +203,29 @@ async fn bench(rounds: usize) -> R<()> {
         set_subreaper(false);
         runc.ok(&["delete", "--force", &bid])?;
     }
-    let (oc, bc, os, bs) = (median(&mut ours_cr), median(&mut base_cr), median(&mut ours_se), median(&mut base_se));
+    let (oc, bc, os, bs) = (
+        median(&mut ours_cr),
+        median(&mut base_cr),
+        median(&mut ours_se),
+        median(&mut base_se),
+    );
     println!("rounds: {rounds} (interleaved; medians)");
-    println!("create→running: ours {oc:.1} ms, runc {bc:.1} ms, ratio {:.2}", oc / bc);
-    println!("start→exit:     ours {os:.1} ms, runc {bs:.1} ms, ratio {:.2}", os / bs);
+    println!(
+        "create→running: ours {oc:.1} ms, runc {bc:.1} ms, ratio {:.2}",
+        oc / bc
+    );
+    println!(
+        "start→exit:     ours {os:.1} ms, runc {bs:.1} ms, ratio {:.2}",
+        os / bs
+    );
 
     // Memory: 50 running containers.
     let mut shim_rss = Vec::new();
     for i in 0..50 {
         let id = format!("bench-m-{i}");
-        runtime.create(spec(&id, &image, &["sleep", "1000"])).await?;
+        runtime
+            .create(spec(&id, &image, &["sleep", "1000"]))
+            .await?;
         runtime.start(&id).await?;
     }
     for i in 0..50 {
@@ -180,7 +234,10 @@ async fn bench(rounds: usize) -> R<()> {
     }
     let agent = rss_kib(std::process::id());
     let max = shim_rss.iter().copied().fold(0.0, f64::max);
-    println!("shim RSS: median {:.0} KiB, max {max:.0} KiB (50 shims)", median(&mut shim_rss));
+    println!(
+        "shim RSS: median {:.0} KiB, max {max:.0} KiB (50 shims)",
+        median(&mut shim_rss)
+    );
     println!("agent (this process) RSS with 50 running containers: {agent} KiB");
     for i in 0..50 {
         runtime.remove(&format!("bench-m-{i}"), false).await?;

@@ -72,6 +72,8 @@ pub struct AdoptReport {
     /// Containers whose shim is dead: their last recorded state (status `stopped` if the exit
     /// was recorded before the shim died, else `unknown`).
     pub dead_shims: Vec<ContainerState>,
+    /// Containers whose create was interrupted (no metadata): their leftovers were removed.
+    pub cleaned_up: Vec<String>,
 }
 
 /// A container runtime driver. Every method is safe to call from any task; long operations run
@@ -90,7 +92,8 @@ pub trait RuntimeDriver: Send + Sync {
     /// deleted unless `keep_log`.
     fn remove<'a>(&'a self, id: &'a str, keep_log: bool) -> BoxFuture<'a, Result<()>>;
     fn list(&self) -> BoxFuture<'_, Result<Vec<ContainerInfo>>>;
-    /// Re-attaches to every shim in the state dir after an agent restart.
+    /// Re-attaches to every shim in the state dir after an agent restart, and removes the leftovers
+    /// of creates interrupted by a crash. Call it at agent start, before creating containers.
     fn adopt(&self) -> BoxFuture<'_, Result<AdoptReport>>;
     fn log_path(&self, id: &str) -> PathBuf;
 }

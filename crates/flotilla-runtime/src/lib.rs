@@ -10,6 +10,8 @@
 //! - [`HostProbe`]: host requirements checked at node start.
 //! - [`testing`]: the driver contract suite and test-image helpers.
 
+#![deny(unsafe_code)] // raw syscalls live only in `overlay` and `image::layer`, each with SAFETY comments
+
 mod config;
 mod driver;
 mod error;

@@ -5,6 +5,8 @@
 //! per layer, Linux ≥ 6.8), which has no such limit, and fall back to `mount(2)` with the classic
 //! option string on older kernels, failing clearly if it would be too long.
 
+#![allow(unsafe_code)]
+
 use crate::error::{Result, RuntimeError};
 use std::ffi::CString;
 use std::io;

@@ -24,12 +24,15 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use sha2::{Digest, Sha256};
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::AsyncBufReadExt;
+
+/// How long `create` waits for the shim's handshake (the runtime's `create` included).
+const SHIM_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The default runtime driver.
 #[derive(Clone)]
@@ -79,8 +82,11 @@ impl Runtime {
         // Layers must be traversable by the container's (unprivileged) root.
         fs::set_permissions(images.root(), fs::Permissions::from_mode(0o711))
             .ctx(|| "chmod images".into())?;
-        fs::set_permissions(images.root().join("layers"), fs::Permissions::from_mode(0o711))
-            .ctx(|| "chmod layers".into())?;
+        fs::set_permissions(
+            images.root().join("layers"),
+            fs::Permissions::from_mode(0o711),
+        )
+        .ctx(|| "chmod layers".into())?;
         let is_crun = runtime_path
             .file_name()
             .is_some_and(|n| n.to_string_lossy().contains("crun"));
@@ -278,13 +284,13 @@ impl Inner {
         let meta =
             serde_json::to_vec_pretty(&info).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         fs::write(dir.join("meta.json"), meta).ctx(|| "write meta.json".into())?;
-        self.spawn_shim(&info)?;
         Ok(info)
     }
 
-    fn spawn_shim(&self, info: &ContainerInfo) -> Result<()> {
+    /// Starts the shim and waits for its one-line handshake (`ok …` / `error …`).
+    async fn spawn_shim(&self, info: &ContainerInfo) -> Result<()> {
         let args = self.shim_args(info);
-        let mut child = Command::new(&self.cfg.shim_exe)
+        let mut child = tokio::process::Command::new(&self.cfg.shim_exe)
             .args(&self.cfg.shim_args)
             .args(args.to_args())
             .stdin(Stdio::null())
@@ -294,9 +300,19 @@ impl Inner {
             .ctx(|| format!("start shim {}", self.cfg.shim_exe.display()))?;
         let mut line = String::new();
         if let Some(out) = child.stdout.take() {
-            let _ = BufReader::new(out).read_line(&mut line);
+            let mut reader = tokio::io::BufReader::new(out);
+            let read =
+                tokio::time::timeout(SHIM_HANDSHAKE_TIMEOUT, reader.read_line(&mut line)).await;
+            if read.is_err() {
+                return Err(RuntimeError::Shim(format!(
+                    "no handshake from the shim within {}s (is the oci runtime hanging? see {}/runtime.log)",
+                    SHIM_HANDSHAKE_TIMEOUT.as_secs(),
+                    self.dir(&info.id).display()
+                )));
+            }
         }
-        let _ = child.wait();
+        // The process we started forks the real shim and exits at once.
+        let _ = child.wait().await;
         let line = line.trim();
         if line.starts_with("ok ") {
             tracing::debug!(container = %info.id, handshake = %line, "shim ready");
@@ -361,6 +377,24 @@ impl Inner {
             code: s.exit_code.unwrap_or(255),
             oom_killed: s.oom_killed,
         })
+    }
+
+    /// Removes container dirs that never got their meta.json (create interrupted by a crash).
+    fn half_created_sync(&self) -> Result<Vec<String>> {
+        let mut cleaned = Vec::new();
+        let dir = self.cfg.root.join("containers");
+        for e in fs::read_dir(&dir)
+            .ctx(|| format!("list {}", dir.display()))?
+            .flatten()
+        {
+            let id = e.file_name().to_string_lossy().into_owned();
+            if !e.path().join("meta.json").exists() {
+                tracing::warn!(container = %id, "removing a container whose create was interrupted");
+                self.cleanup_sync(&id, false)?;
+                cleaned.push(id);
+            }
+        }
+        Ok(cleaned)
     }
 
     /// Frees everything of a container (idempotent).
@@ -457,7 +491,10 @@ impl RuntimeDriver for Runtime {
             }
             tracing::debug!(container = %id, "creating container");
             let i2 = inner.clone();
-            let res = blocking(move || i2.create_sync(spec)).await;
+            let res = match blocking(move || i2.create_sync(spec)).await {
+                Ok(info) => inner.spawn_shim(&info).await.map(|()| info),
+                Err(e) => Err(e),
+            };
             if let Err(err) = &res {
                 tracing::warn!(container = %id, error = %err, "create failed; cleaning up");
                 let i3 = inner.clone();
@@ -527,6 +564,10 @@ impl RuntimeDriver for Runtime {
     fn adopt(&self) -> BoxFuture<'_, Result<AdoptReport>> {
         async move {
             let mut report = AdoptReport::default();
+            // A create interrupted by an agent crash leaves a dir without meta.json: undo it.
+            let inner = self.inner.clone();
+            let half_created = blocking(move || inner.half_created_sync()).await?;
+            report.cleaned_up = half_created;
             for info in self.list().await? {
                 let s = self.inner.state(&info.id).await?;
                 if s.shim_alive {

@@ -110,12 +110,12 @@ fn check(cond: bool, what: &str) -> Result<()> {
     }
 }
 
-/// A spec running `args` in `image` with default (secure) options.
+/// A spec running `args` (the image's cmd when empty) in `image` with default (secure) options.
 pub fn spec(id: &str, image: &str, args: &[&str]) -> ContainerSpec {
     ContainerSpec {
         id: id.into(),
         image: image.into(),
-        args: Some(args.iter().map(|s| s.to_string()).collect()),
+        args: (!args.is_empty()).then(|| args.iter().map(|s| s.to_string()).collect()),
         ..Default::default()
     }
 }

@@ -206,3 +206,44 @@ async fn t22_opting_out_is_explicit_and_visible() {
         .contains(&"seccomp=unconfined".to_string()));
     rt.remove(&id, false).await.expect("remove");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t23_bundle_merges_image_config_and_task() {
+    if !common::can_run() {
+        return;
+    }
+    let env = Env::new("merge");
+    let rt = &env.runtime;
+    let src = env.root.join("src-rootfs");
+    flotilla_runtime::testing::busybox_rootfs(&src).expect("rootfs");
+    std::fs::create_dir_all(src.join("srv")).expect("mkdir");
+    let input = flotilla_runtime::ImageConfigInput {
+        entrypoint: Some(vec!["sh".into(), "-c".into()]),
+        cmd: Some(vec!["echo from-image-cmd".into()]),
+        env: vec!["PATH=/bin".into(), "FOO=image".into(), "KEEP=yes".into()],
+        workdir: Some("/srv".into()),
+        user: Some("nobody".into()),
+    };
+    rt.images()
+        .import_rootfs(&src, "merge:v1", &input)
+        .expect("import");
+    let (_, lines) = run_to_exit(rt, spec(&env.id("default"), "merge:v1", &[])).await;
+    assert_eq!(lines, ["from-image-cmd"], "image entrypoint + cmd");
+    let mut s = spec(
+        &env.id("task"),
+        "merge:v1",
+        &["echo $FOO $KEEP; pwd; id -u; hostname"],
+    );
+    s.env = vec!["FOO=task".into()];
+    s.hostname = Some("web-1".into());
+    let id = s.id.clone();
+    rt.create(s).await.expect("create");
+    rt.start(&id).await.expect("start");
+    rt.wait(&id).await.expect("wait");
+    let lines: Vec<String> = flotilla_runtime::read_logs(&rt.log_path(&id), None, None)
+        .expect("logs")
+        .into_iter()
+        .map(|l| l.line)
+        .collect();
+    assert_eq!(lines, ["task yes", "/srv", "65534", "web-1"]);
+}

@@ -101,7 +101,12 @@ async fn t31_dead_shim_is_reported_not_forgotten() {
     let st = rt.state(&id).await.expect("state");
     assert!(!st.shim_alive);
     assert_eq!(st.status, ContainerStatus::Unknown);
+    // A create interrupted by a crash (no meta.json yet) is cleaned up by adopt.
+    let half = env.root.join("containers").join(env.id("half"));
+    std::fs::create_dir_all(half.join("bundle/rootfs")).expect("mkdir");
     let report = rt.adopt().await.expect("adopt");
+    assert_eq!(report.cleaned_up, vec![env.id("half")]);
+    assert!(!half.exists());
     assert!(
         report.dead_shims.iter().any(|s| s.id == id),
         "dead shim reported: {report:?}"

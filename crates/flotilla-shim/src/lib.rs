@@ -11,6 +11,8 @@
 //! and exits: `ok <init-pid> <shim-pid>` once the container is created and the socket listens,
 //! or `error <message>`.
 
+#![deny(unsafe_code)] // raw syscalls live only in `sys`, each with a SAFETY comment
+
 pub mod logfile;
 pub mod proto;
 mod server;

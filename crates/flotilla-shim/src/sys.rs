@@ -1,5 +1,7 @@
 //! Thin wrappers over the few raw syscalls the shim needs. Every `unsafe` block is here.
 
+#![allow(unsafe_code)]
+
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};

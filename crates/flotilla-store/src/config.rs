@@ -18,7 +18,9 @@ pub struct StoreConfig {
     /// Directory holding the store files: `raft-log.redb` (Raft log, vote, committed index) and
     /// `state.redb` (applied objects, change events, current snapshot). Created if missing.
     pub data_dir: PathBuf,
-    /// Leader heartbeat interval in milliseconds. Default 75.
+    /// Leader heartbeat interval in milliseconds. Default 75. In openraft 0.9 this is also the
+    /// deadline of every AppendEntries RPC (transfer plus follower fsync), so raise it on slow
+    /// disks or links.
     pub heartbeat_ms: u64,
     /// Minimum election timeout in milliseconds. Must be greater than `heartbeat_ms`.
     /// Default 250.
@@ -41,6 +43,11 @@ pub struct StoreConfig {
     pub membership_timeout: Duration,
     /// How many change events to keep on disk for `watch(from_revision)`. Default 50 000.
     pub event_retention: u64,
+    /// Largest batch [`crate::Store::write`] accepts, by [`crate::Batch::approx_size`].
+    /// Default 1 MiB, which keeps every Raft RPC body under ~2 MB (axum's default body limit)
+    /// and a single entry well within the AppendEntries deadline (`heartbeat_ms`). If you raise
+    /// it, raise the body limit of the transport's Raft routes too.
+    pub max_batch_bytes: usize,
 }
 
 impl Default for StoreConfig {
@@ -56,6 +63,7 @@ impl Default for StoreConfig {
             write_timeout: Duration::from_secs(3),
             membership_timeout: Duration::from_secs(60),
             event_retention: 50_000,
+            max_batch_bytes: 1024 * 1024,
         }
     }
 }
@@ -90,6 +98,9 @@ impl StoreConfig {
         }
         if self.event_retention == 0 {
             return bad("event_retention must be at least 1".into());
+        }
+        if self.max_batch_bytes < 1024 {
+            return bad("max_batch_bytes must be at least 1024".into());
         }
         if self.data_dir.as_os_str().is_empty() {
             return bad("data_dir must not be empty".into());

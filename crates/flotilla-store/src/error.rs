@@ -24,6 +24,7 @@ pub enum StoreError {
     #[error("no quorum answered within the deadline (quorum lost?); the outcome of a write is unknown, re-read before retrying")]
     Timeout,
 
+    /// `oldest` is the oldest revision a watch can currently start from.
     #[error("history before revision {oldest} was compacted; relist and watch again from the listed revision")]
     Compacted { oldest: u64 },
 

@@ -28,7 +28,8 @@
 //! ## Snapshots
 //! Built from the redb state (all tables, a compact binary format, tables by name), every
 //! `snapshot_every` entries; the log is then purged keeping `logs_to_keep` entries. Lagging or
-//! new nodes receive them through chunked `install_snapshot` (4 MiB chunks, 30 s per chunk);
+//! new nodes receive them through chunked `install_snapshot` (1 MiB chunks, base64 in the JSON
+//! body, 30 s per chunk);
 //! installing one replaces all tables and resets watchers ([`StoreError::Compacted`]).
 //!
 //! ## Transport
@@ -56,6 +57,7 @@ mod state_machine;
 mod store;
 mod types;
 mod watch;
+mod wire;
 
 #[cfg(test)]
 mod tests;

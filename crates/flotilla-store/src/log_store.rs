@@ -89,6 +89,22 @@ impl LogStore {
         .await
     }
 
+    /// Test helper: appends entries without a flush callback.
+    #[cfg(test)]
+    pub(crate) fn append_for_test(&self, entries: &[Entry]) -> Result<(), StorageError> {
+        let txn = self.db.begin_write().map_err(write_err)?;
+        {
+            let mut table = txn.open_table(LOG).map_err(write_err)?;
+            for e in entries {
+                let bytes = serde_json::to_vec(e).map_err(write_err)?;
+                table
+                    .insert(e.get_log_id().index, bytes.as_slice())
+                    .map_err(write_err)?;
+            }
+        }
+        txn.commit().map_err(write_err)
+    }
+
     /// Reads entries in `range` (used by openraft and by force-new-cluster recovery).
     pub(crate) fn read_range(
         &self,

@@ -17,13 +17,14 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::{BasicNode, RPCTypes, RaftNetwork, RaftNetworkFactory};
+use openraft::{BasicNode, EntryPayload, RPCTypes, RaftNetwork, RaftNetworkFactory};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::TransportError;
-use crate::raft_types::TypeConfig;
+use crate::raft_types::{Entry, TypeConfig};
 use crate::types::{NodeId, RpcKind};
+use crate::wire::SnapshotChunk;
 
 /// How Raft RPCs reach peers. The daemon implements it over mTLS HTTP; tests use an in-process
 /// one. `call` sends `body` to node `target` at `addr` and returns the reply body, which the
@@ -75,6 +76,26 @@ impl PeerTracker {
     pub(crate) fn inbound_ms(&self, id: NodeId) -> Option<u64> {
         Self::ms_since(&self.inbound, id)
     }
+}
+
+/// Soft size limit of one AppendEntries request (estimated; a single larger entry is still
+/// sent alone).
+pub(crate) const MAX_APPEND_BYTES: usize = 1024 * 1024;
+
+/// How many leading entries fit in `budget` bytes (at least one).
+pub(crate) fn entries_within(entries: &[Entry], budget: usize) -> usize {
+    let mut used = 0usize;
+    for (i, e) in entries.iter().enumerate() {
+        let size = match &e.payload {
+            EntryPayload::Normal(batch) => batch.approx_size(),
+            _ => 256,
+        };
+        used = used.saturating_add(size);
+        if used > budget && i > 0 {
+            return i;
+        }
+    }
+    entries.len()
 }
 
 pub(crate) struct NetworkFactory {
@@ -148,18 +169,41 @@ impl NetworkClient {
 }
 
 impl RaftNetwork<TypeConfig> for NetworkClient {
+    /// Sends at most ~[`MAX_APPEND_BYTES`] of entries per RPC and reports a partial success for
+    /// the rest: openraft 0.9 gives an AppendEntries RPC only `heartbeat_interval` to complete,
+    /// so a lagging follower must not be sent hundreds of large batches in one request.
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.send(
-            RpcKind::AppendEntries,
-            RPCTypes::AppendEntries,
-            &rpc,
-            &option,
-        )
-        .await
+        let keep = entries_within(&rpc.entries, MAX_APPEND_BYTES);
+        let partial = if keep < rpc.entries.len() {
+            tracing::debug!(
+                target_node = self.target,
+                sent = keep,
+                held_back = rpc.entries.len() - keep,
+                "splitting append entries by size"
+            );
+            rpc.entries.truncate(keep);
+            rpc.entries.last().map(|e| e.log_id)
+        } else {
+            None
+        };
+        let resp = self
+            .send(
+                RpcKind::AppendEntries,
+                RPCTypes::AppendEntries,
+                &rpc,
+                &option,
+            )
+            .await?;
+        Ok(match (resp, partial) {
+            (AppendEntriesResponse::Success, Some(last)) => {
+                AppendEntriesResponse::PartialSuccess(Some(last))
+            }
+            (resp, _) => resp,
+        })
     }
 
     async fn install_snapshot(
@@ -170,10 +214,11 @@ impl RaftNetwork<TypeConfig> for NetworkClient {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
+        let chunk = SnapshotChunk::from(rpc);
         self.send(
             RpcKind::InstallSnapshot,
             RPCTypes::InstallSnapshot,
-            &rpc,
+            &chunk,
             &option,
         )
         .await

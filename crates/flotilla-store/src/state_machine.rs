@@ -630,11 +630,16 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 .map_err(write_err)?;
             {
                 let mut snap = txn.open_table(SNAPSHOT).map_err(write_err)?;
-                let meta_bytes = serde_json::to_vec(&meta).map_err(write_err)?;
-                snap.insert(KEY_SNAP_META, meta_bytes.as_slice())
-                    .map_err(write_err)?;
-                snap.insert(KEY_SNAP_DATA, data.as_slice())
-                    .map_err(write_err)?;
+                let stored: Option<SnapshotMeta> =
+                    read_json(&snap, KEY_SNAP_META).map_err(read_err)?;
+                // Never replace the current snapshot by an older one.
+                if stored.is_none_or(|s| s.last_log_id <= meta.last_log_id) {
+                    let meta_bytes = serde_json::to_vec(&meta).map_err(write_err)?;
+                    snap.insert(KEY_SNAP_META, meta_bytes.as_slice())
+                        .map_err(write_err)?;
+                    snap.insert(KEY_SNAP_DATA, data.as_slice())
+                        .map_err(write_err)?;
+                }
             }
             txn.commit().map_err(write_err)?;
             Ok((meta, data))

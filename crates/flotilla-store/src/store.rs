@@ -27,14 +27,16 @@ use crate::types::{
     Batch, NodeId, Op, PeerContact, RaftStatus, RpcKind, Table, Versioned, WriteOutcome,
 };
 use crate::watch::Watch;
+use crate::wire::SnapshotChunk;
 
 /// File holding the Raft log, vote and committed index.
 pub const LOG_FILE: &str = "raft-log.redb";
 /// File holding the applied state, change events and the current snapshot.
 pub const STATE_FILE: &str = "state.redb";
 
-/// Chunk size for snapshot transfer.
-const SNAPSHOT_CHUNK: u64 = 4 * 1024 * 1024;
+/// Chunk size for snapshot transfer (base64 on the wire: ~1.4 MB bodies, under axum's default
+/// 2 MB body limit).
+const SNAPSHOT_CHUNK: u64 = 1024 * 1024;
 /// Per-chunk deadline for snapshot transfer (openraft's default 200 ms never completes a large
 /// snapshot on a busy machine).
 const INSTALL_SNAPSHOT_TIMEOUT_MS: u64 = 30_000;
@@ -292,8 +294,8 @@ impl Store {
                 serde_json::to_vec(&res)
             }
             RpcKind::InstallSnapshot => {
-                let req: InstallSnapshotRequest<TypeConfig> =
-                    serde_json::from_slice(body).map_err(bad)?;
+                let chunk: SnapshotChunk = serde_json::from_slice(body).map_err(bad)?;
+                let req = InstallSnapshotRequest::<TypeConfig>::from(chunk);
                 let leader = req.vote.leader_id().voted_for();
                 let res = raft.install_snapshot(req).await;
                 if let (Ok(_), Some(leader)) = (&res, leader) {
@@ -312,11 +314,19 @@ impl Store {
     /// (fsynced on a quorum) and applied locally; [`WriteOutcome::result`] tells whether the
     /// batch's preconditions held (if not, nothing was written).
     ///
-    /// Errors: not leader → [`StoreError::ForwardToLeader`]; no commit within
+    /// Errors: batch over `max_batch_bytes` → [`StoreError::InvalidArgument`];
+    /// not leader → [`StoreError::ForwardToLeader`]; no commit within
     /// `write_timeout` → [`StoreError::Timeout`]. After a timeout the entry may still commit
     /// later: re-read before retrying.
     pub async fn write(&self, batch: Batch) -> Result<WriteOutcome, StoreError> {
         let ops = batch.ops.len();
+        let size = batch.approx_size();
+        if size > self.inner.cfg.max_batch_bytes {
+            return Err(StoreError::InvalidArgument(format!(
+                "batch of {ops} ops is about {size} bytes, over max_batch_bytes ({}); split it",
+                self.inner.cfg.max_batch_bytes
+            )));
+        }
         let fut = self.inner.raft.client_write(batch);
         match tokio::time::timeout(self.inner.cfg.write_timeout, fut).await {
             Err(_) => {
@@ -528,7 +538,11 @@ impl Store {
                 _ => Vec::new(),
             }
         };
-        let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+        let applied = m
+            .last_applied
+            .map(|l| l.index)
+            .unwrap_or(0)
+            .max(self.revision());
         RaftStatus {
             id: m.id,
             state: state.to_string(),
@@ -537,12 +551,17 @@ impl Store {
             leader_addr: m
                 .current_leader
                 .and_then(|l| membership.get_node(&l).map(|n| n.addr.clone())),
-            last_log_index: m.last_log_index.unwrap_or(0),
+            last_log_index: m.last_log_index.unwrap_or(0).max(applied),
             committed: self.inner.committed.load(Ordering::Relaxed).max(applied),
             applied,
             voters,
             learners,
             peers,
+            quorum_ack_ms: if m.state == ServerState::Leader {
+                m.millis_since_quorum_ack
+            } else {
+                None
+            },
         }
     }
 

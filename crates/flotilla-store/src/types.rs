@@ -220,6 +220,16 @@ impl Op {
         }
     }
 
+    /// Length of the value carried (0 for deletes).
+    pub(crate) fn value_len(&self) -> usize {
+        match self {
+            Op::Create { value, .. } | Op::Update { value, .. } | Op::Upsert { value, .. } => {
+                value.len()
+            }
+            Op::Delete { .. } => 0,
+        }
+    }
+
     /// The object id this op touches.
     pub fn id(&self) -> &str {
         match self {
@@ -234,6 +244,10 @@ impl Op {
 /// A set of ops written as ONE Raft entry. Atomic: every precondition is checked (in order,
 /// each op seeing the effect of the ops before it) before anything is written; if one fails,
 /// nothing is applied and [`WriteOutcome::result`] names the first failing op.
+///
+/// Size: one entry must reach a follower and be fsynced within `heartbeat_ms` (openraft 0.9's
+/// AppendEntries deadline), so keep batches to about 1 MiB (a few thousand ops); batches over
+/// `StoreConfig::max_batch_bytes` are refused.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Batch {
     pub ops: Vec<Op>,
@@ -259,6 +273,15 @@ impl Batch {
 
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
+    }
+
+    /// Rough encoded size in bytes (ids and values plus per-op overhead).
+    pub fn approx_size(&self) -> usize {
+        64 + self
+            .ops
+            .iter()
+            .map(|op| 48 + op.id().len() + op.value_len())
+            .sum::<usize>()
     }
 }
 
@@ -362,6 +385,10 @@ pub struct RaftStatus {
     /// Leader: every other member with the time since its last successful RPC.
     /// Others: just the leader, with the time since it was last heard from.
     pub peers: Vec<PeerContact>,
+    /// Leader only: milliseconds since a quorum last acknowledged this leader. Openraft 0.9
+    /// leaders do not step down when cut off, so a growing value means "quorum lost".
+    #[serde(default)]
+    pub quorum_ack_ms: Option<u64>,
 }
 
 /// serde for `Vec<u8>`: a string when UTF-8, else a sequence; accepts both.

@@ -23,6 +23,17 @@ pub struct Service {
     /// For jobs: bumped by `service update --force` to run the job again.
     #[serde(default)]
     pub job_iteration: u64,
+    /// Filled in on reads (never stored): how many tasks run and should run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_status: Option<ServiceStatus>,
+}
+
+/// Task counts of a service, as `service ls` shows them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub running_tasks: u64,
+    pub desired_tasks: u64,
+    pub completed_tasks: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -10,10 +10,14 @@
 //!    (`x-flotilla-stale: true`) while writes fail fast with a quorum message.
 
 mod cluster;
+pub mod dispatch;
 mod events;
+mod images;
 pub mod join;
+pub mod logs;
 mod nodes;
 mod raft;
+mod services;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -103,11 +107,33 @@ pub fn router(ctx: Ctx) -> Router {
         .route("/v1/cluster/join-tokens", get(cluster::join_tokens))
         .route("/v1/cluster/join-tokens/rotate", post(cluster::rotate_token))
         .route("/v1/cluster/managers", post(join::add_manager))
+        .route("/v1/services", get(services::list).post(services::create))
+        .route(
+            "/v1/services/{id}",
+            get(services::inspect).delete(services::remove),
+        )
+        .route("/v1/services/{id}/update", post(services::update))
+        .route("/v1/services/{id}/rollback", post(services::rollback))
+        .route("/v1/tasks", get(services::tasks))
+        .route("/v1/nodes/{id}/tasks", post(dispatch::report))
         .layer(middleware::from_fn_with_state(ctx.clone(), leader_gate));
     let local_routes = Router::new()
         .route("/v1/ping", get(cluster::ping))
         .route("/v1/join/ca", get(join::ca))
         .route("/v1/events", get(events::events))
+        .route("/v1/nodes/{id}/assignments", get(dispatch::assignments))
+        .route("/v1/tasks/{id}/logs", get(logs::task_logs))
+        .route("/v1/images", get(images::list))
+        .route(
+            "/v1/images/import",
+            post(images::import).layer(axum::extract::DefaultBodyLimit::max(4 << 30)),
+        )
+        .route(
+            "/v1/images/load",
+            post(images::load).layer(axum::extract::DefaultBodyLimit::max(4 << 30)),
+        )
+        .route("/v1/images/{*ref}", get(images::inspect).delete(images::remove))
+        .route("/v1/services/{id}/logs", get(logs::service_logs))
         .route("/internal/raft/{kind}", post(raft::rpc));
     cluster_routes
         .merge(local_routes)
@@ -161,10 +187,13 @@ async fn authorize(State(ctx): State<Ctx>, mut req: Request, next: Next) -> Resp
             "a client certificate is required: pass --tls-dir with the admin bundle (DATA_DIR/admin of the first manager)",
         )
         .into_response();
-    } else if let Caller::Node { id, .. } = &caller {
+    } else if let Caller::Node { id, role } = &caller {
         // Node certificates may only use their own agent endpoints (and the read-only basics).
         let own = path == format!("/v1/nodes/{id}/heartbeat")
             || path == format!("/v1/nodes/{id}/renew")
+            || path == format!("/v1/nodes/{id}/assignments")
+            || path == format!("/v1/nodes/{id}/tasks")
+            || (*role == Role::Manager && path.starts_with("/v1/tasks/") && path.ends_with("/logs"))
             || path == "/v1/cluster/managers"
             || anonymous_allowed(&path);
         if !own {

@@ -5,6 +5,8 @@
 //!   starts one container, prints `started <pid>`, then idles until killed (the kill -9
 //!   re-adoption test).
 
+#![forbid(unsafe_code)]
+
 use flotilla_runtime::{spec::ContainerSpec, Runtime, RuntimeConfig, RuntimeDriver};
 use std::ffi::OsString;
 use std::io::Write;

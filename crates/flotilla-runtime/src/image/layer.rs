@@ -5,6 +5,8 @@
 //! shifted into the node's user-namespace range (like `dockerd --userns-remap`), so container
 //! root owns its image files while the host sees only unprivileged ids.
 
+#![allow(unsafe_code)]
+
 use crate::config::IdRange;
 use crate::error::{IoContext, Result, RuntimeError};
 use sha2::{Digest, Sha256};

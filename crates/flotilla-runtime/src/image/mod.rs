@@ -730,6 +730,53 @@ mod tests {
     }
 
     #[test]
+    fn imports_a_gzipped_tar_rootfs() -> Result<()> {
+        let dir = tempfile::tempdir().ctx(|| "tempdir".into())?;
+        let tgz = dir.path().join("rootfs.tar.gz");
+        {
+            let f = File::create(&tgz).ctx(|| "create".into())?;
+            let gz = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
+            let mut b = tar::Builder::new(gz);
+            let mut h = tar::Header::new_gnu();
+            h.set_size(2);
+            h.set_mode(0o755);
+            h.set_cksum();
+            b.append_data(&mut h, "bin/app", &b"hi"[..])
+                .ctx(|| "append".into())?;
+            b.into_inner()
+                .and_then(|gz| gz.finish())
+                .ctx(|| "finish".into())?;
+        }
+        let s = ImageStore::open(dir.path().join("images"))?;
+        let input = ImageConfigInput {
+            entrypoint: Some(vec!["/bin/app".into()]),
+            env: vec!["A=1".into()],
+            workdir: Some("/srv".into()),
+            user: Some("1000".into()),
+            ..Default::default()
+        };
+        let d = s.import_rootfs(&tgz, "app:v2", &input)?;
+        let c = s.config(&d)?;
+        let cfg = c.config().clone().unwrap_or_default();
+        assert_eq!(cfg.entrypoint().clone(), Some(vec!["/bin/app".to_string()]));
+        assert_eq!(cfg.working_dir().clone(), Some("/srv".to_string()));
+        assert_eq!(cfg.user().clone(), Some("1000".to_string()));
+        let layers = s.unpacked_layers(&d, Some(IdRange::default()))?;
+        let m = fs::metadata(layers[0].join("bin/app")).ctx(|| "stat".into())?;
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::uid(&m),
+            100_000,
+            "ownership shifted into the range"
+        );
+        assert_eq!(
+            s.unpacked_layers(&d, Some(IdRange::default()))?,
+            layers,
+            "unpacked once, reused"
+        );
+        Ok(())
+    }
+
+    #[test]
     fn import_remove_frees_space() -> Result<()> {
         let dir = tempfile::tempdir().ctx(|| "tempdir".into())?;
         let src = dir.path().join("src");

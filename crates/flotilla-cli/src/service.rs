@@ -1,0 +1,568 @@
+//! `flotilla service …`.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use hyper::Method;
+
+use flotilla_api::Client;
+use flotilla_types::{
+    ContainerSpec, EndpointSpec, FailureAction, HealthCheck, HealthProbe, RestartCondition,
+    Service, ServiceMode, ServiceSpec, Task, TaskSpec, TaskState, UpdateConfig, UpdateOrder,
+    UpdateState,
+};
+
+use crate::client::{enc, get};
+use crate::output::{ago, print_json, print_table, table};
+use crate::{
+    CliError, Format, ServiceCmd, ServiceCreateArgs, ServicePsArgs, ServiceUpdateArgs, SpecFlags,
+};
+
+/// Parses `64m`, `1g`, `512k`, `1024` (bytes).
+pub fn parse_bytes(s: &str) -> Result<u64, CliError> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.trim_end_matches('b');
+    let (num, mult) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        Some('g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| CliError::usage(format!("{s:?} is not a size: use e.g. 64m or 1g")))?;
+    if n < 0.0 {
+        return Err(CliError::usage(format!("{s:?}: sizes must be positive")));
+    }
+    Ok((n * mult as f64) as u64)
+}
+
+fn nanos(d: Duration) -> u64 {
+    d.as_nanos().min(u64::MAX as u128) as u64
+}
+
+fn cpus(c: f64) -> Result<u64, CliError> {
+    if !(0.0..=4096.0).contains(&c) {
+        return Err(CliError::usage(format!("{c} CPUs is out of range")));
+    }
+    Ok((c * 1e9) as u64)
+}
+
+fn kv_map(list: &[String], what: &str) -> Result<BTreeMap<String, String>, CliError> {
+    let mut m = BTreeMap::new();
+    for kv in list {
+        let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
+        if k.is_empty() {
+            return Err(CliError::usage(format!("{what} {kv:?}: expected KEY=VALUE")));
+        }
+        m.insert(k.to_string(), v.to_string());
+    }
+    Ok(m)
+}
+
+/// Applies the flags that were given to `spec`.
+fn apply_flags(spec: &mut ServiceSpec, f: &SpecFlags, creating: bool) -> Result<(), CliError> {
+    let t = &mut spec.task_template;
+    match &mut spec.mode {
+        ServiceMode::Replicated { replicas } => {
+            if let Some(r) = f.replicas {
+                *replicas = r;
+            }
+        }
+        ServiceMode::ReplicatedJob {
+            max_concurrent,
+            total_completions,
+        } => {
+            if let Some(r) = f.replicas {
+                *total_completions = r;
+            }
+            if let Some(m) = f.max_concurrent {
+                *max_concurrent = m;
+            }
+        }
+        ServiceMode::Global | ServiceMode::GlobalJob => {
+            if f.replicas.is_some() {
+                return Err(CliError::usage("--replicas does not apply to global services"));
+            }
+        }
+    }
+    if creating || !f.env.is_empty() {
+        if !f.env.is_empty() {
+            t.container.env = f.env.clone();
+        }
+    }
+    if let Some(w) = &f.workdir {
+        t.container.workdir = Some(w.clone());
+    }
+    if let Some(u) = &f.user {
+        t.container.user = Some(u.clone());
+    }
+    if !f.constraint.is_empty() {
+        t.placement.constraints = f.constraint.clone();
+    }
+    if !f.placement_pref.is_empty() {
+        t.placement.preferences = f
+            .placement_pref
+            .iter()
+            .map(|p| p.strip_prefix("spread=").unwrap_or(p).to_string())
+            .collect();
+    }
+    if let Some(m) = f.replicas_max_per_node {
+        t.placement.max_replicas_per_node = m;
+    }
+    if let Some(c) = f.reserve_cpu {
+        t.resources.reservations.nano_cpus = cpus(c)?;
+    }
+    if let Some(m) = &f.reserve_memory {
+        t.resources.reservations.memory_bytes = parse_bytes(m)?;
+    }
+    if let Some(c) = f.limit_cpu {
+        t.resources.limits.nano_cpus = cpus(c)?;
+    }
+    if let Some(m) = &f.limit_memory {
+        t.resources.limits.memory_bytes = parse_bytes(m)?;
+    }
+    if let Some(c) = &f.restart_condition {
+        t.restart_policy.condition = match c.as_str() {
+            "none" => RestartCondition::None,
+            "on-failure" => RestartCondition::OnFailure,
+            _ => RestartCondition::Any,
+        };
+    }
+    if let Some(d) = f.restart_delay {
+        t.restart_policy.delay = nanos(d);
+    }
+    if let Some(n) = f.restart_max_attempts {
+        t.restart_policy.max_attempts = n;
+    }
+    if let Some(d) = f.restart_window {
+        t.restart_policy.window = nanos(d);
+    }
+    let health_given = f.health_cmd.is_some()
+        || f.health_interval.is_some()
+        || f.health_timeout.is_some()
+        || f.health_retries.is_some()
+        || f.health_start_period.is_some();
+    if health_given {
+        let mut h = t.container.healthcheck.clone().unwrap_or(HealthCheck {
+            probe: HealthProbe::Exec { cmd: String::new() },
+            interval: 30_000_000_000,
+            timeout: 30_000_000_000,
+            retries: 3,
+            start_period: 0,
+        });
+        if let Some(c) = &f.health_cmd {
+            h.probe = HealthProbe::Exec { cmd: c.clone() };
+        }
+        if matches!(&h.probe, HealthProbe::Exec { cmd } if cmd.is_empty()) {
+            return Err(CliError::usage("health check flags need --health-cmd"));
+        }
+        if let Some(d) = f.health_interval {
+            h.interval = nanos(d);
+        }
+        if let Some(d) = f.health_timeout {
+            h.timeout = nanos(d);
+        }
+        if let Some(r) = f.health_retries {
+            h.retries = r;
+        }
+        if let Some(d) = f.health_start_period {
+            h.start_period = nanos(d);
+        }
+        t.container.healthcheck = Some(h);
+    }
+    let u = &mut spec.update_config;
+    if let Some(p) = f.update_parallelism {
+        u.parallelism = p;
+    }
+    if let Some(d) = f.update_delay {
+        u.delay = nanos(d);
+    }
+    if let Some(a) = &f.update_failure_action {
+        u.failure_action = match a.as_str() {
+            "continue" => FailureAction::Continue,
+            "rollback" => FailureAction::Rollback,
+            _ => FailureAction::Pause,
+        };
+    }
+    if let Some(d) = f.update_monitor {
+        u.monitor = nanos(d);
+    }
+    if let Some(o) = &f.update_order {
+        u.order = if o == "start-first" {
+            UpdateOrder::StartFirst
+        } else {
+            UpdateOrder::StopFirst
+        };
+    }
+    if let Some(d) = f.stop_grace_period {
+        spec.task_template.container.stop_grace_period = Some(nanos(d));
+    }
+    if !f.label.is_empty() {
+        spec.labels.extend(kv_map(&f.label, "--label")?);
+    }
+    Ok(())
+}
+
+pub async fn run(client: &Client, cmd: ServiceCmd) -> Result<(), CliError> {
+    match cmd {
+        ServiceCmd::Create(a) => create(client, a).await,
+        ServiceCmd::Ls(f) => ls(client, f.format).await,
+        ServiceCmd::Ps(a) => ps(client, a).await,
+        ServiceCmd::Inspect { service, format } => {
+            let s: Service = get(client, &format!("/v1/services/{}", enc(&service))).await?;
+            if format.format == Format::Json {
+                return print_json(&s);
+            }
+            print_json(&s)
+        }
+        ServiceCmd::Update(a) => update(client, a).await,
+        ServiceCmd::Scale { pairs, detach } => {
+            for p in &pairs {
+                let Some((name, n)) = p.split_once('=') else {
+                    return Err(CliError::usage(format!(
+                        "{p:?}: expected SERVICE=REPLICAS, e.g. web=5"
+                    )));
+                };
+                let n: u64 = n
+                    .parse()
+                    .map_err(|_| CliError::usage(format!("{p:?}: replicas must be a number")))?;
+                let args = ServiceUpdateArgs {
+                    service: name.to_string(),
+                    image: None,
+                    env_add: vec![],
+                    env_rm: vec![],
+                    args: None,
+                    force: false,
+                    flags: SpecFlags {
+                        replicas: Some(n),
+                        detach,
+                        timeout: Duration::from_secs(300),
+                        ..Default::default()
+                    },
+                };
+                update(client, args).await?;
+                println!("{name} scaled to {n}");
+            }
+            Ok(())
+        }
+        ServiceCmd::Rollback { service, detach } => {
+            let r: serde_json::Value = client
+                .post_json(&format!("/v1/services/{}/rollback", enc(&service)), &())
+                .await?;
+            println!("{service}");
+            if !detach {
+                converge(client, &service, r["spec_version"].as_u64().unwrap_or(0), Duration::from_secs(300)).await?;
+            }
+            Ok(())
+        }
+        ServiceCmd::Rm { services } => {
+            for s in services {
+                client
+                    .request(Method::DELETE, &format!("/v1/services/{}", enc(&s)), None)
+                    .await?;
+                println!("{s}");
+            }
+            Ok(())
+        }
+        ServiceCmd::Logs(a) => crate::logs::service_logs(client, a).await,
+    }
+}
+
+async fn create(client: &Client, a: ServiceCreateArgs) -> Result<(), CliError> {
+    let mode = match a.mode.as_str() {
+        "global" => ServiceMode::Global,
+        "replicated-job" => ServiceMode::ReplicatedJob {
+            max_concurrent: 1,
+            total_completions: 1,
+        },
+        "global-job" => ServiceMode::GlobalJob,
+        _ => ServiceMode::Replicated { replicas: 1 },
+    };
+    let mut spec = ServiceSpec {
+        name: a.name.clone(),
+        labels: BTreeMap::new(),
+        task_template: TaskSpec {
+            container: ContainerSpec {
+                image: a.image.clone(),
+                args: a.args.clone(),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+        mode,
+        update_config: UpdateConfig::default(),
+        rollback_config: UpdateConfig::default(),
+        endpoint_spec: EndpointSpec::default(),
+    };
+    if let ServiceMode::ReplicatedJob { max_concurrent, total_completions } = &mut spec.mode {
+        // Docker's default: max-concurrent = replicas.
+        if let Some(r) = a.flags.replicas {
+            *total_completions = r;
+            *max_concurrent = r;
+        }
+    }
+    apply_flags(&mut spec, &a.flags, true)?;
+    let resp: serde_json::Value = client.post_json("/v1/services", &spec).await?;
+    let id = resp["id"].as_str().unwrap_or_default().to_string();
+    println!("{id}");
+    if !a.flags.detach {
+        converge(client, &id, 1, a.flags.timeout).await?;
+    }
+    Ok(())
+}
+
+async fn update(client: &Client, a: ServiceUpdateArgs) -> Result<(), CliError> {
+    let current: Service = get(client, &format!("/v1/services/{}", enc(&a.service))).await?;
+    let mut spec = current.spec.clone();
+    if let Some(i) = &a.image {
+        spec.task_template.container.image = i.clone();
+    }
+    let c = &mut spec.task_template.container;
+    for k in &a.env_rm {
+        c.env.retain(|e| e.split_once('=').map(|(ek, _)| ek) != Some(k.as_str()) && e != k);
+    }
+    for kv in &a.env_add {
+        let key = kv.split_once('=').map(|(k, _)| k).unwrap_or(kv);
+        c.env.retain(|e| e.split_once('=').map(|(ek, _)| ek) != Some(key));
+        c.env.push(kv.clone());
+    }
+    if let Some(args) = &a.args {
+        c.args = args.clone();
+    }
+    apply_flags(&mut spec, &a.flags, false)?;
+    if a.force {
+        spec.task_template.force_update += 1;
+    }
+    let r: serde_json::Value = client
+        .post_json(
+            &format!("/v1/services/{}/update?version={}", current.id, current.meta.version),
+            &spec,
+        )
+        .await?;
+    if !a.flags.replicas.is_some() || a.image.is_some() {
+        println!("{}", current.spec.name);
+    }
+    if !a.flags.detach {
+        converge(
+            client,
+            &current.id,
+            r["spec_version"].as_u64().unwrap_or(current.spec_version),
+            a.flags.timeout,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn tasks_of(client: &Client, service: &str) -> Result<Vec<Task>, CliError> {
+    get(client, &format!("/v1/tasks?service={}", enc(service))).await
+}
+
+/// Shows progress until the service runs what its spec says, or fails with the reason.
+pub async fn converge(
+    client: &Client,
+    service: &str,
+    _spec_version: u64,
+    timeout: Duration,
+) -> Result<(), CliError> {
+    let start = Instant::now();
+    let mut last_line = String::new();
+    let mut pending_since: Option<Instant> = None;
+    loop {
+        let s: Service = get(client, &format!("/v1/services/{}", enc(service))).await?;
+        let tasks = tasks_of(client, &s.id).await?;
+        let current: Vec<&Task> = tasks
+            .iter()
+            .filter(|t| t.spec_version == s.spec_version && t.desired_state <= TaskState::Complete)
+            .collect();
+        let status = s.service_status.unwrap_or_default();
+        let is_job = matches!(s.spec.mode, ServiceMode::ReplicatedJob { .. } | ServiceMode::GlobalJob);
+        let done_count = if is_job {
+            status.completed_tasks
+        } else {
+            current
+                .iter()
+                .filter(|t| t.status.state == TaskState::Running && t.desired_state == TaskState::Running)
+                .count() as u64
+        };
+        let mut slots: Vec<String> = current
+            .iter()
+            .filter(|t| t.desired_state == TaskState::Running || t.status.state == TaskState::Complete)
+            .map(|t| {
+                format!(
+                    "{}: {}",
+                    t.slot.map(|s| s.to_string()).unwrap_or_else(|| t.node_id.clone().unwrap_or_default()),
+                    t.status.state
+                )
+            })
+            .collect();
+        slots.sort();
+        let line = format!(
+            "overall progress: {done_count} out of {} tasks [{}]",
+            status.desired_tasks,
+            slots.join(", ")
+        );
+        if line != last_line {
+            eprintln!("{line}");
+            last_line = line;
+        }
+        if let Some(u) = &s.update_status {
+            match u.state {
+                UpdateState::RollbackCompleted | UpdateState::RollbackPaused
+                    if !u.message.contains("manually requested") =>
+                {
+                    return Err(CliError::new(format!(
+                        "update rolled back: {}",
+                        u.message
+                    )));
+                }
+                UpdateState::Paused => {
+                    return Err(CliError::new(format!("update paused: {}", u.message)));
+                }
+                _ => {}
+            }
+        }
+        let updating = matches!(
+            s.update_status.as_ref().map(|u| u.state),
+            Some(UpdateState::Updating) | Some(UpdateState::RollbackStarted)
+        );
+        let stale_running = tasks.iter().any(|t| {
+            t.spec_version != s.spec_version
+                && t.status.state == TaskState::Running
+                && t.desired_state == TaskState::Running
+        });
+        if done_count >= status.desired_tasks && !updating && !stale_running {
+            eprintln!("verify: service {} converged", s.spec.name);
+            return Ok(());
+        }
+        // Tasks nobody can take: report the scheduler's reason.
+        if let Some(t) = current
+            .iter()
+            .find(|t| t.status.state == TaskState::Pending && t.status.message.starts_with("no suitable node"))
+        {
+            let since = *pending_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_secs(3) {
+                return Err(CliError::new(t.status.message.clone()));
+            }
+        } else {
+            pending_since = None;
+        }
+        if let Some(t) = current.iter().find(|t| t.status.state == TaskState::Rejected) {
+            return Err(CliError::new(format!(
+                "task {} rejected: {}",
+                t.id,
+                t.status.err.clone().unwrap_or_else(|| t.status.message.clone())
+            )));
+        }
+        if start.elapsed() > timeout {
+            return Err(CliError::new(format!(
+                "service {} did not converge within {}: see `flotilla service ps {}`",
+                s.spec.name,
+                humantime::format_duration(timeout),
+                s.spec.name
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
+async fn ls(client: &Client, format: Format) -> Result<(), CliError> {
+    let services: Vec<Service> = get(client, "/v1/services").await?;
+    if format == Format::Json {
+        return print_json(&services);
+    }
+    let mut t = table(&["ID", "NAME", "MODE", "REPLICAS", "IMAGE"]);
+    for s in &services {
+        let st = s.service_status.unwrap_or_default();
+        t.add_row(vec![
+            s.id[..12.min(s.id.len())].to_string(),
+            s.spec.name.clone(),
+            s.spec.mode.name().to_string(),
+            format!("{}/{}", st.running_tasks, st.desired_tasks),
+            s.spec.task_template.container.image.clone(),
+        ]);
+    }
+    print_table(&t);
+    Ok(())
+}
+
+async fn ps(client: &Client, a: ServicePsArgs) -> Result<(), CliError> {
+    let mut node_filter = None;
+    let mut desired = None;
+    for f in &a.filter {
+        match f.split_once('=') {
+            Some(("node", v)) => node_filter = Some(v.to_string()),
+            Some(("desired-state", v)) => desired = Some(v.to_string()),
+            _ => {
+                return Err(CliError::usage(format!(
+                    "--filter {f:?}: use node=NAME or desired-state=running|shutdown|…"
+                )))
+            }
+        }
+    }
+    let nodes: Vec<flotilla_types::Node> = get(client, "/v1/nodes").await?;
+    let node_name = |id: &Option<String>| {
+        id.as_ref()
+            .and_then(|id| nodes.iter().find(|n| &n.id == id))
+            .map(|n| n.spec.name.clone())
+            .unwrap_or_default()
+    };
+    let mut all = Vec::new();
+    for svc in &a.services {
+        let s: Service = get(client, &format!("/v1/services/{}", enc(svc))).await?;
+        let mut q = format!("/v1/tasks?service={}", enc(&s.id));
+        if let Some(n) = &node_filter {
+            q.push_str(&format!("&node={}", enc(n)));
+        }
+        if let Some(d) = &desired {
+            q.push_str(&format!("&desired-state={}", enc(d)));
+        }
+        let tasks: Vec<Task> = get(client, &q).await?;
+        all.push((s, tasks));
+    }
+    if a.format == Format::Json {
+        let flat: Vec<&Task> = all.iter().flat_map(|(_, t)| t.iter()).collect();
+        return print_json(&flat);
+    }
+    if a.quiet {
+        for (_, tasks) in &all {
+            for t in tasks {
+                println!("{}", t.id);
+            }
+        }
+        return Ok(());
+    }
+    let mut t = table(&["ID", "NAME", "IMAGE", "NODE", "DESIRED STATE", "CURRENT STATE", "ERROR"]);
+    for (s, tasks) in &all {
+        for task in tasks {
+            let name = match task.slot {
+                Some(slot) => format!("{}.{slot}", s.spec.name),
+                None => format!("{}.{}", s.spec.name, task.node_id.clone().unwrap_or_default()),
+            };
+            let mut current = format!("{} {}", task.status.state, ago(task.status.timestamp));
+            if let Some(h) = &task.status.health {
+                current.push_str(&format!(" ({h})"));
+            }
+            let err = task
+                .status
+                .err
+                .clone()
+                .or_else(|| {
+                    (task.status.state == TaskState::Pending).then(|| task.status.message.clone())
+                })
+                .unwrap_or_default();
+            t.add_row(vec![
+                task.id[..12.min(task.id.len())].to_string(),
+                name,
+                task.spec.container.image.split('@').next().unwrap_or_default().to_string(),
+                node_name(&task.node_id),
+                task.desired_state.to_string(),
+                current,
+                err,
+            ]);
+        }
+    }
+    print_table(&t);
+    Ok(())
+}

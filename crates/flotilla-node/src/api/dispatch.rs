@@ -1,0 +1,157 @@
+//! The dispatcher: how agents learn their tasks and report back.
+//!
+//! - `GET /v1/nodes/{id}/assignments`: a long-lived newline-delimited JSON stream of the complete
+//!   set of tasks assigned to the node, sent at once and again whenever one of them changes
+//!   (watch on the store; no polling), plus a keep-alive resend every few seconds. Any manager
+//!   serves it from its own replica.
+//! - `POST /v1/nodes/{id}/tasks`: status reports (batched); forwarded to the leader like every
+//!   write, applied in one Raft entry, never moving a task backwards.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::response::Response;
+use axum::{Extension, Json};
+use serde::{Deserialize, Serialize};
+
+use flotilla_store::{Batch, Op, Table};
+use flotilla_types::{Task, TaskState, TaskStatus};
+
+use super::{json_ok, Caller, Ctx};
+use crate::error::ApiError;
+use crate::manager::{encode, now_ms, Manager};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Assignments {
+    pub revision: u64,
+    pub tasks: Vec<Task>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub task_id: String,
+    pub status: TaskStatus,
+}
+
+fn assigned(mgr: &Manager, node_id: &str) -> Result<Assignments, ApiError> {
+    let revision = mgr.store.revision();
+    let tasks: Vec<Task> = mgr
+        .list::<Task>()?
+        .into_iter()
+        .filter(|t| t.node_id.as_deref() == Some(node_id) && t.status.state >= TaskState::Assigned)
+        .collect();
+    Ok(Assignments { revision, tasks })
+}
+
+pub async fn assignments(
+    State(ctx): State<Ctx>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    if !caller.is_node_or_admin(&id) {
+        return Err(ApiError::forbidden("a node may only read its own assignments"));
+    }
+    let mgr = ctx.manager()?;
+    let mut watch = mgr.store.watch(mgr.store.revision())?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
+    let first = assigned(&mgr, &id)?;
+    tokio::spawn(async move {
+        let send = |a: &Assignments| {
+            let mut v = serde_json::to_vec(a).unwrap_or_default();
+            v.push(b'\n');
+            bytes::Bytes::from(v)
+        };
+        if tx.send(Ok(send(&first))).await.is_err() {
+            return;
+        }
+        let mut last = first.tasks;
+        loop {
+            let mut dirty = false;
+            tokio::select! {
+                ev = watch.next() => match ev {
+                    Some(Ok(ev)) => {
+                        if ev.table == Table::Tasks {
+                            dirty = true;
+                        }
+                    }
+                    _ => {
+                        // Compacted or closed: start over from the current state.
+                        match mgr.store.watch(mgr.store.revision()) {
+                            Ok(w) => watch = w,
+                            Err(_) => return,
+                        }
+                        dirty = true;
+                    }
+                },
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                    // Keep-alive: resend so a dead connection is noticed by both sides.
+                    dirty = true;
+                    last.clear();
+                }
+                _ = tx.closed() => return,
+            }
+            if !dirty {
+                continue;
+            }
+            // Coalesce a burst of task changes into one message.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            while let Ok(Some(_)) = tokio::time::timeout(Duration::ZERO, watch.next()).await {}
+            let Ok(now) = assigned(&mgr, &id) else { continue };
+            if now.tasks == last {
+                continue;
+            }
+            if tx.send(Ok(send(&now))).await.is_err() {
+                return;
+            }
+            last = now.tasks;
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .map_err(|e| ApiError::internal(e.to_string()))
+}
+
+pub async fn report(
+    State(ctx): State<Ctx>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    Json(reports): Json<Vec<StatusReport>>,
+) -> Result<Response, ApiError> {
+    if !caller.is_node_or_admin(&id) {
+        return Err(ApiError::forbidden("a node may only report its own tasks"));
+    }
+    let mgr = ctx.manager()?;
+    let mut batch = Batch::new();
+    let mut applied = 0usize;
+    for r in reports {
+        let Some(mut t) = mgr.get::<Task>(&r.task_id)? else { continue };
+        if t.node_id.as_deref() != Some(id.as_str()) {
+            continue;
+        }
+        // Never move backwards; the same state may refresh details (health, message).
+        if r.status.state < t.status.state {
+            continue;
+        }
+        if r.status == t.status {
+            continue;
+        }
+        t.status = r.status;
+        t.meta.updated_at = now_ms();
+        batch.push(Op::update(Table::Tasks, &t.id, encode(&t)?, Some(t.meta.version)));
+        applied += 1;
+    }
+    if !batch.is_empty() {
+        let out = mgr.store.write(batch).await?;
+        if let Err(f) = out.result {
+            // A concurrent orchestrator write; the agent resends on its next report.
+            return Err(ApiError::conflict(format!("status report raced: {f}; resend")));
+        }
+        mgr.kick();
+    }
+    Ok(json_ok(&serde_json::json!({ "applied": applied })))
+}

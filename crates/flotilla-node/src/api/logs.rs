@@ -1,0 +1,267 @@
+//! Container logs.
+//!
+//! - `GET /v1/tasks/{id}/logs` on the node that ran the task: its log file (JSON lines written
+//!   by the shim), optionally followed until the container is gone.
+//! - `GET /v1/services/{key}/logs` on any manager: fans out to every node that ran one of the
+//!   service's tasks and merges the streams, each line labelled with its task; with `follow` it
+//!   also picks up tasks that start later.
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::response::Response;
+use axum::Extension;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use flotilla_runtime::{LogFollower, LogLine, RuntimeDriver};
+use flotilla_types::{Node, Service, Task};
+
+use super::{Caller, Ctx};
+use crate::error::ApiError;
+
+#[derive(Debug, Default, Deserialize)]
+pub struct LogQuery {
+    #[serde(default)]
+    follow: bool,
+    tail: Option<usize>,
+    /// RFC 3339 time, or a duration ago (`10m`).
+    since: Option<String>,
+}
+
+/// One merged line of `service logs`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceLogLine {
+    pub task_id: String,
+    pub service: String,
+    pub slot: Option<u64>,
+    pub node: String,
+    #[serde(flatten)]
+    pub line: LogLine,
+}
+
+fn since_rfc3339(s: &str) -> Result<String, ApiError> {
+    if let Ok(d) = humantime::parse_duration(s) {
+        let t = SystemTime::now()
+            .checked_sub(d)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        return Ok(flotilla_shim::logfile::rfc3339_nanos(t));
+    }
+    if s.len() >= 10 && s.as_bytes()[4] == b'-' {
+        return Ok(s.to_string());
+    }
+    Err(ApiError::bad_request(format!(
+        "--since {s:?}: use an RFC 3339 time (2026-01-02T15:04:05Z) or a duration like 10m"
+    )))
+}
+
+fn ndjson<T: Serialize>(v: &T) -> bytes::Bytes {
+    let mut b = serde_json::to_vec(v).unwrap_or_default();
+    b.push(b'\n');
+    b.into()
+}
+
+fn stream_response(rx: mpsc::Receiver<bytes::Bytes>) -> Result<Response, ApiError> {
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|item| (Ok::<_, std::io::Error>(item), rx))
+    });
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .map_err(|e| ApiError::internal(e.to_string()))
+}
+
+/// `GET /v1/tasks/{id}/logs` (node-local).
+pub async fn task_logs(
+    State(ctx): State<Ctx>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Result<Response, ApiError> {
+    let manager_caller = matches!(&caller, Caller::Node { role: flotilla_pki::Role::Manager, .. });
+    if !caller.is_admin() && !manager_caller {
+        return Err(ApiError::forbidden("logs are for admins and managers"));
+    }
+    let rt = ctx
+        .runtime
+        .clone()
+        .ok_or_else(|| ApiError::unavailable("this node has no container runtime"))?;
+    if flotilla_runtime::spec::validate_id(&id).is_err() {
+        return Err(ApiError::bad_request("invalid task id"));
+    }
+    let path = rt.log_path(&id);
+    if !path.exists() {
+        return Err(ApiError::not_found(format!("no logs for task {id} on this node")));
+    }
+    let since = q.since.as_deref().map(since_rfc3339).transpose()?;
+    // Start following before reading, then skip what the read already returned.
+    let mut follower = if q.follow {
+        Some(LogFollower::from_end(&path).map_err(|e| ApiError::internal(e.to_string()))?)
+    } else {
+        None
+    };
+    let lines = flotilla_runtime::read_logs(&path, since.as_deref(), q.tail)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let (tx, rx) = mpsc::channel::<bytes::Bytes>(256);
+    let container_dir = rt.config().root.join("containers").join(&id);
+    tokio::spawn(async move {
+        let mut last = String::new();
+        for l in &lines {
+            if tx.send(ndjson(l)).await.is_err() {
+                return;
+            }
+        }
+        if let Some(l) = lines.last() {
+            last = l.ts.clone();
+        }
+        let Some(f) = follower.as_mut() else { return };
+        loop {
+            let gone = !container_dir.exists();
+            match f.poll() {
+                Ok(new) => {
+                    for l in new {
+                        if l.ts.as_str() <= last.as_str() {
+                            continue;
+                        }
+                        last = l.ts.clone();
+                        if tx.send(ndjson(&l)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(_) => return,
+            }
+            if gone {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    stream_response(rx)
+}
+
+fn node_addr(nodes: &[Node], id: &Option<String>) -> Option<(String, String)> {
+    let id = id.as_ref()?;
+    nodes
+        .iter()
+        .find(|n| &n.id == id)
+        .map(|n| (n.status.addr.clone(), n.spec.name.clone()))
+}
+
+/// `GET /v1/services/{key}/logs` (any manager): merged logs of a service, or of one task.
+pub async fn service_logs(
+    State(ctx): State<Ctx>,
+    Extension(caller): Extension<Caller>,
+    Path(key): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Result<Response, ApiError> {
+    if !caller.is_admin() {
+        return Err(ApiError::forbidden("logs are for admins"));
+    }
+    let mgr = ctx.manager()?;
+    let services: Vec<Service> = mgr.list()?;
+    let tasks: Vec<Task> = mgr.list()?;
+    let (service, only_task) = match services
+        .iter()
+        .find(|s| s.id == key || s.spec.name == key)
+        .or_else(|| {
+            let m: Vec<&Service> = services.iter().filter(|s| s.id.starts_with(&key)).collect();
+            (m.len() == 1).then(|| m[0])
+        }) {
+        Some(s) => (s.clone(), None),
+        None => {
+            let t = tasks
+                .iter()
+                .find(|t| t.id == key || (key.len() >= 6 && t.id.starts_with(&key)))
+                .ok_or_else(|| {
+                    ApiError::not_found(format!("no service or task {key}: see `flotilla service ls`"))
+                })?;
+            let s = services
+                .iter()
+                .find(|s| s.id == t.service_id)
+                .cloned()
+                .ok_or_else(|| ApiError::not_found("the task's service is gone"))?;
+            (s, Some(t.id.clone()))
+        }
+    };
+    let since = q.since.as_deref().map(since_rfc3339).transpose()?;
+    let (tx, rx) = mpsc::channel::<bytes::Bytes>(1024);
+    let follow = q.follow;
+    let tail = q.tail;
+    tokio::spawn(async move {
+        let mut started: HashSet<String> = HashSet::new();
+        let mut handles = Vec::new();
+        loop {
+            let tasks: Vec<Task> = mgr.list().unwrap_or_default();
+            let nodes: Vec<Node> = mgr.list().unwrap_or_default();
+            for t in tasks.iter().filter(|t| {
+                t.service_id == service.id
+                    && only_task.as_ref().is_none_or(|o| *o == t.id)
+                    && t.status.state >= flotilla_types::TaskState::Starting
+            }) {
+                if started.contains(&t.id) {
+                    continue;
+                }
+                let Some((addr, node_name)) = node_addr(&nodes, &t.node_id) else { continue };
+                started.insert(t.id.clone());
+                let mut path = format!("/v1/tasks/{}/logs?follow={follow}", t.id);
+                if let Some(n) = tail {
+                    path.push_str(&format!("&tail={n}"));
+                }
+                if let Some(s) = &since {
+                    path.push_str(&format!("&since={s}"));
+                }
+                let client = ctx.tls.peer(&addr);
+                let tx = tx.clone();
+                let label = (t.id.clone(), service.spec.name.clone(), t.slot, node_name);
+                handles.push(tokio::spawn(async move {
+                    let (ltx, mut lrx) = mpsc::unbounded_channel::<LogLine>();
+                    let stream = client.stream_lines(&path, move |line| {
+                        match serde_json::from_slice::<LogLine>(line) {
+                            Ok(l) => ltx.send(l).is_ok(),
+                            Err(_) => true,
+                        }
+                    });
+                    tokio::pin!(stream);
+                    loop {
+                        tokio::select! {
+                            res = &mut stream => {
+                                if let Err(e) = res {
+                                    tracing::debug!(task = %label.0, error = %e, "log stream from node ended");
+                                }
+                                while let Ok(l) = lrx.try_recv() {
+                                    let out = ServiceLogLine { task_id: label.0.clone(), service: label.1.clone(), slot: label.2, node: label.3.clone(), line: l };
+                                    if tx.send(ndjson(&out)).await.is_err() { return; }
+                                }
+                                return;
+                            }
+                            Some(l) = lrx.recv() => {
+                                let out = ServiceLogLine { task_id: label.0.clone(), service: label.1.clone(), slot: label.2, node: label.3.clone(), line: l };
+                                if tx.send(ndjson(&out)).await.is_err() { return; }
+                            }
+                        }
+                    }
+                }));
+            }
+            if !follow {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+                _ = tx.closed() => return,
+            }
+        }
+        for h in handles {
+            let _ = h.await;
+        }
+    });
+    stream_response(rx)
+}
+

@@ -1,0 +1,519 @@
+//! The agent's task executor: turns the dispatcher's assignment sets into containers through
+//! the runtime driver, and reports every task state change upward.
+//!
+//! One runner (a tokio task) per assigned task walks Swarm's states — accepted → preparing →
+//! ready → starting → running → complete | failed | shutdown | rejected — and never moves a
+//! task backwards. Containers are named by task id, so after an agent restart the executor
+//! re-adopts a running container instead of starting a new one.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::Method;
+use tokio::sync::{mpsc, watch};
+
+use flotilla_runtime::{ContainerStatus, Runtime, RuntimeDriver};
+use flotilla_types::{HealthProbe, Task, TaskState, TaskStatus};
+
+use crate::api::dispatch::{Assignments, StatusReport};
+use crate::manager::now_ms;
+use crate::NodeCtx;
+
+/// What a runner is told from outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Command {
+    Run,
+    Stop,
+}
+
+struct Runner {
+    cmd: watch::Sender<Command>,
+}
+
+pub struct Executor {
+    rt: Runtime,
+    runners: Mutex<HashMap<String, Runner>>,
+    reports: mpsc::UnboundedSender<StatusReport>,
+}
+
+fn digest_of(image: &str) -> &str {
+    match image.find("@sha256:") {
+        Some(i) => &image[i + 1..],
+        None => image,
+    }
+}
+
+impl Executor {
+    pub fn new(rt: Runtime) -> (Arc<Executor>, mpsc::UnboundedReceiver<StatusReport>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Arc::new(Executor {
+                rt,
+                runners: Mutex::new(HashMap::new()),
+                reports: tx,
+            }),
+            rx,
+        )
+    }
+
+    fn report(&self, task: &Task, status: TaskStatus) {
+        let _ = self.reports.send(StatusReport {
+            task_id: task.id.clone(),
+            status,
+        });
+    }
+
+    /// Applies a complete assignment set.
+    pub async fn apply(self: &Arc<Self>, set: Assignments) {
+        let wanted: HashSet<String> = set.tasks.iter().map(|t| t.id.clone()).collect();
+        for task in set.tasks {
+            let stop = task.desired_state > TaskState::Running;
+            let exists = {
+                let runners = match self.runners.lock() {
+                    Ok(r) => r,
+                    Err(p) => p.into_inner(),
+                };
+                match runners.get(&task.id) {
+                    Some(r) => {
+                        if stop {
+                            let _ = r.cmd.send(Command::Stop);
+                        }
+                        true
+                    }
+                    None => false,
+                }
+            };
+            if exists || task.status.state.is_terminal() {
+                continue;
+            }
+            if stop {
+                // Never started here (or the agent restarted): make sure nothing runs, and
+                // record the shutdown.
+                let this = self.clone();
+                tokio::spawn(async move {
+                    let grace = grace_of(&task);
+                    let _ = this.rt.stop(&task.id, grace).await;
+                    let _ = this.rt.remove(&task.id, true).await;
+                    let mut st = TaskStatus::new(TaskState::Shutdown, now_ms(), "shut down");
+                    st.container_id = task.status.container_id.clone();
+                    this.report(&task, st);
+                });
+                continue;
+            }
+            let (tx, rx) = watch::channel(Command::Run);
+            if let Ok(mut runners) = self.runners.lock() {
+                runners.insert(task.id.clone(), Runner { cmd: tx });
+            }
+            let this = self.clone();
+            tokio::spawn(async move {
+                let id = task.id.clone();
+                this.run_task(task, rx).await;
+                if let Ok(mut runners) = this.runners.lock() {
+                    runners.remove(&id);
+                }
+            });
+        }
+        // Containers whose task is gone from the set: stop, remove, drop their logs (the task
+        // history was pruned).
+        if let Ok(containers) = self.rt.list().await {
+            for c in containers {
+                if wanted.contains(&c.id) {
+                    continue;
+                }
+                let running = self
+                    .runners
+                    .lock()
+                    .map(|r| r.contains_key(&c.id))
+                    .unwrap_or(false);
+                if running {
+                    if let Ok(r) = self.runners.lock() {
+                        if let Some(r) = r.get(&c.id) {
+                            let _ = r.cmd.send(Command::Stop);
+                        }
+                    }
+                    continue;
+                }
+                let rt = self.rt.clone();
+                tokio::spawn(async move {
+                    let _ = rt.stop(&c.id, Duration::from_secs(10)).await;
+                    if let Err(e) = rt.remove(&c.id, false).await {
+                        tracing::warn!(container = %c.id, error = %e, "removing container failed");
+                    }
+                });
+            }
+        }
+        // Logs of tasks that no longer exist at all.
+        let logs = self.rt.config().root.join("logs");
+        if let Ok(entries) = std::fs::read_dir(&logs) {
+            for e in entries.flatten() {
+                let id = e.file_name().to_string_lossy().to_string();
+                let busy = self.runners.lock().map(|r| r.contains_key(&id)).unwrap_or(true);
+                if !wanted.contains(&id) && !busy && !self.rt.config().root.join("containers").join(&id).exists() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
+
+    async fn run_task(self: &Arc<Self>, task: Task, mut cmd: watch::Receiver<Command>) {
+        let id = task.id.clone();
+        let now = now_ms;
+        let adopted = match self.rt.state(&id).await {
+            Ok(s) => Some(s),
+            Err(_) => None,
+        };
+        let status = |state: TaskState, msg: &str| {
+            let mut st = TaskStatus::new(state, now(), msg);
+            st.container_id = Some(id.clone());
+            st
+        };
+        match adopted {
+            Some(s) if s.status == ContainerStatus::Running => {
+                tracing::info!(task = %id, pid = s.pid, "re-adopted running container");
+                if task.status.state < TaskState::Running {
+                    self.report(&task, status(TaskState::Running, "started"));
+                }
+            }
+            Some(s) if s.status == ContainerStatus::Stopped || s.status == ContainerStatus::Unknown => {
+                // Ended (or its shim died) while the agent was away.
+                let code = s.exit_code;
+                let mut st = match code {
+                    Some(0) => status(TaskState::Complete, "finished"),
+                    Some(c) => {
+                        let mut st = status(TaskState::Failed, &format!("task: non-zero exit ({c})"));
+                        st.err = Some(format!("task: non-zero exit ({c})"));
+                        st
+                    }
+                    None => {
+                        let mut st = status(TaskState::Failed, "container's shim died; outcome unknown");
+                        st.err = Some("shim died".into());
+                        st
+                    }
+                };
+                st.exit_code = code;
+                let _ = self.rt.remove(&id, true).await;
+                self.report(&task, st);
+                return;
+            }
+            _ => {
+                if let Some(_old) = adopted {
+                    let _ = self.rt.remove(&id, true).await;
+                }
+                self.report(&task, status(TaskState::Accepted, "accepted"));
+                self.report(&task, status(TaskState::Preparing, "preparing"));
+                let c = &task.spec.container;
+                let digest = digest_of(&c.image).to_string();
+                if self.rt.images().manifest(&digest).is_err() {
+                    let msg = format!("image {} is not on this node", c.image);
+                    let mut st = status(TaskState::Rejected, &msg);
+                    st.err = Some(msg);
+                    self.report(&task, st);
+                    return;
+                }
+                let spec = container_spec(&task, &digest);
+                self.report(&task, status(TaskState::Ready, "ready"));
+                if let Err(e) = self.rt.create(spec).await {
+                    let mut st = status(TaskState::Rejected, &format!("create: {e}"));
+                    st.err = Some(e.to_string());
+                    self.report(&task, st);
+                    return;
+                }
+                self.report(&task, status(TaskState::Starting, "starting"));
+                if *cmd.borrow() == Command::Stop {
+                    let _ = self.rt.remove(&id, true).await;
+                    self.report(&task, status(TaskState::Shutdown, "shut down before start"));
+                    return;
+                }
+                if let Err(e) = self.rt.start(&id).await {
+                    let mut st = status(TaskState::Failed, &format!("start: {e}"));
+                    st.err = Some(e.to_string());
+                    let _ = self.rt.remove(&id, true).await;
+                    self.report(&task, st);
+                    return;
+                }
+                self.report(&task, status(TaskState::Running, "started"));
+            }
+        }
+        // Monitor: exit, stop request, health checks.
+        let hc = task.spec.container.healthcheck.clone();
+        let started = tokio::time::Instant::now();
+        let mut failures = 0u32;
+        let mut health: Option<&'static str> = hc.as_ref().map(|_| "starting");
+        let interval = hc
+            .as_ref()
+            .map(|h| Duration::from_nanos(h.interval).max(Duration::from_millis(100)))
+            .unwrap_or(Duration::from_secs(3600));
+        let mut ticker = tokio::time::interval(interval);
+        ticker.tick().await;
+        let rt = self.rt.clone();
+        let wait_id = id.clone();
+        let mut exit = Box::pin(async move { rt.wait(&wait_id).await });
+        loop {
+            tokio::select! {
+                res = &mut exit => {
+                    let mut st = match res {
+                        Ok(e) if e.oom_killed => {
+                            let mut st = status(TaskState::Failed, "out of memory: killed by the kernel");
+                            st.err = Some("OOM killed".into());
+                            st.exit_code = Some(e.code);
+                            st
+                        }
+                        Ok(e) if e.code == 0 => {
+                            let mut st = status(TaskState::Complete, "finished");
+                            st.exit_code = Some(0);
+                            st
+                        }
+                        Ok(e) => {
+                            let msg = format!("task: non-zero exit ({})", e.code);
+                            let mut st = status(TaskState::Failed, &msg);
+                            st.err = Some(msg);
+                            st.exit_code = Some(e.code);
+                            st
+                        }
+                        Err(e) => {
+                            let mut st = status(TaskState::Failed, &format!("lost the container: {e}"));
+                            st.err = Some(e.to_string());
+                            st
+                        }
+                    };
+                    if *cmd.borrow() == Command::Stop {
+                        st.state = TaskState::Shutdown;
+                        st.message = "shut down".into();
+                    }
+                    let _ = self.rt.remove(&id, true).await;
+                    self.report(&task, st);
+                    return;
+                }
+                changed = cmd.changed() => {
+                    if changed.is_err() || *cmd.borrow() == Command::Stop {
+                        let grace = grace_of(&task);
+                        let res = self.rt.stop(&id, grace).await;
+                        let mut st = status(TaskState::Shutdown, "shut down");
+                        if let Ok(e) = res {
+                            st.exit_code = Some(e.code);
+                        }
+                        let _ = self.rt.remove(&id, true).await;
+                        self.report(&task, st);
+                        return;
+                    }
+                }
+                _ = ticker.tick(), if hc.is_some() => {
+                    let Some(h) = hc.as_ref() else { continue };
+                    let ok = probe(&self.rt, &id, h).await;
+                    let in_start = started.elapsed() < Duration::from_nanos(h.start_period);
+                    let before = health;
+                    if ok {
+                        failures = 0;
+                        health = Some("healthy");
+                    } else if !in_start {
+                        failures += 1;
+                        if failures >= h.retries.max(1) {
+                            health = Some("unhealthy");
+                        }
+                    }
+                    if health != before {
+                        let mut st = status(TaskState::Running, match health {
+                            Some("unhealthy") => "unhealthy: health check failed",
+                            _ => "started",
+                        });
+                        st.health = health.map(str::to_string);
+                        self.report(&task, st);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn grace_of(task: &Task) -> Duration {
+    Duration::from_nanos(
+        task.spec
+            .container
+            .stop_grace_period
+            .unwrap_or(10_000_000_000),
+    )
+}
+
+/// Maps a task to the runtime's container spec.
+fn container_spec(task: &Task, digest: &str) -> flotilla_runtime::ContainerSpec {
+    let c = &task.spec.container;
+    let r = &task.spec.resources.limits;
+    flotilla_runtime::ContainerSpec {
+        id: task.id.clone(),
+        image: digest.to_string(),
+        entrypoint: c.command.clone(),
+        args: if c.args.is_empty() { None } else { Some(c.args.clone()) },
+        env: c.env.clone(),
+        workdir: c.workdir.clone(),
+        user: c.user.clone(),
+        hostname: Some(task.id[..12.min(task.id.len())].to_string()),
+        mounts: Vec::new(),
+        resources: flotilla_runtime::Resources {
+            memory_bytes: (r.memory_bytes > 0).then_some(r.memory_bytes as i64),
+            nano_cpus: (r.nano_cpus > 0).then_some(r.nano_cpus),
+            pids_limit: Some(4096),
+            ..Default::default()
+        },
+        security: Default::default(),
+        labels: c.labels.clone(),
+    }
+}
+
+/// Runs one health probe. Exec probes run inside the container through the OCI runtime.
+async fn probe(rt: &Runtime, id: &str, h: &flotilla_types::HealthCheck) -> bool {
+    let timeout = Duration::from_nanos(h.timeout).max(Duration::from_millis(100));
+    match &h.probe {
+        HealthProbe::Exec { cmd } => {
+            let cfg = rt.config();
+            let runtime = rt
+                .probe()
+                .runtime_path
+                .clone()
+                .unwrap_or_else(|| cfg.runtime_bin.clone());
+            let mut child = match tokio::process::Command::new(runtime)
+                .arg("--root")
+                .arg(cfg.root.join("runc"))
+                .args(["exec", id, "/bin/sh", "-c", cmd])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+            {
+                Ok(c) => c,
+                Err(_) => return false,
+            };
+            matches!(
+                tokio::time::timeout(timeout, child.wait()).await,
+                Ok(Ok(st)) if st.success()
+            )
+        }
+        // Network probes need task networking (not built yet): treat as healthy only when the
+        // container is running.
+        HealthProbe::Http { .. } | HealthProbe::Tcp { .. } => rt
+            .state(id)
+            .await
+            .map(|s| s.status == ContainerStatus::Running)
+            .unwrap_or(false),
+    }
+}
+
+/// Follows the assignment stream from the managers, reconnecting as needed.
+pub async fn assignment_loop(
+    ctx: Arc<NodeCtx>,
+    exec: Arc<Executor>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        for addr in crate::agent::targets(&ctx) {
+            let node_id = ctx.identity().node_id;
+            let client = ctx.tls.peer(&addr);
+            let (tx, mut rx) = mpsc::unbounded_channel::<Assignments>();
+            let path = format!("/v1/nodes/{node_id}/assignments");
+            let stream = client.stream_lines(&path, move |line| {
+                match serde_json::from_slice::<Assignments>(line) {
+                    Ok(a) => tx.send(a).is_ok(),
+                    Err(_) => true,
+                }
+            });
+            tokio::pin!(stream);
+            let mut got_any = false;
+            loop {
+                tokio::select! {
+                    _ = flotilla_api::server::stopped(&mut stop) => return,
+                    res = &mut stream => {
+                        if let Err(e) = res {
+                            tracing::debug!(manager = %addr, error = %e, "assignment stream ended");
+                        }
+                        break;
+                    }
+                    Some(set) = rx.recv() => {
+                        got_any = true;
+                        backoff = Duration::from_millis(100);
+                        exec.apply(set).await;
+                    }
+                    // The manager resends at least every 5 s; silence means a dead session.
+                    _ = tokio::time::sleep(Duration::from_secs(12)) => {
+                        tracing::warn!(manager = %addr, "assignment stream went silent; reconnecting");
+                        break;
+                    }
+                }
+            }
+            let _ = got_any;
+        }
+        tokio::select! {
+            _ = flotilla_api::server::stopped(&mut stop) => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Sends status reports to the managers in batches, keeping the newest per task and retrying
+/// until a manager accepts them.
+pub async fn report_loop(
+    ctx: Arc<NodeCtx>,
+    mut rx: mpsc::UnboundedReceiver<StatusReport>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut pending: Vec<StatusReport> = Vec::new();
+    loop {
+        if pending.is_empty() {
+            tokio::select! {
+                _ = flotilla_api::server::stopped(&mut stop) => return,
+                r = rx.recv() => match r {
+                    Some(r) => pending.push(r),
+                    None => return,
+                },
+            }
+        }
+        // Gather what else is queued right now; only the newest status per task is sent
+        // (the store applies a batch atomically, one write per task).
+        while let Ok(r) = rx.try_recv() {
+            pending.push(r);
+        }
+        let mut newest: Vec<StatusReport> = Vec::with_capacity(pending.len());
+        for r in pending.drain(..) {
+            match newest.iter_mut().find(|n| n.task_id == r.task_id) {
+                Some(n) => *n = r,
+                None => newest.push(r),
+            }
+        }
+        pending = newest;
+        let node_id = ctx.identity().node_id;
+        let path = format!("/v1/nodes/{node_id}/tasks");
+        let body = match serde_json::to_vec(&pending) {
+            Ok(b) => b,
+            Err(_) => {
+                pending.clear();
+                continue;
+            }
+        };
+        let mut sent = false;
+        for addr in crate::agent::targets(&ctx) {
+            let client = ctx.tls.peer(&addr).with_timeout(Duration::from_secs(10));
+            match client.request(Method::POST, &path, Some(body.clone())).await {
+                Ok(_) => {
+                    sent = true;
+                    break;
+                }
+                Err(e) if e.status() == Some(409) => {
+                    // Raced with the orchestrator: resend shortly.
+                    tracing::debug!(error = %e, "status report raced; resending");
+                    break;
+                }
+                Err(e) => tracing::debug!(manager = %addr, error = %e, "status report failed"),
+            }
+        }
+        if sent {
+            pending.clear();
+        } else {
+            tokio::select! {
+                _ = flotilla_api::server::stopped(&mut stop) => return,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+}
