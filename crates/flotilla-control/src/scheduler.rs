@@ -44,8 +44,8 @@ impl Decision {
 ///   past `running`, are skipped (no decision). A task whose `node_id` is already set (global
 ///   services) is only checked against that node.
 /// * `nodes`: every node of the cluster.
-/// * `existing`: tasks that occupy nodes (any task with a `node_id` and a state up to `running`
-///   counts; others are ignored, so passing all tasks is fine).
+/// * `existing`: tasks that occupy nodes (any task with a `node_id` in a state from `assigned` to
+///   `running` counts; others are ignored, so passing all tasks is fine).
 pub fn schedule(unassigned: &[Task], nodes: &[Node], existing: &[Task]) -> Vec<Decision> {
     let mut s = Scheduler::new(nodes, existing);
     s.schedule(unassigned)
@@ -70,9 +70,12 @@ struct NodeInfo {
     reserved: Resources,
 }
 
-/// Whether a task occupies its node for the scheduler's counters.
+/// Whether a task occupies its node for the scheduler's counters: assigned and not ended. (A
+/// global task created with its node set but not yet assigned does not count until placed.)
 fn occupies(task: &Task) -> bool {
-    task.node_id.is_some() && task.status.state <= TaskState::Running
+    task.node_id.is_some()
+        && task.status.state >= TaskState::Assigned
+        && task.status.state <= TaskState::Running
 }
 
 fn schedulable(task: &Task) -> bool {
@@ -109,7 +112,7 @@ impl Scheduler {
     }
 
     /// Counts `task` on its node (call when a task appears on a node outside this scheduler's
-    /// own decisions). Tasks without a node, or past `running`, are ignored.
+    /// own decisions). Tasks not in `assigned..=running`, or without a node, are ignored.
     pub fn add_task(&mut self, task: &Task) {
         if !occupies(task) {
             return;
@@ -1144,5 +1147,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn preassigned_tasks_are_not_counted_before_placement() {
+        let ns = nodes(&["a"]);
+        let ts = tasks(1, "g", |t| {
+            t.node_id = Some("a".into());
+            t.spec.placement.max_replicas_per_node = 1;
+        });
+        // The same task is both waiting and part of "all tasks".
+        let ds = schedule(&ts, &ns, &ts);
+        assert!(matches!(ds[0], Decision::Assign { .. }), "{ds:?}");
+        let mut s = Scheduler::new(&ns, &ts);
+        s.schedule(&ts);
+        assert_eq!(s.tasks_on("a"), 1);
     }
 }

@@ -348,7 +348,7 @@ impl RegistryClient {
         if s != StatusCode::ACCEPTED {
             return Err(self.status_err(&Method::POST, &path, s, &b));
         }
-        location(&h).ok_or_else(|| self.http_err(&Method::POST, &path, "no Location header"))
+        location_header(&h).ok_or_else(|| self.http_err(&Method::POST, &path, "no Location header"))
     }
 
     /// Sends one chunk at `offset`. Returns the next location.
@@ -369,7 +369,7 @@ impl RegistryClient {
         if s != StatusCode::ACCEPTED {
             return Err(self.status_err(&Method::PATCH, &path, s, &b));
         }
-        Ok(location(&h).unwrap_or(path))
+        Ok(location_header(&h).unwrap_or(path))
     }
 
     /// Where an upload stands: `(location, bytes received)`, for resuming.
@@ -389,7 +389,7 @@ impl RegistryClient {
             Some(0) | None => 0,
             Some(e) => e + 1,
         };
-        Ok((location(&h).unwrap_or(path), received))
+        Ok((location_header(&h).unwrap_or(path), received))
     }
 
     /// Completes an upload with an optional last chunk.
@@ -419,7 +419,7 @@ impl RegistryClient {
             StatusCode::CREATED => Ok(true),
             StatusCode::ACCEPTED => {
                 // Not mountable: cancel the upload the registry started instead.
-                if let Some(l) = location(&h) {
+                if let Some(l) = location_header(&h) {
                     let _ = self
                         .call(Method::DELETE, &self.path_of(&l), &[], Bytes::new())
                         .await;
@@ -549,7 +549,7 @@ impl RegistryClient {
     }
 }
 
-fn location(h: &hyper::HeaderMap) -> Option<String> {
+fn location_header(h: &hyper::HeaderMap) -> Option<String> {
     h.get("location")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)

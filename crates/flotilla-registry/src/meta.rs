@@ -219,7 +219,7 @@ impl Meta {
             .ctx(|| format!("stat {digest}"))?
             .len();
         let layout = self.tmp_path("tag");
-        let res = (|| {
+        let res = (|| -> Result<()> {
             let blobs = layout.join("blobs/sha256");
             fs::create_dir_all(&blobs).ctx(|| format!("create {}", blobs.display()))?;
             for d in &digests {

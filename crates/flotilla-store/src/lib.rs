@@ -29,14 +29,29 @@
 //! Built from the redb state (all tables, a compact binary format, tables by name), every
 //! `snapshot_every` entries; the log is then purged keeping `logs_to_keep` entries. Lagging or
 //! new nodes receive them through chunked `install_snapshot` (1 MiB chunks, base64 in the JSON
-//! body, 30 s per chunk);
-//! installing one replaces all tables and resets watchers ([`StoreError::Compacted`]).
+//! body, 30 s per chunk); installing one replaces all tables and resets watchers
+//! ([`StoreError::Compacted`]).
 //!
 //! ## Transport
 //! [`RaftTransport`] moves opaque JSON bodies between managers; the daemon implements it over
 //! mTLS HTTP and routes incoming bodies to [`Store::handle_rpc`]. Connect failures must be
 //! reported as [`TransportError::Unreachable`]. The network glue records, per peer, when an
-//! RPC last succeeded ([`RaftStatus::peers`]).
+//! RPC last succeeded ([`RaftStatus::peers`]). Bodies stay under ~2 MB with the default
+//! `max_batch_bytes` (AppendEntries requests are split by size; snapshot chunks are 1 MiB), and
+//! an AppendEntries call must complete within `heartbeat_ms` (openraft 0.9's RPC deadline), so
+//! the transport should reuse connections.
+//!
+//! ## Source map
+//! | file | what |
+//! |---|---|
+//! | `store.rs` | [`Store`]: open, write, reads, watch, membership, status, force-new-cluster |
+//! | `log_store.rs` | openraft `RaftLogStorage` on redb (`raft-log.redb`) |
+//! | `state_machine.rs` | openraft `RaftStateMachine`: batch apply, events, snapshots (`state.redb`) |
+//! | `network.rs` | [`RaftTransport`], openraft `RaftNetwork` glue, peer contact tracking |
+//! | `wire.rs` | compact (base64) wire form of snapshot chunks |
+//! | `watch.rs` | [`Watch`], the change-feed consumer |
+//! | `raft_types.rs` | the openraft type config (`D = Batch`) |
+//! | `types.rs`, `config.rs`, `error.rs` | the public plain types |
 //!
 //! ## Failure behaviour
 //! Writes and read barriers have a deadline (`write_timeout`): losing quorum yields

@@ -221,8 +221,13 @@ pub(crate) fn export_all(db: &Database) -> Result<Vec<(Table, Vec<Versioned>)>, 
         .collect()
 }
 
-/// Retained events with revision > `after`, or `Compacted` if some of them are gone.
-pub(crate) fn events_after(db: &Database, after: u64) -> Result<Vec<Event>, StoreError> {
+/// Retained events with revision > `after` (about `limit` of them, whole revisions only), or
+/// `Compacted` if some of them are gone.
+pub(crate) fn events_after(
+    db: &Database,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<Event>, StoreError> {
     let txn = db.begin_read().map_err(storage)?;
     let meta = txn.open_table(META).map_err(storage)?;
     let floor: u64 = read_json(&meta, KEY_EVENTS_FLOOR)
@@ -237,7 +242,11 @@ pub(crate) fn events_after(db: &Database, after: u64) -> Result<Vec<Event>, Stor
         .range((after.saturating_add(1), 0u32)..)
         .map_err(storage)?
     {
-        let (_, v) = item.map_err(storage)?;
+        let (k, v) = item.map_err(storage)?;
+        // Stop at a page boundary, but never in the middle of a revision.
+        if out.len() >= limit && out.last().map(|e: &Event| e.revision) != Some(k.value().0) {
+            break;
+        }
         out.push(serde_json::from_slice::<Event>(v.value()).map_err(storage)?);
     }
     Ok(out)

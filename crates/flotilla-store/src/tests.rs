@@ -295,6 +295,37 @@ async fn t20_watch_replays_then_follows_live_and_reports_compaction() {
     store.shutdown().await.expect("shutdown");
 }
 
+/// Replay reads history in pages (whole revisions only) and hands over to the live feed
+/// without gaps or duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t22_long_replay_is_paged_without_gaps() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = single(cfg(&dir)).await;
+    let start = store.revision();
+    for b in 0..3 {
+        let ops = (0..700)
+            .map(|i| Op::upsert(Table::Tasks, format!("t{b}-{i:03}"), "x"))
+            .collect();
+        ok_write(&store, ops).await;
+    }
+    let mut w = store.watch(start).expect("watch");
+    let writer = store.clone();
+    let live = tokio::spawn(async move {
+        ok_write(&writer, vec![Op::create(Table::Tasks, "live", "x")]).await
+    });
+    let mut ids = Vec::new();
+    while ids.len() < 3 * 700 + 1 {
+        ids.push(next_event(&mut w).await.expect("event").id);
+    }
+    live.await.expect("join");
+    let mut expected: Vec<String> = (0..3)
+        .flat_map(|b| (0..700).map(move |i| format!("t{b}-{i:03}")))
+        .collect();
+    expected.push("live".into());
+    assert_eq!(ids, expected);
+    store.shutdown().await.expect("shutdown");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t30_restart_from_disk_keeps_state_revision_and_history() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -10,6 +10,9 @@ use crate::error::StoreError;
 use crate::state_machine::{self, Feed};
 use crate::types::Event;
 
+/// How many retained events a watcher reads from disk at a time.
+const REPLAY_PAGE: usize = 1024;
+
 /// A stream of [`Event`]s with revision greater than the revision it was created from: first
 /// replayed from the retained history on disk, then live.
 ///
@@ -48,7 +51,7 @@ impl Watch {
         self.last
     }
 
-    /// Waits for the next event. Cancel-safe.
+    /// Waits for the next event. Cancel-safe: dropping the future loses nothing.
     pub async fn next(&mut self) -> Option<Result<Event, StoreError>> {
         loop {
             if self.done {
@@ -62,9 +65,10 @@ impl Watch {
                     self.done = true;
                     return None;
                 };
-                match state_machine::events_after(&db, self.last) {
+                match state_machine::events_after(&db, self.last, REPLAY_PAGE) {
                     Ok(events) => {
-                        self.replay = false;
+                        // A full page: more history may follow, read it on the next round.
+                        self.replay = events.len() >= REPLAY_PAGE;
                         if let Some(ev) = events.last() {
                             self.last = ev.revision;
                         }

@@ -3,6 +3,8 @@
 //! (`shim`), or the API client (everything else).
 #![forbid(unsafe_code)]
 
+mod dev;
+
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -90,6 +92,16 @@ fn main() -> ExitCode {
         Command::Node(NodeCmd::Run(args)) => {
             init_tracing();
             match rt.block_on(run_node(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Dev(args) => {
+            init_tracing();
+            match rt.block_on(dev::run(args, shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");

@@ -984,3 +984,20 @@ fn unexpected_shutdown_counts_as_failure_for_on_failure() {
     assert_eq!(sim.running().len(), 1);
     assert_ne!(sim.running()[0].id, id);
 }
+
+#[test]
+fn unknown_and_paused_nodes_keep_their_tasks() {
+    let mut sim = Sim::new(replicated(2), &["a", "b"]);
+    sim.settle(5);
+    sim.node_mut("a").status.state = NodeState::Unknown;
+    sim.node_mut("b").spec.availability = Availability::Pause;
+    assert!(sim.reconcile().actions.is_empty());
+    // Global: an unknown node is still eligible, a paused one gets nothing new.
+    let mut sim = Sim::new(ServiceMode::Global, &["a", "b"]);
+    sim.node_mut("a").status.state = NodeState::Unknown;
+    sim.node_mut("b").spec.availability = Availability::Pause;
+    let r = sim.reconcile();
+    let created = Sim::creates(&r);
+    assert_eq!(created.len(), 1);
+    assert_eq!(created[0].node_id.as_deref(), Some("a"));
+}

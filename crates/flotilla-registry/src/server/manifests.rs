@@ -67,7 +67,7 @@ pub(super) async fn get(st: &RegistryState, name: &str, reference: &str, req: &R
     respond(StatusCode::OK, &headers, body)
 }
 
-pub(super) async fn put(st: &RegistryState, name: &str, reference: &str, req: Req) -> Result<Response> {
+pub(super) async fn put(st: &RegistryState, name: &str, reference: &str, req: Req, body: Body) -> Result<Response> {
     let by_digest = is_digest_ref(reference);
     if by_digest {
         check_digest(reference)?;
@@ -76,7 +76,7 @@ pub(super) async fn put(st: &RegistryState, name: &str, reference: &str, req: Re
     }
     let allow_peer = req.allow_peer();
     let ct = req.header("content-type").map(str::to_string);
-    let bytes = axum::body::to_bytes(req.body, MAX_MANIFEST).await.map_err(|e| {
+    let bytes = axum::body::to_bytes(body, MAX_MANIFEST).await.map_err(|e| {
         RegistryError::dist(
             ErrorCode::ManifestInvalid,
             format!("manifest unreadable or larger than {MAX_MANIFEST} bytes: {e}"),

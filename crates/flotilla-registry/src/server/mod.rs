@@ -184,7 +184,6 @@ pub(crate) struct Req {
     pub method: Method,
     pub headers: axum::http::HeaderMap,
     pub query: HashMap<String, String>,
-    pub body: Body,
 }
 
 impl Req {
@@ -207,7 +206,6 @@ async fn dispatch(
         method: parts.method,
         headers: parts.headers,
         query: parse_query(parts.uri.query().unwrap_or("")),
-        body,
     };
     let method = req.method.clone();
     let res = match Route::parse(&rest) {
@@ -217,7 +215,7 @@ async fn dispatch(
         )),
         Some(route) => match check_name(route.name()) {
             Err(e) => Err(e),
-            Ok(()) => handle(&st, route, req).await,
+            Ok(()) => handle(&st, route, req, body).await,
         },
     };
     match res {
@@ -229,21 +227,21 @@ async fn dispatch(
     }
 }
 
-async fn handle(st: &RegistryState, route: Route<'_>, req: Req) -> Result<Response> {
+async fn handle(st: &RegistryState, route: Route<'_>, req: Req, body: Body) -> Result<Response> {
     let m = req.method.clone();
     match route {
         Route::Blob(n, d) if m == Method::GET || m == Method::HEAD => {
             blobs::get(st, n, d, &req).await
         }
-        Route::UploadStart(n) if m == Method::POST => uploads::start(st, n, req).await,
-        Route::Upload(n, id) if m == Method::PATCH => uploads::patch(st, n, id, req).await,
-        Route::Upload(n, id) if m == Method::PUT => uploads::finish(st, n, id, req).await,
+        Route::UploadStart(n) if m == Method::POST => uploads::start(st, n, req, body).await,
+        Route::Upload(n, id) if m == Method::PATCH => uploads::patch(st, n, id, req, body).await,
+        Route::Upload(n, id) if m == Method::PUT => uploads::finish(st, n, id, req, body).await,
         Route::Upload(n, id) if m == Method::GET => uploads::status(st, n, id).await,
         Route::Upload(_, id) if m == Method::DELETE => uploads::cancel(st, id).await,
         Route::Manifest(n, r) if m == Method::GET || m == Method::HEAD => {
             manifests::get(st, n, r, &req).await
         }
-        Route::Manifest(n, r) if m == Method::PUT => manifests::put(st, n, r, req).await,
+        Route::Manifest(n, r) if m == Method::PUT => manifests::put(st, n, r, req, body).await,
         Route::Manifest(n, r) if m == Method::DELETE => manifests::delete(st, n, r).await,
         Route::Tags(n) if m == Method::GET => tags::list(st, n, &req).await,
         Route::Referrers(n, d) if m == Method::GET => tags::referrers(st, n, d, &req).await,
@@ -382,3 +380,4 @@ pub(crate) fn respond(
 
 #[cfg(test)]
 mod tests;
+

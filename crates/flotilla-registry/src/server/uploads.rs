@@ -94,7 +94,7 @@ async fn commit(st: &RegistryState, path: PathBuf, digest: &str) -> Result<()> {
     })
 }
 
-pub(super) async fn start(st: &RegistryState, name: &str, req: Req) -> Result<Response> {
+pub(super) async fn start(st: &RegistryState, name: &str, req: Req, body: Body) -> Result<Response> {
     if let Some(m) = req.query.get("mount") {
         check_digest(m)?;
         // Blobs are shared by every repository of this registry: a mount succeeds whenever
@@ -108,7 +108,7 @@ pub(super) async fn start(st: &RegistryState, name: &str, req: Req) -> Result<Re
         check_digest(d)?;
         let d = d.clone();
         let tmp = st.uploads.join(new_id()?);
-        if let Err(e) = append_body(req.body, &tmp).await {
+        if let Err(e) = append_body(body, &tmp).await {
             let _ = tokio::fs::remove_file(&tmp).await;
             return Err(e);
         }
@@ -133,7 +133,7 @@ fn parse_content_range(v: &str) -> Option<(u64, u64)> {
     Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
 }
 
-pub(super) async fn patch(st: &RegistryState, name: &str, id: &str, req: Req) -> Result<Response> {
+pub(super) async fn patch(st: &RegistryState, name: &str, id: &str, req: Req, body: Body) -> Result<Response> {
     let (p, len) = session_len(st, id).await?;
     let want = match req.header("content-range") {
         Some(v) => {
@@ -155,7 +155,7 @@ pub(super) async fn patch(st: &RegistryState, name: &str, id: &str, req: Req) ->
         }
         None => None,
     };
-    let wrote = append_body(req.body, &p).await;
+    let wrote = append_body(body, &p).await;
     let wrote = match wrote {
         Ok(n) => n,
         Err(e) => {
@@ -181,7 +181,7 @@ async fn truncate(p: &std::path::Path, len: u64) {
     }
 }
 
-pub(super) async fn finish(st: &RegistryState, name: &str, id: &str, req: Req) -> Result<Response> {
+pub(super) async fn finish(st: &RegistryState, name: &str, id: &str, req: Req, body: Body) -> Result<Response> {
     let (p, _) = session_len(st, id).await?;
     let digest = req.query.get("digest").cloned().ok_or_else(|| {
         RegistryError::dist(
@@ -190,7 +190,7 @@ pub(super) async fn finish(st: &RegistryState, name: &str, id: &str, req: Req) -
         )
     })?;
     check_digest(&digest)?;
-    append_body(req.body, &p).await?;
+    append_body(body, &p).await?;
     commit(st, p, &digest).await?;
     tracing::debug!(repo = name, upload = %id, %digest, "upload finished");
     created(name, &digest)
