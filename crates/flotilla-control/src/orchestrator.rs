@@ -446,11 +446,18 @@ impl<'a, 'i> Orch<'a, 'i> {
         if n.spec.availability == Availability::Drain {
             return true;
         }
-        t.spec_version == self.service.spec_version
+        self.is_current(t)
             && self
                 .constraints
                 .as_ref()
                 .is_some_and(|c| !c.iter().all(|c| c.matches(n)))
+    }
+
+    /// A task is up to date when it was created from the current spec version, or when it runs
+    /// exactly the current task template (as in Swarm: after a rollback, tasks the failed update
+    /// never touched already match and keep running).
+    fn is_current(&self, t: &Task) -> bool {
+        t.spec_version == self.service.spec_version || t.spec == self.service.spec.task_template
     }
 
     fn create(&mut self, key: &Key) {
@@ -600,7 +607,6 @@ impl<'a, 'i> Orch<'a, 'i> {
 
     /// One slot (or node) of a replicated (or global) service.
     fn service_key<'t>(&mut self, key: &Key, views: &[View<'t>], fit: Fit) -> KeyStatus<'t> {
-        let cur = self.service.spec_version;
         if fit == Fit::Remove {
             for v in views {
                 self.remove_task(v);
@@ -685,7 +691,7 @@ impl<'a, 'i> Orch<'a, 'i> {
             let newest = views.iter().max_by(|a, b| a.age_key().cmp(&b.age_key()));
             match newest {
                 Some(n) if n.t.desired_state == TaskState::Complete => {
-                    if n.t.spec_version == cur {
+                    if self.is_current(n.t) {
                         KeyStatus::Clean
                     } else {
                         KeyStatus::Dirty(None)
@@ -707,10 +713,9 @@ impl<'a, 'i> Orch<'a, 'i> {
 
     /// A key with at least one live task: keep one, stop duplicates, report update state.
     fn alive_key<'t>(&mut self, alive: &[View<'t>]) -> KeyStatus<'t> {
-        let cur = self.service.spec_version;
         let newest_cur = alive
             .iter()
-            .filter(|v| v.t.spec_version == cur)
+            .filter(|v| self.is_current(v.t))
             .max_by(|a, b| a.age_key().cmp(&b.age_key()))
             .copied();
         match newest_cur {

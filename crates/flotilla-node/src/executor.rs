@@ -84,20 +84,25 @@ impl Executor {
                     None => false,
                 }
             };
-            if exists || task.status.state.is_terminal() {
+            if exists {
                 continue;
             }
-            if stop {
-                // Never started here (or the agent restarted): make sure nothing runs, and
-                // record the shutdown.
+            if stop || task.status.state.is_terminal() {
+                // Not (or no longer) wanted here, and no runner: make sure nothing runs (e.g. a
+                // container that kept running while this node was cut off), and record the
+                // shutdown if the task had not ended yet.
                 let this = self.clone();
                 tokio::spawn(async move {
-                    let grace = grace_of(&task);
-                    let _ = this.rt.stop(&task.id, grace).await;
-                    let _ = this.rt.remove(&task.id, true).await;
-                    let mut st = TaskStatus::new(TaskState::Shutdown, now_ms(), "shut down");
-                    st.container_id = task.status.container_id.clone();
-                    this.report(&task, st);
+                    if this.rt.state(&task.id).await.is_ok() {
+                        let _ = this.rt.stop(&task.id, grace_of(&task)).await;
+                        let _ = this.rt.remove(&task.id, true).await;
+                        tracing::info!(task = %task.id, "stopped a container its task no longer wants");
+                    }
+                    if !task.status.state.is_terminal() {
+                        let mut st = TaskStatus::new(TaskState::Shutdown, now_ms(), "shut down");
+                        st.container_id = task.status.container_id.clone();
+                        this.report(&task, st);
+                    }
                 });
                 continue;
             }

@@ -183,7 +183,13 @@ impl RegistryClient {
         Ok((parts.status, parts.headers, bytes))
     }
 
-    fn status_err(&self, method: &Method, path: &str, status: StatusCode, body: &[u8]) -> RegistryError {
+    fn status_err(
+        &self,
+        method: &Method,
+        path: &str,
+        status: StatusCode,
+        body: &[u8],
+    ) -> RegistryError {
         if let Ok(b) = serde_json::from_slice::<ErrorBody>(body) {
             if let Some(e) = b.errors.into_iter().next() {
                 return RegistryError::Distribution {
@@ -228,7 +234,11 @@ impl RegistryClient {
 
     /// Fetches a manifest by tag or digest, verified: against the digest asked for, and
     /// against `Docker-Content-Digest` when the registry sends it. `None` when unknown.
-    pub async fn get_manifest(&self, name: &str, reference: &str) -> Result<Option<FetchedManifest>> {
+    pub async fn get_manifest(
+        &self,
+        name: &str,
+        reference: &str,
+    ) -> Result<Option<FetchedManifest>> {
         let path = format!("/v2/{name}/manifests/{reference}");
         let (s, h, b) = self
             .call(Method::GET, &path, &[("accept", ACCEPT)], Bytes::new())
@@ -243,9 +253,14 @@ impl RegistryClient {
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        for want in [reference.starts_with("sha256:").then(|| reference.to_string()), announced]
-            .into_iter()
-            .flatten()
+        for want in [
+            reference
+                .starts_with("sha256:")
+                .then(|| reference.to_string()),
+            announced,
+        ]
+        .into_iter()
+        .flatten()
         {
             if want != digest {
                 return Err(RegistryError::Distribution {
@@ -328,13 +343,17 @@ impl RegistryClient {
                 n += data.len() as u64;
             }
         }
-        f.flush().await.ctx(|| format!("write {}", dest.display()))?;
+        f.flush()
+            .await
+            .ctx(|| format!("write {}", dest.display()))?;
         let got = format!("sha256:{}", hex::encode(hasher.finalize()));
         if got != digest {
             let _ = tokio::fs::remove_file(dest).await;
             return Err(RegistryError::Distribution {
                 code: ErrorCode::DigestInvalid,
-                message: format!("blob {digest} arrived with digest {got} (the registry served corrupt content)"),
+                message: format!(
+                    "blob {digest} arrived with digest {got} (the registry served corrupt content)"
+                ),
                 detail: None,
             });
         }
@@ -542,7 +561,9 @@ impl RegistryClient {
         match location.find("://") {
             Some(i) => {
                 let rest = &location[i + 3..];
-                rest.find('/').map(|j| rest[j..].to_string()).unwrap_or_else(|| "/".into())
+                rest.find('/')
+                    .map(|j| rest[j..].to_string())
+                    .unwrap_or_else(|| "/".into())
             }
             None => location.to_string(),
         }
@@ -555,7 +576,10 @@ fn location_header(h: &hyper::HeaderMap) -> Option<String> {
         .map(str::to_string)
 }
 
-async fn exchange<I>(io: I, req: Request<Full<Bytes>>) -> std::result::Result<Response<Incoming>, hyper::Error>
+async fn exchange<I>(
+    io: I,
+    req: Request<Full<Bytes>>,
+) -> std::result::Result<Response<Incoming>, hyper::Error>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {

@@ -66,8 +66,7 @@ pub fn check_tag(tag: &str) -> Result<()> {
     let ok = !b.is_empty()
         && b.len() <= 128
         && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-        && b
-            .iter()
+        && b.iter()
             .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(c));
     if ok {
         Ok(())

@@ -66,7 +66,7 @@ pub fn collect_garbage_with(
         if !s.refs.is_empty() {
             roots.insert(s.digest);
         } else if !keep.contains(&s.digest) {
-            store.remove(&s.digest)?;
+            meta.store_remove(store, &s.digest)?;
             report.removed_images.push(s.digest);
         }
     }
@@ -105,9 +105,7 @@ pub fn collect_garbage_with(
             work.extend(m.children().map(|c| c.digest.clone()));
         }
         for (d, a) in &artifacts.artifacts {
-            if !manifests.contains(d)
-                && a.subject.as_ref().is_some_and(|s| manifests.contains(s))
-            {
+            if !manifests.contains(d) && a.subject.as_ref().is_some_and(|s| manifests.contains(s)) {
                 work.push(d.clone());
             }
         }
@@ -190,15 +188,12 @@ fn diff_ids_of(config: &[u8]) -> Vec<String> {
     serde_json::from_slice::<serde_json::Value>(config)
         .ok()
         .and_then(|v| {
-            v.get("rootfs")?
-                .get("diff_ids")?
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|d| d.as_str())
-                        .map(|d| d.trim_start_matches("sha256:").to_string())
-                        .collect()
-                })
+            v.get("rootfs")?.get("diff_ids")?.as_array().map(|a| {
+                a.iter()
+                    .filter_map(|d| d.as_str())
+                    .map(|d| d.trim_start_matches("sha256:").to_string())
+                    .collect()
+            })
         })
         .unwrap_or_default()
 }

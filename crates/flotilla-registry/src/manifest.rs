@@ -138,9 +138,7 @@ impl Manifest {
 
     /// Blobs (config, layers) referenced by a manifest.
     pub fn blobs(&self) -> impl Iterator<Item = &Descriptor> {
-        self.config
-            .iter()
-            .chain(self.layers.iter().flatten())
+        self.config.iter().chain(self.layers.iter().flatten())
     }
 
     /// Child manifests of an index.
@@ -171,11 +169,17 @@ mod tests {
         let img = format!(
             r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"{OCI_CONFIG}","digest":"{d}","size":1}},"layers":[]}}"#
         );
-        assert_eq!(Manifest::parse(img.as_bytes(), None)?.kind(), ManifestKind::Image);
+        assert_eq!(
+            Manifest::parse(img.as_bytes(), None)?.kind(),
+            ManifestKind::Image
+        );
         let art = format!(
             r#"{{"schemaVersion":2,"artifactType":"x/y","config":{{"mediaType":"{OCI_EMPTY}","digest":"{d}","size":2}},"layers":[]}}"#
         );
-        assert_eq!(Manifest::parse(art.as_bytes(), None)?.kind(), ManifestKind::Artifact);
+        assert_eq!(
+            Manifest::parse(art.as_bytes(), None)?.kind(),
+            ManifestKind::Artifact
+        );
         assert!(Manifest::parse(b"{", None).is_err());
         assert!(Manifest::parse(br#"{"schemaVersion":1}"#, None).is_err());
         Ok(())

@@ -299,18 +299,17 @@ impl Meta {
 
     /// Deletes a tag. Returns whether it existed.
     pub fn delete_tag(&self, store: &ImageStore, repo: &str, tag: &str) -> Result<bool> {
-        let removed = self.update(|f| {
-            f.tags
-                .get_mut(repo)
-                .and_then(|t| t.remove(tag))
-                .is_some()
-        })?;
+        let removed =
+            self.update(|f| f.tags.get_mut(repo).and_then(|t| t.remove(tag)).is_some())?;
         if removed {
             return Ok(true);
         }
         let r = format!("{repo}:{tag}");
-        if store_refs(store)?.iter().any(|(n, t)| *n == repo && t == tag) {
-            store.remove(&r)?;
+        if store_refs(store)?
+            .iter()
+            .any(|(n, t)| *n == repo && t == tag)
+        {
+            self.store_remove(store, &r)?;
             return Ok(true);
         }
         Ok(false)
@@ -330,9 +329,32 @@ impl Meta {
         }
         let in_store = store.resolve(digest).is_ok();
         if in_store {
-            store.remove(digest)?;
+            self.store_remove(store, digest)?;
         }
         Ok(was_artifact || in_store)
+    }
+
+    /// `ImageStore::remove` without its implicit clean-up of blobs: that clean-up deletes
+    /// every blob the store index does not reach — blobs of a push in flight, of artifacts,
+    /// of manifests kept by tasks. Every blob is hard-linked aside first and put back after;
+    /// [`collect_garbage`](crate::collect_garbage) decides what really goes.
+    pub fn store_remove(&self, store: &ImageStore, reference: &str) -> Result<Vec<String>> {
+        let blobs = store.root().join("blobs/sha256");
+        let hold = self.tmp_path("hold");
+        fs::create_dir_all(&hold).ctx(|| format!("create {}", hold.display()))?;
+        for (d, p) in list_blob_dir(&blobs)? {
+            let hex = check_digest(&d)?;
+            let _ = fs::hard_link(&p, hold.join(hex));
+        }
+        let res = store.remove(reference);
+        for (d, p) in list_blob_dir(&hold)? {
+            let dst = blobs.join(check_digest(&d)?);
+            if !dst.exists() {
+                fs::rename(&p, &dst).ctx(|| format!("restore blob {d}"))?;
+            }
+        }
+        let _ = fs::remove_dir_all(&hold);
+        Ok(res?)
     }
 
     /// Removes a pin (garbage collection).

@@ -35,8 +35,8 @@ const ED25519_SPKI_PREFIX: &[u8] = &[
     0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
 ];
 const P256_SPKI_PREFIX: &[u8] = &[
-    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
-    0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
+    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
 ];
 
 /// A signature algorithm.
@@ -333,15 +333,23 @@ impl TrustedKey {
 fn parse_public(text: &str) -> Result<(Algorithm, Vec<u8>, String)> {
     let p = pem::parse(text).map_err(|e| key_err(format!("bad public key PEM: {e}")))?;
     if p.tag() != "PUBLIC KEY" {
-        return Err(key_err(format!("PEM holds a {}, expected a PUBLIC KEY", p.tag())));
+        return Err(key_err(format!(
+            "PEM holds a {}, expected a PUBLIC KEY",
+            p.tag()
+        )));
     }
     let der = p.contents();
-    let (alg, raw) = if let Some(r) = der.strip_prefix(ED25519_SPKI_PREFIX).filter(|r| r.len() == 32) {
+    let (alg, raw) = if let Some(r) = der
+        .strip_prefix(ED25519_SPKI_PREFIX)
+        .filter(|r| r.len() == 32)
+    {
         (Algorithm::Ed25519, r)
     } else if let Some(r) = der.strip_prefix(P256_SPKI_PREFIX).filter(|r| r.len() == 65) {
         (Algorithm::EcdsaP256, r)
     } else {
-        return Err(key_err("unsupported public key: use ed25519 or ECDSA P-256"));
+        return Err(key_err(
+            "unsupported public key: use ed25519 or ECDSA P-256",
+        ));
     };
     Ok((alg, raw.to_vec(), key_id_of(der)))
 }
@@ -470,7 +478,12 @@ pub fn attach_signature(store: &ImageStore, repository: &str, s: &Signature) -> 
     })?;
     let sm = Manifest::parse(&sbytes, None)?;
     let tag = signature_tag(&subject);
-    let previous = meta.load()?.tags.get(repository).and_then(|t| t.get(&tag)).cloned();
+    let previous = meta
+        .load()?
+        .tags
+        .get(repository)
+        .and_then(|t| t.get(&tag))
+        .cloned();
     let mut layers = Vec::new();
     if let Some(p) = &previous {
         if let Some(b) = meta.read_blob(store, p)? {

@@ -29,7 +29,9 @@ impl BlobSource for FirstOf {
                 match s.fetch(digest).await {
                     Ok(Some(b)) => return Ok(Some(b)),
                     Ok(None) => {}
-                    Err(e) => tracing::debug!(%digest, error = %e, "peer fetch failed; trying the next"),
+                    Err(e) => {
+                        tracing::debug!(%digest, error = %e, "peer fetch failed; trying the next")
+                    }
                 }
             }
             Ok(None)

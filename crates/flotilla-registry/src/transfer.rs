@@ -128,7 +128,10 @@ async fn fetch_blobs(
             if n != b.size {
                 return Err(RegistryError::dist(
                     ErrorCode::SizeInvalid,
-                    format!("blob {} has {n} bytes, the manifest says {}", b.digest, b.size),
+                    format!(
+                        "blob {} has {n} bytes, the manifest says {}",
+                        b.digest, b.size
+                    ),
                 ));
             }
             let f = File::open(&tmp).ctx(|| format!("open {}", tmp.display()))?;
@@ -220,7 +223,16 @@ pub async fn push(
     });
     tracing::info!(reference = %r, %digest, "pushing image");
     let target = r.tag.clone().unwrap_or_else(|| digest.clone());
-    push_manifest(client, store, &meta, &r.name, &digest, &target, &mut progress).await?;
+    push_manifest(
+        client,
+        store,
+        &meta,
+        &r.name,
+        &digest,
+        &target,
+        &mut progress,
+    )
+    .await?;
     for (sig, a) in meta.referrers(&digest)? {
         if a.artifact_type.as_deref() == Some(SIGNATURE_ARTIFACT_TYPE) {
             push_manifest(
@@ -276,7 +288,10 @@ async fn push_manifest(
             continue;
         }
         let path = meta.blob_file(store, &b.digest).ok_or_else(|| {
-            RuntimeError::ImageNotFound(format!("blob {} (the local image is incomplete; pull it again)", b.digest))
+            RuntimeError::ImageNotFound(format!(
+                "blob {} (the local image is incomplete; pull it again)",
+                b.digest
+            ))
         })?;
         progress(Progress::BlobStarted {
             digest: b.digest.clone(),

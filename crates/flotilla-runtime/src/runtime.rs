@@ -569,7 +569,13 @@ impl RuntimeDriver for Runtime {
             let half_created = blocking(move || inner.half_created_sync()).await?;
             report.cleaned_up = half_created;
             for info in self.list().await? {
-                let s = self.inner.state(&info.id).await?;
+                let s = match self.inner.state(&info.id).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(container = %info.id, error = %e, "shim does not answer");
+                        ContainerState { shim_alive: false, ..self.inner.dead_state(&info.id) }
+                    }
+                };
                 if s.shim_alive {
                     tracing::info!(container = %info.id, pid = s.pid, status = ?s.status, "re-adopted shim");
                     report.adopted.push(s);

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 /// Applets linked in the test rootfs.
 pub const APPLETS: &[&str] = &[
     "sh", "echo", "sleep", "id", "cat", "ls", "touch", "mount", "insmod", "trap", "true", "false",
-    "mkdir", "grep", "dd", "head", "tail", "kill", "ps", "wc", "yes", "seq", "printf",
+    "mkdir", "grep", "dd", "head", "tail", "kill", "ps", "wc", "yes", "seq", "printf", "unshare",
+    "hostname", "pwd",
 ];
 
 /// Finds a static busybox, installing Debian's busybox-static when missing.

@@ -124,6 +124,17 @@ async fn t21_container_root_cannot_write_mount_or_load_modules() {
     )
     .await;
     assert_ne!(code, 0, "/proc/sys is read-only: {lines:?}");
+    let (code, lines) = run_to_exit(
+        rt,
+        spec(
+            &env.id("userns"),
+            &env.image,
+            &["unshare", "-U", "-r", "true"],
+        ),
+    )
+    .await;
+    assert_ne!(code, 0, "creating namespaces is refused: {lines:?}");
+
     let masked = [
         "/proc/kcore",
         "/proc/timer_list",

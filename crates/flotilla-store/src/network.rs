@@ -22,7 +22,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::TransportError;
-use crate::raft_types::{Entry, TypeConfig};
+use crate::raft_types::{Entry, LogId, TypeConfig};
 use crate::types::{NodeId, RpcKind};
 use crate::wire::SnapshotChunk;
 
@@ -114,6 +114,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             addr: node.addr.clone(),
             transport: self.transport.clone(),
             peers: self.peers.clone(),
+            unanswered: None,
         }
     }
 }
@@ -124,6 +125,9 @@ pub(crate) struct NetworkClient {
     addr: String,
     transport: Arc<dyn RaftTransport>,
     peers: Arc<PeerTracker>,
+    /// Last entry of an AppendEntries request whose reply never arrived (openraft dropped the
+    /// call at its deadline). The follower may have stored it anyway; see `append_entries`.
+    unanswered: Option<LogId>,
 }
 
 impl NetworkClient {
@@ -172,11 +176,52 @@ impl RaftNetwork<TypeConfig> for NetworkClient {
     /// Sends at most ~[`MAX_APPEND_BYTES`] of entries per RPC and reports a partial success for
     /// the rest: openraft 0.9 gives an AppendEntries RPC only `heartbeat_interval` to complete,
     /// so a lagging follower must not be sent hundreds of large batches in one request.
+    ///
+    /// If the previous request was dropped at that deadline (slow encode/transfer/fsync), the
+    /// follower has usually finished storing it anyway (the server side completes the call).
+    /// Before re-sending the same entries, a cheap empty request probes whether the follower
+    /// already holds the last of them; if so (Raft's log matching guarantees the prefix too),
+    /// that counts as progress. Without this, an entry that takes longer than the deadline to
+    /// ship would be re-sent forever.
     async fn append_entries(
         &mut self,
         mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        if let Some(probe_id) = self.unanswered.take() {
+            if rpc.entries.iter().any(|e| e.log_id == probe_id) {
+                let probe = AppendEntriesRequest::<TypeConfig> {
+                    vote: rpc.vote,
+                    prev_log_id: Some(probe_id),
+                    leader_commit: rpc.leader_commit,
+                    entries: Vec::new(),
+                };
+                let resp = self
+                    .send(RpcKind::AppendEntries, RPCTypes::AppendEntries, &probe, &option)
+                    .await?;
+                match resp {
+                    AppendEntriesResponse::Success => {
+                        tracing::debug!(
+                            target_node = self.target,
+                            matched = %probe_id,
+                            "follower already stored the unanswered entries"
+                        );
+                        let last = rpc.entries.last().map(|e| e.log_id);
+                        return Ok(if last == Some(probe_id) {
+                            AppendEntriesResponse::Success
+                        } else {
+                            AppendEntriesResponse::PartialSuccess(Some(probe_id))
+                        });
+                    }
+                    AppendEntriesResponse::HigherVote(v) => {
+                        return Ok(AppendEntriesResponse::HigherVote(v))
+                    }
+                    // Not there (or conflicting): send the entries for real.
+                    AppendEntriesResponse::PartialSuccess(_) | AppendEntriesResponse::Conflict => {}
+                }
+            }
+        }
+
         let keep = entries_within(&rpc.entries, MAX_APPEND_BYTES);
         let partial = if keep < rpc.entries.len() {
             tracing::debug!(
@@ -190,15 +235,13 @@ impl RaftNetwork<TypeConfig> for NetworkClient {
         } else {
             None
         };
+        // Cleared below only if this call is not dropped before the reply arrives.
+        self.unanswered = rpc.entries.last().map(|e| e.log_id);
         let resp = self
-            .send(
-                RpcKind::AppendEntries,
-                RPCTypes::AppendEntries,
-                &rpc,
-                &option,
-            )
-            .await?;
-        Ok(match (resp, partial) {
+            .send(RpcKind::AppendEntries, RPCTypes::AppendEntries, &rpc, &option)
+            .await;
+        self.unanswered = None;
+        Ok(match (resp?, partial) {
             (AppendEntriesResponse::Success, Some(last)) => {
                 AppendEntriesResponse::PartialSuccess(Some(last))
             }

@@ -428,8 +428,10 @@ impl Store {
     /// Adds node `id` at `addr` as a voter. Leader only. Membership changes are serialized:
     /// this waits for any previous change to commit, adds the node as a learner and waits until
     /// it has caught up (log or snapshot), then promotes it and waits until the new membership
-    /// is committed. Idempotent for a node that is already a voter.
-    /// Deadline: `membership_timeout`.
+    /// is committed. Idempotent for a node that is already a voter (its address is not
+    /// changed). Deadline: `membership_timeout`; on [`StoreError::Timeout`] the node may remain
+    /// a learner (e.g. it was unreachable): call `add_voter` again once it is up, or
+    /// `remove_voter` to drop it.
     pub async fn add_voter(&self, id: NodeId, addr: String) -> Result<(), StoreError> {
         let _guard = self.inner.membership_lock.lock().await;
         let deadline = Instant::now() + self.inner.cfg.membership_timeout;

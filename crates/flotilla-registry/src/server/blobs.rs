@@ -1,13 +1,18 @@
 //! `GET`/`HEAD /v2/<name>/blobs/<digest>`.
 
-use super::{file_body, respond, Req, RegistryState};
+use super::{file_body, respond, RegistryState, Req};
 use crate::digest::check_digest;
 use crate::error::{ErrorCode, IoContext, RegistryError, Result};
 use axum::body::Body;
 use axum::http::{Method, StatusCode};
 use axum::response::Response;
 
-pub(super) async fn get(st: &RegistryState, name: &str, digest: &str, req: &Req) -> Result<Response> {
+pub(super) async fn get(
+    st: &RegistryState,
+    name: &str,
+    digest: &str,
+    req: &Req,
+) -> Result<Response> {
     check_digest(digest)?;
     if !st.ensure_blob(digest, req.allow_peer()).await? {
         return Err(RegistryError::dist(

@@ -1,6 +1,6 @@
 //! `GET`/`HEAD`/`PUT`/`DELETE /v2/<name>/manifests/<tag|digest>`.
 
-use super::{blocking, respond, Req, RegistryState};
+use super::{blocking, respond, RegistryState, Req};
 use crate::digest::{check_digest, check_tag, is_digest_ref, sha256_digest};
 use crate::error::{ErrorCode, RegistryError, Result};
 use crate::manifest::{Manifest, ManifestKind, MAX_MANIFEST};
@@ -34,7 +34,12 @@ pub(super) async fn load(
     }))
 }
 
-pub(super) async fn get(st: &RegistryState, name: &str, reference: &str, req: &Req) -> Result<Response> {
+pub(super) async fn get(
+    st: &RegistryState,
+    name: &str,
+    reference: &str,
+    req: &Req,
+) -> Result<Response> {
     let digest = if is_digest_ref(reference) {
         check_digest(reference)?;
         reference.to_string()
@@ -67,7 +72,13 @@ pub(super) async fn get(st: &RegistryState, name: &str, reference: &str, req: &R
     respond(StatusCode::OK, &headers, body)
 }
 
-pub(super) async fn put(st: &RegistryState, name: &str, reference: &str, req: Req, body: Body) -> Result<Response> {
+pub(super) async fn put(
+    st: &RegistryState,
+    name: &str,
+    reference: &str,
+    req: Req,
+    body: Body,
+) -> Result<Response> {
     let by_digest = is_digest_ref(reference);
     if by_digest {
         check_digest(reference)?;
@@ -76,12 +87,14 @@ pub(super) async fn put(st: &RegistryState, name: &str, reference: &str, req: Re
     }
     let allow_peer = req.allow_peer();
     let ct = req.header("content-type").map(str::to_string);
-    let bytes = axum::body::to_bytes(body, MAX_MANIFEST).await.map_err(|e| {
-        RegistryError::dist(
-            ErrorCode::ManifestInvalid,
-            format!("manifest unreadable or larger than {MAX_MANIFEST} bytes: {e}"),
-        )
-    })?;
+    let bytes = axum::body::to_bytes(body, MAX_MANIFEST)
+        .await
+        .map_err(|e| {
+            RegistryError::dist(
+                ErrorCode::ManifestInvalid,
+                format!("manifest unreadable or larger than {MAX_MANIFEST} bytes: {e}"),
+            )
+        })?;
     let m = Manifest::parse(&bytes, ct.as_deref())?;
     let digest = sha256_digest(&bytes);
     if by_digest && reference != digest {
@@ -170,5 +183,9 @@ pub(super) async fn delete(st: &RegistryState, name: &str, reference: &str) -> R
         return Err(unknown(name, reference));
     }
     tracing::info!(repo = name, %reference, "manifest deleted");
-    respond(StatusCode::ACCEPTED, &[("content-length", "0".into())], Body::empty())
+    respond(
+        StatusCode::ACCEPTED,
+        &[("content-length", "0".into())],
+        Body::empty(),
+    )
 }

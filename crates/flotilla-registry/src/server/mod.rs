@@ -69,6 +69,29 @@ impl RegistryState {
         &self.store
     }
 
+    /// Deletes upload sessions untouched for `max_age` (abandoned pushes). Call it now and
+    /// then (e.g. hourly with 24 h). Returns how many were removed.
+    pub fn purge_stale_uploads(&self, max_age: std::time::Duration) -> Result<usize> {
+        let now = std::time::SystemTime::now();
+        let mut n = 0;
+        let rd = std::fs::read_dir(self.uploads.as_path())
+            .ctx(|| format!("list {}", self.uploads.display()))?;
+        for e in rd.flatten() {
+            let stale = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .map(|t| now.duration_since(t).unwrap_or_default() >= max_age)
+                .unwrap_or(false);
+            if stale && std::fs::remove_file(e.path()).is_ok() {
+                n += 1;
+            }
+        }
+        if n > 0 {
+            tracing::info!(removed = n, "stale uploads purged");
+        }
+        Ok(n)
+    }
+
     /// Fetches a missing blob from the peer, verifies and stores it. Returns whether it is
     /// now present.
     async fn fetch_from_peer(&self, digest: &str, allowed: bool) -> Result<bool> {
@@ -311,7 +334,9 @@ async fn append_stream(mut s: BlobStream, path: &std::path::Path, append: bool) 
             .ctx(|| format!("write {}", path.display()))?;
         n += c.len() as u64;
     }
-    f.flush().await.ctx(|| format!("write {}", path.display()))?;
+    f.flush()
+        .await
+        .ctx(|| format!("write {}", path.display()))?;
     Ok(n)
 }
 
@@ -380,4 +405,3 @@ pub(crate) fn respond(
 
 #[cfg(test)]
 mod tests;
-

@@ -1,6 +1,6 @@
 //! `GET /v2/<name>/tags/list` and `GET /v2/<name>/referrers/<digest>` (OCI 1.1).
 
-use super::{blocking, respond, Req, RegistryState};
+use super::{blocking, respond, RegistryState, Req};
 use crate::digest::check_digest;
 use crate::error::{ErrorCode, RegistryError, Result};
 use crate::manifest::{Descriptor, OCI_INDEX};

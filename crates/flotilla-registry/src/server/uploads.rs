@@ -4,7 +4,7 @@
 //!
 //! A session is one file `<uploads>/<id>`; its length is the upload's offset.
 
-use super::{append_body, blocking, respond, Req, RegistryState};
+use super::{append_body, blocking, respond, RegistryState, Req};
 use crate::digest::check_digest;
 use crate::error::{ErrorCode, IoContext, RegistryError, Result};
 use axum::body::Body;
@@ -94,7 +94,12 @@ async fn commit(st: &RegistryState, path: PathBuf, digest: &str) -> Result<()> {
     })
 }
 
-pub(super) async fn start(st: &RegistryState, name: &str, req: Req, body: Body) -> Result<Response> {
+pub(super) async fn start(
+    st: &RegistryState,
+    name: &str,
+    req: Req,
+    body: Body,
+) -> Result<Response> {
     if let Some(m) = req.query.get("mount") {
         check_digest(m)?;
         // Blobs are shared by every repository of this registry: a mount succeeds whenever
@@ -133,7 +138,13 @@ fn parse_content_range(v: &str) -> Option<(u64, u64)> {
     Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
 }
 
-pub(super) async fn patch(st: &RegistryState, name: &str, id: &str, req: Req, body: Body) -> Result<Response> {
+pub(super) async fn patch(
+    st: &RegistryState,
+    name: &str,
+    id: &str,
+    req: Req,
+    body: Body,
+) -> Result<Response> {
     let (p, len) = session_len(st, id).await?;
     let want = match req.header("content-range") {
         Some(v) => {
@@ -181,7 +192,13 @@ async fn truncate(p: &std::path::Path, len: u64) {
     }
 }
 
-pub(super) async fn finish(st: &RegistryState, name: &str, id: &str, req: Req, body: Body) -> Result<Response> {
+pub(super) async fn finish(
+    st: &RegistryState,
+    name: &str,
+    id: &str,
+    req: Req,
+    body: Body,
+) -> Result<Response> {
     let (p, _) = session_len(st, id).await?;
     let digest = req.query.get("digest").cloned().ok_or_else(|| {
         RegistryError::dist(

@@ -280,3 +280,88 @@ impl Cluster {
         wait_for("a leader", within, || self.leader())
     }
 }
+
+/// A busybox root filesystem for test images (Debian's busybox-static).
+pub fn busybox_rootfs(dir: &Path) {
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    std::fs::create_dir_all(dir.join("etc")).unwrap();
+    std::fs::create_dir_all(dir.join("tmp")).unwrap();
+    std::fs::copy("/bin/busybox", dir.join("bin/busybox")).expect("busybox-static installed");
+    for a in ["sh", "echo", "sleep", "cat", "ls", "id", "hostname", "date", "false", "true", "test", "mount", "touch"] {
+        std::os::unix::fs::symlink("busybox", dir.join("bin").join(a)).unwrap();
+    }
+    std::fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    std::fs::write(dir.join("etc/group"), "root:x:0:\n").unwrap();
+}
+
+impl Cluster {
+    /// Imports the same busybox image on every node (until images travel through the
+    /// registry, each node's content store gets its own copy; the digest is identical).
+    pub fn import_everywhere(&self, name: &str, cmd: &str) -> String {
+        let rootfs = self.tmp.path().join("rootfs");
+        if !rootfs.exists() {
+            busybox_rootfs(&rootfs);
+        }
+        let mut digests = Vec::new();
+        for n in &self.nodes {
+            if n.child.is_none() {
+                continue;
+            }
+            let o = cli(
+                &n.socket(),
+                &["image", "import", rootfs.to_str().unwrap(), "--name", name, "--cmd", cmd],
+            );
+            assert!(o.status.success(), "import on {}: {}", n.name, stderr(&o));
+            digests.push(stdout(&o).split_whitespace().nth(1).unwrap_or_default().to_string());
+        }
+        digests.dedup();
+        assert_eq!(digests.len(), 1, "same image, same digest everywhere: {digests:?}");
+        digests.remove(0)
+    }
+
+    /// Runs the CLI against the first manager's socket.
+    pub fn run(&self, args: &[&str]) -> Output {
+        cli(&self.nodes[0].socket(), args)
+    }
+
+    pub fn tasks(&self, service: &str) -> Vec<serde_json::Value> {
+        let o = self.run(&["service", "ps", service, "--format", "json"]);
+        assert!(o.status.success(), "service ps: {}", stderr(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    }
+
+    /// Every task of every service.
+    pub fn tasks_all(&self) -> Vec<serde_json::Value> {
+        let o = cli(&self.nodes[0].socket(), &["service", "ls", "--format", "json"]);
+        let services: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        let mut out = Vec::new();
+        for s in services {
+            out.extend(self.tasks(s["id"].as_str().unwrap_or_default()));
+        }
+        out
+    }
+
+    pub fn node_id(&self, name: &str) -> String {
+        let nodes = self.node_ls().unwrap();
+        nodes
+            .iter()
+            .find(|n| n["spec"]["name"] == name)
+            .and_then(|n| n["id"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Running tasks (desired running) of a service, as (task id, node id).
+    pub fn running(&self, service: &str) -> Vec<(String, String)> {
+        self.tasks(service)
+            .iter()
+            .filter(|t| t["status"]["state"] == "running" && t["desired_state"] == "running")
+            .map(|t| {
+                (
+                    t["id"].as_str().unwrap_or_default().to_string(),
+                    t["node_id"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    }
+}
