@@ -55,6 +55,11 @@ pub enum Format {
 pub enum NodeCmd {
     /// Run the node daemon in the foreground.
     Run(RunArgs),
+    /// Stop and remove every container of a stopped node (before deleting its data dir).
+    Cleanup {
+        #[arg(long, default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
     /// List nodes.
     Ls(FormatArgs),
     /// Show one node in detail.

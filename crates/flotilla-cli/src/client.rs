@@ -114,7 +114,9 @@ pub fn enc(s: &str) -> String {
 
 async fn node(client: &Client, cmd: NodeCmd) -> Result<(), CliError> {
     match cmd {
-        NodeCmd::Run(_) => Err(CliError::usage("`node run` is handled by the binary")),
+        NodeCmd::Run(_) | NodeCmd::Cleanup { .. } => {
+            Err(CliError::usage("handled by the binary"))
+        }
         NodeCmd::Ls(f) => {
             let nodes: Vec<Node> = get(client, "/v1/nodes").await?;
             if f.format == Format::Json {

@@ -86,6 +86,31 @@ fn ops_for(
     Some(ops)
 }
 
+/// Writes `ops` in batches that stay well under the store's entry size limit. Splitting is
+/// safe: every op carries its own precondition, and the next pass recomputes whatever a
+/// rejected chunk did not do.
+async fn write_chunked(mgr: &Manager, ops: Vec<Op>, what: &str) -> Result<(), StoreError> {
+    let limit = (mgr.store.config().max_batch_bytes / 2).max(64 * 1024) as usize;
+    let mut batch = Batch::new();
+    let mut chunks = Vec::new();
+    for op in ops {
+        batch.push(op);
+        if batch.approx_size() >= limit {
+            chunks.push(std::mem::take(&mut batch));
+        }
+    }
+    if !batch.is_empty() {
+        chunks.push(batch);
+    }
+    for b in chunks {
+        let out = mgr.store.write(b).await?;
+        if let Err(f) = out.result {
+            tracing::debug!(what, failure = %f, "write raced; the next pass retries");
+        }
+    }
+    Ok(())
+}
+
 /// One pass: reconcile every service, then schedule. Returns the earliest wake-up wanted.
 async fn pass(mgr: &Manager, cfg: &OrchestratorConfig) -> Result<Option<u64>, StoreError> {
     let now = now_ms();
@@ -109,10 +134,7 @@ async fn pass(mgr: &Manager, cfg: &OrchestratorConfig) -> Result<Option<u64>, St
         }
         if let Some(ops) = ops_for(Some(s), &by_id, &r, now) {
             if !ops.is_empty() {
-                let out = mgr.store.write(Batch::from(ops)).await?;
-                if let Err(f) = out.result {
-                    tracing::debug!(service = %s.spec.name, failure = %f, "reconcile raced; retrying next pass");
-                }
+                write_chunked(mgr, ops, "reconcile").await?;
                 wrote = true;
             }
         }
@@ -123,7 +145,7 @@ async fn pass(mgr: &Manager, cfg: &OrchestratorConfig) -> Result<Option<u64>, St
         wake = min_opt(wake, r.wake_at);
         if let Some(ops) = ops_for(None, &by_id, &r, now) {
             if !ops.is_empty() {
-                let _ = mgr.store.write(Batch::from(ops)).await?;
+                write_chunked(mgr, ops, "cleanup").await?;
                 wrote = true;
             }
         }
@@ -141,7 +163,7 @@ async fn pass(mgr: &Manager, cfg: &OrchestratorConfig) -> Result<Option<u64>, St
     if !unassigned.is_empty() {
         let decisions = flotilla_control::schedule(&unassigned, &nodes, &tasks);
         let by_id: HashMap<&str, &Task> = unassigned.iter().map(|t| (t.id.as_str(), t)).collect();
-        let mut batch = Batch::new();
+        let mut ops = Vec::new();
         for d in decisions {
             let Some(t) = by_id.get(d.task_id()) else { continue };
             let mut t = (*t).clone();
@@ -159,14 +181,11 @@ async fn pass(mgr: &Manager, cfg: &OrchestratorConfig) -> Result<Option<u64>, St
             }
             t.meta.updated_at = now;
             if let Ok(v) = encode(&t) {
-                batch.push(Op::update(Table::Tasks, &t.id, v, Some(t.meta.version)));
+                ops.push(Op::update(Table::Tasks, &t.id, v, Some(t.meta.version)));
             }
         }
-        if !batch.is_empty() {
-            let out = mgr.store.write(batch).await?;
-            if let Err(f) = out.result {
-                tracing::debug!(failure = %f, "scheduling raced; retrying next pass");
-            }
+        if !ops.is_empty() {
+            write_chunked(mgr, ops, "schedule").await?;
         }
     }
     Ok(wake)

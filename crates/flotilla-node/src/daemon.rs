@@ -132,6 +132,36 @@ fn open_runtime(cfg: &NodeConfig) -> Result<flotilla_runtime::Runtime, NodeError
     flotilla_runtime::Runtime::new(rc).map_err(|e| NodeError::Config(format!("container runtime: {e}")))
 }
 
+/// `flotilla node cleanup`: stops and removes every container this node's runtime holds
+/// (for a node that left the cluster, or before deleting its data directory). Refuses while
+/// the node daemon runs.
+pub async fn cleanup(data_dir: &std::path::Path) -> Result<usize, NodeError> {
+    let sock = Paths::new(data_dir).socket();
+    if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+        return Err(NodeError::Config(format!(
+            "the node daemon for {} is running: stop it first (it would restart the containers)",
+            data_dir.display()
+        )));
+    }
+    if !data_dir.join("runtime").exists() {
+        return Ok(0);
+    }
+    let mut cfg = NodeConfig::new(data_dir.to_path_buf(), "127.0.0.1:1".parse().map_err(|_| NodeError::Config("addr".into()))?, StartMode::Resume);
+    cfg.runtime_bin = None;
+    let rt = open_runtime(&cfg)?;
+    let containers = flotilla_runtime::RuntimeDriver::list(&rt)
+        .await
+        .map_err(|e| NodeError::Io(e.to_string()))?;
+    let mut removed = 0;
+    for c in containers {
+        match flotilla_runtime::RuntimeDriver::remove(&rt, &c.id, false).await {
+            Ok(()) => removed += 1,
+            Err(e) => tracing::warn!(container = %c.id, error = %e, "removing container failed"),
+        }
+    }
+    Ok(removed)
+}
+
 /// Runs a node until `shutdown` resolves (the binary passes SIGTERM/SIGINT).
 pub async fn run(
     cfg: NodeConfig,
@@ -292,7 +322,7 @@ pub async fn run(
         "node running"
     );
 
-    let (exec, reports) = executor::Executor::new(runtime.clone());
+    let (exec, reports) = executor::Executor::new(&ctx, runtime.clone());
     match flotilla_runtime::RuntimeDriver::adopt(&runtime).await {
         Ok(r) => tracing::info!(
             adopted = r.adopted.len(),

@@ -32,6 +32,7 @@ struct Runner {
 }
 
 pub struct Executor {
+    ctx: std::sync::Weak<NodeCtx>,
     rt: Runtime,
     runners: Mutex<HashMap<String, Runner>>,
     reports: mpsc::UnboundedSender<StatusReport>,
@@ -45,10 +46,11 @@ fn digest_of(image: &str) -> &str {
 }
 
 impl Executor {
-    pub fn new(rt: Runtime) -> (Arc<Executor>, mpsc::UnboundedReceiver<StatusReport>) {
+    pub fn new(ctx: &Arc<NodeCtx>, rt: Runtime) -> (Arc<Executor>, mpsc::UnboundedReceiver<StatusReport>) {
         let (tx, rx) = mpsc::unbounded_channel();
         (
             Arc::new(Executor {
+                ctx: Arc::downgrade(ctx),
                 rt,
                 runners: Mutex::new(HashMap::new()),
                 reports: tx,
@@ -161,6 +163,25 @@ impl Executor {
         }
     }
 
+    /// Pulls an image (pinned by digest) from the managers' registries, verifying every blob.
+    async fn pull(&self, image: &str) -> Result<(), String> {
+        let Some(ctx) = self.ctx.upgrade() else {
+            return Err("node shutting down".into());
+        };
+        let mut last = format!("image {image} is not on this node and no manager is known");
+        for addr in crate::agent::targets(&ctx) {
+            let Some(client) = ctx.tls.registry(&addr) else { continue };
+            match flotilla_registry::pull(&client, self.rt.images(), image, |_| {}).await {
+                Ok(d) => {
+                    tracing::info!(image, digest = %d, manager = %addr, "pulled image");
+                    return Ok(());
+                }
+                Err(e) => last = format!("pulling {image} from {addr}: {e}"),
+            }
+        }
+        Err(last)
+    }
+
     async fn run_task(self: &Arc<Self>, task: Task, mut cmd: watch::Receiver<Command>) {
         let id = task.id.clone();
         let now = now_ms;
@@ -210,11 +231,12 @@ impl Executor {
                 let c = &task.spec.container;
                 let digest = digest_of(&c.image).to_string();
                 if self.rt.images().manifest(&digest).is_err() {
-                    let msg = format!("image {} is not on this node", c.image);
-                    let mut st = status(TaskState::Rejected, &msg);
-                    st.err = Some(msg);
-                    self.report(&task, st);
-                    return;
+                    if let Err(msg) = self.pull(&c.image).await {
+                        let mut st = status(TaskState::Rejected, &msg);
+                        st.err = Some(msg);
+                        self.report(&task, st);
+                        return;
+                    }
                 }
                 let spec = container_spec(&task, &digest);
                 self.report(&task, status(TaskState::Ready, "ready"));

@@ -22,7 +22,7 @@ mod transport;
 use std::sync::{Arc, RwLock};
 
 pub use config::{NodeConfig, StartMode};
-pub use daemon::run;
+pub use daemon::{cleanup, run};
 pub use disk::{NodeIdentity, Paths};
 pub use error::{ApiError, NodeError};
 pub use manager::Manager;

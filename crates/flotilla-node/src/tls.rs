@@ -115,6 +115,21 @@ impl TlsState {
         self.current().key_pem.clone()
     }
 
+    /// The node's client configuration without ALPN (for HTTP/1.1 clients such as the
+    /// registry puller).
+    pub fn client_config_h1(&self) -> Arc<rustls::ClientConfig> {
+        let mut cfg = (*self.current().client).clone();
+        cfg.alpn_protocols.clear();
+        Arc::new(cfg)
+    }
+
+    /// A registry client for the manager at `addr`, verified like every node connection.
+    pub fn registry(&self, addr: &str) -> Option<flotilla_registry::RegistryClient> {
+        flotilla_registry::RegistryClient::with_tls(&format!("https://{addr}"), self.client_config_h1())
+            .and_then(|c| c.with_server_name(flotilla_pki::SERVER_NAME))
+            .ok()
+    }
+
     /// A pooled mTLS client for the node at `addr`.
     pub fn peer(&self, addr: &str) -> Client {
         let client_cfg = self.current().client.clone();

@@ -64,6 +64,17 @@ impl RegistryClient {
         Self::build(base_url, Some(config))
     }
 
+    /// Verifies the server's certificate against `name` instead of the URL's host (Flotilla's
+    /// node certificates all carry one DNS name, whatever their address).
+    pub fn with_server_name(mut self, name: &str) -> Result<RegistryClient> {
+        let name = ServerName::try_from(name.to_string())
+            .map_err(|_| RegistryError::InvalidUrl(name.to_string()))?;
+        if let Some((_, n)) = self.tls.as_mut() {
+            *n = name;
+        }
+        Ok(self)
+    }
+
     fn build(base_url: &str, tls: Option<Arc<rustls::ClientConfig>>) -> Result<RegistryClient> {
         let bad = || RegistryError::InvalidUrl(base_url.to_string());
         let uri: Uri = base_url.parse().map_err(|_| bad())?;

@@ -73,6 +73,24 @@ impl Meta {
         Ok(Meta { dir })
     }
 
+    /// Deletes staging leftovers (of a crash) older than an hour.
+    pub fn clean_tmp(&self) {
+        let now = std::time::SystemTime::now();
+        let Ok(rd) = fs::read_dir(self.dir.join("tmp")) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .map(|t| now.duration_since(t).unwrap_or_default().as_secs() > 3600)
+                .unwrap_or(false);
+            if old {
+                let _ = fs::remove_dir_all(e.path()).or_else(|_| fs::remove_file(e.path()));
+            }
+        }
+    }
+
     /// A fresh staging path.
     pub fn tmp_path(&self, what: &str) -> PathBuf {
         let n = SEQ.fetch_add(1, Ordering::Relaxed);

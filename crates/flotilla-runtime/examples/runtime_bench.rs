@@ -158,6 +158,8 @@ async fn bench(rounds: usize) -> R<()> {
     baseline_bundle(&tpl, &b_true, &["true"])?;
 
     let (mut ours_cr, mut base_cr, mut ours_se, mut base_se) = (vec![], vec![], vec![], vec![]);
+    let (mut ours_create, mut ours_start, mut base_create, mut base_start) =
+        (vec![], vec![], vec![], vec![]);
     for i in 0..rounds {
         // Ours: create→running.
         let id = format!("bench-s-{i}");
@@ -165,14 +167,20 @@ async fn bench(rounds: usize) -> R<()> {
         runtime
             .create(spec(&id, &image, &["sleep", "1000"]))
             .await?;
+        ours_create.push(ms(t.elapsed()));
+        let t2 = Instant::now();
         runtime.start(&id).await?;
+        ours_start.push(ms(t2.elapsed()));
         ours_cr.push(ms(t.elapsed()));
         runtime.remove(&id, false).await?;
         // Baseline: create→running.
         let bid = format!("bench-b-{i}");
         let t = Instant::now();
         runc.ok(&["create", "--bundle", &b_sleep.display().to_string(), &bid])?;
+        base_create.push(ms(t.elapsed()));
+        let t2 = Instant::now();
         runc.ok(&["start", &bid])?;
+        base_start.push(ms(t2.elapsed()));
         base_cr.push(ms(t.elapsed()));
         runc.ok(&["delete", "--force", &bid])?;
         // Ours: start→exit.
@@ -213,6 +221,13 @@ async fn bench(rounds: usize) -> R<()> {
     println!(
         "create→running: ours {oc:.1} ms, runc {bc:.1} ms, ratio {:.2}",
         oc / bc
+    );
+    println!(
+        "  of which create: ours {:.1} ms, runc {:.1} ms; start: ours {:.1} ms, runc {:.1} ms",
+        median(&mut ours_create),
+        median(&mut base_create),
+        median(&mut ours_start),
+        median(&mut base_start)
     );
     println!(
         "start→exit:     ours {os:.1} ms, runc {bs:.1} ms, ratio {:.2}",

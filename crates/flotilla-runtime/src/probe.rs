@@ -197,6 +197,23 @@ mod tests {
     }
 
     #[test]
+    fn probe_serializes_for_node_inspect() -> Result<(), serde_json::Error> {
+        let p = HostProbe::run(&RuntimeConfig::new("/nonexistent", "/bin/true", vec![]));
+        let v = serde_json::to_value(&p)?;
+        eprintln!("{v}");
+        for k in [
+            "runc_version",
+            "cgroup_layout",
+            "overlay",
+            "userns",
+            "kernel",
+        ] {
+            assert!(v.get(k).is_some(), "{k} reported");
+        }
+        Ok(())
+    }
+
+    #[test]
     fn missing_runc_names_the_fix() {
         let mut cfg = RuntimeConfig::new("/nonexistent", "/bin/true", vec![]);
         cfg.runtime_bin = PathBuf::from("/nonexistent/runc");

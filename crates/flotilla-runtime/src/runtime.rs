@@ -42,7 +42,7 @@ pub struct Runtime {
 
 struct Inner {
     cfg: RuntimeConfig,
-    images: ImageStore,
+    images: Arc<ImageStore>,
     probe: HostProbe,
     runtime_path: PathBuf,
     hide_cgroup2: bool,
@@ -78,7 +78,7 @@ impl Runtime {
         ] {
             mkdir(&cfg.root.join(d), mode)?;
         }
-        let images = ImageStore::open(cfg.root.join("images"))?;
+        let images = Arc::new(ImageStore::open(cfg.root.join("images"))?);
         // Layers must be traversable by the container's (unprivileged) root.
         fs::set_permissions(images.root(), fs::Permissions::from_mode(0o711))
             .ctx(|| "chmod images".into())?;
@@ -107,6 +107,11 @@ impl Runtime {
     /// The content store.
     pub fn images(&self) -> &ImageStore {
         &self.inner.images
+    }
+
+    /// The content store, shared (e.g. with the registry that serves it).
+    pub fn images_shared(&self) -> Arc<ImageStore> {
+        self.inner.images.clone()
     }
 
     /// What the host probe found (for `node inspect`).

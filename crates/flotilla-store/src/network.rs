@@ -197,7 +197,12 @@ impl RaftNetwork<TypeConfig> for NetworkClient {
                     entries: Vec::new(),
                 };
                 let resp = self
-                    .send(RpcKind::AppendEntries, RPCTypes::AppendEntries, &probe, &option)
+                    .send(
+                        RpcKind::AppendEntries,
+                        RPCTypes::AppendEntries,
+                        &probe,
+                        &option,
+                    )
                     .await?;
                 match resp {
                     AppendEntriesResponse::Success => {
@@ -238,9 +243,17 @@ impl RaftNetwork<TypeConfig> for NetworkClient {
         // Cleared below only if this call is not dropped before the reply arrives.
         self.unanswered = rpc.entries.last().map(|e| e.log_id);
         let resp = self
-            .send(RpcKind::AppendEntries, RPCTypes::AppendEntries, &rpc, &option)
+            .send(
+                RpcKind::AppendEntries,
+                RPCTypes::AppendEntries,
+                &rpc,
+                &option,
+            )
             .await;
-        self.unanswered = None;
+        // A timeout or broken call leaves the outcome unknown: probe next time.
+        if !matches!(resp, Err(RPCError::Timeout(_)) | Err(RPCError::Network(_))) {
+            self.unanswered = None;
+        }
         Ok(match (resp?, partial) {
             (AppendEntriesResponse::Success, Some(last)) => {
                 AppendEntriesResponse::PartialSuccess(Some(last))

@@ -350,18 +350,32 @@ impl Store {
     /// reads after this see every write committed before the call.
     /// Errors as for [`Store::write`] (no quorum → [`StoreError::Timeout`]).
     pub async fn linearizable_barrier(&self) -> Result<u64, StoreError> {
-        let fut = self.inner.raft.ensure_linearizable();
-        match tokio::time::timeout(self.inner.cfg.write_timeout, fut).await {
-            Err(_) => Err(StoreError::Timeout),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => Err(forward(f)),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))) => {
-                tracing::warn!(error = %e, "linearizable read: quorum not reached");
-                Err(StoreError::Timeout)
+        let deadline = Instant::now() + self.inner.cfg.write_timeout;
+        let retry_every = Duration::from_millis(self.inner.cfg.heartbeat_ms);
+        loop {
+            let fut = self.inner.raft.ensure_linearizable();
+            match tokio::time::timeout_at(deadline, fut).await {
+                Err(_) => return Err(StoreError::Timeout),
+                Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                    return Err(forward(f))
+                }
+                // One heartbeat round failed to reach a quorum (slow or lost peers): try again
+                // until the deadline.
+                Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))) => {
+                    if Instant::now() + retry_every >= deadline {
+                        tracing::warn!(error = %e, "linearizable read: no quorum before the deadline");
+                        return Err(StoreError::Timeout);
+                    }
+                    tracing::debug!(error = %e, "linearizable read: quorum not reached, retrying");
+                    tokio::time::sleep(retry_every).await;
+                }
+                Ok(Err(RaftError::Fatal(f))) => return Err(fatal(f)),
+                Ok(Ok(read_log_id)) => {
+                    return Ok(self
+                        .revision()
+                        .max(read_log_id.map(|l| l.index).unwrap_or(0)))
+                }
             }
-            Ok(Err(RaftError::Fatal(f))) => Err(fatal(f)),
-            Ok(Ok(read_log_id)) => Ok(self
-                .revision()
-                .max(read_log_id.map(|l| l.index).unwrap_or(0))),
         }
     }
 

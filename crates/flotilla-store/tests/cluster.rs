@@ -18,6 +18,9 @@ use tokio::time::Instant;
 struct Net {
     nodes: Mutex<HashMap<NodeId, Store>>,
     cut: Mutex<HashSet<NodeId>>,
+    /// Replies from this node to requests larger than the byte count arrive after the delay
+    /// (a slow link or disk for big payloads).
+    slow: Mutex<Option<(NodeId, usize, Duration)>>,
 }
 
 impl Net {
@@ -63,9 +66,18 @@ impl RaftTransport for InProc {
                     "node {target} is down"
                 )));
             };
+            let slow = *self.net.slow.lock().expect("lock");
+            let delay = match slow {
+                Some((node, over, delay)) if node == target && body.len() > over => Some(delay),
+                _ => None,
+            };
             // Like an HTTP server, the callee finishes the request even if the caller gives up.
             let handler = tokio::spawn(async move { store.handle_rpc(rpc, &body).await });
-            match handler.await {
+            let reply = handler.await;
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
+            match reply {
                 Ok(reply) => reply.map_err(|e| TransportError::Other(e.to_string())),
                 Err(e) => Err(TransportError::Other(format!("handler failed: {e}"))),
             }
@@ -76,6 +88,7 @@ impl RaftTransport for InProc {
 struct Cluster {
     net: Arc<Net>,
     dirs: HashMap<NodeId, TempDir>,
+    write_timeout: Duration,
 }
 
 fn addr(id: NodeId) -> String {
@@ -87,6 +100,7 @@ impl Cluster {
         Cluster {
             net: Arc::new(Net::default()),
             dirs: HashMap::new(),
+            write_timeout: Duration::from_secs(2),
         }
     }
 
@@ -95,14 +109,16 @@ impl Cluster {
             .dirs
             .entry(id)
             .or_insert_with(|| tempfile::tempdir().expect("tempdir"));
-        // Roomier timeouts than production: the test machine is shared and busy.
+        // Much roomier timeouts than production: the test machine is shared and can be very
+        // busy (load averages of 20 on 2 cores were seen); spurious elections would make the
+        // tests flaky without testing anything of ours.
         StoreConfig {
             node_id: id,
             data_dir: dir.path().to_path_buf(),
-            heartbeat_ms: 150,
-            election_min_ms: 750,
-            election_max_ms: 1500,
-            write_timeout: Duration::from_secs(2),
+            heartbeat_ms: 250,
+            election_min_ms: 1250,
+            election_max_ms: 2500,
+            write_timeout: self.write_timeout,
             membership_timeout: Duration::from_secs(30),
             ..Default::default()
         }
@@ -382,6 +398,7 @@ async fn t45_write_without_quorum_times_out_within_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t47_lagging_follower_catches_up_with_large_batches() {
     let mut c = Cluster::new();
+    c.write_timeout = Duration::from_secs(10);
     let s1 = c.three().await;
     c.net.set_cut(3, true);
     let value = format!(r#"{{"spec":"{}"}}"#, "y".repeat(200));
@@ -401,6 +418,36 @@ async fn t47_lagging_follower_catches_up_with_large_batches() {
     })
     .await;
     assert_eq!(s3.list(Table::Tasks).expect("list").len(), 8000);
+    for id in [1, 2, 3] {
+        c.kill(id).await;
+    }
+}
+
+/// An entry whose AppendEntries reply takes longer than the RPC deadline (heartbeat) still
+/// commits: the follower stored it, and the leader's next round probes for it instead of
+/// re-sending it forever. Node 2 is cut off, so node 3's acknowledgement is needed for quorum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t48_entry_slower_than_the_rpc_deadline_still_commits() {
+    let mut c = Cluster::new();
+    c.write_timeout = Duration::from_secs(15);
+    let s1 = c.three().await;
+    c.net.set_cut(2, true);
+    *c.net.slow.lock().expect("lock") = Some((3, 16 * 1024, Duration::from_millis(400)));
+    let ops = (0..300)
+        .map(|i| Op::upsert(Table::Tasks, format!("slow-{i}"), "x".repeat(200)))
+        .collect();
+    let out = s1
+        .write(Batch { ops })
+        .await
+        .expect("commits despite slow replies");
+    out.result.expect("ok");
+    let s3 = c.get(3);
+    eventually(10, "node 3 applies it", || {
+        (s3.revision() >= out.revision).then_some(())
+    })
+    .await;
+    *c.net.slow.lock().expect("lock") = None;
+    c.net.set_cut(2, false);
     for id in [1, 2, 3] {
         c.kill(id).await;
     }
@@ -553,6 +600,7 @@ async fn t55_force_new_cluster_recovers_the_data() {
     let mut fresh = Cluster {
         net: c.net.clone(),
         dirs: HashMap::new(),
+        write_timeout: Duration::from_secs(2),
     };
     let s4 = fresh.start(4).await;
     s3.add_voter(4, addr(4)).await.expect("add voter 4");
@@ -619,6 +667,7 @@ async fn t60_batch_throughput() {
     s1.shutdown().await.expect("shutdown");
 
     let mut three = Cluster::new();
+    three.write_timeout = Duration::from_secs(30);
     let leader = three.three().await;
     let (b3, u3) = measure(&leader, batches, per_batch, singles).await;
     for id in [1, 2, 3] {

@@ -99,6 +99,19 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Node(NodeCmd::Cleanup { data_dir }) => {
+            init_tracing();
+            match rt.block_on(flotilla_node::cleanup(&data_dir)) {
+                Ok(n) => {
+                    println!("removed {n} containers");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Dev(args) => {
             init_tracing();
             match rt.block_on(dev::run(args, shutdown_signal())) {

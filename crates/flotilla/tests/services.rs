@@ -15,7 +15,7 @@ fn three_nodes(net: u8) -> Cluster {
     let mut c = Cluster::init(net, &["--heartbeat-timeout", "3s"]);
     c.join("w1", "worker");
     c.join("w2", "worker");
-    c.import_everywhere("bb:1", LOOP);
+    c.import("bb:1", LOOP);
     c
 }
 
@@ -92,7 +92,6 @@ fn s20_drain_global_and_unsatisfiable_constraints() {
 
     // A joining node gets a global task.
     c.join("w3", "worker");
-    c.import_everywhere("bb:1", LOOP);
     let w3 = c.node_id("w3");
     wait_for("global task on the new node", LONG, || {
         let g = c.running("g");
@@ -126,7 +125,7 @@ fn s30_failed_health_check_rolls_back_and_start_first_keeps_capacity() {
     let o = c.run(&[
         "service", "create", "--name", "app", "--replicas", "3",
         "--update-failure-action", "rollback", "--update-monitor", "3s",
-        "--update-order", "start-first", "--update-parallelism", "1",
+        "--update-order", "start-first", "--update-parallelism", "1", "--update-delay", "3s",
         "--stop-grace-period", "1s", "bb:1",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));

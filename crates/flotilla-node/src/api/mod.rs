@@ -134,12 +134,62 @@ pub fn router(ctx: Ctx) -> Router {
         )
         .route("/v1/images/{*ref}", get(images::inspect).delete(images::remove))
         .route("/v1/services/{id}/logs", get(logs::service_logs))
-        .route("/internal/raft/{kind}", post(raft::rpc));
-    cluster_routes
+        .route(
+            "/internal/raft/{kind}",
+            post(raft::rpc).layer(axum::extract::DefaultBodyLimit::max(64 << 20)),
+        );
+    let mut app: Router = cluster_routes
         .merge(local_routes)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
-        .layer(middleware::from_fn_with_state(ctx.clone(), authorize))
-        .with_state(ctx)
+        .with_state(ctx.clone());
+    if let Some(registry) = registry_router(&ctx) {
+        app = app.merge(registry);
+    }
+    app.layer(middleware::from_fn_with_state(ctx, authorize))
+}
+
+/// Managers serve the OCI distribution API (`/v2/`) from their content store; a blob they
+/// lack is fetched from another manager.
+fn registry_router(ctx: &Ctx) -> Option<Router> {
+    let (Some(_), Some(rt)) = (&ctx.manager, &ctx.runtime) else {
+        return None;
+    };
+    let state = match flotilla_registry::RegistryState::new(rt.images_shared()) {
+        Ok(s) => s.with_peer(Arc::new(PeerManagers { ctx: Arc::downgrade(ctx) })),
+        Err(e) => {
+            tracing::warn!(error = %e, "registry disabled");
+            return None;
+        }
+    };
+    Some(flotilla_registry::router(state))
+}
+
+/// The other managers, as blob sources for the registry (looked up at call time).
+struct PeerManagers {
+    ctx: std::sync::Weak<NodeCtx>,
+}
+
+impl flotilla_registry::BlobSource for PeerManagers {
+    fn fetch<'a>(
+        &'a self,
+        digest: &'a str,
+    ) -> futures::future::BoxFuture<'a, flotilla_registry::Result<Option<flotilla_registry::BlobStream>>> {
+        Box::pin(async move {
+            let Some(ctx) = self.ctx.upgrade() else { return Ok(None) };
+            let Some(mgr) = ctx.manager.clone() else { return Ok(None) };
+            let status = mgr.store.status();
+            for (id, addr) in status.voters.iter().chain(status.learners.iter()) {
+                if *id == status.id {
+                    continue;
+                }
+                let Some(client) = ctx.tls.registry(addr) else { continue };
+                if let Ok(Some(stream)) = flotilla_registry::BlobSource::fetch(&client, digest).await {
+                    return Ok(Some(stream));
+                }
+            }
+            Ok(None)
+        })
+    }
 }
 
 fn anonymous_allowed(path: &str) -> bool {
@@ -181,6 +231,16 @@ async fn authorize(State(ctx): State<Ctx>, mut req: Request, next: Next) -> Resp
         let is_manager_peer = matches!(&peer, Peer::Verified(id) if id.role == Role::Manager);
         if !is_manager_peer {
             return ApiError::forbidden("raft rpcs need a manager certificate").into_response();
+        }
+    } else if path == "/v2" || path.starts_with("/v2/") {
+        // The registry: admins push and pull; nodes only pull.
+        let read = matches!(*req.method(), Method::GET | Method::HEAD);
+        let allowed = caller.is_admin() || (matches!(caller, Caller::Node { .. }) && read);
+        if !allowed {
+            return ApiError::unauthorized(
+                "the registry needs a client certificate: the admin bundle to push (skopeo --dest-cert-dir DATA_DIR/admin), a node certificate to pull",
+            )
+            .into_response();
         }
     } else if caller == Caller::Anonymous && !anonymous_allowed(&path) {
         return ApiError::unauthorized(

@@ -40,6 +40,7 @@ impl RegistryState {
     /// A registry over `store`; in-progress uploads go to `<store-root>/registry/uploads`.
     pub fn new(store: Arc<ImageStore>) -> Result<RegistryState> {
         let meta = Meta::open(&store)?;
+        meta.clean_tmp();
         let uploads = store.root().join("registry/uploads");
         std::fs::create_dir_all(&uploads).ctx(|| format!("create {}", uploads.display()))?;
         Ok(RegistryState {

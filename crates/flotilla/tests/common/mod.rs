@@ -88,6 +88,13 @@ impl NodeProc {
 impl Drop for NodeProc {
     fn drop(&mut self) {
         self.kill9();
+        // Containers outlive their agent by design: remove them, or they keep running after the
+        // test's temporary directory is gone.
+        let _ = Command::new(BIN)
+            .args(["node", "cleanup", "--data-dir"])
+            .arg(&self.dir)
+            .env("FLOTILLA_LOG", "warn")
+            .output();
     }
 }
 
@@ -317,6 +324,21 @@ impl Cluster {
         digests.dedup();
         assert_eq!(digests.len(), 1, "same image, same digest everywhere: {digests:?}");
         digests.remove(0)
+    }
+
+    /// Imports a busybox image on the first manager only; other nodes pull it from the
+    /// managers' registry when a task needs it.
+    pub fn import(&self, name: &str, cmd: &str) -> String {
+        let rootfs = self.tmp.path().join("rootfs");
+        if !rootfs.exists() {
+            busybox_rootfs(&rootfs);
+        }
+        let o = cli(
+            &self.nodes[0].socket(),
+            &["image", "import", rootfs.to_str().unwrap(), "--name", name, "--cmd", cmd],
+        );
+        assert!(o.status.success(), "import: {}", stderr(&o));
+        stdout(&o).split_whitespace().nth(1).unwrap_or_default().to_string()
     }
 
     /// Runs the CLI against the first manager's socket.

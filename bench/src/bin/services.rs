@@ -1,0 +1,230 @@
+//! Services benchmark, with Docker Swarm (Debian's docker.io) as the anchor in the same run.
+//!
+//! - `service create --replicas 20` and `--replicas 100` → all running, Flotilla (one node) vs
+//!   Swarm (one node, `--network host`, same busybox image), both measured by polling until
+//!   every replica runs (Swarm's CLI would add a 5 s stability wait, so `-d` is used for both);
+//! - kill -9 a worker of a 3-node Flotilla cluster → its tasks running elsewhere.
+//!
+//! Run: `cargo build --release -p flotilla -p flotilla-bench && target/release/services [--no-swarm]`
+//! Needs root; starts its own dockerd with `--bridge=none --iptables=false` in a temporary
+//! directory (apt-get install docker.io for the anchor).
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use flotilla_api::{Client, Endpoint};
+use flotilla_bench::*;
+
+struct Docker {
+    sock: String,
+    pid: Option<std::process::Child>,
+}
+
+impl Docker {
+    fn start(dir: &std::path::Path) -> anyhow::Result<Docker> {
+        let sock = format!("unix://{}/docker.sock", dir.display());
+        let child = Command::new("dockerd")
+            .args(["--storage-driver=vfs", "--bridge=none", "--iptables=false"])
+            .arg("--data-root")
+            .arg(dir.join("root"))
+            .arg("--exec-root")
+            .arg(dir.join("exec"))
+            .arg("--pidfile")
+            .arg(dir.join("pid"))
+            .args(["-H", &sock])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("dockerd.log"))?)
+            .spawn()
+            .context("dockerd not found: apt-get install docker.io (or pass --no-swarm)")?;
+        let d = Docker { sock, pid: Some(child) };
+        wait_for("dockerd", Duration::from_secs(60), || d.run(&["info"]).ok())?;
+        d.run(&["swarm", "init", "--advertise-addr", "127.0.0.1"])?;
+        Ok(d)
+    }
+    fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+        let o = Command::new("docker").env("DOCKER_HOST", &self.sock).args(args).output()?;
+        if !o.status.success() {
+            bail!("docker {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        Ok(String::from_utf8_lossy(&o.stdout).to_string())
+    }
+}
+
+impl Drop for Docker {
+    fn drop(&mut self) {
+        let _ = self.run(&["swarm", "leave", "--force"]);
+        if let Some(mut c) = self.pid.take() {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
+    }
+}
+
+async fn flotilla_running(client: &Client, name: &str) -> u64 {
+    let v: Vec<serde_json::Value> = client.get_json("/v1/services").await.unwrap_or_default();
+    v.iter()
+        .find(|s| s["spec"]["name"] == name)
+        .and_then(|s| s["service_status"]["running_tasks"].as_u64())
+        .unwrap_or(0)
+}
+
+async fn flotilla_round(sock: &str, client: &Client, n: u64) -> anyhow::Result<Duration> {
+    let name = format!("f{n}");
+    let t = Instant::now();
+    cli(sock, &["service", "create", "--detach", "--name", &name, "--replicas", &n.to_string(), "bb:bench", "sleep", "100000"])?;
+    loop {
+        if flotilla_running(client, &name).await >= n {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(600) {
+            bail!("flotilla: {n} replicas not running after 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let d = t.elapsed();
+    cli(sock, &["service", "rm", &name])?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let tasks: Vec<serde_json::Value> = client.get_json("/v1/tasks").await.unwrap_or_default();
+        if tasks.is_empty() || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(d)
+}
+
+fn swarm_round(d: &Docker, n: u64) -> anyhow::Result<Duration> {
+    let name = format!("s{n}");
+    let t = Instant::now();
+    d.run(&["service", "create", "-d", "--quiet", "--network", "host", "--name", &name, "--replicas", &n.to_string(), "bb:bench", "sleep", "100000"])?;
+    let want = format!("{n}/{n}");
+    loop {
+        let r = d.run(&["service", "ls", "--filter", &format!("name={name}"), "--format", "{{.Replicas}}"])?;
+        if r.trim() == want {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(600) {
+            bail!("swarm: {n} replicas not running after 600 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let el = t.elapsed();
+    d.run(&["service", "rm", &name])?;
+    wait_for("swarm containers gone", Duration::from_secs(180), || {
+        d.run(&["ps", "-q"]).ok().filter(|o| o.trim().is_empty())
+    })?;
+    Ok(el)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let no_swarm = std::env::args().any(|a| a == "--no-swarm");
+    let tmp = tempfile::tempdir()?;
+    println!("machine: {}", machine());
+    let rootfs = tmp.path().join("rootfs");
+    busybox_rootfs(&rootfs)?;
+
+    // Flotilla, one node.
+    let mut n1 = Node { name: "n1".into(), dir: tmp.path().join("n1"), addr: "127.0.101.1:4440".into(), child: None };
+    n1.spawn(&["--init"])?;
+    let sock = n1.socket();
+    wait_for("node", Duration::from_secs(30), || cli(&sock, &["node", "ls"]).ok())?;
+    cli(&sock, &["image", "import", rootfs.to_str().unwrap_or(""), "--name", "bb:bench"])?;
+    let client = Client::new(Endpoint::Unix(n1.dir.join("api.sock")));
+
+    let docker = if no_swarm {
+        None
+    } else {
+        let dd = tmp.path().join("docker");
+        std::fs::create_dir_all(&dd)?;
+        let d = Docker::start(&dd)?;
+        let tar = Command::new("tar").arg("-C").arg(&rootfs).args(["-c", "."]).output()?;
+        let mut imp = Command::new("docker")
+            .env("DOCKER_HOST", &d.sock)
+            .args(["import", "-", "bb:bench"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()?;
+        use std::io::Write;
+        imp.stdin.take().context("stdin")?.write_all(&tar.stdout)?;
+        imp.wait()?;
+        Some(d)
+    };
+
+    for n in [20u64, 100] {
+        let f = flotilla_round(&sock, &client, n).await?;
+        print!("create --replicas {n} → all running: flotilla {:.2} s", f.as_secs_f64());
+        if let Some(d) = &docker {
+            let s = swarm_round(d, n)?;
+            print!(", docker swarm {:.2} s, swarm / flotilla = {:.1}x", s.as_secs_f64(), s.as_secs_f64() / f.as_secs_f64());
+        }
+        println!();
+    }
+    drop(docker);
+    n1.kill9();
+
+    // Node failure on a 3-node cluster.
+    let mut nodes: Vec<Node> = ["m", "w1", "w2"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| Node { name: name.to_string(), dir: tmp.path().join(name), addr: format!("127.0.102.{}:4440", i + 1), child: None })
+        .collect();
+    nodes[0].spawn(&["--init"])?;
+    let ms_ = nodes[0].socket();
+    wait_for("manager", Duration::from_secs(30), || cli(&ms_, &["node", "ls"]).ok())?;
+    let token = cli(&ms_, &["cluster", "join-token", "worker", "-q"])?.trim().to_string();
+    let maddr = nodes[0].addr.clone();
+    for i in 1..3 {
+        nodes[i].spawn(&["--join", &maddr, "--token", &token])?;
+    }
+    wait_for("3 ready nodes", Duration::from_secs(60), || {
+        let out = cli(&ms_, &["node", "ls", "--format", "json"]).ok()?;
+        let v: Vec<serde_json::Value> = serde_json::from_str(&out).ok()?;
+        (v.iter().filter(|n| n["status"]["state"] == "ready").count() == 3).then_some(())
+    })?;
+    for n in &nodes {
+        cli(&n.socket(), &["image", "import", rootfs.to_str().unwrap_or(""), "--name", "bb:bench"])?;
+    }
+    cli(&ms_, &["service", "create", "--name", "fo", "--replicas", "12", "bb:bench", "sleep", "100000"])?;
+    let mclient = Client::new(Endpoint::Unix(nodes[0].dir.join("api.sock")));
+    let w1_id = {
+        let out = cli(&ms_, &["node", "inspect", "w1", "--format", "json"])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        v[0]["id"].as_str().context("id")?.to_string()
+    };
+    nodes[1].kill9();
+    let t = Instant::now();
+    loop {
+        let tasks: Vec<serde_json::Value> = mclient.get_json("/v1/tasks?desired-state=running").await.unwrap_or_default();
+        let ok = tasks
+            .iter()
+            .filter(|t| t["status"]["state"] == "running" && t["node_id"] != w1_id.as_str())
+            .count();
+        if ok >= 12 {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            bail!("tasks not rescheduled after 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "kill -9 a worker (4 of 12 tasks) → 12 running elsewhere: {:.2} s (heartbeat timeout 3 s; Swarm's default detection is ~15 s, not measured: one dockerd per machine)",
+        t.elapsed().as_secs_f64()
+    );
+    // Leave nothing running: remove the service while the remaining nodes are up.
+    cli(&ms_, &["service", "rm", "fo"])?;
+    nodes[1].spawn(&[])?;
+    wait_for("containers removed", Duration::from_secs(120), || {
+        let tasks: Vec<serde_json::Value> = serde_json::from_str(&cli(&ms_, &["service", "ls", "--format", "json"]).ok()?).ok()?;
+        tasks.is_empty().then_some(())
+    })?;
+    let all_gone = || {
+        nodes.iter().all(|n| std::fs::read_dir(n.dir.join("runtime/containers")).map(|d| d.count() == 0).unwrap_or(true))
+    };
+    wait_for("all containers gone", Duration::from_secs(120), || all_gone().then_some(()))?;
+    Ok(())
+}
