@@ -20,6 +20,8 @@ pub struct Node {
     pub dir: PathBuf,
     pub addr: String,
     pub child: Option<Child>,
+    /// Flags added to every start.
+    pub extra: Vec<String>,
 }
 
 impl Node {
@@ -33,6 +35,7 @@ impl Node {
             .arg(&self.dir)
             .args(["--listen", &self.addr, "--name", &self.name])
             .args(extra)
+            .args(&self.extra)
             .env("FLOTILLA_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log)
@@ -63,14 +66,22 @@ impl Drop for Node {
 }
 
 pub fn cli(host: &str, args: &[&str]) -> anyhow::Result<String> {
-    let o = Command::new(flotilla_bin()).arg("--host").arg(host).args(args).output()?;
+    let o = Command::new(flotilla_bin())
+        .arg("--host")
+        .arg(host)
+        .args(args)
+        .output()?;
     if !o.status.success() {
         bail!("flotilla {args:?}: {}", String::from_utf8_lossy(&o.stderr));
     }
     Ok(String::from_utf8_lossy(&o.stdout).to_string())
 }
 
-pub fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
+pub fn wait_for<T>(
+    what: &str,
+    within: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
     let deadline = Instant::now() + within;
     loop {
         if let Some(v) = f() {
@@ -124,7 +135,8 @@ pub fn fsync_anchor(dir: &Path, n: usize) -> anyhow::Result<Vec<Duration>> {
 pub fn busybox_rootfs(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir.join("bin"))?;
     std::fs::create_dir_all(dir.join("etc"))?;
-    std::fs::copy("/bin/busybox", dir.join("bin/busybox")).context("apt-get install busybox-static")?;
+    std::fs::copy("/bin/busybox", dir.join("bin/busybox"))
+        .context("apt-get install busybox-static")?;
     for a in ["sh", "echo", "sleep", "cat", "hostname"] {
         std::os::unix::fs::symlink("busybox", dir.join("bin").join(a))?;
     }
@@ -141,6 +153,8 @@ pub fn machine() -> String {
                 .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         })
         .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     format!("{cores} cores, {cpu}")
 }

@@ -18,8 +18,15 @@ use flotilla_bench::*;
 
 fn admin_client(dir: &std::path::Path, addr: &str) -> anyhow::Result<Client> {
     let read = |f: &str| std::fs::read_to_string(dir.join(f));
-    let tls = flotilla_pki::client_config(&read("ca.pem")?, Some((&read("cert.pem")?, &read("key.pem")?)))?;
-    Ok(Client::new(Endpoint::Https { addr: addr.to_string(), tls }).with_timeout(Duration::from_secs(5)))
+    let tls = flotilla_pki::client_config(
+        &read("ca.pem")?,
+        Some((&read("cert.pem")?, &read("key.pem")?)),
+    )?;
+    Ok(Client::new(Endpoint::Https {
+        addr: addr.to_string(),
+        tls,
+    })
+    .with_timeout(Duration::from_secs(5)))
 }
 
 fn leader_addr(nodes: &[Node]) -> Option<String> {
@@ -50,12 +57,23 @@ async fn main() -> anyhow::Result<()> {
             dir: tmp.path().join(format!("m{i}")),
             addr: format!("127.0.100.{i}:4440"),
             child: None,
+            extra: vec![],
         })
         .collect();
+    // Raft election timeout range (ms), e.g. BENCH_ELECTION=250-500 (the default).
+    let election = std::env::var("BENCH_ELECTION").unwrap_or_else(|_| "250-500".into());
+    for n in nodes.iter_mut() {
+        n.extra = vec!["--election-timeout".into(), election.clone()];
+    }
+    println!("election timeout: {election} ms");
     nodes[0].spawn(&["--init"])?;
     let s0 = nodes[0].socket();
-    wait_for("m1", Duration::from_secs(30), || cli(&s0, &["node", "ls"]).ok())?;
-    let token = cli(&s0, &["cluster", "join-token", "manager", "-q"])?.trim().to_string();
+    wait_for("m1", Duration::from_secs(30), || {
+        cli(&s0, &["node", "ls"]).ok()
+    })?;
+    let token = cli(&s0, &["cluster", "join-token", "manager", "-q"])?
+        .trim()
+        .to_string();
     for i in 1..3 {
         let a = nodes[0].addr.clone();
         nodes[i].spawn(&["--join", &a, "--token", &token])?;
@@ -63,7 +81,11 @@ async fn main() -> anyhow::Result<()> {
         wait_for("manager joined as voter", Duration::from_secs(60), || {
             let out = cli(&s0, &["cluster", "info", "--format", "json"]).ok()?;
             let v: serde_json::Value = serde_json::from_str(&out).ok()?;
-            v["managers"].as_array()?.iter().any(|m| m["addr"] == addr.as_str() && m["voter"] == true).then_some(())
+            v["managers"]
+                .as_array()?
+                .iter()
+                .any(|m| m["addr"] == addr.as_str() && m["voter"] == true)
+                .then_some(())
         })?;
     }
     let admin = nodes[0].dir.join("admin");
@@ -76,7 +98,11 @@ async fn main() -> anyhow::Result<()> {
     // Anchor.
     let fs = fsync_anchor(tmp.path(), 500)?;
     let fsync_p50 = pct(&fs, 50.0);
-    println!("anchor: 4 KiB O_DSYNC write p50 {:.3} ms, p99 {:.3} ms", ms(fsync_p50), ms(pct(&fs, 99.0)));
+    println!(
+        "anchor: 4 KiB O_DSYNC write p50 {:.3} ms, p99 {:.3} ms",
+        ms(fsync_p50),
+        ms(pct(&fs, 99.0))
+    );
 
     // Write latency.
     let leader = leader_addr(&nodes).context("no leader")?;
@@ -86,7 +112,9 @@ async fn main() -> anyhow::Result<()> {
     for i in 0..writes {
         let body = serde_json::json!({ "label_add": { format!("k{}", i % 50): i.to_string() } });
         let t = Instant::now();
-        client.request(Method::POST, &path, Some(serde_json::to_vec(&body)?)).await?;
+        client
+            .request(Method::POST, &path, Some(serde_json::to_vec(&body)?))
+            .await?;
         lat.push(t.elapsed());
     }
     lat.sort();
@@ -102,19 +130,39 @@ async fn main() -> anyhow::Result<()> {
     // Batched mutations: N task creations (one entry) + N scheduler decisions (one entry).
     let rootfs = tmp.path().join("rootfs");
     busybox_rootfs(&rootfs)?;
-    cli(&s0, &["image", "import", rootfs.to_str().unwrap_or(""), "--name", "bb:bench", "--cmd", "sleep 1000"])?;
+    cli(
+        &s0,
+        &[
+            "image",
+            "import",
+            rootfs.to_str().unwrap_or(""),
+            "--name",
+            "bb:bench",
+            "--cmd",
+            "sleep 1000",
+        ],
+    )?;
     let spec = serde_json::json!({
         "name": "batch", "mode": {"replicated": {"replicas": tasks}},
         "task_template": {"container": {"image": "bb:bench"}, "placement": {"constraints": ["node.labels.nowhere==x"]}},
     });
     let t0 = Instant::now();
-    let resp = client.request(Method::POST, "/v1/services", Some(serde_json::to_vec(&spec)?)).await?;
+    let resp = client
+        .request(
+            Method::POST,
+            "/v1/services",
+            Some(serde_json::to_vec(&spec)?),
+        )
+        .await?;
     let created: serde_json::Value = serde_json::from_slice(&resp.body)?;
     let sid = created["id"].as_str().context("service id")?.to_string();
     let slow = client.clone().with_timeout(Duration::from_secs(60));
     loop {
         let tl: Vec<serde_json::Value> = slow.get_json(&format!("/v1/tasks?service={sid}")).await?;
-        let pending = tl.iter().filter(|t| t["status"]["state"] == "pending").count() as u64;
+        let pending = tl
+            .iter()
+            .filter(|t| t["status"]["state"] == "pending")
+            .count() as u64;
         if pending >= tasks {
             break;
         }
@@ -130,25 +178,48 @@ async fn main() -> anyhow::Result<()> {
         el.as_secs_f64(),
         mutations as f64 / el.as_secs_f64()
     );
-    client.request(Method::DELETE, &format!("/v1/services/{sid}"), None).await?;
+    client
+        .request(Method::DELETE, &format!("/v1/services/{sid}"), None)
+        .await?;
 
     // Failover.
     let mut fo = Vec::new();
     for trial in 0..trials {
         let leader = leader_addr(&nodes).context("no leader")?;
-        let idx = nodes.iter().position(|n| n.addr == leader).context("leader index")?;
+        let idx = nodes
+            .iter()
+            .position(|n| n.addr == leader)
+            .context("leader index")?;
         let others: Vec<Client> = nodes
             .iter()
             .filter(|n| n.addr != leader)
-            .map(|n| admin_client(&admin, &n.addr).map(|c| c.with_timeout(Duration::from_millis(1500))))
+            .map(|n| {
+                admin_client(&admin, &n.addr).map(|c| c.with_timeout(Duration::from_millis(1500)))
+            })
             .collect::<Result<_, _>>()?;
         nodes[idx].kill9();
         let t = Instant::now();
         'outer: loop {
             for c in &others {
                 let body = serde_json::json!({ "label_add": { "failover": trial.to_string() } });
-                if c.request(Method::POST, &path, Some(serde_json::to_vec(&body)?)).await.is_ok() {
-                    break 'outer;
+                let a = Instant::now();
+                match c
+                    .request(Method::POST, &path, Some(serde_json::to_vec(&body)?))
+                    .await
+                {
+                    Ok(_) => break 'outer,
+                    Err(e) => {
+                        if std::env::var("BENCH_DEBUG").is_ok() {
+                            let m = e.to_string();
+                            println!(
+                                "    {:>5.0} ms (+{:.0} ms) {:?}: {}",
+                                ms(t.elapsed()),
+                                ms(a.elapsed()),
+                                c.endpoint(),
+                                &m[..m.len().min(90)]
+                            );
+                        }
+                    }
                 }
             }
             if t.elapsed() > Duration::from_secs(30) {
@@ -157,18 +228,26 @@ async fn main() -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let d = t.elapsed();
-        println!("  trial {trial}: leader {leader} killed → first accepted write after {:.0} ms", ms(d));
+        println!(
+            "  trial {trial}: leader {leader} killed → first accepted write after {:.0} ms",
+            ms(d)
+        );
         fo.push(d);
         nodes[idx].spawn(&[])?;
         let addr = nodes[idx].addr.clone();
         let s = nodes[(idx + 1) % 3].socket();
-        wait_for("restarted manager reachable", Duration::from_secs(60), || {
-            let out = cli(&s, &["cluster", "info", "--format", "json"]).ok()?;
-            let v: serde_json::Value = serde_json::from_str(&out).ok()?;
-            let m = v["managers"].as_array()?;
-            (m.iter().all(|m| m["reachability"] == "reachable") && m.iter().any(|m| m["addr"] == addr.as_str()))
+        wait_for(
+            "restarted manager reachable",
+            Duration::from_secs(60),
+            || {
+                let out = cli(&s, &["cluster", "info", "--format", "json"]).ok()?;
+                let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+                let m = v["managers"].as_array()?;
+                (m.iter().all(|m| m["reachability"] == "reachable")
+                    && m.iter().any(|m| m["addr"] == addr.as_str()))
                 .then_some(())
-        })?;
+            },
+        )?;
     }
     fo.sort();
     println!(

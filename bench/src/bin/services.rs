@@ -38,13 +38,19 @@ impl Docker {
             .stderr(std::fs::File::create(dir.join("dockerd.log"))?)
             .spawn()
             .context("dockerd not found: apt-get install docker.io (or pass --no-swarm)")?;
-        let d = Docker { sock, pid: Some(child) };
+        let d = Docker {
+            sock,
+            pid: Some(child),
+        };
         wait_for("dockerd", Duration::from_secs(60), || d.run(&["info"]).ok())?;
         d.run(&["swarm", "init", "--advertise-addr", "127.0.0.1"])?;
         Ok(d)
     }
     fn run(&self, args: &[&str]) -> anyhow::Result<String> {
-        let o = Command::new("docker").env("DOCKER_HOST", &self.sock).args(args).output()?;
+        let o = Command::new("docker")
+            .env("DOCKER_HOST", &self.sock)
+            .args(args)
+            .output()?;
         if !o.status.success() {
             bail!("docker {args:?}: {}", String::from_utf8_lossy(&o.stderr));
         }
@@ -73,7 +79,21 @@ async fn flotilla_running(client: &Client, name: &str) -> u64 {
 async fn flotilla_round(sock: &str, client: &Client, n: u64) -> anyhow::Result<Duration> {
     let name = format!("f{n}");
     let t = Instant::now();
-    cli(sock, &["service", "create", "--detach", "--name", &name, "--replicas", &n.to_string(), "bb:bench", "sleep", "100000"])?;
+    cli(
+        sock,
+        &[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            &name,
+            "--replicas",
+            &n.to_string(),
+            "bb:bench",
+            "sleep",
+            "100000",
+        ],
+    )?;
     loop {
         if flotilla_running(client, &name).await >= n {
             break;
@@ -99,10 +119,31 @@ async fn flotilla_round(sock: &str, client: &Client, n: u64) -> anyhow::Result<D
 fn swarm_round(d: &Docker, n: u64) -> anyhow::Result<Duration> {
     let name = format!("s{n}");
     let t = Instant::now();
-    d.run(&["service", "create", "-d", "--quiet", "--network", "host", "--name", &name, "--replicas", &n.to_string(), "bb:bench", "sleep", "100000"])?;
+    d.run(&[
+        "service",
+        "create",
+        "-d",
+        "--quiet",
+        "--network",
+        "host",
+        "--name",
+        &name,
+        "--replicas",
+        &n.to_string(),
+        "bb:bench",
+        "sleep",
+        "100000",
+    ])?;
     let want = format!("{n}/{n}");
     loop {
-        let r = d.run(&["service", "ls", "--filter", &format!("name={name}"), "--format", "{{.Replicas}}"])?;
+        let r = d.run(&[
+            "service",
+            "ls",
+            "--filter",
+            &format!("name={name}"),
+            "--format",
+            "{{.Replicas}}",
+        ])?;
         if r.trim() == want {
             break;
         }
@@ -128,11 +169,28 @@ async fn main() -> anyhow::Result<()> {
     busybox_rootfs(&rootfs)?;
 
     // Flotilla, one node.
-    let mut n1 = Node { name: "n1".into(), dir: tmp.path().join("n1"), addr: "127.0.101.1:4440".into(), child: None };
+    let mut n1 = Node {
+        name: "n1".into(),
+        dir: tmp.path().join("n1"),
+        addr: "127.0.101.1:4440".into(),
+        child: None,
+        extra: vec![],
+    };
     n1.spawn(&["--init"])?;
     let sock = n1.socket();
-    wait_for("node", Duration::from_secs(30), || cli(&sock, &["node", "ls"]).ok())?;
-    cli(&sock, &["image", "import", rootfs.to_str().unwrap_or(""), "--name", "bb:bench"])?;
+    wait_for("node", Duration::from_secs(30), || {
+        cli(&sock, &["node", "ls"]).ok()
+    })?;
+    cli(
+        &sock,
+        &[
+            "image",
+            "import",
+            rootfs.to_str().unwrap_or(""),
+            "--name",
+            "bb:bench",
+        ],
+    )?;
     let client = Client::new(Endpoint::Unix(n1.dir.join("api.sock")));
 
     let docker = if no_swarm {
@@ -141,7 +199,11 @@ async fn main() -> anyhow::Result<()> {
         let dd = tmp.path().join("docker");
         std::fs::create_dir_all(&dd)?;
         let d = Docker::start(&dd)?;
-        let tar = Command::new("tar").arg("-C").arg(&rootfs).args(["-c", "."]).output()?;
+        let tar = Command::new("tar")
+            .arg("-C")
+            .arg(&rootfs)
+            .args(["-c", "."])
+            .output()?;
         let mut imp = Command::new("docker")
             .env("DOCKER_HOST", &d.sock)
             .args(["import", "-", "bb:bench"])
@@ -156,10 +218,17 @@ async fn main() -> anyhow::Result<()> {
 
     for n in [20u64, 100] {
         let f = flotilla_round(&sock, &client, n).await?;
-        print!("create --replicas {n} → all running: flotilla {:.2} s", f.as_secs_f64());
+        print!(
+            "create --replicas {n} → all running: flotilla {:.2} s",
+            f.as_secs_f64()
+        );
         if let Some(d) = &docker {
             let s = swarm_round(d, n)?;
-            print!(", docker swarm {:.2} s, swarm / flotilla = {:.1}x", s.as_secs_f64(), s.as_secs_f64() / f.as_secs_f64());
+            print!(
+                ", docker swarm {:.2} s, swarm / flotilla = {:.1}x",
+                s.as_secs_f64(),
+                s.as_secs_f64() / f.as_secs_f64()
+            );
         }
         println!();
     }
@@ -170,15 +239,25 @@ async fn main() -> anyhow::Result<()> {
     let mut nodes: Vec<Node> = ["m", "w1", "w2"]
         .iter()
         .enumerate()
-        .map(|(i, name)| Node { name: name.to_string(), dir: tmp.path().join(name), addr: format!("127.0.102.{}:4440", i + 1), child: None })
+        .map(|(i, name)| Node {
+            name: name.to_string(),
+            dir: tmp.path().join(name),
+            addr: format!("127.0.102.{}:4440", i + 1),
+            child: None,
+            extra: vec![],
+        })
         .collect();
     nodes[0].spawn(&["--init"])?;
     let ms_ = nodes[0].socket();
-    wait_for("manager", Duration::from_secs(30), || cli(&ms_, &["node", "ls"]).ok())?;
-    let token = cli(&ms_, &["cluster", "join-token", "worker", "-q"])?.trim().to_string();
+    wait_for("manager", Duration::from_secs(30), || {
+        cli(&ms_, &["node", "ls"]).ok()
+    })?;
+    let token = cli(&ms_, &["cluster", "join-token", "worker", "-q"])?
+        .trim()
+        .to_string();
     let maddr = nodes[0].addr.clone();
-    for i in 1..3 {
-        nodes[i].spawn(&["--join", &maddr, "--token", &token])?;
+    for n in nodes.iter_mut().skip(1) {
+        n.spawn(&["--join", &maddr, "--token", &token])?;
     }
     wait_for("3 ready nodes", Duration::from_secs(60), || {
         let out = cli(&ms_, &["node", "ls", "--format", "json"]).ok()?;
@@ -186,9 +265,31 @@ async fn main() -> anyhow::Result<()> {
         (v.iter().filter(|n| n["status"]["state"] == "ready").count() == 3).then_some(())
     })?;
     for n in &nodes {
-        cli(&n.socket(), &["image", "import", rootfs.to_str().unwrap_or(""), "--name", "bb:bench"])?;
+        cli(
+            &n.socket(),
+            &[
+                "image",
+                "import",
+                rootfs.to_str().unwrap_or(""),
+                "--name",
+                "bb:bench",
+            ],
+        )?;
     }
-    cli(&ms_, &["service", "create", "--name", "fo", "--replicas", "12", "bb:bench", "sleep", "100000"])?;
+    cli(
+        &ms_,
+        &[
+            "service",
+            "create",
+            "--name",
+            "fo",
+            "--replicas",
+            "12",
+            "bb:bench",
+            "sleep",
+            "100000",
+        ],
+    )?;
     let mclient = Client::new(Endpoint::Unix(nodes[0].dir.join("api.sock")));
     let w1_id = {
         let out = cli(&ms_, &["node", "inspect", "w1", "--format", "json"])?;
@@ -198,7 +299,10 @@ async fn main() -> anyhow::Result<()> {
     nodes[1].kill9();
     let t = Instant::now();
     loop {
-        let tasks: Vec<serde_json::Value> = mclient.get_json("/v1/tasks?desired-state=running").await.unwrap_or_default();
+        let tasks: Vec<serde_json::Value> = mclient
+            .get_json("/v1/tasks?desired-state=running")
+            .await
+            .unwrap_or_default();
         let ok = tasks
             .iter()
             .filter(|t| t["status"]["state"] == "running" && t["node_id"] != w1_id.as_str())
@@ -219,12 +323,19 @@ async fn main() -> anyhow::Result<()> {
     cli(&ms_, &["service", "rm", "fo"])?;
     nodes[1].spawn(&[])?;
     wait_for("containers removed", Duration::from_secs(120), || {
-        let tasks: Vec<serde_json::Value> = serde_json::from_str(&cli(&ms_, &["service", "ls", "--format", "json"]).ok()?).ok()?;
+        let tasks: Vec<serde_json::Value> =
+            serde_json::from_str(&cli(&ms_, &["service", "ls", "--format", "json"]).ok()?).ok()?;
         tasks.is_empty().then_some(())
     })?;
     let all_gone = || {
-        nodes.iter().all(|n| std::fs::read_dir(n.dir.join("runtime/containers")).map(|d| d.count() == 0).unwrap_or(true))
+        nodes.iter().all(|n| {
+            std::fs::read_dir(n.dir.join("runtime/containers"))
+                .map(|d| d.count() == 0)
+                .unwrap_or(true)
+        })
     };
-    wait_for("all containers gone", Duration::from_secs(120), || all_gone().then_some(()))?;
+    wait_for("all containers gone", Duration::from_secs(120), || {
+        all_gone().then_some(())
+    })?;
     Ok(())
 }

@@ -62,7 +62,9 @@ impl ClientError {
     pub fn is_unreachable(&self) -> bool {
         matches!(
             self,
-            ClientError::Connect { .. } | ClientError::Timeout { .. } | ClientError::Transport { .. }
+            ClientError::Connect { .. }
+                | ClientError::Timeout { .. }
+                | ClientError::Transport { .. }
         )
     }
 }
@@ -133,10 +135,9 @@ impl Client {
                     .await
                     .map_err(|_| self.connect_err("connect timed out"))?
                     .map_err(|e| self.connect_err(e))?;
-                let (sender, conn) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                        .await
-                        .map_err(|e| self.connect_err(e))?;
+                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| self.connect_err(e))?;
                 tokio::spawn(async move {
                     let _ = conn.await;
                 });
@@ -160,13 +161,14 @@ impl Client {
                         .connect(name, tcp)
                         .await
                         .map_err(|e| self.connect_err(format!("tls: {e}")))?;
-                    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .keep_alive_interval(Duration::from_secs(5))
-                        .keep_alive_timeout(Duration::from_secs(5))
-                        .handshake(TokioIo::new(stream))
-                        .await
-                        .map_err(|e| self.connect_err(e))?;
+                    let (sender, conn) =
+                        hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                            .timer(hyper_util::rt::TokioTimer::new())
+                            .keep_alive_interval(Duration::from_secs(5))
+                            .keep_alive_timeout(Duration::from_secs(5))
+                            .handshake(TokioIo::new(stream))
+                            .await
+                            .map_err(|e| self.connect_err(e))?;
                     tokio::spawn(async move {
                         let _ = conn.await;
                     });

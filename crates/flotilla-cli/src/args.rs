@@ -7,7 +7,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/flotilla";
 
 #[derive(Debug, Parser)]
-#[command(name = "flotilla", version, about = "Flotilla: a container orchestrator", propagate_version = true)]
+#[command(
+    name = "flotilla",
+    version,
+    about = "Flotilla: a container orchestrator",
+    propagate_version = true
+)]
 pub struct Cli {
     /// API endpoint: unix:///path/api.sock or https://IP:PORT (default: the local node's socket
     /// under /var/lib/flotilla).
@@ -33,7 +38,7 @@ pub enum Command {
     Events(EventsArgs),
     /// Create and manage services.
     #[command(subcommand)]
-    Service(ServiceCmd),
+    Service(Box<ServiceCmd>),
     /// Manage images in the cluster's content store.
     #[command(subcommand)]
     Image(ImageCmd),

@@ -8,7 +8,9 @@ use flotilla_api::{Client, Endpoint};
 use flotilla_types::{ClusterInfo, EventMessage, JoinTokens, Node, NodeUpdate};
 
 use crate::output::{ago, print_json, print_table, table};
-use crate::{ClusterCmd, Command, EventsArgs, Format, NodeCmd, NodeUpdateArgs, CliError, DEFAULT_DATA_DIR};
+use crate::{
+    CliError, ClusterCmd, Command, EventsArgs, Format, NodeCmd, NodeUpdateArgs, DEFAULT_DATA_DIR,
+};
 
 /// Builds the API client from `--host` / `--tls-dir`.
 pub fn connect(host: Option<&str>, tls_dir: Option<&Path>) -> Result<Client, CliError> {
@@ -32,7 +34,10 @@ pub fn connect(host: Option<&str>, tls_dir: Option<&Path>) -> Result<Client, Cli
         })?;
         let read = |name: &str| {
             std::fs::read_to_string(dir.join(name)).map_err(|e| {
-                CliError::usage(format!("--tls-dir {}: cannot read {name}: {e}", dir.display()))
+                CliError::usage(format!(
+                    "--tls-dir {}: cannot read {name}: {e}",
+                    dir.display()
+                ))
             })
         };
         let (ca, cert, key) = (read("ca.pem")?, read("cert.pem")?, read("key.pem")?);
@@ -59,7 +64,7 @@ pub async fn run_client(
         Command::Node(cmd) => node(&client, cmd).await,
         Command::Cluster(cmd) => cluster(&client, cmd).await,
         Command::Events(args) => events(&client, args).await,
-        Command::Service(cmd) => crate::service::run(&client, cmd).await,
+        Command::Service(cmd) => crate::service::run(&client, *cmd).await,
         Command::Image(cmd) => crate::image::run(&client, cmd).await,
         Command::Dev(_) => Err(CliError::usage("`dev` is handled by the binary")),
         Command::Shim(_) => Err(CliError::usage("shim is started by the agent, not by hand")),
@@ -76,7 +81,10 @@ fn warn_if_stale(resp: &flotilla_api::Response) {
     }
 }
 
-pub async fn get<T: serde::de::DeserializeOwned>(client: &Client, path: &str) -> Result<T, CliError> {
+pub async fn get<T: serde::de::DeserializeOwned>(
+    client: &Client,
+    path: &str,
+) -> Result<T, CliError> {
     let resp = client.request(Method::GET, path, None).await?;
     warn_if_stale(&resp);
     serde_json::from_slice(&resp.body)
@@ -114,15 +122,20 @@ pub fn enc(s: &str) -> String {
 
 async fn node(client: &Client, cmd: NodeCmd) -> Result<(), CliError> {
     match cmd {
-        NodeCmd::Run(_) | NodeCmd::Cleanup { .. } => {
-            Err(CliError::usage("handled by the binary"))
-        }
+        NodeCmd::Run(_) | NodeCmd::Cleanup { .. } => Err(CliError::usage("handled by the binary")),
         NodeCmd::Ls(f) => {
             let nodes: Vec<Node> = get(client, "/v1/nodes").await?;
             if f.format == Format::Json {
                 return print_json(&nodes);
             }
-            let mut t = table(&["ID", "NAME", "STATUS", "AVAILABILITY", "MANAGER STATUS", "ADDRESS"]);
+            let mut t = table(&[
+                "ID",
+                "NAME",
+                "STATUS",
+                "AVAILABILITY",
+                "MANAGER STATUS",
+                "ADDRESS",
+            ]);
             for n in &nodes {
                 t.add_row(node_row(n));
             }
@@ -139,7 +152,11 @@ async fn node(client: &Client, cmd: NodeCmd) -> Result<(), CliError> {
                 println!("Name:          {}", n.spec.name);
                 println!("Role:          {}", n.spec.role.as_str());
                 println!("Availability:  {}", n.spec.availability.as_str());
-                println!("Status:        {} {}", n.status.state.as_str(), n.status.message);
+                println!(
+                    "Status:        {} {}",
+                    n.status.state.as_str(),
+                    n.status.message
+                );
                 println!("Address:       {}", n.status.addr);
                 println!("Version:       {}", n.meta.version);
                 if !n.spec.labels.is_empty() {
@@ -252,7 +269,14 @@ async fn cluster(client: &Client, cmd: ClusterCmd) -> Result<(), CliError> {
                 info.raft.term, info.raft.commit_index, info.raft.applied_index, info.raft.state
             );
             println!("Managers:");
-            let mut t = table(&["NODE ID", "NAME", "ADDRESS", "RAFT ID", "ROLE", "REACHABILITY"]);
+            let mut t = table(&[
+                "NODE ID",
+                "NAME",
+                "ADDRESS",
+                "RAFT ID",
+                "ROLE",
+                "REACHABILITY",
+            ]);
             for m in &info.managers {
                 t.add_row(vec![
                     m.node_id.clone(),
@@ -324,7 +348,10 @@ async fn events(client: &Client, args: EventsArgs) -> Result<(), CliError> {
     if !types.is_empty() {
         query.insert("type", types.join(","));
     }
-    let qs: Vec<String> = query.iter().map(|(k, v)| format!("{k}={}", enc(v))).collect();
+    let qs: Vec<String> = query
+        .iter()
+        .map(|(k, v)| format!("{k}={}", enc(v)))
+        .collect();
     let path = if qs.is_empty() {
         "/v1/events".to_string()
     } else {
@@ -334,7 +361,9 @@ async fn events(client: &Client, args: EventsArgs) -> Result<(), CliError> {
     let limit = args.limit;
     let format = args.format;
     let mut failure: Option<String> = None;
-    let client = client.clone().with_timeout(Duration::from_secs(u64::MAX / 4));
+    let client = client
+        .clone()
+        .with_timeout(Duration::from_secs(u64::MAX / 4));
     client
         .stream_lines(&path, |line| {
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) {
@@ -356,13 +385,16 @@ async fn events(client: &Client, args: EventsArgs) -> Result<(), CliError> {
                                     .and_then(|n| n.as_str())
                             })
                             .unwrap_or("");
-                        println!("{:>8} {} {} {} {}", ev.revision, ev.kind, ev.action, ev.id, name);
+                        println!(
+                            "{:>8} {} {} {} {}",
+                            ev.revision, ev.kind, ev.action, ev.id, name
+                        );
                     }
                     Err(_) => println!("{}", String::from_utf8_lossy(line)),
                 },
             }
             seen += 1;
-            !limit.is_some_and(|l| seen >= l)
+            limit.is_none_or(|l| seen < l)
         })
         .await?;
     if let Some(f) = failure {

@@ -33,7 +33,10 @@ pub async fn run(client: &Client, cmd: ImageCmd) -> Result<(), CliError> {
                 tar_dir(&src)?
             } else {
                 std::fs::read(&src).map_err(|e| {
-                    CliError::usage(format!("{}: {e}; give a directory or a tar file", src.display()))
+                    CliError::usage(format!(
+                        "{}: {e}; give a directory or a tar file",
+                        src.display()
+                    ))
                 })?
             };
             let cmd = cmd.map(|c| {
@@ -51,20 +54,34 @@ pub async fn run(client: &Client, cmd: ImageCmd) -> Result<(), CliError> {
                 enc(&name),
                 enc(&config.to_string())
             );
-            let client = client.clone().with_timeout(std::time::Duration::from_secs(600));
+            let client = client
+                .clone()
+                .with_timeout(std::time::Duration::from_secs(600));
             let resp = client.request(Method::POST, &path, Some(body)).await?;
             let v: serde_json::Value = serde_json::from_slice(&resp.body).unwrap_or_default();
-            println!("{} {}", v["name"].as_str().unwrap_or(&name), v["digest"].as_str().unwrap_or(""));
+            println!(
+                "{} {}",
+                v["name"].as_str().unwrap_or(&name),
+                v["digest"].as_str().unwrap_or("")
+            );
             Ok(())
         }
         ImageCmd::Load { file } => {
             let body = std::fs::read(&file)
                 .map_err(|e| CliError::usage(format!("{}: {e}", file.display())))?;
-            let client = client.clone().with_timeout(std::time::Duration::from_secs(600));
-            let resp = client.request(Method::POST, "/v1/images/load", Some(body)).await?;
+            let client = client
+                .clone()
+                .with_timeout(std::time::Duration::from_secs(600));
+            let resp = client
+                .request(Method::POST, "/v1/images/load", Some(body))
+                .await?;
             let v: Vec<serde_json::Value> = serde_json::from_slice(&resp.body).unwrap_or_default();
             for i in v {
-                println!("Loaded image: {} {}", i["name"].as_str().unwrap_or(""), i["digest"].as_str().unwrap_or(""));
+                println!(
+                    "Loaded image: {} {}",
+                    i["name"].as_str().unwrap_or(""),
+                    i["digest"].as_str().unwrap_or("")
+                );
             }
             Ok(())
         }
@@ -77,14 +94,25 @@ pub async fn run(client: &Client, cmd: ImageCmd) -> Result<(), CliError> {
             for i in &images {
                 let refs: Vec<String> = i["refs"]
                     .as_array()
-                    .map(|a| a.iter().filter_map(|r| r.as_str().map(str::to_string)).collect())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|r| r.as_str().map(str::to_string))
+                            .collect()
+                    })
                     .unwrap_or_default();
                 let digest = i["digest"].as_str().unwrap_or("");
                 t.add_row(vec![
-                    if refs.is_empty() { "<none>".to_string() } else { refs.join(", ") },
+                    if refs.is_empty() {
+                        "<none>".to_string()
+                    } else {
+                        refs.join(", ")
+                    },
                     digest.chars().take(19).collect(),
                     i["layers"].to_string(),
-                    format!("{:.1} MiB", i["size"].as_u64().unwrap_or(0) as f64 / 1048576.0),
+                    format!(
+                        "{:.1} MiB",
+                        i["size"].as_u64().unwrap_or(0) as f64 / 1048576.0
+                    ),
                 ]);
             }
             print_table(&t);

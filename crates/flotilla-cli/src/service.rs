@@ -53,7 +53,9 @@ fn kv_map(list: &[String], what: &str) -> Result<BTreeMap<String, String>, CliEr
     for kv in list {
         let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
         if k.is_empty() {
-            return Err(CliError::usage(format!("{what} {kv:?}: expected KEY=VALUE")));
+            return Err(CliError::usage(format!(
+                "{what} {kv:?}: expected KEY=VALUE"
+            )));
         }
         m.insert(k.to_string(), v.to_string());
     }
@@ -61,7 +63,7 @@ fn kv_map(list: &[String], what: &str) -> Result<BTreeMap<String, String>, CliEr
 }
 
 /// Applies the flags that were given to `spec`.
-fn apply_flags(spec: &mut ServiceSpec, f: &SpecFlags, creating: bool) -> Result<(), CliError> {
+fn apply_flags(spec: &mut ServiceSpec, f: &SpecFlags) -> Result<(), CliError> {
     let t = &mut spec.task_template;
     match &mut spec.mode {
         ServiceMode::Replicated { replicas } => {
@@ -82,14 +84,14 @@ fn apply_flags(spec: &mut ServiceSpec, f: &SpecFlags, creating: bool) -> Result<
         }
         ServiceMode::Global | ServiceMode::GlobalJob => {
             if f.replicas.is_some() {
-                return Err(CliError::usage("--replicas does not apply to global services"));
+                return Err(CliError::usage(
+                    "--replicas does not apply to global services",
+                ));
             }
         }
     }
-    if creating || !f.env.is_empty() {
-        if !f.env.is_empty() {
-            t.container.env = f.env.clone();
-        }
+    if !f.env.is_empty() {
+        t.container.env = f.env.clone();
     }
     if let Some(w) = &f.workdir {
         t.container.workdir = Some(w.clone());
@@ -252,7 +254,13 @@ pub async fn run(client: &Client, cmd: ServiceCmd) -> Result<(), CliError> {
                 .await?;
             println!("{service}");
             if !detach {
-                converge(client, &service, r["spec_version"].as_u64().unwrap_or(0), Duration::from_secs(300)).await?;
+                converge(
+                    client,
+                    &service,
+                    r["spec_version"].as_u64().unwrap_or(0),
+                    Duration::from_secs(300),
+                )
+                .await?;
             }
             Ok(())
         }
@@ -295,14 +303,18 @@ async fn create(client: &Client, a: ServiceCreateArgs) -> Result<(), CliError> {
         rollback_config: UpdateConfig::default(),
         endpoint_spec: EndpointSpec::default(),
     };
-    if let ServiceMode::ReplicatedJob { max_concurrent, total_completions } = &mut spec.mode {
+    if let ServiceMode::ReplicatedJob {
+        max_concurrent,
+        total_completions,
+    } = &mut spec.mode
+    {
         // Docker's default: max-concurrent = replicas.
         if let Some(r) = a.flags.replicas {
             *total_completions = r;
             *max_concurrent = r;
         }
     }
-    apply_flags(&mut spec, &a.flags, true)?;
+    apply_flags(&mut spec, &a.flags)?;
     let resp: serde_json::Value = client.post_json("/v1/services", &spec).await?;
     let id = resp["id"].as_str().unwrap_or_default().to_string();
     println!("{id}");
@@ -320,27 +332,32 @@ async fn update(client: &Client, a: ServiceUpdateArgs) -> Result<(), CliError> {
     }
     let c = &mut spec.task_template.container;
     for k in &a.env_rm {
-        c.env.retain(|e| e.split_once('=').map(|(ek, _)| ek) != Some(k.as_str()) && e != k);
+        c.env
+            .retain(|e| e.split_once('=').map(|(ek, _)| ek) != Some(k.as_str()) && e != k);
     }
     for kv in &a.env_add {
         let key = kv.split_once('=').map(|(k, _)| k).unwrap_or(kv);
-        c.env.retain(|e| e.split_once('=').map(|(ek, _)| ek) != Some(key));
+        c.env
+            .retain(|e| e.split_once('=').map(|(ek, _)| ek) != Some(key));
         c.env.push(kv.clone());
     }
     if let Some(args) = &a.args {
         c.args = args.clone();
     }
-    apply_flags(&mut spec, &a.flags, false)?;
+    apply_flags(&mut spec, &a.flags)?;
     if a.force {
         spec.task_template.force_update += 1;
     }
     let r: serde_json::Value = client
         .post_json(
-            &format!("/v1/services/{}/update?version={}", current.id, current.meta.version),
+            &format!(
+                "/v1/services/{}/update?version={}",
+                current.id, current.meta.version
+            ),
             &spec,
         )
         .await?;
-    if !a.flags.replicas.is_some() || a.image.is_some() {
+    if a.flags.replicas.is_none() || a.image.is_some() {
         println!("{}", current.spec.name);
     }
     if !a.flags.detach {
@@ -377,22 +394,31 @@ pub async fn converge(
             .filter(|t| t.spec_version == s.spec_version && t.desired_state <= TaskState::Complete)
             .collect();
         let status = s.service_status.unwrap_or_default();
-        let is_job = matches!(s.spec.mode, ServiceMode::ReplicatedJob { .. } | ServiceMode::GlobalJob);
+        let is_job = matches!(
+            s.spec.mode,
+            ServiceMode::ReplicatedJob { .. } | ServiceMode::GlobalJob
+        );
         let done_count = if is_job {
             status.completed_tasks
         } else {
             current
                 .iter()
-                .filter(|t| t.status.state == TaskState::Running && t.desired_state == TaskState::Running)
+                .filter(|t| {
+                    t.status.state == TaskState::Running && t.desired_state == TaskState::Running
+                })
                 .count() as u64
         };
         let mut slots: Vec<String> = current
             .iter()
-            .filter(|t| t.desired_state == TaskState::Running || t.status.state == TaskState::Complete)
+            .filter(|t| {
+                t.desired_state == TaskState::Running || t.status.state == TaskState::Complete
+            })
             .map(|t| {
                 format!(
                     "{}: {}",
-                    t.slot.map(|s| s.to_string()).unwrap_or_else(|| t.node_id.clone().unwrap_or_default()),
+                    t.slot
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| t.node_id.clone().unwrap_or_default()),
                     t.status.state
                 )
             })
@@ -412,10 +438,7 @@ pub async fn converge(
                 UpdateState::RollbackCompleted | UpdateState::RollbackPaused
                     if !u.message.contains("manually requested") =>
                 {
-                    return Err(CliError::new(format!(
-                        "update rolled back: {}",
-                        u.message
-                    )));
+                    return Err(CliError::new(format!("update rolled back: {}", u.message)));
                 }
                 UpdateState::Paused => {
                     return Err(CliError::new(format!("update paused: {}", u.message)));
@@ -437,10 +460,9 @@ pub async fn converge(
             return Ok(());
         }
         // Tasks nobody can take: report the scheduler's reason.
-        if let Some(t) = current
-            .iter()
-            .find(|t| t.status.state == TaskState::Pending && t.status.message.starts_with("no suitable node"))
-        {
+        if let Some(t) = current.iter().find(|t| {
+            t.status.state == TaskState::Pending && t.status.message.starts_with("no suitable node")
+        }) {
             let since = *pending_since.get_or_insert_with(Instant::now);
             if since.elapsed() > Duration::from_secs(3) {
                 return Err(CliError::new(t.status.message.clone()));
@@ -448,11 +470,17 @@ pub async fn converge(
         } else {
             pending_since = None;
         }
-        if let Some(t) = current.iter().find(|t| t.status.state == TaskState::Rejected) {
+        if let Some(t) = current
+            .iter()
+            .find(|t| t.status.state == TaskState::Rejected)
+        {
             return Err(CliError::new(format!(
                 "task {} rejected: {}",
                 t.id,
-                t.status.err.clone().unwrap_or_else(|| t.status.message.clone())
+                t.status
+                    .err
+                    .clone()
+                    .unwrap_or_else(|| t.status.message.clone())
             )));
         }
         if start.elapsed() > timeout {
@@ -533,12 +561,24 @@ async fn ps(client: &Client, a: ServicePsArgs) -> Result<(), CliError> {
         }
         return Ok(());
     }
-    let mut t = table(&["ID", "NAME", "IMAGE", "NODE", "DESIRED STATE", "CURRENT STATE", "ERROR"]);
+    let mut t = table(&[
+        "ID",
+        "NAME",
+        "IMAGE",
+        "NODE",
+        "DESIRED STATE",
+        "CURRENT STATE",
+        "ERROR",
+    ]);
     for (s, tasks) in &all {
         for task in tasks {
             let name = match task.slot {
                 Some(slot) => format!("{}.{slot}", s.spec.name),
-                None => format!("{}.{}", s.spec.name, task.node_id.clone().unwrap_or_default()),
+                None => format!(
+                    "{}.{}",
+                    s.spec.name,
+                    task.node_id.clone().unwrap_or_default()
+                ),
             };
             let mut current = format!("{} {}", task.status.state, ago(task.status.timestamp));
             if let Some(h) = &task.status.health {
@@ -555,7 +595,13 @@ async fn ps(client: &Client, a: ServicePsArgs) -> Result<(), CliError> {
             t.add_row(vec![
                 task.id[..12.min(task.id.len())].to_string(),
                 name,
-                task.spec.container.image.split('@').next().unwrap_or_default().to_string(),
+                task.spec
+                    .container
+                    .image
+                    .split('@')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
                 node_name(&task.node_id),
                 task.desired_state.to_string(),
                 current,

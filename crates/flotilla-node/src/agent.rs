@@ -12,7 +12,9 @@ use flotilla_types::{Heartbeat, HeartbeatResponse, NodeDescription, RenewRequest
 use crate::NodeCtx;
 
 /// Facts about this host for `node inspect` and the scheduler.
-pub fn describe_host(engine: std::collections::BTreeMap<String, serde_json::Value>) -> NodeDescription {
+pub fn describe_host(
+    engine: std::collections::BTreeMap<String, serde_json::Value>,
+) -> NodeDescription {
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into());
@@ -105,7 +107,7 @@ pub async fn heartbeat_loop(
             }
             Err(e) => {
                 failures += 1;
-                if failures == 1 || failures % 20 == 0 {
+                if failures == 1 || failures.is_multiple_of(20) {
                     tracing::warn!(error = %e, failures, "heartbeat failed");
                 }
             }

@@ -86,9 +86,7 @@ impl NodeConfig {
         if !(self.raft_heartbeat_ms < self.raft_election_min_ms
             && self.raft_election_min_ms < self.raft_election_max_ms)
         {
-            return Err(
-                "raft timings must satisfy heartbeat < election-min < election-max".into(),
-            );
+            return Err("raft timings must satisfy heartbeat < election-min < election-max".into());
         }
         if let Some(name) = &self.name {
             flotilla_types::validate_name(name).map_err(|e| format!("--name: {e}"))?;

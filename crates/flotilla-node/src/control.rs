@@ -48,7 +48,12 @@ fn ops_for(
                     t.status = status;
                 }
                 t.meta.updated_at = now;
-                ops.push(Op::update(Table::Tasks, &t.id, encode(&t).ok()?, Some(u.version)));
+                ops.push(Op::update(
+                    Table::Tasks,
+                    &t.id,
+                    encode(&t).ok()?,
+                    Some(u.version),
+                ));
             }
             Action::DeleteTask { task_id, version } => {
                 ops.push(Op::delete(Table::Tasks, task_id, Some(*version)));
@@ -90,7 +95,7 @@ fn ops_for(
 /// safe: every op carries its own precondition, and the next pass recomputes whatever a
 /// rejected chunk did not do.
 async fn write_chunked(mgr: &Manager, ops: Vec<Op>, what: &str) -> Result<(), StoreError> {
-    let limit = (mgr.store.config().max_batch_bytes / 2).max(64 * 1024) as usize;
+    let limit = (mgr.store.config().max_batch_bytes / 2).max(64 * 1024);
     let mut batch = Batch::new();
     let mut chunks = Vec::new();
     for op in ops {
@@ -121,7 +126,10 @@ async fn pass(mgr: &Manager, cfg: &OrchestratorConfig) -> Result<Option<u64>, St
     let by_id: HashMap<&str, &Task> = tasks.iter().map(|t| (t.id.as_str(), t)).collect();
     let mut per_service: HashMap<&str, Vec<Task>> = HashMap::new();
     for t in &tasks {
-        per_service.entry(t.service_id.as_str()).or_default().push(t.clone());
+        per_service
+            .entry(t.service_id.as_str())
+            .or_default()
+            .push(t.clone());
     }
     let mut wake: Option<u64> = None;
     let mut wrote = false;
@@ -151,7 +159,11 @@ async fn pass(mgr: &Manager, cfg: &OrchestratorConfig) -> Result<Option<u64>, St
         }
     }
     // Schedule on the state after this pass's writes.
-    let tasks: Vec<Task> = if wrote { mgr.list().map_err(list)? } else { tasks };
+    let tasks: Vec<Task> = if wrote {
+        mgr.list().map_err(list)?
+    } else {
+        tasks
+    };
     let unassigned: Vec<Task> = tasks
         .iter()
         .filter(|t| {
@@ -165,11 +177,17 @@ async fn pass(mgr: &Manager, cfg: &OrchestratorConfig) -> Result<Option<u64>, St
         let by_id: HashMap<&str, &Task> = unassigned.iter().map(|t| (t.id.as_str(), t)).collect();
         let mut ops = Vec::new();
         for d in decisions {
-            let Some(t) = by_id.get(d.task_id()) else { continue };
+            let Some(t) = by_id.get(d.task_id()) else {
+                continue;
+            };
             let mut t = (*t).clone();
             match d {
                 Decision::Assign { node_id, .. } => {
-                    t.status = TaskStatus::new(TaskState::Assigned, now, "scheduler assigned task to node");
+                    t.status = TaskStatus::new(
+                        TaskState::Assigned,
+                        now,
+                        "scheduler assigned task to node",
+                    );
                     t.node_id = Some(node_id);
                 }
                 Decision::NoSuitableNode { reason, .. } => {
@@ -200,7 +218,9 @@ fn min_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
 }
 
 pub async fn control_loop(ctx: Arc<NodeCtx>, mut stop: watch::Receiver<bool>) {
-    let Some(mgr) = ctx.manager.clone() else { return };
+    let Some(mgr) = ctx.manager.clone() else {
+        return;
+    };
     let cfg = OrchestratorConfig::default();
     let mut watcher = mgr.store.watch(mgr.store.revision()).ok();
     let mut wake_at: Option<u64> = None;

@@ -17,7 +17,9 @@ use crate::disk::{read_identity, write_atomic, write_identity, NodeIdentity, Pat
 use crate::manager::{now_ms, ClusterObject, Manager, CLUSTER_KEY};
 use crate::tls::TlsState;
 use crate::transport::HttpRaftTransport;
-use crate::{agent, api, control, executor, joining, leader, NodeConfig, NodeCtx, NodeError, StartMode};
+use crate::{
+    agent, api, control, executor, joining, leader, NodeConfig, NodeCtx, NodeError, StartMode,
+};
 
 const CA_LIFETIME: Duration = Duration::from_secs(20 * 365 * 24 * 3600);
 const ADMIN_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -35,7 +37,10 @@ fn default_name() -> String {
 }
 
 /// Creates the cluster's root CA, the first manager's identity and the admin bundle.
-fn init_cluster(cfg: &NodeConfig, paths: &Paths) -> Result<(NodeIdentity, ClusterObject), NodeError> {
+fn init_cluster(
+    cfg: &NodeConfig,
+    paths: &Paths,
+) -> Result<(NodeIdentity, ClusterObject), NodeError> {
     let cluster_id = flotilla_types::new_id();
     let node_id = flotilla_types::new_id();
     let ca = Ca::generate(&cluster_id, CA_LIFETIME).map_err(|e| NodeError::Tls(e.to_string()))?;
@@ -47,10 +52,16 @@ fn init_cluster(cfg: &NodeConfig, paths: &Paths) -> Result<(NodeIdentity, Cluste
     write_atomic(&paths.node_cert(), cert.as_bytes(), 0o644).map_err(io("writing cert"))?;
     write_atomic(&paths.node_key(), key.as_bytes(), 0o600).map_err(io("writing key"))?;
     let (acert, akey) = ca
-        .issue(&cluster_id, &format!("admin-{}", &node_id[..8]), Role::Admin, ADMIN_LIFETIME)
+        .issue(
+            &cluster_id,
+            &format!("admin-{}", &node_id[..8]),
+            Role::Admin,
+            ADMIN_LIFETIME,
+        )
         .map_err(|e| NodeError::Tls(e.to_string()))?;
     let admin = paths.admin();
-    write_atomic(&admin.join("ca.pem"), ca.cert_pem().as_bytes(), 0o644).map_err(io("admin bundle"))?;
+    write_atomic(&admin.join("ca.pem"), ca.cert_pem().as_bytes(), 0o644)
+        .map_err(io("admin bundle"))?;
     write_atomic(&admin.join("cert.pem"), acert.as_bytes(), 0o644).map_err(io("admin bundle"))?;
     write_atomic(&admin.join("key.pem"), akey.as_bytes(), 0o600).map_err(io("admin bundle"))?;
     let fp = ca.fingerprint();
@@ -110,7 +121,9 @@ async fn wait_leader(store: &Store, within: Duration) -> Result<(), NodeError> {
     let deadline = tokio::time::Instant::now() + within;
     while store.status().state != "leader" {
         if tokio::time::Instant::now() > deadline {
-            return Err(NodeError::Config("this node did not become leader after bootstrap".into()));
+            return Err(NodeError::Config(
+                "this node did not become leader after bootstrap".into(),
+            ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -129,7 +142,8 @@ fn open_runtime(cfg: &NodeConfig) -> Result<flotilla_runtime::Runtime, NodeError
     if let Some(bin) = &cfg.runtime_bin {
         rc.runtime_bin = bin.clone();
     }
-    flotilla_runtime::Runtime::new(rc).map_err(|e| NodeError::Config(format!("container runtime: {e}")))
+    flotilla_runtime::Runtime::new(rc)
+        .map_err(|e| NodeError::Config(format!("container runtime: {e}")))
 }
 
 /// `flotilla node cleanup`: stops and removes every container this node's runtime holds
@@ -146,7 +160,13 @@ pub async fn cleanup(data_dir: &std::path::Path) -> Result<usize, NodeError> {
     if !data_dir.join("runtime").exists() {
         return Ok(0);
     }
-    let mut cfg = NodeConfig::new(data_dir.to_path_buf(), "127.0.0.1:1".parse().map_err(|_| NodeError::Config("addr".into()))?, StartMode::Resume);
+    let mut cfg = NodeConfig::new(
+        data_dir.to_path_buf(),
+        "127.0.0.1:1"
+            .parse()
+            .map_err(|_| NodeError::Config("addr".into()))?,
+        StartMode::Resume,
+    );
     cfg.runtime_bin = None;
     let rt = open_runtime(&cfg)?;
     let containers = flotilla_runtime::RuntimeDriver::list(&rt)
@@ -179,9 +199,9 @@ pub async fn run(
     }
     let description = agent::describe_host(engine);
     // Bind first: a taken port is a usage error before anything is written.
-    let listener = TcpListener::bind(cfg.listen).await.map_err(|e| {
-        NodeError::Config(format!("cannot listen on {}: {e}", cfg.listen))
-    })?;
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| NodeError::Config(format!("cannot listen on {}: {e}", cfg.listen)))?;
 
     let mut bootstrap: Option<ClusterObject> = None;
     let mut register_voter = false;
@@ -228,7 +248,9 @@ pub async fn run(
         }
     };
     if cfg.mode == StartMode::ForceNewCluster && identity.role != NodeRole::Manager {
-        return Err(NodeError::Config("--force-new-cluster needs a manager's data directory".into()));
+        return Err(NodeError::Config(
+            "--force-new-cluster needs a manager's data directory".into(),
+        ));
     }
     write_identity(&paths, &identity).map_err(io("writing node.json"))?;
 
@@ -279,7 +301,8 @@ pub async fn run(
     if let (Some(mgr), Some(cluster)) = (&manager, bootstrap) {
         mgr.store.initialize(identity.addr.clone()).await?;
         wait_leader(&mgr.store, Duration::from_secs(10)).await?;
-        let cluster_bytes = serde_json::to_vec(&cluster).map_err(|e| NodeError::Config(e.to_string()))?;
+        let cluster_bytes =
+            serde_json::to_vec(&cluster).map_err(|e| NodeError::Config(e.to_string()))?;
         let node_bytes = serde_json::to_vec(&first_node(&identity, description.clone()))
             .map_err(|e| NodeError::Config(e.to_string()))?;
         let out = mgr
@@ -290,7 +313,9 @@ pub async fn run(
             ]))
             .await?;
         if let Err(f) = out.result {
-            return Err(NodeError::Config(format!("seeding the new cluster failed: {f}")));
+            return Err(NodeError::Config(format!(
+                "seeding the new cluster failed: {f}"
+            )));
         }
         tracing::info!(cluster = %identity.cluster_id, node = %identity.node_id, "cluster initialized");
     }
@@ -332,10 +357,18 @@ pub async fn run(
         Err(e) => tracing::warn!(error = %e, "re-adopting containers failed"),
     }
     let loops = vec![
-        tokio::spawn(executor::assignment_loop(ctx.clone(), exec, stop_rx.clone())),
+        tokio::spawn(executor::assignment_loop(
+            ctx.clone(),
+            exec,
+            stop_rx.clone(),
+        )),
         tokio::spawn(executor::report_loop(ctx.clone(), reports, stop_rx.clone())),
         tokio::spawn(control::control_loop(ctx.clone(), stop_rx.clone())),
-        tokio::spawn(agent::heartbeat_loop(ctx.clone(), description, stop_rx.clone())),
+        tokio::spawn(agent::heartbeat_loop(
+            ctx.clone(),
+            description,
+            stop_rx.clone(),
+        )),
         tokio::spawn(agent::renewal_loop(ctx.clone(), stop_rx.clone())),
         tokio::spawn(leader::liveness_loop(ctx.clone(), stop_rx.clone())),
     ];

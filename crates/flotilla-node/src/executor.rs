@@ -46,7 +46,10 @@ fn digest_of(image: &str) -> &str {
 }
 
 impl Executor {
-    pub fn new(ctx: &Arc<NodeCtx>, rt: Runtime) -> (Arc<Executor>, mpsc::UnboundedReceiver<StatusReport>) {
+    pub fn new(
+        ctx: &Arc<NodeCtx>,
+        rt: Runtime,
+    ) -> (Arc<Executor>, mpsc::UnboundedReceiver<StatusReport>) {
         let (tx, rx) = mpsc::unbounded_channel();
         (
             Arc::new(Executor {
@@ -155,8 +158,15 @@ impl Executor {
         if let Ok(entries) = std::fs::read_dir(&logs) {
             for e in entries.flatten() {
                 let id = e.file_name().to_string_lossy().to_string();
-                let busy = self.runners.lock().map(|r| r.contains_key(&id)).unwrap_or(true);
-                if !wanted.contains(&id) && !busy && !self.rt.config().root.join("containers").join(&id).exists() {
+                let busy = self
+                    .runners
+                    .lock()
+                    .map(|r| r.contains_key(&id))
+                    .unwrap_or(true);
+                if !wanted.contains(&id)
+                    && !busy
+                    && !self.rt.config().root.join("containers").join(&id).exists()
+                {
                     let _ = std::fs::remove_dir_all(e.path());
                 }
             }
@@ -170,7 +180,9 @@ impl Executor {
         };
         let mut last = format!("image {image} is not on this node and no manager is known");
         for addr in crate::agent::targets(&ctx) {
-            let Some(client) = ctx.tls.registry(&addr) else { continue };
+            let Some(client) = ctx.tls.registry(&addr) else {
+                continue;
+            };
             match flotilla_registry::pull(&client, self.rt.images(), image, |_| {}).await {
                 Ok(d) => {
                     tracing::info!(image, digest = %d, manager = %addr, "pulled image");
@@ -185,10 +197,7 @@ impl Executor {
     async fn run_task(self: &Arc<Self>, task: Task, mut cmd: watch::Receiver<Command>) {
         let id = task.id.clone();
         let now = now_ms;
-        let adopted = match self.rt.state(&id).await {
-            Ok(s) => Some(s),
-            Err(_) => None,
-        };
+        let adopted = self.rt.state(&id).await.ok();
         let status = |state: TaskState, msg: &str| {
             let mut st = TaskStatus::new(state, now(), msg);
             st.container_id = Some(id.clone());
@@ -201,18 +210,22 @@ impl Executor {
                     self.report(&task, status(TaskState::Running, "started"));
                 }
             }
-            Some(s) if s.status == ContainerStatus::Stopped || s.status == ContainerStatus::Unknown => {
+            Some(s)
+                if s.status == ContainerStatus::Stopped || s.status == ContainerStatus::Unknown =>
+            {
                 // Ended (or its shim died) while the agent was away.
                 let code = s.exit_code;
                 let mut st = match code {
                     Some(0) => status(TaskState::Complete, "finished"),
                     Some(c) => {
-                        let mut st = status(TaskState::Failed, &format!("task: non-zero exit ({c})"));
+                        let mut st =
+                            status(TaskState::Failed, &format!("task: non-zero exit ({c})"));
                         st.err = Some(format!("task: non-zero exit ({c})"));
                         st
                     }
                     None => {
-                        let mut st = status(TaskState::Failed, "container's shim died; outcome unknown");
+                        let mut st =
+                            status(TaskState::Failed, "container's shim died; outcome unknown");
                         st.err = Some("shim died".into());
                         st
                     }
@@ -370,7 +383,11 @@ fn container_spec(task: &Task, digest: &str) -> flotilla_runtime::ContainerSpec 
         id: task.id.clone(),
         image: digest.to_string(),
         entrypoint: c.command.clone(),
-        args: if c.args.is_empty() { None } else { Some(c.args.clone()) },
+        args: if c.args.is_empty() {
+            None
+        } else {
+            Some(c.args.clone())
+        },
         env: c.env.clone(),
         workdir: c.workdir.clone(),
         user: c.user.clone(),
@@ -521,7 +538,10 @@ pub async fn report_loop(
         let mut sent = false;
         for addr in crate::agent::targets(&ctx) {
             let client = ctx.tls.peer(&addr).with_timeout(Duration::from_secs(10));
-            match client.request(Method::POST, &path, Some(body.clone())).await {
+            match client
+                .request(Method::POST, &path, Some(body.clone()))
+                .await
+            {
                 Ok(_) => {
                     sent = true;
                     break;

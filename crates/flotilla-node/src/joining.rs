@@ -19,15 +19,17 @@ pub async fn join_cluster(
 ) -> Result<NodeIdentity, NodeError> {
     let token = JoinToken::parse(token).map_err(|e| NodeError::Join(e.to_string()))?;
     // 1. Fetch the CA certificate over TLS without trusting anything yet; nothing secret is sent.
-    let probe_tls = flotilla_pki::pinning_probe_config().map_err(|e| NodeError::Tls(e.to_string()))?;
+    let probe_tls =
+        flotilla_pki::pinning_probe_config().map_err(|e| NodeError::Tls(e.to_string()))?;
     let probe = Client::new(Endpoint::Https {
         addr: manager.to_string(),
         tls: probe_tls,
     })
     .with_timeout(Duration::from_secs(10));
-    let ca: serde_json::Value = probe.get_json("/v1/join/ca").await.map_err(|e| {
-        NodeError::Join(format!("cannot reach the manager at {manager}: {e}"))
-    })?;
+    let ca: serde_json::Value = probe
+        .get_json("/v1/join/ca")
+        .await
+        .map_err(|e| NodeError::Join(format!("cannot reach the manager at {manager}: {e}")))?;
     let ca_pem = ca
         .get("ca_pem")
         .and_then(|v| v.as_str())
@@ -42,13 +44,15 @@ pub async fn join_cluster(
         )));
     }
     // 2. From now on the manager must prove it holds a certificate from that CA.
-    let tls = flotilla_pki::client_config(&ca_pem, None).map_err(|e| NodeError::Tls(e.to_string()))?;
+    let tls =
+        flotilla_pki::client_config(&ca_pem, None).map_err(|e| NodeError::Tls(e.to_string()))?;
     let client = Client::new(Endpoint::Https {
         addr: manager.to_string(),
         tls,
     })
     .with_timeout(Duration::from_secs(30));
-    let (key_pem, csr_pem) = flotilla_pki::new_key_and_csr().map_err(|e| NodeError::Tls(e.to_string()))?;
+    let (key_pem, csr_pem) =
+        flotilla_pki::new_key_and_csr().map_err(|e| NodeError::Tls(e.to_string()))?;
     let resp: JoinResponse = client
         .post_json(
             "/v1/join",
@@ -63,7 +67,9 @@ pub async fn join_cluster(
         .await
         .map_err(|e| NodeError::Join(format!("join refused: {e}")))?;
     if flotilla_pki::fingerprint_pem(&resp.ca_pem).ok().as_deref() != Some(fp.as_str()) {
-        return Err(NodeError::Join("the manager answered with a different CA".into()));
+        return Err(NodeError::Join(
+            "the manager answered with a different CA".into(),
+        ));
     }
     let io = |e: std::io::Error| NodeError::Io(format!("saving certificates: {e}"));
     write_atomic(&paths.ca_cert(), resp.ca_pem.as_bytes(), 0o644).map_err(io)?;

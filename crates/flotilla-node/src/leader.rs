@@ -14,7 +14,9 @@ use crate::NodeCtx;
 /// Marks nodes whose heartbeats stopped as down. Heartbeats are kept in the leader's memory;
 /// a new leader first grants every node a full timeout before judging it.
 pub async fn liveness_loop(ctx: Arc<NodeCtx>, mut stop: watch::Receiver<bool>) {
-    let Some(mgr) = ctx.manager.clone() else { return };
+    let Some(mgr) = ctx.manager.clone() else {
+        return;
+    };
     let timeout = ctx.cfg.heartbeat_timeout;
     let mut was_leader = false;
     let mut leader_since = Instant::now();
@@ -48,7 +50,10 @@ pub async fn liveness_loop(ctx: Arc<NodeCtx>, mut stop: watch::Receiver<bool>) {
             if n.status.state != NodeState::Ready && n.status.state != NodeState::Unknown {
                 continue;
             }
-            let seen = beats.get(&n.id).map(|t| t.elapsed() < timeout).unwrap_or(false);
+            let seen = beats
+                .get(&n.id)
+                .map(|t| t.elapsed() < timeout)
+                .unwrap_or(false);
             if seen {
                 continue;
             }

@@ -6,13 +6,13 @@
 #![forbid(unsafe_code)]
 
 mod agent;
-mod control;
-mod executor;
 pub mod api;
 mod config;
+mod control;
 mod daemon;
 mod disk;
 mod error;
+mod executor;
 mod joining;
 mod leader;
 mod manager;

@@ -33,8 +33,7 @@ fn pki(e: flotilla_pki::PkiError) -> NodeError {
 fn build(ca_pem: String, cert_pem: String, key_pem: String) -> Result<Material, NodeError> {
     let identity = flotilla_pki::parse_identity_pem(&cert_pem).map_err(pki)?;
     let server = flotilla_pki::server_config(&ca_pem, &cert_pem, &key_pem).map_err(pki)?;
-    let client =
-        flotilla_pki::client_config(&ca_pem, Some((&cert_pem, &key_pem))).map_err(pki)?;
+    let client = flotilla_pki::client_config(&ca_pem, Some((&cert_pem, &key_pem))).map_err(pki)?;
     Ok(Material {
         ca_pem,
         cert_pem,
@@ -125,9 +124,12 @@ impl TlsState {
 
     /// A registry client for the manager at `addr`, verified like every node connection.
     pub fn registry(&self, addr: &str) -> Option<flotilla_registry::RegistryClient> {
-        flotilla_registry::RegistryClient::with_tls(&format!("https://{addr}"), self.client_config_h1())
-            .and_then(|c| c.with_server_name(flotilla_pki::SERVER_NAME))
-            .ok()
+        flotilla_registry::RegistryClient::with_tls(
+            &format!("https://{addr}"),
+            self.client_config_h1(),
+        )
+        .and_then(|c| c.with_server_name(flotilla_pki::SERVER_NAME))
+        .ok()
     }
 
     /// A pooled mTLS client for the node at `addr`.

@@ -30,7 +30,9 @@ impl JoinToken {
         let mut parts = s.splitn(3, '-');
         let (Some(prefix), Some(fp), Some(secret)) = (parts.next(), parts.next(), parts.next())
         else {
-            return Err(PkiError::MalformedToken("expected three '-' separated parts".into()));
+            return Err(PkiError::MalformedToken(
+                "expected three '-' separated parts".into(),
+            ));
         };
         if prefix != "FLT1" {
             return Err(PkiError::MalformedToken(format!(

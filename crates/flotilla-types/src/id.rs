@@ -50,7 +50,9 @@ mod tests {
         let a = new_id();
         let b = new_id();
         assert_eq!(a.len(), 25);
-        assert!(a.chars().all(|c| c.is_ascii_digit() || c.is_ascii_lowercase()));
+        assert!(a
+            .chars()
+            .all(|c| c.is_ascii_digit() || c.is_ascii_lowercase()));
         assert_ne!(a, b);
     }
 
@@ -60,6 +62,9 @@ mod tests {
         assert_eq!(validate_name(""), Err(IdError::Empty));
         assert!(matches!(validate_name("-x"), Err(IdError::BadChar(_))));
         assert!(matches!(validate_name("a b"), Err(IdError::BadChar(_))));
-        assert!(matches!(validate_name(&"a".repeat(64)), Err(IdError::TooLong(_))));
+        assert!(matches!(
+            validate_name(&"a".repeat(64)),
+            Err(IdError::TooLong(_))
+        ));
     }
 }

@@ -135,9 +135,16 @@ pub struct HealthCheck {
 #[serde(rename_all = "snake_case")]
 pub enum HealthProbe {
     /// Run inside the container (`sh -c CMD`); exit 0 = healthy.
-    Exec { cmd: String },
-    Http { path: String, port: u16 },
-    Tcp { port: u16 },
+    Exec {
+        cmd: String,
+    },
+    Http {
+        path: String,
+        port: u16,
+    },
+    Tcp {
+        port: u16,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

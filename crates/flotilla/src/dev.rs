@@ -27,10 +27,15 @@ fn busybox_rootfs(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir.join("etc"))?;
     std::fs::create_dir_all(dir.join("tmp"))?;
     std::fs::copy(&busybox, dir.join("bin/busybox"))?;
-    for applet in ["sh", "echo", "sleep", "cat", "ls", "id", "hostname", "date", "httpd", "wget", "env", "ps"] {
+    for applet in [
+        "sh", "echo", "sleep", "cat", "ls", "id", "hostname", "date", "httpd", "wget", "env", "ps",
+    ] {
         std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet))?;
     }
-    std::fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n")?;
+    std::fs::write(
+        dir.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n",
+    )?;
     std::fs::write(dir.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
     Ok(())
 }
@@ -42,7 +47,10 @@ fn tar_dir(dir: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(b.into_inner()?)
 }
 
-async fn wait_api(client: &Client, node: &tokio::task::JoinHandle<anyhow::Result<()>>) -> anyhow::Result<()> {
+async fn wait_api(
+    client: &Client,
+    node: &tokio::task::JoinHandle<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if node.is_finished() {
@@ -69,7 +77,11 @@ async fn deploy_demo(client: &Client) -> anyhow::Result<()> {
         let config = serde_json::json!({ "env": [], "cmd": ["/bin/sh", "-c", "echo started; while true; do echo \"hello from $(hostname) at $(date)\"; sleep 2; done"] });
         let path = format!(
             "/v1/images/import?name={DEMO_IMAGE}&config={}",
-            config.to_string().bytes().map(|b| format!("%{b:02X}")).collect::<String>()
+            config
+                .to_string()
+                .bytes()
+                .map(|b| format!("%{b:02X}"))
+                .collect::<String>()
         );
         client
             .request(Method::POST, &path, Some(tar_dir(tmp.path())?))
@@ -100,10 +112,14 @@ async fn deploy_demo(client: &Client) -> anyhow::Result<()> {
     }
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let tasks: Vec<Task> = client.get_json(&format!("/v1/tasks?service={DEMO_SERVICE}")).await?;
+        let tasks: Vec<Task> = client
+            .get_json(&format!("/v1/tasks?service={DEMO_SERVICE}"))
+            .await?;
         let running = tasks
             .iter()
-            .filter(|t| t.status.state == TaskState::Running && t.desired_state == TaskState::Running)
+            .filter(|t| {
+                t.status.state == TaskState::Running && t.desired_state == TaskState::Running
+            })
             .count();
         if running >= 3 {
             return Ok(());
@@ -121,10 +137,13 @@ async fn deploy_demo(client: &Client) -> anyhow::Result<()> {
 /// Removes every service and waits until its containers are gone (so a temporary data dir
 /// leaves nothing running behind).
 async fn teardown(client: &Client) {
-    let services: Vec<serde_json::Value> = client.get_json("/v1/services").await.unwrap_or_default();
+    let services: Vec<serde_json::Value> =
+        client.get_json("/v1/services").await.unwrap_or_default();
     for s in &services {
         if let Some(id) = s["id"].as_str() {
-            let _ = client.request(Method::DELETE, &format!("/v1/services/{id}"), None).await;
+            let _ = client
+                .request(Method::DELETE, &format!("/v1/services/{id}"), None)
+                .await;
         }
     }
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -137,7 +156,10 @@ async fn teardown(client: &Client) {
     }
 }
 
-pub async fn run(args: DevArgs, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    args: DevArgs,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let (dir, temp) = match &args.data_dir {
         Some(d) => (d.clone(), None),
         None => {
@@ -155,7 +177,10 @@ pub async fn run(args: DevArgs, shutdown: impl std::future::Future<Output = ()>)
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let node_cfg = cfg.clone();
     let mut engine = std::collections::BTreeMap::new();
-    engine.insert("flotilla_version".to_string(), serde_json::Value::String(env!("CARGO_PKG_VERSION").into()));
+    engine.insert(
+        "flotilla_version".to_string(),
+        serde_json::Value::String(env!("CARGO_PKG_VERSION").into()),
+    );
     let node = tokio::spawn(async move {
         flotilla_node::run(node_cfg, engine, async {
             let _ = stop_rx.await;
@@ -194,7 +219,11 @@ pub async fn run(args: DevArgs, shutdown: impl std::future::Future<Output = ()>)
         dir.display(),
         args.listen,
         dir.join("admin").display(),
-        if temp.is_some() { " (everything is removed)" } else { "" }
+        if temp.is_some() {
+            " (everything is removed)"
+        } else {
+            ""
+        }
     );
     shutdown.await;
     eprintln!("stopping…");

@@ -81,7 +81,10 @@ fn main() -> ExitCode {
         // The shim is a small single-threaded supervisor: no tokio runtime here.
         return ExitCode::from(flotilla_shim::run(args.args).clamp(0, 255) as u8);
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

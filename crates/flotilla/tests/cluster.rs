@@ -1,6 +1,8 @@
 //! Cluster core (issue 2) end to end: real node processes on 127.0.x.y, real Raft over mTLS,
 //! real disks. Each test uses its own 127.0.<net>.0/24 so tests can run side by side.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::{Duration, Instant};
@@ -27,7 +29,10 @@ fn t10_three_managers_and_a_worker_form_a_cluster() {
         .filter(|n| n["manager_status"]["leader"] == true)
         .count();
     assert_eq!(leaders, 1, "exactly one leader: {nodes:#?}");
-    let managers = nodes.iter().filter(|n| n["spec"]["role"] == "manager").count();
+    let managers = nodes
+        .iter()
+        .filter(|n| n["spec"]["role"] == "manager")
+        .count();
     assert_eq!(managers, 3);
     let worker = nodes.iter().find(|n| n["spec"]["name"] == "w1").unwrap();
     assert_eq!(worker["spec"]["role"], "worker");
@@ -80,7 +85,10 @@ fn t20_leader_failover_rejoin_and_full_restart() {
     c.nodes[old].kill9();
     let t0 = Instant::now();
     ack_write(&c, "w1", "after", "1", LONG);
-    eprintln!("first write after leader kill accepted in {:?}", t0.elapsed());
+    eprintln!(
+        "first write after leader kill accepted in {:?}",
+        t0.elapsed()
+    );
     let new = c.wait_leader(LONG);
     assert_ne!(new, old);
     // The old leader restarts from its data dir and rejoins as a follower.
@@ -96,7 +104,10 @@ fn t20_leader_failover_rejoin_and_full_restart() {
     });
     // It serves the state written while it was down.
     wait_for("old leader has caught up", LONG, || {
-        let o = cli(&c.nodes[old].socket(), &["node", "inspect", "w1", "--format", "json"]);
+        let o = cli(
+            &c.nodes[old].socket(),
+            &["node", "inspect", "w1", "--format", "json"],
+        );
         (o.status.success() && stdout(&o).contains("\"after\"")).then_some(())
     });
     // Restart all three managers: the state is intact.
@@ -152,7 +163,16 @@ fn t40_tokens_certificates_and_rotation() {
         let o = std::process::Command::new(BIN)
             .args(["node", "run", "--data-dir"])
             .arg(&dir)
-            .args(["--listen", "127.0.14.9:4440", "--name", name, "--join", &addr, "--token", token])
+            .args([
+                "--listen",
+                "127.0.14.9:4440",
+                "--name",
+                name,
+                "--join",
+                &addr,
+                "--token",
+                token,
+            ])
             .output()
             .unwrap();
         assert!(!o.status.success(), "join with a bad token must fail");
@@ -166,7 +186,11 @@ fn t40_tokens_certificates_and_rotation() {
     let e = try_join(&c, "bad2", &wrong_secret);
     assert!(e.contains("invalid join token"), "{e}");
     // A token pinning another CA.
-    let other_ca = format!("FLT1-{}-{}", "a".repeat(64), &good[good.rfind('-').unwrap() + 1..]);
+    let other_ca = format!(
+        "FLT1-{}-{}",
+        "a".repeat(64),
+        &good[good.rfind('-').unwrap() + 1..]
+    );
     let e = try_join(&c, "bad3", &other_ca);
     assert!(e.contains("CA fingerprint mismatch"), "{e}");
     // A rotated token stops working; the new one works.
@@ -176,7 +200,11 @@ fn t40_tokens_certificates_and_rotation() {
     assert_ne!(rotated, good);
     let e = try_join(&c, "bad4", &good);
     assert!(e.contains("invalid join token"), "{e}");
-    assert_eq!(c.node_ls().unwrap().len(), before, "refused joins changed the cluster");
+    assert_eq!(
+        c.node_ls().unwrap().len(),
+        before,
+        "refused joins changed the cluster"
+    );
     c.join("w1", "worker");
 
     // Remote API: with the admin bundle it works; without a client certificate it is refused.
@@ -191,21 +219,31 @@ fn t40_tokens_certificates_and_rotation() {
     std::fs::copy(other.admin_dir().join("cert.pem"), no_cert.join("cert.pem")).unwrap();
     std::fs::copy(other.admin_dir().join("key.pem"), no_cert.join("key.pem")).unwrap();
     let o = cli_tls(&https, &no_cert, &["node", "ls"]);
-    assert!(!o.status.success(), "a foreign client certificate must be refused");
+    assert!(
+        !o.status.success(),
+        "a foreign client certificate must be refused"
+    );
     let raw = raw_https_without_cert(&addr, &c.admin_dir().join("ca.pem"));
-    assert!(raw.contains("401") && raw.contains("client certificate is required"), "{raw}");
+    assert!(
+        raw.contains("401") && raw.contains("client certificate is required"),
+        "{raw}"
+    );
 
     // Certificates rotate: 12 s lifetime renews after 8 s, without restarts.
     let cert_path = c.nodes[1].dir.join("tls/node.pem");
     let first = std::fs::read(&cert_path).unwrap();
-    wait_for("worker certificate renewed", Duration::from_secs(40), || {
-        (std::fs::read(&cert_path).ok()? != first).then_some(())
-    });
+    wait_for(
+        "worker certificate renewed",
+        Duration::from_secs(40),
+        || (std::fs::read(&cert_path).ok()? != first).then_some(()),
+    );
     let mgr_cert = c.nodes[0].dir.join("tls/node.pem");
     let first_mgr = std::fs::read(&mgr_cert).unwrap();
-    wait_for("manager certificate renewed", Duration::from_secs(40), || {
-        (std::fs::read(&mgr_cert).ok()? != first_mgr).then_some(())
-    });
+    wait_for(
+        "manager certificate renewed",
+        Duration::from_secs(40),
+        || (std::fs::read(&mgr_cert).ok()? != first_mgr).then_some(()),
+    );
     // Well past the first certificates' expiry, everything still works.
     std::thread::sleep(Duration::from_secs(0));
     let o = cli_tls(&https, &c.admin_dir(), &["node", "ls", "--format", "json"]);
@@ -260,7 +298,10 @@ fn t50_quorum_loss_fails_fast_and_reads_are_stale() {
     assert!(err.contains("quorum lost"), "{err}");
     assert!(err.contains("1 of 3 managers reachable"), "{err}");
     assert!(err.contains("--force-new-cluster"), "{err}");
-    assert!(took < Duration::from_secs(5), "write failed only after {took:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "write failed only after {took:?}"
+    );
     // Reads still answer, marked stale.
     let o = cli(&sock, &["node", "ls", "--format", "json"]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -278,7 +319,10 @@ fn t50_quorum_loss_fails_fast_and_reads_are_stale() {
         .spawn()
         .unwrap();
     let o = wait_for("recovered manager accepts writes", LONG, || {
-        let o = cli(&sock, &["node", "update", "w1", "--label-add", "recovered=yes"]);
+        let o = cli(
+            &sock,
+            &["node", "update", "w1", "--label-add", "recovered=yes"],
+        );
         o.status.success().then_some(o)
     });
     drop(o);

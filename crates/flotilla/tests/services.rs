@@ -1,5 +1,7 @@
 //! Services end to end (issue 5): three node processes on 127.0.x.y with real runc containers.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::HashMap;
@@ -30,13 +32,24 @@ fn per_node(running: &[(String, String)]) -> HashMap<String, usize> {
 #[test]
 fn s10_replicas_spread_survive_a_dead_worker_and_stale_tasks_stop() {
     let mut c = three_nodes(21);
-    let o = c.run(&["service", "create", "--name", "web", "--replicas", "6", "bb:1"]);
+    let o = c.run(&[
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--replicas",
+        "6",
+        "bb:1",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let running = c.running("web");
     assert_eq!(running.len(), 6);
     let spread = per_node(&running);
     assert_eq!(spread.len(), 3, "{spread:?}");
-    assert!(spread.values().all(|n| *n == 2), "2/2/2 expected: {spread:?}");
+    assert!(
+        spread.values().all(|n| *n == 2),
+        "2/2/2 expected: {spread:?}"
+    );
 
     // kill -9 a worker: its tasks are replaced on the others.
     let w1 = c.node_id("w1");
@@ -56,26 +69,48 @@ fn s10_replicas_spread_survive_a_dead_worker_and_stale_tasks_stop() {
     // Its containers kept running meanwhile (the shims are independent of the agent).
     let w1_containers = c.nodes[1].dir.join("runtime/containers");
     for id in &stale {
-        assert!(w1_containers.join(id).exists(), "container {id} still there while its node is cut off");
+        assert!(
+            w1_containers.join(id).exists(),
+            "container {id} still there while its node is cut off"
+        );
     }
     // The worker returns: its stale tasks are stopped and cleaned up.
     c.nodes[1].restart();
-    wait_for("stale containers on the returned worker are gone", LONG, || {
-        stale.iter().all(|id| !w1_containers.join(id).exists()).then_some(())
-    });
+    wait_for(
+        "stale containers on the returned worker are gone",
+        LONG,
+        || {
+            stale
+                .iter()
+                .all(|id| !w1_containers.join(id).exists())
+                .then_some(())
+        },
+    );
     assert_eq!(c.running("web").len(), 6);
     let o = c.run(&["service", "rm", "web"]);
     assert!(o.status.success());
-    wait_for("all tasks removed", LONG, || c.tasks_all().is_empty().then_some(()));
+    wait_for("all tasks removed", LONG, || {
+        c.tasks_all().is_empty().then_some(())
+    });
 }
 
 #[test]
 fn s20_drain_global_and_unsatisfiable_constraints() {
     let mut c = three_nodes(22);
-    let o = c.run(&["service", "create", "--name", "g", "--mode", "global", "bb:1"]);
+    let o = c.run(&[
+        "service", "create", "--name", "g", "--mode", "global", "bb:1",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(per_node(&c.running("g")).len(), 3);
-    let o = c.run(&["service", "create", "--name", "r", "--replicas", "3", "bb:1"]);
+    let o = c.run(&[
+        "service",
+        "create",
+        "--name",
+        "r",
+        "--replicas",
+        "3",
+        "bb:1",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
 
     // Drain w2: its replicated and global tasks leave it.
@@ -85,8 +120,11 @@ fn s20_drain_global_and_unsatisfiable_constraints() {
     wait_for("w2 drained", LONG, || {
         let r = c.running("r");
         let g = c.running("g");
-        (r.len() == 3 && r.iter().all(|(_, n)| *n != w2) && g.len() == 2 && g.iter().all(|(_, n)| *n != w2))
-            .then_some(())
+        (r.len() == 3
+            && r.iter().all(|(_, n)| *n != w2)
+            && g.len() == 2
+            && g.iter().all(|(_, n)| *n != w2))
+        .then_some(())
     });
     c.run(&["node", "update", "--availability", "active", "w2"]);
 
@@ -100,7 +138,13 @@ fn s20_drain_global_and_unsatisfiable_constraints() {
 
     // A constraint nobody meets: pending with the reason, and create reports it.
     let o = c.run(&[
-        "service", "create", "--name", "eu", "--constraint", "node.labels.zone==eu", "bb:1",
+        "service",
+        "create",
+        "--name",
+        "eu",
+        "--constraint",
+        "node.labels.zone==eu",
+        "bb:1",
     ]);
     assert!(!o.status.success());
     let err = stderr(&o);
@@ -123,10 +167,25 @@ fn s20_drain_global_and_unsatisfiable_constraints() {
 fn s30_failed_health_check_rolls_back_and_start_first_keeps_capacity() {
     let c = three_nodes(23);
     let o = c.run(&[
-        "service", "create", "--name", "app", "--replicas", "3",
-        "--update-failure-action", "rollback", "--update-monitor", "3s",
-        "--update-order", "start-first", "--update-parallelism", "1", "--update-delay", "3s",
-        "--stop-grace-period", "1s", "bb:1",
+        "service",
+        "create",
+        "--name",
+        "app",
+        "--replicas",
+        "3",
+        "--update-failure-action",
+        "rollback",
+        "--update-monitor",
+        "3s",
+        "--update-order",
+        "start-first",
+        "--update-parallelism",
+        "1",
+        "--update-delay",
+        "3s",
+        "--stop-grace-period",
+        "1s",
+        "bb:1",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let before: Vec<String> = c.running("app").into_iter().map(|(id, _)| id).collect();
@@ -134,13 +193,26 @@ fn s30_failed_health_check_rolls_back_and_start_first_keeps_capacity() {
 
     // An update whose health check always fails → automatic rollback.
     let o = c.run(&[
-        "service", "update", "--health-cmd", "false", "--health-interval", "300ms",
-        "--health-retries", "1", "--health-timeout", "1s", "app",
+        "service",
+        "update",
+        "--health-cmd",
+        "false",
+        "--health-interval",
+        "300ms",
+        "--health-retries",
+        "1",
+        "--health-timeout",
+        "1s",
+        "app",
     ]);
-    assert!(!o.status.success(), "a failing update must not report success");
+    assert!(
+        !o.status.success(),
+        "a failing update must not report success"
+    );
     assert!(stderr(&o).contains("rolled back"), "{}", stderr(&o));
     let s: serde_json::Value = serde_json::from_slice(
-        &c.run(&["service", "inspect", "app", "--format", "json"]).stdout,
+        &c.run(&["service", "inspect", "app", "--format", "json"])
+            .stdout,
     )
     .unwrap();
     assert_eq!(s["update_status"]["state"], "rollback_completed", "{s:#}");
@@ -150,7 +222,10 @@ fn s30_failed_health_check_rolls_back_and_start_first_keeps_capacity() {
     let after: Vec<String> = c.running("app").into_iter().map(|(id, _)| id).collect();
     assert_eq!(after.len(), 3);
     let untouched = before.iter().filter(|id| after.contains(id)).count();
-    assert!(untouched >= 1, "some original tasks kept running: before {before:?} after {after:?}");
+    assert!(
+        untouched >= 1,
+        "some original tasks kept running: before {before:?} after {after:?}"
+    );
 
     // A healthy start-first update: never fewer than 3 running.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -163,7 +238,10 @@ fn s30_failed_health_check_rolls_back_and_start_first_keeps_capacity() {
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 let o = cli(&sock, &["service", "ps", "app", "--format", "json"]);
                 if let Ok(tasks) = serde_json::from_slice::<Vec<serde_json::Value>>(&o.stdout) {
-                    let running = tasks.iter().filter(|t| t["status"]["state"] == "running").count();
+                    let running = tasks
+                        .iter()
+                        .filter(|t| t["status"]["state"] == "running")
+                        .count();
                     min_seen.fetch_min(running, std::sync::atomic::Ordering::SeqCst);
                 }
             }
@@ -179,7 +257,11 @@ fn s30_failed_health_check_rolls_back_and_start_first_keeps_capacity() {
     let current = tasks
         .iter()
         .filter(|t| t["desired_state"] == "running")
-        .filter(|t| t["spec"]["container"]["env"].as_array().is_some_and(|e| e.iter().any(|v| v == "V=2")))
+        .filter(|t| {
+            t["spec"]["container"]["env"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|v| v == "V=2"))
+        })
         .count();
     assert_eq!(current, 3);
 }
@@ -189,61 +271,131 @@ fn s40_restart_limits_scaling_and_jobs() {
     let c = three_nodes(24);
     // on-failure with 2 attempts: the first task and 2 restarts, then nothing.
     let o = c.run(&[
-        "service", "create", "--name", "crash", "--detach", "--restart-condition", "on-failure",
-        "--restart-max-attempts", "2", "--restart-delay", "100ms", "bb:1", "sh", "-c", "exit 3",
+        "service",
+        "create",
+        "--name",
+        "crash",
+        "--detach",
+        "--restart-condition",
+        "on-failure",
+        "--restart-max-attempts",
+        "2",
+        "--restart-delay",
+        "100ms",
+        "bb:1",
+        "sh",
+        "-c",
+        "exit 3",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let failed = wait_for("3 failed tasks in slot 1", LONG, || {
         let t = c.tasks("crash");
-        let failed = t.iter().filter(|t| t["status"]["state"] == "failed").count();
+        let failed = t
+            .iter()
+            .filter(|t| t["status"]["state"] == "failed")
+            .count();
         (failed == 3).then_some(t)
     });
     assert!(failed.iter().all(|t| t["status"]["exit_code"] == 3));
     // And it stays at 3 (no fourth attempt).
     std::thread::sleep(Duration::from_millis(1500));
     let t = c.tasks("crash");
-    assert_eq!(t.iter().filter(|t| t["status"]["state"] == "failed").count(), 3);
+    assert_eq!(
+        t.iter()
+            .filter(|t| t["status"]["state"] == "failed")
+            .count(),
+        3
+    );
     assert!(t.iter().all(|t| t["status"]["state"] != "running"));
     let ps = stdout(&c.run(&["service", "ps", "crash"]));
     assert!(ps.contains("non-zero exit (3)"), "{ps}");
 
     // Scale to 0 and back.
-    let o = c.run(&["service", "create", "--name", "s", "--replicas", "2", "bb:1"]);
+    let o = c.run(&[
+        "service",
+        "create",
+        "--name",
+        "s",
+        "--replicas",
+        "2",
+        "bb:1",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let o = c.run(&["service", "scale", "s=0"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    wait_for("0 running", LONG, || c.running("s").is_empty().then_some(()));
+    wait_for("0 running", LONG, || {
+        c.running("s").is_empty().then_some(())
+    });
     let o = c.run(&["service", "scale", "s=3"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(c.running("s").len(), 3);
 
     // A replicated job: 6 completions, at most 2 at once.
     let o = c.run(&[
-        "service", "create", "--name", "job", "--mode", "replicated-job", "--replicas", "6",
-        "--max-concurrent", "2", "--detach", "bb:1", "sh", "-c", "sleep 0.5; echo done",
+        "service",
+        "create",
+        "--name",
+        "job",
+        "--mode",
+        "replicated-job",
+        "--replicas",
+        "6",
+        "--max-concurrent",
+        "2",
+        "--detach",
+        "bb:1",
+        "sh",
+        "-c",
+        "sleep 0.5; echo done",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let mut max_running = 0;
     wait_for("6 completions", LONG, || {
         let t = c.tasks("job");
-        let running = t.iter().filter(|t| t["status"]["state"] == "running").count();
+        let running = t
+            .iter()
+            .filter(|t| t["status"]["state"] == "running")
+            .count();
         max_running = max_running.max(running);
-        let done = t.iter().filter(|t| t["status"]["state"] == "complete").count();
+        let done = t
+            .iter()
+            .filter(|t| t["status"]["state"] == "complete")
+            .count();
         (done == 6).then_some(())
     });
     assert!(max_running <= 2, "at most 2 at once, saw {max_running}");
     std::thread::sleep(Duration::from_millis(500));
     let t = c.tasks("job");
-    assert_eq!(t.iter().filter(|t| t["status"]["state"] == "complete").count(), 6);
+    assert_eq!(
+        t.iter()
+            .filter(|t| t["status"]["state"] == "complete")
+            .count(),
+        6
+    );
 }
 
 #[test]
 fn s50_service_logs_follow_across_nodes() {
     let c = three_nodes(25);
-    let o = c.run(&["service", "create", "--name", "talk", "--replicas", "3", "bb:1"]);
+    let o = c.run(&[
+        "service",
+        "create",
+        "--name",
+        "talk",
+        "--replicas",
+        "3",
+        "bb:1",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let mut follow = std::process::Command::new(BIN)
-        .args(["--host", &c.nodes[0].socket(), "service", "logs", "-f", "talk"])
+        .args([
+            "--host",
+            &c.nodes[0].socket(),
+            "service",
+            "logs",
+            "-f",
+            "talk",
+        ])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -274,15 +426,26 @@ fn s50_service_logs_follow_across_nodes() {
         let r = c.running("talk");
         (r.len() == 3 && r.iter().all(|(id, _)| *id != victim)).then_some(())
     });
-    let newest: Vec<String> = c.running("talk").into_iter().map(|(id, _)| id[..12].to_string()).collect();
+    let newest: Vec<String> = c
+        .running("talk")
+        .into_iter()
+        .map(|(id, _)| id[..12].to_string())
+        .collect();
     wait_for("lines from the replacement tasks", LONG, || {
         let l = lines.lock().unwrap();
-        newest.iter().all(|id| l.iter().any(|x| x.contains(id.as_str()))).then_some(())
+        newest
+            .iter()
+            .all(|id| l.iter().any(|x| x.contains(id.as_str())))
+            .then_some(())
     });
     let _ = follow.kill();
     let _ = follow.wait();
     let _ = reader.join();
     // Lines are prefixed name.slot.taskid@node.
     let l = lines.lock().unwrap();
-    assert!(l.iter().all(|x| x.starts_with("talk.")), "{:?}", &l[..3.min(l.len())]);
+    assert!(
+        l.iter().all(|x| x.starts_with("talk.")),
+        "{:?}",
+        &l[..3.min(l.len())]
+    );
 }

@@ -304,7 +304,12 @@ fn restart_on_failure_gives_up_after_max_attempts() {
     assert!(sim.reconcile().actions.is_empty());
     assert!(started >= 1);
     // A spec change revives the slot.
-    sim.svc.spec.task_template.container.env.push("CHANGED=1".into());
+    sim.svc
+        .spec
+        .task_template
+        .container
+        .env
+        .push("CHANGED=1".into());
     sim.svc.spec_version += 1;
     sim.settle(10);
     assert_eq!(sim.running_slots(), vec![1]);

@@ -22,10 +22,7 @@ pub async fn ping(State(ctx): State<Ctx>) -> Response {
 
 /// Reachability of each member as this manager sees it: itself, and peers it heard from
 /// within the last two seconds (the leader tracks every member; a follower only the leader).
-pub fn member_reachability(
-    status: &flotilla_store::RaftStatus,
-    raft_id: u64,
-) -> &'static str {
+pub fn member_reachability(status: &flotilla_store::RaftStatus, raft_id: u64) -> &'static str {
     if raft_id == status.id {
         return "reachable";
     }
@@ -45,7 +42,11 @@ pub async fn info(State(ctx): State<Ctx>) -> Result<Response, ApiError> {
     let name_of = |raft_id: u64| {
         nodes
             .iter()
-            .find(|n| n.manager_status.as_ref().is_some_and(|m| m.raft_id == raft_id))
+            .find(|n| {
+                n.manager_status
+                    .as_ref()
+                    .is_some_and(|m| m.raft_id == raft_id)
+            })
             .map(|n| (n.id.clone(), n.spec.name.clone()))
             .unwrap_or_default()
     };
@@ -66,7 +67,12 @@ pub async fn info(State(ctx): State<Ctx>) -> Result<Response, ApiError> {
         .iter()
         .map(|(id, addr)| member(*id, addr, true))
         .collect();
-    managers.extend(status.learners.iter().map(|(id, addr)| member(*id, addr, false)));
+    managers.extend(
+        status
+            .learners
+            .iter()
+            .map(|(id, addr)| member(*id, addr, false)),
+    );
     let leader = managers.iter().find(|m| m.leader).cloned();
     let info = ClusterInfo {
         cluster_id: mgr.cluster_id.clone(),
@@ -138,7 +144,12 @@ pub async fn rotate_token(
     }
     let value = serde_json::to_vec(&c).map_err(|e| ApiError::internal(e.to_string()))?;
     mgr.write(
-        Batch::single(Op::update(Table::Cluster, CLUSTER_KEY, value, Some(version))),
+        Batch::single(Op::update(
+            Table::Cluster,
+            CLUSTER_KEY,
+            value,
+            Some(version),
+        )),
         "cluster",
     )
     .await?;

@@ -50,7 +50,9 @@ pub async fn assignments(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     if !caller.is_node_or_admin(&id) {
-        return Err(ApiError::forbidden("a node may only read its own assignments"));
+        return Err(ApiError::forbidden(
+            "a node may only read its own assignments",
+        ));
     }
     let mgr = ctx.manager()?;
     let mut watch = mgr.store.watch(mgr.store.revision())?;
@@ -97,7 +99,9 @@ pub async fn assignments(
             // Coalesce a burst of task changes into one message.
             tokio::time::sleep(Duration::from_millis(10)).await;
             while let Ok(Some(_)) = tokio::time::timeout(Duration::ZERO, watch.next()).await {}
-            let Ok(now) = assigned(&mgr, &id) else { continue };
+            let Ok(now) = assigned(&mgr, &id) else {
+                continue;
+            };
             if now.tasks == last {
                 continue;
             }
@@ -129,7 +133,9 @@ pub async fn report(
     let mut batch = Batch::new();
     let mut applied = 0usize;
     for r in reports {
-        let Some(mut t) = mgr.get::<Task>(&r.task_id)? else { continue };
+        let Some(mut t) = mgr.get::<Task>(&r.task_id)? else {
+            continue;
+        };
         if t.node_id.as_deref() != Some(id.as_str()) {
             continue;
         }
@@ -142,14 +148,21 @@ pub async fn report(
         }
         t.status = r.status;
         t.meta.updated_at = now_ms();
-        batch.push(Op::update(Table::Tasks, &t.id, encode(&t)?, Some(t.meta.version)));
+        batch.push(Op::update(
+            Table::Tasks,
+            &t.id,
+            encode(&t)?,
+            Some(t.meta.version),
+        ));
         applied += 1;
     }
     if !batch.is_empty() {
         let out = mgr.store.write(batch).await?;
         if let Err(f) = out.result {
             // A concurrent orchestrator write; the agent resends on its next report.
-            return Err(ApiError::conflict(format!("status report raced: {f}; resend")));
+            return Err(ApiError::conflict(format!(
+                "status report raced: {f}; resend"
+            )));
         }
         mgr.kick();
     }

@@ -91,7 +91,7 @@ pub async fn events(
                 Ok(ev) => {
                     let Some(msg) = message(&ev) else { continue };
                     if let Some(ts) = &types {
-                        if !ts.iter().any(|t| *t == msg.kind) {
+                        if !ts.contains(&msg.kind) {
                             continue;
                         }
                     }

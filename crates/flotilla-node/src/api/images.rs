@@ -60,11 +60,14 @@ pub async fn import(
 ) -> Result<Response, ApiError> {
     let rt = runtime(&ctx)?;
     if body.is_empty() {
-        return Err(ApiError::bad_request("empty upload: send a tar of the root filesystem"));
+        return Err(ApiError::bad_request(
+            "empty upload: send a tar of the root filesystem",
+        ));
     }
     let input: ImageConfigInput = match &q.config {
-        Some(c) => serde_json::from_str(c)
-            .map_err(|e| ApiError::bad_request(format!("config: {e}")))?,
+        Some(c) => {
+            serde_json::from_str(c).map_err(|e| ApiError::bad_request(format!("config: {e}")))?
+        }
         None => ImageConfigInput::default(),
     };
     let tmp = spill(&rt, &body)?;
@@ -77,7 +80,9 @@ pub async fn import(
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?
     .map_err(rt_err)?;
-    Ok(json_ok(&serde_json::json!({"name": q.name, "digest": digest})))
+    Ok(json_ok(
+        &serde_json::json!({"name": q.name, "digest": digest}),
+    ))
 }
 
 /// `POST /v1/images/load`, body: a `docker save` or OCI archive.

@@ -25,7 +25,11 @@ pub async fn ca(State(ctx): State<Ctx>) -> Response {
 
 fn same_secret(a: &str, b: &str) -> bool {
     // Constant-time comparison of equal-length secrets.
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 /// A manager's Raft id, derived from its node id.
@@ -62,7 +66,8 @@ pub async fn join(
     let mgr = ctx.manager()?;
     let cluster = mgr.cluster()?;
     let token = JoinToken::parse(&req.token).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let fp = flotilla_pki::fingerprint_pem(&cluster.ca_cert_pem).map_err(|e| ApiError::internal(e.to_string()))?;
+    let fp = flotilla_pki::fingerprint_pem(&cluster.ca_cert_pem)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     if token.ca_fingerprint != fp {
         return Err(ApiError::bad_request(format!(
             "join token pins CA {} but this cluster's CA is {}: the token belongs to another cluster",
@@ -124,7 +129,11 @@ pub async fn join(
         }),
     };
     mgr.write(
-        Batch::single(Op::create(flotilla_store::Table::Nodes, &node_id, encode(&node)?)),
+        Batch::single(Op::create(
+            flotilla_store::Table::Nodes,
+            &node_id,
+            encode(&node)?,
+        )),
         "node",
     )
     .await?;
@@ -149,12 +158,14 @@ pub async fn renew(
     Json(req): Json<RenewRequest>,
 ) -> Result<Response, ApiError> {
     if !caller.is_node_or_admin(&id) {
-        return Err(ApiError::forbidden("a node may only renew its own certificate"));
+        return Err(ApiError::forbidden(
+            "a node may only renew its own certificate",
+        ));
     }
     let mgr = ctx.manager()?;
-    let node: Node = mgr
-        .get(&id)?
-        .ok_or_else(|| ApiError::not_found(format!("node {id} not found (removed from the cluster?)")))?;
+    let node: Node = mgr.get(&id)?.ok_or_else(|| {
+        ApiError::not_found(format!("node {id} not found (removed from the cluster?)"))
+    })?;
     let cluster = mgr.cluster()?;
     let cert_pem = mgr
         .ca()?
@@ -186,18 +197,30 @@ pub async fn add_manager(
     Extension(caller): Extension<Caller>,
     Json(req): Json<AddManager>,
 ) -> Result<Response, ApiError> {
-    let Caller::Node { id, role: Role::Manager } = &caller else {
-        return Err(ApiError::forbidden("only a manager node may add itself as a voter"));
+    let Caller::Node {
+        id,
+        role: Role::Manager,
+    } = &caller
+    else {
+        return Err(ApiError::forbidden(
+            "only a manager node may add itself as a voter",
+        ));
     };
     let mgr = ctx.manager()?;
     let node: Node = mgr
         .get(id)?
         .ok_or_else(|| ApiError::not_found(format!("node {id} not found")))?;
     if node.spec.role != NodeRole::Manager || raft_id_for(id) != req.raft_id {
-        return Err(ApiError::forbidden("this node is not a manager of the cluster"));
+        return Err(ApiError::forbidden(
+            "this node is not a manager of the cluster",
+        ));
     }
     let status = mgr.store.status();
-    if status.voters.iter().any(|(v, a)| *v == req.raft_id && *a == req.addr) {
+    if status
+        .voters
+        .iter()
+        .any(|(v, a)| *v == req.raft_id && *a == req.addr)
+    {
         return Ok(json_ok(&serde_json::json!({"added": false})));
     }
     let _one_at_a_time = mgr.membership.lock().await;

@@ -82,7 +82,13 @@ pub async fn task_logs(
     Path(id): Path<String>,
     Query(q): Query<LogQuery>,
 ) -> Result<Response, ApiError> {
-    let manager_caller = matches!(&caller, Caller::Node { role: flotilla_pki::Role::Manager, .. });
+    let manager_caller = matches!(
+        &caller,
+        Caller::Node {
+            role: flotilla_pki::Role::Manager,
+            ..
+        }
+    );
     if !caller.is_admin() && !manager_caller {
         return Err(ApiError::forbidden("logs are for admins and managers"));
     }
@@ -95,7 +101,9 @@ pub async fn task_logs(
     }
     let path = rt.log_path(&id);
     if !path.exists() {
-        return Err(ApiError::not_found(format!("no logs for task {id} on this node")));
+        return Err(ApiError::not_found(format!(
+            "no logs for task {id} on this node"
+        )));
     }
     let since = q.since.as_deref().map(since_rfc3339).transpose()?;
     // Start following before reading, then skip what the read already returned.
@@ -181,7 +189,9 @@ pub async fn service_logs(
                 .iter()
                 .find(|t| t.id == key || (key.len() >= 6 && t.id.starts_with(&key)))
                 .ok_or_else(|| {
-                    ApiError::not_found(format!("no service or task {key}: see `flotilla service ls`"))
+                    ApiError::not_found(format!(
+                        "no service or task {key}: see `flotilla service ls`"
+                    ))
                 })?;
             let s = services
                 .iter()
@@ -209,7 +219,9 @@ pub async fn service_logs(
                 if started.contains(&t.id) {
                     continue;
                 }
-                let Some((addr, node_name)) = node_addr(&nodes, &t.node_id) else { continue };
+                let Some((addr, node_name)) = node_addr(&nodes, &t.node_id) else {
+                    continue;
+                };
                 started.insert(t.id.clone());
                 let mut path = format!("/v1/tasks/{}/logs?follow={follow}", t.id);
                 if let Some(n) = tail {
@@ -264,4 +276,3 @@ pub async fn service_logs(
     });
     stream_response(rx)
 }
-

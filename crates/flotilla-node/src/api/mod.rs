@@ -45,7 +45,10 @@ pub type Ctx = Arc<NodeCtx>;
 pub enum Caller {
     /// Local socket or an admin certificate.
     Admin,
-    Node { id: String, role: Role },
+    Node {
+        id: String,
+        role: Role,
+    },
     Anonymous,
 }
 
@@ -55,7 +58,11 @@ impl Caller {
             Caller::Admin => "admin".into(),
             Caller::Node { id, role } => format!(
                 "node:{}:{id}",
-                if *role == Role::Manager { "manager" } else { "worker" }
+                if *role == Role::Manager {
+                    "manager"
+                } else {
+                    "worker"
+                }
             ),
             Caller::Anonymous => "anonymous".into(),
         }
@@ -97,7 +104,9 @@ pub fn router(ctx: Ctx) -> Router {
         .route("/v1/nodes", get(nodes::list))
         .route(
             "/v1/nodes/{id}",
-            get(nodes::inspect).post(nodes::update).delete(nodes::remove),
+            get(nodes::inspect)
+                .post(nodes::update)
+                .delete(nodes::remove),
         )
         .route("/v1/nodes/{id}/promote", post(nodes::promote))
         .route("/v1/nodes/{id}/demote", post(nodes::demote))
@@ -105,7 +114,10 @@ pub fn router(ctx: Ctx) -> Router {
         .route("/v1/nodes/{id}/renew", post(join::renew))
         .route("/v1/cluster", get(cluster::info))
         .route("/v1/cluster/join-tokens", get(cluster::join_tokens))
-        .route("/v1/cluster/join-tokens/rotate", post(cluster::rotate_token))
+        .route(
+            "/v1/cluster/join-tokens/rotate",
+            post(cluster::rotate_token),
+        )
         .route("/v1/cluster/managers", post(join::add_manager))
         .route("/v1/services", get(services::list).post(services::create))
         .route(
@@ -132,7 +144,10 @@ pub fn router(ctx: Ctx) -> Router {
             "/v1/images/load",
             post(images::load).layer(axum::extract::DefaultBodyLimit::max(4 << 30)),
         )
-        .route("/v1/images/{*ref}", get(images::inspect).delete(images::remove))
+        .route(
+            "/v1/images/{*ref}",
+            get(images::inspect).delete(images::remove),
+        )
         .route("/v1/services/{id}/logs", get(logs::service_logs))
         .route(
             "/internal/raft/{kind}",
@@ -155,7 +170,9 @@ fn registry_router(ctx: &Ctx) -> Option<Router> {
         return None;
     };
     let state = match flotilla_registry::RegistryState::new(rt.images_shared()) {
-        Ok(s) => s.with_peer(Arc::new(PeerManagers { ctx: Arc::downgrade(ctx) })),
+        Ok(s) => s.with_peer(Arc::new(PeerManagers {
+            ctx: Arc::downgrade(ctx),
+        })),
         Err(e) => {
             tracing::warn!(error = %e, "registry disabled");
             return None;
@@ -173,17 +190,28 @@ impl flotilla_registry::BlobSource for PeerManagers {
     fn fetch<'a>(
         &'a self,
         digest: &'a str,
-    ) -> futures::future::BoxFuture<'a, flotilla_registry::Result<Option<flotilla_registry::BlobStream>>> {
+    ) -> futures::future::BoxFuture<
+        'a,
+        flotilla_registry::Result<Option<flotilla_registry::BlobStream>>,
+    > {
         Box::pin(async move {
-            let Some(ctx) = self.ctx.upgrade() else { return Ok(None) };
-            let Some(mgr) = ctx.manager.clone() else { return Ok(None) };
+            let Some(ctx) = self.ctx.upgrade() else {
+                return Ok(None);
+            };
+            let Some(mgr) = ctx.manager.clone() else {
+                return Ok(None);
+            };
             let status = mgr.store.status();
             for (id, addr) in status.voters.iter().chain(status.learners.iter()) {
                 if *id == status.id {
                     continue;
                 }
-                let Some(client) = ctx.tls.registry(addr) else { continue };
-                if let Ok(Some(stream)) = flotilla_registry::BlobSource::fetch(&client, digest).await {
+                let Some(client) = ctx.tls.registry(addr) else {
+                    continue;
+                };
+                if let Ok(Some(stream)) =
+                    flotilla_registry::BlobSource::fetch(&client, digest).await
+                {
                     return Ok(Some(stream));
                 }
             }
@@ -207,11 +235,16 @@ async fn authorize(State(ctx): State<Ctx>, mut req: Request, next: Next) -> Resp
         Peer::Anonymous => Caller::Anonymous,
         Peer::Verified(id) => {
             if id.cluster_id != ctx.cluster_id() {
-                return ApiError::forbidden("certificate belongs to another cluster").into_response();
+                return ApiError::forbidden("certificate belongs to another cluster")
+                    .into_response();
             }
             match id.role {
                 Role::Admin => Caller::Admin,
-                Role::Manager => match req.headers().get(CALLER_HEADER).and_then(|v| v.to_str().ok()) {
+                Role::Manager => match req
+                    .headers()
+                    .get(CALLER_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                {
                     // A manager forwarding a request on behalf of its own caller.
                     Some(v) => Caller::from_header(v),
                     None => Caller::Node {
@@ -253,7 +286,9 @@ async fn authorize(State(ctx): State<Ctx>, mut req: Request, next: Next) -> Resp
             || path == format!("/v1/nodes/{id}/renew")
             || path == format!("/v1/nodes/{id}/assignments")
             || path == format!("/v1/nodes/{id}/tasks")
-            || (*role == Role::Manager && path.starts_with("/v1/tasks/") && path.ends_with("/logs"))
+            || (*role == Role::Manager
+                && path.starts_with("/v1/tasks/")
+                && path.ends_with("/logs"))
             || path == "/v1/cluster/managers"
             || anonymous_allowed(&path);
         if !own {
@@ -285,11 +320,8 @@ async fn leader_gate(State(ctx): State<Ctx>, req: Request, next: Next) -> Respon
             return next.run(req).await;
         }
         // Linearizable read: confirm leadership with a quorum, then read local state.
-        let barrier = tokio::time::timeout(
-            mgr.write_timeout,
-            mgr.store.linearizable_barrier(),
-        )
-        .await;
+        let barrier =
+            tokio::time::timeout(mgr.write_timeout, mgr.store.linearizable_barrier()).await;
         let stale = !matches!(barrier, Ok(Ok(_)));
         let mut resp = next.run(req).await;
         if stale {
@@ -309,7 +341,11 @@ async fn leader_gate(State(ctx): State<Ctx>, req: Request, next: Next) -> Respon
         Ok(b) => b.to_bytes(),
         Err(e) => return ApiError::bad_request(format!("reading body: {e}")).into_response(),
     };
-    if let Some(addr) = status.leader_addr.clone().filter(|_| status.leader_id.is_some()) {
+    if let Some(addr) = status
+        .leader_addr
+        .clone()
+        .filter(|_| status.leader_id.is_some())
+    {
         match proxy(&ctx, &addr, &parts, &caller, body.clone()).await {
             Ok(resp) => return resp,
             Err(e) => {
@@ -344,7 +380,11 @@ async fn proxy(
         .send_with_headers(
             parts.method.clone(),
             &path,
-            if body.is_empty() { None } else { Some(body.to_vec()) },
+            if body.is_empty() {
+                None
+            } else {
+                Some(body.to_vec())
+            },
             &[(CALLER_HEADER, caller.header_value())],
         )
         .await?;

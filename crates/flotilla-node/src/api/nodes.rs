@@ -120,7 +120,10 @@ pub async fn update(
     node.meta.updated_at = now_ms();
     let id = node.id.clone();
     let rev = mgr
-        .write(Batch::single(Manager::put_op(&node, &id, Some(expect))?), "node")
+        .write(
+            Batch::single(Manager::put_op(&node, &id, Some(expect))?),
+            "node",
+        )
         .await?;
     node.meta.version = rev;
     Ok(json_ok(&node))
@@ -182,10 +185,7 @@ pub async fn promote(
     Ok(json_ok(&node))
 }
 
-pub async fn demote(
-    State(ctx): State<Ctx>,
-    Path(key): Path<String>,
-) -> Result<Response, ApiError> {
+pub async fn demote(State(ctx): State<Ctx>, Path(key): Path<String>) -> Result<Response, ApiError> {
     let mgr = ctx.manager()?;
     let mut node = find_node(&mgr, &key)?;
     if node.spec.role == NodeRole::Worker {

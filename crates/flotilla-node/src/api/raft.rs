@@ -14,7 +14,9 @@ pub async fn rpc(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let mgr = ctx.manager()?;
-    let kind: RpcKind = kind.parse().map_err(|e: flotilla_store::StoreError| ApiError::bad_request(e.to_string()))?;
+    let kind: RpcKind = kind
+        .parse()
+        .map_err(|e: flotilla_store::StoreError| ApiError::bad_request(e.to_string()))?;
     let out = mgr.store.handle_rpc(kind, &body).await?;
     Ok(out.into_response())
 }

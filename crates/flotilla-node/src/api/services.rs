@@ -64,7 +64,9 @@ pub fn validate_spec(spec: &ServiceSpec) -> Result<(), ApiError> {
     let mut published = std::collections::HashSet::new();
     for p in &spec.endpoint_spec.ports {
         if p.published == 0 || p.target == 0 {
-            return Err(ApiError::bad_request("published and target ports must be 1..65535"));
+            return Err(ApiError::bad_request(
+                "published and target ports must be 1..65535",
+            ));
         }
         if !published.insert((p.published, p.protocol.clone())) {
             return Err(ApiError::bad_request(format!(
@@ -279,7 +281,10 @@ pub async fn update(
     s.service_status = None;
     let id = s.id.clone();
     let rev = mgr
-        .write(Batch::single(Manager::put_op(&s, &id, Some(expect))?), "service")
+        .write(
+            Batch::single(Manager::put_op(&s, &id, Some(expect))?),
+            "service",
+        )
         .await?;
     mgr.kick();
     Ok(json_ok(&serde_json::json!({
@@ -322,13 +327,12 @@ pub async fn rollback(
         )
         .await?;
     mgr.kick();
-    Ok(json_ok(&serde_json::json!({"id": id, "version": rev, "spec_version": s.spec_version})))
+    Ok(json_ok(
+        &serde_json::json!({"id": id, "version": rev, "spec_version": s.spec_version}),
+    ))
 }
 
-pub async fn remove(
-    State(ctx): State<Ctx>,
-    Path(key): Path<String>,
-) -> Result<Response, ApiError> {
+pub async fn remove(State(ctx): State<Ctx>, Path(key): Path<String>) -> Result<Response, ApiError> {
     let mgr = ctx.manager()?;
     let s = find_service(&mgr, &key)?;
     mgr.write(
@@ -337,7 +341,9 @@ pub async fn remove(
     )
     .await?;
     mgr.kick();
-    Ok(json_ok(&serde_json::json!({"removed": s.id, "name": s.spec.name})))
+    Ok(json_ok(
+        &serde_json::json!({"removed": s.id, "name": s.spec.name}),
+    ))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -370,7 +376,11 @@ pub async fn tasks(
         .list::<Task>()?
         .into_iter()
         .filter(|t| service_id.as_ref().is_none_or(|s| &t.service_id == s))
-        .filter(|t| node_id.as_ref().is_none_or(|n| t.node_id.as_ref() == Some(n)))
+        .filter(|t| {
+            node_id
+                .as_ref()
+                .is_none_or(|n| t.node_id.as_ref() == Some(n))
+        })
         .filter(|t| desired.is_none_or(|d| t.desired_state == d))
         .collect();
     tasks.sort_by(|a, b| {

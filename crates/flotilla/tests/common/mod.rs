@@ -1,6 +1,6 @@
 //! Test harness: real `flotilla` node processes on distinct loopback addresses, real sockets,
 //! real disks. Every wait is a condition polled against a deadline.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -58,7 +58,10 @@ impl NodeProc {
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
-        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Ok(Some(st)) = c.try_wait() {
@@ -200,23 +203,31 @@ impl Cluster {
         let via = self.live_manager_addr();
         let idx = self.add_node(name, &["--join", &via, "--token", &token]);
         let want = name.to_string();
-        wait_for(&format!("{name} to be ready"), Duration::from_secs(60), || {
-            let nodes = self.node_ls().ok()?;
-            nodes
-                .iter()
-                .any(|n| n["spec"]["name"] == want.as_str() && n["status"]["state"] == "ready")
-                .then_some(())
-        });
+        wait_for(
+            &format!("{name} to be ready"),
+            Duration::from_secs(60),
+            || {
+                let nodes = self.node_ls().ok()?;
+                nodes
+                    .iter()
+                    .any(|n| n["spec"]["name"] == want.as_str() && n["status"]["state"] == "ready")
+                    .then_some(())
+            },
+        );
         if role == "manager" {
             let addr = self.nodes[idx].addr.clone();
-            wait_for(&format!("{name} to be a raft voter"), Duration::from_secs(60), || {
-                let info = self.cluster_info().ok()?;
-                info["managers"]
-                    .as_array()?
-                    .iter()
-                    .any(|m| m["addr"] == addr.as_str() && m["voter"] == true)
-                    .then_some(())
-            });
+            wait_for(
+                &format!("{name} to be a raft voter"),
+                Duration::from_secs(60),
+                || {
+                    let info = self.cluster_info().ok()?;
+                    info["managers"]
+                        .as_array()?
+                        .iter()
+                        .any(|m| m["addr"] == addr.as_str() && m["voter"] == true)
+                        .then_some(())
+                },
+            );
         }
         idx
     }
@@ -278,7 +289,10 @@ impl Cluster {
                 Err(_) => continue,
             };
             let addr = v["leader"]["addr"].as_str()?.to_string();
-            return self.nodes.iter().position(|n| n.addr == addr && n.child.is_some());
+            return self
+                .nodes
+                .iter()
+                .position(|n| n.addr == addr && n.child.is_some());
         }
         None
     }
@@ -294,7 +308,10 @@ pub fn busybox_rootfs(dir: &Path) {
     std::fs::create_dir_all(dir.join("etc")).unwrap();
     std::fs::create_dir_all(dir.join("tmp")).unwrap();
     std::fs::copy("/bin/busybox", dir.join("bin/busybox")).expect("busybox-static installed");
-    for a in ["sh", "echo", "sleep", "cat", "ls", "id", "hostname", "date", "false", "true", "test", "mount", "touch"] {
+    for a in [
+        "sh", "echo", "sleep", "cat", "ls", "id", "hostname", "date", "false", "true", "test",
+        "mount", "touch",
+    ] {
         std::os::unix::fs::symlink("busybox", dir.join("bin").join(a)).unwrap();
     }
     std::fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
@@ -316,13 +333,31 @@ impl Cluster {
             }
             let o = cli(
                 &n.socket(),
-                &["image", "import", rootfs.to_str().unwrap(), "--name", name, "--cmd", cmd],
+                &[
+                    "image",
+                    "import",
+                    rootfs.to_str().unwrap(),
+                    "--name",
+                    name,
+                    "--cmd",
+                    cmd,
+                ],
             );
             assert!(o.status.success(), "import on {}: {}", n.name, stderr(&o));
-            digests.push(stdout(&o).split_whitespace().nth(1).unwrap_or_default().to_string());
+            digests.push(
+                stdout(&o)
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or_default()
+                    .to_string(),
+            );
         }
         digests.dedup();
-        assert_eq!(digests.len(), 1, "same image, same digest everywhere: {digests:?}");
+        assert_eq!(
+            digests.len(),
+            1,
+            "same image, same digest everywhere: {digests:?}"
+        );
         digests.remove(0)
     }
 
@@ -335,10 +370,22 @@ impl Cluster {
         }
         let o = cli(
             &self.nodes[0].socket(),
-            &["image", "import", rootfs.to_str().unwrap(), "--name", name, "--cmd", cmd],
+            &[
+                "image",
+                "import",
+                rootfs.to_str().unwrap(),
+                "--name",
+                name,
+                "--cmd",
+                cmd,
+            ],
         );
         assert!(o.status.success(), "import: {}", stderr(&o));
-        stdout(&o).split_whitespace().nth(1).unwrap_or_default().to_string()
+        stdout(&o)
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_string()
     }
 
     /// Runs the CLI against the first manager's socket.
@@ -354,8 +401,12 @@ impl Cluster {
 
     /// Every task of every service.
     pub fn tasks_all(&self) -> Vec<serde_json::Value> {
-        let o = cli(&self.nodes[0].socket(), &["service", "ls", "--format", "json"]);
-        let services: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        let o = cli(
+            &self.nodes[0].socket(),
+            &["service", "ls", "--format", "json"],
+        );
+        let services: Vec<serde_json::Value> =
+            serde_json::from_slice(&o.stdout).unwrap_or_default();
         let mut out = Vec::new();
         for s in services {
             out.extend(self.tasks(s["id"].as_str().unwrap_or_default()));
