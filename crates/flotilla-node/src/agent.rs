@@ -98,11 +98,15 @@ pub async fn heartbeat_loop(
                 ctx.set_managers(resp.managers);
                 period = Duration::from_millis(resp.period_ms.clamp(100, 60_000));
                 if resp.role != ident.role {
-                    tracing::warn!(
+                    tracing::info!(
                         wanted = resp.role.as_str(),
                         current = ident.role.as_str(),
-                        "the cluster changed this node's role; restart the node to apply it"
+                        "the cluster changed this node's role; switching"
                     );
+                    match switch_role(&ctx, resp.role).await {
+                        Ok(()) => return,
+                        Err(e) => tracing::warn!(error = %e, "role switch failed; will retry"),
+                    }
                 }
             }
             Err(e) => {
@@ -117,6 +121,25 @@ pub async fn heartbeat_loop(
             _ = flotilla_api::server::stopped(&mut stop) => return,
         }
     }
+}
+
+/// Gets a certificate for the new role, records the role, and asks the daemon to restart its
+/// internals in it.
+async fn switch_role(ctx: &NodeCtx, role: flotilla_types::NodeRole) -> Result<(), String> {
+    renew(ctx).await?;
+    let got = ctx.tls.identity().role;
+    let want = match role {
+        flotilla_types::NodeRole::Manager => flotilla_pki::Role::Manager,
+        flotilla_types::NodeRole::Worker => flotilla_pki::Role::Worker,
+    };
+    if got != want {
+        return Err(format!(
+            "renewed certificate has role {got:?}, expected {want:?}"
+        ));
+    }
+    ctx.set_role(role).map_err(|e| e.to_string())?;
+    ctx.role_changed.notify_one();
+    Ok(())
 }
 
 fn unix_now() -> i64 {

@@ -182,12 +182,21 @@ pub async fn cleanup(data_dir: &std::path::Path) -> Result<usize, NodeError> {
     Ok(removed)
 }
 
+/// Why [`run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// Shut down on request.
+    Stopped,
+    /// The node's role changed: call [`run`] again (mode [`StartMode::Resume`]).
+    RoleChanged,
+}
+
 /// Runs a node until `shutdown` resolves (the binary passes SIGTERM/SIGINT).
 pub async fn run(
     cfg: NodeConfig,
     engine: std::collections::BTreeMap<String, serde_json::Value>,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), NodeError> {
+) -> Result<RunOutcome, NodeError> {
     cfg.validate().map_err(NodeError::Config)?;
     let paths = Paths::new(&cfg.data_dir);
     std::fs::create_dir_all(&cfg.data_dir).map_err(io("creating the data directory"))?;
@@ -296,6 +305,7 @@ pub async fn run(
         tls: tls.clone(),
         manager: manager.clone(),
         runtime: Some(runtime.clone()),
+        role_changed: tokio::sync::Notify::new(),
     });
     // A new cluster is seeded before the API opens, so no client ever sees it half-made.
     if let (Some(mgr), Some(cluster)) = (&manager, bootstrap) {
@@ -335,7 +345,8 @@ pub async fn run(
         tokio::spawn(async move { flotilla_api::serve_unix(&sock, router, stop).await })
     };
 
-    if register_voter {
+    // A manager whose Raft state is empty (just joined, or just promoted) asks to be added.
+    if register_voter || manager.as_ref().is_some_and(|m| !m.store.is_initialized()) {
         register_as_voter(&ctx).await?;
     }
     tracing::info!(
@@ -373,8 +384,11 @@ pub async fn run(
         tokio::spawn(leader::liveness_loop(ctx.clone(), stop_rx.clone())),
     ];
 
-    shutdown.await;
-    tracing::info!("shutting down");
+    let outcome = tokio::select! {
+        _ = shutdown => RunOutcome::Stopped,
+        _ = ctx.role_changed.notified() => RunOutcome::RoleChanged,
+    };
+    tracing::info!(?outcome, "shutting down");
     let _ = stop_tx.send(true);
     for l in loops {
         let _ = l.await;
@@ -386,7 +400,18 @@ pub async fn run(
             tracing::warn!(error = %e, "store shutdown");
         }
     }
-    Ok(())
+    drop(manager);
+    if outcome == RunOutcome::RoleChanged && ctx.identity().role == NodeRole::Worker {
+        // Demoted: keep the old Raft data aside rather than deleting it.
+        let raft = paths.raft();
+        if raft.exists() {
+            let aside = paths.dir.join(format!("raft.demoted-{}", now_ms() / 1000));
+            if let Err(e) = std::fs::rename(&raft, &aside) {
+                tracing::warn!(error = %e, "moving the old raft data aside failed");
+            }
+        }
+    }
+    Ok(outcome)
 }
 
 /// A freshly joined manager asks the leader to add it as a Raft voter (retrying while the

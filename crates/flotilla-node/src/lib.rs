@@ -22,7 +22,7 @@ mod transport;
 use std::sync::{Arc, RwLock};
 
 pub use config::{NodeConfig, StartMode};
-pub use daemon::{cleanup, run};
+pub use daemon::{cleanup, run, RunOutcome};
 pub use disk::{NodeIdentity, Paths};
 pub use error::{ApiError, NodeError};
 pub use manager::Manager;
@@ -38,6 +38,9 @@ pub struct NodeCtx {
     pub manager: Option<Arc<Manager>>,
     /// The node's container runtime and image store.
     pub runtime: Option<flotilla_runtime::Runtime>,
+    /// Notified when the cluster changed this node's role and the daemon must restart its
+    /// internals in the new role (promotion / demotion).
+    pub role_changed: tokio::sync::Notify,
 }
 
 impl NodeCtx {
@@ -56,6 +59,19 @@ impl NodeCtx {
         self.manager
             .clone()
             .ok_or_else(|| Err_::unavailable("this node is not a manager"))
+    }
+
+    /// Records a new role in node.json (after the matching certificate is installed).
+    pub fn set_role(&self, role: flotilla_types::NodeRole) -> std::io::Result<()> {
+        let id = {
+            let mut g = match self.identity.write() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            g.role = role;
+            g.clone()
+        };
+        disk::write_identity(&self.paths, &id)
     }
 
     /// Updates the known manager addresses (persisted when they change).

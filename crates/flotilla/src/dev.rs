@@ -186,6 +186,7 @@ pub async fn run(
             let _ = stop_rx.await;
         })
         .await
+        .map(|_| ())
         .map_err(anyhow::Error::from)
     });
     let sock = dir.join("api.sock");

@@ -65,14 +65,32 @@ async fn shutdown_signal() {
 }
 
 async fn run_node(args: RunArgs) -> anyhow::Result<()> {
-    let cfg = node_config(&args)?;
+    let mut cfg = node_config(&args)?;
     let mut engine = std::collections::BTreeMap::new();
     engine.insert(
         "flotilla_version".to_string(),
         serde_json::Value::String(env!("CARGO_PKG_VERSION").into()),
     );
-    flotilla_node::run(cfg, engine, shutdown_signal()).await?;
-    Ok(())
+    // One signal watcher for the whole process: a role change restarts the node's internals
+    // in-process, and a later SIGTERM must still stop them.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    loop {
+        let mut rx = stop_rx.clone();
+        let stopped = async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        match flotilla_node::run(cfg.clone(), engine.clone(), stopped).await? {
+            flotilla_node::RunOutcome::Stopped => return Ok(()),
+            flotilla_node::RunOutcome::RoleChanged => {
+                tracing::info!("restarting in the node's new role");
+                cfg.mode = StartMode::Resume;
+            }
+        }
+    }
 }
 
 fn main() -> ExitCode {

@@ -335,3 +335,43 @@ fn t50_quorum_loss_fails_fast_and_reads_are_stale() {
     let _ = rec.kill();
     let _ = rec.wait();
 }
+
+#[test]
+fn t60_promote_and_demote() {
+    let mut c = three_managers_one_worker(17, &[]);
+    let o = c.any_cli(&["node", "promote", "w1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let addr = c.nodes[3].addr.clone();
+    wait_for("w1 is a raft voter", LONG, || {
+        let info = c.cluster_info().ok()?;
+        let m = info["managers"].as_array()?;
+        (m.len() == 4
+            && m.iter().any(|m| {
+                m["addr"] == addr.as_str() && m["voter"] == true && m["reachability"] == "reachable"
+            }))
+        .then_some(())
+    });
+    // Its own socket now answers cluster commands (it is a manager).
+    let o = cli(&c.nodes[3].socket(), &["node", "ls", "--format", "json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Demote it again (it is not the leader: the leader was elected among the first three).
+    let o = c.any_cli(&["node", "demote", "w1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    wait_for("three voters again", LONG, || {
+        let info = c.cluster_info().ok()?;
+        (info["managers"].as_array()?.len() == 3).then_some(())
+    });
+    wait_for("w1 runs as a worker", LONG, || {
+        let o = cli(&c.nodes[3].socket(), &["node", "ls"]);
+        (!o.status.success() && stderr(&o).contains("worker")).then_some(())
+    });
+    let nodes = c.node_ls().unwrap();
+    let w1 = nodes.iter().find(|n| n["spec"]["name"] == "w1").unwrap();
+    assert_eq!(w1["spec"]["role"], "worker");
+    assert!(c.nodes[3].is_running());
+    // The last manager cannot be demoted; the leader is refused with a hint.
+    let leader = c.wait_leader(LONG);
+    let o = c.any_cli(&["node", "demote", &c.nodes[leader].name.clone()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("leader"), "{}", stderr(&o));
+}

@@ -193,6 +193,11 @@ pub async fn demote(State(ctx): State<Ctx>, Path(key): Path<String>) -> Result<R
     }
     let status = mgr.store.status();
     let raft_id = raft_id_for(&node.id);
+    if status.id == raft_id {
+        return Err(ApiError::bad_request(
+            "this manager is the leader: demote it from another manager after leadership moves (stop it briefly), or demote another manager",
+        ));
+    }
     if status.voters.len() <= 1 && status.voters.iter().any(|(v, _)| *v == raft_id) {
         return Err(ApiError::bad_request(
             "cannot demote the last manager: promote another node first",
