@@ -9,7 +9,6 @@
 
 use std::time::Duration;
 
-use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::response::Response;
 use axum::{Extension, Json};
@@ -56,15 +55,11 @@ pub async fn assignments(
     }
     let mgr = ctx.manager()?;
     let mut watch = mgr.store.watch(mgr.store.revision())?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
     let first = assigned(&mgr, &id)?;
     tokio::spawn(async move {
-        let send = |a: &Assignments| {
-            let mut v = serde_json::to_vec(a).unwrap_or_default();
-            v.push(b'\n');
-            bytes::Bytes::from(v)
-        };
-        if tx.send(Ok(send(&first))).await.is_err() {
+        let send = super::ndjson::<Assignments>;
+        if tx.send(send(&first)).await.is_err() {
             return;
         }
         let mut last = first.tasks;
@@ -105,19 +100,13 @@ pub async fn assignments(
             if now.tasks == last {
                 continue;
             }
-            if tx.send(Ok(send(&now))).await.is_err() {
+            if tx.send(send(&now)).await.is_err() {
                 return;
             }
             last = now.tasks;
         }
     });
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
-    Response::builder()
-        .header("content-type", "application/x-ndjson")
-        .body(Body::from_stream(stream))
-        .map_err(|e| ApiError::internal(e.to_string()))
+    super::stream_response(rx)
 }
 
 pub async fn report(

@@ -1,4 +1,3 @@
-use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::response::Response;
 use serde::Deserialize;
@@ -84,7 +83,7 @@ pub async fn events(
         )),
         other => other.into(),
     })?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(64);
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(64);
     tokio::spawn(async move {
         while let Some(item) = watch.next().await {
             let line = match item {
@@ -95,32 +94,19 @@ pub async fn events(
                             continue;
                         }
                     }
-                    match serde_json::to_vec(&msg) {
-                        Ok(mut v) => {
-                            v.push(b'\n');
-                            v
-                        }
-                        Err(_) => continue,
-                    }
+                    super::ndjson(&msg)
                 }
                 Err(e) => {
-                    let mut v = serde_json::to_vec(&serde_json::json!({"error": e.to_string()}))
-                        .unwrap_or_default();
-                    v.push(b'\n');
-                    let _ = tx.send(Ok(v.into())).await;
+                    let _ = tx
+                        .send(super::ndjson(&serde_json::json!({"error": e.to_string()})))
+                        .await;
                     break;
                 }
             };
-            if tx.send(Ok(line.into())).await.is_err() {
+            if tx.send(line).await.is_err() {
                 break;
             }
         }
     });
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
-    Response::builder()
-        .header("content-type", "application/x-ndjson")
-        .body(Body::from_stream(stream))
-        .map_err(|e| ApiError::internal(e.to_string()))
+    super::stream_response(rx)
 }

@@ -9,7 +9,6 @@
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
 
-use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use axum::Extension;
@@ -57,24 +56,6 @@ fn since_rfc3339(s: &str) -> Result<String, ApiError> {
     )))
 }
 
-fn ndjson<T: Serialize>(v: &T) -> bytes::Bytes {
-    let mut b = serde_json::to_vec(v).unwrap_or_default();
-    b.push(b'\n');
-    b.into()
-}
-
-fn stream_response(rx: mpsc::Receiver<bytes::Bytes>) -> Result<Response, ApiError> {
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|item| (Ok::<_, std::io::Error>(item), rx))
-    });
-    Response::builder()
-        .header("content-type", "application/x-ndjson")
-        .body(Body::from_stream(stream))
-        .map_err(|e| ApiError::internal(e.to_string()))
-}
-
 /// `GET /v1/tasks/{id}/logs` (node-local).
 pub async fn task_logs(
     State(ctx): State<Ctx>,
@@ -119,7 +100,7 @@ pub async fn task_logs(
     tokio::spawn(async move {
         let mut last = String::new();
         for l in &lines {
-            if tx.send(ndjson(l)).await.is_err() {
+            if tx.send(super::ndjson(l)).await.is_err() {
                 return;
             }
         }
@@ -136,7 +117,7 @@ pub async fn task_logs(
                             continue;
                         }
                         last = l.ts.clone();
-                        if tx.send(ndjson(&l)).await.is_err() {
+                        if tx.send(super::ndjson(&l)).await.is_err() {
                             return;
                         }
                     }
@@ -152,7 +133,7 @@ pub async fn task_logs(
             }
         }
     });
-    stream_response(rx)
+    super::stream_response(rx)
 }
 
 fn node_addr(nodes: &[Node], id: &Option<String>) -> Option<(String, String)> {
@@ -250,13 +231,13 @@ pub async fn service_logs(
                                 }
                                 while let Ok(l) = lrx.try_recv() {
                                     let out = ServiceLogLine { task_id: label.0.clone(), service: label.1.clone(), slot: label.2, node: label.3.clone(), line: l };
-                                    if tx.send(ndjson(&out)).await.is_err() { return; }
+                                    if tx.send(super::ndjson(&out)).await.is_err() { return; }
                                 }
                                 return;
                             }
                             Some(l) = lrx.recv() => {
                                 let out = ServiceLogLine { task_id: label.0.clone(), service: label.1.clone(), slot: label.2, node: label.3.clone(), line: l };
-                                if tx.send(ndjson(&out)).await.is_err() { return; }
+                                if tx.send(super::ndjson(&out)).await.is_err() { return; }
                             }
                         }
                     }
@@ -274,5 +255,5 @@ pub async fn service_logs(
             let _ = h.await;
         }
     });
-    stream_response(rx)
+    super::stream_response(rx)
 }

@@ -416,3 +416,25 @@ pub struct VersionQuery {
 pub fn json_ok<T: serde::Serialize>(v: &T) -> Response {
     axum::Json(v).into_response()
 }
+
+/// One newline-terminated JSON document.
+pub fn ndjson<T: serde::Serialize>(v: &T) -> bytes::Bytes {
+    let mut b = serde_json::to_vec(v).unwrap_or_default();
+    b.push(b'\n');
+    b.into()
+}
+
+/// A streaming `application/x-ndjson` response fed by `rx` (ends when the sender is dropped).
+pub fn stream_response(
+    rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+) -> Result<Response, ApiError> {
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|item| (Ok::<_, std::io::Error>(item), rx))
+    });
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .map_err(|e| ApiError::internal(e.to_string()))
+}

@@ -117,6 +117,14 @@ fn find_service(mgr: &Manager, key: &str) -> Result<Service, ApiError> {
     }
 }
 
+fn nodes_by_id(mgr: &Manager) -> Result<HashMap<String, Node>, ApiError> {
+    Ok(mgr
+        .list::<Node>()?
+        .into_iter()
+        .map(|n| (n.id.clone(), n))
+        .collect())
+}
+
 fn status_of(service: &Service, tasks: &[&Task], nodes: &HashMap<String, Node>) -> ServiceStatus {
     let running = tasks
         .iter()
@@ -198,11 +206,7 @@ pub async fn list(State(ctx): State<Ctx>) -> Result<Response, ApiError> {
     let mgr = ctx.manager()?;
     let services: Vec<Service> = mgr.list()?;
     let tasks: Vec<Task> = mgr.list()?;
-    let nodes: HashMap<String, Node> = mgr
-        .list::<Node>()?
-        .into_iter()
-        .map(|n| (n.id.clone(), n))
-        .collect();
+    let nodes = nodes_by_id(&mgr)?;
     let mut by_service: HashMap<&str, Vec<&Task>> = HashMap::new();
     for t in &tasks {
         by_service.entry(t.service_id.as_str()).or_default().push(t);
@@ -226,11 +230,7 @@ pub async fn inspect(
     let mgr = ctx.manager()?;
     let mut s = find_service(&mgr, &key)?;
     let tasks: Vec<Task> = mgr.list()?;
-    let nodes: HashMap<String, Node> = mgr
-        .list::<Node>()?
-        .into_iter()
-        .map(|n| (n.id.clone(), n))
-        .collect();
+    let nodes = nodes_by_id(&mgr)?;
     let mine: Vec<&Task> = tasks.iter().filter(|t| t.service_id == s.id).collect();
     s.service_status = Some(status_of(&s, &mine, &nodes));
     Ok(json_ok(&s))

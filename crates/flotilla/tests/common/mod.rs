@@ -319,48 +319,6 @@ pub fn busybox_rootfs(dir: &Path) {
 }
 
 impl Cluster {
-    /// Imports the same busybox image on every node (until images travel through the
-    /// registry, each node's content store gets its own copy; the digest is identical).
-    pub fn import_everywhere(&self, name: &str, cmd: &str) -> String {
-        let rootfs = self.tmp.path().join("rootfs");
-        if !rootfs.exists() {
-            busybox_rootfs(&rootfs);
-        }
-        let mut digests = Vec::new();
-        for n in &self.nodes {
-            if n.child.is_none() {
-                continue;
-            }
-            let o = cli(
-                &n.socket(),
-                &[
-                    "image",
-                    "import",
-                    rootfs.to_str().unwrap(),
-                    "--name",
-                    name,
-                    "--cmd",
-                    cmd,
-                ],
-            );
-            assert!(o.status.success(), "import on {}: {}", n.name, stderr(&o));
-            digests.push(
-                stdout(&o)
-                    .split_whitespace()
-                    .nth(1)
-                    .unwrap_or_default()
-                    .to_string(),
-            );
-        }
-        digests.dedup();
-        assert_eq!(
-            digests.len(),
-            1,
-            "same image, same digest everywhere: {digests:?}"
-        );
-        digests.remove(0)
-    }
-
     /// Imports a busybox image on the first manager only; other nodes pull it from the
     /// managers' registry when a task needs it.
     pub fn import(&self, name: &str, cmd: &str) -> String {
