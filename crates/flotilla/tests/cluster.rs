@@ -52,6 +52,58 @@ fn t10_three_managers_and_a_worker_form_a_cluster() {
     let o = cli(&c.nodes[3].socket(), &["node", "ls"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("worker"), "{}", stderr(&o));
+    // Optimistic concurrency: an update carrying a stale version is refused with 409 and JSON.
+    let w = nodes.iter().find(|n| n["spec"]["name"] == "w1").unwrap();
+    let (id, version) = (w["id"].as_str().unwrap(), w["version"].as_u64().unwrap());
+    let sock = c.nodes[0].dir.join("api.sock");
+    let path = format!("/v1/nodes/{id}?version={version}");
+    let (code, body) = unix_post(&sock, &path, r#"{"label_add":{"a":"1"}}"#);
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = unix_post(&sock, &path, r#"{"label_add":{"a":"2"}}"#);
+    assert_eq!(code, 409, "{body}");
+    let msg: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        msg["message"]
+            .as_str()
+            .unwrap()
+            .contains("changed concurrently"),
+        "{body}"
+    );
+    let (code, body) = unix_post(&sock, &path, r#"{"label_add": 7}"#);
+    assert_eq!(code, 400, "bad input is a 400: {body}");
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["message"].is_string(),
+        "{body}"
+    );
+    // The change feed replays from a revision, filtered by type.
+    let o = c.any_cli(&[
+        "events",
+        "--since",
+        "0",
+        "--filter",
+        "type=node",
+        "--limit",
+        "4",
+        "--format",
+        "json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let evs: Vec<serde_json::Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(evs.len(), 4);
+    assert!(evs.iter().all(|e| e["type"] == "node"), "{evs:#?}");
+    assert!(evs
+        .windows(2)
+        .all(|w| w[0]["revision"].as_u64() <= w[1]["revision"].as_u64()));
+    assert!(evs.iter().any(|e| e["action"] == "create"));
+    let o = c.any_cli(&["events", "--filter", "type=bogus", "--limit", "1"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("unknown event type"),
+        "{}",
+        stderr(&o)
+    );
     // The cluster info view.
     let info = c.cluster_info().unwrap();
     assert_eq!(info["managers"].as_array().unwrap().len(), 3);
@@ -374,4 +426,25 @@ fn t60_promote_and_demote() {
     let o = c.any_cli(&["node", "demote", &c.nodes[leader].name.clone()]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("leader"), "{}", stderr(&o));
+}
+
+/// POST over the node's unix socket; returns (status, body).
+fn unix_post(sock: &std::path::Path, path: &str, body: &str) -> (u16, String) {
+    let o = std::process::Command::new("curl")
+        .args(["-s", "-o", "-", "-w", "\n%{http_code}", "--unix-socket"])
+        .arg(sock)
+        .args([
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            body,
+        ])
+        .arg(format!("http://localhost{path}"))
+        .output()
+        .unwrap();
+    let out = stdout(&o);
+    let (body, code) = out.trim_end().rsplit_once('\n').unwrap();
+    (code.parse().unwrap(), body.to_string())
 }

@@ -161,6 +161,44 @@ pub fn router(ctx: Ctx) -> Router {
         app = app.merge(registry);
     }
     app.layer(middleware::from_fn_with_state(ctx, authorize))
+        .layer(middleware::from_fn(json_errors))
+}
+
+/// Every API error is `{"message": ...}`: rejections from extractors (bad JSON, bad query,
+/// body too large, wrong method) come out of axum as plain text and are wrapped here; a body
+/// that does not parse is a 400, like any other bad input.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let is_json = resp
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("json"));
+    if is_json {
+        return resp;
+    }
+    let status = if status == StatusCode::UNPROCESSABLE_ENTITY {
+        StatusCode::BAD_REQUEST
+    } else {
+        status
+    };
+    let text = match axum::body::to_bytes(resp.into_body(), 64 * 1024).await {
+        Ok(b) => String::from_utf8_lossy(&b).trim().to_string(),
+        Err(_) => String::new(),
+    };
+    let message = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("request failed")
+            .to_lowercase()
+    } else {
+        text
+    };
+    ApiError::new(status, message).into_response()
 }
 
 /// Managers serve the OCI distribution API (`/v2/`) from their content store; a blob they
