@@ -517,6 +517,11 @@ impl<'a, 'i> Orch<'a, 'i> {
                 return Restart::Never;
             }
         }
+        // A task lost with its node did not crash: the restart delay is a crash-loop back-off,
+        // so the replacement starts at once (drained tasks are replaced at once too).
+        if last.state == TaskState::Orphaned {
+            return Restart::Now;
+        }
         let due = last.ts.saturating_add(ns_to_ms(p.delay));
         if self.now >= due {
             Restart::Now

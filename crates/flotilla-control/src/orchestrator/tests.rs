@@ -136,18 +136,25 @@ fn node_down_tasks_are_orphaned_and_replaced_elsewhere() {
 }
 
 #[test]
-fn lost_tasks_follow_the_restart_delay() {
+fn lost_tasks_are_replaced_without_the_restart_delay() {
     let mut sim = Sim::new(replicated(1), &["a", "b"]);
     sim.svc.spec.task_template.restart_policy.delay = 5 * SEC;
     sim.settle(5);
     let node = sim.running()[0].node_id.clone().unwrap();
     sim.node_mut(&node).status.state = NodeState::Down;
     let r = sim.reconcile();
+    // The delay is a crash-loop back-off; a node failure is not the task's fault.
+    let created = Sim::creates(&r);
+    assert_eq!(created.len(), 1);
+    assert_eq!(r.wake_at, None);
+    // A crash on a healthy node still waits for the delay.
+    sim.settle(5);
+    let id = sim.running()[0].id.clone();
+    sim.now += 1_000;
+    sim.end(&id, TaskState::Failed);
+    let r = sim.reconcile();
     assert!(Sim::creates(&r).is_empty());
     assert_eq!(r.wake_at, Some(sim.now + 5_000));
-    sim.now += 5_000;
-    let r = sim.reconcile();
-    assert_eq!(Sim::creates(&r).len(), 1);
 }
 
 #[test]
