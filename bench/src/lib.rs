@@ -36,7 +36,10 @@ impl Node {
             .args(["--listen", &self.addr, "--name", &self.name])
             .args(extra)
             .args(&self.extra)
-            .env("FLOTILLA_LOG", "warn")
+            .env(
+                "FLOTILLA_LOG",
+                std::env::var("BENCH_NODE_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -48,6 +48,9 @@ async fn main() -> anyhow::Result<()> {
     let writes: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(1000);
     let tasks: u64 = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let tmp = tempfile::tempdir()?;
+    if std::env::var("BENCH_KEEP").is_ok() {
+        println!("keeping {}", tmp.path().display());
+    }
     println!("machine: {}", machine());
     println!("flotilla: {}", flotilla_bin().display());
 
@@ -257,5 +260,8 @@ async fn main() -> anyhow::Result<()> {
         ms(fo[fo.len() - 1]),
         fo.len()
     );
+    if std::env::var("BENCH_KEEP").is_ok() {
+        let _ = tmp.keep();
+    }
     Ok(())
 }
