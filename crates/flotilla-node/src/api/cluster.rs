@@ -11,12 +11,24 @@ use super::{json_ok, Caller, Ctx};
 use crate::error::ApiError;
 use crate::manager::{ClusterObject, CLUSTER_KEY};
 
+/// `GET /v1/ping`: this node's own view (never forwarded), including its Raft progress on
+/// managers, so callers can tell whether a restarted manager has caught up.
 pub async fn ping(State(ctx): State<Ctx>) -> Response {
     let ident = ctx.identity();
+    let raft = ctx.manager.as_ref().map(|m| {
+        let st = m.store.status();
+        serde_json::json!({
+            "state": st.state,
+            "term": st.term,
+            "applied_index": st.applied,
+            "commit_index": st.committed,
+        })
+    });
     json_ok(&serde_json::json!({
         "node_id": ident.node_id,
         "role": ident.role,
         "cluster_id": ident.cluster_id,
+        "raft": raft,
     }))
 }
 
