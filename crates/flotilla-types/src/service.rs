@@ -34,6 +34,9 @@ pub struct ServiceStatus {
     pub running_tasks: u64,
     pub desired_tasks: u64,
     pub completed_tasks: u64,
+    /// Tasks waiting for a node (state `pending`).
+    #[serde(default)]
+    pub pending_tasks: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

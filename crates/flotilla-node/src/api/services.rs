@@ -147,10 +147,15 @@ fn status_of(service: &Service, tasks: &[&Task], nodes: &HashMap<String, Node>) 
             })
             .count() as u64,
     };
+    let pending = tasks
+        .iter()
+        .filter(|t| t.status.state == TaskState::Pending)
+        .count() as u64;
     ServiceStatus {
         running_tasks: running,
         desired_tasks: desired,
         completed_tasks: completed,
+        pending_tasks: pending,
     }
 }
 
