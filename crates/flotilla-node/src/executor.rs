@@ -72,6 +72,9 @@ impl Executor {
     /// Applies a complete assignment set.
     pub async fn apply(self: &Arc<Self>, set: Assignments) {
         let wanted: HashSet<String> = set.tasks.iter().map(|t| t.id.clone()).collect();
+        // One listing of this node's containers serves the whole pass.
+        let containers = self.rt.list().await.unwrap_or_default();
+        let present: HashSet<String> = containers.iter().map(|c| c.id.clone()).collect();
         for task in set.tasks {
             let stop = task.desired_state > TaskState::Running;
             let exists = {
@@ -96,9 +99,13 @@ impl Executor {
                 // Not (or no longer) wanted here, and no runner: make sure nothing runs (e.g. a
                 // container that kept running while this node was cut off), and record the
                 // shutdown if the task had not ended yet.
+                let has_container = present.contains(&task.id);
+                if !has_container && task.status.state.is_terminal() {
+                    continue;
+                }
                 let this = self.clone();
                 tokio::spawn(async move {
-                    if this.rt.state(&task.id).await.is_ok() {
+                    if has_container {
                         let _ = this.rt.stop(&task.id, grace_of(&task)).await;
                         let _ = this.rt.remove(&task.id, true).await;
                         tracing::info!(task = %task.id, "stopped a container its task no longer wants");
@@ -126,32 +133,25 @@ impl Executor {
         }
         // Containers whose task is gone from the set: stop, remove, drop their logs (the task
         // history was pruned).
-        if let Ok(containers) = self.rt.list().await {
-            for c in containers {
-                if wanted.contains(&c.id) {
-                    continue;
-                }
-                let running = self
-                    .runners
-                    .lock()
-                    .map(|r| r.contains_key(&c.id))
-                    .unwrap_or(false);
-                if running {
-                    if let Ok(r) = self.runners.lock() {
-                        if let Some(r) = r.get(&c.id) {
-                            let _ = r.cmd.send(Command::Stop);
-                        }
-                    }
-                    continue;
-                }
-                let rt = self.rt.clone();
-                tokio::spawn(async move {
-                    let _ = rt.stop(&c.id, Duration::from_secs(10)).await;
-                    if let Err(e) = rt.remove(&c.id, false).await {
-                        tracing::warn!(container = %c.id, error = %e, "removing container failed");
-                    }
-                });
+        for c in containers {
+            if wanted.contains(&c.id) {
+                continue;
             }
+            // A runner still owns it: tell it to stop instead.
+            let handled = match self.runners.lock() {
+                Ok(r) => r.get(&c.id).map(|r| r.cmd.send(Command::Stop)).is_some(),
+                Err(_) => false,
+            };
+            if handled {
+                continue;
+            }
+            let rt = self.rt.clone();
+            tokio::spawn(async move {
+                let _ = rt.stop(&c.id, Duration::from_secs(10)).await;
+                if let Err(e) = rt.remove(&c.id, false).await {
+                    tracing::warn!(container = %c.id, error = %e, "removing container failed");
+                }
+            });
         }
         // Logs of tasks that no longer exist at all.
         let logs = self.rt.config().root.join("logs");
