@@ -284,6 +284,7 @@ fn t40_tokens_certificates_and_rotation() {
     // Certificates rotate: 12 s lifetime renews after 8 s, without restarts.
     let cert_path = c.nodes[1].dir.join("tls/node.pem");
     let first = std::fs::read(&cert_path).unwrap();
+    let first_read = Instant::now();
     wait_for(
         "worker certificate renewed",
         Duration::from_secs(40),
@@ -296,10 +297,20 @@ fn t40_tokens_certificates_and_rotation() {
         Duration::from_secs(40),
         || (std::fs::read(&mgr_cert).ok()? != first_mgr).then_some(()),
     );
-    // Well past the first certificates' expiry, everything still works.
-    std::thread::sleep(Duration::from_secs(0));
+    // Past the first certificates' expiry (12 s) plus a heartbeat timeout, the nodes still talk
+    // to each other (heartbeats over mTLS with the renewed certificates keep both ready).
+    wait_for(
+        "first certificates expired",
+        Duration::from_secs(60),
+        || (first_read.elapsed() > Duration::from_secs(16)).then_some(()),
+    );
     let o = cli_tls(&https, &c.admin_dir(), &["node", "ls", "--format", "json"]);
     assert!(o.status.success(), "{}", stderr(&o));
+    let nodes: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        nodes.iter().all(|n| n["status"]["state"] == "ready"),
+        "{nodes:#?}"
+    );
     assert!(c.nodes[1].is_running() && c.nodes[0].is_running());
     let log = std::fs::read_to_string(c.nodes[1].log()).unwrap();
     assert!(log.contains("node certificate renewed"), "{log}");
