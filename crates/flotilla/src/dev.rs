@@ -99,6 +99,8 @@ async fn deploy_demo(client: &Client) -> anyhow::Result<()> {
             task_template: TaskSpec {
                 container: ContainerSpec {
                     image: DEMO_IMAGE.into(),
+                    // The demo's shell loop ignores SIGTERM (it is PID 1): keep Ctrl-C quick.
+                    stop_grace_period: Some(2_000_000_000),
                     ..Default::default()
                 },
                 ..Default::default()
@@ -206,9 +208,13 @@ pub async fn run(
         return Err(e);
     }
     let host = format!("unix://{}", sock.display());
+    let bin_dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.display().to_string()))
+        .unwrap_or_else(|| ".".into());
     println!(
         "\nFlotilla dev cluster is running (data dir {}).\n\nTry, in another shell:\n\
-         \n    export FLOTILLA_HOST={host}\
+         \n    export PATH={bin_dir}:$PATH FLOTILLA_HOST={host}\
          \n    flotilla node ls\
          \n    flotilla service ls\
          \n    flotilla service ps demo\
