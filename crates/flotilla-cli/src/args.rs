@@ -144,6 +144,12 @@ pub struct RunArgs {
     /// Raft election timeout range in milliseconds, MIN-MAX.
     #[arg(long, default_value = "250-500")]
     pub election_timeout: String,
+    /// Ended tasks kept per replica slot (or node, for global services) while this manager leads.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub task_history_limit: u64,
+    /// OCI runtime binary, e.g. /usr/bin/crun (default: runc from PATH).
+    #[arg(long)]
+    pub runtime: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

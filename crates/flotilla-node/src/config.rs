@@ -44,6 +44,8 @@ pub struct NodeConfig {
     pub snapshot_every: u64,
     /// OCI runtime binary (`--runtime`); default `runc` from PATH.
     pub runtime_bin: Option<PathBuf>,
+    /// Ended tasks kept per slot (or node) for `service ps` and logs, when this manager leads.
+    pub task_history: usize,
 }
 
 impl NodeConfig {
@@ -63,6 +65,7 @@ impl NodeConfig {
             write_timeout: Duration::from_secs(2),
             snapshot_every: 1000,
             runtime_bin: None,
+            task_history: 5,
         }
     }
 

@@ -221,7 +221,9 @@ pub async fn control_loop(ctx: Arc<NodeCtx>, mut stop: watch::Receiver<bool>) {
     let Some(mgr) = ctx.manager.clone() else {
         return;
     };
-    let cfg = OrchestratorConfig::default();
+    let cfg = OrchestratorConfig {
+        task_history: ctx.cfg.task_history.max(1),
+    };
     let mut watcher = mgr.store.watch(mgr.store.revision()).ok();
     let mut wake_at: Option<u64> = None;
     loop {

@@ -49,6 +49,8 @@ fn node_config(args: &RunArgs) -> anyhow::Result<NodeConfig> {
     cfg.raft_election_min_ms = min;
     cfg.raft_election_max_ms = max;
     cfg.raft_heartbeat_ms = (min / 3).max(20);
+    cfg.task_history = args.task_history_limit as usize;
+    cfg.runtime_bin = args.runtime.clone();
     Ok(cfg)
 }
 
