@@ -211,11 +211,9 @@ pub async fn run(client: &Client, cmd: ServiceCmd) -> Result<(), CliError> {
         ServiceCmd::Create(a) => create(client, a).await,
         ServiceCmd::Ls(f) => ls(client, f.format).await,
         ServiceCmd::Ps(a) => ps(client, a).await,
-        ServiceCmd::Inspect { service, format } => {
+        // Like `docker service inspect`, the object itself is the output (JSON either way).
+        ServiceCmd::Inspect { service, format: _ } => {
             let s: Service = get(client, &format!("/v1/services/{}", enc(&service))).await?;
-            if format.format == Format::Json {
-                return print_json(&s);
-            }
             print_json(&s)
         }
         ServiceCmd::Update(a) => update(client, a).await,
@@ -249,18 +247,12 @@ pub async fn run(client: &Client, cmd: ServiceCmd) -> Result<(), CliError> {
             Ok(())
         }
         ServiceCmd::Rollback { service, detach } => {
-            let r: serde_json::Value = client
+            let _: serde_json::Value = client
                 .post_json(&format!("/v1/services/{}/rollback", enc(&service)), &())
                 .await?;
             println!("{service}");
             if !detach {
-                converge(
-                    client,
-                    &service,
-                    r["spec_version"].as_u64().unwrap_or(0),
-                    Duration::from_secs(300),
-                )
-                .await?;
+                converge(client, &service, Duration::from_secs(300)).await?;
             }
             Ok(())
         }
@@ -319,7 +311,7 @@ async fn create(client: &Client, a: ServiceCreateArgs) -> Result<(), CliError> {
     let id = resp["id"].as_str().unwrap_or_default().to_string();
     println!("{id}");
     if !a.flags.detach {
-        converge(client, &id, 1, a.flags.timeout).await?;
+        converge(client, &id, a.flags.timeout).await?;
     }
     Ok(())
 }
@@ -348,7 +340,7 @@ async fn update(client: &Client, a: ServiceUpdateArgs) -> Result<(), CliError> {
     if a.force {
         spec.task_template.force_update += 1;
     }
-    let r: serde_json::Value = client
+    let _: serde_json::Value = client
         .post_json(
             &format!(
                 "/v1/services/{}/update?version={}",
@@ -361,13 +353,7 @@ async fn update(client: &Client, a: ServiceUpdateArgs) -> Result<(), CliError> {
         println!("{}", current.spec.name);
     }
     if !a.flags.detach {
-        converge(
-            client,
-            &current.id,
-            r["spec_version"].as_u64().unwrap_or(current.spec_version),
-            a.flags.timeout,
-        )
-        .await?;
+        converge(client, &current.id, a.flags.timeout).await?;
     }
     Ok(())
 }
@@ -377,12 +363,7 @@ async fn tasks_of(client: &Client, service: &str) -> Result<Vec<Task>, CliError>
 }
 
 /// Shows progress until the service runs what its spec says, or fails with the reason.
-pub async fn converge(
-    client: &Client,
-    service: &str,
-    _spec_version: u64,
-    timeout: Duration,
-) -> Result<(), CliError> {
+pub async fn converge(client: &Client, service: &str, timeout: Duration) -> Result<(), CliError> {
     let start = Instant::now();
     let mut last_line = String::new();
     let mut pending_since: Option<Instant> = None;

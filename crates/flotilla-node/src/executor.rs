@@ -463,7 +463,6 @@ pub async fn assignment_loop(
                 }
             });
             tokio::pin!(stream);
-            let mut got_any = false;
             loop {
                 tokio::select! {
                     _ = flotilla_api::server::stopped(&mut stop) => return,
@@ -474,7 +473,6 @@ pub async fn assignment_loop(
                         break;
                     }
                     Some(set) = rx.recv() => {
-                        got_any = true;
                         backoff = Duration::from_millis(100);
                         exec.apply(set).await;
                     }
@@ -485,7 +483,6 @@ pub async fn assignment_loop(
                     }
                 }
             }
-            let _ = got_any;
         }
         tokio::select! {
             _ = flotilla_api::server::stopped(&mut stop) => return,
