@@ -42,6 +42,9 @@ pub enum Command {
     /// Manage images in the cluster's content store.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// The keys whose image signatures the cluster trusts.
+    #[command(subcommand)]
+    Trust(TrustCmd),
     /// Start a single-node cluster in the foreground with a demo service.
     Dev(DevArgs),
     /// Per-container supervisor started by the agent (not for humans).
@@ -59,11 +62,14 @@ pub enum Format {
 #[derive(Debug, Subcommand)]
 pub enum NodeCmd {
     /// Run the node daemon in the foreground.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Stop and remove every container of a stopped node (before deleting its data dir).
     Cleanup {
         #[arg(long, default_value = DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
+        /// Only list what would be removed (containers, network objects); exit 1 if anything.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// List nodes.
     Ls(FormatArgs),
@@ -150,12 +156,37 @@ pub struct RunArgs {
     /// OCI runtime binary, e.g. /usr/bin/crun (default: runc from PATH).
     #[arg(long)]
     pub runtime: Option<PathBuf>,
+    /// With --init: the pool task subnets are carved from (one per node).
+    #[arg(long, default_value = "10.200.0.0/16", value_name = "CIDR")]
+    pub address_pool: String,
+    /// With --init: prefix length of each node's subnet.
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u8).range(8..=28))]
+    pub subnet_size: u8,
+    /// With --init: the pool of service virtual IPs.
+    #[arg(long, default_value = "10.199.0.0/16", value_name = "CIDR")]
+    pub vip_pool: String,
+    /// With --init: UDP port of the VXLAN overlay between nodes.
+    #[arg(long, default_value_t = 4789)]
+    pub vxlan_port: u16,
+    /// With --init: do not masquerade task traffic leaving the node.
+    #[arg(long)]
+    pub no_outbound_nat: bool,
+    /// `bridge` (default): each task gets its own network namespace on the node bridge;
+    /// `none`: tasks get only loopback (no routing mesh, no service discovery).
+    #[arg(long, default_value = "bridge", value_parser = ["bridge", "none"])]
+    pub network: String,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ClusterCmd {
     /// Cluster id, leader, managers and Raft state.
     Info(FormatArgs),
+    /// Change cluster settings.
+    Update {
+        /// Whether agents refuse images without a valid signature by a trusted key.
+        #[arg(long, value_parser = ["on", "off"])]
+        signature_enforcement: Option<String>,
+    },
     /// Print (or rotate) the token a node needs to join.
     JoinToken {
         #[arg(value_parser = ["worker", "manager"])]
@@ -167,6 +198,38 @@ pub enum ClusterCmd {
         #[arg(long, short)]
         quiet: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TrustCmd {
+    /// List trusted keys (`--format json` shows the ids `trust rm` takes).
+    Ls(FormatArgs),
+    /// Trust a public key (ed25519 or ECDSA P-256 `PUBLIC KEY` PEM; a private key file is
+    /// accepted too, only its public half is sent).
+    Add { file: PathBuf },
+    /// Stop trusting a key.
+    Rm {
+        #[arg(value_name = "KEYID")]
+        key_id: String,
+    },
+    /// Generate a signing key pair locally: FILE (private, mode 0600) and FILE.pub.
+    Keygen {
+        file: PathBuf,
+        #[arg(long, default_value = "ed25519", value_parser = ["ed25519", "ecdsa-p256"])]
+        algorithm: String,
+    },
+}
+
+/// Where the signing key comes from, for commands that sign.
+#[derive(Debug, Args, Default)]
+pub struct SignArgs {
+    /// Do not sign (agents refuse unsigned images while enforcement is on).
+    #[arg(long)]
+    pub no_sign: bool,
+    /// Signing key (PKCS#8 PEM; default: signing-key.pem in --tls-dir, or in the admin bundle
+    /// next to the unix socket's data dir).
+    #[arg(long, value_name = "FILE", conflicts_with = "no_sign")]
+    pub sign_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -312,6 +375,25 @@ pub struct SpecFlags {
     pub health_retries: Option<u32>,
     #[arg(long, value_parser = humantime::parse_duration)]
     pub health_start_period: Option<std::time::Duration>,
+    /// HTTP health check: GET PATH on the task's address; 2xx/3xx = healthy. PORT defaults to
+    /// the first published target port, else 80.
+    #[arg(long, value_name = "PATH[:PORT]")]
+    pub health_http: Option<String>,
+    /// TCP health check: a connection to this port of the task succeeds = healthy.
+    #[arg(long, value_name = "PORT")]
+    pub health_tcp: Option<u16>,
+    /// Publish a port: PUBLISHED:TARGET[/tcp|/udp], or
+    /// published=P,target=T[,protocol=tcp|udp][,mode=ingress|host][,proxy-protocol=v1|v2]
+    /// (repeatable; on update, replaces the entry with the same published port).
+    #[arg(long, short = 'p', value_name = "SPEC")]
+    pub publish: Vec<String>,
+    /// On update: stop publishing this port (PUBLISHED[/udp]).
+    #[arg(long, value_name = "PUBLISHED")]
+    pub publish_rm: Vec<String>,
+    /// How the service name resolves inside containers: vip (one virtual IP, load-balanced)
+    /// or dnsrr (the tasks' addresses).
+    #[arg(long, value_parser = ["vip", "dnsrr"])]
+    pub endpoint_mode: Option<String>,
     #[arg(long)]
     pub update_parallelism: Option<u64>,
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -387,9 +469,44 @@ pub enum ImageCmd {
         workdir: Option<String>,
         #[arg(long)]
         user: Option<String>,
+        #[command(flatten)]
+        sign: SignArgs,
     },
     /// Load a `docker save` or OCI archive.
-    Load { file: PathBuf },
+    Load {
+        file: PathBuf,
+        #[command(flatten)]
+        sign: SignArgs,
+    },
+    /// Sign an image in the node's store (the signature travels with the image).
+    Sign {
+        image: String,
+        /// Private key (PKCS#8 PEM, ed25519 or ECDSA P-256).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+    },
+    /// Push an image from an OCI layout directory into the cluster registry.
+    Push {
+        #[arg(value_name = "OCI_DIR[:TAG]")]
+        src: String,
+        #[arg(value_name = "NAME[:TAG]")]
+        dest: String,
+        #[command(flatten)]
+        sign: SignArgs,
+    },
+    /// Pull an image from the cluster registry into an OCI layout directory.
+    Pull {
+        #[arg(value_name = "NAME[:TAG][@DIGEST]")]
+        src: String,
+        #[arg(value_name = "OCI_DIR[:TAG]")]
+        dest: String,
+    },
+    /// Remove images and blobs nothing references (on the node the CLI talks to).
+    Prune {
+        /// Spare blobs younger than this (uploads in flight).
+        #[arg(long, default_value = "10m")]
+        grace: String,
+    },
     /// List images.
     Ls(FormatArgs),
     /// Show one image.

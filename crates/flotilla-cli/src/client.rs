@@ -65,7 +65,8 @@ pub async fn run_client(
         Command::Cluster(cmd) => cluster(&client, cmd).await,
         Command::Events(args) => events(&client, args).await,
         Command::Service(cmd) => crate::service::run(&client, *cmd).await,
-        Command::Image(cmd) => crate::image::run(&client, cmd).await,
+        Command::Image(cmd) => crate::image::run(&client, host, tls_dir, cmd).await,
+        Command::Trust(cmd) => crate::trust::run(&client, cmd).await,
         Command::Dev(_) => Err(CliError::usage("`dev` is handled by the binary")),
         Command::Shim(_) => Err(CliError::usage("shim is started by the agent, not by hand")),
     }
@@ -294,6 +295,39 @@ async fn cluster(client: &Client, cmd: ClusterCmd) -> Result<(), CliError> {
                 ]);
             }
             print_table(&t);
+            if !info.settings.is_empty() {
+                println!("Settings:");
+                for (k, v) in &info.settings {
+                    let v = match v {
+                        serde_json::Value::String(s) => s.clone(),
+                        serde_json::Value::Array(a) => a
+                            .iter()
+                            .map(|x| x.as_str().map(str::to_string).unwrap_or(x.to_string()))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        other => other.to_string(),
+                    };
+                    println!("  {k}: {v}");
+                }
+            }
+            Ok(())
+        }
+        ClusterCmd::Update {
+            signature_enforcement,
+        } => {
+            let Some(on) = signature_enforcement else {
+                return Err(CliError::usage(
+                    "nothing to update: give --signature-enforcement on|off",
+                ));
+            };
+            let body = serde_json::json!({ "signature_enforcement": on == "on" });
+            let _: serde_json::Value = client
+                .send_json(Method::PUT, "/v1/cluster/settings", &body)
+                .await?;
+            println!("Image signature enforcement is {on}.");
+            if on == "off" {
+                eprintln!("WARNING: agents now run images whatever their signatures");
+            }
             Ok(())
         }
         ClusterCmd::JoinToken {

@@ -8,6 +8,9 @@ mod image;
 mod logs;
 mod output;
 mod service;
+mod trust;
+
+pub use image::{find_signing_key, sign_image};
 
 pub use args::*;
 pub use client::run_client;

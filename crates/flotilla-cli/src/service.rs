@@ -7,9 +7,9 @@ use hyper::Method;
 
 use flotilla_api::Client;
 use flotilla_types::{
-    ContainerSpec, EndpointSpec, FailureAction, HealthCheck, HealthProbe, RestartCondition,
-    Service, ServiceMode, ServiceSpec, Task, TaskSpec, TaskState, UpdateConfig, UpdateOrder,
-    UpdateState,
+    ContainerSpec, EndpointMode, EndpointSpec, FailureAction, HealthCheck, HealthProbe, PortConfig,
+    RestartCondition, Service, ServiceMode, ServiceSpec, Task, TaskSpec, TaskState, UpdateConfig,
+    UpdateOrder, UpdateState,
 };
 
 use crate::client::{enc, get};
@@ -140,7 +140,30 @@ fn apply_flags(spec: &mut ServiceSpec, f: &SpecFlags) -> Result<(), CliError> {
     if let Some(d) = f.restart_window {
         t.restart_policy.window = nanos(d);
     }
+    apply_endpoint_flags(&mut spec.endpoint_spec, f)?;
+    let default_port = spec
+        .endpoint_spec
+        .ports
+        .first()
+        .map(|p| p.target)
+        .unwrap_or(80);
+    let t = &mut spec.task_template;
+    let probes = [
+        f.health_cmd.is_some(),
+        f.health_http.is_some(),
+        f.health_tcp.is_some(),
+    ]
+    .iter()
+    .filter(|x| **x)
+    .count();
+    if probes > 1 {
+        return Err(CliError::usage(
+            "give only one of --health-cmd, --health-http and --health-tcp",
+        ));
+    }
     let health_given = f.health_cmd.is_some()
+        || f.health_http.is_some()
+        || f.health_tcp.is_some()
         || f.health_interval.is_some()
         || f.health_timeout.is_some()
         || f.health_retries.is_some()
@@ -156,8 +179,19 @@ fn apply_flags(spec: &mut ServiceSpec, f: &SpecFlags) -> Result<(), CliError> {
         if let Some(c) = &f.health_cmd {
             h.probe = HealthProbe::Exec { cmd: c.clone() };
         }
+        if let Some(spec) = &f.health_http {
+            h.probe = parse_health_http(spec, default_port)?;
+        }
+        if let Some(port) = f.health_tcp {
+            if port == 0 {
+                return Err(CliError::usage("--health-tcp: the port must be 1-65535"));
+            }
+            h.probe = HealthProbe::Tcp { port };
+        }
         if matches!(&h.probe, HealthProbe::Exec { cmd } if cmd.is_empty()) {
-            return Err(CliError::usage("health check flags need --health-cmd"));
+            return Err(CliError::usage(
+                "health check flags need --health-cmd, --health-http or --health-tcp",
+            ));
         }
         if let Some(d) = f.health_interval {
             h.interval = nanos(d);
@@ -389,22 +423,39 @@ pub async fn converge(client: &Client, service: &str, timeout: Duration) -> Resu
                 })
                 .count() as u64
         };
-        let mut slots: Vec<String> = current
+        let mut slots: Vec<(u64, String, TaskState)> = current
             .iter()
             .filter(|t| {
                 t.desired_state == TaskState::Running || t.status.state == TaskState::Complete
             })
             .map(|t| {
-                format!(
-                    "{}: {}",
-                    t.slot
-                        .map(|s| s.to_string())
-                        .unwrap_or_else(|| t.node_id.clone().unwrap_or_default()),
-                    t.status.state
+                (
+                    t.slot.unwrap_or(0),
+                    t.node_id.clone().unwrap_or_default(),
+                    t.status.state,
                 )
             })
             .collect();
         slots.sort();
+        // Each slot while few; per-state counts for large services (like Docker past 20 tasks).
+        let slots: Vec<String> = if slots.len() <= 20 {
+            slots
+                .iter()
+                .map(|(slot, node, st)| {
+                    if *slot > 0 {
+                        format!("{slot}: {st}")
+                    } else {
+                        format!("{node}: {st}")
+                    }
+                })
+                .collect()
+        } else {
+            let mut counts: BTreeMap<TaskState, usize> = BTreeMap::new();
+            for (_, _, st) in &slots {
+                *counts.entry(*st).or_default() += 1;
+            }
+            counts.iter().map(|(st, n)| format!("{n} {st}")).collect()
+        };
         let line = format!(
             "overall progress: {done_count} out of {} tasks [{}]",
             status.desired_tasks,
@@ -481,15 +532,27 @@ async fn ls(client: &Client, format: Format) -> Result<(), CliError> {
     if format == Format::Json {
         return print_json(&services);
     }
-    let mut t = table(&["ID", "NAME", "MODE", "REPLICAS", "IMAGE"]);
+    let mut t = table(&["ID", "NAME", "MODE", "REPLICAS", "IMAGE", "PORTS"]);
     for s in &services {
         let st = s.service_status.unwrap_or_default();
+        // Docker's notation: `*:8080->80/tcp` for the routing mesh, `:8080->80/tcp` for host mode.
+        let ports: Vec<String> = s
+            .spec
+            .endpoint_spec
+            .ports
+            .iter()
+            .map(|p| {
+                let star = if p.publish_mode == "host" { "" } else { "*" };
+                format!("{star}:{}->{}/{}", p.published, p.target, p.protocol)
+            })
+            .collect();
         t.add_row(vec![
             s.id[..12.min(s.id.len())].to_string(),
             s.spec.name.clone(),
             s.spec.mode.name().to_string(),
             format!("{}/{}", st.running_tasks, st.desired_tasks),
             s.spec.task_template.container.image.clone(),
+            ports.join(", "),
         ]);
     }
     print_table(&t);
@@ -592,4 +655,202 @@ async fn ps(client: &Client, a: ServicePsArgs) -> Result<(), CliError> {
     }
     print_table(&t);
     Ok(())
+}
+
+/// Applies `--publish`, `--publish-rm` and `--endpoint-mode`.
+fn apply_endpoint_flags(e: &mut EndpointSpec, f: &SpecFlags) -> Result<(), CliError> {
+    if let Some(m) = &f.endpoint_mode {
+        e.mode = if m == "dnsrr" {
+            EndpointMode::Dnsrr
+        } else {
+            EndpointMode::Vip
+        };
+    }
+    for rm in &f.publish_rm {
+        let (port, proto) = match rm.split_once('/') {
+            Some((p, proto)) => (p, proto),
+            None => (rm.as_str(), "tcp"),
+        };
+        let port: u16 = port.parse().map_err(|_| {
+            CliError::usage(format!(
+                "--publish-rm {rm:?}: give the published port, e.g. 8080 or 5353/udp"
+            ))
+        })?;
+        let before = e.ports.len();
+        e.ports
+            .retain(|p| !(p.published == port && p.protocol == proto));
+        if e.ports.len() == before {
+            return Err(CliError::usage(format!(
+                "--publish-rm {rm}: the service does not publish {port}/{proto}"
+            )));
+        }
+    }
+    for p in &f.publish {
+        let pc = parse_publish(p)?;
+        e.ports
+            .retain(|x| !(x.published == pc.published && x.protocol == pc.protocol));
+        e.ports.push(pc);
+    }
+    let mut seen = std::collections::HashSet::new();
+    for p in &e.ports {
+        if !seen.insert((p.published, p.protocol.clone())) {
+            return Err(CliError::usage(format!(
+                "port {}/{} is published twice",
+                p.published, p.protocol
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Parses `--publish`: `PUBLISHED:TARGET[/PROTO]` or the long `key=value,…` form.
+pub fn parse_publish(s: &str) -> Result<PortConfig, CliError> {
+    let bad = |why: &str| {
+        CliError::usage(format!(
+            "--publish {s:?}: {why}; use PUBLISHED:TARGET[/tcp|/udp] or published=P,target=T[,protocol=tcp|udp][,mode=ingress|host][,proxy-protocol=v1|v2]"
+        ))
+    };
+    let port = |v: &str, what: &str| -> Result<u16, CliError> {
+        match v.trim().parse::<u16>() {
+            Ok(p) if p > 0 => Ok(p),
+            _ => Err(bad(&format!("{what} {v:?} is not a port (1-65535)"))),
+        }
+    };
+    let mut pc = PortConfig {
+        published: 0,
+        target: 0,
+        protocol: "tcp".into(),
+        publish_mode: "ingress".into(),
+        proxy_protocol: None,
+    };
+    if s.contains('=') {
+        for kv in s.split(',') {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| bad(&format!("{kv:?} is not key=value")))?;
+            match k.trim() {
+                "published" => pc.published = port(v, "published")?,
+                "target" => pc.target = port(v, "target")?,
+                "protocol" => pc.protocol = v.trim().to_string(),
+                "mode" => pc.publish_mode = v.trim().to_string(),
+                "proxy-protocol" | "proxy_protocol" => {
+                    pc.proxy_protocol = Some(v.trim().to_string())
+                }
+                other => return Err(bad(&format!("unknown key {other:?}"))),
+            }
+        }
+    } else {
+        let (ports, proto) = match s.split_once('/') {
+            Some((a, b)) => (a, Some(b)),
+            None => (s, None),
+        };
+        let (p, t) = ports
+            .split_once(':')
+            .ok_or_else(|| bad("give both the published and the target port"))?;
+        pc.published = port(p, "published")?;
+        pc.target = port(t, "target")?;
+        if let Some(proto) = proto {
+            pc.protocol = proto.to_string();
+        }
+    }
+    if pc.published == 0 || pc.target == 0 {
+        return Err(bad("both published and target are required"));
+    }
+    if pc.protocol != "tcp" && pc.protocol != "udp" {
+        return Err(bad(&format!(
+            "protocol {:?} is not tcp or udp",
+            pc.protocol
+        )));
+    }
+    if pc.publish_mode != "ingress" && pc.publish_mode != "host" {
+        return Err(bad(&format!(
+            "mode {:?} is not ingress or host",
+            pc.publish_mode
+        )));
+    }
+    match pc.proxy_protocol.as_deref() {
+        None | Some("v1") | Some("v2") => {}
+        Some(o) => return Err(bad(&format!("proxy-protocol {o:?} is not v1 or v2"))),
+    }
+    if pc.proxy_protocol.is_some() && pc.protocol != "tcp" {
+        return Err(bad("the PROXY protocol only applies to tcp"));
+    }
+    Ok(pc)
+}
+
+/// Parses `--health-http PATH[:PORT]`.
+fn parse_health_http(s: &str, default_port: u16) -> Result<HealthProbe, CliError> {
+    let bad = || {
+        CliError::usage(format!(
+            "--health-http {s:?}: use PATH[:PORT], e.g. /healthz or /healthz:8080"
+        ))
+    };
+    if !s.starts_with('/') {
+        return Err(bad());
+    }
+    let (path, port) = match s.rsplit_once(':') {
+        Some((p, port)) => (
+            p,
+            port.parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(bad)?,
+        ),
+        None => (s, default_port),
+    };
+    Ok(HealthProbe::Http {
+        path: path.to_string(),
+        port,
+    })
+}
+
+#[cfg(test)]
+mod publish_tests {
+    use super::*;
+
+    #[test]
+    fn short_and_long_publish_forms() {
+        let p = parse_publish("8080:80").expect("short");
+        assert_eq!(
+            (p.published, p.target, p.protocol.as_str()),
+            (8080, 80, "tcp")
+        );
+        let p = parse_publish("53:5353/udp").expect("udp");
+        assert_eq!(p.protocol, "udp");
+        let p =
+            parse_publish("published=9000,target=90,mode=host,proxy-protocol=v2").expect("long");
+        assert_eq!(p.publish_mode, "host");
+        assert_eq!(p.proxy_protocol.as_deref(), Some("v2"));
+        for bad in [
+            "80",
+            "0:80",
+            "8080:http",
+            "8080:80/sctp",
+            "published=1",
+            "mode=x,published=1,target=2",
+            "published=1,target=2,protocol=udp,proxy-protocol=v1",
+        ] {
+            assert!(parse_publish(bad).is_err(), "{bad} must be rejected");
+        }
+    }
+
+    #[test]
+    fn health_http_forms() {
+        assert_eq!(
+            parse_health_http("/healthz", 8080).expect("default port"),
+            HealthProbe::Http {
+                path: "/healthz".into(),
+                port: 8080
+            }
+        );
+        assert_eq!(
+            parse_health_http("/h:81", 8080).expect("port"),
+            HealthProbe::Http {
+                path: "/h".into(),
+                port: 81
+            }
+        );
+        assert!(parse_health_http("h", 80).is_err());
+        assert!(parse_health_http("/h:x", 80).is_err());
+    }
 }

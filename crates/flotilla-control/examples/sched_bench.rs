@@ -61,6 +61,7 @@ fn make_node(i: usize) -> Node {
             last_heartbeat: 0,
         },
         manager_status: None,
+        network: None,
     }
 }
 

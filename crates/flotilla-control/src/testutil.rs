@@ -31,6 +31,7 @@ pub fn node(id: &str) -> Node {
             last_heartbeat: 0,
         },
         manager_status: None,
+        network: None,
     }
 }
 
@@ -78,6 +79,7 @@ pub fn service(mode: ServiceMode) -> Service {
         spec_version: 1,
         update_status: None,
         job_iteration: 0,
+        vip: None,
         service_status: None,
     }
 }

@@ -46,6 +46,10 @@ pub struct NodeConfig {
     pub runtime_bin: Option<PathBuf>,
     /// Ended tasks kept per slot (or node) for `service ps` and logs, when this manager leads.
     pub task_history: usize,
+    /// The cluster's address plan, used by `--init` only.
+    pub network: flotilla_types::NetworkSettings,
+    /// Task networking on this node (`--network none` turns it off: tasks get only loopback).
+    pub task_networking: bool,
 }
 
 impl NodeConfig {
@@ -62,10 +66,12 @@ impl NodeConfig {
             raft_heartbeat_ms: 75,
             raft_election_min_ms: 250,
             raft_election_max_ms: 500,
-            write_timeout: Duration::from_secs(2),
+            write_timeout: Duration::from_secs(3),
             snapshot_every: 1000,
             runtime_bin: None,
             task_history: 5,
+            network: flotilla_types::NetworkSettings::default(),
+            task_networking: true,
         }
     }
 

@@ -120,9 +120,17 @@ async fn write_chunked(mgr: &Manager, ops: Vec<Op>, what: &str) -> Result<(), St
 async fn pass(mgr: &Manager, cfg: &OrchestratorConfig) -> Result<Option<u64>, StoreError> {
     let now = now_ms();
     let list = |e: crate::error::ApiError| StoreError::Storage(e.message);
-    let services: Vec<Service> = mgr.list().map_err(list)?;
+    let mut services: Vec<Service> = mgr.list().map_err(list)?;
+    let mut nodes: Vec<Node> = mgr.list().map_err(list)?;
+    if let Ok(cluster) = mgr.cluster() {
+        let ops = crate::network::allocation_ops(&cluster.network, &nodes, &services, now);
+        if !ops.is_empty() {
+            write_chunked(mgr, ops, "allocate").await?;
+            services = mgr.list().map_err(list)?;
+            nodes = mgr.list().map_err(list)?;
+        }
+    }
     let tasks: Vec<Task> = mgr.list().map_err(list)?;
-    let nodes: Vec<Node> = mgr.list().map_err(list)?;
     let by_id: HashMap<&str, &Task> = tasks.iter().map(|t| (t.id.as_str(), t)).collect();
     let mut per_service: HashMap<&str, Vec<Task>> = HashMap::new();
     for t in &tasks {

@@ -23,6 +23,9 @@ use crate::{
 
 const CA_LIFETIME: Duration = Duration::from_secs(20 * 365 * 24 * 3600);
 const ADMIN_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The admin's image signing key (PKCS#8 PEM) in the admin bundle, and its public half.
+pub const SIGNING_KEY_FILE: &str = "signing-key.pem";
+pub const SIGNING_PUB_FILE: &str = "signing-key.pub.pem";
 
 fn io(what: &str) -> impl Fn(std::io::Error) -> NodeError + '_ {
     move |e| NodeError::Io(format!("{what}: {e}"))
@@ -64,6 +67,21 @@ fn init_cluster(
         .map_err(io("admin bundle"))?;
     write_atomic(&admin.join("cert.pem"), acert.as_bytes(), 0o644).map_err(io("admin bundle"))?;
     write_atomic(&admin.join("key.pem"), akey.as_bytes(), 0o600).map_err(io("admin bundle"))?;
+    // The admin's image signing key; the cluster trusts it from the start.
+    let signing = flotilla_registry::SigningKey::generate()
+        .map_err(|e| NodeError::Tls(format!("image signing key: {e}")))?;
+    write_atomic(
+        &admin.join(SIGNING_KEY_FILE),
+        signing.to_pem().as_bytes(),
+        0o600,
+    )
+    .map_err(io("admin bundle"))?;
+    write_atomic(
+        &admin.join(SIGNING_PUB_FILE),
+        signing.public_key_pem().as_bytes(),
+        0o644,
+    )
+    .map_err(io("admin bundle"))?;
     let fp = ca.fingerprint();
     let cluster = ClusterObject {
         cluster_id: cluster_id.clone(),
@@ -73,6 +91,11 @@ fn init_cluster(
         manager_secret: JoinToken::new(&fp).secret,
         cert_lifetime_secs: cfg.cert_lifetime.as_secs(),
         created_at: now_ms(),
+        network: cfg.network.clone(),
+        trust: flotilla_registry::TrustPolicy {
+            keys: vec![signing.trusted_key()],
+            enforce: true,
+        },
     };
     let identity = NodeIdentity {
         cluster_id,
@@ -114,6 +137,7 @@ fn first_node(identity: &NodeIdentity, description: flotilla_types::NodeDescript
             leader: true,
             reachability: "reachable".into(),
         }),
+        network: None,
     }
 }
 
@@ -157,6 +181,49 @@ pub async fn cleanup(data_dir: &std::path::Path) -> Result<usize, NodeError> {
             data_dir.display()
         )));
     }
+    // Containers first (they hold the namespaces), then the node's network objects.
+    let removed = cleanup_containers(data_dir).await?;
+    if let Ok(Some(id)) = crate::disk::read_identity(&Paths::new(data_dir)) {
+        match crate::network::cleanup(data_dir, &id.node_id).await {
+            Ok(gone) if !gone.is_empty() => {
+                tracing::info!(removed = gone.len(), "removed the node's network objects")
+            }
+            Ok(_) => {}
+            Err(e) => return Err(NodeError::Io(format!("network cleanup: {e}"))),
+        }
+    }
+    Ok(removed)
+}
+
+/// What [`cleanup`] would remove: containers (`container <id>`) and network objects.
+pub async fn leftovers(data_dir: &std::path::Path) -> Result<Vec<String>, NodeError> {
+    let mut out = Vec::new();
+    if data_dir.join("runtime").exists() {
+        let cfg = NodeConfig::new(
+            data_dir.to_path_buf(),
+            std::net::SocketAddr::from(([127, 0, 0, 1], 1)),
+            StartMode::Resume,
+        );
+        let rt = open_runtime(&cfg)?;
+        let containers = flotilla_runtime::RuntimeDriver::list(&rt)
+            .await
+            .map_err(|e| NodeError::Io(e.to_string()))?;
+        out.extend(
+            containers
+                .into_iter()
+                .map(|c| format!("container {}", c.id)),
+        );
+    }
+    if let Ok(Some(id)) = crate::disk::read_identity(&Paths::new(data_dir)) {
+        let net = crate::network::leftovers(data_dir, &id.node_id)
+            .await
+            .map_err(NodeError::Io)?;
+        out.extend(net);
+    }
+    Ok(out)
+}
+
+async fn cleanup_containers(data_dir: &std::path::Path) -> Result<usize, NodeError> {
     if !data_dir.join("runtime").exists() {
         return Ok(0);
     }
@@ -306,6 +373,7 @@ pub async fn run(
         manager: manager.clone(),
         runtime: Some(runtime.clone()),
         role_changed: tokio::sync::Notify::new(),
+        agent_images: Default::default(),
     });
     // A new cluster is seeded before the API opens, so no client ever sees it half-made.
     if let (Some(mgr), Some(cluster)) = (&manager, bootstrap) {
@@ -358,7 +426,12 @@ pub async fn run(
         "node running"
     );
 
-    let (exec, reports) = executor::Executor::new(&ctx, runtime.clone());
+    let net = cfg.task_networking.then(|| {
+        let bind_ip = cfg.listen.ip();
+        let underlay = cfg.advertise.unwrap_or(cfg.listen).ip();
+        crate::network::NodeNet::new(&cfg.data_dir, &identity.node_id, bind_ip, underlay)
+    });
+    let (exec, reports) = executor::Executor::new(&ctx, runtime.clone(), net.clone());
     match flotilla_runtime::RuntimeDriver::adopt(&runtime).await {
         Ok(r) => tracing::info!(
             adopted = r.adopted.len(),
@@ -374,6 +447,15 @@ pub async fn run(
             stop_rx.clone(),
         )),
         tokio::spawn(executor::report_loop(ctx.clone(), reports, stop_rx.clone())),
+        tokio::spawn({
+            let (ctx, stop, net) = (ctx.clone(), stop_rx.clone(), net.clone());
+            async move {
+                if let Some(net) = net {
+                    executor::network_loop(ctx, net.clone(), stop).await;
+                    net.shutdown().await;
+                }
+            }
+        }),
         tokio::spawn(control::control_loop(ctx.clone(), stop_rx.clone())),
         tokio::spawn(agent::heartbeat_loop(
             ctx.clone(),
@@ -382,6 +464,7 @@ pub async fn run(
         )),
         tokio::spawn(agent::renewal_loop(ctx.clone(), stop_rx.clone())),
         tokio::spawn(leader::liveness_loop(ctx.clone(), stop_rx.clone())),
+        tokio::spawn(crate::gc::gc_loop(ctx.clone(), stop_rx.clone())),
     ];
 
     let outcome = tokio::select! {

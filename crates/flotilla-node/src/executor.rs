@@ -18,6 +18,7 @@ use flotilla_types::{HealthProbe, Task, TaskState, TaskStatus};
 
 use crate::api::dispatch::{Assignments, StatusReport};
 use crate::manager::now_ms;
+use crate::network::{NodeNet, TaskNet};
 use crate::NodeCtx;
 
 /// What a runner is told from outside.
@@ -36,6 +37,8 @@ pub struct Executor {
     rt: Runtime,
     runners: Mutex<HashMap<String, Runner>>,
     reports: mpsc::UnboundedSender<StatusReport>,
+    /// Task networking; `None` with `--network none` (tasks get only loopback).
+    net: Option<Arc<NodeNet>>,
 }
 
 fn digest_of(image: &str) -> &str {
@@ -49,6 +52,7 @@ impl Executor {
     pub fn new(
         ctx: &Arc<NodeCtx>,
         rt: Runtime,
+        net: Option<Arc<NodeNet>>,
     ) -> (Arc<Executor>, mpsc::UnboundedReceiver<StatusReport>) {
         let (tx, rx) = mpsc::unbounded_channel();
         (
@@ -57,6 +61,7 @@ impl Executor {
                 rt,
                 runners: Mutex::new(HashMap::new()),
                 reports: tx,
+                net,
             }),
             rx,
         )
@@ -71,6 +76,9 @@ impl Executor {
 
     /// Applies a complete assignment set.
     pub async fn apply(self: &Arc<Self>, set: Assignments) {
+        if let Some(ctx) = self.ctx.upgrade() {
+            ctx.agent_images.note(&set);
+        }
         let wanted: HashSet<String> = set.tasks.iter().map(|t| t.id.clone()).collect();
         // One listing of this node's containers serves the whole pass.
         let containers = self.rt.list().await.unwrap_or_default();
@@ -110,6 +118,9 @@ impl Executor {
                         let _ = this.rt.remove(&task.id, true).await;
                         tracing::info!(task = %task.id, "stopped a container its task no longer wants");
                     }
+                    if let Some(net) = &this.net {
+                        net.release_task(&task.id).await;
+                    }
                     if !task.status.state.is_terminal() {
                         let mut st = TaskStatus::new(TaskState::Shutdown, now_ms(), "shut down");
                         st.container_id = task.status.container_id.clone();
@@ -126,6 +137,10 @@ impl Executor {
             tokio::spawn(async move {
                 let id = task.id.clone();
                 this.run_task(task, rx).await;
+                // Every way out of a runner removes the container: free its network too.
+                if let Some(net) = &this.net {
+                    net.release_task(&id).await;
+                }
                 if let Ok(mut runners) = this.runners.lock() {
                     runners.remove(&id);
                 }
@@ -146,12 +161,30 @@ impl Executor {
                 continue;
             }
             let rt = self.rt.clone();
+            let net = self.net.clone();
             tokio::spawn(async move {
                 let _ = rt.stop(&c.id, Duration::from_secs(10)).await;
                 if let Err(e) = rt.remove(&c.id, false).await {
                     tracing::warn!(container = %c.id, error = %e, "removing container failed");
                 }
+                if let Some(net) = net {
+                    net.release_task(&c.id).await;
+                }
             });
+        }
+        // Network namespaces left by tasks that have neither a runner nor a container (e.g.
+        // the agent died between preparing the network and creating the container).
+        if let Some(net) = &self.net {
+            for id in net.prepared_tasks() {
+                let busy = self
+                    .runners
+                    .lock()
+                    .map(|r| r.contains_key(&id))
+                    .unwrap_or(true);
+                if !busy && !present.contains(&id) && !wanted.contains(&id) {
+                    net.release_task(&id).await;
+                }
+            }
         }
         // Logs of tasks that no longer exist at all.
         let logs = self.rt.config().root.join("logs");
@@ -194,20 +227,39 @@ impl Executor {
         Err(last)
     }
 
+    /// The trust policy's verdict on a task's image (see `trust`).
+    async fn verify_image(&self, image: &str, digest: &str) -> Result<(), String> {
+        match self.ctx.upgrade() {
+            Some(ctx) => crate::trust::verify_image(&ctx, self.rt.images(), image, digest).await,
+            None => Err("node shutting down".into()),
+        }
+    }
+
     async fn run_task(self: &Arc<Self>, task: Task, mut cmd: watch::Receiver<Command>) {
         let id = task.id.clone();
         let now = now_ms;
         let adopted = self.rt.state(&id).await.ok();
+        let address: std::sync::OnceLock<String> = std::sync::OnceLock::new();
         let status = |state: TaskState, msg: &str| {
             let mut st = TaskStatus::new(state, now(), msg);
             st.container_id = Some(id.clone());
+            st.address = address.get().cloned();
             st
         };
         match adopted {
             Some(s) if s.status == ContainerStatus::Running => {
                 tracing::info!(task = %id, pid = s.pid, "re-adopted running container");
-                if task.status.state < TaskState::Running {
-                    self.report(&task, status(TaskState::Running, "started"));
+                if let Some(net) = &self.net {
+                    if let Some(a) = net.address_of(&id).await {
+                        let _ = address.set(a.to_string());
+                    }
+                }
+                if task.status.state < TaskState::Running
+                    || task.status.address.as_ref() != address.get()
+                {
+                    let mut st = status(TaskState::Running, "started");
+                    st.health = task.status.health.clone();
+                    self.report(&task, st);
                 }
             }
             Some(s)
@@ -243,7 +295,7 @@ impl Executor {
                 self.report(&task, status(TaskState::Preparing, "preparing"));
                 let c = &task.spec.container;
                 let digest = digest_of(&c.image).to_string();
-                if self.rt.images().manifest(&digest).is_err() {
+                if self.rt.images().resolve(&digest).is_err() {
                     if let Err(msg) = self.pull(&c.image).await {
                         let mut st = status(TaskState::Rejected, &msg);
                         st.err = Some(msg);
@@ -251,7 +303,29 @@ impl Executor {
                         return;
                     }
                 }
-                let spec = container_spec(&task, &digest);
+                if let Err(msg) = self.verify_image(&c.image, &digest).await {
+                    let mut st = status(TaskState::Rejected, &msg);
+                    st.err = Some(msg);
+                    self.report(&task, st);
+                    return;
+                }
+                let mut tnet: Option<TaskNet> = None;
+                if let Some(net) = &self.net {
+                    let hostname = task.id[..12.min(task.id.len())].to_string();
+                    match net.prepare_task(&id, &hostname, &[]).await {
+                        Ok(n) => {
+                            let _ = address.set(n.addr.to_string());
+                            tnet = Some(n);
+                        }
+                        Err(msg) => {
+                            let mut st = status(TaskState::Rejected, &msg);
+                            st.err = Some(msg);
+                            self.report(&task, st);
+                            return;
+                        }
+                    }
+                }
+                let spec = container_spec(&task, &digest, tnet.as_ref());
                 self.report(&task, status(TaskState::Ready, "ready"));
                 if let Err(e) = self.rt.create(spec).await {
                     let mut st = status(TaskState::Rejected, &format!("create: {e}"));
@@ -340,7 +414,7 @@ impl Executor {
                 }
                 _ = ticker.tick(), if hc.is_some() => {
                     let Some(h) = hc.as_ref() else { continue };
-                    let ok = probe(&self.rt, &id, h).await;
+                    let ok = probe(&self.rt, &id, address.get().map(String::as_str), h).await;
                     let in_start = started.elapsed() < Duration::from_nanos(h.start_period);
                     let before = health;
                     if ok {
@@ -376,7 +450,11 @@ fn grace_of(task: &Task) -> Duration {
 }
 
 /// Maps a task to the runtime's container spec.
-fn container_spec(task: &Task, digest: &str) -> flotilla_runtime::ContainerSpec {
+fn container_spec(
+    task: &Task,
+    digest: &str,
+    net: Option<&TaskNet>,
+) -> flotilla_runtime::ContainerSpec {
     let c = &task.spec.container;
     let r = &task.spec.resources.limits;
     flotilla_runtime::ContainerSpec {
@@ -392,7 +470,22 @@ fn container_spec(task: &Task, digest: &str) -> flotilla_runtime::ContainerSpec 
         workdir: c.workdir.clone(),
         user: c.user.clone(),
         hostname: Some(task.id[..12.min(task.id.len())].to_string()),
-        mounts: Vec::new(),
+        mounts: net
+            .map(|n| {
+                vec![
+                    flotilla_runtime::BindMount {
+                        src: n.hosts.clone(),
+                        dst: "/etc/hosts".into(),
+                        readonly: true,
+                    },
+                    flotilla_runtime::BindMount {
+                        src: n.resolv.clone(),
+                        dst: "/etc/resolv.conf".into(),
+                        readonly: true,
+                    },
+                ]
+            })
+            .unwrap_or_default(),
         resources: flotilla_runtime::Resources {
             memory_bytes: (r.memory_bytes > 0).then_some(r.memory_bytes as i64),
             nano_cpus: (r.nano_cpus > 0).then_some(r.nano_cpus),
@@ -401,11 +494,17 @@ fn container_spec(task: &Task, digest: &str) -> flotilla_runtime::ContainerSpec 
         },
         security: Default::default(),
         labels: c.labels.clone(),
+        network_namespace: net.map(|n| n.netns.clone()),
     }
 }
 
 /// Runs one health probe. Exec probes run inside the container through the OCI runtime.
-async fn probe(rt: &Runtime, id: &str, h: &flotilla_types::HealthCheck) -> bool {
+async fn probe(
+    rt: &Runtime,
+    id: &str,
+    addr: Option<&str>,
+    h: &flotilla_types::HealthCheck,
+) -> bool {
     let timeout = Duration::from_nanos(h.timeout).max(Duration::from_millis(100));
     match &h.probe {
         HealthProbe::Exec { cmd } => {
@@ -433,52 +532,102 @@ async fn probe(rt: &Runtime, id: &str, h: &flotilla_types::HealthCheck) -> bool 
                 Ok(Ok(st)) if st.success()
             )
         }
-        // Network probes need task networking (not built yet): treat as healthy only when the
-        // container is running.
-        HealthProbe::Http { .. } | HealthProbe::Tcp { .. } => rt
-            .state(id)
-            .await
-            .map(|s| s.status == ContainerStatus::Running)
-            .unwrap_or(false),
+        // Network probes go from the node to the task's address.
+        HealthProbe::Http { path, port } => match addr {
+            Some(a) => http_probe(a, *port, path, timeout).await,
+            None => false,
+        },
+        HealthProbe::Tcp { port } => match addr {
+            Some(a) => matches!(
+                tokio::time::timeout(timeout, tokio::net::TcpStream::connect((a, *port))).await,
+                Ok(Ok(_))
+            ),
+            None => false,
+        },
     }
 }
 
+/// `GET path` over HTTP/1.0; a 2xx or 3xx status is healthy (as Kubernetes' httpGet probe).
+async fn http_probe(addr: &str, port: u16, path: &str, timeout: Duration) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let run = async {
+        let mut s = tokio::net::TcpStream::connect((addr, port)).await.ok()?;
+        let req = format!(
+            "GET {path} HTTP/1.0\r\nHost: {addr}:{port}\r\nUser-Agent: flotilla-health\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut buf = [0u8; 64];
+        let mut n = 0;
+        while n < 12 {
+            let k = s.read(&mut buf[n..]).await.ok()?;
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        // "HTTP/1.x NNN"
+        let line = std::str::from_utf8(&buf[..n]).ok()?;
+        let code: u16 = line.get(9..12)?.parse().ok()?;
+        Some((200..400).contains(&code))
+    };
+    matches!(tokio::time::timeout(timeout, run).await, Ok(Some(true)))
+}
+
 /// Follows the assignment stream from the managers, reconnecting as needed.
-pub async fn assignment_loop(
-    ctx: Arc<NodeCtx>,
-    exec: Arc<Executor>,
-    mut stop: watch::Receiver<bool>,
-) {
+pub async fn assignment_loop(ctx: Arc<NodeCtx>, exec: Arc<Executor>, stop: watch::Receiver<bool>) {
+    let path = format!("/v1/nodes/{}/assignments", ctx.identity().node_id);
+    follow::<Assignments, _, _>(ctx, path, stop, move |set| {
+        let exec = exec.clone();
+        async move { exec.apply(set).await }
+    })
+    .await
+}
+
+/// Follows the network map stream and programs this node's networking from it.
+pub async fn network_loop(ctx: Arc<NodeCtx>, net: Arc<NodeNet>, stop: watch::Receiver<bool>) {
+    let path = format!("/v1/nodes/{}/network", ctx.identity().node_id);
+    follow::<flotilla_types::NetworkMap, _, _>(ctx, path, stop, move |map| {
+        let net = net.clone();
+        async move { net.apply_map(&map).await }
+    })
+    .await
+}
+
+/// Follows a newline-delimited JSON stream of a manager (trying each in turn, with backoff),
+/// handing every message to `on`. Managers resend at least every 5 s; 12 s of silence means a
+/// dead session.
+async fn follow<T, F, Fut>(ctx: Arc<NodeCtx>, path: String, mut stop: watch::Receiver<bool>, on: F)
+where
+    T: serde::de::DeserializeOwned + Send + 'static,
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let mut backoff = Duration::from_millis(100);
     loop {
         for addr in crate::agent::targets(&ctx) {
-            let node_id = ctx.identity().node_id;
             let client = ctx.tls.peer(&addr);
-            let (tx, mut rx) = mpsc::unbounded_channel::<Assignments>();
-            let path = format!("/v1/nodes/{node_id}/assignments");
-            let stream = client.stream_lines(&path, move |line| {
-                match serde_json::from_slice::<Assignments>(line) {
+            let (tx, mut rx) = mpsc::unbounded_channel::<T>();
+            let stream =
+                client.stream_lines(&path, move |line| match serde_json::from_slice::<T>(line) {
                     Ok(a) => tx.send(a).is_ok(),
                     Err(_) => true,
-                }
-            });
+                });
             tokio::pin!(stream);
             loop {
                 tokio::select! {
                     _ = flotilla_api::server::stopped(&mut stop) => return,
                     res = &mut stream => {
                         if let Err(e) = res {
-                            tracing::debug!(manager = %addr, error = %e, "assignment stream ended");
+                            tracing::debug!(manager = %addr, path = %path, error = %e, "stream ended");
                         }
                         break;
                     }
-                    Some(set) = rx.recv() => {
+                    Some(item) = rx.recv() => {
                         backoff = Duration::from_millis(100);
-                        exec.apply(set).await;
+                        on(item).await;
                     }
-                    // The manager resends at least every 5 s; silence means a dead session.
                     _ = tokio::time::sleep(Duration::from_secs(12)) => {
-                        tracing::warn!(manager = %addr, "assignment stream went silent; reconnecting");
+                        tracing::warn!(manager = %addr, path = %path, "stream went silent; reconnecting");
                         break;
                     }
                 }

@@ -13,16 +13,19 @@ mod daemon;
 mod disk;
 mod error;
 mod executor;
+mod gc;
 mod joining;
 mod leader;
 mod manager;
+mod network;
 mod tls;
 mod transport;
+mod trust;
 
 use std::sync::{Arc, RwLock};
 
 pub use config::{NodeConfig, StartMode};
-pub use daemon::{cleanup, run, RunOutcome};
+pub use daemon::{cleanup, leftovers, run, RunOutcome};
 pub use disk::{NodeIdentity, Paths};
 pub use error::{ApiError, NodeError};
 pub use manager::Manager;
@@ -41,6 +44,8 @@ pub struct NodeCtx {
     /// Notified when the cluster changed this node's role and the daemon must restart its
     /// internals in the new role (promotion / demotion).
     pub role_changed: tokio::sync::Notify,
+    /// Trust policy and assigned images from the last assignment set (see `trust`).
+    pub agent_images: trust::AgentImages,
 }
 
 impl NodeCtx {

@@ -29,6 +29,13 @@ pub struct ClusterObject {
     pub cert_lifetime_secs: u64,
     /// Unix ms.
     pub created_at: u64,
+    /// The address plan of task networks (set at init).
+    #[serde(default)]
+    pub network: flotilla_types::NetworkSettings,
+    /// Which image signatures agents accept (enforced unless turned off; clusters created
+    /// before this field existed get an enforcing policy with no key).
+    #[serde(default)]
+    pub trust: flotilla_registry::TrustPolicy,
 }
 
 pub const CLUSTER_KEY: &str = "cluster";
@@ -187,6 +194,13 @@ impl Manager {
             .filter(|ok| *ok)
             .count();
         let needed = total / 2 + 1;
+        if reachable >= needed {
+            return format!(
+                "the write did not commit in time although {reachable} of {total} managers are reachable \
+                 (the managers are overloaded or their disks are slow); it may still be applied: \
+                 check with `flotilla service ls` before retrying"
+            );
+        }
         format!(
             "quorum lost: {reachable} of {total} managers reachable, {needed} needed; writes are refused until a majority is back. \
              If the missing managers are gone for good, recover from this one: stop it and restart it with \

@@ -625,4 +625,34 @@ impl BlobSource for RegistryClient {
             }
         })
     }
+
+    fn resolve_tag<'a>(
+        &'a self,
+        name: &'a str,
+        tag: &'a str,
+    ) -> BoxFuture<'a, Result<Option<String>>> {
+        Box::pin(async move {
+            let path = format!("/v2/{name}/manifests/{tag}");
+            let (s, h, b) = self
+                .call(
+                    Method::HEAD,
+                    &path,
+                    &[("accept", ACCEPT), (NO_PEER_HEADER, "1")],
+                    Bytes::new(),
+                )
+                .await?;
+            match s {
+                StatusCode::OK => {}
+                StatusCode::NOT_FOUND => return Ok(None),
+                _ => return Err(self.status_err(&Method::HEAD, &path, s, &b)),
+            }
+            let d = h
+                .get("docker-content-digest")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+                .ok_or_else(|| self.http_err(&Method::HEAD, &path, "no Docker-Content-Digest"))?;
+            check_digest(&d)?;
+            Ok(Some(d))
+        })
+    }
 }

@@ -20,12 +20,17 @@ use std::time::{Duration, SystemTime};
 pub struct GcOptions {
     /// Unreferenced blobs younger than this are kept (default 10 minutes).
     pub min_age: Duration,
+    /// Whether tagged images are roots (a registry keeps what was pushed; default true).
+    /// A node that only runs images sets it false: its images not in `keep` are removed,
+    /// tagged or not.
+    pub keep_tagged: bool,
 }
 
 impl Default for GcOptions {
     fn default() -> Self {
         GcOptions {
             min_age: Duration::from_secs(600),
+            keep_tagged: true,
         }
     }
 }
@@ -60,12 +65,13 @@ pub fn collect_garbage_with(
     let meta = Meta::open(store)?;
     let mut report = GcReport::default();
 
-    // 1. Untagged images nobody keeps leave the index.
+    // 1. Images nobody keeps (untagged, or any with `keep_tagged` off) leave the index.
     let mut roots: BTreeSet<String> = keep.iter().cloned().collect();
     for s in store.list()? {
-        if !s.refs.is_empty() {
+        if keep.contains(&s.digest) || (opts.keep_tagged && !s.refs.is_empty()) {
             roots.insert(s.digest);
-        } else if !keep.contains(&s.digest) {
+        } else {
+            // By digest: drops every tag too.
             meta.store_remove(store, &s.digest)?;
             report.removed_images.push(s.digest);
         }

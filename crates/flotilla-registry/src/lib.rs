@@ -27,6 +27,7 @@ mod client;
 mod digest;
 mod error;
 mod gc;
+mod layout;
 mod manifest;
 mod meta;
 mod server;
@@ -38,6 +39,7 @@ pub use client::{FetchedManifest, RegistryClient, DEFAULT_CHUNK_SIZE};
 pub use digest::{check_digest, check_name, sha256_digest, signature_tag, ImageRef};
 pub use error::{ErrorCode, RegistryError, Result};
 pub use gc::{collect_garbage, collect_garbage_with, GcOptions, GcReport};
+pub use layout::{layout_manifest, pull_layout, push_layout, REF_NAME};
 pub use manifest::{
     Descriptor, Manifest, ManifestKind, DOCKER_MANIFEST, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST,
 };
@@ -47,7 +49,7 @@ pub use sign::{
     TrustedKey, SIGNATURE_ARTIFACT_TYPE,
 };
 pub use source::{BlobSource, BlobStream, FirstOf};
-pub use transfer::{pull, push, Progress};
+pub use transfer::{fetch_signatures, pull, push, Progress};
 
 #[doc(no_inline)]
 pub use flotilla_runtime::ImageStore;

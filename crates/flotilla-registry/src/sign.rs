@@ -137,7 +137,7 @@ impl SigningKey {
                 pair: Pair::Ec(k),
             }),
             Err(_) => Err(key_err(
-                "not an ed25519 or ECDSA P-256 PKCS#8 private key (generate one with `flotilla image key generate`)",
+                "not an ed25519 or ECDSA P-256 PKCS#8 private key (generate one with `flotilla trust keygen FILE`)",
             )),
         }
     }
@@ -263,12 +263,16 @@ struct PayloadImage {
     docker_manifest_digest: String,
 }
 
-/// A signature over a payload naming a manifest digest.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A signature over a payload naming a manifest digest. Serialized (e.g. in API bodies)
+/// with `payload` and `signature` as hex.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Signature {
     /// The signed JSON payload.
+    #[serde(with = "hex_bytes")]
     pub payload: Vec<u8>,
     /// Raw signature bytes (ed25519: 64 bytes; ECDSA: ASN.1 DER).
+    #[serde(with = "hex_bytes")]
     pub signature: Vec<u8>,
     pub key_id: String,
     pub algorithm: Algorithm,
@@ -354,16 +358,44 @@ fn parse_public(text: &str) -> Result<(Algorithm, Vec<u8>, String)> {
     Ok((alg, raw.to_vec(), key_id_of(der)))
 }
 
-/// The cluster's image trust policy.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(b))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let t = String::deserialize(d)?;
+        hex::decode(t).map_err(serde::de::Error::custom)
+    }
+}
+
+fn enforce_default() -> bool {
+    true
+}
+
+/// The cluster's image trust policy. Fails closed: enforcement is on unless turned off
+/// explicitly, and with no keys nothing runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrustPolicy {
     /// Keys whose signatures are accepted.
     #[serde(default)]
     pub keys: Vec<TrustedKey>,
-    /// When false, every image is accepted (verification is skipped).
-    #[serde(default)]
+    /// When false, every image is accepted (verification is skipped). Default: true.
+    #[serde(default = "enforce_default")]
     pub enforce: bool,
+}
+
+impl Default for TrustPolicy {
+    /// Enforcing, with no trusted key yet.
+    fn default() -> Self {
+        TrustPolicy {
+            keys: Vec::new(),
+            enforce: true,
+        }
+    }
 }
 
 /// Why an image was refused.

@@ -17,6 +17,19 @@ pub type BlobStream = BoxStream<'static, std::io::Result<Bytes>>;
 pub trait BlobSource: Send + Sync {
     /// The blob's content, `Ok(None)` when the source does not have it.
     fn fetch<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, Result<Option<BlobStream>>>;
+
+    /// The manifest digest `name:tag` points at on the source, `Ok(None)` when unknown there
+    /// (default: tags are not resolved). Lets a registry serve a tag pushed to a peer (an
+    /// image, or a `sha256-<hex>.sig` signature) without recording it locally, so a tag moved
+    /// on the peer is never served stale.
+    fn resolve_tag<'a>(
+        &'a self,
+        name: &'a str,
+        tag: &'a str,
+    ) -> BoxFuture<'a, Result<Option<String>>> {
+        let _ = (name, tag);
+        Box::pin(async { Ok(None) })
+    }
 }
 
 /// Tries several sources in order (e.g. one client per peer manager).
@@ -31,6 +44,25 @@ impl BlobSource for FirstOf {
                     Ok(None) => {}
                     Err(e) => {
                         tracing::debug!(%digest, error = %e, "peer fetch failed; trying the next")
+                    }
+                }
+            }
+            Ok(None)
+        })
+    }
+
+    fn resolve_tag<'a>(
+        &'a self,
+        name: &'a str,
+        tag: &'a str,
+    ) -> BoxFuture<'a, Result<Option<String>>> {
+        Box::pin(async move {
+            for s in &self.0 {
+                match s.resolve_tag(name, tag).await {
+                    Ok(Some(d)) => return Ok(Some(d)),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::debug!(%name, %tag, error = %e, "peer tag lookup failed; trying the next")
                     }
                 }
             }

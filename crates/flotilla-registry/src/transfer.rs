@@ -90,7 +90,7 @@ pub async fn pull(
 }
 
 /// The linux/amd64 entry of an index, else the first.
-fn pick_platform(m: &Manifest) -> Option<String> {
+pub(crate) fn pick_platform(m: &Manifest) -> Option<String> {
     let amd64 = m.children().find(|d| {
         d.platform.as_ref().is_some_and(|p| {
             p.get("os").and_then(|v| v.as_str()) == Some("linux")
@@ -148,6 +148,19 @@ async fn fetch_blobs(
         });
     }
     Ok(())
+}
+
+/// Copies the signature artifacts of the manifest `digest` of repository `name` from a
+/// registry into `store` (e.g. from another manager when the one an image came from lacks
+/// them). The manifest must already be in the store.
+pub async fn fetch_signatures(
+    client: &RegistryClient,
+    store: &ImageStore,
+    name: &str,
+    digest: &str,
+) -> Result<()> {
+    let meta = Meta::open(store)?;
+    pull_signatures(client, store, &meta, name, digest, &mut |_| {}).await
 }
 
 /// Copies the signature artifacts of `digest` (referrers API, else the `.sig` tag).

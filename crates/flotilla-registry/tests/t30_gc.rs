@@ -52,6 +52,7 @@ async fn gc_removes_only_unreferenced_blobs() -> TestResult {
         &keep,
         &GcOptions {
             min_age: Duration::ZERO,
+            ..Default::default()
         },
     )?;
     assert!(r.removed_images.is_empty());
@@ -82,6 +83,7 @@ async fn gc_removes_only_unreferenced_blobs() -> TestResult {
         &keep,
         &GcOptions {
             min_age: Duration::ZERO,
+            ..Default::default()
         },
     )?;
     assert!(
@@ -93,9 +95,23 @@ async fn gc_removes_only_unreferenced_blobs() -> TestResult {
         &HashSet::new(),
         &GcOptions {
             min_age: Duration::ZERO,
+            ..Default::default()
         },
     )?;
     assert_eq!(r.removed_images, vec![kept.clone()]);
     assert_eq!(s.list()?.len(), 1);
+
+    // A node that only runs images drops tagged ones it does not keep, too.
+    let r = collect_garbage_with(
+        &s,
+        &HashSet::new(),
+        &GcOptions {
+            min_age: Duration::ZERO,
+            keep_tagged: false,
+        },
+    )?;
+    assert_eq!(r.removed_images, vec![tagged.clone()]);
+    assert!(s.list()?.is_empty());
+    assert!(!s.has_blob(&tagged));
     Ok(())
 }

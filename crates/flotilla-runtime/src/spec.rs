@@ -89,6 +89,9 @@ pub struct ContainerSpec {
     pub resources: Resources,
     pub security: SecurityOptions,
     pub labels: BTreeMap<String, String>,
+    /// Join this network namespace (a bind-mounted nsfs file prepared by the agent) instead of
+    /// getting a new one with only loopback.
+    pub network_namespace: Option<PathBuf>,
 }
 
 /// Validates a container id.
@@ -375,6 +378,19 @@ pub fn build_spec(
 
     // Mounts: the standard set plus binds.
     let mut mounts: Vec<Mount> = s.mounts().clone().unwrap_or_default();
+    if spec.network_namespace.is_some() && ctx.userns.is_some() {
+        // sysfs can only be mounted by the owner of the network namespace; a user-namespaced
+        // container joining the agent's (root-owned) task namespace gets a read-only bind of
+        // /sys instead, as Docker does with userns-remap.
+        for m in mounts.iter_mut() {
+            if m.typ().as_deref() == Some("sysfs") {
+                *m = json(serde_json::json!({
+                    "destination": "/sys", "type": "bind", "source": "/sys",
+                    "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]
+                }))?;
+            }
+        }
+    }
     for b in &spec.mounts {
         if !b.dst.is_absolute() {
             return Err(RuntimeError::Invalid(format!(
@@ -403,6 +419,10 @@ pub fn build_spec(
     let mut namespaces: Vec<LinuxNamespace> = linux.namespaces().clone().unwrap_or_default();
     namespaces
         .retain(|n| n.typ() != LinuxNamespaceType::User && n.typ() != LinuxNamespaceType::Cgroup);
+    if let Some(path) = &spec.network_namespace {
+        namespaces.retain(|n| n.typ() != LinuxNamespaceType::Network);
+        namespaces.push(json(serde_json::json!({"type": "network", "path": path}))?);
+    }
     if let Some(r) = ctx.userns {
         namespaces.push(json(serde_json::json!({"type": "user"}))?);
         linux.set_uid_mappings(Some(vec![mapping(r)?]));

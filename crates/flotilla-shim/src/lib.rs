@@ -24,6 +24,7 @@ use std::path::PathBuf;
 
 pub use logfile::{read_logs, LogFollower, LogLine};
 pub use proto::{Request, Response, ShimState, Status};
+pub use sys::default_sigpipe;
 
 /// Parsed command line of `flotilla shim`.
 #[derive(Clone, Debug, PartialEq, Eq)]

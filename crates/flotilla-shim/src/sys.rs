@@ -178,3 +178,14 @@ pub fn hide_cgroup2() -> io::Result<()> {
 pub fn getpid() -> i32 {
     std::process::id() as i32
 }
+
+/// Restores the default SIGPIPE disposition (terminate quietly), which Rust's runtime replaces
+/// with "ignore": client commands piped into `head` then end like other Unix tools instead of
+/// failing on EPIPE. Call before starting threads; never in a daemon.
+pub fn default_sigpipe() {
+    // SAFETY: SIG_DFL installs no handler code; this only changes the process's disposition
+    // for SIGPIPE, and callers do it from `main` before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}

@@ -9,12 +9,14 @@
 
 mod api;
 mod id;
+mod network;
 mod node;
 mod service;
 mod task;
 
 pub use api::*;
 pub use id::{new_id, validate_name, IdError};
+pub use network::*;
 pub use node::*;
 pub use service::*;
 pub use task::*;

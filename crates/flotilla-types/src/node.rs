@@ -17,6 +17,9 @@ pub struct Node {
     /// Present on managers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manager_status: Option<ManagerStatus>,
+    /// The node's task subnet, allocated by the leader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<crate::NodeNetwork>,
 }
 
 /// What an operator controls about a node (`flotilla node update`).

@@ -23,6 +23,9 @@ pub struct Service {
     /// For jobs: bumped by `service update --force` to run the job again.
     #[serde(default)]
     pub job_iteration: u64,
+    /// The service's virtual IP (endpoint mode `vip`), allocated by the leader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<String>,
     /// Filled in on reads (never stored): how many tasks run and should run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_status: Option<ServiceStatus>,
@@ -316,6 +319,9 @@ pub struct PortConfig {
     /// `ingress` (routing mesh, every node) or `host` (only where a task runs).
     #[serde(default = "ingress")]
     pub publish_mode: String,
+    /// Opt-in PROXY protocol header (`v1` or `v2`) carrying the client's address to the task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<String>,
 }
 
 fn tcp() -> String {

@@ -124,6 +124,9 @@ pub struct TaskStatus {
     /// Health as seen by the agent: `starting`, `healthy`, `unhealthy` (only with a health check).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<String>,
+    /// The task's IP address on its node's task network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
 }
 
 impl TaskStatus {
@@ -136,6 +139,7 @@ impl TaskStatus {
             exit_code: None,
             container_id: None,
             health: None,
+            address: None,
         }
     }
 }

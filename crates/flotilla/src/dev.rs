@@ -66,7 +66,7 @@ async fn wait_api(
     }
 }
 
-async fn deploy_demo(client: &Client) -> anyhow::Result<()> {
+async fn deploy_demo(client: &Client, dir: &Path) -> anyhow::Result<()> {
     let have_image = client
         .request(Method::GET, &format!("/v1/images/{DEMO_IMAGE}"), None)
         .await
@@ -83,10 +83,20 @@ async fn deploy_demo(client: &Client) -> anyhow::Result<()> {
                 .map(|b| format!("%{b:02X}"))
                 .collect::<String>()
         );
-        client
+        let resp = client
             .request(Method::POST, &path, Some(tar_dir(tmp.path())?))
             .await
             .context("importing the demo image")?;
+        // Signed with the admin key `--init` created, so the cluster's trust policy lets it run.
+        let digest = serde_json::from_slice::<serde_json::Value>(&resp.body)?["digest"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let key = flotilla_cli::find_signing_key(None, Some(&dir.join("admin")), None)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        flotilla_cli::sign_image(client, &key, "busybox", &digest)
+            .await
+            .map_err(|e| anyhow::anyhow!("signing the demo image: {e}"))?;
     }
     let exists = client
         .request(Method::GET, &format!("/v1/services/{DEMO_SERVICE}"), None)
@@ -196,7 +206,7 @@ pub async fn run(
     let started = async {
         wait_api(&client, &node).await?;
         if !args.no_demo {
-            deploy_demo(&client).await?;
+            deploy_demo(&client, &dir).await?;
         }
         Ok::<_, anyhow::Error>(())
     };

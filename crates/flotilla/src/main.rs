@@ -51,6 +51,12 @@ fn node_config(args: &RunArgs) -> anyhow::Result<NodeConfig> {
     cfg.raft_heartbeat_ms = (min / 3).max(20);
     cfg.task_history = args.task_history_limit as usize;
     cfg.runtime_bin = args.runtime.clone();
+    cfg.network.address_pool = args.address_pool.clone();
+    cfg.network.subnet_prefix = args.subnet_size;
+    cfg.network.vip_pool = args.vip_pool.clone();
+    cfg.network.vxlan_port = args.vxlan_port;
+    cfg.network.outbound_nat = !args.no_outbound_nat;
+    cfg.task_networking = args.network == "bridge";
     Ok(cfg)
 }
 
@@ -101,6 +107,14 @@ fn main() -> ExitCode {
         // The shim is a small single-threaded supervisor: no tokio runtime here.
         return ExitCode::from(flotilla_shim::run(args.args).clamp(0, 255) as u8);
     }
+    if !matches!(
+        cli.command,
+        Command::Node(NodeCmd::Run(_)) | Command::Dev(_)
+    ) {
+        // A client command piped into `head` should end quietly, as Unix tools do, instead
+        // of failing on EPIPE (the daemon keeps Rust's default of ignoring SIGPIPE).
+        flotilla_shim::default_sigpipe();
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -114,7 +128,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Node(NodeCmd::Run(args)) => {
             init_tracing();
-            match rt.block_on(run_node(args)) {
+            match rt.block_on(run_node(*args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -122,7 +136,26 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Node(NodeCmd::Cleanup { data_dir }) => {
+        Command::Node(NodeCmd::Cleanup {
+            data_dir,
+            dry_run: true,
+        }) => match rt.block_on(flotilla_node::leftovers(&data_dir)) {
+            Ok(list) if list.is_empty() => {
+                println!("nothing left behind");
+                ExitCode::SUCCESS
+            }
+            Ok(list) => {
+                for l in list {
+                    println!("{l}");
+                }
+                ExitCode::from(1)
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Node(NodeCmd::Cleanup { data_dir, .. }) => {
             init_tracing();
             match rt.block_on(flotilla_node::cleanup(&data_dir)) {
                 Ok(n) => {

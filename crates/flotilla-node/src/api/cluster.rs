@@ -101,7 +101,7 @@ pub async fn info(State(ctx): State<Ctx>) -> Result<Response, ApiError> {
         },
         consistent: status.state == "leader",
         ca_fingerprint: flotilla_pki::fingerprint_pem(&ctx.tls.ca_pem()).unwrap_or_default(),
-        settings: Default::default(),
+        settings: super::trust::settings(&mgr.cluster()?.trust),
     };
     Ok(json_ok(&info))
 }

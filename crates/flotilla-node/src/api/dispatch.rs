@@ -25,6 +25,10 @@ use crate::manager::{encode, now_ms, Manager};
 pub struct Assignments {
     pub revision: u64,
     pub tasks: Vec<Task>,
+    /// The cluster's image trust policy (from the cluster object); agents verify images
+    /// against it before running them. `None` from an older manager: agents fail closed.
+    #[serde(default)]
+    pub trust: Option<flotilla_registry::TrustPolicy>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -40,7 +44,12 @@ fn assigned(mgr: &Manager, node_id: &str) -> Result<Assignments, ApiError> {
         .into_iter()
         .filter(|t| t.node_id.as_deref() == Some(node_id) && t.status.state >= TaskState::Assigned)
         .collect();
-    Ok(Assignments { revision, tasks })
+    let trust = Some(mgr.cluster()?.trust);
+    Ok(Assignments {
+        revision,
+        tasks,
+        trust,
+    })
 }
 
 pub async fn assignments(
@@ -54,56 +63,71 @@ pub async fn assignments(
         ));
     }
     let mgr = ctx.manager()?;
+    push_stream(
+        mgr,
+        &[Table::Tasks, Table::Cluster],
+        move |m| assigned(m, &id),
+        |a, b| a.tasks == b.tasks && a.trust == b.trust,
+    )
+}
+
+/// A long-lived NDJSON stream of `build`'s result: sent at once, then again whenever a change
+/// to one of `tables` alters it (`same` says whether it did), plus a keep-alive resend every
+/// 5 s so a dead connection is noticed by both sides. Bursts of changes are coalesced.
+pub fn push_stream<T, B, S>(
+    mgr: std::sync::Arc<Manager>,
+    tables: &'static [Table],
+    build: B,
+    same: S,
+) -> Result<Response, ApiError>
+where
+    T: Serialize + Send + 'static,
+    B: Fn(&Manager) -> Result<T, ApiError> + Send + 'static,
+    S: Fn(&T, &T) -> bool + Send + 'static,
+{
     let mut watch = mgr.store.watch(mgr.store.revision())?;
     let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
-    let first = assigned(&mgr, &id)?;
+    let first = build(&mgr)?;
     tokio::spawn(async move {
-        let send = super::ndjson::<Assignments>;
+        let send = super::ndjson::<T>;
         if tx.send(send(&first)).await.is_err() {
             return;
         }
-        let mut last = first.tasks;
+        let mut last = Some(first);
         loop {
-            let mut dirty = false;
-            tokio::select! {
+            let dirty = tokio::select! {
                 ev = watch.next() => match ev {
-                    Some(Ok(ev)) => {
-                        if ev.table == Table::Tasks {
-                            dirty = true;
-                        }
-                    }
+                    Some(Ok(ev)) => tables.contains(&ev.table),
                     _ => {
                         // Compacted or closed: start over from the current state.
                         match mgr.store.watch(mgr.store.revision()) {
                             Ok(w) => watch = w,
                             Err(_) => return,
                         }
-                        dirty = true;
+                        true
                     }
                 },
                 _ = tokio::time::sleep(Duration::from_secs(5)) => {
-                    // Keep-alive: resend so a dead connection is noticed by both sides.
-                    dirty = true;
-                    last.clear();
+                    last = None;
+                    true
                 }
                 _ = tx.closed() => return,
-            }
+            };
             if !dirty {
                 continue;
             }
-            // Coalesce a burst of task changes into one message.
             tokio::time::sleep(Duration::from_millis(10)).await;
             while let Ok(Some(_)) = tokio::time::timeout(Duration::ZERO, watch.next()).await {}
-            let Ok(now) = assigned(&mgr, &id) else {
+            let Ok(now) = build(&mgr) else {
                 continue;
             };
-            if now.tasks == last {
+            if last.as_ref().is_some_and(|l| same(l, &now)) {
                 continue;
             }
             if tx.send(send(&now)).await.is_err() {
                 return;
             }
-            last = now.tasks;
+            last = Some(now);
         }
     });
     super::stream_response(rx)

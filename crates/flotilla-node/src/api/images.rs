@@ -119,3 +119,65 @@ pub async fn remove(State(ctx): State<Ctx>, Path(r): Path<String>) -> Result<Res
     let freed = rt.remove_image(&r).map_err(rt_err)?;
     Ok(json_ok(&serde_json::json!({"removed": r, "freed": freed})))
 }
+
+/// Body of `POST /v1/images/signatures`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachSignature {
+    /// Repository of the image (`name` of `name:tag`); the signature is tagged
+    /// `sha256-<hex>.sig` there.
+    pub repository: String,
+    pub signature: flotilla_registry::Signature,
+}
+
+/// `POST /v1/images/signatures`: attaches a signature (made by the client, which holds the
+/// private key) to an image in this node's store. It is stored as is: agents decide whether
+/// it verifies under a trusted key.
+pub async fn attach_signature(
+    State(ctx): State<Ctx>,
+    axum::Json(req): axum::Json<AttachSignature>,
+) -> Result<Response, ApiError> {
+    let rt = runtime(&ctx)?;
+    let sig = req.signature;
+    let digest = sig
+        .manifest_digest()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if rt.images().manifest(&digest).is_err() {
+        return Err(ApiError::not_found(format!(
+            "image {digest} is not on this node: sign an image the node holds (`flotilla image ls`)"
+        )));
+    }
+    let repository = req.repository;
+    let stored = tokio::task::spawn_blocking(move || {
+        flotilla_registry::attach_signature(rt.images(), &repository, &sig)
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(json_ok(
+        &serde_json::json!({"image": digest, "signature": stored}),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PruneQuery {
+    /// Spare blobs younger than this (humantime, default 10m: uploads in flight).
+    #[serde(default)]
+    grace: Option<String>,
+}
+
+/// `POST /v1/images/prune?grace=10m`: image garbage collection on this node now.
+pub async fn prune(
+    State(ctx): State<Ctx>,
+    Query(q): Query<PruneQuery>,
+) -> Result<Response, ApiError> {
+    let grace = match q.grace.as_deref() {
+        Some(g) => humantime::parse_duration(g)
+            .map_err(|e| ApiError::bad_request(format!("grace {g:?}: {e} (e.g. 0s, 10m)")))?,
+        None => flotilla_registry::GcOptions::default().min_age,
+    };
+    let report = crate::gc::prune(&ctx, grace)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(json_ok(&report))
+}

@@ -127,6 +127,7 @@ pub async fn join(
             leader: false,
             reachability: "unknown".into(),
         }),
+        network: None,
     };
     mgr.write(
         Batch::single(Op::create(

@@ -15,9 +15,11 @@ mod events;
 mod images;
 pub mod join;
 pub mod logs;
+pub mod network;
 mod nodes;
 mod raft;
 mod services;
+mod trust;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +29,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use http_body_util::BodyExt;
 
@@ -119,6 +121,9 @@ pub fn router(ctx: Ctx) -> Router {
             post(cluster::rotate_token),
         )
         .route("/v1/cluster/managers", post(join::add_manager))
+        .route("/v1/cluster/settings", put(trust::update_settings))
+        .route("/v1/trust/keys", get(trust::list).post(trust::add))
+        .route("/v1/trust/keys/{id}", delete(trust::remove))
         .route("/v1/services", get(services::list).post(services::create))
         .route(
             "/v1/services/{id}",
@@ -134,6 +139,7 @@ pub fn router(ctx: Ctx) -> Router {
         .route("/v1/join/ca", get(join::ca))
         .route("/v1/events", get(events::events))
         .route("/v1/nodes/{id}/assignments", get(dispatch::assignments))
+        .route("/v1/nodes/{id}/network", get(network::stream))
         .route("/v1/tasks/{id}/logs", get(logs::task_logs))
         .route("/v1/images", get(images::list))
         .route(
@@ -144,6 +150,8 @@ pub fn router(ctx: Ctx) -> Router {
             "/v1/images/load",
             post(images::load).layer(axum::extract::DefaultBodyLimit::max(4 << 30)),
         )
+        .route("/v1/images/signatures", post(images::attach_signature))
+        .route("/v1/images/prune", post(images::prune))
         .route(
             "/v1/images/{*ref}",
             get(images::inspect).delete(images::remove),
@@ -256,6 +264,36 @@ impl flotilla_registry::BlobSource for PeerManagers {
             Ok(None)
         })
     }
+
+    fn resolve_tag<'a>(
+        &'a self,
+        name: &'a str,
+        tag: &'a str,
+    ) -> futures::future::BoxFuture<'a, flotilla_registry::Result<Option<String>>> {
+        Box::pin(async move {
+            let Some(ctx) = self.ctx.upgrade() else {
+                return Ok(None);
+            };
+            let Some(mgr) = ctx.manager.clone() else {
+                return Ok(None);
+            };
+            let status = mgr.store.status();
+            for (id, addr) in status.voters.iter().chain(status.learners.iter()) {
+                if *id == status.id {
+                    continue;
+                }
+                let Some(client) = ctx.tls.registry(addr) else {
+                    continue;
+                };
+                if let Ok(Some(d)) =
+                    flotilla_registry::BlobSource::resolve_tag(&client, name, tag).await
+                {
+                    return Ok(Some(d));
+                }
+            }
+            Ok(None)
+        })
+    }
 }
 
 fn anonymous_allowed(path: &str) -> bool {
@@ -323,6 +361,7 @@ async fn authorize(State(ctx): State<Ctx>, mut req: Request, next: Next) -> Resp
         let own = path == format!("/v1/nodes/{id}/heartbeat")
             || path == format!("/v1/nodes/{id}/renew")
             || path == format!("/v1/nodes/{id}/assignments")
+            || path == format!("/v1/nodes/{id}/network")
             || path == format!("/v1/nodes/{id}/tasks")
             || (*role == Role::Manager
                 && path.starts_with("/v1/tasks/")

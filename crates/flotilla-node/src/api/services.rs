@@ -68,11 +68,60 @@ pub fn validate_spec(spec: &ServiceSpec) -> Result<(), ApiError> {
                 "published and target ports must be 1..65535",
             ));
         }
+        if p.protocol != "tcp" && p.protocol != "udp" {
+            return Err(ApiError::bad_request(format!(
+                "port {}: protocol {:?} is not tcp or udp",
+                p.published, p.protocol
+            )));
+        }
+        if p.publish_mode != "ingress" && p.publish_mode != "host" {
+            return Err(ApiError::bad_request(format!(
+                "port {}: publish mode {:?} is not ingress or host",
+                p.published, p.publish_mode
+            )));
+        }
+        match p.proxy_protocol.as_deref() {
+            None => {}
+            Some("v1") | Some("v2") if p.protocol == "tcp" => {}
+            Some(o) => {
+                return Err(ApiError::bad_request(format!(
+                    "port {}: proxy protocol {o:?} must be v1 or v2, on tcp only",
+                    p.published
+                )))
+            }
+        }
         if !published.insert((p.published, p.protocol.clone())) {
             return Err(ApiError::bad_request(format!(
                 "port {}/{} is published twice",
                 p.published, p.protocol
             )));
+        }
+    }
+    Ok(())
+}
+
+/// A published ingress port belongs to one service cluster-wide (the routing mesh listens on
+/// it on every node); host-mode ports may repeat (the scheduler spreads them).
+fn check_port_conflicts(
+    all: &[Service],
+    spec: &ServiceSpec,
+    self_id: Option<&str>,
+) -> Result<(), ApiError> {
+    for p in &spec.endpoint_spec.ports {
+        for o in all {
+            if Some(o.id.as_str()) == self_id {
+                continue;
+            }
+            if o.spec.endpoint_spec.ports.iter().any(|q| {
+                q.published == p.published
+                    && q.protocol == p.protocol
+                    && (q.publish_mode == "ingress" || p.publish_mode == "ingress")
+            }) {
+                return Err(ApiError::conflict(format!(
+                    "port {}/{} is already published by service {:?}: pick another published port or `flotilla service update --publish-rm {}` that service",
+                    p.published, p.protocol, o.spec.name, p.published
+                )));
+            }
         }
     }
     Ok(())
@@ -173,6 +222,7 @@ pub async fn create(
             spec.name
         )));
     }
+    check_port_conflicts(&existing, &spec, None)?;
     pin_image(&ctx, &mut spec)?;
     let now = now_ms();
     let service = Service {
@@ -187,6 +237,7 @@ pub async fn create(
         spec_version: 1,
         update_status: None,
         job_iteration: 0,
+        vip: None,
         service_status: None,
     };
     let rev = mgr
@@ -253,14 +304,13 @@ pub async fn update(
     let mgr = ctx.manager()?;
     let _names = mgr.names.lock().await;
     let mut s = find_service(&mgr, &key)?;
-    if spec.name != s.spec.name {
-        let all: Vec<Service> = mgr.list()?;
-        if all.iter().any(|o| o.spec.name == spec.name && o.id != s.id) {
-            return Err(ApiError::conflict(format!(
-                "a service named {:?} already exists",
-                spec.name
-            )));
-        }
+    let all: Vec<Service> = mgr.list()?;
+    check_port_conflicts(&all, &spec, Some(&s.id))?;
+    if spec.name != s.spec.name && all.iter().any(|o| o.spec.name == spec.name && o.id != s.id) {
+        return Err(ApiError::conflict(format!(
+            "a service named {:?} already exists",
+            spec.name
+        )));
     }
     if std::mem::discriminant(&spec.mode) != std::mem::discriminant(&s.spec.mode) {
         return Err(ApiError::bad_request(format!(

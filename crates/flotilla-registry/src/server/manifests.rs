@@ -51,9 +51,15 @@ pub(super) async fn get(
             name.to_string(),
             reference.to_string(),
         );
-        blocking(move || meta.resolve_tag(&store, &n, &r))
-            .await?
-            .ok_or_else(|| unknown(name, reference))?
+        match blocking(move || meta.resolve_tag(&store, &n, &r)).await? {
+            Some(d) => d,
+            // Pushed to another manager: serve it through its digest (fetched and verified
+            // by `load`), without recording the tag here.
+            None => st
+                .peer_tag(name, reference, req.allow_peer())
+                .await
+                .ok_or_else(|| unknown(name, reference))?,
+        }
     };
     let (bytes, m) = load(st, &digest, req.allow_peer())
         .await?

@@ -121,6 +121,19 @@ impl RegistryState {
     }
 
     /// Whether a blob is present, fetching it from the peer when missing.
+    /// The digest a peer's `name:tag` points at (None without a peer, or when asked by a
+    /// peer, or on failure).
+    async fn peer_tag(&self, name: &str, tag: &str, allow_peer: bool) -> Option<String> {
+        let peer = self.peer.as_ref().filter(|_| allow_peer)?;
+        match peer.resolve_tag(name, tag).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(%name, %tag, error = %e, "peer tag lookup failed");
+                None
+            }
+        }
+    }
+
     async fn ensure_blob(&self, digest: &str, allow_peer: bool) -> Result<bool> {
         if self.meta.has_blob(&self.store, digest) {
             return Ok(true);

@@ -14,6 +14,21 @@ pub struct NodeProc {
     pub addr: String,
     pub child: Option<Child>,
     pub extra: Vec<String>,
+    /// Run inside this network namespace (`/run/netns/NAME`), like a separate host.
+    pub netns: Option<String>,
+}
+
+/// The node binary, entered into `netns` when given (nsenter switches only the network
+/// namespace; `ip netns exec` would also give the node a private mount namespace).
+fn node_command(netns: Option<&str>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(BIN);
+            c
+        }
+        None => Command::new(BIN),
+    }
 }
 
 impl NodeProc {
@@ -31,7 +46,7 @@ impl NodeProc {
             .append(true)
             .open(self.log())
             .expect("log file");
-        let child = Command::new(BIN)
+        let child = node_command(self.netns.as_deref())
             .arg("node")
             .arg("run")
             .arg("--data-dir")
@@ -93,11 +108,141 @@ impl Drop for NodeProc {
         self.kill9();
         // Containers outlive their agent by design: remove them, or they keep running after the
         // test's temporary directory is gone.
-        let _ = Command::new(BIN)
+        let _ = node_command(self.netns.as_deref())
             .args(["node", "cleanup", "--data-dir"])
             .arg(&self.dir)
             .env("FLOTILLA_LOG", "warn")
             .output();
+    }
+}
+
+impl NodeProc {
+    /// What `node cleanup` would still remove for this node (empty = nothing leaked).
+    pub fn leftovers(&self) -> String {
+        let o = node_command(self.netns.as_deref())
+            .args(["node", "cleanup", "--dry-run", "--data-dir"])
+            .arg(&self.dir)
+            .env("FLOTILLA_LOG", "warn")
+            .output()
+            .expect("node cleanup --dry-run");
+        if o.status.success() {
+            String::new()
+        } else {
+            format!("{}{}", stdout(&o), stderr(&o))
+        }
+    }
+
+    /// `node cleanup` (in the node's network namespace); panics if it fails.
+    pub fn cleanup(&self) {
+        let o = node_command(self.netns.as_deref())
+            .args(["node", "cleanup", "--data-dir"])
+            .arg(&self.dir)
+            .env("FLOTILLA_LOG", "warn")
+            .output()
+            .expect("node cleanup");
+        assert!(
+            o.status.success(),
+            "node cleanup {}: {}",
+            self.name,
+            stderr(&o)
+        );
+    }
+
+    /// The host part of the node's address.
+    pub fn ip(&self) -> String {
+        self.addr
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+/// Separate "hosts" for multi-node networking tests: one network namespace per node, each
+/// with a veth to a test bridge in the test's own namespace (10.250.<net>.254/24; host k is
+/// 10.250.<net>.k). Everything is removed on drop.
+pub struct Hosts {
+    pub net: u8,
+    pub names: Vec<String>,
+    bridge: String,
+}
+
+fn ip(args: &[&str]) {
+    let o = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        o.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+impl Hosts {
+    pub fn new(net: u8, count: usize) -> Hosts {
+        let bridge = format!("flttb{net}");
+        let mut h = Hosts {
+            net,
+            names: Vec::new(),
+            bridge: bridge.clone(),
+        };
+        let _ = Command::new("ip").args(["link", "del", &bridge]).output();
+        ip(&["link", "add", &bridge, "type", "bridge"]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("10.250.{net}.254/24"),
+            "dev",
+            &bridge,
+        ]);
+        ip(&["link", "set", &bridge, "up"]);
+        // With br_netfilter loaded and Docker's FORWARD policy DROP, bridged frames between
+        // the hosts would be dropped: accept what crosses the test bridge.
+        let _ = Command::new("iptables")
+            .args([
+                "-w", "-I", "FORWARD", "-i", &bridge, "-o", &bridge, "-j", "ACCEPT",
+            ])
+            .output();
+        for k in 1..=count {
+            let name = format!("flt-t{net}-h{k}");
+            let _ = Command::new("ip").args(["netns", "del", &name]).output();
+            ip(&["netns", "add", &name]);
+            h.names.push(name.clone());
+            let outer = format!("flttv{net}h{k}");
+            ip(&[
+                "link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns", &name,
+            ]);
+            ip(&["link", "set", &outer, "master", &bridge, "up"]);
+            ip(&[
+                "-n",
+                &name,
+                "addr",
+                "add",
+                &format!("10.250.{net}.{k}/24"),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", &name, "link", "set", "eth0", "up"]);
+            ip(&["-n", &name, "link", "set", "lo", "up"]);
+        }
+        h
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).output();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .output();
+        let b = self.bridge.as_str();
+        while Command::new("iptables")
+            .args(["-w", "-D", "FORWARD", "-i", b, "-o", b, "-j", "ACCEPT"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+        {}
     }
 }
 
@@ -107,6 +252,15 @@ pub struct Cluster {
     /// 127.0.<net>.x
     pub net: u8,
     pub extra: Vec<String>,
+    /// Declared after `nodes`: nodes are cleaned up (inside their namespaces) first.
+    pub hosts: Option<Hosts>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Nodes first: their cleanup needs the data dirs, which `tmp` deletes when it drops.
+        self.nodes.clear();
+    }
 }
 
 /// Runs the CLI; returns its output.
@@ -155,14 +309,31 @@ pub fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T
 impl Cluster {
     /// A new cluster whose first manager is initialized on 127.0.<net>.1.
     pub fn init(net: u8, extra: &[&str]) -> Cluster {
+        Self::init_with(net, extra, None)
+    }
+
+    /// Like [`Cluster::init`], with every node in its own network namespace ([`Hosts`]).
+    pub fn init_in_hosts(net: u8, hosts: usize, extra: &[&str]) -> Cluster {
+        Self::init_with(net, extra, Some(Hosts::new(net, hosts)))
+    }
+
+    fn init_with(net: u8, extra: &[&str], hosts: Option<Hosts>) -> Cluster {
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut c = Cluster {
             tmp,
             nodes: Vec::new(),
             net,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            hosts,
         };
-        c.add_node("m1", &["--init"]);
+        // Clusters of concurrent tests share the host's network namespace: give each its own
+        // address plan so their bridges and VIPs never overlap.
+        let pool = format!("10.{net}.0.0/17");
+        let vips = format!("10.{net}.128.0/17");
+        c.add_node(
+            "m1",
+            &["--init", "--address-pool", &pool, "--vip-pool", &vips],
+        );
         let sock = c.nodes[0].socket();
         wait_for("first manager to answer", Duration::from_secs(30), || {
             let o = cli(&sock, &["node", "ls", "--format", "json"]);
@@ -177,12 +348,25 @@ impl Cluster {
 
     fn add_node(&mut self, name: &str, args: &[&str]) -> usize {
         let idx = self.nodes.len();
+        let (addr, netns) = match &self.hosts {
+            Some(h) => (
+                format!("10.250.{}.{}:4440", self.net, idx + 1),
+                Some(
+                    h.names
+                        .get(idx)
+                        .cloned()
+                        .expect("a host namespace for every node"),
+                ),
+            ),
+            None => (format!("127.0.{}.{}:4440", self.net, idx + 1), None),
+        };
         let mut n = NodeProc {
             name: name.to_string(),
             dir: self.tmp.path().join(name),
-            addr: format!("127.0.{}.{}:4440", self.net, idx + 1),
+            addr,
             child: None,
             extra: self.extra.clone(),
+            netns,
         };
         let mut all: Vec<String> = vec!["--name".into(), name.into()];
         all.extend(args.iter().map(|s| s.to_string()));
@@ -310,7 +494,7 @@ pub fn busybox_rootfs(dir: &Path) {
     std::fs::copy("/bin/busybox", dir.join("bin/busybox")).expect("busybox-static installed");
     for a in [
         "sh", "echo", "sleep", "cat", "ls", "id", "hostname", "date", "false", "true", "test",
-        "mount", "touch",
+        "mount", "touch", "httpd", "wget", "nslookup", "mkdir", "kill",
     ] {
         std::os::unix::fs::symlink("busybox", dir.join("bin").join(a)).unwrap();
     }

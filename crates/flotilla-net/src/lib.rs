@@ -1,0 +1,63 @@
+//! Node-level network plumbing for Flotilla task networking.
+//!
+//! Everything here acts on one network namespace at a time, named by a [`Net`] handle
+//! ([`Net::current`] for the agent's own namespace, [`Net::open`] for a namespace file).
+//! Links, addresses, routes, neighbours and fdb entries go through rtnetlink; iptables is
+//! the only program run (`iptables -w`, as Docker does); sysctls are written to `/proc/sys`
+//! from a thread that sits in the right namespace.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`ipam`] | pure allocators: node subnets, service VIPs, task addresses (persisted JSON) |
+//! | [`netns`] | named network namespaces (bind-mounted nsfs files under a run dir), `run_in` |
+//! | [`bridge`] | the node bridge holding the gateway address, `ip_forward` |
+//! | [`task`] | one veth per task: host end on the bridge, `eth0` in the task namespace |
+//! | [`nat`] | per-node iptables chains `FLT-<tag>-POST` (nat) and `FLT-<tag>-FWD` (filter) |
+//! | [`overlay`] | kernel VXLAN, flannel-style L3 with deterministic VTEP MACs |
+//! | [`cleanup`] | find and remove everything a node left behind |
+//!
+//! Call order for the agent (all `async` calls take a [`Net`]; `host` is
+//! `Net::current()` in the agent, which runs in the host namespace):
+//!
+//! * **node start** (subnet from `ipam::NodeSubnets`, allocated on the leader side):
+//!   1. [`bridge::ensure_bridge`]`(&host, "fltbr0", TaskAddrs::gateway_net(), mtu)`
+//!      (also sets `net.ipv4.ip_forward=1`);
+//!   2. [`nat::ensure`]`(&host, &NatRules { tag, subnet, bridge, overlay, cluster_pool,
+//!      outbound_nat })`;
+//!   3. [`overlay::ensure_vxlan`]`(&host, &Vxlan { .. })`; [`Error::VxlanInUse`] means
+//!      another node owns the VNI/port in this namespace: run without overlay;
+//!   4. [`overlay::set_peers`]`(&host, vx, &peers)` now and on every change of the node list
+//!      (all nodes, self included: the own subnet is skipped), and after every
+//!      `ensure_vxlan` (re-creating the device drops its entries).
+//! * **task start**: [`ipam::TaskAddrs::allocate`]; [`netns::create`]`(run_dir, task_id)`
+//!   (blocking: use `spawn_blocking`); [`task::attach`] with
+//!   [`task::host_ifname`]`("fltv", task_id)`; put the namespace path in the OCI spec
+//!   (`linux.namespaces[type=network].path`).
+//! * **agent restart**: the same calls again; all of them are idempotent and keep what
+//!   exists (`attach` keeps a working veth).
+//! * **task stop**: [`task::detach`]; [`netns::remove`]; [`ipam::TaskAddrs::release`].
+//! * **node cleanup**: [`cleanup::remove_all`] with the node's link prefixes, run dir and
+//!   tag ([`cleanup::leftovers`] lists the same without removing).
+//!
+//! Limitation: two VXLAN devices with the same VNI and destination port cannot coexist in
+//! one network namespace (the kernel refuses the second with "A VXLAN device with the
+//! specified VNI already exists", whatever the `local` address); see [`overlay`].
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod bridge;
+pub mod cleanup;
+mod error;
+pub mod ipam;
+pub mod link;
+pub mod nat;
+mod net;
+pub mod netns;
+pub mod overlay;
+mod sysctl;
+pub mod task;
+
+pub use error::{Error, Result};
+pub use net::Net;
+pub use sysctl::{read_sysctl, write_sysctl};

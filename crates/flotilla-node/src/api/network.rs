@@ -1,0 +1,182 @@
+//! `GET /v1/nodes/{id}/network`: the network map agents program their routing mesh, DNS and
+//! overlay from. Like the assignment stream it is newline-delimited JSON, sent at once and
+//! again whenever a node, service or task change alters it, plus a keep-alive resend; any
+//! manager serves it from its own replica.
+
+use axum::extract::{Path, State};
+use axum::response::Response;
+use axum::Extension;
+
+use flotilla_store::Table;
+use flotilla_types::{
+    NetBackend, NetNode, NetService, NetworkMap, Node, NodeState, Service, Task, TaskState,
+};
+
+use super::{Caller, Ctx};
+use crate::error::ApiError;
+use crate::manager::Manager;
+
+/// The host part of `IP:PORT` (or the whole string when it has no port).
+pub fn host_of(addr: &str) -> String {
+    match addr.parse::<std::net::SocketAddr>() {
+        Ok(sa) => sa.ip().to_string(),
+        Err(_) => addr
+            .rsplit_once(':')
+            .map(|(h, _)| h.to_string())
+            .unwrap_or_else(|| addr.to_string()),
+    }
+}
+
+/// Whether a task should take traffic: wanted, running, addressed, and healthy when it has a
+/// health check.
+pub fn in_pool(t: &Task) -> bool {
+    t.desired_state == TaskState::Running
+        && t.status.state == TaskState::Running
+        && t.status.address.is_some()
+        && (t.spec.container.healthcheck.is_none() || t.status.health.as_deref() == Some("healthy"))
+}
+
+/// Builds the map from the objects (pure; sorted so equal states compare equal).
+pub fn build(
+    revision: u64,
+    settings: flotilla_types::NetworkSettings,
+    nodes: &[Node],
+    services: &[Service],
+    tasks: &[Task],
+) -> NetworkMap {
+    let mut net_nodes: Vec<NetNode> = nodes
+        .iter()
+        .map(|n| NetNode {
+            id: n.id.clone(),
+            ip: host_of(&n.status.addr),
+            subnet: n.network.as_ref().map(|x| x.subnet.clone()),
+            ready: n.status.state == NodeState::Ready,
+        })
+        .collect();
+    net_nodes.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut net_services: Vec<NetService> = services
+        .iter()
+        .map(|s| {
+            let mut backends: Vec<NetBackend> = tasks
+                .iter()
+                .filter(|t| t.service_id == s.id && in_pool(t))
+                .filter_map(|t| {
+                    Some(NetBackend {
+                        task_id: t.id.clone(),
+                        node_id: t.node_id.clone()?,
+                        addr: t.status.address.clone()?,
+                    })
+                })
+                .collect();
+            backends.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+            NetService {
+                id: s.id.clone(),
+                name: s.spec.name.clone(),
+                mode: s.spec.endpoint_spec.mode,
+                vip: s.vip.clone(),
+                ports: s.spec.endpoint_spec.ports.clone(),
+                backends,
+            }
+        })
+        .collect();
+    net_services.sort_by(|a, b| a.id.cmp(&b.id));
+    NetworkMap {
+        revision,
+        settings,
+        nodes: net_nodes,
+        services: net_services,
+    }
+}
+
+fn current(mgr: &Manager) -> Result<NetworkMap, ApiError> {
+    let revision = mgr.store.revision();
+    let settings = mgr.cluster()?.network;
+    let nodes: Vec<Node> = mgr.list()?;
+    let services: Vec<Service> = mgr.list()?;
+    let tasks: Vec<Task> = mgr.list()?;
+    Ok(build(revision, settings, &nodes, &services, &tasks))
+}
+
+fn same(a: &NetworkMap, b: &NetworkMap) -> bool {
+    a.settings == b.settings && a.nodes == b.nodes && a.services == b.services
+}
+
+pub async fn stream(
+    State(ctx): State<Ctx>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    if !caller.is_node_or_admin(&id) {
+        return Err(ApiError::forbidden(
+            "a node may only read its own network map",
+        ));
+    }
+    let mgr = ctx.manager()?;
+    super::dispatch::push_stream(
+        mgr,
+        &[Table::Tasks, Table::Services, Table::Nodes, Table::Cluster],
+        current,
+        same,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn task(id: &str, state: &str, desired: &str, health: Option<&str>, hc: bool) -> Task {
+        let mut v = json!({
+            "id": id, "service_id": "s1", "slot": 1, "node_id": "n1",
+            "spec": {"container": {"image": "x"}},
+            "spec_version": 1, "desired_state": desired,
+            "status": {"state": state, "timestamp": 1, "address": format!("10.200.0.{}", id.len())}
+        });
+        if let Some(h) = health {
+            v["status"]["health"] = json!(h);
+        }
+        if hc {
+            v["spec"]["container"]["healthcheck"] =
+                json!({"probe": {"tcp": {"port": 80}}, "interval": 1, "timeout": 1, "retries": 1});
+        }
+        serde_json::from_value(v).expect("task")
+    }
+
+    #[test]
+    fn only_wanted_running_healthy_addressed_tasks_take_traffic() {
+        assert!(in_pool(&task("a", "running", "running", None, false)));
+        assert!(in_pool(&task(
+            "b",
+            "running",
+            "running",
+            Some("healthy"),
+            true
+        )));
+        assert!(!in_pool(&task(
+            "c",
+            "running",
+            "running",
+            Some("starting"),
+            true
+        )));
+        assert!(!in_pool(&task(
+            "d",
+            "running",
+            "running",
+            Some("unhealthy"),
+            true
+        )));
+        assert!(!in_pool(&task("e", "running", "shutdown", None, false)));
+        assert!(!in_pool(&task("f", "starting", "running", None, false)));
+        let mut no_addr = task("g", "running", "running", None, false);
+        no_addr.status.address = None;
+        assert!(!in_pool(&no_addr));
+    }
+
+    #[test]
+    fn host_of_strips_the_port() {
+        assert_eq!(host_of("127.0.0.2:4440"), "127.0.0.2");
+        assert_eq!(host_of("[::1]:4440"), "::1");
+        assert_eq!(host_of("10.0.0.1"), "10.0.0.1");
+    }
+}

@@ -1,0 +1,157 @@
+//! The cluster's image trust policy (in the replicated cluster object):
+//! `GET|POST /v1/trust/keys`, `DELETE /v1/trust/keys/{id}`, and
+//! `PUT /v1/cluster/settings` (`{"signature_enforcement": false}`).
+
+use axum::extract::{Path, State};
+use axum::response::Response;
+use axum::{Extension, Json};
+use serde::Deserialize;
+
+use flotilla_registry::{TrustPolicy, TrustedKey};
+use flotilla_store::{Batch, Op, Table};
+
+use super::{json_ok, Caller, Ctx};
+use crate::error::ApiError;
+use crate::manager::{ClusterObject, Manager, CLUSTER_KEY};
+
+fn admin_only(caller: &Caller) -> Result<(), ApiError> {
+    if caller.is_admin() {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(
+            "the trust policy is for admins: use the admin bundle",
+        ))
+    }
+}
+
+/// Read-modify-write of the cluster object's trust policy (one Raft entry, optimistic).
+async fn update_trust<T>(
+    mgr: &Manager,
+    f: impl FnOnce(&mut TrustPolicy) -> Result<T, ApiError>,
+) -> Result<T, ApiError> {
+    let (mut c, version): (ClusterObject, u64) = mgr.cluster_versioned()?;
+    let out = f(&mut c.trust)?;
+    let value = serde_json::to_vec(&c).map_err(|e| ApiError::internal(e.to_string()))?;
+    mgr.write(
+        Batch::single(Op::update(
+            Table::Cluster,
+            CLUSTER_KEY,
+            value,
+            Some(version),
+        )),
+        "cluster",
+    )
+    .await?;
+    Ok(out)
+}
+
+/// The settings shown in `cluster info`.
+pub fn settings(trust: &TrustPolicy) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let mut m = std::collections::BTreeMap::new();
+    m.insert(
+        "signature_enforcement".to_string(),
+        serde_json::Value::from(if trust.enforce { "on" } else { "off" }),
+    );
+    m.insert(
+        "trusted_keys".to_string(),
+        serde_json::Value::from(trust.keys.iter().map(|k| k.id.clone()).collect::<Vec<_>>()),
+    );
+    m
+}
+
+/// `GET /v1/trust/keys`
+pub async fn list(State(ctx): State<Ctx>) -> Result<Response, ApiError> {
+    let mgr = ctx.manager()?;
+    Ok(json_ok(&mgr.cluster()?.trust.keys))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddKey {
+    /// SubjectPublicKeyInfo `PUBLIC KEY` PEM (ed25519 or ECDSA P-256).
+    pub public_key_pem: String,
+}
+
+/// `POST /v1/trust/keys` → the trusted key (with its id).
+pub async fn add(
+    State(ctx): State<Ctx>,
+    Extension(caller): Extension<Caller>,
+    Json(req): Json<AddKey>,
+) -> Result<Response, ApiError> {
+    admin_only(&caller)?;
+    let key = TrustedKey::from_public_key_pem(&req.public_key_pem)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let mgr = ctx.manager()?;
+    let k = key.clone();
+    update_trust(&mgr, move |t| {
+        if t.keys.iter().any(|x| x.id == k.id) {
+            return Err(ApiError::conflict(format!(
+                "key {} is already trusted",
+                k.id
+            )));
+        }
+        t.keys.push(k);
+        Ok(())
+    })
+    .await?;
+    tracing::info!(key = %key.id, algorithm = key.algorithm.as_str(), "image signing key trusted");
+    Ok(json_ok(&key))
+}
+
+/// `DELETE /v1/trust/keys/{id}`
+pub async fn remove(
+    State(ctx): State<Ctx>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    admin_only(&caller)?;
+    let mgr = ctx.manager()?;
+    let id2 = id.clone();
+    update_trust(&mgr, move |t| {
+        let before = t.keys.len();
+        t.keys.retain(|k| k.id != id2);
+        if t.keys.len() == before {
+            return Err(ApiError::not_found(format!(
+                "no trusted key {id2}: `flotilla trust ls --format json` shows the ids"
+            )));
+        }
+        Ok(())
+    })
+    .await?;
+    tracing::info!(key = %id, "image signing key no longer trusted");
+    Ok(json_ok(&serde_json::json!({ "removed": id })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsUpdate {
+    /// Whether agents refuse images without a valid signature by a trusted key.
+    #[serde(default)]
+    pub signature_enforcement: Option<bool>,
+}
+
+/// `PUT /v1/cluster/settings` → the settings as `cluster info` shows them.
+pub async fn update_settings(
+    State(ctx): State<Ctx>,
+    Extension(caller): Extension<Caller>,
+    Json(req): Json<SettingsUpdate>,
+) -> Result<Response, ApiError> {
+    admin_only(&caller)?;
+    let Some(on) = req.signature_enforcement else {
+        return Err(ApiError::bad_request(
+            "nothing to change: send {\"signature_enforcement\": true|false}",
+        ));
+    };
+    let mgr = ctx.manager()?;
+    let t = update_trust(&mgr, move |t| {
+        t.enforce = on;
+        Ok(t.clone())
+    })
+    .await?;
+    if on {
+        tracing::info!("image signature enforcement turned on");
+    } else {
+        tracing::warn!("image signature enforcement turned off: agents run unsigned images");
+    }
+    Ok(json_ok(&settings(&t)))
+}

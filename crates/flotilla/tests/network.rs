@@ -1,0 +1,397 @@
+//! Task networking end to end: real node processes, real containers, real bridges, veths,
+//! VXLAN and the userspace routing mesh. HTTP requests go to the nodes' own addresses only
+//! (loopback, or the test's private network namespaces).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+
+/// httpd answering with the container's hostname (the first 12 characters of the task id).
+const WEB: &str = "mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 80 -h /www";
+
+/// One HTTP/1.0 GET; the body, or why it failed.
+fn get(addr: &str, path: &str) -> Result<String, String> {
+    let sa: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let mut s =
+        TcpStream::connect_timeout(&sa, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).map_err(|e| e.to_string())?;
+    if !buf.starts_with("HTTP/1.") || buf.get(9..12) != Some("200") {
+        return Err(format!("bad response: {:?}", buf.lines().next()));
+    }
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    Ok(body.trim().to_string())
+}
+
+/// Waits until `service` has `n` running tasks that passed their health check.
+fn wait_healthy(c: &Cluster, service: &str, n: usize) -> Vec<serde_json::Value> {
+    wait_for(
+        &format!("{n} healthy tasks of {service}"),
+        Duration::from_secs(90),
+        || {
+            let ts: Vec<serde_json::Value> = c
+                .tasks(service)
+                .into_iter()
+                .filter(|t| {
+                    t["desired_state"] == "running"
+                        && t["status"]["state"] == "running"
+                        && t["status"]["health"] == "healthy"
+                        && t["status"]["address"].is_string()
+                })
+                .collect();
+            (ts.len() == n).then_some(ts)
+        },
+    )
+}
+
+fn short(id: &str) -> String {
+    id.chars().take(12).collect()
+}
+
+fn create_web(c: &Cluster, name: &str, image: &str, port: u16, extra: &[&str]) {
+    let publish = format!("{port}:80");
+    let mut args = vec![
+        "service",
+        "create",
+        "--name",
+        name,
+        "--replicas",
+        "3",
+        "-p",
+        &publish,
+        "--health-http",
+        "/index.html",
+        "--health-interval",
+        "200ms",
+        "--health-timeout",
+        "1s",
+        "--health-retries",
+        "2",
+        "--detach",
+    ];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[image, "sh", "-c", WEB]);
+    let o = c.run(&args);
+    assert!(o.status.success(), "create {name}: {}", stderr(&o));
+}
+
+/// Every node's published port reaches every replica.
+fn assert_mesh_reaches_all(c: &Cluster, port: u16, tasks: &[serde_json::Value]) {
+    let want: BTreeSet<String> = tasks
+        .iter()
+        .map(|t| short(t["id"].as_str().unwrap()))
+        .collect();
+    for n in &c.nodes {
+        let addr = format!("{}:{port}", n.ip());
+        let seen = wait_for(
+            &format!("{addr} to reach all replicas"),
+            Duration::from_secs(30),
+            || {
+                let mut seen = BTreeSet::new();
+                for _ in 0..30 {
+                    if let Ok(body) = get(&addr, "/") {
+                        seen.insert(body);
+                    }
+                }
+                (seen == want).then_some(seen)
+            },
+        );
+        assert_eq!(seen, want);
+    }
+}
+
+/// Stops every node, runs `node cleanup`, and asserts nothing is left behind.
+fn stop_and_check_leftovers(c: &mut Cluster) {
+    for n in c.nodes.iter_mut() {
+        n.stop();
+        n.cleanup();
+        assert_eq!(n.leftovers(), "", "{} left something behind", n.name);
+    }
+}
+
+/// A client task on `node_id` running `script`; returns its log once `done` appears in it.
+fn client_log(c: &Cluster, name: &str, node_id: &str, script: &str, image: &str) -> String {
+    let constraint = format!("node.id=={node_id}");
+    let full = format!("{script}; echo CLIENT-DONE; sleep 3600");
+    let o = c.run(&[
+        "service",
+        "create",
+        "--name",
+        name,
+        "--constraint",
+        &constraint,
+        "--detach",
+        image,
+        "sh",
+        "-c",
+        &full,
+    ]);
+    assert!(o.status.success(), "create {name}: {}", stderr(&o));
+    wait_for(
+        &format!("{name} to finish"),
+        Duration::from_secs(60),
+        || {
+            let o = c.run(&["service", "logs", name]);
+            let text = stdout(&o);
+            text.contains("CLIENT-DONE").then_some(text)
+        },
+    )
+}
+
+#[test]
+fn n10_mesh_discovery_health_rolling_update_and_no_leaks() {
+    let mut c = Cluster::init(41, &[]);
+    c.join("w1", "worker");
+    c.join("w2", "worker");
+    c.import("web:1", "/bin/sh");
+    c.import("web:2", "sh");
+    create_web(&c, "web", "web:1", 8080, &[]);
+    let tasks = wait_healthy(&c, "web", 3);
+
+    // 1. Routing mesh: each node's 8080 answers from all three replicas.
+    assert_mesh_reaches_all(&c, 8080, &tasks);
+
+    // 2. Kill one task's process: once the agent has noticed, no request fails.
+    let victim = &tasks[0];
+    let victim_id = victim["id"].as_str().unwrap().to_string();
+    let victim_node = victim["node_id"].as_str().unwrap().to_string();
+    let node_dir = c
+        .nodes
+        .iter()
+        .find(|n| c.node_id(&n.name) == victim_node)
+        .map(|n| n.dir.clone())
+        .unwrap();
+    let o = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(node_dir.join("runtime/runc"))
+        .args(["kill", &victim_id, "KILL"])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "runc kill: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let entry = format!("{}:8080", c.nodes[0].ip());
+    let mut early_failures = 0;
+    wait_for(
+        "the killed task to be noticed",
+        Duration::from_secs(30),
+        || {
+            if get(&entry, "/").is_err() {
+                early_failures += 1;
+            }
+            let t = c
+                .tasks("web")
+                .into_iter()
+                .find(|t| t["id"] == victim_id.as_str())?;
+            (t["status"]["state"] != "running").then_some(())
+        },
+    );
+    let mut failures = Vec::new();
+    for _ in 0..100 {
+        if let Err(e) = get(&entry, "/") {
+            failures.push(e);
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "requests failed after the kill was noticed: {failures:?}"
+    );
+    eprintln!("requests failed before the kill was noticed: {early_failures}");
+    let tasks = wait_healthy(&c, "web", 3);
+
+    // 3. Service discovery: the name resolves to the VIP, tasks.<name> to the tasks, and the
+    //    VIP answers inside a container.
+    let m1 = c.node_id("m1");
+    let ips: Vec<String> = tasks
+        .iter()
+        .map(|t| t["status"]["address"].as_str().unwrap().to_string())
+        .collect();
+    let log = client_log(
+        &c,
+        "client",
+        &m1,
+        "nslookup web; nslookup tasks.web; wget -qO- http://web/; wget -qO- http://web.flotilla/",
+        "web:1",
+    );
+    let svc: serde_json::Value = serde_json::from_str(&stdout(
+        &c.run(&["service", "inspect", "web", "--format", "json"]),
+    ))
+    .unwrap();
+    let vip = svc["vip"].as_str().expect("web has a VIP").to_string();
+    assert!(log.contains(&vip), "web resolves to its VIP {vip}: {log}");
+    for ip in &ips {
+        assert!(log.contains(ip.as_str()), "tasks.web lists {ip}: {log}");
+    }
+    let names: BTreeSet<String> = tasks
+        .iter()
+        .map(|t| short(t["id"].as_str().unwrap()))
+        .collect();
+    let answered = names.iter().filter(|n| log.contains(n.as_str())).count();
+    assert!(answered >= 1, "the VIP answered from a replica: {log}");
+
+    // 4. An agent restart keeps its running tasks and their networking: same tasks, same
+    //    addresses, and the mesh reaches them again.
+    let w1 = c.node_id("w1");
+    let on_w1 = |tasks: &[serde_json::Value]| -> BTreeSet<(String, String)> {
+        tasks
+            .iter()
+            .filter(|t| t["node_id"] == w1.as_str())
+            .map(|t| {
+                (
+                    t["id"].as_str().unwrap().to_string(),
+                    t["status"]["address"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let before = on_w1(&tasks);
+    let w1_idx = c.nodes.iter().position(|n| n.name == "w1").unwrap();
+    c.nodes[w1_idx].restart();
+    wait_for("w1 to be ready again", Duration::from_secs(60), || {
+        let nodes = c.node_ls().ok()?;
+        nodes
+            .iter()
+            .any(|n| n["spec"]["name"] == "w1" && n["status"]["state"] == "ready")
+            .then_some(())
+    });
+    let tasks = wait_healthy(&c, "web", 3);
+    let after = on_w1(&tasks);
+    assert_eq!(
+        before, after,
+        "w1's tasks and addresses survive its agent's restart"
+    );
+    assert_mesh_reaches_all(&c, 8080, &tasks);
+
+    // 5. Start-first rolling update under a bounded load: zero failed requests.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let load = {
+        let (stop, ok, entry) = (stop.clone(), ok.clone(), entry.clone());
+        std::thread::spawn(move || {
+            let mut errors = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match get(&entry, "/") {
+                    Ok(_) => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => errors.push(e),
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            errors
+        })
+    };
+    let o = c.run(&[
+        "service",
+        "update",
+        "web",
+        "--image",
+        "web:2",
+        "--update-order",
+        "start-first",
+        "--update-parallelism",
+        "1",
+    ]);
+    assert!(o.status.success(), "update: {}{}", stdout(&o), stderr(&o));
+    let updated = wait_healthy(&c, "web", 3);
+    stop.store(true, Ordering::Relaxed);
+    let errors = load.join().unwrap();
+    let served = ok.load(Ordering::Relaxed);
+    assert!(
+        served > 50,
+        "the load ran during the update ({served} requests)"
+    );
+    assert!(
+        errors.is_empty(),
+        "{} of {} requests failed during the update: {errors:?}",
+        errors.len(),
+        served + errors.len()
+    );
+    assert!(updated.iter().all(|t| t["spec"]["container"]["image"]
+        .as_str()
+        .unwrap()
+        .starts_with("web:2")));
+
+    // 6. Removing everything leaves no task namespaces or veths behind, and after the nodes
+    //    stop, `node cleanup` leaves nothing at all.
+    let o = c.run(&["service", "rm", "web", "client"]);
+    assert!(o.status.success(), "rm: {}", stderr(&o));
+    wait_for(
+        "task networks to be released",
+        Duration::from_secs(60),
+        || {
+            c.nodes
+                .iter()
+                .all(|n| {
+                    std::fs::read_dir(n.dir.join("net/netns"))
+                        .map(|d| d.count() == 0)
+                        .unwrap_or(true)
+                })
+                .then_some(())
+        },
+    );
+    stop_and_check_leftovers(&mut c);
+}
+
+#[test]
+fn n20_overlay_between_hosts() {
+    let mut c = Cluster::init_in_hosts(42, 3, &[]);
+    c.join("w1", "worker");
+    c.join("w2", "worker");
+    c.import("web:1", "/bin/sh");
+    create_web(&c, "web", "web:1", 8080, &["--replicas-max-per-node", "1"]);
+    let tasks = wait_healthy(&c, "web", 3);
+    let node_of: HashMap<String, String> = tasks
+        .iter()
+        .map(|t| {
+            (
+                t["node_id"].as_str().unwrap().to_string(),
+                t["status"]["address"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(node_of.len(), 3, "one replica per host: {tasks:?}");
+
+    // Each host's published port reaches the replicas on the other hosts (over VXLAN).
+    assert_mesh_reaches_all(&c, 8080, &tasks);
+
+    // A task on host 1 fetches a page from the task on host 3, by address and by name.
+    let m1 = c.node_id("m1");
+    let w2 = c.node_id("w2");
+    let far_ip = node_of.get(&w2).unwrap().clone();
+    let far_task = tasks
+        .iter()
+        .find(|t| t["node_id"] == w2.as_str())
+        .map(|t| short(t["id"].as_str().unwrap()))
+        .unwrap();
+    let log = client_log(
+        &c,
+        "client",
+        &m1,
+        &format!("wget -qO- http://{far_ip}/; nslookup tasks.web"),
+        "web:1",
+    );
+    assert!(
+        log.contains(&far_task),
+        "host 1 reached the task on host 3 ({far_ip}): {log}"
+    );
+
+    let o = c.run(&["service", "rm", "web", "client"]);
+    assert!(o.status.success(), "rm: {}", stderr(&o));
+    stop_and_check_leftovers(&mut c);
+}
