@@ -379,19 +379,79 @@ fn n20_overlay_between_hosts() {
         .find(|t| t["node_id"] == w2.as_str())
         .map(|t| short(t["id"].as_str().unwrap()))
         .unwrap();
+    // `edge`: one task on host 3, DNS round robin (no VIP), a TCP health check, and a
+    // host-mode port with the PROXY protocol: only host 3 listens, and the task learns the
+    // client's real address. The task prints what it receives (busybox nc).
+    let constraint = format!("node.id=={w2}");
+    let o = c.run(&[
+        "service",
+        "create",
+        "--name",
+        "edge",
+        "--constraint",
+        &constraint,
+        "--endpoint-mode",
+        "dnsrr",
+        "--health-tcp",
+        "80",
+        "--health-interval",
+        "300ms",
+        "--health-retries",
+        "5",
+        "--publish",
+        "published=8082,target=80,mode=host,proxy-protocol=v1",
+        "--detach",
+        "web:1",
+        "sh",
+        "-c",
+        "while true; do nc -l -p 80 </dev/null; done",
+    ]);
+    assert!(o.status.success(), "create edge: {}", stderr(&o));
+    let edge = wait_healthy(&c, "edge", 1);
+    let edge_ip = edge[0]["status"]["address"].as_str().unwrap().to_string();
+    let svc: serde_json::Value = serde_json::from_str(&stdout(
+        &c.run(&["service", "inspect", "edge", "--format", "json"]),
+    ))
+    .unwrap();
+    assert!(svc.get("vip").is_none(), "dnsrr services get no VIP: {svc}");
+    let host3 = c.nodes.iter().find(|n| n.name == "w2").unwrap().ip();
+    let host1 = c.nodes[0].ip();
+    wait_for(
+        "host 3 to forward 8082 with a PROXY header",
+        Duration::from_secs(30),
+        || {
+            let sa: SocketAddr = format!("{host3}:8082").parse().ok()?;
+            let mut s = TcpStream::connect_timeout(&sa, Duration::from_secs(2)).ok()?;
+            s.write_all(b"hello-through-the-mesh\n").ok()?;
+            drop(s);
+            let log = stdout(&c.run(&["service", "logs", "edge"]));
+            (log.contains("PROXY TCP4 10.250.42.254 ") && log.contains("hello-through-the-mesh"))
+                .then_some(())
+        },
+    );
+    let sa: SocketAddr = format!("{host1}:8082").parse().unwrap();
+    assert!(
+        TcpStream::connect_timeout(&sa, Duration::from_secs(2)).is_err(),
+        "a host-mode port listens only where the service's task runs"
+    );
+
     let log = client_log(
         &c,
         "client",
         &m1,
-        &format!("wget -qO- http://{far_ip}/; nslookup tasks.web"),
+        &format!("wget -qO- http://{far_ip}/; nslookup tasks.web; nslookup edge"),
         "web:1",
     );
     assert!(
         log.contains(&far_task),
         "host 1 reached the task on host 3 ({far_ip}): {log}"
     );
+    assert!(
+        log.contains(&edge_ip),
+        "edge (dnsrr) resolves to its task {edge_ip}: {log}"
+    );
 
-    let o = c.run(&["service", "rm", "web", "client"]);
+    let o = c.run(&["service", "rm", "web", "edge", "client"]);
     assert!(o.status.success(), "rm: {}", stderr(&o));
     stop_and_check_leftovers(&mut c);
 }

@@ -494,7 +494,7 @@ pub fn busybox_rootfs(dir: &Path) {
     std::fs::copy("/bin/busybox", dir.join("bin/busybox")).expect("busybox-static installed");
     for a in [
         "sh", "echo", "sleep", "cat", "ls", "id", "hostname", "date", "false", "true", "test",
-        "mount", "touch", "httpd", "wget", "nslookup", "mkdir", "kill",
+        "mount", "touch", "httpd", "wget", "nslookup", "mkdir", "kill", "nc",
     ] {
         std::os::unix::fs::symlink("busybox", dir.join("bin").join(a)).unwrap();
     }
