@@ -264,6 +264,9 @@ async fn main() -> anyhow::Result<()> {
         let v: Vec<serde_json::Value> = serde_json::from_str(&out).ok()?;
         (v.iter().filter(|n| n["status"]["state"] == "ready").count() == 3).then_some(())
     })?;
+    // Every node gets the image locally (as every Swarm node has it), signed with the admin
+    // key of the first manager (workers have no admin bundle of their own).
+    let key = nodes[0].dir.join("admin/signing-key.pem");
     for n in &nodes {
         cli(
             &n.socket(),
@@ -273,6 +276,8 @@ async fn main() -> anyhow::Result<()> {
                 rootfs.to_str().unwrap_or(""),
                 "--name",
                 "bb:bench",
+                "--sign-key",
+                key.to_str().unwrap_or(""),
             ],
         )?;
     }

@@ -112,7 +112,9 @@ struct TaskAddrsFile {
 ///
 /// The gateway is the first host (`.1`); tasks get addresses from `.2` on, never the
 /// network or broadcast address. Allocation is round-robin after the last address handed
-/// out. Every change is written with tmp file + fsync + rename before it is returned.
+/// out. Every change is written with tmp file + rename before it is returned (no fsync: the
+/// file must survive an agent crash, which the page cache covers; after a reboot no task and
+/// no namespace is left to conflict with, and a fsync per task start serialized them).
 #[derive(Debug)]
 pub struct TaskAddrs {
     path: PathBuf,
@@ -253,14 +255,9 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let op = |what: &str| format!("{what} {}", tmp.display());
     let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(op("create"), e))?;
     f.write_all(bytes).map_err(|e| Error::io(op("write"), e))?;
-    f.sync_all().map_err(|e| Error::io(op("fsync"), e))?;
     drop(f);
     std::fs::rename(&tmp, path)
         .map_err(|e| Error::io(format!("rename to {}", path.display()), e))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        // Best effort: make the rename durable.
-        let _ = d.sync_all();
-    }
     Ok(())
 }
 

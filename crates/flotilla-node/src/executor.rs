@@ -293,6 +293,7 @@ impl Executor {
                 }
                 self.report(&task, status(TaskState::Accepted, "accepted"));
                 self.report(&task, status(TaskState::Preparing, "preparing"));
+                let t0 = std::time::Instant::now();
                 let c = &task.spec.container;
                 let digest = digest_of(&c.image).to_string();
                 if self.rt.images().resolve(&digest).is_err() {
@@ -309,6 +310,7 @@ impl Executor {
                     self.report(&task, st);
                     return;
                 }
+                let t_image = t0.elapsed();
                 let mut tnet: Option<TaskNet> = None;
                 if let Some(net) = &self.net {
                     let hostname = task.id[..12.min(task.id.len())].to_string();
@@ -325,11 +327,30 @@ impl Executor {
                         }
                     }
                 }
+                let t_net = t0.elapsed();
                 let spec = container_spec(&task, &digest, tnet.as_ref());
                 self.report(&task, status(TaskState::Ready, "ready"));
-                if let Err(e) = self.rt.create(spec).await {
+                // The veth is wired while the runtime mounts the root and runs `runc create`
+                // (both only need the namespace to exist); the process starts after both.
+                let attach = async {
+                    match (&self.net, &tnet) {
+                        (Some(net), Some(t)) => net.attach_task(t).await,
+                        _ => Ok(()),
+                    }
+                };
+                let (create, attached) = tokio::join!(self.rt.create(spec), attach);
+                let t_create = t0.elapsed();
+                let create = match (create, attached) {
+                    (Ok(info), Ok(())) => Ok(info),
+                    (Err(e), _) => Err(e.to_string()),
+                    (Ok(_), Err(msg)) => {
+                        let _ = self.rt.remove(&id, true).await;
+                        Err(msg)
+                    }
+                };
+                if let Err(e) = create {
                     let mut st = status(TaskState::Rejected, &format!("create: {e}"));
-                    st.err = Some(e.to_string());
+                    st.err = Some(e);
                     self.report(&task, st);
                     return;
                 }
@@ -339,7 +360,16 @@ impl Executor {
                     self.report(&task, status(TaskState::Shutdown, "shut down before start"));
                     return;
                 }
-                if let Err(e) = self.rt.start(&id).await {
+                let started = self.rt.start(&id).await;
+                tracing::debug!(
+                    task = %id,
+                    image_ms = t_image.as_millis() as u64,
+                    network_ms = (t_net - t_image).as_millis() as u64,
+                    create_ms = (t_create - t_net).as_millis() as u64,
+                    start_ms = (t0.elapsed() - t_create).as_millis() as u64,
+                    "task start stages"
+                );
+                if let Err(e) = started {
                     let mut st = status(TaskState::Failed, &format!("start: {e}"));
                     st.err = Some(e.to_string());
                     let _ = self.rt.remove(&id, true).await;

@@ -160,6 +160,8 @@ pub struct TaskNet {
     pub addr: Ipv4Addr,
     pub hosts: PathBuf,
     pub resolv: PathBuf,
+    /// The veth to wire with [`NodeNet::attach_task`] (before the container starts).
+    link: veth::TaskLink,
 }
 
 /// The node's subnet once set up.
@@ -388,7 +390,8 @@ impl NodeNet {
         }
     }
 
-    /// Gives a task its address, namespace, veth and resolver files.
+    /// Gives a task its address, namespace and resolver files; the veth comes with
+    /// [`NodeNet::attach_task`], which may run while the container is being created.
     pub async fn prepare_task(
         &self,
         task_id: &str,
@@ -398,7 +401,7 @@ impl NodeNet {
         let ready = self.wait_ready(Duration::from_secs(60)).await?;
         // The lock covers the allocation only: namespaces and veths of many tasks are made
         // concurrently (a 100-replica service starts 100 of them at once).
-        let (net, domain, addr) = {
+        let (_net, domain, addr) = {
             let mut inner = self.inner.lock().await;
             let Some(net) = inner.net.clone() else {
                 return Err("task network not ready".into());
@@ -422,9 +425,6 @@ impl NodeNet {
             gateway: ready.gateway,
             mtu: TASK_MTU,
         };
-        veth::attach(&net, &link)
-            .await
-            .map_err(|e| format!("task network: {e}"))?;
         let dir = self.names.task_dir(task_id);
         std::fs::create_dir_all(&dir).map_err(err)?;
         let mut hosts =
@@ -448,7 +448,22 @@ impl NodeNet {
             addr,
             hosts: hosts_path,
             resolv: resolv_path,
+            link,
         })
+    }
+
+    /// Wires the task's namespace to the bridge (veth, address, default route).
+    pub async fn attach_task(&self, t: &TaskNet) -> Result<(), String> {
+        let net = self
+            .inner
+            .lock()
+            .await
+            .net
+            .clone()
+            .ok_or("task network not ready")?;
+        veth::attach(&net, &t.link)
+            .await
+            .map_err(|e| format!("task network: {e}"))
     }
 
     /// The address a task has (after an agent restart, from the persisted allocations).

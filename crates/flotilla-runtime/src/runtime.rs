@@ -182,7 +182,8 @@ impl Inner {
             match self.info(&id) {
                 Ok(i) => out.push(i),
                 Err(err) => {
-                    tracing::warn!(container = %id, error = %err, "container dir without readable meta.json")
+                    // Normal while a container is being created (its meta.json comes last).
+                    tracing::debug!(container = %id, error = %err, "container dir without readable meta.json")
                 }
             }
         }

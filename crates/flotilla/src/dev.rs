@@ -15,6 +15,7 @@ use flotilla_types::{ContainerSpec, ServiceMode, ServiceSpec, Task, TaskSpec, Ta
 
 const DEMO_IMAGE: &str = "busybox:demo";
 const DEMO_SERVICE: &str = "demo";
+const DEMO_PORT: u16 = 8080;
 
 /// A minimal root filesystem: static busybox plus the applets the demo uses.
 fn busybox_rootfs(dir: &Path) -> anyhow::Result<()> {
@@ -74,7 +75,9 @@ async fn deploy_demo(client: &Client, dir: &Path) -> anyhow::Result<()> {
     if !have_image {
         let tmp = tempfile::tempdir()?;
         busybox_rootfs(tmp.path())?;
-        let config = serde_json::json!({ "env": [], "cmd": ["/bin/sh", "-c", "echo started; while true; do echo \"hello from $(hostname) at $(date)\"; sleep 2; done"] });
+        // Serves its hostname on port 80 (busybox httpd in the background) and logs a line
+        // every 2 s.
+        let config = serde_json::json!({ "env": [], "cmd": ["/bin/sh", "-c", "echo started; mkdir -p /www; hostname > /www/index.html; httpd -p 80 -h /www; while true; do echo \"hello from $(hostname) at $(date)\"; sleep 2; done"] });
         let path = format!(
             "/v1/images/import?name={DEMO_IMAGE}&config={}",
             config
@@ -118,7 +121,17 @@ async fn deploy_demo(client: &Client, dir: &Path) -> anyhow::Result<()> {
             mode: ServiceMode::Replicated { replicas: 3 },
             update_config: Default::default(),
             rollback_config: Default::default(),
-            endpoint_spec: Default::default(),
+            // The routing mesh: port 8080 of the node reaches the replicas' port 80.
+            endpoint_spec: flotilla_types::EndpointSpec {
+                mode: Default::default(),
+                ports: vec![flotilla_types::PortConfig {
+                    published: DEMO_PORT,
+                    target: 80,
+                    protocol: "tcp".into(),
+                    publish_mode: "ingress".into(),
+                    proxy_protocol: None,
+                }],
+            },
         };
         let _: serde_json::Value = client.post_json("/v1/services", &spec).await?;
     }
@@ -229,11 +242,13 @@ pub async fn run(
          \n    flotilla service ls\
          \n    flotilla service ps demo\
          \n    flotilla service logs -f demo\
+         \n    curl http://{}:{DEMO_PORT}/        # the routing mesh: a different replica each time\
          \n    flotilla service scale demo=5\
          \n    flotilla service update --env-add GREETING=hi demo\
          \n    flotilla events --filter type=task\
          \n\nRemote admin access: --host https://{} --tls-dir {}\n\nPress Ctrl-C to stop{}.",
         dir.display(),
+        args.listen.ip(),
         args.listen,
         dir.join("admin").display(),
         if temp.is_some() {
@@ -251,6 +266,12 @@ pub async fn run(
     match node.await {
         Ok(r) => r?,
         Err(e) => bail!("node task failed: {e}"),
+    }
+    if temp.is_some() {
+        // The node's bridge, NAT chains and overlay device go with the temporary data dir.
+        if let Err(e) = flotilla_node::cleanup(&dir).await {
+            eprintln!("cleanup: {e}");
+        }
     }
     drop(temp);
     Ok(())
