@@ -250,8 +250,17 @@ impl Executor {
             Some(s) if s.status == ContainerStatus::Running => {
                 tracing::info!(task = %id, pid = s.pid, "re-adopted running container");
                 if let Some(net) = &self.net {
-                    if let Some(a) = net.address_of(&id).await {
-                        let _ = address.set(a.to_string());
+                    // The persisted allocation, else what the store already has (never report a
+                    // running task without its address: it would leave the load-balancing pools).
+                    match net.address_of(&id).await {
+                        Some(a) => {
+                            let _ = address.set(a.to_string());
+                        }
+                        None => {
+                            if let Some(a) = &task.status.address {
+                                let _ = address.set(a.clone());
+                            }
+                        }
                     }
                 }
                 if task.status.state < TaskState::Running

@@ -468,6 +468,8 @@ impl NodeNet {
 
     /// The address a task has (after an agent restart, from the persisted allocations).
     pub async fn address_of(&self, task_id: &str) -> Option<Ipv4Addr> {
+        // Right after an agent restart the allocations load with the first network map.
+        let _ = self.wait_ready(Duration::from_secs(10)).await;
         let inner = self.inner.lock().await;
         inner.addrs.as_ref()?.get(task_id)
     }
