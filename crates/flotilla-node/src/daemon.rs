@@ -465,6 +465,7 @@ pub async fn run(
         tokio::spawn(agent::renewal_loop(ctx.clone(), stop_rx.clone())),
         tokio::spawn(leader::liveness_loop(ctx.clone(), stop_rx.clone())),
         tokio::spawn(crate::gc::gc_loop(ctx.clone(), stop_rx.clone())),
+        tokio::spawn(crate::gc::replicate_loop(ctx.clone(), stop_rx.clone())),
     ];
 
     let outcome = tokio::select! {

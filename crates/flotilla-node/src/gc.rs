@@ -88,3 +88,75 @@ pub async fn gc_loop(ctx: Arc<NodeCtx>, mut stop: watch::Receiver<bool>) {
         }
     }
 }
+
+/// How often a manager checks that it holds every image a service uses.
+pub const REPLICATE_PERIOD: Duration = Duration::from_secs(3);
+
+/// Managers keep their own copy of every image a service uses (current and previous spec):
+/// a missing one is pulled, with its signatures and verified blob by blob, from a peer
+/// manager. An image pushed through one manager thus survives that manager's loss once a
+/// service refers to it (within a few seconds).
+pub async fn replicate_loop(ctx: Arc<NodeCtx>, mut stop: watch::Receiver<bool>) {
+    let (Some(mgr), Some(rt)) = (ctx.manager.clone(), ctx.runtime.clone()) else {
+        return;
+    };
+    let mut tick = tokio::time::interval(REPLICATE_PERIOD);
+    loop {
+        tokio::select! {
+            _ = flotilla_api::server::stopped(&mut stop) => return,
+            _ = tick.tick() => {}
+        }
+        let Ok(services) = mgr.list::<Service>() else {
+            continue;
+        };
+        let mut wanted: Vec<String> = Vec::new();
+        for s in &services {
+            for spec in std::iter::once(&s.spec).chain(s.previous_spec.as_ref()) {
+                let image = &spec.task_template.container.image;
+                let Some(d) = digest_of(image) else { continue };
+                if rt.images().resolve(d).is_err() && !wanted.contains(image) {
+                    wanted.push(image.clone());
+                }
+            }
+        }
+        if wanted.is_empty() {
+            continue;
+        }
+        let status = mgr.store.status();
+        let peers: Vec<String> = status
+            .voters
+            .iter()
+            .chain(status.learners.iter())
+            .filter(|(id, _)| *id != status.id)
+            .map(|(_, a)| a.clone())
+            .collect();
+        for image in wanted {
+            let Some(digest) = digest_of(&image).map(str::to_string) else {
+                continue;
+            };
+            let name = flotilla_registry::ImageRef::parse(&image)
+                .map(|r| r.name)
+                .unwrap_or_default();
+            for addr in &peers {
+                let Some(client) = ctx.tls.registry(addr) else {
+                    continue;
+                };
+                // Signatures first: once the image shows here, its signatures are here too.
+                if let Err(e) =
+                    flotilla_registry::fetch_signatures(&client, rt.images(), &name, &digest).await
+                {
+                    tracing::debug!(%image, manager = %addr, error = %e, "copying signatures failed");
+                }
+                match flotilla_registry::pull(&client, rt.images(), &image, |_| {}).await {
+                    Ok(_) => {
+                        tracing::info!(%image, from = %addr, "copied a service's image from a peer manager");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!(%image, manager = %addr, error = %e, "copying an image failed; trying the next manager")
+                    }
+                }
+            }
+        }
+    }
+}

@@ -420,3 +420,78 @@ fn t40_gc_removes_only_unreferenced_blobs() {
     );
     ok(&c.run(&["service", "rm", "keep"]), "service rm");
 }
+
+/// Managers copy every image a service uses from each other: an image imported through
+/// manager 1 still runs, on a worker that never had it, after manager 1 is gone.
+#[test]
+fn t50_service_images_survive_the_loss_of_the_manager_they_were_pushed_to() {
+    let mut c = Cluster::init(35, &[]);
+    c.join("m2", "manager");
+    c.join("m3", "manager");
+    c.join("w1", "worker");
+    let digest = c.import("rep:1", LOOP);
+    assert!(digest.starts_with("sha256:"), "import printed {digest:?}");
+    // A service refers to the image (no replica needed for that).
+    create(&c, "holder", "rep:1", &["--replicas", "0"]);
+    for idx in [1, 2] {
+        let sock = c.nodes[idx].socket();
+        wait_for(
+            &format!("{} to hold a copy of the image", c.nodes[idx].name),
+            LONG,
+            || {
+                let o = cli(&sock, &["image", "ls", "--format", "json"]);
+                stdout(&o).contains(&digest).then_some(())
+            },
+        );
+    }
+    c.nodes[0].kill9();
+    let m2 = c.nodes[1].socket();
+    wait_for("a leader among the surviving managers", LONG, || {
+        let o = cli(&m2, &["cluster", "info", "--format", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+        (o.status.success() && v["leader"]["addr"] != c.nodes[0].addr.as_str()).then_some(())
+    });
+    let w1 = wait_for("w1's id", LONG, || {
+        let o = cli(&m2, &["node", "ls", "--format", "json"]);
+        let v: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).ok()?;
+        v.iter()
+            .find(|n| n["spec"]["name"] == "w1")
+            .and_then(|n| n["id"].as_str().map(str::to_string))
+    });
+    let constraint = format!("node.id=={w1}");
+    let o = cli(
+        &m2,
+        &[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            "onworker",
+            "--constraint",
+            &constraint,
+            "rep:1",
+        ],
+    );
+    ok(&o, "service create through manager 2");
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        let o = cli(&m2, &["service", "ps", "onworker", "--format", "json"]);
+        let v: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        if v.iter()
+            .any(|t| t["status"]["state"] == "running" && t["node_id"] == w1.as_str())
+        {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let seen: Vec<String> = v
+                .iter()
+                .map(|t| format!("{} {}", t["status"]["state"], t["status"]["message"]))
+                .collect();
+            panic!(
+                "the task on w1 did not run the image: {seen:#?} {}",
+                stderr(&o)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -228,8 +228,16 @@ fn registry_router(ctx: &Ctx) -> Option<Router> {
 }
 
 /// The other managers, as blob sources for the registry (looked up at call time).
-struct PeerManagers {
+pub(crate) struct PeerManagers {
     ctx: std::sync::Weak<NodeCtx>,
+}
+
+impl PeerManagers {
+    pub(crate) fn new(ctx: &Ctx) -> PeerManagers {
+        PeerManagers {
+            ctx: Arc::downgrade(ctx),
+        }
+    }
 }
 
 impl flotilla_registry::BlobSource for PeerManagers {

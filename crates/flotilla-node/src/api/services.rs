@@ -128,7 +128,9 @@ fn check_port_conflicts(
 }
 
 /// Pins `image` to a manifest digest (`name:tag@sha256:…`) using this manager's image store.
-fn pin_image(ctx: &Ctx, spec: &mut ServiceSpec) -> Result<(), ApiError> {
+/// The image may have been pushed or imported through another manager (this one, the
+/// leader, then resolves the tag on its peers).
+async fn pin_image(ctx: &Ctx, spec: &mut ServiceSpec) -> Result<(), ApiError> {
     let image = spec.task_template.container.image.clone();
     if image.contains("@sha256:") {
         return Ok(());
@@ -137,7 +139,22 @@ fn pin_image(ctx: &Ctx, spec: &mut ServiceSpec) -> Result<(), ApiError> {
         .runtime
         .as_ref()
         .ok_or_else(|| ApiError::unavailable("this manager has no image store"))?;
-    let digest = rt.images().resolve(&image).map_err(|_| {
+    let local = rt.images().resolve(&image).ok();
+    let digest = match local {
+        Some(d) => Some(d),
+        None => match flotilla_registry::ImageRef::parse(&image) {
+            Ok(r) => {
+                let tag = r.tag.unwrap_or_else(|| "latest".into());
+                let peers = super::PeerManagers::new(ctx);
+                flotilla_registry::BlobSource::resolve_tag(&peers, &r.name, &tag)
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            Err(_) => None,
+        },
+    };
+    let digest = digest.ok_or_else(|| {
         ApiError::bad_request(format!(
             "image {image:?} is not in the cluster: load it first with `flotilla image load FILE` or `flotilla image import DIR --name {image}`"
         ))
@@ -223,7 +240,7 @@ pub async fn create(
         )));
     }
     check_port_conflicts(&existing, &spec, None)?;
-    pin_image(&ctx, &mut spec)?;
+    pin_image(&ctx, &mut spec).await?;
     let now = now_ms();
     let service = Service {
         id: flotilla_types::new_id(),
@@ -318,7 +335,7 @@ pub async fn update(
             s.spec.mode.name()
         )));
     }
-    pin_image(&ctx, &mut spec)?;
+    pin_image(&ctx, &mut spec).await?;
     let expect = q.version.unwrap_or(s.meta.version);
     let template_changed = spec.task_template != s.spec.task_template;
     if template_changed {
