@@ -199,6 +199,20 @@ impl Transfer {
     }
 }
 
+/// A spinner with the size and elapsed time while an archive uploads and the manager unpacks
+/// it (one request: no byte-level progress); nothing when stdout is not a terminal.
+fn upload_spinner(what: &str, bytes: usize) -> Option<indicatif::ProgressBar> {
+    std::io::stdout().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new_spinner();
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} ({elapsed})") {
+            b.set_style(style);
+        }
+        b.set_message(format!("{what} {}", mib(bytes as u64)));
+        b.enable_steady_tick(std::time::Duration::from_millis(120));
+        b
+    })
+}
+
 fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / 1048576.0)
 }
@@ -259,7 +273,12 @@ pub async fn run(
             let client = client
                 .clone()
                 .with_timeout(std::time::Duration::from_secs(600));
-            let resp = client.request(Method::POST, &path, Some(body)).await?;
+            let spinner = upload_spinner("importing", body.len());
+            let resp = client.request(Method::POST, &path, Some(body)).await;
+            if let Some(b) = spinner {
+                b.finish_and_clear();
+            }
+            let resp = resp?;
             let v: serde_json::Value = serde_json::from_slice(&resp.body).unwrap_or_default();
             let digest = v["digest"].as_str().unwrap_or("");
             if let Some(k) = &key {
@@ -275,9 +294,14 @@ pub async fn run(
             let client = client
                 .clone()
                 .with_timeout(std::time::Duration::from_secs(600));
+            let spinner = upload_spinner("loading", body.len());
             let resp = client
                 .request(Method::POST, "/v1/images/load", Some(body))
-                .await?;
+                .await;
+            if let Some(b) = spinner {
+                b.finish_and_clear();
+            }
+            let resp = resp?;
             let v: Vec<serde_json::Value> = serde_json::from_slice(&resp.body).unwrap_or_default();
             for i in v {
                 if let (Some(k), Some(d)) = (&key, i["digest"].as_str()) {
