@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use http_body_util::{BodyExt, BodyStream, Full};
+use http_body_util::{BodyExt, BodyStream};
+
+use crate::upload::{Progress, ReqBody};
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -81,7 +83,7 @@ pub struct Response {
 #[derive(Clone)]
 pub struct Client {
     endpoint: Endpoint,
-    h2: Arc<Mutex<Option<hyper::client::conn::http2::SendRequest<Full<Bytes>>>>>,
+    h2: Arc<Mutex<Option<hyper::client::conn::http2::SendRequest<ReqBody>>>>,
     timeout: Duration,
 }
 
@@ -92,8 +94,8 @@ impl std::fmt::Debug for Client {
 }
 
 enum Sender {
-    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
-    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+    H1(hyper::client::conn::http1::SendRequest<ReqBody>),
+    H2(hyper::client::conn::http2::SendRequest<ReqBody>),
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -190,7 +192,7 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<hyper::Response<Incoming>, ClientError> {
-        self.send_raw(method, path, body, &[]).await
+        self.send_raw(method, path, body, &[], None).await
     }
 
     async fn send_raw(
@@ -199,6 +201,7 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
         headers: &[(&str, String)],
+        progress: Option<Progress>,
     ) -> Result<hyper::Response<Incoming>, ClientError> {
         let uri = match &self.endpoint {
             Endpoint::Unix(_) => format!("http://localhost{path}"),
@@ -215,7 +218,10 @@ impl Client {
             builder = builder.header(*k, v.as_str());
         }
         let req = builder
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .body(ReqBody::new(
+                Bytes::from(body.unwrap_or_default()),
+                progress,
+            ))
             .map_err(|e| ClientError::Transport {
                 endpoint: self.ep(),
                 detail: e.to_string(),
@@ -239,8 +245,33 @@ impl Client {
         body: Option<Vec<u8>>,
         headers: &[(&str, String)],
     ) -> Result<Response, ClientError> {
+        self.send_collect(method, path, body, headers, None).await
+    }
+
+    /// Like [`Client::request`], calling `progress` with the bytes of the body as they go out.
+    pub async fn request_with_progress(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+        progress: Progress,
+    ) -> Result<Response, ClientError> {
+        let resp = self
+            .send_collect(method, path, Some(body), &[], Some(progress))
+            .await?;
+        Self::check(resp)
+    }
+
+    async fn send_collect(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, String)],
+        progress: Option<Progress>,
+    ) -> Result<Response, ClientError> {
         let fut = async {
-            let resp = self.send_raw(method, path, body, headers).await?;
+            let resp = self.send_raw(method, path, body, headers, progress).await?;
             let (parts, body) = resp.into_parts();
             let body = body
                 .collect()
@@ -272,6 +303,11 @@ impl Client {
         body: Option<Vec<u8>>,
     ) -> Result<Response, ClientError> {
         let resp = self.send_with_headers(method, path, body, &[]).await?;
+        Self::check(resp)
+    }
+
+    /// Error statuses become [`ClientError::Api`] with the body's message.
+    fn check(resp: Response) -> Result<Response, ClientError> {
         if !resp.status.is_success() {
             let message = serde_json::from_slice::<ErrorBody>(&resp.body)
                 .map(|e| e.message)

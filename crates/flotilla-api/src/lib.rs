@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod server;
+pub mod upload;
 
 pub use client::{Client, ClientError, Endpoint, Response};
 pub use server::{serve_tls, serve_unix, Peer};

@@ -199,18 +199,46 @@ impl Transfer {
     }
 }
 
-/// A spinner with the size and elapsed time while an archive uploads and the manager unpacks
-/// it (one request: no byte-level progress); nothing when stdout is not a terminal.
-fn upload_spinner(what: &str, bytes: usize) -> Option<indicatif::ProgressBar> {
+/// A progress bar of the archive's upload (nothing when stdout is not a terminal); once the
+/// bytes are sent it says the manager is unpacking.
+fn upload_bar(what: &str, bytes: usize) -> Option<indicatif::ProgressBar> {
     std::io::stdout().is_terminal().then(|| {
-        let b = indicatif::ProgressBar::new_spinner();
-        if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} ({elapsed})") {
-            b.set_style(style);
+        let b = indicatif::ProgressBar::new(bytes as u64);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        ) {
+            b.set_style(style.progress_chars("=> "));
         }
-        b.set_message(format!("{what} {}", mib(bytes as u64)));
-        b.enable_steady_tick(std::time::Duration::from_millis(120));
+        b.set_message(what.to_string());
         b
     })
+}
+
+/// POSTs an archive with an upload bar.
+async fn post_archive(
+    client: &flotilla_api::Client,
+    path: &str,
+    body: Vec<u8>,
+    what: &str,
+) -> Result<flotilla_api::client::Response, CliError> {
+    let bar = upload_bar(what, body.len());
+    let total = body.len() as u64;
+    let b = bar.clone();
+    let progress: flotilla_api::upload::Progress = std::sync::Arc::new(move |n| {
+        if let Some(b) = &b {
+            b.inc(n);
+            if b.position() >= total {
+                b.set_message("unpacking on the manager");
+            }
+        }
+    });
+    let resp = client
+        .request_with_progress(Method::POST, path, body, progress)
+        .await;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(resp?)
 }
 
 fn mib(b: u64) -> String {
@@ -273,12 +301,7 @@ pub async fn run(
             let client = client
                 .clone()
                 .with_timeout(std::time::Duration::from_secs(600));
-            let spinner = upload_spinner("importing", body.len());
-            let resp = client.request(Method::POST, &path, Some(body)).await;
-            if let Some(b) = spinner {
-                b.finish_and_clear();
-            }
-            let resp = resp?;
+            let resp = post_archive(&client, &path, body, "importing").await?;
             let v: serde_json::Value = serde_json::from_slice(&resp.body).unwrap_or_default();
             let digest = v["digest"].as_str().unwrap_or("");
             if let Some(k) = &key {
@@ -294,14 +317,7 @@ pub async fn run(
             let client = client
                 .clone()
                 .with_timeout(std::time::Duration::from_secs(600));
-            let spinner = upload_spinner("loading", body.len());
-            let resp = client
-                .request(Method::POST, "/v1/images/load", Some(body))
-                .await;
-            if let Some(b) = spinner {
-                b.finish_and_clear();
-            }
-            let resp = resp?;
+            let resp = post_archive(&client, "/v1/images/load", body, "loading").await?;
             let v: Vec<serde_json::Value> = serde_json::from_slice(&resp.body).unwrap_or_default();
             for i in v {
                 if let (Some(k), Some(d)) = (&key, i["digest"].as_str()) {
