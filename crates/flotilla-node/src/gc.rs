@@ -122,14 +122,7 @@ pub async fn replicate_loop(ctx: Arc<NodeCtx>, mut stop: watch::Receiver<bool>) 
         if wanted.is_empty() {
             continue;
         }
-        let status = mgr.store.status();
-        let peers: Vec<String> = status
-            .voters
-            .iter()
-            .chain(status.learners.iter())
-            .filter(|(id, _)| *id != status.id)
-            .map(|(_, a)| a.clone())
-            .collect();
+        let peers = crate::api::PeerManagers::new(&ctx).clients();
         for image in wanted {
             let Some(digest) = digest_of(&image).map(str::to_string) else {
                 continue;
@@ -137,17 +130,14 @@ pub async fn replicate_loop(ctx: Arc<NodeCtx>, mut stop: watch::Receiver<bool>) 
             let name = flotilla_registry::ImageRef::parse(&image)
                 .map(|r| r.name)
                 .unwrap_or_default();
-            for addr in &peers {
-                let Some(client) = ctx.tls.registry(addr) else {
-                    continue;
-                };
+            for (addr, client) in &peers {
                 // Signatures first: once the image shows here, its signatures are here too.
                 if let Err(e) =
-                    flotilla_registry::fetch_signatures(&client, rt.images(), &name, &digest).await
+                    flotilla_registry::fetch_signatures(client, rt.images(), &name, &digest).await
                 {
                     tracing::debug!(%image, manager = %addr, error = %e, "copying signatures failed");
                 }
-                match flotilla_registry::pull(&client, rt.images(), &image, |_| {}).await {
+                match flotilla_registry::pull(client, rt.images(), &image, |_| {}).await {
                     Ok(_) => {
                         tracing::info!(%image, from = %addr, "copied a service's image from a peer manager");
                         break;

@@ -238,6 +238,24 @@ impl PeerManagers {
             ctx: Arc::downgrade(ctx),
         }
     }
+
+    /// The other managers (address, registry client), in Raft membership order.
+    pub(crate) fn clients(&self) -> Vec<(String, flotilla_registry::RegistryClient)> {
+        let Some(ctx) = self.ctx.upgrade() else {
+            return Vec::new();
+        };
+        let Some(mgr) = ctx.manager.clone() else {
+            return Vec::new();
+        };
+        let status = mgr.store.status();
+        status
+            .voters
+            .iter()
+            .chain(status.learners.iter())
+            .filter(|(id, _)| *id != status.id)
+            .filter_map(|(_, addr)| Some((addr.clone(), ctx.tls.registry(addr)?)))
+            .collect()
+    }
 }
 
 impl flotilla_registry::BlobSource for PeerManagers {
@@ -249,20 +267,7 @@ impl flotilla_registry::BlobSource for PeerManagers {
         flotilla_registry::Result<Option<flotilla_registry::BlobStream>>,
     > {
         Box::pin(async move {
-            let Some(ctx) = self.ctx.upgrade() else {
-                return Ok(None);
-            };
-            let Some(mgr) = ctx.manager.clone() else {
-                return Ok(None);
-            };
-            let status = mgr.store.status();
-            for (id, addr) in status.voters.iter().chain(status.learners.iter()) {
-                if *id == status.id {
-                    continue;
-                }
-                let Some(client) = ctx.tls.registry(addr) else {
-                    continue;
-                };
+            for (_, client) in self.clients() {
                 if let Ok(Some(stream)) =
                     flotilla_registry::BlobSource::fetch(&client, digest).await
                 {
@@ -279,20 +284,7 @@ impl flotilla_registry::BlobSource for PeerManagers {
         tag: &'a str,
     ) -> futures::future::BoxFuture<'a, flotilla_registry::Result<Option<String>>> {
         Box::pin(async move {
-            let Some(ctx) = self.ctx.upgrade() else {
-                return Ok(None);
-            };
-            let Some(mgr) = ctx.manager.clone() else {
-                return Ok(None);
-            };
-            let status = mgr.store.status();
-            for (id, addr) in status.voters.iter().chain(status.learners.iter()) {
-                if *id == status.id {
-                    continue;
-                }
-                let Some(client) = ctx.tls.registry(addr) else {
-                    continue;
-                };
+            for (_, client) in self.clients() {
                 if let Ok(Some(d)) =
                     flotilla_registry::BlobSource::resolve_tag(&client, name, tag).await
                 {
