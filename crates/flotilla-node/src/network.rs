@@ -134,6 +134,10 @@ impl Names {
             tag,
         }
     }
+    /// The metric of this node's VIP-pool route (distinct per node).
+    fn route_metric(&self) -> u32 {
+        1000 + u32::from_str_radix(&self.tag, 16).unwrap_or(0) % 1_000_000
+    }
     fn netns_dir(&self) -> PathBuf {
         self.dir.join("netns")
     }
@@ -293,7 +297,7 @@ impl NodeNet {
             &serde_json::to_string(s).map_err(err)?,
         )?;
         if let Ok(pool) = s.vip_pool.parse::<Ipv4Net>() {
-            ensure_local_route(&net, pool).await?;
+            ensure_local_route(&net, pool, self.names.route_metric()).await?;
         }
         inner.addrs = Some(TaskAddrs::open(self.names.dir.join("ipam.json"), subnet).map_err(err)?);
         inner.domain = s.dns_domain.clone();
@@ -519,25 +523,32 @@ fn write_file(path: &Path, text: &str) -> Result<(), String> {
     std::fs::rename(&tmp, path).map_err(|e| format!("write {}: {e}", path.display()))
 }
 
-/// `ip route replace local POOL dev lo table local`: every VIP of the pool is a local address
-/// (AnyIP), so the mesh can listen on VIP:port without one address per VIP.
-async fn ensure_local_route(net: &Net, pool: Ipv4Net) -> Result<(), String> {
+/// `ip route replace local POOL dev lo table local metric M`: every VIP of the pool is a local
+/// address (AnyIP), so the mesh can listen on VIP:port without one address per VIP. Each node
+/// owns its own entry (its metric), so nodes sharing a network namespace (tests) each remove
+/// only theirs.
+async fn ensure_local_route(net: &Net, pool: Ipv4Net, metric: u32) -> Result<(), String> {
     use flotilla_net::link;
     let lo = link::index(net, "lo")
         .await
         .map_err(err)?
         .ok_or("no loopback interface")?;
-    let msg = local_route(pool, lo);
+    let msg = local_route(pool, lo, metric);
     match net.handle().route().add(msg).replace().execute().await {
         Ok(()) => Ok(()),
         Err(e) => Err(format!("local route for the VIP pool {pool}: {e}")),
     }
 }
 
-fn local_route(pool: Ipv4Net, lo: u32) -> rtnetlink::packet_route::route::RouteMessage {
+fn local_route(
+    pool: Ipv4Net,
+    lo: u32,
+    metric: u32,
+) -> rtnetlink::packet_route::route::RouteMessage {
     rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(pool.network(), pool.prefix_len())
         .output_interface(lo)
+        .priority(metric)
         .table_id(255)
         .kind(rtnetlink::packet_route::route::RouteType::Local)
         .scope(rtnetlink::packet_route::route::RouteScope::Host)
@@ -634,17 +645,11 @@ pub fn frontends(map: &NetworkMap, node_id: &str, bind_ip: IpAddr) -> Vec<Fronte
     out
 }
 
-/// The VIP pool's local route, when this node set it up and no other node's bridge is left
-/// in this network namespace (nodes of a test share one and the route with it).
-async fn stale_vip_route(net: &Net, names: &Names) -> Option<Ipv4Net> {
+/// The VIP pool of the node's local route (from the settings it recorded at set-up).
+fn own_vip_pool(names: &Names) -> Option<Ipv4Net> {
     let text = std::fs::read_to_string(names.dir.join("settings.json")).ok()?;
     let s: NetworkSettings = serde_json::from_str(&text).ok()?;
-    let pool: Ipv4Net = s.vip_pool.parse().ok()?;
-    let links = flotilla_net::link::names(net).await.ok()?;
-    let others = links
-        .iter()
-        .any(|l| l.starts_with("fltbr") && *l != names.bridge);
-    (!others).then_some(pool)
+    s.vip_pool.parse().ok()
 }
 
 /// Removes every network object of the node whose data dir is `data_dir` (for
@@ -655,10 +660,10 @@ pub async fn cleanup(data_dir: &Path, node_id: &str) -> Result<Vec<String>, Stri
     let mut removed = cleanup::remove_all(&net, &names.owned())
         .await
         .map_err(err)?;
-    if let Some(pool) = stale_vip_route(&net, &names).await {
+    if let Some(pool) = own_vip_pool(&names) {
         let lo = flotilla_net::link::index(&net, "lo").await.ok().flatten();
         if let Some(lo) = lo {
-            let msg = local_route(pool, lo);
+            let msg = local_route(pool, lo, names.route_metric());
             if net.handle().route().del(msg).execute().await.is_ok() {
                 removed.push(format!("route local {pool}"));
             }
@@ -675,15 +680,15 @@ pub async fn leftovers(data_dir: &Path, node_id: &str) -> Result<Vec<String>, St
     let mut out = cleanup::leftovers(&net, &names.owned())
         .await
         .map_err(err)?;
-    if let Some(pool) = stale_vip_route(&net, &names).await {
-        if route_exists(&net, pool).await {
+    if let Some(pool) = own_vip_pool(&names) {
+        if route_exists(&net, pool, names.route_metric()).await {
             out.push(format!("route local {pool}"));
         }
     }
     Ok(out)
 }
 
-async fn route_exists(net: &Net, pool: Ipv4Net) -> bool {
+async fn route_exists(net: &Net, pool: Ipv4Net, metric: u32) -> bool {
     use futures::TryStreamExt;
     let filter = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
         .table_id(255)
@@ -696,7 +701,14 @@ async fn route_exists(net: &Net, pool: Ipv4Net) -> bool {
             ) => Some(*ip),
             _ => None,
         });
-        if dst == Some(pool.network()) && r.header.destination_prefix_length == pool.prefix_len() {
+        let priority = r.attributes.iter().find_map(|a| match a {
+            rtnetlink::packet_route::route::RouteAttribute::Priority(p) => Some(*p),
+            _ => None,
+        });
+        if dst == Some(pool.network())
+            && r.header.destination_prefix_length == pool.prefix_len()
+            && priority == Some(metric)
+        {
             return true;
         }
     }
