@@ -301,16 +301,6 @@ impl NodeNet {
         }
         inner.addrs = Some(TaskAddrs::open(self.names.dir.join("ipam.json"), subnet).map_err(err)?);
         inner.domain = s.dns_domain.clone();
-        if inner.dns.is_none() {
-            let opts = DnsOptions {
-                domain: Some(s.dns_domain.clone()),
-                ..Default::default()
-            };
-            match DnsServer::bind(SocketAddr::new(IpAddr::V4(gateway), 53), opts).await {
-                Ok(d) => inner.dns = Some(d),
-                Err(e) => tracing::warn!(error = %e, "the DNS responder could not start"),
-            }
-        }
         Ok(Ready { subnet, gateway })
     }
 
@@ -338,6 +328,22 @@ impl NodeNet {
             }
         }
         let Some(net) = inner.net.clone() else { return };
+        // The DNS responder on the gateway (retried on every map until it listens).
+        let ready = *self.ready.borrow();
+        if inner.dns.is_none() {
+            if let Some(r) = ready {
+                let opts = DnsOptions {
+                    domain: Some(inner.domain.clone()),
+                    ..Default::default()
+                };
+                match DnsServer::bind(SocketAddr::new(IpAddr::V4(r.gateway), 53), opts).await {
+                    Ok(d) => inner.dns = Some(d),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the DNS responder could not start; retrying on the next map")
+                    }
+                }
+            }
+        }
         if inner.overlay {
             let peers: Vec<overlay::OverlayPeer> = map
                 .nodes
