@@ -41,13 +41,6 @@ pub struct Executor {
     net: Option<Arc<NodeNet>>,
 }
 
-fn digest_of(image: &str) -> &str {
-    match image.find("@sha256:") {
-        Some(i) => &image[i + 1..],
-        None => image,
-    }
-}
-
 impl Executor {
     pub fn new(
         ctx: &Arc<NodeCtx>,
@@ -304,7 +297,10 @@ impl Executor {
                 self.report(&task, status(TaskState::Preparing, "preparing"));
                 let t0 = std::time::Instant::now();
                 let c = &task.spec.container;
-                let digest = digest_of(&c.image).to_string();
+                // Pinned `name:tag@sha256:…` → the digest; anything else is resolved as is.
+                let digest = crate::trust::digest_of(&c.image)
+                    .unwrap_or(&c.image)
+                    .to_string();
                 if self.rt.images().resolve(&digest).is_err() {
                     if let Err(msg) = self.pull(&c.image).await {
                         let mut st = status(TaskState::Rejected, &msg);
@@ -323,7 +319,7 @@ impl Executor {
                 let mut tnet: Option<TaskNet> = None;
                 if let Some(net) = &self.net {
                     let hostname = task.id[..12.min(task.id.len())].to_string();
-                    match net.prepare_task(&id, &hostname, &[]).await {
+                    match net.prepare_task(&id, &hostname).await {
                         Ok(n) => {
                             let _ = address.set(n.addr.to_string());
                             tnet = Some(n);

@@ -146,7 +146,30 @@ impl Manager {
             .map_err(|e| ApiError::internal(format!("corrupt cluster object: {e}")))
     }
 
-    pub fn cluster_versioned(&self) -> Result<(ClusterObject, u64), ApiError> {
+    /// Read-modify-write of the cluster object: one Raft entry, conditional on the version read
+    /// (a concurrent change makes it fail with 409 rather than be lost). Returns what `f`
+    /// returns, and the object as written.
+    pub async fn update_cluster<T>(
+        &self,
+        f: impl FnOnce(&mut ClusterObject) -> Result<T, ApiError>,
+    ) -> Result<(T, ClusterObject), ApiError> {
+        let (mut c, version) = self.cluster_versioned()?;
+        let out = f(&mut c)?;
+        let value = serde_json::to_vec(&c).map_err(|e| ApiError::internal(e.to_string()))?;
+        self.write(
+            Batch::single(Op::update(
+                Table::Cluster,
+                CLUSTER_KEY,
+                value,
+                Some(version),
+            )),
+            "cluster",
+        )
+        .await?;
+        Ok((out, c))
+    }
+
+    fn cluster_versioned(&self) -> Result<(ClusterObject, u64), ApiError> {
         let v = self
             .store
             .get(Table::Cluster, CLUSTER_KEY)?

@@ -402,24 +402,15 @@ impl NodeNet {
 
     /// Gives a task its address, namespace and resolver files; the veth comes with
     /// [`NodeNet::attach_task`], which may run while the container is being created.
-    pub async fn prepare_task(
-        &self,
-        task_id: &str,
-        hostname: &str,
-        aliases: &[String],
-    ) -> Result<TaskNet, String> {
+    pub async fn prepare_task(&self, task_id: &str, hostname: &str) -> Result<TaskNet, String> {
         let ready = self.wait_ready(Duration::from_secs(60)).await?;
         // The lock covers the allocation only: namespaces and veths of many tasks are made
         // concurrently (a 100-replica service starts 100 of them at once).
-        let (_net, domain, addr) = {
+        let (domain, addr) = {
             let mut inner = self.inner.lock().await;
-            let Some(net) = inner.net.clone() else {
-                return Err("task network not ready".into());
-            };
             let domain = inner.domain.clone();
             let addrs = inner.addrs.as_mut().ok_or("task network not ready")?;
-            let addr = addrs.allocate(task_id).map_err(err)?;
-            (net, domain, addr)
+            (domain, addrs.allocate(task_id).map_err(err)?)
         };
         let dir = self.names.netns_dir();
         let name = task_id.to_string();
@@ -437,14 +428,9 @@ impl NodeNet {
         };
         let dir = self.names.task_dir(task_id);
         std::fs::create_dir_all(&dir).map_err(err)?;
-        let mut hosts =
-            String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
-        hosts.push_str(&format!("{addr}\t{hostname}"));
-        for a in aliases {
-            hosts.push(' ');
-            hosts.push_str(a);
-        }
-        hosts.push('\n');
+        let hosts = format!(
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{addr}\t{hostname}\n"
+        );
         let resolv = format!(
             "nameserver {}\nsearch {domain}\noptions ndots:0\n",
             ready.gateway

@@ -7,8 +7,7 @@ use crate::client::RegistryClient;
 use crate::digest::{check_digest, sha256_digest, ImageRef};
 use crate::error::{ErrorCode, IoContext, RegistryError, Result};
 use crate::manifest::{Manifest, ManifestKind, OCI_INDEX};
-use crate::transfer::Progress;
-use bytes::Bytes;
+use crate::transfer::{push_tree, Progress, PushSource};
 use std::path::{Path, PathBuf};
 
 /// Annotation naming a manifest's tag in `index.json`.
@@ -98,64 +97,39 @@ pub async fn push_layout(
         digest: digest.clone(),
     });
     let to = r.tag.clone().unwrap_or_else(|| digest.clone());
-    push_tree(client, dir, &r.name, &digest, &to, &mut progress).await?;
+    push_tree(
+        client,
+        &LayoutSource(dir),
+        &r.name,
+        &digest,
+        &to,
+        &mut progress,
+    )
+    .await?;
     progress(Progress::Done {
         digest: digest.clone(),
     });
     Ok(digest)
 }
 
-async fn push_tree(
-    client: &RegistryClient,
-    dir: &Path,
-    name: &str,
-    digest: &str,
-    to: &str,
-    progress: &mut impl FnMut(Progress),
-) -> Result<()> {
-    let bytes = read_verified(dir, digest)?;
-    let m = Manifest::parse(&bytes, None)?;
-    for child in m.children() {
-        Box::pin(push_tree(
-            client,
-            dir,
-            name,
-            &child.digest,
-            &child.digest,
-            progress,
-        ))
-        .await?;
+/// An OCI layout directory as the source of a push.
+struct LayoutSource<'a>(&'a Path);
+
+impl PushSource for LayoutSource<'_> {
+    fn manifest(&self, digest: &str) -> Result<Vec<u8>> {
+        read_verified(self.0, digest)
     }
-    for b in m.blobs() {
-        if client.blob_size(name, &b.digest).await?.is_some() {
-            progress(Progress::BlobPresent {
-                digest: b.digest.clone(),
-                size: b.size,
-            });
-            continue;
-        }
-        let path = blob_path(dir, &b.digest)?;
+
+    fn blob_file(&self, digest: &str) -> Result<PathBuf> {
+        let path = blob_path(self.0, digest)?;
         if !path.is_file() {
             return Err(invalid(format!(
-                "{} lacks blob {} (the layout is incomplete)",
-                dir.display(),
-                b.digest
+                "{} lacks blob {digest} (the layout is incomplete)",
+                self.0.display()
             )));
         }
-        progress(Progress::BlobStarted {
-            digest: b.digest.clone(),
-            size: b.size,
-        });
-        client.upload_blob(name, &b.digest, &path).await?;
-        progress(Progress::BlobDone {
-            digest: b.digest.clone(),
-            size: b.size,
-        });
+        Ok(path)
     }
-    client
-        .put_manifest(name, to, m.content_type(), Bytes::from(bytes))
-        .await?;
-    Ok(())
 }
 
 /// Pulls `reference` (`name[:tag][@digest]`) into the layout `dir` (created when missing),

@@ -236,22 +236,13 @@ pub async fn push(
     });
     tracing::info!(reference = %r, %digest, "pushing image");
     let target = r.tag.clone().unwrap_or_else(|| digest.clone());
-    push_manifest(
-        client,
-        store,
-        &meta,
-        &r.name,
-        &digest,
-        &target,
-        &mut progress,
-    )
-    .await?;
+    let src = StoreSource { store, meta: &meta };
+    push_tree(client, &src, &r.name, &digest, &target, &mut progress).await?;
     for (sig, a) in meta.referrers(&digest)? {
         if a.artifact_type.as_deref() == Some(SIGNATURE_ARTIFACT_TYPE) {
-            push_manifest(
+            push_tree(
                 client,
-                store,
-                &meta,
+                &src,
                 &r.name,
                 &sig,
                 &signature_tag(&digest),
@@ -267,24 +258,52 @@ pub async fn push(
     Ok(digest)
 }
 
-async fn push_manifest(
+/// Where a push reads manifests and blobs: the node's content store, or an OCI layout dir.
+pub(crate) trait PushSource: Sync {
+    /// The manifest (or index) bytes, verified against `digest`.
+    fn manifest(&self, digest: &str) -> Result<Vec<u8>>;
+    /// The file holding blob `digest`; an error that says what is incomplete when missing.
+    fn blob_file(&self, digest: &str) -> Result<std::path::PathBuf>;
+}
+
+struct StoreSource<'a> {
+    store: &'a ImageStore,
+    meta: &'a Meta,
+}
+
+impl PushSource for StoreSource<'_> {
+    fn manifest(&self, digest: &str) -> Result<Vec<u8>> {
+        Ok(self
+            .meta
+            .read_blob(self.store, digest)?
+            .ok_or_else(|| RuntimeError::ImageNotFound(format!("manifest {digest}")))?)
+    }
+
+    fn blob_file(&self, digest: &str) -> Result<std::path::PathBuf> {
+        Ok(self.meta.blob_file(self.store, digest).ok_or_else(|| {
+            RuntimeError::ImageNotFound(format!(
+                "blob {digest} (the local image is incomplete; pull it again)"
+            ))
+        })?)
+    }
+}
+
+/// Pushes the manifest `digest` from `src` as `name:target`: its children (an index's
+/// images) first, then every blob the registry lacks, then the manifest itself.
+pub(crate) async fn push_tree(
     client: &RegistryClient,
-    store: &ImageStore,
-    meta: &Meta,
+    src: &dyn PushSource,
     name: &str,
     digest: &str,
     target: &str,
-    progress: &mut impl FnMut(Progress),
+    progress: &mut dyn FnMut(Progress),
 ) -> Result<()> {
-    let bytes = meta
-        .read_blob(store, digest)?
-        .ok_or_else(|| RuntimeError::ImageNotFound(format!("manifest {digest}")))?;
+    let bytes = src.manifest(digest)?;
     let m = Manifest::parse(&bytes, None)?;
     for child in m.children() {
-        Box::pin(push_manifest(
+        Box::pin(push_tree(
             client,
-            store,
-            meta,
+            src,
             name,
             &child.digest,
             &child.digest,
@@ -300,12 +319,7 @@ async fn push_manifest(
             });
             continue;
         }
-        let path = meta.blob_file(store, &b.digest).ok_or_else(|| {
-            RuntimeError::ImageNotFound(format!(
-                "blob {} (the local image is incomplete; pull it again)",
-                b.digest
-            ))
-        })?;
+        let path = src.blob_file(&b.digest)?;
         progress(Progress::BlobStarted {
             digest: b.digest.clone(),
             size: b.size,

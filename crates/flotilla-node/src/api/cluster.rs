@@ -4,12 +4,11 @@ use axum::Extension;
 use serde::Deserialize;
 
 use flotilla_pki::JoinToken;
-use flotilla_store::{Batch, Op, Table};
 use flotilla_types::{ClusterInfo, ClusterMember, JoinTokens, Node, NodeRole, RaftInfo};
 
 use super::{json_ok, Caller, Ctx};
 use crate::error::ApiError;
-use crate::manager::{ClusterObject, CLUSTER_KEY};
+use crate::manager::ClusterObject;
 
 /// `GET /v1/ping`: this node's own view (never forwarded), including its Raft progress on
 /// managers, so callers can tell whether a restarted manager has caught up.
@@ -148,22 +147,15 @@ pub async fn rotate_token(
     }
     let role: NodeRole = q.role.parse().map_err(ApiError::bad_request)?;
     let mgr = ctx.manager()?;
-    let (mut c, version) = mgr.cluster_versioned()?;
-    let fresh = JoinToken::new("").secret;
-    match role {
-        NodeRole::Worker => c.worker_secret = fresh,
-        NodeRole::Manager => c.manager_secret = fresh,
-    }
-    let value = serde_json::to_vec(&c).map_err(|e| ApiError::internal(e.to_string()))?;
-    mgr.write(
-        Batch::single(Op::update(
-            Table::Cluster,
-            CLUSTER_KEY,
-            value,
-            Some(version),
-        )),
-        "cluster",
-    )
-    .await?;
+    let ((), c) = mgr
+        .update_cluster(|c| {
+            let fresh = JoinToken::new("").secret;
+            match role {
+                NodeRole::Worker => c.worker_secret = fresh,
+                NodeRole::Manager => c.manager_secret = fresh,
+            }
+            Ok(())
+        })
+        .await?;
     Ok(json_ok(&tokens(&c)))
 }

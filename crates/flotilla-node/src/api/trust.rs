@@ -8,11 +8,10 @@ use axum::{Extension, Json};
 use serde::Deserialize;
 
 use flotilla_registry::{TrustPolicy, TrustedKey};
-use flotilla_store::{Batch, Op, Table};
 
 use super::{json_ok, Caller, Ctx};
 use crate::error::ApiError;
-use crate::manager::{ClusterObject, Manager, CLUSTER_KEY};
+use crate::manager::Manager;
 
 fn admin_only(caller: &Caller) -> Result<(), ApiError> {
     if caller.is_admin() {
@@ -24,25 +23,12 @@ fn admin_only(caller: &Caller) -> Result<(), ApiError> {
     }
 }
 
-/// Read-modify-write of the cluster object's trust policy (one Raft entry, optimistic).
+/// Read-modify-write of the cluster object's trust policy.
 async fn update_trust<T>(
     mgr: &Manager,
     f: impl FnOnce(&mut TrustPolicy) -> Result<T, ApiError>,
 ) -> Result<T, ApiError> {
-    let (mut c, version): (ClusterObject, u64) = mgr.cluster_versioned()?;
-    let out = f(&mut c.trust)?;
-    let value = serde_json::to_vec(&c).map_err(|e| ApiError::internal(e.to_string()))?;
-    mgr.write(
-        Batch::single(Op::update(
-            Table::Cluster,
-            CLUSTER_KEY,
-            value,
-            Some(version),
-        )),
-        "cluster",
-    )
-    .await?;
-    Ok(out)
+    Ok(mgr.update_cluster(|c| f(&mut c.trust)).await?.0)
 }
 
 /// The settings shown in `cluster info`.
