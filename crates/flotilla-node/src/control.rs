@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use tokio::sync::watch;
 
 use flotilla_control::{Action, Decision, OrchestratorConfig, Reconcile};
@@ -107,14 +108,29 @@ async fn write_chunked(mgr: &Manager, ops: Vec<Op>, what: &str) -> Result<(), St
     if !batch.is_empty() {
         chunks.push(batch);
     }
-    for b in chunks {
-        let out = mgr.store.write(b).await?;
-        if let Err(f) = out.result {
-            tracing::debug!(what, failure = %f, "write raced; the next pass retries");
+    // Chunks are independent, so up to `PIPELINE` of them are in flight at once: Raft appends
+    // and replicates the next entry while the previous one is being fsynced and applied,
+    // instead of paying a full commit round per chunk. Their order does not matter.
+    let mut writes =
+        futures::stream::iter(chunks.into_iter().map(|b| mgr.store.write(b))).buffered(PIPELINE);
+    let mut first_err = None;
+    while let Some(r) = writes.next().await {
+        match r {
+            Ok(out) => {
+                if let Err(f) = out.result {
+                    tracing::debug!(what, failure = %f, "write raced; the next pass retries");
+                }
+            }
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
         }
     }
-    Ok(())
+    first_err.map_or(Ok(()), Err)
 }
+
+/// Raft entries of one control-loop write kept in flight at once.
+const PIPELINE: usize = 4;
 
 /// One pass: reconcile every service, then schedule. Returns the earliest wake-up wanted.
 async fn pass(mgr: &Manager, cfg: &OrchestratorConfig) -> Result<Option<u64>, StoreError> {

@@ -14,7 +14,7 @@ use axum::response::Response;
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 
-use flotilla_store::{Batch, Op, Table};
+use flotilla_store::{Batch, Event, Op, Table};
 use flotilla_types::{Task, TaskState, TaskStatus};
 
 use super::{json_ok, Caller, Ctx};
@@ -63,25 +63,46 @@ pub async fn assignments(
         ));
     }
     let mgr = ctx.manager()?;
+    let me = id.clone();
     push_stream(
         mgr,
-        &[Table::Tasks, Table::Cluster],
+        move |ev| match ev.table {
+            Table::Cluster => true,
+            // A task concerns this node's assignments only once it is placed here (a task's
+            // node never changes after that); unplaced tasks, the bulk of a large create, don't.
+            Table::Tasks => task_node(ev).is_none_or(|n| n.as_deref() == Some(me.as_str())),
+            _ => false,
+        },
         move |m| assigned(m, &id),
         |a, b| a.tasks == b.tasks && a.trust == b.trust,
     )
 }
 
+/// The node a task event is about, read without decoding the whole task: `Some(None)` for a
+/// task not placed on any node, `None` when the event carries no readable task.
+pub fn task_node(ev: &Event) -> Option<Option<String>> {
+    #[derive(Deserialize)]
+    struct NodeOf {
+        #[serde(default)]
+        node_id: Option<String>,
+    }
+    let v = ev.value.as_deref()?;
+    serde_json::from_slice::<NodeOf>(v).ok().map(|n| n.node_id)
+}
+
 /// A long-lived NDJSON stream of `build`'s result: sent at once, then again whenever a change
-/// to one of `tables` alters it (`same` says whether it did), plus a keep-alive resend every
-/// 5 s so a dead connection is noticed by both sides. Bursts of changes are coalesced.
-pub fn push_stream<T, B, S>(
+/// that `relevant` accepts alters it (`same` says whether it did), plus a keep-alive resend
+/// every 5 s so a dead connection is noticed by both sides. Bursts of changes are coalesced.
+/// `relevant` keeps rebuilds (which read whole tables) off changes that cannot matter.
+pub fn push_stream<T, R, B, S>(
     mgr: std::sync::Arc<Manager>,
-    tables: &'static [Table],
+    relevant: R,
     build: B,
     same: S,
 ) -> Result<Response, ApiError>
 where
     T: Serialize + Send + 'static,
+    R: Fn(&Event) -> bool + Send + 'static,
     B: Fn(&Manager) -> Result<T, ApiError> + Send + 'static,
     S: Fn(&T, &T) -> bool + Send + 'static,
 {
@@ -97,7 +118,7 @@ where
         loop {
             let dirty = tokio::select! {
                 ev = watch.next() => match ev {
-                    Some(Ok(ev)) => tables.contains(&ev.table),
+                    Some(Ok(ev)) => relevant(&ev),
                     _ => {
                         // Compacted or closed: start over from the current state.
                         match mgr.store.watch(mgr.store.revision()) {

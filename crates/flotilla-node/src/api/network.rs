@@ -114,7 +114,12 @@ pub async fn stream(
     let mgr = ctx.manager()?;
     super::dispatch::push_stream(
         mgr,
-        &[Table::Tasks, Table::Services, Table::Nodes, Table::Cluster],
+        |ev| match ev.table {
+            Table::Services | Table::Nodes | Table::Cluster => true,
+            // Backends are placed tasks; unplaced ones never carry an address.
+            Table::Tasks => super::dispatch::task_node(ev).is_none_or(|n| n.is_some()),
+            _ => false,
+        },
         current,
         same,
     )
