@@ -76,7 +76,14 @@ async fn flotilla_running(client: &Client, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-async fn flotilla_round(sock: &str, client: &Client, n: u64) -> anyhow::Result<Duration> {
+/// One round: `service create --replicas n` → all running. Also returns the OCI config of one
+/// of the bundles Flotilla generated, for the runtime-floor anchor.
+async fn flotilla_round(
+    sock: &str,
+    client: &Client,
+    data_dir: &std::path::Path,
+    n: u64,
+) -> anyhow::Result<(Duration, Option<serde_json::Value>)> {
     let name = format!("f{n}");
     let t = Instant::now();
     cli(
@@ -104,6 +111,12 @@ async fn flotilla_round(sock: &str, client: &Client, n: u64) -> anyhow::Result<D
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let d = t.elapsed();
+    let config = std::fs::read_dir(data_dir.join("runtime/containers"))
+        .ok()
+        .and_then(|mut it| it.next())
+        .and_then(|e| e.ok())
+        .and_then(|e| std::fs::read(e.path().join("bundle/config.json")).ok())
+        .and_then(|b| serde_json::from_slice(&b).ok());
     cli(sock, &["service", "rm", &name])?;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -112,6 +125,112 @@ async fn flotilla_round(sock: &str, client: &Client, n: u64) -> anyhow::Result<D
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok((d, config))
+}
+
+/// The runtime floor: `runc create` + `runc start` of `n` containers from bundles with the same
+/// OCI config Flotilla generated (user namespace, seccomp, capabilities, cgroup, a new network
+/// namespace), 4 at a time, without Flotilla (no shim, overlay, veth, Raft or agent). Every
+/// bundle shares one read-only root (Flotilla gives each its own overlay).
+fn runc_floor(
+    config: &serde_json::Value,
+    rootfs: &std::path::Path,
+    dir: &std::path::Path,
+    n: u64,
+) -> anyhow::Result<Duration> {
+    let root = dir.join("rootfs");
+    if !root.exists() {
+        std::fs::create_dir_all(dir)?;
+        let st = Command::new("cp")
+            .arg("-a")
+            .arg(rootfs)
+            .arg(&root)
+            .status()?;
+        if !st.success() {
+            bail!("cp -a {} failed", rootfs.display());
+        }
+        for d in ["proc", "dev", "sys", "tmp", "etc"] {
+            std::fs::create_dir_all(root.join(d))?;
+        }
+        let uid = config["linux"]["uidMappings"][0]["hostID"]
+            .as_u64()
+            .unwrap_or(0);
+        let st = Command::new("chown")
+            .args(["-R", &format!("{uid}:{uid}")])
+            .arg(&root)
+            .status()?;
+        if !st.success() {
+            bail!("chown of the floor rootfs failed");
+        }
+    }
+    let state = dir.join("state");
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = format!("floor{n}-{i}");
+        let b = dir.join(&id);
+        std::fs::create_dir_all(&b)?;
+        let mut c = config.clone();
+        c["root"] = serde_json::json!({"path": root, "readonly": true});
+        c["hostname"] = serde_json::json!(id);
+        c["process"]["terminal"] = serde_json::json!(false);
+        c["linux"]["cgroupsPath"] = serde_json::json!(format!("/flotilla-floor/{id}"));
+        if let Some(m) = c["mounts"].as_array_mut() {
+            m.retain(|m| m["destination"] != "/etc/hosts" && m["destination"] != "/etc/resolv.conf");
+        }
+        if let Some(ns) = c["linux"]["namespaces"].as_array_mut() {
+            for x in ns.iter_mut() {
+                if let Some(o) = x.as_object_mut() {
+                    o.remove("path");
+                }
+            }
+        }
+        std::fs::write(b.join("config.json"), serde_json::to_vec(&c)?)?;
+        ids.push(id);
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::atomic::AtomicUsize::new(0);
+    let runc = |args: &[&str]| {
+        Command::new("runc")
+            .arg("--root")
+            .arg(&state)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    let t = Instant::now();
+    std::thread::scope(|sc| {
+        for _ in 0..4 {
+            sc.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(id) = ids.get(i) else { break };
+                let b = dir.join(id);
+                let ok = runc(&["create", "--bundle", &b.to_string_lossy(), id])
+                    && runc(&["start", id]);
+                if !ok {
+                    failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let d = t.elapsed();
+    for id in &ids {
+        runc(&["delete", "-f", id]);
+    }
+    // runc removes each container's cgroup, not the parent it was given.
+    if let Ok(hier) = std::fs::read_dir("/sys/fs/cgroup") {
+        for h in hier.flatten() {
+            let _ = std::fs::remove_dir(h.path().join("flotilla-floor"));
+        }
+    }
+    let _ = std::fs::remove_dir("/sys/fs/cgroup/flotilla-floor");
+    let f = failed.load(std::sync::atomic::Ordering::Relaxed);
+    if f > 0 {
+        bail!("runc floor: {f} of {n} containers failed to start");
     }
     Ok(d)
 }
@@ -216,8 +335,10 @@ async fn main() -> anyhow::Result<()> {
         Some(d)
     };
 
+    let floor_dir = tmp.path().join("floor");
+    let mut rows = Vec::new();
     for n in [20u64, 100] {
-        let f = flotilla_round(&sock, &client, n).await?;
+        let (f, config) = flotilla_round(&sock, &client, &n1.dir, n).await?;
         print!(
             "create --replicas {n} → all running: flotilla {:.2} s",
             f.as_secs_f64()
@@ -230,10 +351,66 @@ async fn main() -> anyhow::Result<()> {
                 s.as_secs_f64() / f.as_secs_f64()
             );
         }
+        if let Some(c) = &config {
+            let r = runc_floor(c, &rootfs, &floor_dir, n)?;
+            print!(
+                "; runc alone (same OCI config, 4 at a time) {:.2} s, flotilla / runc = {:.2}x",
+                r.as_secs_f64(),
+                f.as_secs_f64() / r.as_secs_f64()
+            );
+        }
         println!();
+        rows.push((n, f));
     }
     drop(docker);
     n1.kill9();
+    let _ = Command::new(flotilla_bin())
+        .args(["node", "cleanup", "--data-dir"])
+        .arg(&n1.dir)
+        .status();
+
+    // The same rounds with crun as the node's OCI runtime (`node run --runtime`).
+    if let Some(crun) = ["/usr/bin/crun", "/usr/local/bin/crun"]
+        .iter()
+        .find(|p| std::path::Path::new(p).exists())
+    {
+        let mut c1 = Node {
+            name: "c1".into(),
+            dir: tmp.path().join("c1"),
+            addr: "127.0.101.2:4440".into(),
+            child: None,
+            extra: vec!["--runtime".into(), crun.to_string()],
+        };
+        c1.spawn(&["--init"])?;
+        let csock = c1.socket();
+        wait_for("crun node", Duration::from_secs(30), || {
+            cli(&csock, &["node", "ls"]).ok()
+        })?;
+        cli(
+            &csock,
+            &[
+                "image",
+                "import",
+                rootfs.to_str().unwrap_or(""),
+                "--name",
+                "bb:bench",
+            ],
+        )?;
+        let cclient = Client::new(Endpoint::Unix(c1.dir.join("api.sock")));
+        for (n, runc_time) in &rows {
+            let (f, _) = flotilla_round(&csock, &cclient, &c1.dir, *n).await?;
+            println!(
+                "create --replicas {n} → all running, node run --runtime {crun}: flotilla {:.2} s (with runc: {:.2} s)",
+                f.as_secs_f64(),
+                runc_time.as_secs_f64()
+            );
+        }
+        c1.kill9();
+        let _ = Command::new(flotilla_bin())
+            .args(["node", "cleanup", "--data-dir"])
+            .arg(&c1.dir)
+            .status();
+    }
 
     // Node failure on a 3-node cluster.
     let mut nodes: Vec<Node> = ["m", "w1", "w2"]

@@ -3,7 +3,10 @@
 //! The classic `mount(2)` option string is limited to one page (~4 KiB), which caps the number of
 //! lower layers with long paths. We use the new mount API (`fsopen` + one `fsconfig("lowerdir+")`
 //! per layer, Linux ≥ 6.8), which has no such limit, and fall back to `mount(2)` with the classic
-//! option string on older kernels, failing clearly if it would be too long.
+//! option string on older kernels (Debian 12's 6.1, for one). When absolute layer paths do not fit
+//! in that page, the layers are named through short relative symlinks (`0`, `1`, … in a private
+//! directory) that the mount resolves from a thread with its own working directory, so images up
+//! to overlayfs' own layer limit mount on old kernels too.
 
 #![allow(unsafe_code)]
 
@@ -117,8 +120,15 @@ fn mount_new_api(lowers: &[PathBuf], upper: &Path, work: &Path, target: &Path) -
     Ok(())
 }
 
-/// Mounts an overlay at `target`. `lowers` are top-most first.
-pub fn mount_overlay(lowers: &[PathBuf], upper: &Path, work: &Path, target: &Path) -> Result<()> {
+/// Mounts an overlay at `target`. `lowers` are top-most first. `links` is a private directory
+/// (created when needed) for the short layer names of the old-kernel fallback.
+pub fn mount_overlay(
+    lowers: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+    links: &Path,
+) -> Result<()> {
     match mount_new_api(lowers, upper, work, target) {
         Ok(()) => return Ok(()),
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EINVAL)) => {
@@ -132,14 +142,14 @@ pub fn mount_overlay(lowers: &[PathBuf], upper: &Path, work: &Path, target: &Pat
         }
     }
     let opts = overlay_options(lowers, upper, work);
-    if opts.len() > MAX_MOUNT_DATA {
-        return Err(RuntimeError::Mount(format!(
-            "overlay options for {} layers are {} bytes, over the {MAX_MOUNT_DATA}-byte limit of mount(2): \
-             use a shorter runtime root or a kernel ≥ 6.8",
-            lowers.len(),
-            opts.len()
-        )));
+    if opts.len() <= MAX_MOUNT_DATA {
+        return mount_classic(&opts, target);
     }
+    mount_short_names(lowers, upper, work, target, links)
+}
+
+/// `mount(2)` of an overlay with a classic option string.
+fn mount_classic(opts: &str, target: &Path) -> Result<()> {
     let src = CString::new("overlay").map_err(|e| RuntimeError::Invalid(e.to_string()))?;
     let data = CString::new(opts).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
     let tgt = cstr(target)?;
@@ -161,6 +171,73 @@ pub fn mount_overlay(lowers: &[PathBuf], upper: &Path, work: &Path, target: &Pat
         )));
     }
     Ok(())
+}
+
+/// Short relative names for `lowers`: `links/<i>` → layer `i` (hex), top-most first.
+fn link_layers(lowers: &[PathBuf], links: &Path) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(links)
+        .map_err(|e| RuntimeError::Mount(format!("create {}: {e}", links.display())))?;
+    let mut names = Vec::with_capacity(lowers.len());
+    for (i, layer) in lowers.iter().enumerate() {
+        let name = PathBuf::from(format!("{i:x}"));
+        let link = links.join(&name);
+        match std::fs::remove_file(&link) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(RuntimeError::Mount(format!(
+                    "remove {}: {e}",
+                    link.display()
+                )))
+            }
+        }
+        std::os::unix::fs::symlink(layer, &link)
+            .map_err(|e| RuntimeError::Mount(format!("symlink {}: {e}", link.display())))?;
+        names.push(name);
+    }
+    Ok(names)
+}
+
+/// The old-kernel fallback for many layers: `mount(2)` with layer names relative to `links`,
+/// from a thread whose working directory (unshared from the process) is `links`.
+fn mount_short_names(
+    lowers: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+    links: &Path,
+) -> Result<()> {
+    let names = link_layers(lowers, links)?;
+    let opts = overlay_options(&names, upper, work);
+    if opts.len() > MAX_MOUNT_DATA {
+        return Err(RuntimeError::Mount(format!(
+            "overlay options for {} layers are {} bytes even with short layer names, over the \
+             {MAX_MOUNT_DATA}-byte limit of mount(2): use a shorter runtime root or a kernel ≥ 6.8",
+            lowers.len(),
+            opts.len()
+        )));
+    }
+    tracing::debug!(
+        layers = lowers.len(),
+        "overlay options too long for mount(2): using short layer names"
+    );
+    let links = links.to_path_buf();
+    let target = target.to_path_buf();
+    std::thread::spawn(move || -> Result<()> {
+        // SAFETY: unshare(CLONE_FS) only detaches this thread's root, cwd and umask from the rest
+        // of the process; it takes no pointers. The chdir below then affects this thread alone.
+        if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
+            return Err(RuntimeError::Mount(format!(
+                "unshare working directory: {}",
+                errno()
+            )));
+        }
+        std::env::set_current_dir(&links)
+            .map_err(|e| RuntimeError::Mount(format!("chdir {}: {e}", links.display())))?;
+        mount_classic(&opts, &target)
+    })
+    .join()
+    .map_err(|_| RuntimeError::Mount("overlay mount thread panicked".into()))?
 }
 
 /// Unmounts `target` if it is mounted (lazily when busy).
@@ -214,5 +291,24 @@ mod tests {
             Path::new("/w"),
         );
         assert_eq!(o, "lowerdir=/a:/b,upperdir=/u,workdir=/w");
+    }
+
+    #[test]
+    fn short_layer_names_point_at_the_layers() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        let lowers: Vec<PathBuf> = (0..20)
+            .map(|i| dir.path().join(format!("layer-{i}")))
+            .collect();
+        let links = dir.path().join("l");
+        let names = link_layers(&lowers, &links)?;
+        assert_eq!(names[0], PathBuf::from("0"));
+        assert_eq!(names[19], PathBuf::from("13"));
+        // Idempotent: a retried create relinks.
+        let again = link_layers(&lowers, &links)?;
+        assert_eq!(names, again);
+        for (n, l) in names.iter().zip(&lowers) {
+            assert_eq!(std::fs::read_link(links.join(n)).ok().as_ref(), Some(l));
+        }
+        Ok(())
     }
 }

@@ -237,7 +237,7 @@ impl Inner {
             std::os::unix::fs::chown(&rootfs, Some(root), Some(root))
                 .ctx(|| "chown rootfs".into())?;
         }
-        overlay::mount_overlay(&layers, &upper, &work, &rootfs)?;
+        overlay::mount_overlay(&layers, &upper, &work, &rootfs, &dir.join("fs/l"))?;
         let read = |p: &str| fs::read_to_string(rootfs.join(p)).unwrap_or_default();
         let user_str = spec
             .user

@@ -68,6 +68,11 @@ async fn t41_cpu_and_pids_limits_reach_the_cgroup() {
         CgroupLayout::V2 => {
             let base = format!("/sys/fs/cgroup/flotilla/{id}");
             assert_eq!(read(format!("{base}/cpu.max")), "50000 100000");
+            // 512 shares (half of v1's default 1024) map to a weight below v2's default 100.
+            let weight: u64 = read(format!("{base}/cpu.weight"))
+                .parse()
+                .expect("cpu.weight");
+            assert!((1..100).contains(&weight), "cpu.weight {weight}");
             assert_eq!(read(format!("{base}/pids.max")), "50");
             assert_eq!(
                 read(format!("{base}/memory.max")),

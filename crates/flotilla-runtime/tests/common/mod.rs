@@ -111,18 +111,16 @@ impl Drop for Env {
     }
 }
 
-/// Paths under /sys/fs/cgroup that still hold a cgroup for `id`.
+/// Paths under /sys/fs/cgroup that still hold a cgroup for `id`: the unified hierarchy
+/// (`/sys/fs/cgroup/flotilla/<id>` on cgroup v2) and every v1 controller or hybrid
+/// `unified` mount (`/sys/fs/cgroup/<hierarchy>/flotilla/<id>`).
 pub fn leftover_cgroups(id: &str) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
-        for e in rd.flatten() {
-            let p = e.path().join("flotilla").join(id);
-            if p.exists() {
-                out.push(p);
-            }
-        }
+    let base = Path::new("/sys/fs/cgroup");
+    let mut candidates = vec![base.join("flotilla").join(id)];
+    if let Ok(rd) = std::fs::read_dir(base) {
+        candidates.extend(rd.flatten().map(|e| e.path().join("flotilla").join(id)));
     }
-    out
+    candidates.into_iter().filter(|p| p.is_dir()).collect()
 }
 
 /// Mount points under `root`.
