@@ -220,6 +220,22 @@ async fn main() -> anyhow::Result<()> {
     client
         .request(Method::DELETE, &format!("/v1/services/{sid}"), None)
         .await?;
+    // Failover is measured on a settled cluster: the removal of those tasks must be over.
+    let slow = client.clone().with_timeout(Duration::from_secs(60));
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let left = slow
+            .get_json::<Vec<serde_json::Value>>("/v1/tasks")
+            .await
+            .map(|v| v.len());
+        if left.as_ref().is_ok_and(|n| *n == 0) {
+            break;
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("batched tasks not removed after 300 s: {left:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 
     // Failover.
     let mut fo = Vec::new();

@@ -115,6 +115,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             transport: self.transport.clone(),
             peers: self.peers.clone(),
             unanswered: None,
+            fresh: true,
         }
     }
 }
@@ -128,6 +129,8 @@ pub(crate) struct NetworkClient {
     /// Last entry of an AppendEntries request whose reply never arrived (openraft dropped the
     /// call at its deadline). The follower may have stored it anyway; see `append_entries`.
     unanswered: Option<LogId>,
+    /// No AppendEntries with entries sent yet on this replication stream; see `append_entries`.
+    fresh: bool,
 }
 
 impl NetworkClient {
@@ -183,47 +186,67 @@ impl RaftNetwork<TypeConfig> for NetworkClient {
     /// already holds the last of them; if so (Raft's log matching guarantees the prefix too),
     /// that counts as progress. Without this, an entry that takes longer than the deadline to
     /// ship would be re-sent forever.
+    ///
+    /// The first request of a new replication stream (a new leader, or a new member) is probed
+    /// the same way: openraft 0.9 starts without knowing where the follower's log ends and
+    /// sends from the middle of the leader's log, so after a large batch a new leader re-shipped
+    /// dozens of 512 KiB entries the follower already had (~60 ms each) before its first write
+    /// could commit. One empty request for the newest entry of an earlier term settles it.
     async fn append_entries(
         &mut self,
         mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        if let Some(probe_id) = self.unanswered.take() {
-            if rpc.entries.iter().any(|e| e.log_id == probe_id) {
-                let probe = AppendEntriesRequest::<TypeConfig> {
-                    vote: rpc.vote,
-                    prev_log_id: Some(probe_id),
-                    leader_commit: rpc.leader_commit,
-                    entries: Vec::new(),
-                };
-                let resp = self
-                    .send(
-                        RpcKind::AppendEntries,
-                        RPCTypes::AppendEntries,
-                        &probe,
-                        &option,
-                    )
-                    .await?;
-                match resp {
-                    AppendEntriesResponse::Success => {
-                        tracing::debug!(
-                            target_node = self.target,
-                            matched = %probe_id,
-                            "follower already stored the unanswered entries"
-                        );
-                        let last = rpc.entries.last().map(|e| e.log_id);
-                        return Ok(if last == Some(probe_id) {
-                            AppendEntriesResponse::Success
-                        } else {
-                            AppendEntriesResponse::PartialSuccess(Some(probe_id))
-                        });
-                    }
-                    AppendEntriesResponse::HigherVote(v) => {
-                        return Ok(AppendEntriesResponse::HigherVote(v))
-                    }
-                    // Not there (or conflicting): send the entries for real.
-                    AppendEntriesResponse::PartialSuccess(_) | AppendEntriesResponse::Conflict => {}
+        let fresh = self.fresh && !rpc.entries.is_empty();
+        if fresh {
+            self.fresh = false;
+        }
+        let probe_id = match self.unanswered.take() {
+            Some(id) if rpc.entries.iter().any(|e| e.log_id == id) => Some(id),
+            // The newest entry from an earlier term: the follower cannot have this leader's
+            // own entries yet (a new leader's first one is its blank entry).
+            _ if fresh => rpc
+                .entries
+                .iter()
+                .rev()
+                .find(|e| e.log_id.leader_id.term < rpc.vote.leader_id.term)
+                .map(|e| e.log_id),
+            _ => None,
+        };
+        if let Some(probe_id) = probe_id {
+            let probe = AppendEntriesRequest::<TypeConfig> {
+                vote: rpc.vote,
+                prev_log_id: Some(probe_id),
+                leader_commit: rpc.leader_commit,
+                entries: Vec::new(),
+            };
+            let resp = self
+                .send(
+                    RpcKind::AppendEntries,
+                    RPCTypes::AppendEntries,
+                    &probe,
+                    &option,
+                )
+                .await?;
+            match resp {
+                AppendEntriesResponse::Success => {
+                    tracing::debug!(
+                        target_node = self.target,
+                        matched = %probe_id,
+                        "follower already stored these entries"
+                    );
+                    let last = rpc.entries.last().map(|e| e.log_id);
+                    return Ok(if last == Some(probe_id) {
+                        AppendEntriesResponse::Success
+                    } else {
+                        AppendEntriesResponse::PartialSuccess(Some(probe_id))
+                    });
                 }
+                AppendEntriesResponse::HigherVote(v) => {
+                    return Ok(AppendEntriesResponse::HigherVote(v))
+                }
+                // Not there (or conflicting): send the entries for real.
+                AppendEntriesResponse::PartialSuccess(_) | AppendEntriesResponse::Conflict => {}
             }
         }
 
