@@ -129,7 +129,8 @@ pub(crate) struct NetworkClient {
     /// Last entry of an AppendEntries request whose reply never arrived (openraft dropped the
     /// call at its deadline). The follower may have stored it anyway; see `append_entries`.
     unanswered: Option<LogId>,
-    /// No AppendEntries with entries sent yet on this replication stream; see `append_entries`.
+    /// A new replication stream whose follower has held every probed entry so far; see
+    /// `append_entries`.
     fresh: bool,
 }
 
@@ -191,27 +192,33 @@ impl RaftNetwork<TypeConfig> for NetworkClient {
     /// the same way: openraft 0.9 starts without knowing where the follower's log ends and
     /// sends from the middle of the leader's log, so after a large batch a new leader re-shipped
     /// dozens of 512 KiB entries the follower already had (~60 ms each) before its first write
-    /// could commit. One empty request for the newest entry of an earlier term settles it.
+    /// could commit. Empty requests for the newest entry of an earlier term settle that.
     async fn append_entries(
         &mut self,
         mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        let fresh = self.fresh && !rpc.entries.is_empty();
-        if fresh {
-            self.fresh = false;
-        }
-        let probe_id = match self.unanswered.take() {
-            Some(id) if rpc.entries.iter().any(|e| e.log_id == id) => Some(id),
-            // The newest entry from an earlier term: the follower cannot have this leader's
-            // own entries yet (a new leader's first one is its blank entry).
-            _ if fresh => rpc
+        // While the stream is fresh, probe the newest entry of an earlier term in each request
+        // (the follower cannot hold this leader's own entries yet; a new leader's first one is
+        // its blank entry). openraft sends at most `max_payload_entries` per request, so a long
+        // log takes a few probes; the first miss ends the probing.
+        let fresh_probe = if self.fresh && !rpc.entries.is_empty() {
+            let id = rpc
                 .entries
                 .iter()
                 .rev()
                 .find(|e| e.log_id.leader_id.term < rpc.vote.leader_id.term)
-                .map(|e| e.log_id),
-            _ => None,
+                .map(|e| e.log_id);
+            if id.is_none() {
+                self.fresh = false;
+            }
+            id
+        } else {
+            None
+        };
+        let probe_id = match self.unanswered.take() {
+            Some(id) if rpc.entries.iter().any(|e| e.log_id == id) => Some(id),
+            _ => fresh_probe,
         };
         if let Some(probe_id) = probe_id {
             let probe = AppendEntriesRequest::<TypeConfig> {
@@ -246,7 +253,9 @@ impl RaftNetwork<TypeConfig> for NetworkClient {
                     return Ok(AppendEntriesResponse::HigherVote(v))
                 }
                 // Not there (or conflicting): send the entries for real.
-                AppendEntriesResponse::PartialSuccess(_) | AppendEntriesResponse::Conflict => {}
+                AppendEntriesResponse::PartialSuccess(_) | AppendEntriesResponse::Conflict => {
+                    self.fresh = false;
+                }
             }
         }
 
