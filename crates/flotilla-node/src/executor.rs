@@ -39,6 +39,30 @@ pub struct Executor {
     reports: mpsc::UnboundedSender<StatusReport>,
     /// Task networking; `None` with `--network none` (tasks get only loopback).
     net: Option<Arc<NodeNet>>,
+    /// Bounds how many tasks go through the start path (namespace, veth, mount, `runc
+    /// create`, `start`) at once. The steps are CPU-bound, so a bound costs no throughput
+    /// (measured on 2 CPUs: 100 replicas in 3.7–4.2 s with 8 in flight, 3.8–4.9 s with 100),
+    /// and it keeps a 100-replica burst off the node's one netlink connection: in one run with
+    /// 100 in flight a task waited for its veth forever, most likely a lost netlink reply
+    /// (the wait is now also bounded by `ATTACH_TIMEOUT`).
+    start_slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// How long wiring a task's veth may take before the task fails.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Tasks in the start path at once: `FLOTILLA_START_CONCURRENCY`, else 4 per CPU (min 4).
+fn start_concurrency() -> usize {
+    std::env::var("FLOTILLA_START_CONCURRENCY")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| 4 * n.get())
+                .unwrap_or(4)
+                .max(4)
+        })
 }
 
 impl Executor {
@@ -55,6 +79,7 @@ impl Executor {
                 runners: Mutex::new(HashMap::new()),
                 reports: tx,
                 net,
+                start_slots: Arc::new(tokio::sync::Semaphore::new(start_concurrency())),
             }),
             rx,
         )
@@ -316,6 +341,8 @@ impl Executor {
                     return;
                 }
                 let t_image = t0.elapsed();
+                let _slot = self.start_slots.clone().acquire_owned().await;
+                let t_wait = t0.elapsed();
                 let mut tnet: Option<TaskNet> = None;
                 if let Some(net) = &self.net {
                     let hostname = task.id[..12.min(task.id.len())].to_string();
@@ -339,7 +366,17 @@ impl Executor {
                 // (both only need the namespace to exist); the process starts after both.
                 let attach = async {
                     match (&self.net, &tnet) {
-                        (Some(net), Some(t)) => net.attach_task(t).await,
+                        // Bounded: a netlink reply that never comes must fail the task (it
+                        // is then replaced), not leave it in `ready` forever.
+                        (Some(net), Some(t)) => {
+                            match tokio::time::timeout(ATTACH_TIMEOUT, net.attach_task(t)).await {
+                                Ok(r) => r,
+                                Err(_) => Err(format!(
+                                    "task network: wiring the veth took over {} s",
+                                    ATTACH_TIMEOUT.as_secs()
+                                )),
+                            }
+                        }
                         _ => Ok(()),
                     }
                 };
@@ -369,7 +406,8 @@ impl Executor {
                 tracing::debug!(
                     task = %id,
                     image_ms = t_image.as_millis() as u64,
-                    network_ms = (t_net - t_image).as_millis() as u64,
+                    queued_ms = (t_wait - t_image).as_millis() as u64,
+                    network_ms = (t_net - t_wait).as_millis() as u64,
                     create_ms = (t_create - t_net).as_millis() as u64,
                     start_ms = (t0.elapsed() - t_create).as_millis() as u64,
                     "task start stages"

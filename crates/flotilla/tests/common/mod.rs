@@ -108,11 +108,17 @@ impl Drop for NodeProc {
         self.kill9();
         // Containers outlive their agent by design: remove them, or they keep running after the
         // test's temporary directory is gone.
-        let _ = node_command(self.netns.as_deref())
+        let o = node_command(self.netns.as_deref())
             .args(["node", "cleanup", "--data-dir"])
             .arg(&self.dir)
             .env("FLOTILLA_LOG", "warn")
             .output();
+        // A drop cannot fail the test, but a leak must not pass silently.
+        match o {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => eprintln!("!!! node cleanup {} failed: {}", self.name, stderr(&o)),
+            Err(e) => eprintln!("!!! node cleanup {} did not run: {e}", self.name),
+        }
     }
 }
 
