@@ -76,6 +76,27 @@ async fn flotilla_running(client: &Client, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Starts `node` as a one-node cluster and imports the bench image; its socket and a client.
+fn single_node(node: &mut Node, rootfs: &std::path::Path) -> anyhow::Result<(String, Client)> {
+    node.spawn(&["--init"])?;
+    let sock = node.socket();
+    wait_for("node", Duration::from_secs(30), || {
+        cli(&sock, &["node", "ls"]).ok()
+    })?;
+    cli(
+        &sock,
+        &[
+            "image",
+            "import",
+            rootfs.to_str().unwrap_or(""),
+            "--name",
+            "bb:bench",
+        ],
+    )?;
+    let client = Client::new(Endpoint::Unix(node.dir.join("api.sock")));
+    Ok((sock, client))
+}
+
 /// One round: `service create --replicas n` → all running. Also returns the OCI config of one
 /// of the bundles Flotilla generated, for the runtime-floor anchor.
 async fn flotilla_round(
@@ -176,7 +197,9 @@ fn runc_floor(
         c["process"]["terminal"] = serde_json::json!(false);
         c["linux"]["cgroupsPath"] = serde_json::json!(format!("/flotilla-floor/{id}"));
         if let Some(m) = c["mounts"].as_array_mut() {
-            m.retain(|m| m["destination"] != "/etc/hosts" && m["destination"] != "/etc/resolv.conf");
+            m.retain(|m| {
+                m["destination"] != "/etc/hosts" && m["destination"] != "/etc/resolv.conf"
+            });
         }
         if let Some(ns) = c["linux"]["namespaces"].as_array_mut() {
             for x in ns.iter_mut() {
@@ -209,8 +232,8 @@ fn runc_floor(
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(id) = ids.get(i) else { break };
                 let b = dir.join(id);
-                let ok = runc(&["create", "--bundle", &b.to_string_lossy(), id])
-                    && runc(&["start", id]);
+                let ok =
+                    runc(&["create", "--bundle", &b.to_string_lossy(), id]) && runc(&["start", id]);
                 if !ok {
                     failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
@@ -295,22 +318,7 @@ async fn main() -> anyhow::Result<()> {
         child: None,
         extra: vec![],
     };
-    n1.spawn(&["--init"])?;
-    let sock = n1.socket();
-    wait_for("node", Duration::from_secs(30), || {
-        cli(&sock, &["node", "ls"]).ok()
-    })?;
-    cli(
-        &sock,
-        &[
-            "image",
-            "import",
-            rootfs.to_str().unwrap_or(""),
-            "--name",
-            "bb:bench",
-        ],
-    )?;
-    let client = Client::new(Endpoint::Unix(n1.dir.join("api.sock")));
+    let (sock, client) = single_node(&mut n1, &rootfs)?;
 
     let docker = if no_swarm {
         None
@@ -381,22 +389,7 @@ async fn main() -> anyhow::Result<()> {
             child: None,
             extra: vec!["--runtime".into(), crun.to_string()],
         };
-        c1.spawn(&["--init"])?;
-        let csock = c1.socket();
-        wait_for("crun node", Duration::from_secs(30), || {
-            cli(&csock, &["node", "ls"]).ok()
-        })?;
-        cli(
-            &csock,
-            &[
-                "image",
-                "import",
-                rootfs.to_str().unwrap_or(""),
-                "--name",
-                "bb:bench",
-            ],
-        )?;
-        let cclient = Client::new(Endpoint::Unix(c1.dir.join("api.sock")));
+        let (csock, cclient) = single_node(&mut c1, &rootfs)?;
         for (n, runc_time) in &rows {
             let (f, _) = flotilla_round(&csock, &cclient, &c1.dir, *n).await?;
             println!(
