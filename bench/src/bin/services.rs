@@ -19,6 +19,7 @@ use flotilla_bench::*;
 
 struct Docker {
     sock: String,
+    dir: std::path::PathBuf,
     pid: Option<std::process::Child>,
 }
 
@@ -40,6 +41,7 @@ impl Docker {
             .context("dockerd not found: apt-get install docker.io (or pass --no-swarm)")?;
         let d = Docker {
             sock,
+            dir: dir.to_path_buf(),
             pid: Some(child),
         };
         wait_for("dockerd", Duration::from_secs(60), || d.run(&["info"]).ok())?;
@@ -65,6 +67,10 @@ impl Drop for Docker {
             let _ = Command::new("kill").arg(c.id().to_string()).status();
             let _ = c.wait();
         }
+        // dockerd leaves its own network namespace mounted in its exec root.
+        let _ = Command::new("umount")
+            .arg(self.dir.join("exec/netns/default"))
+            .status();
     }
 }
 
