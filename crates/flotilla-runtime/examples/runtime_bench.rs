@@ -131,11 +131,100 @@ fn baseline_bundle(src: &Path, dst: &Path, args: &[&str]) -> R<()> {
     Ok(())
 }
 
+/// One path's samples (ms).
+#[derive(Default)]
+struct Samples {
+    create: Vec<f64>,
+    start: Vec<f64>,
+    create_running: Vec<f64>,
+    start_exit: Vec<f64>,
+}
+
+/// Ours, create→running of `sleep`, then start→exit of `true`.
+async fn ours_round(rt: &Runtime, image: &str, tag: &str, out: &mut Samples) -> R<()> {
+    let id = format!("bench-s-{tag}");
+    rt.settle().await;
+    let t = Instant::now();
+    rt.create(spec(&id, image, &["sleep", "1000"])).await?;
+    out.create.push(ms(t.elapsed()));
+    let t2 = Instant::now();
+    rt.start(&id).await?;
+    out.start.push(ms(t2.elapsed()));
+    out.create_running.push(ms(t.elapsed()));
+    rt.remove(&id, false).await?;
+    let id = format!("bench-t-{tag}");
+    rt.settle().await;
+    rt.create(spec(&id, image, &["true"])).await?;
+    let t = Instant::now();
+    rt.start(&id).await?;
+    rt.wait(&id).await?;
+    out.start_exit.push(ms(t.elapsed()));
+    rt.remove(&id, false).await?;
+    rt.settle().await;
+    Ok(())
+}
+
+/// Plain runc on the template's bundle: the same two measurements.
+fn runc_round(
+    runc: &Runc,
+    b_sleep: &Path,
+    b_true: &Path,
+    pid_file: &Path,
+    i: usize,
+    out: &mut Samples,
+) -> R<()> {
+    let bid = format!("bench-b-{i}");
+    let t = Instant::now();
+    runc.ok(&["create", "--bundle", &b_sleep.display().to_string(), &bid])?;
+    out.create.push(ms(t.elapsed()));
+    let t2 = Instant::now();
+    runc.ok(&["start", &bid])?;
+    out.start.push(ms(t2.elapsed()));
+    out.create_running.push(ms(t.elapsed()));
+    runc.ok(&["delete", "--force", &bid])?;
+    // start→exit: we adopt the init as subreaper to see it exit.
+    let bid = format!("bench-u-{i}");
+    set_subreaper(true);
+    runc.ok(&[
+        "create",
+        "--bundle",
+        &b_true.display().to_string(),
+        "--pid-file",
+        &pid_file.display().to_string(),
+        &bid,
+    ])?;
+    let pid: i32 = std::fs::read_to_string(pid_file)?.trim().parse()?;
+    let t = Instant::now();
+    runc.ok(&["start", &bid])?;
+    wait_pid(pid);
+    out.start_exit.push(ms(t.elapsed()));
+    set_subreaper(false);
+    runc.ok(&["delete", "--force", &bid])?;
+    Ok(())
+}
+
 async fn bench(rounds: usize) -> R<()> {
     let root = PathBuf::from(format!("/tmp/flotilla-bench-{}", std::process::id()));
-    let mut cfg = RuntimeConfig::new(&root, std::env::current_exe()?, vec!["shim".into()]);
+    // The shim is the one run.sh names (`flotilla-shim`, as on a node; or `flotilla`, run as
+    // `flotilla shim`), else this program in shim mode.
+    let (shim_exe, shim_args) = match std::env::var_os("FLOTILLA_BENCH_SHIM") {
+        Some(p)
+            if Path::new(&p)
+                .file_name()
+                .is_some_and(|n| n == "flotilla-shim") =>
+        {
+            (PathBuf::from(p), vec![])
+        }
+        Some(p) => (PathBuf::from(p), vec![OsString::from("shim")]),
+        None => (std::env::current_exe()?, vec![OsString::from("shim")]),
+    };
+    println!("shim: {}", shim_exe.display());
+    let mut cfg = RuntimeConfig::new(&root, shim_exe, shim_args);
     cfg.log_max_bytes = 1 << 20;
-    let runtime = Runtime::new(cfg)?;
+    let runtime = Runtime::new(cfg.clone())?;
+    // The same node runtime without a standby shim: every create starts its shim from scratch.
+    cfg.shim_standby = false;
+    let cold = Runtime::new(cfg)?;
     let image = import_busybox(runtime.images(), "busybox:bench")?;
     let runc = Runc {
         bin: runtime.probe().runtime_path.clone().ok_or("no runc")?,
@@ -156,83 +245,47 @@ async fn bench(rounds: usize) -> R<()> {
     let b_true = root.join("baseline-true");
     baseline_bundle(&tpl, &b_sleep, &["sleep", "1000"])?;
     baseline_bundle(&tpl, &b_true, &["true"])?;
+    let pid_file = root.join("baseline.pid");
 
-    let (mut ours_cr, mut base_cr, mut ours_se, mut base_se) = (vec![], vec![], vec![], vec![]);
-    let (mut ours_create, mut ours_start, mut base_create, mut base_start) =
-        (vec![], vec![], vec![], vec![]);
+    let (mut ours, mut ours_cold, mut base) =
+        (Samples::default(), Samples::default(), Samples::default());
     for i in 0..rounds {
-        // Ours: create→running.
-        let id = format!("bench-s-{i}");
-        let t = Instant::now();
-        runtime
-            .create(spec(&id, &image, &["sleep", "1000"]))
-            .await?;
-        ours_create.push(ms(t.elapsed()));
-        let t2 = Instant::now();
-        runtime.start(&id).await?;
-        ours_start.push(ms(t2.elapsed()));
-        ours_cr.push(ms(t.elapsed()));
-        runtime.remove(&id, false).await?;
-        // Baseline: create→running.
-        let bid = format!("bench-b-{i}");
-        let t = Instant::now();
-        runc.ok(&["create", "--bundle", &b_sleep.display().to_string(), &bid])?;
-        base_create.push(ms(t.elapsed()));
-        let t2 = Instant::now();
-        runc.ok(&["start", &bid])?;
-        base_start.push(ms(t2.elapsed()));
-        base_cr.push(ms(t.elapsed()));
-        runc.ok(&["delete", "--force", &bid])?;
-        // Ours: start→exit.
-        let id = format!("bench-t-{i}");
-        runtime.create(spec(&id, &image, &["true"])).await?;
-        let t = Instant::now();
-        runtime.start(&id).await?;
-        runtime.wait(&id).await?;
-        ours_se.push(ms(t.elapsed()));
-        runtime.remove(&id, false).await?;
-        // Baseline: start→exit (we adopt the init as subreaper to see it exit).
-        let bid = format!("bench-u-{i}");
-        set_subreaper(true);
-        let pid_file = root.join("baseline.pid");
-        runc.ok(&[
-            "create",
-            "--bundle",
-            &b_true.display().to_string(),
-            "--pid-file",
-            &pid_file.display().to_string(),
-            &bid,
-        ])?;
-        let pid: i32 = std::fs::read_to_string(&pid_file)?.trim().parse()?;
-        let t = Instant::now();
-        runc.ok(&["start", &bid])?;
-        wait_pid(pid);
-        base_se.push(ms(t.elapsed()));
-        set_subreaper(false);
-        runc.ok(&["delete", "--force", &bid])?;
+        // Rotate the order so that no path always runs right after another's teardown.
+        for k in 0..3 {
+            match (i + k) % 3 {
+                0 => ours_round(&runtime, &image, &format!("w{i}"), &mut ours).await?,
+                1 => ours_round(&cold, &image, &format!("c{i}"), &mut ours_cold).await?,
+                _ => runc_round(&runc, &b_sleep, &b_true, &pid_file, i, &mut base)?,
+            }
+        }
     }
-    let (oc, bc, os, bs) = (
-        median(&mut ours_cr),
-        median(&mut base_cr),
-        median(&mut ours_se),
-        median(&mut base_se),
+    let (bc, bs) = (
+        median(&mut base.create_running),
+        median(&mut base.start_exit),
     );
-    println!("rounds: {rounds} (interleaved; medians)");
-    println!(
-        "create→running: ours {oc:.1} ms, runc {bc:.1} ms, ratio {:.2}",
-        oc / bc
-    );
-    println!(
-        "  of which create: ours {:.1} ms, runc {:.1} ms; start: ours {:.1} ms, runc {:.1} ms",
-        median(&mut ours_create),
-        median(&mut base_create),
-        median(&mut ours_start),
-        median(&mut base_start)
-    );
-    println!(
-        "start→exit:     ours {os:.1} ms, runc {bs:.1} ms, ratio {:.2}",
-        os / bs
-    );
+    println!("rounds: {rounds} (interleaved, order rotated; medians)");
+    for (name, s) in [
+        ("ours", &mut ours),
+        ("ours, no standby shim", &mut ours_cold),
+    ] {
+        let (oc, os) = (median(&mut s.create_running), median(&mut s.start_exit));
+        println!("[{name}]");
+        println!(
+            "create→running: ours {oc:.1} ms, runc {bc:.1} ms, ratio {:.2}",
+            oc / bc
+        );
+        println!(
+            "  of which create: ours {:.1} ms, runc {:.1} ms; start: ours {:.1} ms, runc {:.1} ms",
+            median(&mut s.create),
+            median(&mut base.create),
+            median(&mut s.start),
+            median(&mut base.start)
+        );
+        println!(
+            "start→exit:     ours {os:.1} ms, runc {bs:.1} ms, ratio {:.2}",
+            os / bs
+        );
+    }
 
     // Memory: 50 running containers.
     let mut shim_rss = Vec::new();

@@ -57,6 +57,9 @@ pub struct RuntimeConfig {
     /// Hide the cgroup2 mount of a hybrid layout from the OCI runtime (crun needs this). `None`
     /// decides automatically: on for a runtime whose file name contains `crun` on a hybrid host.
     pub hide_cgroup2: Option<bool>,
+    /// Keep one shim started ahead of need (`flotilla shim --standby`), so that a create does
+    /// not wait for the shim's exec and fork. On by default.
+    pub shim_standby: bool,
 }
 
 impl RuntimeConfig {
@@ -76,6 +79,7 @@ impl RuntimeConfig {
             userns: Some(IdRange::default()),
             cgroup_parent: "/flotilla".into(),
             hide_cgroup2: None,
+            shim_standby: true,
         }
     }
 }

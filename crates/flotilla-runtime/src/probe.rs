@@ -41,6 +41,9 @@ pub struct HostProbe {
     pub overlay_lowerdir_plus: bool,
     /// Running as root (uid 0).
     pub root: bool,
+    /// The command that runs each container's shim, e.g. `/usr/local/bin/flotilla-shim`.
+    #[serde(default)]
+    pub shim: String,
 }
 
 /// Finds an executable: a path with a slash is taken as is, else PATH plus the sbin dirs.
@@ -136,6 +139,11 @@ impl HostProbe {
             overlay_lowerdir_plus: kernel_version(&kernel) >= (6, 8),
             kernel,
             root,
+            shim: std::iter::once(cfg.shim_exe.as_os_str())
+                .chain(cfg.shim_args.iter().map(|a| a.as_os_str()))
+                .map(|a| a.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" "),
         }
     }
 

@@ -27,12 +27,24 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::AsyncBufReadExt;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{ChildStdin, ChildStdout};
+use tokio::task::JoinHandle;
 
 /// How long `create` waits for the shim's handshake (the runtime's `create` included).
 const SHIM_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a freshly started standby shim may take to say `ready`.
+const STANDBY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A shim started ahead of need (`flotilla shim --standby`): detached, waiting for its
+/// arguments on `stdin`. Dropping it closes that pipe, and the shim exits.
+struct Standby {
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    pid: u32,
+}
 
 /// The default runtime driver.
 #[derive(Clone)]
@@ -46,6 +58,10 @@ struct Inner {
     probe: HostProbe,
     runtime_path: PathBuf,
     hide_cgroup2: bool,
+    /// The standby shim the next `create` hands its container to.
+    standby: Mutex<Option<Standby>>,
+    /// The task starting the next standby shim, if one runs.
+    filler: Mutex<Option<JoinHandle<()>>>,
 }
 
 fn mkdir(p: &Path, mode: u32) -> Result<()> {
@@ -100,8 +116,28 @@ impl Runtime {
                 probe,
                 runtime_path,
                 hide_cgroup2,
+                standby: Mutex::new(None),
+                filler: Mutex::new(None),
             }),
         })
+    }
+
+    /// Process id of the standby shim the next `create` will use, if one is ready.
+    pub fn standby_pid(&self) -> Option<u32> {
+        self.inner
+            .standby
+            .lock()
+            .ok()
+            .and_then(|s| s.as_ref().map(|s| s.pid))
+    }
+
+    /// Waits until the standby shim that the last `create` asked for is ready (or failed to
+    /// start). Benchmarks call it so that its start-up does not overlap what they time next.
+    pub async fn settle(&self) {
+        let filler = self.inner.filler.lock().ok().and_then(|mut f| f.take());
+        if let Some(f) = filler {
+            let _ = f.await;
+        }
     }
 
     /// The content store.
@@ -293,32 +329,104 @@ impl Inner {
         Ok(info)
     }
 
-    /// Starts the shim and waits for its one-line handshake (`ok …` / `error …`).
-    async fn spawn_shim(&self, info: &ContainerInfo) -> Result<()> {
-        let args = self.shim_args(info);
+    /// Starts `flotilla shim --standby` and waits until it has detached and says `ready`.
+    async fn spawn_standby(&self) -> Result<Standby> {
         let mut child = tokio::process::Command::new(&self.cfg.shim_exe)
             .args(&self.cfg.shim_args)
-            .args(args.to_args())
-            .stdin(Stdio::null())
+            .arg("--standby")
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .ctx(|| format!("start shim {}", self.cfg.shim_exe.display()))?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err(RuntimeError::Shim("shim started without its pipes".into()));
+        };
+        let mut stdout = BufReader::new(stdout);
         let mut line = String::new();
-        if let Some(out) = child.stdout.take() {
-            let mut reader = tokio::io::BufReader::new(out);
-            let read =
-                tokio::time::timeout(SHIM_HANDSHAKE_TIMEOUT, reader.read_line(&mut line)).await;
-            if read.is_err() {
-                return Err(RuntimeError::Shim(format!(
-                    "no handshake from the shim within {}s (is the oci runtime hanging? see {}/runtime.log)",
-                    SHIM_HANDSHAKE_TIMEOUT.as_secs(),
-                    self.dir(&info.id).display()
-                )));
-            }
-        }
+        let read = tokio::time::timeout(STANDBY_TIMEOUT, stdout.read_line(&mut line)).await;
         // The process we started forks the real shim and exits at once.
         let _ = child.wait().await;
+        let want = format!("ready {}", flotilla_shim::STANDBY_PROTOCOL);
+        let pid = line
+            .trim()
+            .strip_prefix(&want)
+            .and_then(|rest| rest.trim().parse::<u32>().ok());
+        match (read, pid) {
+            (Ok(Ok(_)), Some(pid)) => Ok(Standby { stdin, stdout, pid }),
+            (Ok(Ok(_)), None) if line.starts_with("ready") => Err(RuntimeError::Shim(format!(
+                "{} answered {:?}, this agent expects {want:?}: it comes from another build; install the flotilla-shim built with this flotilla",
+                self.cfg.shim_exe.display(),
+                line.trim()
+            ))),
+            (Ok(Ok(_)), None) => Err(RuntimeError::Shim(format!(
+                "shim did not start: {}",
+                line.trim().strip_prefix("error ").unwrap_or(line.trim())
+            ))),
+            (Ok(Err(e)), _) => Err(RuntimeError::Shim(format!("read from the shim: {e}"))),
+            (Err(_), _) => Err(RuntimeError::Shim(format!(
+                "the shim did not start within {}s",
+                STANDBY_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    /// Starts the next standby shim in the background, unless one is ready or starting.
+    fn replenish(self: &Arc<Self>) {
+        if !self.cfg.shim_standby {
+            return;
+        }
+        let Ok(mut filler) = self.filler.lock() else {
+            return;
+        };
+        if filler.as_ref().is_some_and(|f| !f.is_finished()) {
+            return;
+        }
+        let me = self.clone();
+        *filler = Some(tokio::spawn(async move {
+            if me.standby.lock().map_or(true, |s| s.is_some()) {
+                return;
+            }
+            match me.spawn_standby().await {
+                Ok(sb) => {
+                    if let Ok(mut slot) = me.standby.lock() {
+                        slot.get_or_insert(sb);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot start a standby shim"),
+            }
+        }));
+    }
+
+    /// Hands the container to a shim (the standby one when ready, else a new one) and waits for
+    /// its one-line handshake (`ok …` / `error …`).
+    async fn spawn_shim(self: &Arc<Self>, info: &ContainerInfo) -> Result<()> {
+        let wire = flotilla_shim::encode_args(&self.shim_args(info).to_args());
+        let ready = self.standby.lock().ok().and_then(|mut s| s.take());
+        let mut shim = match ready {
+            Some(mut sb) => match sb.stdin.write_all(&wire).await {
+                Ok(()) => sb,
+                Err(e) => {
+                    // It died while waiting (or belongs to a stopped async runtime): it never
+                    // read the arguments, so a new shim can take them.
+                    tracing::debug!(error = %e, "standby shim unusable; starting another");
+                    self.spawn_standby_with(&wire).await?
+                }
+            },
+            None => self.spawn_standby_with(&wire).await?,
+        };
+        self.replenish();
+        drop(shim.stdin);
+        let mut line = String::new();
+        let read =
+            tokio::time::timeout(SHIM_HANDSHAKE_TIMEOUT, shim.stdout.read_line(&mut line)).await;
+        if read.is_err() {
+            return Err(RuntimeError::Shim(format!(
+                "no handshake from the shim within {}s (is the oci runtime hanging? see {}/runtime.log)",
+                SHIM_HANDSHAKE_TIMEOUT.as_secs(),
+                self.dir(&info.id).display()
+            )));
+        }
         let line = line.trim();
         if line.starts_with("ok ") {
             tracing::debug!(container = %info.id, handshake = %line, "shim ready");
@@ -330,6 +438,15 @@ impl Inner {
                 "shim exited without a handshake (got {line:?})"
             )))
         }
+    }
+
+    async fn spawn_standby_with(&self, wire: &[u8]) -> Result<Standby> {
+        let mut sb = self.spawn_standby().await?;
+        sb.stdin
+            .write_all(wire)
+            .await
+            .ctx(|| "send the shim its arguments".into())?;
+        Ok(sb)
     }
 
     /// State from the shim, or from `status.json` when the shim is dead.

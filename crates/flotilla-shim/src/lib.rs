@@ -7,9 +7,14 @@
 //! serves the [`proto`] API on a unix socket. It keeps no tokio runtime: a single-threaded poll
 //! loop keeps its memory small.
 //!
-//! Readiness handshake: the process started by the agent prints exactly one line on its stdout
-//! and exits: `ok <init-pid> <shim-pid>` once the container is created and the socket listens,
-//! or `error <message>`.
+//! Readiness handshake: the shim prints exactly one line on its stdout: `ok <init-pid> <shim-pid>`
+//! once the container is created and the socket listens, or `error <message>`.
+//!
+//! Standby mode (`flotilla shim --standby`): the shim detaches, prints `ready <protocol> <pid>`
+//! ([`STANDBY_PROTOCOL`]), and then reads its
+//! arguments from stdin ([`encode_args`]) before doing anything else; end of input makes it exit
+//! quietly. The agent keeps one such shim started ahead of need, so a container create does not
+//! wait for the exec of a large binary and its fork (see `Runtime` in flotilla-runtime).
 
 #![deny(unsafe_code)] // raw syscalls live only in `sys`, each with a SAFETY comment
 
@@ -19,7 +24,8 @@ mod server;
 mod sys;
 
 use std::ffi::OsString;
-use std::io::Write;
+use std::io::{BufRead, Write};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 
 pub use logfile::{read_logs, LogFollower, LogLine};
@@ -149,19 +155,73 @@ impl ShimArgs {
     }
 }
 
-/// Entry point of `flotilla shim <args>`; returns the process exit code.
+/// Version of the standby exchange (`ready <version> <pid>`, then [`encode_args`] on stdin). The agent
+/// refuses a shim that announces another one: `flotilla` and `flotilla-shim` come from
+/// different builds.
+pub const STANDBY_PROTOCOL: u32 = 1;
+
+/// Encodes shim arguments for a standby shim's stdin: the count, then every argument, each
+/// followed by a NUL byte (arguments are paths and cannot contain NUL).
+pub fn encode_args(args: &[OsString]) -> Vec<u8> {
+    let mut out = format!("{}\0", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(a.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+/// Reads what [`encode_args`] wrote. `Ok(None)`: end of input before anything arrived.
+pub fn decode_args(input: &mut impl BufRead) -> Result<Option<Vec<OsString>>, String> {
+    let mut field = |what: &str| -> Result<Option<Vec<u8>>, String> {
+        let mut buf = Vec::new();
+        let n = input
+            .read_until(0, &mut buf)
+            .map_err(|e| format!("read {what}: {e}"))?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if buf.pop() != Some(0) {
+            return Err(format!("truncated {what}"));
+        }
+        Ok(Some(buf))
+    };
+    let Some(count) = field("argument count")? else {
+        return Ok(None);
+    };
+    let count: usize = std::str::from_utf8(&count)
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .filter(|c| *c <= 64)
+        .ok_or("bad argument count")?;
+    let mut args = Vec::with_capacity(count);
+    for _ in 0..count {
+        let a = field("argument")?.ok_or("end of input inside the arguments")?;
+        args.push(OsString::from_vec(a));
+    }
+    Ok(Some(args))
+}
+
+/// Entry point of `flotilla shim <args>` and `flotilla shim --standby`; returns the process
+/// exit code.
 ///
 /// Call it from `main` **before** starting any thread or async runtime: it forks.
 /// `args` are the arguments after `shim` (see [`ShimArgs::parse`]).
 pub fn run(args: Vec<OsString>) -> i32 {
-    let args = match ShimArgs::parse(&args) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("flotilla shim: {e}");
-            return 2;
+    let standby = args.len() == 1 && args[0] == "--standby";
+    let parsed = if standby {
+        None
+    } else {
+        match ShimArgs::parse(&args) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                eprintln!("flotilla shim: {e}");
+                return 2;
+            }
         }
     };
-    if !args.foreground {
+    let foreground = parsed.as_ref().is_some_and(|a| a.foreground);
+    if !foreground {
         match sys::fork() {
             Ok(Some(_)) => return 0, // the grandparent reaps us; the child reports readiness
             Ok(None) => {}
@@ -172,7 +232,7 @@ pub fn run(args: Vec<OsString>) -> i32 {
         }
     }
     if let Err(e) = sys::setsid() {
-        if !args.foreground {
+        if !foreground {
             println!("error setsid: {e}");
             return 1;
         }
@@ -181,6 +241,30 @@ pub fn run(args: Vec<OsString>) -> i32 {
         println!("error subreaper: {e}");
         return 1;
     }
+    let args = match parsed {
+        Some(a) => a,
+        None => {
+            let mut out = std::io::stdout();
+            let _ = writeln!(out, "ready {STANDBY_PROTOCOL} {}", std::process::id());
+            let _ = out.flush();
+            let decoded = decode_args(&mut std::io::stdin().lock());
+            match decoded.and_then(|a| match a {
+                Some(a) => ShimArgs::parse(&a).map(Some),
+                None => Ok(None),
+            }) {
+                Ok(Some(a)) if !a.foreground => a,
+                Ok(Some(_)) => {
+                    println!("error a standby shim cannot run in the foreground");
+                    return 2;
+                }
+                Ok(None) => return 0, // the agent went away before it needed us
+                Err(e) => {
+                    println!("error {e}");
+                    return 2;
+                }
+            }
+        }
+    };
     if args.hide_cgroup2 {
         if let Err(e) = sys::hide_cgroup2() {
             println!("error hide cgroup2: {e}");
@@ -231,6 +315,35 @@ mod tests {
         };
         assert_eq!(ShimArgs::parse(&a.to_args())?, a);
         assert!(ShimArgs::parse(&["--id".into()]).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn standby_args_round_trip() -> Result<(), String> {
+        let a = ShimArgs {
+            id: "c2".into(),
+            bundle: "/b with space/\n".into(),
+            state_dir: "/s".into(),
+            socket: "/s/sock".into(),
+            log: "/l/container.log".into(),
+            log_max_bytes: 5,
+            log_max_files: 2,
+            runtime: "runc".into(),
+            runtime_root: "/r".into(),
+            cgroup: String::new(),
+            hide_cgroup2: false,
+            foreground: false,
+        };
+        let wire = encode_args(&a.to_args());
+        let back = decode_args(&mut &wire[..])?.ok_or("nothing decoded")?;
+        assert_eq!(ShimArgs::parse(&back)?, a);
+        // End of input before anything: the agent went away.
+        assert_eq!(decode_args(&mut &b""[..])?, None);
+        // Truncated or malformed input is an error, never a partial argument list.
+        assert!(decode_args(&mut &wire[..wire.len() - 1]).is_err());
+        assert!(decode_args(&mut &b"3\0a\0"[..]).is_err());
+        assert!(decode_args(&mut &b"x\0"[..]).is_err());
+        assert!(decode_args(&mut &b"99999\0"[..]).is_err());
         Ok(())
     }
 }

@@ -102,6 +102,12 @@ async fn run_node(args: RunArgs) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // The shim path skips building the whole command-line parser: it is on every container's
+    // start path, and its arguments are produced by the agent, not typed by a person.
+    let mut argv = std::env::args_os().skip(1);
+    if argv.next().is_some_and(|a| a == "shim") {
+        return ExitCode::from(flotilla_shim::run(argv.collect()).clamp(0, 255) as u8);
+    }
     let cli = Cli::parse();
     if let Command::Shim(args) = cli.command {
         // The shim is a small single-threaded supervisor: no tokio runtime here.

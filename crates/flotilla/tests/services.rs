@@ -32,6 +32,14 @@ fn per_node(running: &[(String, String)]) -> HashMap<String, usize> {
 #[test]
 fn s10_replicas_spread_survive_a_dead_worker_and_stale_tasks_stop() {
     let mut c = three_nodes(21);
+    // Containers are supervised by the small flotilla-shim built beside flotilla.
+    for n in c.node_ls().unwrap() {
+        let shim = n["description"]["engine"]["runtime"]["shim"].as_str();
+        assert!(
+            shim.is_some_and(|s| s.ends_with("/flotilla-shim")),
+            "shim command reported: {shim:?}"
+        );
+    }
     let o = c.run(&[
         "service",
         "create",
