@@ -9,4 +9,4 @@ cd "$(dirname "$0")/../.."
 cargo build --release -q -p flotilla -p flotilla-runtime --example runtime_bench --bins
 echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 echo "machine: $(nproc) cpu, $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
-FLOTILLA_BENCH_SHIM="$PWD/target/release/${2:-flotilla-shim}" exec target/release/examples/runtime_bench "${1:-30}"
+FLOTILLA_BENCH_SHIM="$PWD/target/release/${2:-flotilla-shim}" exec target/release/examples/runtime_bench "${1:-60}"
