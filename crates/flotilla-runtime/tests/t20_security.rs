@@ -258,3 +258,68 @@ async fn t23_bundle_merges_image_config_and_task() {
         .collect();
     assert_eq!(lines, ["task yes", "/srv", "65534", "web-1"]);
 }
+
+/// The seccomp profile covers x86_64 and i386 system calls, and refuses the x32 ABI outright.
+/// The probe is a static C program built here with the C compiler every Rust build needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t24_seccomp_keeps_i386_and_kills_x32_calls() {
+    if !common::can_run() {
+        return;
+    }
+    let env = Env::new("arch");
+    let rt = &env.runtime;
+    let src = env.root.join("probe-src");
+    flotilla_runtime::testing::busybox_rootfs(&src).expect("rootfs");
+    let c = env.root.join("probe.c");
+    std::fs::write(
+        &c,
+        r#"#include <stdio.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+int main(int argc, char **argv) {
+    (void)argv;
+    if (argc > 1) {
+        long r;
+        __asm__ volatile("int $0x80" : "=a"(r) : "a"(20L) : "memory"); /* i386 getpid */
+        printf("i386 getpid %ld\n", r);
+        return 0;
+    }
+    printf("before x32\n");
+    fflush(stdout);
+    long r = syscall(0x40000000L | SYS_getpid);
+    printf("x32 getpid %ld\n", r);
+    return 0;
+}
+"#,
+    )
+    .expect("write probe.c");
+    let cc = std::process::Command::new("cc")
+        .args(["-static", "-O2", "-o"])
+        .arg(src.join("probe"))
+        .arg(&c)
+        .output()
+        .expect("run cc (the C compiler Rust links with)");
+    assert!(
+        cc.status.success(),
+        "cc -static failed (needs libc6-dev): {}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
+    rt.images()
+        .import_rootfs(&src, "probe:test", &Default::default())
+        .expect("import probe image");
+
+    // A 32-bit system call from a 64-bit process (int 0x80) is filtered as i386 and allowed.
+    let (code, lines) =
+        run_to_exit(rt, spec(&env.id("i386"), "probe:test", &["/probe", "i"])).await;
+    assert_eq!(code, 0, "{lines:?}");
+    assert_eq!(
+        lines,
+        vec!["i386 getpid 1".to_string()],
+        "pid 1 in its namespace"
+    );
+
+    // An x32 system call: SIGSYS, the call never returns.
+    let (code, lines) = run_to_exit(rt, spec(&env.id("x32"), "probe:test", &["/probe"])).await;
+    assert_eq!(code, 128 + libc::SIGSYS, "{lines:?}");
+    assert_eq!(lines, vec!["before x32".to_string()]);
+}
