@@ -159,7 +159,7 @@ async fn wait_leader(store: &Store, within: Duration) -> Result<(), NodeError> {
 fn open_runtime(cfg: &NodeConfig) -> Result<flotilla_runtime::Runtime, NodeError> {
     let exe = std::env::current_exe().map_err(io("locating the flotilla binary"))?;
     // Each container's shim: the small `flotilla-shim` installed beside this binary, else this
-    // binary in shim mode (same code; about 1 MB more resident memory per container).
+    // binary in shim mode (same code; about 1.4 MB more resident memory per container).
     let small = exe.with_file_name("flotilla-shim");
     let (shim_exe, shim_args) = if small.is_file() {
         (small, vec![])

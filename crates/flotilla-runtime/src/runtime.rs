@@ -345,8 +345,14 @@ impl Inner {
         let mut stdout = BufReader::new(stdout);
         let mut line = String::new();
         let read = tokio::time::timeout(STANDBY_TIMEOUT, stdout.read_line(&mut line)).await;
-        // The process we started forks the real shim and exits at once.
-        let _ = child.wait().await;
+        if read.is_ok() {
+            // The process we started forks the real shim and exits at once.
+            let _ = child.wait().await;
+        } else {
+            // Hung before it could fork: do not wait for it. Closing its pipes (on return) ends
+            // a shim that did fork.
+            let _ = child.start_kill();
+        }
         let want = format!("ready {}", flotilla_shim::STANDBY_PROTOCOL);
         let pid = line
             .trim()

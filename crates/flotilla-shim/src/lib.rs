@@ -10,11 +10,12 @@
 //! Readiness handshake: the shim prints exactly one line on its stdout: `ok <init-pid> <shim-pid>`
 //! once the container is created and the socket listens, or `error <message>`.
 //!
-//! Standby mode (`flotilla shim --standby`): the shim detaches, prints `ready <protocol> <pid>`
-//! ([`STANDBY_PROTOCOL`]), and then reads its
-//! arguments from stdin ([`encode_args`]) before doing anything else; end of input makes it exit
-//! quietly. The agent keeps one such shim started ahead of need, so a container create does not
-//! wait for the exec of a large binary and its fork (see `Runtime` in flotilla-runtime).
+//! Standby mode (`flotilla shim --standby`, or `flotilla-shim --standby`): the shim detaches,
+//! prints `ready <protocol> <pid>` ([`STANDBY_PROTOCOL`]), and then reads its arguments from stdin
+//! ([`encode_args`]) before doing anything else; end of input makes it exit quietly. The agent
+//! keeps one such shim started ahead of need, so a container create does not wait for the shim's
+//! exec and fork (see `Runtime` in flotilla-runtime). Every shim the runtime starts goes through
+//! this mode; arguments on the command line remain for running a shim by hand.
 
 #![deny(unsafe_code)] // raw syscalls live only in `sys`, each with a SAFETY comment
 
