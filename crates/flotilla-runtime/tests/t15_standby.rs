@@ -14,6 +14,10 @@ async fn create_run_remove(rt: &Runtime, id: &str, image: &str) -> i32 {
         .await
         .expect("create");
     let shim_pid = rt.state(id).await.expect("state").shim_pid;
+    // Every shim has the same command line; its name says which container it serves.
+    let comm = std::fs::read_to_string(format!("/proc/{shim_pid}/comm")).expect("comm");
+    let want: String = format!("shim {id}").chars().take(15).collect();
+    assert_eq!(comm.trim_end(), want);
     rt.start(id).await.expect("start");
     let exit = rt.wait(id).await.expect("wait");
     assert_eq!(exit.code, 0, "{id} exits 0");

@@ -266,6 +266,7 @@ pub fn run(args: Vec<OsString>) -> i32 {
             }
         }
     };
+    sys::set_name(&format!("shim {}", args.id));
     if args.hide_cgroup2 {
         if let Err(e) = sys::hide_cgroup2() {
             println!("error hide cgroup2: {e}");

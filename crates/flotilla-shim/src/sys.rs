@@ -189,3 +189,15 @@ pub fn default_sigpipe() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
+
+/// Names this process (its `comm`, at most 15 bytes), so that `ps -o comm`, `top` and `pgrep`
+/// show which container a shim serves: every shim has the same command line.
+pub fn set_name(name: &str) {
+    let mut b: Vec<u8> = name.bytes().filter(|c| *c != 0).take(15).collect();
+    b.push(0);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes; `b` is one and
+    // outlives the call.
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, b.as_ptr() as libc::c_ulong, 0, 0, 0);
+    }
+}
