@@ -44,6 +44,10 @@ pub struct HostProbe {
     /// The command that runs each container's shim, e.g. `/usr/local/bin/flotilla-shim`.
     #[serde(default)]
     pub shim: String,
+    /// The memory controller accounts swap (`memory.memsw.*` on v1, `memory.swap.max` on v2), so
+    /// a memory limit can also bound swap.
+    #[serde(default)]
+    pub swap_accounting: bool,
 }
 
 /// Finds an executable: a path with a slash is taken as is, else PATH plus the sbin dirs.
@@ -69,6 +73,29 @@ pub fn which(bin: &Path) -> Option<PathBuf> {
 }
 
 /// Detects the cgroup layout from a mountinfo text.
+/// Whether the memory controller accounts swap. On v1 the root memory cgroup then has
+/// `memory.memsw.limit_in_bytes`. On v2 only non-root cgroups have `memory.swap.max`, so look in
+/// the runtime's parent cgroup, creating it as runc would on the first container (a host may
+/// have no other child cgroup yet), and else in the root's children.
+fn swap_accounting(layout: CgroupLayout, parent: &str) -> bool {
+    let root = Path::new("/sys/fs/cgroup");
+    match layout {
+        CgroupLayout::V1 | CgroupLayout::Hybrid => {
+            root.join("memory/memory.memsw.limit_in_bytes").exists()
+        }
+        CgroupLayout::V2 => {
+            let own = root.join(parent.trim_start_matches('/'));
+            let _ = fs::create_dir_all(&own);
+            own.join("memory.swap.max").exists()
+                || fs::read_dir(root).is_ok_and(|rd| {
+                    rd.flatten()
+                        .any(|e| e.path().join("memory.swap.max").exists())
+                })
+        }
+        CgroupLayout::Unknown => false,
+    }
+}
+
 pub fn cgroup_layout_from_mountinfo(mountinfo: &str) -> CgroupLayout {
     let mut v1 = false;
     let mut unified = false;
@@ -127,10 +154,12 @@ impl HostProbe {
             .find_map(|l| l.strip_prefix("Uid:"))
             .and_then(|l| l.split_whitespace().nth(1).map(|e| e == "0"))
             .unwrap_or(false);
+        let cgroup_layout = cgroup_layout_from_mountinfo(&mountinfo);
         HostProbe {
             runtime_path,
             runc_version,
-            cgroup_layout: cgroup_layout_from_mountinfo(&mountinfo),
+            swap_accounting: swap_accounting(cgroup_layout, &cfg.cgroup_parent),
+            cgroup_layout,
             overlay: filesystems
                 .lines()
                 .any(|l| l.trim_end().ends_with("\toverlay")),

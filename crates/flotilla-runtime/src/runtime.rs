@@ -291,6 +291,7 @@ impl Inner {
                 cgroups_path: cgroups_path.clone(),
                 userns,
                 user,
+                swap_limit: self.probe.swap_accounting,
             },
         )?;
         oci.save(bundle.join("config.json"))

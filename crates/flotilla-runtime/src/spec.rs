@@ -303,6 +303,8 @@ pub struct BuildContext<'a> {
     pub userns: Option<IdRange>,
     /// Resolved `(uid, gid)` for the process.
     pub user: (u32, u32),
+    /// The host accounts swap per cgroup: a memory limit then also bounds swap.
+    pub swap_limit: bool,
 }
 
 fn json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T> {
@@ -437,6 +439,11 @@ pub fn build_spec(
     if let Some(m) = r.memory_bytes {
         let mut mem = LinuxMemory::default();
         mem.set_limit(Some(m));
+        if ctx.swap_limit {
+            // As Docker does without --memory-swap: as much swap as memory. OCI's `swap` is
+            // memory + swap (v1 memsw; runc writes `swap - limit` to v2's memory.swap.max).
+            mem.set_swap(Some(m.saturating_mul(2)));
+        }
         res.set_memory(Some(mem));
     }
     let mut cpu = LinuxCpu::default();
@@ -610,6 +617,7 @@ mod tests {
             cgroups_path: "/flotilla/abc".into(),
             userns: Some(IdRange::default()),
             user: (0, 0),
+            swap_limit: true,
         };
         let s = build_spec(&spec, None, &ctx)?;
         let v = serde_json::to_value(&s).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
@@ -619,6 +627,16 @@ mod tests {
         assert_eq!(v["linux"]["cgroupsPath"], "/flotilla/abc");
         assert_eq!(v["linux"]["resources"]["cpu"]["quota"], 150000);
         assert_eq!(v["linux"]["resources"]["pids"]["limit"], 100);
+        assert_eq!(v["linux"]["resources"]["memory"]["limit"], 64 << 20);
+        assert_eq!(v["linux"]["resources"]["memory"]["swap"], 128 << 20);
+        // Without swap accounting on the host, swap is left alone (runc would fail otherwise).
+        let no_swap = BuildContext {
+            swap_limit: false,
+            ..ctx
+        };
+        let v2 = serde_json::to_value(build_spec(&spec, None, &no_swap)?)
+            .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        assert!(v2["linux"]["resources"]["memory"]["swap"].is_null());
         assert!(v["linux"]["seccomp"]["syscalls"]
             .as_array()
             .is_some_and(|a| !a.is_empty()));

@@ -78,6 +78,15 @@ async fn t41_cpu_and_pids_limits_reach_the_cgroup() {
                 read(format!("{base}/memory.max")),
                 (64u64 << 20).to_string()
             );
+            // Debian's kernel accounts swap under cgroup v2 (t70 runs this in its VM).
+            assert!(rt.probe().swap_accounting, "swap accounting not detected");
+            if rt.probe().swap_accounting {
+                // As much swap as memory, as Docker does.
+                assert_eq!(
+                    read(format!("{base}/memory.swap.max")),
+                    (64u64 << 20).to_string()
+                );
+            }
         }
         _ => {
             assert_eq!(
@@ -98,6 +107,15 @@ async fn t41_cpu_and_pids_limits_reach_the_cgroup() {
                 )),
                 (64u64 << 20).to_string()
             );
+            if rt.probe().swap_accounting {
+                // Memory + swap: as much swap as memory, as Docker does.
+                assert_eq!(
+                    read(format!(
+                        "/sys/fs/cgroup/memory/flotilla/{id}/memory.memsw.limit_in_bytes"
+                    )),
+                    (128u64 << 20).to_string()
+                );
+            }
         }
     }
     rt.remove(&id, false).await.expect("remove");
