@@ -138,7 +138,7 @@ async fn flotilla_round(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let d = t.elapsed();
-    let config = std::fs::read_dir(data_dir.join("runtime/containers"))
+    let config = std::fs::read_dir(data_dir.join("run/runtime/containers"))
         .ok()
         .and_then(|mut it| it.next())
         .and_then(|e| e.ok())

@@ -154,6 +154,43 @@ async fn wait_leader(store: &Store, within: Duration) -> Result<(), NodeError> {
     Ok(())
 }
 
+/// Size bound of the node's state tmpfs (`DATA_DIR/run`); it holds a few KiB per container.
+const RUN_TMPFS_MIB: u64 = 256;
+
+/// Mounts the node's state tmpfs, unless it is mounted already (the node restarted while its
+/// containers ran on). Bundles, shim state, runc's root and network namespaces live there: a
+/// container start creates about twenty files, and on a disk file system (ext4 without a
+/// journal above all) allocating inodes right after a teardown freed thousands is a large part
+/// of a start. Without it (mount refused) the same files go to the data dir's file system.
+/// Returns whether it mounted one.
+fn mount_run_dir(paths: &Paths) -> bool {
+    match flotilla_runtime::overlay::ensure_tmpfs(&paths.run(), RUN_TMPFS_MIB) {
+        Ok(true) => {
+            tracing::debug!(dir = %paths.run().display(), "mounted the node's state tmpfs");
+            true
+        }
+        Ok(false) => false,
+        Err(e) => {
+            tracing::warn!(error = %e, "no tmpfs for the node's state; using the data dir's file system");
+            false
+        }
+    }
+}
+
+/// Unmounts the node's state tmpfs and removes its mount point (`node cleanup`, after the
+/// containers and namespaces that used it are gone).
+fn unmount_run_dir(data_dir: &std::path::Path) -> Result<(), NodeError> {
+    let run = Paths::new(data_dir).run();
+    for m in flotilla_runtime::overlay::mounted_among(std::slice::from_ref(&run)) {
+        flotilla_runtime::overlay::unmount(&m).map_err(|e| NodeError::Io(e.to_string()))?;
+    }
+    match std::fs::remove_dir_all(&run) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(NodeError::Io(format!("remove {}: {e}", run.display()))),
+    }
+}
+
 /// Opens the node's container runtime under DATA_DIR/runtime; a missing host requirement is a
 /// start-up error that names the fix.
 fn open_runtime(cfg: &NodeConfig) -> Result<flotilla_runtime::Runtime, NodeError> {
@@ -168,6 +205,7 @@ fn open_runtime(cfg: &NodeConfig) -> Result<flotilla_runtime::Runtime, NodeError
     };
     let mut rc =
         flotilla_runtime::RuntimeConfig::new(cfg.data_dir.join("runtime"), shim_exe, shim_args);
+    rc.state = Paths::new(&cfg.data_dir).run().join("runtime");
     if let Some(bin) = &cfg.runtime_bin {
         rc.runtime_bin = bin.clone();
     }
@@ -197,6 +235,7 @@ pub async fn cleanup(data_dir: &std::path::Path) -> Result<usize, NodeError> {
             Err(e) => return Err(NodeError::Io(format!("network cleanup: {e}"))),
         }
     }
+    unmount_run_dir(data_dir)?;
     Ok(removed)
 }
 
@@ -224,6 +263,10 @@ pub async fn leftovers(data_dir: &std::path::Path) -> Result<Vec<String>, NodeEr
             .await
             .map_err(NodeError::Io)?;
         out.extend(net);
+    }
+    let run = Paths::new(data_dir).run();
+    for m in flotilla_runtime::overlay::mounted_among(std::slice::from_ref(&run)) {
+        out.push(format!("mount {}", m.display()));
     }
     Ok(out)
 }
@@ -272,6 +315,30 @@ pub async fn run(
     cfg.validate().map_err(NodeError::Config)?;
     let paths = Paths::new(&cfg.data_dir);
     std::fs::create_dir_all(&cfg.data_dir).map_err(io("creating the data directory"))?;
+    let mounted = mount_run_dir(&paths);
+    let res = run_node(cfg, engine, shutdown).await;
+    if res.is_err() && mounted && run_dir_unused(&paths) {
+        // A start that failed (a refused join, a taken port) leaves no mount behind.
+        if let Err(e) = unmount_run_dir(&paths.dir) {
+            tracing::warn!(error = %e, "cannot unmount the node's state tmpfs");
+        }
+    }
+    res
+}
+
+/// Whether the state tmpfs holds no container or network namespace.
+fn run_dir_unused(paths: &Paths) -> bool {
+    let empty =
+        |p: std::path::PathBuf| std::fs::read_dir(p).map_or(true, |mut d| d.next().is_none());
+    empty(paths.run().join("runtime/containers")) && empty(paths.run().join("net/netns"))
+}
+
+async fn run_node(
+    cfg: NodeConfig,
+    engine: std::collections::BTreeMap<String, serde_json::Value>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<RunOutcome, NodeError> {
+    let paths = Paths::new(&cfg.data_dir);
     let existing = read_identity(&paths).map_err(io("reading node.json"))?;
     let runtime = open_runtime(&cfg)?;
     let mut engine = engine;

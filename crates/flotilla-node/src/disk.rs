@@ -8,6 +8,10 @@
 //! DIR/raft/            the Raft log and state (managers only)
 //! DIR/admin/           operator bundle written by --init: ca.pem, cert.pem, key.pem
 //! DIR/api.sock         local API socket (root only)
+//! DIR/runtime/         images, container records and writable layers, container logs
+//! DIR/net/             task network settings and address allocations
+//! DIR/run/             a tmpfs the node mounts: state that dies with the host (runtime
+//!                      bundles and shim state, runc's root, shim sockets, network namespaces)
 //! ```
 
 use std::io::Write;
@@ -66,6 +70,10 @@ impl Paths {
     }
     pub fn socket(&self) -> PathBuf {
         self.dir.join("api.sock")
+    }
+    /// The node's tmpfs for state that dies with the host.
+    pub fn run(&self) -> PathBuf {
+        self.dir.join("run")
     }
 }
 

@@ -9,7 +9,7 @@
 //!   of one host in tests), a local route for the VIP pool so VIPs are local addresses, and
 //!   the DNS responder on the gateway, port 53.
 //! - **Tasks**: an address from the node subnet (persisted in `DATA/net/ipam.json`), a network
-//!   namespace under `DATA/net/netns/`, a veth pair, `/etc/hosts` and `/etc/resolv.conf`.
+//!   namespace under `DATA/run/net/netns/`, a veth pair, `/etc/hosts` and `/etc/resolv.conf`.
 //! - **Network map** (streamed from a manager): overlay peers, DNS records and the routing
 //!   mesh's frontends (published ports on this node's address, VIP ports) with the healthy
 //!   tasks as backends.
@@ -120,7 +120,11 @@ pub struct Names {
     pub bridge: String,
     pub vxlan: String,
     pub veth_prefix: String,
+    /// Lasting state: `settings.json`, `ipam.json`.
     pub dir: PathBuf,
+    /// State that dies with the host (on the node's tmpfs): `netns/<task>` (namespace
+    /// mounts) and `tasks/<task>/` (its `hosts` and `resolv.conf`).
+    pub vdir: PathBuf,
 }
 
 impl Names {
@@ -131,6 +135,7 @@ impl Names {
             vxlan: format!("fltvx{tag}"),
             veth_prefix: format!("fv{}", &tag[..4]),
             dir: data_dir.join("net"),
+            vdir: crate::disk::Paths::new(data_dir).run().join("net"),
             tag,
         }
     }
@@ -139,10 +144,10 @@ impl Names {
         1000 + u32::from_str_radix(&self.tag, 16).unwrap_or(0) % 1_000_000
     }
     fn netns_dir(&self) -> PathBuf {
-        self.dir.join("netns")
+        self.vdir.join("netns")
     }
     fn task_dir(&self, task_id: &str) -> PathBuf {
-        self.dir.join("tasks").join(task_id)
+        self.vdir.join("tasks").join(task_id)
     }
     pub fn owned(&self) -> cleanup::Owned {
         cleanup::Owned {
@@ -290,6 +295,7 @@ impl NodeNet {
         )
         .await
         .map_err(err)?;
+        std::fs::create_dir_all(&self.names.dir).map_err(err)?;
         std::fs::create_dir_all(self.names.netns_dir()).map_err(err)?;
         // Remembered for `node cleanup`, which runs without the cluster.
         write_file(
@@ -662,6 +668,7 @@ pub async fn cleanup(data_dir: &Path, node_id: &str) -> Result<Vec<String>, Stri
         }
     }
     let _ = std::fs::remove_dir_all(&names.dir);
+    let _ = std::fs::remove_dir_all(&names.vdir);
     Ok(removed)
 }
 

@@ -36,10 +36,15 @@ impl IdRange {
 /// Configuration of the node runtime.
 #[derive(Clone, Debug)]
 pub struct RuntimeConfig {
-    /// Root of all runtime state, e.g. `<data-dir>/runtime`. Holds `images/` (content store and
-    /// unpacked layers), `containers/<id>/` (bundle, overlay dirs, shim state), `logs/<id>/`,
-    /// `runc/` (the OCI runtime's `--root`) and `sock/`.
+    /// Root of the runtime's lasting state, e.g. `<data-dir>/runtime`: `images/` (content store
+    /// and unpacked layers), `containers/<id>/` (the record `meta.json` and the overlay's upper
+    /// and work dirs) and `logs/<id>/`.
     pub root: PathBuf,
+    /// Root of the state that dies with the host: `containers/<id>/` (bundle, shim status and
+    /// logs), `runc/` (the OCI runtime's `--root`) and `sock/`. A node puts it on a tmpfs (as
+    /// containerd keeps its state in `/run`): a container start creates about twenty files
+    /// there. Defaults to `<root>/state`.
+    pub state: PathBuf,
     /// OCI runtime binary: `runc` (searched in PATH) by default, or e.g. `/usr/bin/crun`.
     pub runtime_bin: PathBuf,
     /// Executable that runs the shim, e.g. the `flotilla` binary.
@@ -69,8 +74,10 @@ impl RuntimeConfig {
         shim_exe: impl Into<PathBuf>,
         shim_args: Vec<OsString>,
     ) -> Self {
+        let root: PathBuf = root.into();
         RuntimeConfig {
-            root: root.into(),
+            state: root.join("state"),
+            root,
             runtime_bin: PathBuf::from("runc"),
             shim_exe: shim_exe.into(),
             shim_args,

@@ -271,12 +271,69 @@ pub fn unmount(target: &Path) -> Result<()> {
     }
 }
 
-/// Whether `path` is a mount point, per /proc/self/mountinfo.
-pub fn is_mounted(path: &Path) -> bool {
+/// Mounts a tmpfs of at most `size_mib` MiB (nosuid, nodev, mode 0711, private propagation)
+/// at `dir`, creating it, unless `dir` already is a tmpfs (one mounted by an earlier run of the
+/// node, whose containers still use it, or a data dir that lives on a tmpfs). Returns whether
+/// it mounted one.
+pub fn ensure_tmpfs(dir: &Path, size_mib: u64) -> Result<bool> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| RuntimeError::Mount(format!("create {}: {e}", dir.display())))?;
+    let tgt = cstr(dir)?;
+    // SAFETY: an all-zero statfs is a valid value for the kernel to fill in.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid NUL-terminated path and a pointer to a live, writable statfs.
+    if unsafe { libc::statfs(tgt.as_ptr(), &mut st) } == 0 && st.f_type == libc::TMPFS_MAGIC {
+        return Ok(false);
+    }
+    let opts = CString::new(format!("mode=0711,size={size_mib}m"))
+        .map_err(|_| RuntimeError::Mount("tmpfs options".into()))?;
+    // SAFETY: valid NUL-terminated strings; `data` is the option string tmpfs parses.
+    let r = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            tgt.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            opts.as_ptr().cast(),
+        )
+    };
+    if r != 0 {
+        return Err(RuntimeError::Mount(format!(
+            "mount a tmpfs on {}: {}",
+            dir.display(),
+            errno()
+        )));
+    }
+    // The mounts made under it (container roots, network namespaces) are the node's own:
+    // nothing to propagate to other mount namespaces.
+    // SAFETY: valid NUL-terminated path; no source, type or data for a propagation change.
+    let r = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            tgt.as_ptr(),
+            std::ptr::null(),
+            libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        tracing::warn!(dir = %dir.display(), error = %errno(), "cannot make the state tmpfs private");
+    }
+    Ok(true)
+}
+
+/// Those of `paths` that are mount points now (one read of the mount table).
+pub fn mounted_among(paths: &[PathBuf]) -> Vec<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let want = path.display().to_string();
-    text.lines()
-        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+    let targets: std::collections::HashSet<&str> =
+        text.lines().filter_map(|l| l.split(' ').nth(4)).collect();
+    let mut out: Vec<PathBuf> = Vec::new();
+    for p in paths {
+        if targets.contains(p.display().to_string().as_str()) && !out.contains(p) {
+            out.push(p.clone());
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -1,13 +1,20 @@
 //! [`Runtime`]: the default [`RuntimeDriver`], runc (or another OCI runtime) via flotilla-shim.
 //!
-//! State layout under `RuntimeConfig::root`:
-//! - `containers/<id>/meta.json` — [`ContainerInfo`]; `bundle/config.json` and `bundle/rootfs`
-//!   (the overlay mount point); `fs/upper`, `fs/work`; the shim's `status.json`, `init.pid`,
-//!   `runtime.log`, `shim.log`;
-//! - `sock/<hash>.sock` — shim sockets (short paths, under the 108-byte sun_path limit);
+//! Lasting state, under `RuntimeConfig::root`:
+//! - `containers/<id>/meta.json` — [`ContainerInfo`]; `fs/upper`, `fs/work` (the overlay's
+//!   writable layer);
 //! - `logs/<id>/container.log[.N]` — container logs (kept after removal when asked);
-//! - `runc/` — the OCI runtime's `--root`;
-//! - `images/` — the [`ImageStore`].
+//! - `images/` — the [`ImageStore`];
+//! - `init/<variant>` — the read-only layer of mount points above every image's.
+//!
+//! State that dies with the host, under `RuntimeConfig::state` (a tmpfs on a node):
+//! - `containers/<id>/` — `bundle/config.json` and `bundle/rootfs` (the overlay mount point);
+//!   the shim's `status.json`, `init.pid`, `runtime.log`, `shim.log`;
+//! - `sock/<hash>.sock` — shim sockets (short paths, under the 108-byte sun_path limit);
+//! - `runc/` — the OCI runtime's `--root`.
+//!
+//! `meta.json` is written last: a container dir without it is a create that was interrupted,
+//! and `adopt` removes it (as it removes volatile dirs without a lasting one).
 
 use crate::config::{IdRange, RuntimeConfig};
 use crate::driver::{
@@ -62,6 +69,10 @@ struct Inner {
     standby: Mutex<Option<Standby>>,
     /// The task starting the next standby shim, if one runs.
     filler: Mutex<Option<JoinHandle<()>>>,
+    /// Parsed `meta.json` records by container id. A record never changes once written, so a
+    /// listing reads only the records it has not seen (an agent lists its containers on every
+    /// assignment change, hundreds of times during a large start).
+    records: Mutex<std::collections::HashMap<String, ContainerInfo>>,
 }
 
 fn mkdir(p: &Path, mode: u32) -> Result<()> {
@@ -85,14 +96,16 @@ impl Runtime {
         let runtime_path = probe.runtime_path.clone().ok_or_else(|| {
             RuntimeError::HostRequirement("runc not found: apt-get install runc".into())
         })?;
+        for (d, mode) in [("", 0o711), ("containers", 0o711), ("logs", 0o700)] {
+            mkdir(&cfg.root.join(d), mode)?;
+        }
         for (d, mode) in [
             ("", 0o711),
             ("containers", 0o711),
             ("sock", 0o700),
-            ("logs", 0o700),
             ("runc", 0o700),
         ] {
-            mkdir(&cfg.root.join(d), mode)?;
+            mkdir(&cfg.state.join(d), mode)?;
         }
         let images = Arc::new(ImageStore::open(cfg.root.join("images"))?);
         // Layers must be traversable by the container's (unprivileged) root.
@@ -118,6 +131,7 @@ impl Runtime {
                 hide_cgroup2,
                 standby: Mutex::new(None),
                 filler: Mutex::new(None),
+                records: Mutex::new(std::collections::HashMap::new()),
             }),
         })
     }
@@ -181,14 +195,24 @@ impl Runtime {
 }
 
 impl Inner {
+    /// A container's lasting dir (its record and writable layer).
     fn dir(&self, id: &str) -> PathBuf {
         self.cfg.root.join("containers").join(id)
+    }
+
+    /// A container's volatile dir (bundle and shim state).
+    fn vdir(&self, id: &str) -> PathBuf {
+        self.cfg.state.join("containers").join(id)
+    }
+
+    fn runc_root(&self) -> PathBuf {
+        self.cfg.state.join("runc")
     }
 
     fn socket(&self, id: &str) -> PathBuf {
         let h = hex::encode(Sha256::digest(id.as_bytes()));
         self.cfg
-            .root
+            .state
             .join("sock")
             .join(format!("{}.sock", &h[..16]))
     }
@@ -207,22 +231,42 @@ impl Inner {
         })
     }
 
+    fn records(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, ContainerInfo>> {
+        match self.records.lock() {
+            Ok(r) => r,
+            Err(p) => p.into_inner(),
+        }
+    }
+
     fn list_sync(&self) -> Result<Vec<ContainerInfo>> {
-        let mut out = Vec::new();
         let dir = self.cfg.root.join("containers");
-        for e in fs::read_dir(&dir)
+        // Held throughout, so that a removal (which drops its record after its dirs) is never
+        // undone by a listing that read the directory before it.
+        let mut known = self.records();
+        let ids: std::collections::HashSet<String> = fs::read_dir(&dir)
             .ctx(|| format!("list {}", dir.display()))?
             .flatten()
-        {
-            let id = e.file_name().to_string_lossy().into_owned();
-            match self.info(&id) {
-                Ok(i) => out.push(i),
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        known.retain(|id, _| ids.contains(id));
+        for id in &ids {
+            if known.contains_key(id) {
+                continue;
+            }
+            match self.info(id) {
+                Ok(i) => {
+                    known.insert(id.clone(), i);
+                }
                 Err(err) => {
                     // Normal while a container is being created (its meta.json comes last).
                     tracing::debug!(container = %id, error = %err, "container dir without readable meta.json")
                 }
             }
         }
+        let mut out: Vec<ContainerInfo> = known.values().cloned().collect();
+        drop(known);
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
     }
@@ -231,13 +275,13 @@ impl Inner {
         ShimArgs {
             id: info.id.clone(),
             bundle: info.bundle.clone(),
-            state_dir: self.dir(&info.id),
+            state_dir: self.vdir(&info.id),
             socket: self.socket(&info.id),
             log: info.log_path.clone(),
             log_max_bytes: self.cfg.log_max_bytes,
             log_max_files: self.cfg.log_max_files,
             runtime: self.runtime_path.clone(),
-            runtime_root: self.cfg.root.join("runc"),
+            runtime_root: self.runc_root(),
             cgroup: info.cgroups_path.clone(),
             hide_cgroup2: self.hide_cgroup2,
             foreground: false,
@@ -257,8 +301,9 @@ impl Inner {
             None
         };
         let layers = self.images.unpacked_layers(&digest, userns)?;
-        let bundle = dir.join("bundle");
+        let bundle = self.vdir(&id).join("bundle");
         let rootfs = bundle.join("rootfs");
+        mkdir(&self.vdir(&id), 0o711)?;
         let upper = dir.join("fs/upper");
         let work = dir.join("fs/work");
         mkdir(&bundle, 0o711)?;
@@ -273,7 +318,9 @@ impl Inner {
             std::os::unix::fs::chown(&rootfs, Some(root), Some(root))
                 .ctx(|| "chown rootfs".into())?;
         }
-        overlay::mount_overlay(&layers, &upper, &work, &rootfs, &dir.join("fs/l"))?;
+        let mut lowers = vec![self.init_layer(&spec, userns)?];
+        lowers.extend(layers);
+        overlay::mount_overlay(&lowers, &upper, &work, &rootfs, &dir.join("fs/l"))?;
         let read = |p: &str| fs::read_to_string(rootfs.join(p)).unwrap_or_default();
         let user_str = spec
             .user
@@ -328,6 +375,87 @@ impl Inner {
             serde_json::to_vec_pretty(&info).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         fs::write(dir.join("meta.json"), meta).ctx(|| "write meta.json".into())?;
         Ok(info)
+    }
+
+    /// The read-only layer put above the image's: the mount points every container gets
+    /// (`/proc`, `/dev`, `/sys`, and the `/etc` files the task network binds), so that the OCI
+    /// runtime does not create them in each container's writable layer when the image lacks
+    /// them (six files per start, on the data dir's disk; Docker keeps an "init layer" for the
+    /// same reason). One per set of files and id range, built once, never changed.
+    fn init_layer(&self, spec: &ContainerSpec, userns: Option<IdRange>) -> Result<PathBuf> {
+        const ETC_FILES: [&str; 3] = ["/etc/hosts", "/etc/resolv.conf", "/etc/hostname"];
+        let files: Vec<&str> = ETC_FILES
+            .iter()
+            .copied()
+            .filter(|f| spec.mounts.iter().any(|m| m.dst == Path::new(f)))
+            .collect();
+        let mask: u32 = ETC_FILES
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| files.contains(f))
+            .map(|(i, _)| 1 << i)
+            .sum();
+        let name = match userns {
+            Some(r) => format!("v1-{mask}.u{}-{}", r.host_start, r.size),
+            None => format!("v1-{mask}"),
+        };
+        let base = self.cfg.root.join("init");
+        let dst = base.join(&name);
+        if dst.is_dir() {
+            return Ok(dst);
+        }
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = base.join(format!(".tmp-{}-{seq}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&tmp);
+        let owner = userns.map(|r| r.shift(0));
+        let build = || -> Result<()> {
+            mkdir(&base, 0o711)?;
+            let mut dirs = vec![tmp.clone()];
+            for d in ["proc", "dev", "sys"] {
+                dirs.push(tmp.join(d));
+            }
+            if !files.is_empty() {
+                dirs.push(tmp.join("etc"));
+            }
+            for d in &dirs {
+                mkdir(d, 0o755)?;
+            }
+            let mut made = dirs;
+            for f in &files {
+                let p = tmp.join(f.trim_start_matches('/'));
+                fs::write(&p, b"").ctx(|| format!("create {}", p.display()))?;
+                fs::set_permissions(&p, fs::Permissions::from_mode(0o644))
+                    .ctx(|| format!("chmod {}", p.display()))?;
+                made.push(p);
+            }
+            if let Some(uid) = owner {
+                for p in &made {
+                    std::os::unix::fs::chown(p, Some(uid), Some(uid))
+                        .ctx(|| format!("chown {}", p.display()))?;
+                }
+            }
+            Ok(())
+        };
+        if let Err(e) = build() {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        match fs::rename(&tmp, &dst) {
+            Ok(()) => Ok(dst),
+            Err(_) if dst.is_dir() => {
+                // Built concurrently by another create.
+                let _ = fs::remove_dir_all(&tmp);
+                Ok(dst)
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(&tmp);
+                Err(RuntimeError::Io {
+                    context: format!("store {}", dst.display()),
+                    source: e,
+                })
+            }
+        }
     }
 
     /// Starts `flotilla shim --standby` and waits until it has detached and says `ready`.
@@ -431,7 +559,7 @@ impl Inner {
             return Err(RuntimeError::Shim(format!(
                 "no handshake from the shim within {}s (is the oci runtime hanging? see {}/runtime.log)",
                 SHIM_HANDSHAKE_TIMEOUT.as_secs(),
-                self.dir(&info.id).display()
+                self.vdir(&info.id).display()
             )));
         }
         let line = line.trim();
@@ -467,7 +595,7 @@ impl Inner {
     }
 
     fn dead_state(&self, id: &str) -> ContainerState {
-        let recorded: Option<ShimState> = fs::read(self.dir(id).join("status.json"))
+        let recorded: Option<ShimState> = fs::read(self.vdir(id).join("status.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
         match recorded {
@@ -509,7 +637,8 @@ impl Inner {
         })
     }
 
-    /// Removes container dirs that never got their meta.json (create interrupted by a crash).
+    /// Removes container dirs that never got their meta.json (create interrupted by a crash),
+    /// and volatile dirs whose container is gone.
     fn half_created_sync(&self) -> Result<Vec<String>> {
         let mut cleaned = Vec::new();
         let dir = self.cfg.root.join("containers");
@@ -524,31 +653,51 @@ impl Inner {
                 cleaned.push(id);
             }
         }
+        let vdir = self.cfg.state.join("containers");
+        for e in fs::read_dir(&vdir)
+            .ctx(|| format!("list {}", vdir.display()))?
+            .flatten()
+        {
+            let id = e.file_name().to_string_lossy().into_owned();
+            if !self.dir(&id).exists() {
+                tracing::warn!(container = %id, "removing the state of a container without a record");
+                self.cleanup_sync(&id, false)?;
+                cleaned.push(id);
+            }
+        }
         Ok(cleaned)
     }
 
     /// Frees everything of a container (idempotent).
     fn cleanup_sync(&self, id: &str, keep_log: bool) -> Result<()> {
         let dir = self.dir(id);
-        let cgroups_path = self.info(id).map(|i| i.cgroups_path).ok();
+        let vdir = self.vdir(id);
+        let info = self.info(id).ok();
         // The runtime's own state (when the shim could not delete it).
         let _ = Command::new(&self.runtime_path)
             .arg("--root")
-            .arg(self.cfg.root.join("runc"))
+            .arg(self.runc_root())
             .args(["delete", "--force", id])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
-        let rootfs = dir.join("bundle/rootfs");
-        if overlay::is_mounted(&rootfs) {
-            overlay::unmount(&rootfs)?;
+        // A record written by an older build names its bundle under the lasting dir.
+        let mut rootfs = vec![vdir.join("bundle/rootfs"), dir.join("bundle/rootfs")];
+        if let Some(i) = &info {
+            rootfs.push(i.bundle.join("rootfs"));
         }
-        if let Some(cg) = cgroups_path {
-            remove_cgroup(&cg);
+        for r in overlay::mounted_among(&rootfs) {
+            overlay::unmount(&r)?;
         }
+        if let Some(i) = &info {
+            remove_cgroup(&i.cgroups_path);
+        }
+        self.records().remove(id);
         let _ = fs::remove_file(self.socket(id));
-        if dir.exists() {
-            fs::remove_dir_all(&dir).ctx(|| format!("remove {}", dir.display()))?;
+        for d in [&vdir, &dir] {
+            if d.exists() {
+                fs::remove_dir_all(d).ctx(|| format!("remove {}", d.display()))?;
+            }
         }
         if !keep_log {
             let logs = self.cfg.root.join("logs").join(id);

@@ -103,10 +103,20 @@ async fn t31_dead_shim_is_reported_not_forgotten() {
     assert_eq!(st.status, ContainerStatus::Unknown);
     // A create interrupted by a crash (no meta.json yet) is cleaned up by adopt.
     let half = env.root.join("containers").join(env.id("half"));
-    std::fs::create_dir_all(half.join("bundle/rootfs")).expect("mkdir");
+    std::fs::create_dir_all(half.join("fs/upper")).expect("mkdir");
+    let state = rt.config().state.join("containers");
+    let half_state = state.join(env.id("half"));
+    std::fs::create_dir_all(half_state.join("bundle/rootfs")).expect("mkdir");
+    // Volatile state whose container has no record at all (e.g. a crash between the two).
+    let orphan = state.join(env.id("norecord"));
+    std::fs::create_dir_all(orphan.join("bundle/rootfs")).expect("mkdir");
     let report = rt.adopt().await.expect("adopt");
-    assert_eq!(report.cleaned_up, vec![env.id("half")]);
-    assert!(!half.exists());
+    assert_eq!(
+        report.cleaned_up,
+        vec![env.id("half"), env.id("norecord")],
+        "{report:?}"
+    );
+    assert!(!half.exists() && !half_state.exists() && !orphan.exists());
     assert!(
         report.dead_shims.iter().any(|s| s.id == id),
         "dead shim reported: {report:?}"

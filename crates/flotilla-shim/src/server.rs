@@ -51,6 +51,59 @@ fn runtime_cmd(args: &ShimArgs) -> Command {
     c
 }
 
+/// Starts a container created by runc the way `runc start` does, without running runc (one Go
+/// process less per container start, about 5 ms of CPU): runc's init waits, before it execs
+/// the user's process, until something opens `<root>/<id>/exec.fifo` for reading and takes
+/// the byte it writes; `runc start` does exactly that, then removes the fifo (its absence is
+/// how runc tells `running` from `created`). `None` when the runtime is not runc or the fifo
+/// is not where runc 1.x keeps it: the caller then runs `<runtime> start`.
+fn start_via_fifo(args: &ShimArgs, init_pid: i32) -> Option<Result<(), String>> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let is_runc = args.runtime.file_name().is_some_and(|n| n == "runc");
+    let fifo = args.runtime_root.join(&args.id).join("exec.fifo");
+    let is_fifo = fs::symlink_metadata(&fifo).is_ok_and(|m| m.file_type().is_fifo());
+    if !is_runc || !is_fifo {
+        return None;
+    }
+    // Non-blocking, so that an init that died before opening its end cannot hang the shim.
+    let mut f = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+    {
+        Ok(f) => f,
+        Err(e) => return Some(Err(format!("open {}: {e}", fifo.display()))),
+    };
+    let mut buf = [0u8; 16];
+    loop {
+        let mut fds = [libc::pollfd {
+            fd: f.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        if let Err(e) = sys::poll(&mut fds, 100) {
+            return Some(Err(format!("poll exec fifo: {e}")));
+        }
+        if fds[0].revents != 0 {
+            match f.read(&mut buf) {
+                Ok(n) if n > 0 => break,
+                // The writer came and went without a byte: its init failed.
+                Ok(_) => return Some(Err("container process is already dead".into())),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Some(Err(format!("read exec fifo: {e}"))),
+            }
+        } else if !sys::alive_not_zombie(init_pid) {
+            return Some(Err("container process is already dead".into()));
+        }
+    }
+    drop(f);
+    if let Err(e) = fs::remove_file(&fifo) {
+        return Some(Err(format!("remove {}: {e}", fifo.display())));
+    }
+    Some(Ok(()))
+}
+
 /// Last error message the runtime logged (runc/crun write JSON or text lines to `--log`).
 fn runtime_error(state_dir: &Path, fallback: &str) -> String {
     let text = fs::read_to_string(state_dir.join("runtime.log")).unwrap_or_default();
@@ -280,21 +333,28 @@ impl Shim {
                         self.state.status
                     )));
                 }
-                match runtime_cmd(&self.args)
-                    .args(["start", &self.args.id])
-                    .output()
-                {
-                    Ok(o) if o.status.success() => {
+                let started = match start_via_fifo(&self.args, self.state.pid) {
+                    Some(r) => r.map_err(|e| err(format!("start: {e}"))),
+                    None => match runtime_cmd(&self.args)
+                        .args(["start", &self.args.id])
+                        .output()
+                    {
+                        Ok(o) if o.status.success() => Ok(()),
+                        Ok(_) => Err(err(format!(
+                            "start: {}",
+                            runtime_error(&self.args.state_dir, "runtime start failed")
+                        ))),
+                        Err(e) => Err(err(format!("start: {e}"))),
+                    },
+                };
+                match started {
+                    Ok(()) => {
                         self.state.status = Status::Running;
                         self.state.started_at = Some(now_rfc3339());
                         self.dirty = true;
                         Some(self.ok())
                     }
-                    Ok(_) => Some(err(format!(
-                        "start: {}",
-                        runtime_error(&self.args.state_dir, "runtime start failed")
-                    ))),
-                    Err(e) => Some(err(format!("start: {e}"))),
+                    Err(resp) => Some(resp),
                 }
             }
             Request::Wait => {

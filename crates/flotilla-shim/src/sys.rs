@@ -129,6 +129,21 @@ pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
     cvt(unsafe { libc::kill(pid, sig) }).map(|_| ())
 }
 
+/// Whether process `pid` exists and has not exited (a zombie counts as exited).
+pub fn alive_not_zombie(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // `/proc/<pid>/stat`: "pid (comm) S ..."; comm may hold spaces and parentheses.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rfind(')')
+                .and_then(|i| s[i + 1..].split_whitespace().next().map(str::to_owned))
+        })
+        .is_some_and(|state| state != "Z" && state != "X")
+}
+
 /// `poll(2)` over the given descriptors.
 pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
     // SAFETY: `fds` is a valid mutable slice of pollfd and its length is passed alongside.

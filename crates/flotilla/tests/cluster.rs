@@ -228,6 +228,14 @@ fn t40_tokens_certificates_and_rotation() {
             .output()
             .unwrap();
         assert!(!o.status.success(), "join with a bad token must fail");
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let run = dir.join("run").display().to_string();
+        assert!(
+            !mounts
+                .lines()
+                .any(|l| l.split(' ').nth(4) == Some(run.as_str())),
+            "a refused join leaves its state tmpfs mounted"
+        );
         stderr(&o)
     };
     // Malformed.

@@ -176,7 +176,7 @@ fn n10_mesh_discovery_health_rolling_update_and_no_leaks() {
         .unwrap();
     let o = std::process::Command::new("runc")
         .arg("--root")
-        .arg(node_dir.join("runtime/runc"))
+        .arg(node_dir.join("run/runtime/runc"))
         .args(["kill", &victim_id, "KILL"])
         .output()
         .unwrap();
@@ -338,7 +338,7 @@ fn n10_mesh_discovery_health_rolling_update_and_no_leaks() {
             c.nodes
                 .iter()
                 .all(|n| {
-                    std::fs::read_dir(n.dir.join("net/netns"))
+                    std::fs::read_dir(n.dir.join("run/net/netns"))
                         .map(|d| d.count() == 0)
                         .unwrap_or(true)
                 })
