@@ -106,6 +106,51 @@ fn setup_inside() -> Result<()> {
     })
 }
 
+/// Names the network namespace of process `pid` as `dir/name` (bind-mounts
+/// `/proc/<pid>/ns/net` there, replacing a namespace of that name), then brings `lo` up and
+/// sets the sysctls containers need, as [`create`] does. For a namespace the OCI runtime made
+/// inside the container's user namespace: only a namespace owned by that user namespace can
+/// be joined by `runc exec` (which enters the user namespace first).
+pub fn adopt(dir: &Path, name: &str, pid: u32) -> Result<PathBuf> {
+    validate_name(name)?;
+    if pid == 0 {
+        return Err(Error::Invalid("netns of pid 0".into()));
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::io(format!("create dir {}", dir.display()), e))?;
+    let path = dir.join(name);
+    if path.exists() {
+        remove(&path)?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o444)
+        .open(&path)
+        .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
+    let source = format!("/proc/{pid}/ns/net");
+    if let Err(e) = mount(
+        Some(source.as_str()),
+        &path,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    ) {
+        let _ = std::fs::remove_file(&path);
+        return Err(Error::nix(
+            format!("bind mount {source} on {}", path.display()),
+            e,
+        ));
+    }
+    if let Err(e) = run_in(&path, setup_inside).and_then(|r| r) {
+        let _ = remove(&path);
+        return Err(e);
+    }
+    tracing::debug!(netns = %path.display(), pid, "adopted network namespace");
+    Ok(path)
+}
+
 /// Unmounts (lazily) and unlinks the namespace file; succeeds if it is already gone.
 pub fn remove(path: &Path) -> Result<()> {
     // A racing double create may have stacked two mounts: peel them all.

@@ -362,25 +362,30 @@ impl Executor {
                 let t_net = t0.elapsed();
                 let spec = container_spec(&task, &digest, tnet.as_ref());
                 self.report(&task, status(TaskState::Ready, "ready"));
-                // The veth is wired while the runtime mounts the root and runs `runc create`
-                // (both only need the namespace to exist); the process starts after both.
-                let attach = async {
-                    match (&self.net, &tnet) {
+                // `runc create` makes the container's network namespace (inside its user
+                // namespace); it is named and wired before the process starts.
+                let create = self.rt.create(spec).await;
+                let attached = match (&create, &self.net, &tnet) {
+                    (Ok(_), Some(net), Some(t)) => {
                         // Bounded: a netlink reply that never comes must fail the task (it
                         // is then replaced), not leave it in `ready` forever.
-                        (Some(net), Some(t)) => {
-                            match tokio::time::timeout(ATTACH_TIMEOUT, net.attach_task(t)).await {
-                                Ok(r) => r,
-                                Err(_) => Err(format!(
-                                    "task network: wiring the veth took over {} s",
-                                    ATTACH_TIMEOUT.as_secs()
-                                )),
-                            }
+                        let wire = async {
+                            let pid = self.rt.state(&id).await.map_err(|e| e.to_string())?.pid;
+                            let pid = u32::try_from(pid)
+                                .map_err(|_| format!("container init has pid {pid}"))?;
+                            net.adopt_netns(t, pid).await?;
+                            net.attach_task(t).await
+                        };
+                        match tokio::time::timeout(ATTACH_TIMEOUT, wire).await {
+                            Ok(r) => r,
+                            Err(_) => Err(format!(
+                                "task network: wiring the veth took over {} s",
+                                ATTACH_TIMEOUT.as_secs()
+                            )),
                         }
-                        _ => Ok(()),
                     }
+                    _ => Ok(()),
                 };
-                let (create, attached) = tokio::join!(self.rt.create(spec), attach);
                 let t_create = t0.elapsed();
                 let create = match (create, attached) {
                     (Ok(info), Ok(())) => Ok(info),
@@ -567,7 +572,8 @@ fn container_spec(
         },
         security: Default::default(),
         labels: c.labels.clone(),
-        network_namespace: net.map(|n| n.netns.clone()),
+        // The runtime creates the namespace (see `NodeNet::prepare_task`).
+        network_namespace: None,
     }
 }
 
@@ -581,15 +587,10 @@ async fn probe(
     let timeout = Duration::from_nanos(h.timeout).max(Duration::from_millis(100));
     match &h.probe {
         HealthProbe::Exec { cmd } => {
-            let cfg = rt.config();
-            let runtime = rt
-                .probe()
-                .runtime_path
-                .clone()
-                .unwrap_or_else(|| cfg.runtime_bin.clone());
+            let (runtime, root) = rt.oci_runtime();
             let mut child = match tokio::process::Command::new(runtime)
                 .arg("--root")
-                .arg(cfg.root.join("runc"))
+                .arg(root)
                 .args(["exec", id, "/bin/sh", "-c", cmd])
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())

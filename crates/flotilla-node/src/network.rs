@@ -406,8 +406,10 @@ impl NodeNet {
         }
     }
 
-    /// Gives a task its address, namespace and resolver files; the veth comes with
-    /// [`NodeNet::attach_task`], which may run while the container is being created.
+    /// Gives a task its address and resolver files. Its namespace is the one the OCI runtime
+    /// creates with the container (inside the container's user namespace, so that `runc exec`
+    /// can join it); [`NodeNet::adopt_netns`] names it and [`NodeNet::attach_task`] wires it,
+    /// both before the container's process starts.
     pub async fn prepare_task(&self, task_id: &str, hostname: &str) -> Result<TaskNet, String> {
         let ready = self.wait_ready(Duration::from_secs(60)).await?;
         // The lock covers the allocation only: namespaces and veths of many tasks are made
@@ -418,12 +420,7 @@ impl NodeNet {
             let addrs = inner.addrs.as_mut().ok_or("task network not ready")?;
             (domain, addrs.allocate(task_id).map_err(err)?)
         };
-        let dir = self.names.netns_dir();
-        let name = task_id.to_string();
-        let path = tokio::task::spawn_blocking(move || netns::create(&dir, &name))
-            .await
-            .map_err(err)?
-            .map_err(err)?;
+        let path = self.names.netns_dir().join(task_id);
         let link = veth::TaskLink {
             netns: path.clone(),
             host_ifname: veth::host_ifname(&self.names.veth_prefix, task_id),
@@ -452,6 +449,29 @@ impl NodeNet {
             resolv: resolv_path,
             link,
         })
+    }
+
+    /// Names the network namespace of the task's container (its init process `pid`, created
+    /// and waiting to start) under the node's netns dir, with `lo` up and the sysctls set. A
+    /// namespace left by an earlier attempt of the same task is replaced, its veth removed.
+    pub async fn adopt_netns(&self, t: &TaskNet, pid: u32) -> Result<(), String> {
+        if t.netns.exists() {
+            let net = self.inner.lock().await.net.clone();
+            if let Some(net) = net {
+                let _ = veth::detach(&net, &t.link.host_ifname).await;
+            }
+        }
+        let dir = self.names.netns_dir();
+        let name = t
+            .netns
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or("task namespace path has no name")?;
+        tokio::task::spawn_blocking(move || netns::adopt(&dir, &name, pid))
+            .await
+            .map_err(err)?
+            .map(|_| ())
+            .map_err(|e| format!("task network: {e}"))
     }
 
     /// Wires the task's namespace to the bridge (veth, address, default route).

@@ -174,6 +174,11 @@ impl Runtime {
         &self.inner.cfg
     }
 
+    /// The OCI runtime binary and its `--root`, for commands the agent runs itself (`exec`).
+    pub fn oci_runtime(&self) -> (PathBuf, PathBuf) {
+        (self.inner.runtime_path.clone(), self.inner.runc_root())
+    }
+
     /// Removes an image reference unless a container uses the image; frees unused blobs and layers.
     pub fn remove_image(&self, reference: &str) -> Result<Vec<String>> {
         let digest = self.inner.images.resolve(reference)?;

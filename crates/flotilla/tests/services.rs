@@ -255,7 +255,22 @@ fn s30_failed_health_check_rolls_back_and_start_first_keeps_capacity() {
             }
         })
     };
-    let o = c.run(&["service", "update", "--env-add", "V=2", "app"]);
+    // It also adds an exec health check that passes (run through the OCI runtime's `exec`).
+    let o = c.run(&[
+        "service",
+        "update",
+        "--env-add",
+        "V=2",
+        "--health-cmd",
+        "test -e /proc/1/status",
+        "--health-interval",
+        "300ms",
+        "--health-retries",
+        "1",
+        "--health-timeout",
+        "5s",
+        "app",
+    ]);
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     watcher.join().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
@@ -272,6 +287,19 @@ fn s30_failed_health_check_rolls_back_and_start_first_keeps_capacity() {
         })
         .count();
     assert_eq!(current, 3);
+    wait_for(
+        "the passing exec health check marks every task healthy",
+        LONG,
+        || {
+            let healthy = c
+                .tasks("app")
+                .iter()
+                .filter(|t| t["desired_state"] == "running")
+                .filter(|t| t["status"]["health"] == "healthy")
+                .count();
+            (healthy == 3).then_some(())
+        },
+    );
 }
 
 #[test]
