@@ -240,7 +240,10 @@ async fn bench(rounds: usize) -> R<()> {
     runtime
         .create(spec("bench-template", &image, &["true"]))
         .await?;
-    let tpl = root.join("containers/bench-template/bundle");
+    let tpl = runtime
+        .config()
+        .state
+        .join("containers/bench-template/bundle");
     let b_sleep = root.join("baseline-sleep");
     let b_true = root.join("baseline-true");
     baseline_bundle(&tpl, &b_sleep, &["sleep", "1000"])?;
