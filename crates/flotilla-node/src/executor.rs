@@ -587,7 +587,7 @@ async fn probe(
     let timeout = Duration::from_nanos(h.timeout).max(Duration::from_millis(100));
     match &h.probe {
         HealthProbe::Exec { cmd } => {
-            let (runtime, root) = rt.oci_runtime();
+            let (runtime, root) = rt.oci_runtime(id);
             let mut child = match tokio::process::Command::new(runtime)
                 .arg("--root")
                 .arg(root)

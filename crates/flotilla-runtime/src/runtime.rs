@@ -174,9 +174,10 @@ impl Runtime {
         &self.inner.cfg
     }
 
-    /// The OCI runtime binary and its `--root`, for commands the agent runs itself (`exec`).
-    pub fn oci_runtime(&self) -> (PathBuf, PathBuf) {
-        (self.inner.runtime_path.clone(), self.inner.runc_root())
+    /// The OCI runtime binary and the `--root` that holds container `id`, for commands the
+    /// agent runs itself (`exec`).
+    pub fn oci_runtime(&self, id: &str) -> (PathBuf, PathBuf) {
+        (self.inner.runtime_path.clone(), self.inner.runc_root_of(id))
     }
 
     /// Removes an image reference unless a container uses the image; frees unused blobs and layers.
@@ -214,12 +215,29 @@ impl Inner {
         self.cfg.state.join("runc")
     }
 
+    // Containers created by a build that kept all state under `root` (before the state dir
+    // existed) keep their runc root, socket and status file there until they are removed.
+
+    /// The runc root holding container `id`: the state dir's, or the older one under `root`.
+    fn runc_root_of(&self, id: &str) -> PathBuf {
+        let legacy = self.cfg.root.join("runc");
+        if !self.runc_root().join(id).exists() && legacy.join(id).exists() {
+            legacy
+        } else {
+            self.runc_root()
+        }
+    }
+
     fn socket(&self, id: &str) -> PathBuf {
         let h = hex::encode(Sha256::digest(id.as_bytes()));
-        self.cfg
-            .state
-            .join("sock")
-            .join(format!("{}.sock", &h[..16]))
+        let name = format!("{}.sock", &h[..16]);
+        let current = self.cfg.state.join("sock").join(&name);
+        let legacy = self.cfg.root.join("sock").join(&name);
+        if !current.exists() && legacy.exists() {
+            legacy
+        } else {
+            current
+        }
     }
 
     fn log_path(&self, id: &str) -> PathBuf {
@@ -601,6 +619,7 @@ impl Inner {
 
     fn dead_state(&self, id: &str) -> ContainerState {
         let recorded: Option<ShimState> = fs::read(self.vdir(id).join("status.json"))
+            .or_else(|_| fs::read(self.dir(id).join("status.json")))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
         match recorded {
@@ -681,7 +700,7 @@ impl Inner {
         // The runtime's own state (when the shim could not delete it).
         let _ = Command::new(&self.runtime_path)
             .arg("--root")
-            .arg(self.runc_root())
+            .arg(self.runc_root_of(id))
             .args(["delete", "--force", id])
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -134,3 +134,57 @@ async fn t31_dead_shim_is_reported_not_forgotten() {
     );
     assert!(common::leftover_cgroups(&id).is_empty());
 }
+
+/// A container created by a build that kept all state under the runtime root (no state dir)
+/// is still reachable after an upgrade: its shim answers, `exec` finds its runc root, and
+/// removal leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t32_containers_of_the_old_layout_survive_an_upgrade() {
+    if !common::can_run() {
+        return;
+    }
+    let env = Env::new("layout");
+    let mut old_cfg = common::config(&env.root);
+    old_cfg.state = env.root.clone();
+    let old = flotilla_runtime::Runtime::new(old_cfg).expect("runtime with the old layout");
+    let id = env.id("old");
+    old.create(spec(&id, &env.image, &["sleep", "100"]))
+        .await
+        .expect("create");
+    old.start(&id).await.expect("start");
+    assert!(
+        env.root.join("runc").join(&id).is_dir(),
+        "old runc root used"
+    );
+    drop(old);
+
+    let rt = &env.runtime;
+    let st = rt.state(&id).await.expect("state");
+    assert!(st.shim_alive, "the shim answers on its old socket: {st:?}");
+    assert_eq!(st.status, ContainerStatus::Running);
+    let (runc, root) = rt.oci_runtime(&id);
+    assert_eq!(root, env.root.join("runc"));
+    let o = Command::new(runc)
+        .arg("--root")
+        .arg(&root)
+        .args(["exec", &id, "/bin/true"])
+        .output()
+        .expect("runc exec");
+    assert!(
+        o.status.success(),
+        "exec: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    rt.remove(&id, false).await.expect("remove");
+    assert!(!common::alive(st.pid), "container process stopped");
+    let shim_pid = st.shim_pid;
+    let gone = flotilla_runtime::testing::wait_for(std::time::Duration::from_secs(10), || async {
+        (!common::alive(shim_pid)).then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "shim exited");
+    assert!(!env.root.join("runc").join(&id).exists());
+    assert!(!env.root.join("containers").join(&id).exists());
+    assert!(common::mounts_under(&env.root).is_empty());
+    assert!(common::leftover_cgroups(&id).is_empty());
+}
