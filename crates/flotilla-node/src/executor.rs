@@ -39,21 +39,19 @@ pub struct Executor {
     reports: mpsc::UnboundedSender<StatusReport>,
     /// Task networking; `None` with `--network none` (tasks get only loopback).
     net: Option<Arc<NodeNet>>,
-    /// Bounds how many tasks go through the start path (mount, `runc create`, namespace, veth,
-    /// start) at once. The steps are mostly CPU-bound, and a bound keeps a 100-replica burst
-    /// off the node's one netlink connection: in one run with 100 in flight a task waited for
-    /// its veth forever, most likely a lost netlink reply (the wait is now also bounded by
-    /// `ATTACH_TIMEOUT`). Since the veth is wired after `runc create` (not during it), a start
-    /// also waits on netlink, and more in flight helps: on 2 CPUs, 20 replicas took 0.49–0.66 s
-    /// (median 0.56) with 16 in flight against 0.60–0.64 s with 8; 100 replicas 2.6–3.3 s
-    /// either way.
+    /// Bounds how many tasks go through the start path (namespace, veth, mount, `runc
+    /// create`, `start`) at once. The steps are CPU-bound, so a bound costs no throughput
+    /// (measured on 2 CPUs: 100 replicas in 3.7–4.2 s with 8 in flight, 3.8–4.9 s with 100),
+    /// and it keeps a 100-replica burst off the node's one netlink connection: in one run with
+    /// 100 in flight a task waited for its veth forever, most likely a lost netlink reply
+    /// (the wait is now also bounded by `ATTACH_TIMEOUT`).
     start_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// How long wiring a task's veth may take before the task fails.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Tasks in the start path at once: `FLOTILLA_START_CONCURRENCY`, else 8 per CPU (min 8).
+/// Tasks in the start path at once: `FLOTILLA_START_CONCURRENCY`, else 4 per CPU (min 4).
 fn start_concurrency() -> usize {
     std::env::var("FLOTILLA_START_CONCURRENCY")
         .ok()
@@ -61,9 +59,9 @@ fn start_concurrency() -> usize {
         .filter(|n| *n > 0)
         .unwrap_or_else(|| {
             std::thread::available_parallelism()
-                .map(|n| 8 * n.get())
-                .unwrap_or(8)
-                .max(8)
+                .map(|n| 4 * n.get())
+                .unwrap_or(4)
+                .max(4)
         })
 }
 
