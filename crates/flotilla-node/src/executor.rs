@@ -39,12 +39,12 @@ pub struct Executor {
     reports: mpsc::UnboundedSender<StatusReport>,
     /// Task networking; `None` with `--network none` (tasks get only loopback).
     net: Option<Arc<NodeNet>>,
-    /// Bounds how many tasks go through the start path (namespace, veth, mount, `runc
-    /// create`, `start`) at once. The steps are CPU-bound, so a bound costs no throughput
-    /// (measured on 2 CPUs: 100 replicas in 3.7–4.2 s with 8 in flight, 3.8–4.9 s with 100),
-    /// and it keeps a 100-replica burst off the node's one netlink connection: in one run with
-    /// 100 in flight a task waited for its veth forever, most likely a lost netlink reply
-    /// (the wait is now also bounded by `ATTACH_TIMEOUT`).
+    /// Bounds how many tasks go through the start path (mount, `runc create`, namespace, veth,
+    /// start) at once. The steps are mostly CPU-bound, so a bound costs little throughput, and
+    /// it keeps a 100-replica burst off the node's one netlink connection: in one run with 100
+    /// in flight a task waited for its veth forever, most likely a lost netlink reply (the wait
+    /// is now also bounded by `ATTACH_TIMEOUT`). 16 in flight instead of 8 on 2 CPUs was tried
+    /// (BENCHMARKS.md, fifth session): no clear gain for 20 replicas, 0.1–0.2 s slower for 100.
     start_slots: Arc<tokio::sync::Semaphore>,
 }
 
