@@ -29,10 +29,11 @@
 //!   4. [`overlay::set_peers`]`(&host, vx, &peers)` now and on every change of the node list
 //!      (all nodes, self included: the own subnet is skipped), and after every
 //!      `ensure_vxlan` (re-creating the device drops its entries).
-//! * **task start**: [`ipam::TaskAddrs::allocate`]; [`netns::create`]`(run_dir, task_id)`
-//!   (blocking: use `spawn_blocking`); [`task::attach`] with
-//!   [`task::host_ifname`]`("fltv", task_id)`; put the namespace path in the OCI spec
-//!   (`linux.namespaces[type=network].path`).
+//! * **task start**: [`ipam::TaskAddrs::allocate`]; the OCI runtime creates the container
+//!   with a new network namespace (inside its user namespace, so `runc exec` can join it);
+//!   [`netns::adopt`]`(run_dir, task_id, init_pid)` names it (blocking: use
+//!   `spawn_blocking`); [`task::attach`] with [`task::host_ifname`]`("fltv", task_id)`; then
+//!   start the process. [`netns::create`] makes a host-owned namespace for other uses.
 //! * **agent restart**: the same calls again; all of them are idempotent and keep what
 //!   exists (`attach` keeps a working veth).
 //! * **task stop**: [`task::detach`]; [`netns::remove`]; [`ipam::TaskAddrs::release`].

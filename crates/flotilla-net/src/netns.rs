@@ -14,7 +14,7 @@ use nix::sched::{setns, unshare, CloneFlags};
 
 use crate::{Error, Result};
 
-/// Sysctls set in every namespace made by [`create`]: containers run in a user namespace
+/// Sysctls set in every namespace made by [`create`] or named by [`adopt`]: containers run in a user namespace
 /// and must still bind ports below 1024 and use ICMP sockets.
 const NEW_NS_SYSCTLS: &[(&str, &str)] = &[
     ("net.ipv4.ip_unprivileged_port_start", "0"),

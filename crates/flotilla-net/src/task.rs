@@ -19,7 +19,8 @@ pub const TASK_IFNAME: &str = "eth0";
 /// What [`attach`] wires up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskLink {
-    /// The task's network namespace file (from [`crate::netns::create`]).
+    /// The task's network namespace file (from [`crate::netns::adopt`] or
+    /// [`crate::netns::create`]).
     pub netns: PathBuf,
     /// Host end name, at most 15 chars (e.g. [`host_ifname`] of the task id).
     pub host_ifname: String,
