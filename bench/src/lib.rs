@@ -97,6 +97,42 @@ pub fn wait_for<T>(
     }
 }
 
+/// Busy share of all CPUs (0.0–1.0) over `window`, from `/proc/stat`.
+pub fn cpu_busy(window: Duration) -> Option<f64> {
+    fn read() -> Option<(u64, u64)> {
+        let s = std::fs::read_to_string("/proc/stat").ok()?;
+        let v: Vec<u64> = s
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal …
+        let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+        Some((v.iter().take(8).sum(), idle))
+    }
+    let (t0, i0) = read()?;
+    std::thread::sleep(window);
+    let (t1, i1) = read()?;
+    let total = t1.saturating_sub(t0);
+    (total > 0).then(|| 1.0 - i1.saturating_sub(i0) as f64 / total as f64)
+}
+
+/// Waits (up to `max`) until the machine is quiet: under 5 % of all CPUs busy over 300 ms.
+/// Every timed round starts from here, so neither system pays for the other's background
+/// work (dockerd settling after `swarm init`, a previous round's teardown). Returns the last
+/// busy share seen; callers print it when the machine never got quiet.
+pub fn settle(max: Duration) -> f64 {
+    let deadline = Instant::now() + max;
+    loop {
+        let busy = cpu_busy(Duration::from_millis(300)).unwrap_or(0.0);
+        if busy < 0.05 || Instant::now() > deadline {
+            return busy;
+        }
+    }
+}
+
 /// Percentile of sorted samples (nearest rank).
 pub fn pct(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {

@@ -1,8 +1,9 @@
 //! Services benchmark, with Docker Swarm (Debian's docker.io) as the anchor in the same run.
 //!
 //! - `service create --replicas 20` and `--replicas 100` → all running, Flotilla (one node) vs
-//!   Swarm (one node, `--network host`, same busybox image), both measured by polling until
-//!   every replica runs (Swarm's CLI would add a 5 s stability wait, so `-d` is used for both);
+//!   Swarm (one node, `--network host`, same busybox image), both measured by polling their
+//!   APIs in-process every 20 ms until every replica runs (Swarm's CLI would add a 5 s stability
+//!   wait, so `-d` is used for both); every timed round starts on a quiet machine (`settle`);
 //! - kill -9 a worker of a 3-node Flotilla cluster → its tasks running elsewhere.
 //!
 //! Run: `cargo build --release -p flotilla -p flotilla-bench && target/release/services [--no-swarm]`
@@ -19,6 +20,7 @@ use flotilla_bench::*;
 
 struct Docker {
     sock: String,
+    api: Client,
     dir: std::path::PathBuf,
     pid: Option<std::process::Child>,
 }
@@ -40,6 +42,7 @@ impl Docker {
             .spawn()
             .context("dockerd not found: apt-get install docker.io (or pass --no-swarm)")?;
         let d = Docker {
+            api: Client::new(Endpoint::Unix(dir.join("docker.sock"))),
             sock,
             dir: dir.to_path_buf(),
             pid: Some(child),
@@ -74,12 +77,35 @@ impl Drop for Docker {
     }
 }
 
+/// Running tasks of a Swarm service, from the Engine API (`ServiceStatus`, API 1.41).
+async fn swarm_running(api: &Client, name: &str) -> anyhow::Result<u64> {
+    let v: Vec<serde_json::Value> = api
+        .get_json("/v1.41/services?status=true")
+        .await
+        .context("docker API: GET /services?status=true")?;
+    Ok(v.iter()
+        .find(|s| s["Spec"]["Name"] == name)
+        .and_then(|s| s["ServiceStatus"]["RunningTasks"].as_u64())
+        .unwrap_or(0))
+}
+
 async fn flotilla_running(client: &Client, name: &str) -> u64 {
     let v: Vec<serde_json::Value> = client.get_json("/v1/services").await.unwrap_or_default();
     v.iter()
         .find(|s| s["spec"]["name"] == name)
         .and_then(|s| s["service_status"]["running_tasks"].as_u64())
         .unwrap_or(0)
+}
+
+/// Waits for a quiet machine before a timed round (see `settle`); says so when it never was.
+fn quiet() {
+    let busy = settle(Duration::from_secs(20));
+    if busy >= 0.05 {
+        println!(
+            "(note: {:.0} % of CPU still busy after 20 s of waiting for a quiet machine)",
+            busy * 100.0
+        );
+    }
 }
 
 /// Starts `node` as a one-node cluster and imports the bench image; its socket and a client.
@@ -264,7 +290,7 @@ fn runc_floor(
     Ok(d)
 }
 
-fn swarm_round(d: &Docker, n: u64) -> anyhow::Result<Duration> {
+async fn swarm_round(d: &Docker, n: u64) -> anyhow::Result<Duration> {
     let name = format!("s{n}");
     let t = Instant::now();
     d.run(&[
@@ -282,23 +308,16 @@ fn swarm_round(d: &Docker, n: u64) -> anyhow::Result<Duration> {
         "sleep",
         "100000",
     ])?;
-    let want = format!("{n}/{n}");
+    // Polled in-process over the Engine API, as Flotilla is: a `docker service ls` process
+    // every 20 ms would take CPU from the system being measured.
     loop {
-        let r = d.run(&[
-            "service",
-            "ls",
-            "--filter",
-            &format!("name={name}"),
-            "--format",
-            "{{.Replicas}}",
-        ])?;
-        if r.trim() == want {
+        if swarm_running(&d.api, &name).await? >= n {
             break;
         }
         if t.elapsed() > Duration::from_secs(600) {
             bail!("swarm: {n} replicas not running after 600 s");
         }
-        std::thread::sleep(Duration::from_millis(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let el = t.elapsed();
     d.run(&["service", "rm", &name])?;
@@ -352,13 +371,15 @@ async fn main() -> anyhow::Result<()> {
     let floor_dir = tmp.path().join("floor");
     let mut rows = Vec::new();
     for n in [20u64, 100] {
+        quiet();
         let (f, config) = flotilla_round(&sock, &client, &n1.dir, n).await?;
         print!(
             "create --replicas {n} → all running: flotilla {:.2} s",
             f.as_secs_f64()
         );
         if let Some(d) = &docker {
-            let s = swarm_round(d, n)?;
+            quiet();
+            let s = swarm_round(d, n).await?;
             print!(
                 ", docker swarm {:.2} s, swarm / flotilla = {:.1}x",
                 s.as_secs_f64(),
@@ -366,6 +387,7 @@ async fn main() -> anyhow::Result<()> {
             );
         }
         if let Some(c) = &config {
+            quiet();
             let r = runc_floor(c, &rootfs, &floor_dir, n)?;
             print!(
                 "; runc alone (same OCI config, 4 at a time) {:.2} s, flotilla / runc = {:.2}x",
@@ -397,6 +419,7 @@ async fn main() -> anyhow::Result<()> {
         };
         let (csock, cclient) = single_node(&mut c1, &rootfs)?;
         for (n, runc_time) in &rows {
+            quiet();
             let (f, _) = flotilla_round(&csock, &cclient, &c1.dir, *n).await?;
             println!(
                 "create --replicas {n} → all running, node run --runtime {crun}: flotilla {:.2} s (with runc: {:.2} s)",
