@@ -6,7 +6,7 @@
 //!   wait, so `-d` is used for both); every timed round starts on a quiet machine (`settle`);
 //! - kill -9 a worker of a 3-node Flotilla cluster → its tasks running elsewhere.
 //!
-//! Run: `cargo build --release -p flotilla -p flotilla-bench && target/release/services [--no-swarm]`
+//! Run: `cargo build --release -p flotilla -p flotilla-bench && target/release/services [--no-swarm] [--repeat K]`
 //! Needs root; starts its own dockerd with `--bridge=none --iptables=false` in a temporary
 //! directory (apt-get install docker.io for the anchor).
 
@@ -29,6 +29,11 @@ impl Docker {
     fn start(dir: &std::path::Path) -> anyhow::Result<Docker> {
         let sock = format!("unix://{}/docker.sock", dir.display());
         let child = Command::new("dockerd")
+            // Swarm's agent otherwise tries to pull every task's image from its registry
+            // (docker.io for a local `bb:bench`) before using the local copy: DNS off this
+            // machine, which the benchmark must not cause. Flotilla does not pull a present image
+            // either.
+            .env("DOCKER_SERVICE_PREFER_OFFLINE_IMAGE", "1")
             .args(["--storage-driver=vfs", "--bridge=none", "--iptables=false"])
             .arg("--data-root")
             .arg(dir.join("root"))
@@ -95,6 +100,20 @@ async fn flotilla_running(client: &Client, name: &str) -> u64 {
         .find(|s| s["spec"]["name"] == name)
         .and_then(|s| s["service_status"]["running_tasks"].as_u64())
         .unwrap_or(0)
+}
+
+/// Median of samples (sorts them; the lower middle for an even count).
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v.get((v.len().max(1) - 1) / 2).copied().unwrap_or_default()
+}
+
+/// "min–max s" of sorted samples.
+fn range(v: &[Duration]) -> String {
+    match (v.first(), v.last()) {
+        (Some(a), Some(b)) => format!("{:.2}–{:.2} s", a.as_secs_f64(), b.as_secs_f64()),
+        _ => "-".into(),
+    }
 }
 
 /// Waits for a quiet machine before a timed round (see `settle`); says so when it never was.
@@ -298,6 +317,9 @@ async fn swarm_round(d: &Docker, n: u64) -> anyhow::Result<Duration> {
         "create",
         "-d",
         "--quiet",
+        // The image is local: without this dockerd asks registry-1.docker.io for its digest
+        // (DNS off the machine), which it must not do (and which did not change the times).
+        "--no-resolve-image",
         "--network",
         "host",
         "--name",
@@ -369,30 +391,65 @@ async fn main() -> anyhow::Result<()> {
     };
 
     let floor_dir = tmp.path().join("floor");
+    // Single rounds swing by ±20 % on this VM (runc alone included), so every size runs
+    // `--repeat` rounds (default 3), each system's rounds interleaved, and compares medians.
+    let repeat: usize = std::env::args()
+        .skip_while(|a| a != "--repeat")
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .filter(|k| *k > 0)
+        .unwrap_or(3);
     let mut rows = Vec::new();
     for n in [20u64, 100] {
-        quiet();
-        let (f, config) = flotilla_round(&sock, &client, &n1.dir, n).await?;
-        print!(
-            "create --replicas {n} → all running: flotilla {:.2} s",
-            f.as_secs_f64()
-        );
-        if let Some(d) = &docker {
+        let (mut fl, mut sw, mut fo) = (Vec::new(), Vec::new(), Vec::new());
+        let mut config = None;
+        for r in 1..=repeat {
             quiet();
-            let s = swarm_round(d, n).await?;
+            let (f, c) = flotilla_round(&sock, &client, &n1.dir, n).await?;
+            if config.is_none() {
+                config = c;
+            }
+            let mut line = format!(
+                "  --replicas {n}, round {r}: flotilla {:.2} s",
+                f.as_secs_f64()
+            );
+            fl.push(f);
+            if let Some(d) = &docker {
+                quiet();
+                let s = swarm_round(d, n).await?;
+                line += &format!(", docker swarm {:.2} s", s.as_secs_f64());
+                sw.push(s);
+            }
+            if let Some(c) = &config {
+                quiet();
+                let x = runc_floor(c, &rootfs, &floor_dir, n)?;
+                line += &format!(", runc alone {:.2} s", x.as_secs_f64());
+                fo.push(x);
+            }
+            println!("{line}");
+        }
+        let f = median(&mut fl);
+        print!(
+            "create --replicas {n} → all running, median of {repeat}: flotilla {:.2} s ({})",
+            f.as_secs_f64(),
+            range(&fl)
+        );
+        if !sw.is_empty() {
+            let s = median(&mut sw);
             print!(
-                ", docker swarm {:.2} s, swarm / flotilla = {:.1}x",
+                ", docker swarm {:.2} s ({}), swarm / flotilla = {:.1}x",
                 s.as_secs_f64(),
+                range(&sw),
                 s.as_secs_f64() / f.as_secs_f64()
             );
         }
-        if let Some(c) = &config {
-            quiet();
-            let r = runc_floor(c, &rootfs, &floor_dir, n)?;
+        if !fo.is_empty() {
+            let x = median(&mut fo);
             print!(
-                "; runc alone (same OCI config, 4 at a time) {:.2} s, flotilla / runc = {:.2}x",
-                r.as_secs_f64(),
-                f.as_secs_f64() / r.as_secs_f64()
+                "; runc alone (same OCI config, 4 at a time) {:.2} s ({}), flotilla / runc = {:.2}x",
+                x.as_secs_f64(),
+                range(&fo),
+                f.as_secs_f64() / x.as_secs_f64()
             );
         }
         println!();

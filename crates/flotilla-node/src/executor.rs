@@ -46,6 +46,9 @@ pub struct Executor {
     /// is now also bounded by `ATTACH_TIMEOUT`). 16 in flight instead of 8 on 2 CPUs was tried
     /// (BENCHMARKS.md, fifth session): no clear gain for 20 replicas, 0.1–0.2 s slower for 100.
     start_slots: Arc<tokio::sync::Semaphore>,
+    /// One lock per image digest being pulled: the tasks of a new image wait for one pull and
+    /// one unpack instead of each pulling and unpacking the same layers at once.
+    image_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// How long wiring a task's veth may take before the task fails.
@@ -80,6 +83,7 @@ impl Executor {
                 reports: tx,
                 net,
                 start_slots: Arc::new(tokio::sync::Semaphore::new(start_concurrency())),
+                image_locks: Mutex::new(HashMap::new()),
             }),
             rx,
         )
@@ -224,6 +228,43 @@ impl Executor {
         }
     }
 
+    /// Makes a task's image ready to run: pulled if this node lacks it, then its layers
+    /// unpacked for containers. The tasks of an image being pulled wait for one pull and one
+    /// unpack (a lock per digest) instead of each pulling and unpacking the same layers; a
+    /// present image takes no lock (it was unpacked when it arrived, else the create does it).
+    async fn ensure_image(&self, image: &str, digest: &str) -> Result<(), String> {
+        if self.rt.images().resolve(digest).is_ok() {
+            return Ok(());
+        }
+        let lock = match self.image_locks.lock() {
+            Ok(mut m) => m.entry(digest.to_string()).or_default().clone(),
+            Err(_) => return Err("executor state poisoned".into()),
+        };
+        let res = async {
+            let _held = lock.lock().await;
+            if self.rt.images().resolve(digest).is_ok() {
+                return Ok(()); // pulled by another task meanwhile
+            }
+            self.pull(image).await?;
+            let rt = self.rt.clone();
+            let d = digest.to_string();
+            let prepared = tokio::task::spawn_blocking(move || rt.prepare_image(&d)).await;
+            if let Ok(Err(e)) = prepared {
+                // The create unpacks again and reports the error with the task.
+                tracing::debug!(image, error = %e, "unpacking the image's layers failed");
+            }
+            Ok(())
+        }
+        .await;
+        // The last task of the burst drops the lock from the map.
+        if let Ok(mut m) = self.image_locks.lock() {
+            if Arc::strong_count(&lock) == 2 {
+                m.remove(digest);
+            }
+        }
+        res
+    }
+
     /// Pulls an image (pinned by digest) from the managers' registries, verifying every blob.
     async fn pull(&self, image: &str) -> Result<(), String> {
         let Some(ctx) = self.ctx.upgrade() else {
@@ -326,13 +367,11 @@ impl Executor {
                 let digest = crate::trust::digest_of(&c.image)
                     .unwrap_or(&c.image)
                     .to_string();
-                if self.rt.images().resolve(&digest).is_err() {
-                    if let Err(msg) = self.pull(&c.image).await {
-                        let mut st = status(TaskState::Rejected, &msg);
-                        st.err = Some(msg);
-                        self.report(&task, st);
-                        return;
-                    }
+                if let Err(msg) = self.ensure_image(&c.image, &digest).await {
+                    let mut st = status(TaskState::Rejected, &msg);
+                    st.err = Some(msg);
+                    self.report(&task, st);
+                    return;
                 }
                 if let Err(msg) = self.verify_image(&c.image, &digest).await {
                     let mut st = status(TaskState::Rejected, &msg);

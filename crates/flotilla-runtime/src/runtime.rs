@@ -155,6 +155,18 @@ impl Runtime {
         }
     }
 
+    /// Unpacks an image's layers the way its containers use them (ownership shifted into the
+    /// node's user-namespace range), so that the first container start does not wait for it.
+    /// Called after an import, load or pull, as Docker and containerd unpack at pull time.
+    /// Blocking; a failure here only means the first create unpacks (and reports) instead.
+    pub fn prepare_image(&self, reference: &str) -> Result<()> {
+        let digest = self.inner.images.resolve(reference)?;
+        self.inner
+            .images
+            .unpacked_layers(&digest, self.inner.cfg.userns)
+            .map(|_| ())
+    }
+
     /// The content store.
     pub fn images(&self) -> &ImageStore {
         &self.inner.images

@@ -379,6 +379,24 @@ fn t40_gc_removes_only_unreferenced_blobs() {
     let c = Cluster::init(34, &[]);
     c.import("keep:1", LOOP);
     c.import("tagged:1", "echo other; sleep 600");
+    // An import also unpacks the image for containers (ownership shifted into the node's
+    // user-namespace range), so no first start waits for it (both images share one layer).
+    let layers = |root: &Path| -> Vec<String> {
+        std::fs::read_dir(root.join("layers"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .filter(|n| n.contains(".u"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        layers(&store_root(&c, 0)).len(),
+        1,
+        "unpacked at import, before any container: {:?}",
+        layers(&store_root(&c, 0))
+    );
     create(&c, "keep", "keep:1", &[]);
     wait_task_state(&c, "keep", "running");
     let root = store_root(&c, 0);

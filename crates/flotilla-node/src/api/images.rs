@@ -52,6 +52,14 @@ pub struct ImportQuery {
     config: Option<String>,
 }
 
+/// Unpacks a stored image for its containers now rather than at the first start; a failure
+/// is left for that start to report.
+fn prepare(rt: &flotilla_runtime::Runtime, digest: &str) {
+    if let Err(e) = rt.prepare_image(digest) {
+        tracing::warn!(digest, error = %e, "unpacking the image's layers failed; the first container start retries");
+    }
+}
+
 /// `POST /v1/images/import?name=REF&config=JSON`, body: a tar of the root filesystem.
 pub async fn import(
     State(ctx): State<Ctx>,
@@ -75,6 +83,9 @@ pub async fn import(
     let digest = tokio::task::spawn_blocking(move || {
         let r = rt.images().import_rootfs(&tmp.0, &name, &input);
         drop(tmp);
+        if let Ok(d) = &r {
+            prepare(&rt, d);
+        }
         r
     })
     .await
@@ -92,6 +103,11 @@ pub async fn load(State(ctx): State<Ctx>, body: Bytes) -> Result<Response, ApiEr
     let loaded = tokio::task::spawn_blocking(move || {
         let r = rt.images().load_archive(&tmp.0);
         drop(tmp);
+        if let Ok(images) = &r {
+            for (_, d) in images {
+                prepare(&rt, d);
+            }
+        }
         r
     })
     .await
