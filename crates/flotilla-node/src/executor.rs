@@ -48,7 +48,9 @@ pub struct Executor {
     start_slots: Arc<tokio::sync::Semaphore>,
     /// One lock per image digest being pulled: the tasks of a new image wait for one pull and
     /// one unpack instead of each pulling and unpacking the same layers at once.
-    image_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The lock holds the error of a pull that failed while others waited: they fail with it
+    /// instead of each trying the same unreachable managers in turn.
+    image_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<String>>>>>,
 }
 
 /// How long wiring a task's veth may take before the task fails.
@@ -241,11 +243,17 @@ impl Executor {
             Err(_) => return Err("executor state poisoned".into()),
         };
         let res = async {
-            let _held = lock.lock().await;
+            let mut failed = lock.lock().await;
             if self.rt.images().resolve(digest).is_ok() {
                 return Ok(()); // pulled by another task meanwhile
             }
-            self.pull(image).await?;
+            if let Some(e) = failed.as_ref() {
+                return Err(e.clone()); // the pull this task waited for failed
+            }
+            if let Err(e) = self.pull(image).await {
+                *failed = Some(e.clone());
+                return Err(e);
+            }
             let rt = self.rt.clone();
             let d = digest.to_string();
             let prepared = tokio::task::spawn_blocking(move || rt.prepare_image(&d)).await;
