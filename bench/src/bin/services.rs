@@ -8,7 +8,10 @@
 //!
 //! Run: `cargo build --release -p flotilla -p flotilla-bench && target/release/services [--no-swarm] [--repeat K]`
 //! Needs root; starts its own dockerd with `--bridge=none --iptables=false` in a temporary
-//! directory (apt-get install docker.io for the anchor).
+//! directory (apt-get install docker.io for the anchor), with
+//! `DOCKER_SERVICE_PREFER_OFFLINE_IMAGE=1` and `--no-resolve-image` on every create, so that
+//! Swarm uses the local image without asking docker.io (no lookup leaves the machine).
+//! Each size runs `--repeat K` rounds (default 3), interleaved; medians are compared.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
