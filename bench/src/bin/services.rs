@@ -1,14 +1,18 @@
 //! Services benchmark, with Docker Swarm (Debian's docker.io) as the anchor in the same run.
 //!
 //! - `service create --replicas 20` and `--replicas 100` → all running, Flotilla (one node) vs
-//!   Swarm (one node, `--network host`, same busybox image), both measured by polling their
+//!   Swarm (one node, same busybox image) in two ways: with Docker's default network for a task
+//!   (a namespace and a veth on a bridge, as Flotilla gives every task) and with `--network host`
+//!   (no namespace, less work than Flotilla does). Both systems are measured by polling their
 //!   APIs in-process every 20 ms until every replica runs (Swarm's CLI would add a 5 s stability
 //!   wait, so `-d` is used for both); every timed round starts on a quiet machine (`settle`);
 //! - kill -9 a worker of a 3-node Flotilla cluster → its tasks running elsewhere.
 //!
 //! Run: `cargo build --release -p flotilla -p flotilla-bench && target/release/services [--no-swarm] [--repeat K]`
-//! Needs root; starts its own dockerd with `--bridge=none --iptables=false` in a temporary
-//! directory (apt-get install docker.io for the anchor), with
+//! Needs root; starts its own dockerd in a temporary directory (apt-get install docker.io for the
+//! anchor) with Docker's default storage driver here (overlay2), its task bridge on a private
+//! /23 made for the run (`dkbench0`, removed afterwards), `--iptables=false --ip-forward=false
+//! --ip-masq=false` so that it changes nothing else on the host, and with
 //! `DOCKER_SERVICE_PREFER_OFFLINE_IMAGE=1` and `--no-resolve-image` on every create, so that
 //! Swarm uses the local image without asking docker.io (no lookup leaves the machine).
 //! Each size runs `--repeat K` rounds (default 3), interleaved; medians are compared.
@@ -21,8 +25,16 @@ use anyhow::{bail, Context};
 use flotilla_api::{Client, Endpoint};
 use flotilla_bench::*;
 
+/// The bridge the benchmark's dockerd puts task containers on (`--bridge`), made and removed by
+/// the benchmark so that no host network is touched.
+const BRIDGE: &str = "dkbench0";
+const BRIDGE_ADDR: &str = "10.213.0.1/23";
+
 struct Docker {
     sock: String,
+    /// `docker swarm init` makes `docker_gwbridge` and `swarm leave` keeps it: removed on drop
+    /// unless it was there before this run.
+    own_gwbridge: bool,
     api: Client,
     dir: std::path::PathBuf,
     pid: Option<std::process::Child>,
@@ -30,6 +42,21 @@ struct Docker {
 
 impl Docker {
     fn start(dir: &std::path::Path) -> anyhow::Result<Docker> {
+        let _ = Command::new("ip")
+            .args(["link", "del", BRIDGE])
+            .stderr(Stdio::null())
+            .status();
+        let own_gwbridge = !std::path::Path::new("/sys/class/net/docker_gwbridge").exists();
+        for args in [
+            vec!["link", "add", BRIDGE, "type", "bridge"],
+            vec!["addr", "add", BRIDGE_ADDR, "dev", BRIDGE],
+            vec!["link", "set", BRIDGE, "up"],
+        ] {
+            let st = Command::new("ip").args(&args).status()?;
+            if !st.success() {
+                bail!("ip {args:?} failed");
+            }
+        }
         let sock = format!("unix://{}/docker.sock", dir.display());
         let child = Command::new("dockerd")
             // Swarm's agent otherwise tries to pull every task's image from its registry
@@ -37,7 +64,8 @@ impl Docker {
             // machine, which the benchmark must not cause. Flotilla does not pull a present image
             // either.
             .env("DOCKER_SERVICE_PREFER_OFFLINE_IMAGE", "1")
-            .args(["--storage-driver=vfs", "--bridge=none", "--iptables=false"])
+            .args(["--storage-driver=overlay2", "--bridge", BRIDGE])
+            .args(["--iptables=false", "--ip-forward=false", "--ip-masq=false"])
             .arg("--data-root")
             .arg(dir.join("root"))
             .arg("--exec-root")
@@ -47,9 +75,17 @@ impl Docker {
             .args(["-H", &sock])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("dockerd.log"))?)
-            .spawn()
-            .context("dockerd not found: apt-get install docker.io (or pass --no-swarm)")?;
+            .spawn();
+        let child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = Command::new("ip").args(["link", "del", BRIDGE]).status();
+                return Err(e)
+                    .context("dockerd not found: apt-get install docker.io (or pass --no-swarm)");
+            }
+        };
         let d = Docker {
+            own_gwbridge,
             api: Client::new(Endpoint::Unix(dir.join("docker.sock"))),
             sock,
             dir: dir.to_path_buf(),
@@ -82,6 +118,12 @@ impl Drop for Docker {
         let _ = Command::new("umount")
             .arg(self.dir.join("exec/netns/default"))
             .status();
+        let _ = Command::new("ip").args(["link", "del", BRIDGE]).status();
+        if self.own_gwbridge {
+            let _ = Command::new("ip")
+                .args(["link", "del", "docker_gwbridge"])
+                .status();
+        }
     }
 }
 
@@ -312,10 +354,12 @@ fn runc_floor(
     Ok(d)
 }
 
-async fn swarm_round(d: &Docker, n: u64) -> anyhow::Result<Duration> {
+/// One Swarm round: `host` runs the tasks with `--network host`, otherwise each task gets
+/// Docker's default network (its own namespace, a veth on the bridge, an address).
+async fn swarm_round(d: &Docker, n: u64, host: bool) -> anyhow::Result<Duration> {
     let name = format!("s{n}");
-    let t = Instant::now();
-    d.run(&[
+    let replicas = n.to_string();
+    let mut args = vec![
         "service",
         "create",
         "-d",
@@ -323,16 +367,21 @@ async fn swarm_round(d: &Docker, n: u64) -> anyhow::Result<Duration> {
         // The image is local: without this dockerd asks registry-1.docker.io for its digest
         // (DNS off the machine), which it must not do (and which did not change the times).
         "--no-resolve-image",
-        "--network",
-        "host",
+    ];
+    if host {
+        args.extend(["--network", "host"]);
+    }
+    args.extend([
         "--name",
         &name,
         "--replicas",
-        &n.to_string(),
+        &replicas,
         "bb:bench",
         "sleep",
         "100000",
-    ])?;
+    ]);
+    let t = Instant::now();
+    d.run(&args)?;
     // Polled in-process over the Engine API, as Flotilla is: a `docker service ls` process
     // every 20 ms would take CPU from the system being measured.
     loop {
@@ -404,7 +453,7 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or(3);
     let mut rows = Vec::new();
     for n in [20u64, 100] {
-        let (mut fl, mut sw, mut fo) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut fl, mut sw, mut sh, mut fo) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut config = None;
         for r in 1..=repeat {
             quiet();
@@ -419,9 +468,13 @@ async fn main() -> anyhow::Result<()> {
             fl.push(f);
             if let Some(d) = &docker {
                 quiet();
-                let s = swarm_round(d, n).await?;
+                let s = swarm_round(d, n, false).await?;
                 line += &format!(", docker swarm {:.2} s", s.as_secs_f64());
                 sw.push(s);
+                quiet();
+                let s = swarm_round(d, n, true).await?;
+                line += &format!(", swarm --network host {:.2} s", s.as_secs_f64());
+                sh.push(s);
             }
             if let Some(c) = &config {
                 quiet();
@@ -439,11 +492,15 @@ async fn main() -> anyhow::Result<()> {
         );
         if !sw.is_empty() {
             let s = median(&mut sw);
+            let h = median(&mut sh);
             print!(
-                ", docker swarm {:.2} s ({}), swarm / flotilla = {:.1}x",
+                ", docker swarm {:.2} s ({}), swarm / flotilla = {:.1}x; swarm --network host {:.2} s ({}), swarm host / flotilla = {:.1}x",
                 s.as_secs_f64(),
                 range(&sw),
-                s.as_secs_f64() / f.as_secs_f64()
+                s.as_secs_f64() / f.as_secs_f64(),
+                h.as_secs_f64(),
+                range(&sh),
+                h.as_secs_f64() / f.as_secs_f64()
             );
         }
         if !fo.is_empty() {
