@@ -432,6 +432,7 @@ async fn run_node(
             tls: tls.clone(),
             data_dir: cfg.data_dir.display().to_string(),
             listen: cfg.listen.to_string(),
+            decoded: Default::default(),
         }))
     } else {
         None

@@ -48,7 +48,7 @@ pub fn now_ms() -> u64 {
 }
 
 /// Objects stored as JSON whose `Meta` the store's versions fill in.
-pub trait Stored: Serialize + DeserializeOwned {
+pub trait Stored: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
     const TABLE: Table;
     const KIND: &'static str;
     fn meta_mut(&mut self) -> &mut Meta;
@@ -107,18 +107,82 @@ pub struct Manager {
     /// `--data-dir` and `--listen`, for the recovery hint.
     pub data_dir: String,
     pub listen: String,
+    /// Objects already decoded, so that reading a table decodes only what changed.
+    pub decoded: Decoded,
+}
+
+/// Decoded objects by table and id, each with the store version it was decoded from. A version
+/// is the Raft index of the entry that wrote the object, so an equal version means equal bytes
+/// and the decoded copy can stand in for decoding them again. The control loop and every
+/// dispatcher stream read whole tables after each change, which without this decodes every
+/// task again for each status report (O(tasks²) JSON parsing over a large start).
+#[derive(Default)]
+pub struct Decoded {
+    tables: Mutex<HashMap<Table, Cached>>,
+}
+
+type Cached = HashMap<String, (u64, Arc<dyn std::any::Any + Send + Sync>)>;
+
+impl Decoded {
+    fn lookup<T: Stored>(map: &Cached, v: &Versioned) -> Option<Arc<T>> {
+        match map.get(&v.id) {
+            Some((version, obj)) if *version == v.version => obj.clone().downcast::<T>().ok(),
+            _ => None,
+        }
+    }
+
+    /// The objects of `raw` (one whole table), reusing copies decoded earlier; keeps exactly
+    /// the listed objects afterwards (deleted ones drop out).
+    fn table<T: Stored>(&self, raw: &[Versioned]) -> Result<Vec<T>, ApiError> {
+        // Taken out so that decoding runs without the lock; a concurrent reader meanwhile
+        // decodes for itself, and whichever puts its map back last wins (both are correct:
+        // entries are keyed by version).
+        let old = self
+            .tables
+            .lock()
+            .map(|mut t| t.remove(&T::TABLE))
+            .unwrap_or_default()
+            .unwrap_or_default();
+        let mut fresh: Cached = HashMap::with_capacity(raw.len());
+        let mut out = Vec::with_capacity(raw.len());
+        for v in raw {
+            let obj = match Self::lookup::<T>(&old, v) {
+                Some(o) => o,
+                None => Arc::new(decode::<T>(v)?),
+            };
+            out.push(T::clone(&obj));
+            fresh.insert(v.id.clone(), (v.version, obj));
+        }
+        if let Ok(mut t) = self.tables.lock() {
+            t.insert(T::TABLE, fresh);
+        }
+        Ok(out)
+    }
+
+    /// One object, from the cache when its version matches (a miss is decoded, not cached).
+    fn one<T: Stored>(&self, v: &Versioned) -> Result<T, ApiError> {
+        let hit = self
+            .tables
+            .lock()
+            .ok()
+            .and_then(|t| t.get(&T::TABLE).and_then(|m| Self::lookup::<T>(m, v)));
+        match hit {
+            Some(o) => Ok(T::clone(&o)),
+            None => decode(v),
+        }
+    }
 }
 
 impl Manager {
     pub fn get<T: Stored>(&self, id: &str) -> Result<Option<T>, ApiError> {
         match self.store.get(T::TABLE, id)? {
-            Some(v) => decode(&v).map(Some),
+            Some(v) => self.decoded.one(&v).map(Some),
             None => Ok(None),
         }
     }
 
     pub fn list<T: Stored>(&self) -> Result<Vec<T>, ApiError> {
-        self.store.list(T::TABLE)?.iter().map(decode).collect()
+        self.decoded.table(&self.store.list(T::TABLE)?)
     }
 
     /// Writes a batch; a failed precondition becomes 404/409 naming `what`, a commit timeout
@@ -239,5 +303,66 @@ impl Manager {
 
     pub fn is_leader(&self) -> bool {
         self.store.status().state == "leader"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_types::TaskState;
+
+    fn raw(id: &str, version: u64, state: &str) -> Versioned {
+        let v = serde_json::json!({
+            "id": id, "service_id": "s1", "slot": 1, "node_id": "n1",
+            "spec": {"container": {"image": "x"}},
+            "spec_version": 1, "desired_state": "running",
+            "status": {"state": state, "timestamp": 1}
+        });
+        Versioned {
+            id: id.into(),
+            version,
+            created: 1,
+            value: serde_json::to_vec(&v).expect("json"),
+        }
+    }
+
+    fn states(tasks: &[Task]) -> Vec<(String, u64, TaskState)> {
+        tasks
+            .iter()
+            .map(|t| (t.id.clone(), t.meta.version, t.status.state))
+            .collect()
+    }
+
+    #[test]
+    fn decoded_objects_follow_versions_and_deletions() {
+        let d = Decoded::default();
+        let t = d
+            .table::<Task>(&[raw("a", 3, "assigned"), raw("b", 4, "running")])
+            .expect("list");
+        assert_eq!(
+            states(&t),
+            [
+                ("a".into(), 3, TaskState::Assigned),
+                ("b".into(), 4, TaskState::Running)
+            ]
+        );
+        // Same version: the copy decoded before is used (these bytes are never parsed).
+        let mut stale = raw("a", 3, "running");
+        stale.value = b"not json".to_vec();
+        let t = d.table::<Task>(&[stale.clone()]).expect("cached");
+        assert_eq!(states(&t), [("a".into(), 3, TaskState::Assigned)]);
+        assert_eq!(d.one::<Task>(&stale).expect("one").status.state, TaskState::Assigned);
+        // A new version is decoded.
+        let t = d.table::<Task>(&[raw("a", 9, "running")]).expect("new");
+        assert_eq!(states(&t), [("a".into(), 9, TaskState::Running)]);
+        // "b" was not listed last time: it is gone from the cache, and so is a deleted "a".
+        let mut b = raw("b", 4, "running");
+        b.value = b"not json".to_vec();
+        assert!(d.one::<Task>(&b).is_err());
+        assert!(d.table::<Task>(&[]).expect("empty").is_empty());
+        assert!(d.one::<Task>(&stale).is_err());
+        // A corrupt object is an error naming it, not a panic.
+        let e = d.table::<Task>(&[stale]).expect_err("corrupt");
+        assert!(e.message.contains("corrupt task a"), "{}", e.message);
     }
 }
