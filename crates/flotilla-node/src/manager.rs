@@ -351,7 +351,10 @@ mod tests {
         stale.value = b"not json".to_vec();
         let t = d.table::<Task>(&[stale.clone()]).expect("cached");
         assert_eq!(states(&t), [("a".into(), 3, TaskState::Assigned)]);
-        assert_eq!(d.one::<Task>(&stale).expect("one").status.state, TaskState::Assigned);
+        assert_eq!(
+            d.one::<Task>(&stale).expect("one").status.state,
+            TaskState::Assigned
+        );
         // A new version is decoded.
         let t = d.table::<Task>(&[raw("a", 9, "running")]).expect("new");
         assert_eq!(states(&t), [("a".into(), 9, TaskState::Running)]);

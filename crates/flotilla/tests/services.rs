@@ -369,6 +369,19 @@ fn s40_restart_limits_scaling_and_jobs() {
     let o = c.run(&["service", "scale", "s=3"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(c.running("s").len(), 3);
+    // A mistyped count is refused before it reaches the store (it would exhaust the leader's
+    // memory), and the service keeps its replicas.
+    let o = c.run(&["service", "scale", "s=100000000"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--replicas 100000000 is more than one service may have (100000)"),
+        "{}",
+        stderr(&o)
+    );
+    let o = c.run(&["service", "inspect", "s", "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("inspect json");
+    assert_eq!(v["spec"]["mode"]["replicated"]["replicas"], 3, "{v}");
+    assert_eq!(c.running("s").len(), 3);
 
     // A replicated job: 6 completions, at most 2 at once.
     let o = c.run(&[

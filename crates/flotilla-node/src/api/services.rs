@@ -19,6 +19,15 @@ use crate::error::ApiError;
 use crate::manager::{encode, now_ms, Manager};
 
 /// Checks a spec before it is stored; the messages say what to fix.
+/// The most replicas (or job completions, or concurrent job tasks) one service may ask for.
+/// Each orchestrator pass walks every slot, and a create or scale writes all the tasks it needs
+/// at once, so an unbounded count (a typo such as 100000000) would take all of the leader's
+/// memory, and again after each restart, since the spec is stored: before this bound, such a
+/// create grew a node past 8 GB within 15 s, and `service rm` did not stop it. Swarm has no
+/// bound; no cluster Flotilla is built for runs more tasks of one service (the scheduler is
+/// benchmarked with 1,000,000 tasks over 100 services).
+pub const MAX_REPLICAS: u64 = 100_000;
+
 pub fn validate_spec(spec: &ServiceSpec) -> Result<(), ApiError> {
     flotilla_types::validate_name(&spec.name)
         .map_err(|e| ApiError::bad_request(format!("service name: {e}")))?;
@@ -47,6 +56,25 @@ pub fn validate_spec(spec: &ServiceSpec) -> Result<(), ApiError> {
             ))
         }
         _ => {}
+    }
+    let counts = match spec.mode {
+        ServiceMode::Replicated { replicas } => vec![("--replicas", replicas)],
+        ServiceMode::ReplicatedJob {
+            max_concurrent,
+            total_completions,
+        } => vec![
+            ("--replicas", total_completions),
+            ("--max-concurrent", max_concurrent),
+        ],
+        ServiceMode::Global | ServiceMode::GlobalJob => vec![],
+    };
+    for (flag, n) in counts {
+        if n > MAX_REPLICAS {
+            return Err(ApiError::bad_request(format!(
+                "{flag} {n} is more than one service may have ({MAX_REPLICAS}): \
+                 split the work over several services"
+            )));
+        }
     }
     if let Some(h) = &c.healthcheck {
         if h.interval == 0 || h.timeout == 0 {
