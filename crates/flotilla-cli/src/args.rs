@@ -3,6 +3,13 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// A duration flag (`500ms`, `5s`, `1m30s`, `2h`); the parser's own message says where it
+/// stopped, this adds what a valid value looks like.
+fn duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{e} in {s:?}: use a duration such as 500ms, 5s, 1m30s or 2h"))
+}
+
 /// Default data directory of a node, and so of the local API socket.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/flotilla";
 
@@ -142,10 +149,10 @@ pub struct RunArgs {
     #[arg(long)]
     pub force_new_cluster: bool,
     /// Lifetime of node certificates (renewed after two thirds), e.g. 90d, 1h, 30s.
-    #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "90d", value_parser = duration)]
     pub cert_lifetime: std::time::Duration,
     /// A node whose heartbeats stop for this long is marked down.
-    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "3s", value_parser = duration)]
     pub heartbeat_timeout: std::time::Duration,
     /// Raft election timeout range in milliseconds, MIN-MAX.
     #[arg(long, default_value = "250-500")]
@@ -358,22 +365,22 @@ pub struct SpecFlags {
     pub limit_memory: Option<String>,
     #[arg(long, value_parser = ["none", "on-failure", "any"])]
     pub restart_condition: Option<String>,
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = duration)]
     pub restart_delay: Option<std::time::Duration>,
     #[arg(long)]
     pub restart_max_attempts: Option<u64>,
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = duration)]
     pub restart_window: Option<std::time::Duration>,
     /// Command run inside the container (`sh -c`); exit 0 = healthy.
     #[arg(long)]
     pub health_cmd: Option<String>,
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = duration)]
     pub health_interval: Option<std::time::Duration>,
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = duration)]
     pub health_timeout: Option<std::time::Duration>,
     #[arg(long)]
     pub health_retries: Option<u32>,
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = duration)]
     pub health_start_period: Option<std::time::Duration>,
     /// HTTP health check: GET PATH on the task's address; 2xx/3xx = healthy. PORT defaults to
     /// the first published target port, else 80.
@@ -396,15 +403,15 @@ pub struct SpecFlags {
     pub endpoint_mode: Option<String>,
     #[arg(long)]
     pub update_parallelism: Option<u64>,
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = duration)]
     pub update_delay: Option<std::time::Duration>,
     #[arg(long, value_parser = ["pause", "continue", "rollback"])]
     pub update_failure_action: Option<String>,
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = duration)]
     pub update_monitor: Option<std::time::Duration>,
     #[arg(long, value_parser = ["stop-first", "start-first"])]
     pub update_order: Option<String>,
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = duration)]
     pub stop_grace_period: Option<std::time::Duration>,
     /// Service label key=value (repeatable).
     #[arg(long, value_name = "KEY=VALUE")]
@@ -413,7 +420,7 @@ pub struct SpecFlags {
     #[arg(long, short)]
     pub detach: bool,
     /// Give up waiting for convergence after this long.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5m", value_parser = duration)]
     pub timeout: std::time::Duration,
 }
 
@@ -532,4 +539,16 @@ pub struct DevArgs {
     /// Do not deploy the demo service.
     #[arg(long)]
     pub no_demo: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_duration_says_what_a_good_one_looks_like() {
+        assert_eq!(duration("1m30s"), Ok(std::time::Duration::from_secs(90)));
+        let e = duration("bogus").expect_err("bogus");
+        assert!(e.contains("use a duration such as 500ms, 5s"), "{e}");
+    }
 }
