@@ -286,7 +286,7 @@ pub async fn run(client: &Client, cmd: ServiceCmd) -> Result<(), CliError> {
                 .await?;
             println!("{service}");
             if !detach {
-                converge(client, &service, Duration::from_secs(300)).await?;
+                converge(client, &service, Duration::from_secs(300), Goal::Rollback).await?;
             }
             Ok(())
         }
@@ -345,7 +345,7 @@ async fn create(client: &Client, a: ServiceCreateArgs) -> Result<(), CliError> {
     let id = resp["id"].as_str().unwrap_or_default().to_string();
     println!("{id}");
     if !a.flags.detach {
-        converge(client, &id, a.flags.timeout).await?;
+        converge(client, &id, a.flags.timeout, Goal::Change).await?;
     }
     Ok(())
 }
@@ -387,7 +387,7 @@ async fn update(client: &Client, a: ServiceUpdateArgs) -> Result<(), CliError> {
         println!("{}", current.spec.name);
     }
     if !a.flags.detach {
-        converge(client, &current.id, a.flags.timeout).await?;
+        converge(client, &current.id, a.flags.timeout, Goal::Change).await?;
     }
     Ok(())
 }
@@ -396,8 +396,22 @@ async fn tasks_of(client: &Client, service: &str) -> Result<Vec<Task>, CliError>
     get(client, &format!("/v1/tasks?service={}", enc(service))).await
 }
 
+/// What the command waiting in [`converge`] asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Goal {
+    /// A create, update or scale: a rollback of it means it failed.
+    Change,
+    /// `service rollback`: a completed rollback is what it asked for.
+    Rollback,
+}
+
 /// Shows progress until the service runs what its spec says, or fails with the reason.
-pub async fn converge(client: &Client, service: &str, timeout: Duration) -> Result<(), CliError> {
+pub async fn converge(
+    client: &Client,
+    service: &str,
+    timeout: Duration,
+    goal: Goal,
+) -> Result<(), CliError> {
     let start = Instant::now();
     let mut last_line = String::new();
     let mut pending_since: Option<Instant> = None;
@@ -468,9 +482,12 @@ pub async fn converge(client: &Client, service: &str, timeout: Duration) -> Resu
         if let Some(u) = &s.update_status {
             match u.state {
                 UpdateState::RollbackCompleted | UpdateState::RollbackPaused
-                    if !u.message.contains("manually requested") =>
+                    if goal == Goal::Change =>
                 {
                     return Err(CliError::new(format!("update rolled back: {}", u.message)));
+                }
+                UpdateState::RollbackPaused => {
+                    return Err(CliError::new(format!("rollback paused: {}", u.message)));
                 }
                 UpdateState::Paused => {
                     return Err(CliError::new(format!("update paused: {}", u.message)));

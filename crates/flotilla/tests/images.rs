@@ -397,6 +397,22 @@ fn t40_gc_removes_only_unreferenced_blobs() {
         "unpacked at import, before any container: {:?}",
         layers(&store_root(&c, 0))
     );
+    // A name no reference could use later is refused, and nothing is stored under it.
+    let o = c.run(&[
+        "image",
+        "import",
+        c.tmp.path().join("rootfs").to_str().unwrap(),
+        "--name",
+        "bad name",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("image name \"bad name\" is invalid"),
+        "{}",
+        stderr(&o)
+    );
+    let ls = ok(&c.run(&["image", "ls"]), "image ls");
+    assert!(!ls.contains("bad name"), "{ls}");
     create(&c, "keep", "keep:1", &[]);
     wait_task_state(&c, "keep", "running");
     let root = store_root(&c, 0);

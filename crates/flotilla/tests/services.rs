@@ -382,6 +382,16 @@ fn s40_restart_limits_scaling_and_jobs() {
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("inspect json");
     assert_eq!(v["spec"]["mode"]["replicated"]["replicas"], 3, "{v}");
     assert_eq!(c.running("s").len(), 3);
+    // As in Swarm, a scale is a change like any other: rollback undoes it.
+    assert_eq!(
+        v["previous_spec"]["mode"]["replicated"]["replicas"], 0,
+        "{v}"
+    );
+    let o = c.run(&["service", "rollback", "s"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    wait_for("0 running after the rollback", LONG, || {
+        c.running("s").is_empty().then_some(())
+    });
 
     // A replicated job: 6 completions, at most 2 at once.
     let o = c.run(&[

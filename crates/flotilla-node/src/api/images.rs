@@ -67,6 +67,17 @@ pub async fn import(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let rt = runtime(&ctx)?;
+    // The name must be a reference services, pulls and pushes can use later.
+    match flotilla_registry::ImageRef::parse(&q.name) {
+        Ok(r) if r.digest.is_none() => {}
+        _ => {
+            return Err(ApiError::bad_request(format!(
+                "image name {:?} is invalid: use NAME[:TAG], NAME in lowercase letters, digits, \
+                 '.', '_', '-' and '/' (e.g. web or team/web:1.2)",
+                q.name
+            )))
+        }
+    }
     if body.is_empty() {
         return Err(ApiError::bad_request(
             "empty upload: send a tar of the root filesystem",

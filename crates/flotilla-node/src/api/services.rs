@@ -374,6 +374,11 @@ pub async fn update(
             completed_at: None,
             message: "update in progress".into(),
         });
+    }
+    // As in Swarm, every change (a scale too) keeps the spec it replaces, so `service
+    // rollback` undoes the last change, whatever it was. An update that changes nothing keeps
+    // the previous spec there was.
+    if spec != s.spec {
         s.previous_spec = Some(s.spec.clone());
     }
     s.spec = spec;

@@ -497,7 +497,15 @@ impl ImageStore {
             let mut ar = tar::Archive::new(r);
             ar.set_preserve_permissions(false);
             for entry in ar.entries().ctx(|| "read archive".into())? {
-                let mut e = entry.ctx(|| "read archive entry".into())?;
+                // The tar reader's message quotes the bytes it could not parse, which for a
+                // file that is no archive at all is the start of that file (text or binary
+                // noise): left out. The path is often a server-side upload, also left out.
+                let mut e = entry.map_err(|_| {
+                    RuntimeError::BadArchive(
+                        "not a docker save or OCI image archive (tar or tar.gz): its entries cannot be read"
+                            .into(),
+                    )
+                })?;
                 let t = e.header().entry_type();
                 if t.is_file() || t.is_dir() || t.is_symlink() {
                     e.unpack_in(&tmp).ctx(|| "unpack archive".into())?;
@@ -711,6 +719,18 @@ mod tests {
         assert_eq!(normalize_ref("busybox:1"), "busybox:1");
         assert_eq!(normalize_ref("localhost:5000/a"), "localhost:5000/a:latest");
         assert_eq!(normalize_ref("sha256:ab"), "sha256:ab");
+    }
+
+    #[test]
+    fn a_file_that_is_no_archive_is_named_so_without_quoting_it() -> Result<()> {
+        let dir = tempfile::tempdir().ctx(|| "tempdir".into())?;
+        let s = ImageStore::open(&dir.path().join("store"))?;
+        let f = dir.path().join("passwd");
+        fs::write(&f, "root:x:0:0:root:/root:/bin/bash\n".repeat(20)).ctx(|| "write".into())?;
+        let e = s.load_archive(&f).expect_err("not an archive").to_string();
+        assert!(e.contains("not a docker save or OCI image archive"), "{e}");
+        assert!(!e.contains("root:x"), "{e}");
+        Ok(())
     }
 
     #[test]
