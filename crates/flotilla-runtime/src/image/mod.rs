@@ -724,7 +724,7 @@ mod tests {
     #[test]
     fn a_file_that_is_no_archive_is_named_so_without_quoting_it() -> Result<()> {
         let dir = tempfile::tempdir().ctx(|| "tempdir".into())?;
-        let s = ImageStore::open(&dir.path().join("store"))?;
+        let s = ImageStore::open(dir.path().join("store"))?;
         let f = dir.path().join("passwd");
         fs::write(&f, "root:x:0:0:root:/root:/bin/bash\n".repeat(20)).ctx(|| "write".into())?;
         let e = s.load_archive(&f).expect_err("not an archive").to_string();
