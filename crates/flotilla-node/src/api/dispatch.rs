@@ -90,6 +90,10 @@ pub fn task_node(ev: &Event) -> Option<Option<String>> {
     serde_json::from_slice::<NodeOf>(v).ok().map(|n| n.node_id)
 }
 
+/// How often a push stream resends its current state when nothing changed, so that both
+/// ends notice a dead connection (agents give up on a stream after 12 s of silence).
+pub const KEEPALIVE: Duration = Duration::from_secs(5);
+
 /// A long-lived NDJSON stream of `build`'s result: sent at once, then again whenever a change
 /// that `relevant` accepts alters it (`same` says whether it did), plus a keep-alive resend
 /// every 5 s so a dead connection is noticed by both sides. Bursts of changes are coalesced.
@@ -115,6 +119,11 @@ where
             return;
         }
         let mut last = Some(first);
+        // The keep-alive is due 5 s after the last message sent, however many events arrive
+        // meanwhile: timed from the last event instead, a steady flow of changes that do not
+        // concern this stream (a large create's unplaced tasks) starved it, and agents dropped
+        // the silent stream and reconnected.
+        let mut sent_at = tokio::time::Instant::now();
         loop {
             let dirty = tokio::select! {
                 ev = watch.next() => match ev {
@@ -128,7 +137,7 @@ where
                         true
                     }
                 },
-                _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                _ = tokio::time::sleep_until(sent_at + KEEPALIVE) => {
                     last = None;
                     true
                 }
@@ -148,6 +157,7 @@ where
             if tx.send(send(&now)).await.is_err() {
                 return;
             }
+            sent_at = tokio::time::Instant::now();
             last = Some(now);
         }
     });
