@@ -93,13 +93,39 @@ pub async fn update(
     Json(upd): Json<NodeUpdate>,
 ) -> Result<Response, ApiError> {
     let mgr = ctx.manager()?;
-    let mut node = find_node(&mgr, &key)?;
+    // The request is a change to apply (availability, labels), not a whole spec: when the
+    // leader writes the node meanwhile (its status, address, description), the change is
+    // applied again to the newer node. A caller that names the version it read gets the
+    // conflict instead.
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match update_once(&mgr, &key, q.version, &upd).await {
+            Err(e)
+                if e.status == axum::http::StatusCode::CONFLICT
+                    && q.version.is_none()
+                    && attempt < 5 =>
+            {
+                continue
+            }
+            res => return res,
+        }
+    }
+}
+
+async fn update_once(
+    mgr: &Manager,
+    key: &str,
+    version: Option<u64>,
+    upd: &NodeUpdate,
+) -> Result<Response, ApiError> {
+    let mut node = find_node(mgr, key)?;
     if upd.role.is_some_and(|r| r != node.spec.role) {
         return Err(ApiError::bad_request(
             "change roles with `flotilla node promote` / `flotilla node demote`",
         ));
     }
-    let expect = q.version.unwrap_or(node.meta.version);
+    let expect = version.unwrap_or(node.meta.version);
     if let Some(a) = upd.availability {
         node.spec.availability = a;
     }
