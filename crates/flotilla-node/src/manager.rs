@@ -134,19 +134,20 @@ impl Decoded {
     /// The objects of `raw` (one whole table), reusing copies decoded earlier; keeps exactly
     /// the listed objects afterwards (deleted ones drop out).
     fn table<T: Stored>(&self, raw: &[Versioned]) -> Result<Vec<T>, ApiError> {
-        // Taken out so that decoding runs without the lock; a concurrent reader meanwhile
-        // decodes for itself, and whichever puts its map back last wins (both are correct:
-        // entries are keyed by version).
-        let old = self
-            .tables
-            .lock()
-            .map(|mut t| t.remove(&T::TABLE))
-            .unwrap_or_default()
-            .unwrap_or_default();
+        // Hits are taken under the lock, misses decoded without it. Concurrent readers (the
+        // control loop, every agent's streams) share the map meanwhile; whichever puts its
+        // fresh map back last wins, and both are correct (entries are keyed by version).
+        let hits: Vec<Option<Arc<T>>> = match self.tables.lock() {
+            Ok(t) => match t.get(&T::TABLE) {
+                Some(map) => raw.iter().map(|v| Self::lookup::<T>(map, v)).collect(),
+                None => vec![None; raw.len()],
+            },
+            Err(_) => vec![None; raw.len()],
+        };
         let mut fresh: Cached = HashMap::with_capacity(raw.len());
         let mut out = Vec::with_capacity(raw.len());
-        for v in raw {
-            let obj = match Self::lookup::<T>(&old, v) {
+        for (v, hit) in raw.iter().zip(hits) {
+            let obj = match hit {
                 Some(o) => o,
                 None => Arc::new(decode::<T>(v)?),
             };

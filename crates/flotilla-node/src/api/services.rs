@@ -18,7 +18,6 @@ use super::{json_ok, Ctx, VersionQuery};
 use crate::error::ApiError;
 use crate::manager::{encode, now_ms, Manager};
 
-/// Checks a spec before it is stored; the messages say what to fix.
 /// The most replicas (or job completions, or concurrent job tasks) one service may ask for.
 /// Each orchestrator pass walks every slot, and a create or scale writes all the tasks it needs
 /// at once, so an unbounded count (a typo such as 100000000) would take all of the leader's
@@ -28,6 +27,7 @@ use crate::manager::{encode, now_ms, Manager};
 /// benchmarked with 1,000,000 tasks over 100 services).
 pub const MAX_REPLICAS: u64 = 100_000;
 
+/// Checks a spec before it is stored; the messages say what to fix.
 pub fn validate_spec(spec: &ServiceSpec) -> Result<(), ApiError> {
     flotilla_types::validate_name(&spec.name)
         .map_err(|e| ApiError::bad_request(format!("service name: {e}")))?;
