@@ -52,8 +52,12 @@ impl Docker {
             vec!["addr", "add", BRIDGE_ADDR, "dev", BRIDGE],
             vec!["link", "set", BRIDGE, "up"],
         ] {
-            let st = Command::new("ip").args(&args).status()?;
-            if !st.success() {
+            let ok = Command::new("ip")
+                .args(&args)
+                .status()
+                .is_ok_and(|st| st.success());
+            if !ok {
+                let _ = Command::new("ip").args(["link", "del", BRIDGE]).status();
                 bail!("ip {args:?} failed");
             }
         }
