@@ -151,10 +151,11 @@ async fn flotilla_running(client: &Client, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Median of samples (sorts them; the lower middle for an even count).
+/// Median of samples (sorts them; the lower middle for an even count, as the nearest-rank
+/// 50th percentile gives).
 fn median(v: &mut [Duration]) -> Duration {
     v.sort();
-    v.get((v.len().max(1) - 1) / 2).copied().unwrap_or_default()
+    pct(v, 50.0)
 }
 
 /// "min–max s" of sorted samples.

@@ -14,8 +14,8 @@ use nix::sched::{setns, unshare, CloneFlags};
 
 use crate::{Error, Result};
 
-/// Sysctls set in every namespace made by [`create`] or named by [`adopt`]: containers run in a user namespace
-/// and must still bind ports below 1024 and use ICMP sockets.
+/// Sysctls set in every namespace made by [`create`] or named by [`adopt`]: containers run in
+/// a user namespace and must still bind ports below 1024 and use ICMP sockets.
 const NEW_NS_SYSCTLS: &[(&str, &str)] = &[
     ("net.ipv4.ip_unprivileged_port_start", "0"),
     ("net.ipv4.ping_group_range", "0 2147483647"),
