@@ -26,6 +26,17 @@ fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
 }
 
+/// The host's target triple, as rustc reports it (`host: x86_64-unknown-linux-gnu`).
+fn host_triple() -> String {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let out = output_of(Command::new(rustc).arg("-vV"), "rustc -vV");
+    String::from_utf8_lossy(&out)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("rustc -vV printed no host line"))
+}
+
 /// Runs `cmd`, failing the test with its output when it does not succeed.
 fn output_of(cmd: &mut Command, what: &str) -> Vec<u8> {
     let out = cmd
@@ -82,12 +93,16 @@ fn t70_runtime_tests_pass_under_pure_cgroup_v2() {
             .args(["--list-type", "binaries-only", "--message-format", "json"]),
         "cargo nextest list (needs cargo-nextest)",
     );
+    // `--offline` alone needs every crate of every target platform in the local registry, and
+    // a Linux build fetches only Linux's: filter to the host so a fresh cargo home works.
     let metadata = output_of(
         Command::new(cargo()).current_dir(&workspace).args([
             "metadata",
             "--format-version",
             "1",
             "--offline",
+            "--filter-platform",
+            &host_triple(),
         ]),
         "cargo metadata",
     );
