@@ -230,10 +230,11 @@ impl Executor {
         }
     }
 
-    /// Makes a task's image ready to run: pulled if this node lacks it, then its layers
-    /// unpacked for containers. The tasks of an image being pulled wait for one pull and one
-    /// unpack (a lock per digest) instead of each pulling and unpacking the same layers; a
-    /// present image takes no lock (it was unpacked when it arrived, else the create does it).
+    /// Makes a task's image ready to run: pulled if this node lacks it (only when the trust
+    /// policy accepts it, see [`Self::pull`]), then its layers unpacked for containers. The
+    /// tasks of an image being pulled wait for one pull and one unpack (a lock per digest)
+    /// instead of each pulling and unpacking the same layers; a present image takes no lock
+    /// (the create unpacks what is missing, after the task's trust check).
     async fn ensure_image(&self, image: &str, digest: &str) -> Result<(), String> {
         if self.rt.images().resolve(digest).is_ok() {
             return Ok(());
@@ -274,24 +275,41 @@ impl Executor {
     }
 
     /// Pulls an image (pinned by digest) from the managers' registries, verifying every blob.
+    /// The trust policy is checked on the manifest and its signatures before any layer is
+    /// fetched, so an image the cluster does not trust never reaches this node's disk, let
+    /// alone the layer unpacker. Refused by every manager: the trust error alone (the task's
+    /// rejection message).
     async fn pull(&self, image: &str) -> Result<(), String> {
         let Some(ctx) = self.ctx.upgrade() else {
             return Err("node shutting down".into());
         };
+        let policy = ctx.agent_images.policy();
         let mut last = format!("image {image} is not on this node and no manager is known");
+        let mut refused = None;
         for addr in crate::agent::targets(&ctx) {
             let Some(client) = ctx.tls.registry(&addr) else {
                 continue;
             };
-            match flotilla_registry::pull(&client, self.rt.images(), image, |_| {}).await {
+            let pulled = flotilla_registry::pull_trusted(
+                &client,
+                self.rt.images(),
+                image,
+                Some(&policy),
+                |_| {},
+            )
+            .await;
+            match pulled {
                 Ok(d) => {
                     tracing::info!(image, digest = %d, manager = %addr, "pulled image");
                     return Ok(());
                 }
+                Err(flotilla_registry::RegistryError::NotTrusted(e)) => {
+                    refused = Some(e.to_string())
+                }
                 Err(e) => last = format!("pulling {image} from {addr}: {e}"),
             }
         }
-        Err(last)
+        Err(refused.unwrap_or(last))
     }
 
     /// The trust policy's verdict on a task's image (see `trust`).

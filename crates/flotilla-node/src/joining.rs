@@ -43,9 +43,10 @@ pub async fn join_cluster(
             &token.ca_fingerprint[..16]
         )));
     }
-    // 2. From now on the manager must prove it holds a certificate from that CA.
-    let tls =
-        flotilla_pki::client_config(&ca_pem, None).map_err(|e| NodeError::Tls(e.to_string()))?;
+    // 2. From now on the manager must prove it holds a manager certificate from that CA
+    //    (a worker of the cluster could otherwise collect the secret).
+    let tls = flotilla_pki::client_config_for(&ca_pem, None, Some(flotilla_pki::Role::Manager))
+        .map_err(|e| NodeError::Tls(e.to_string()))?;
     let client = Client::new(Endpoint::Https {
         addr: manager.to_string(),
         tls,

@@ -17,7 +17,10 @@ struct Material {
     key_pem: String,
     identity: Identity,
     server: Arc<rustls::ServerConfig>,
+    /// Connects only to managers (agents, Raft, forwarding, the registry).
     client: Arc<rustls::ClientConfig>,
+    /// Connects to any node of the cluster (log fan-out to the node running a task).
+    client_any: Arc<rustls::ClientConfig>,
 }
 
 pub struct TlsState {
@@ -33,7 +36,10 @@ fn pki(e: flotilla_pki::PkiError) -> NodeError {
 fn build(ca_pem: String, cert_pem: String, key_pem: String) -> Result<Material, NodeError> {
     let identity = flotilla_pki::parse_identity_pem(&cert_pem).map_err(pki)?;
     let server = flotilla_pki::server_config(&ca_pem, &cert_pem, &key_pem).map_err(pki)?;
-    let client = flotilla_pki::client_config(&ca_pem, Some((&cert_pem, &key_pem))).map_err(pki)?;
+    let me = Some((cert_pem.as_str(), key_pem.as_str()));
+    let client = flotilla_pki::client_config_for(&ca_pem, me, Some(flotilla_pki::Role::Manager))
+        .map_err(pki)?;
+    let client_any = flotilla_pki::client_config(&ca_pem, me).map_err(pki)?;
     Ok(Material {
         ca_pem,
         cert_pem,
@@ -41,6 +47,7 @@ fn build(ca_pem: String, cert_pem: String, key_pem: String) -> Result<Material, 
         identity,
         server,
         client,
+        client_any,
     })
 }
 
@@ -122,7 +129,7 @@ impl TlsState {
         Arc::new(cfg)
     }
 
-    /// A registry client for the manager at `addr`, verified like every node connection.
+    /// A registry client for the manager at `addr` (which must present a manager certificate).
     pub fn registry(&self, addr: &str) -> Option<flotilla_registry::RegistryClient> {
         flotilla_registry::RegistryClient::with_tls(
             &format!("https://{addr}"),
@@ -132,7 +139,16 @@ impl TlsState {
         .ok()
     }
 
-    /// A pooled mTLS client for the node at `addr`.
+    /// A client for the node at `addr` whatever its role (not pooled: log fan-out only).
+    pub fn node(&self, addr: &str) -> Client {
+        Client::new(Endpoint::Https {
+            addr: addr.to_string(),
+            tls: self.current().client_any.clone(),
+        })
+    }
+
+    /// A pooled mTLS client for the manager at `addr`: the server must present a manager
+    /// certificate of this cluster.
     pub fn peer(&self, addr: &str) -> Client {
         let client_cfg = self.current().client.clone();
         let mut peers = match self.peers.lock() {

@@ -18,7 +18,7 @@ pub use ca::{
     fingerprint_pem, needs_renewal, new_key_and_csr, parse_identity, parse_identity_pem, Ca,
     Identity, Role,
 };
-pub use tls::{client_config, pinning_probe_config, server_config};
+pub use tls::{client_config, client_config_for, pinning_probe_config, server_config};
 pub use token::JoinToken;
 
 /// The DNS name every node certificate carries and every client verifies.

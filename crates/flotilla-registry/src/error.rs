@@ -135,6 +135,9 @@ pub enum RegistryError {
     InvalidUrl(String),
     #[error("signing key: {0}")]
     Key(String),
+    /// The trust policy refused the image (see [`crate::TrustPolicy`]).
+    #[error(transparent)]
+    NotTrusted(#[from] crate::sign::TrustError),
     #[error("{0}")]
     Invalid(String),
 }

@@ -49,7 +49,7 @@ pub use sign::{
     TrustedKey, SIGNATURE_ARTIFACT_TYPE,
 };
 pub use source::{BlobSource, BlobStream, FirstOf};
-pub use transfer::{fetch_signatures, pull, push, Progress};
+pub use transfer::{fetch_signatures, pull, pull_trusted, push, Progress};
 
 #[doc(no_inline)]
 pub use flotilla_runtime::ImageStore;

@@ -9,7 +9,7 @@ use crate::digest::{signature_tag, ImageRef};
 use crate::error::{ErrorCode, IoContext, RegistryError, Result};
 use crate::manifest::{Manifest, ManifestKind};
 use crate::meta::Meta;
-use crate::sign::SIGNATURE_ARTIFACT_TYPE;
+use crate::sign::{TrustPolicy, SIGNATURE_ARTIFACT_TYPE};
 use bytes::Bytes;
 use flotilla_runtime::{ImageStore, RuntimeError};
 use std::fs::File;
@@ -46,6 +46,20 @@ pub async fn pull(
     client: &RegistryClient,
     store: &ImageStore,
     reference: &str,
+    progress: impl FnMut(Progress),
+) -> Result<String> {
+    pull_trusted(client, store, reference, None, progress).await
+}
+
+/// [`pull`], refusing an image that `policy` does not trust before any of its blobs (config
+/// or layers) is fetched: the manifest and its signatures come first, and only a verified
+/// manifest digest brings the rest. An image refused here leaves its signatures in the store
+/// and nothing else. `None` checks nothing (as [`pull`]).
+pub async fn pull_trusted(
+    client: &RegistryClient,
+    store: &ImageStore,
+    reference: &str,
+    policy: Option<&TrustPolicy>,
     mut progress: impl FnMut(Progress),
 ) -> Result<String> {
     let r = ImageRef::parse(reference)?;
@@ -56,6 +70,7 @@ pub async fn pull(
         .ok_or_else(|| manifest_unknown(&r))?;
     let mut m = Manifest::parse(&fetched.bytes, fetched.content_type.as_deref())?;
     let (mut bytes, mut digest) = (fetched.bytes, fetched.digest);
+    let mut index_digest = None;
     if m.kind() == ManifestKind::Index {
         let child = pick_platform(&m).ok_or_else(|| {
             RegistryError::dist(
@@ -69,20 +84,33 @@ pub async fn pull(
             .ok_or_else(|| manifest_unknown(&r))?;
         m = Manifest::parse(&f.bytes, f.content_type.as_deref())?;
         bytes = f.bytes;
-        digest = f.digest;
+        index_digest = Some(std::mem::replace(&mut digest, f.digest));
     }
     progress(Progress::Resolved {
         reference: r.to_string(),
         digest: digest.clone(),
     });
     tracing::info!(reference = %r, %digest, "pulling image");
+    pull_signatures(client, store, &meta, &r.name, &digest, &mut progress).await?;
+    if let Some(policy) = policy {
+        // A signature on the index the reference named covers the manifest picked from it.
+        let signed_index = match &index_digest {
+            Some(top) => {
+                pull_signatures(client, store, &meta, &r.name, top, &mut progress).await?;
+                policy.verify(store, reference, top).is_ok()
+            }
+            None => false,
+        };
+        if !signed_index {
+            policy.verify(store, reference, &digest)?;
+        }
+    }
     fetch_blobs(client, store, &meta, &r.name, &m, &mut progress).await?;
     store.put_blob(Some(&digest), &bytes[..])?;
     match m.kind() {
         ManifestKind::Image => meta.tag_image(store, r.tagged().as_deref(), &digest)?,
         _ => meta.record_artifact(store, &digest, &m, bytes.len() as u64, None)?,
     }
-    pull_signatures(client, store, &meta, &r.name, &digest, &mut progress).await?;
     progress(Progress::Done {
         digest: digest.clone(),
     });

@@ -190,6 +190,29 @@ fn t20_unsigned_and_untrusted_are_rejected_until_trusted_or_enforcement_off() {
         format!("image {image} {NOT_TRUSTED}"),
         "{t}"
     );
+    // On a worker that has to pull it, the refusal comes before any of its blobs moves:
+    // neither its config nor its layers reach the worker's disk, let alone the unpacker.
+    let mut c = c;
+    let w = c.join("w-uns", "worker");
+    create(&c, "uns-w", "uns:1", &["--constraint", "node.role==worker"]);
+    let t = wait_task_state(&c, "uns-w", "rejected");
+    assert_eq!(t["node_id"], c.node_id("w-uns").as_str());
+    assert_eq!(
+        t["status"]["message"].as_str().unwrap(),
+        format!("image {image} {NOT_TRUSTED}"),
+        "{t}"
+    );
+    let on_worker = store_root(&c, w);
+    assert_eq!(
+        blob_files(&on_worker),
+        Vec::<String>::new(),
+        "no blob pulled"
+    );
+    let unpacked: Vec<_> = std::fs::read_dir(on_worker.join("layers"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(unpacked.is_empty(), "no layer unpacked: {unpacked:?}");
+    ok(&c.run(&["service", "rm", "uns-w"]), "service rm");
 
     // Signed, but by a key the cluster does not trust.
     let other = c.tmp.path().join("other.pem");
