@@ -100,6 +100,12 @@ enum Sender {
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The longest line [`Client::stream_lines`] accepts (64 MiB).
+pub const MAX_STREAM_LINE: usize = 64 << 20;
+
+/// How much of an error response's body is read for its message (64 KiB).
+pub const MAX_ERROR_BODY: usize = 64 * 1024;
+
 impl Client {
     pub fn new(endpoint: Endpoint) -> Client {
         Client {
@@ -364,18 +370,39 @@ impl Client {
     }
 
     /// A streaming GET whose body is newline-delimited JSON; calls `on_line` for each line
-    /// until the stream ends or `on_line` returns false.
-    pub async fn stream_lines<F>(&self, path: &str, mut on_line: F) -> Result<(), ClientError>
+    /// until the stream ends or `on_line` returns false. Lines may be up to
+    /// [`MAX_STREAM_LINE`] long (an agent's whole assignment set is one line); see
+    /// [`Client::stream_lines_max`].
+    pub async fn stream_lines<F>(&self, path: &str, on_line: F) -> Result<(), ClientError>
+    where
+        F: FnMut(&[u8]) -> bool,
+    {
+        self.stream_lines_max(path, MAX_STREAM_LINE, on_line).await
+    }
+
+    /// [`Client::stream_lines`] for peers that may misbehave: a line longer than `max_line`
+    /// bytes (newline excluded) is not delivered in pieces, it ends the stream with
+    /// [`ClientError::Decode`] ("a line of the stream is longer than …"), so the client never
+    /// holds more than about `max_line` bytes of a line. An error status reads at most
+    /// [`MAX_ERROR_BODY`] of the body for its message. Each byte is scanned for a newline
+    /// once.
+    pub async fn stream_lines_max<F>(
+        &self,
+        path: &str,
+        max_line: usize,
+        mut on_line: F,
+    ) -> Result<(), ClientError>
     where
         F: FnMut(&[u8]) -> bool,
     {
         let resp = self.send(Method::GET, path, None).await?;
         let status = resp.status();
         if !status.is_success() {
-            let body = resp
-                .into_body()
-                .collect()
+            let limited = http_body_util::Limited::new(resp.into_body(), MAX_ERROR_BODY);
+            let body = tokio::time::timeout(self.timeout, limited.collect())
                 .await
+                .ok()
+                .and_then(|r| r.ok())
                 .map(|b| b.to_bytes())
                 .unwrap_or_default();
             let message = serde_json::from_slice::<ErrorBody>(&body)
@@ -386,24 +413,47 @@ impl Client {
                 message,
             });
         }
+        let too_long = || ClientError::Decode {
+            endpoint: self.ep(),
+            detail: format!("a line of the stream is longer than {max_line} bytes"),
+        };
         let mut stream = BodyStream::new(resp.into_body());
+        // `buf` holds the start of a line whose newline has not arrived; it was scanned.
         let mut buf: Vec<u8> = Vec::new();
         while let Some(frame) = stream.next().await {
             let frame = frame.map_err(|e| ClientError::Transport {
                 endpoint: self.ep(),
                 detail: e.to_string(),
             })?;
-            if let Ok(data) = frame.into_data() {
-                buf.extend_from_slice(&data);
-                while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = buf.drain(..=pos).collect();
-                    let line = &line[..line.len() - 1];
-                    if !line.is_empty() && !on_line(line) {
-                        return Ok(());
-                    }
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            let mut rest: &[u8] = &data;
+            while let Some(pos) = rest.iter().position(|b| *b == b'\n') {
+                let (head, tail) = (&rest[..pos], &rest[pos + 1..]);
+                rest = tail;
+                let line: &[u8] = if buf.is_empty() {
+                    head
+                } else {
+                    buf.extend_from_slice(head);
+                    &buf
+                };
+                if line.len() > max_line {
+                    return Err(too_long());
                 }
+                if !line.is_empty() && !on_line(line) {
+                    return Ok(());
+                }
+                buf.clear();
             }
+            if buf.len() + rest.len() > max_line {
+                return Err(too_long());
+            }
+            buf.extend_from_slice(rest);
         }
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -7,7 +7,7 @@ use hyper::Method;
 use flotilla_api::{Client, Endpoint};
 use flotilla_types::{ClusterInfo, EventMessage, JoinTokens, Node, NodeUpdate};
 
-use crate::output::{ago, print_json, print_table, table};
+use crate::output::{add_row, ago, escape, json_safe, print_json, print_table, table};
 use crate::{
     CliError, ClusterCmd, Command, EventsArgs, Format, NodeCmd, NodeUpdateArgs, DEFAULT_DATA_DIR,
 };
@@ -92,6 +92,22 @@ pub async fn get<T: serde::de::DeserializeOwned>(
         .map_err(|e| CliError::new(format!("unexpected answer from the node: {e}")))
 }
 
+/// `node ls` as printed: names, addresses and the rest escaped (nodes report them).
+pub(crate) fn node_table(nodes: &[Node]) -> comfy_table::Table {
+    let mut t = table(&[
+        "ID",
+        "NAME",
+        "STATUS",
+        "AVAILABILITY",
+        "MANAGER STATUS",
+        "ADDRESS",
+    ]);
+    for n in nodes {
+        add_row(&mut t, node_row(n));
+    }
+    t
+}
+
 fn node_row(n: &Node) -> Vec<String> {
     let manager = match &n.manager_status {
         Some(m) if m.leader => "Leader".to_string(),
@@ -108,6 +124,56 @@ fn node_row(n: &Node) -> Vec<String> {
         manager,
         n.status.addr.clone(),
     ]
+}
+
+/// `node inspect` as printed; every string the node or an operator set is escaped.
+pub(crate) fn node_details(n: &Node) -> String {
+    use std::fmt::Write as _;
+    let e = |s: &str| escape(s).into_owned();
+    let mut o = String::new();
+    let _ = writeln!(o, "ID:            {}", e(&n.id));
+    let _ = writeln!(o, "Name:          {}", e(&n.spec.name));
+    let _ = writeln!(o, "Role:          {}", n.spec.role.as_str());
+    let _ = writeln!(o, "Availability:  {}", n.spec.availability.as_str());
+    let _ = writeln!(
+        o,
+        "Status:        {} {}",
+        n.status.state.as_str(),
+        e(&n.status.message)
+    );
+    let _ = writeln!(o, "Address:       {}", e(&n.status.addr));
+    let _ = writeln!(o, "Version:       {}", n.meta.version);
+    if !n.spec.labels.is_empty() {
+        let _ = writeln!(o, "Labels:");
+        for (k, v) in &n.spec.labels {
+            let _ = writeln!(o, "  {}={}", e(k), e(v));
+        }
+    }
+    if let Some(m) = &n.manager_status {
+        let _ = writeln!(
+            o,
+            "Manager:       raft id {} at {}, {}{}",
+            m.raft_id,
+            e(&m.addr),
+            e(&m.reachability),
+            if m.leader { ", leader" } else { "" }
+        );
+    }
+    let d = &n.description;
+    let _ = writeln!(o, "Hostname:      {}", e(&d.hostname));
+    let _ = writeln!(o, "Platform:      {}/{}", e(&d.os), e(&d.arch));
+    let _ = writeln!(
+        o,
+        "Resources:     {} CPUs, {} MiB",
+        d.resources.nano_cpus / 1_000_000_000,
+        d.resources.memory_bytes / (1024 * 1024)
+    );
+    for (k, v) in &d.engine {
+        // `v` is JSON: its strings are escaped by serde, except DEL, C1 and bidi controls.
+        let _ = writeln!(o, "Engine {}: {}", e(k), json_safe(&v.to_string()));
+    }
+    let _ = writeln!(o, "Updated:       {}", ago(n.meta.updated_at));
+    o
 }
 
 pub fn enc(s: &str) -> String {
@@ -129,18 +195,7 @@ async fn node(client: &Client, cmd: NodeCmd) -> Result<(), CliError> {
             if f.format == Format::Json {
                 return print_json(&nodes);
             }
-            let mut t = table(&[
-                "ID",
-                "NAME",
-                "STATUS",
-                "AVAILABILITY",
-                "MANAGER STATUS",
-                "ADDRESS",
-            ]);
-            for n in &nodes {
-                t.add_row(node_row(n));
-            }
-            print_table(&t);
+            print_table(&node_table(&nodes));
             Ok(())
         }
         NodeCmd::Inspect { node, format } => {
@@ -149,44 +204,7 @@ async fn node(client: &Client, cmd: NodeCmd) -> Result<(), CliError> {
                 return print_json(&nodes);
             }
             for n in &nodes {
-                println!("ID:            {}", n.id);
-                println!("Name:          {}", n.spec.name);
-                println!("Role:          {}", n.spec.role.as_str());
-                println!("Availability:  {}", n.spec.availability.as_str());
-                println!(
-                    "Status:        {} {}",
-                    n.status.state.as_str(),
-                    n.status.message
-                );
-                println!("Address:       {}", n.status.addr);
-                println!("Version:       {}", n.meta.version);
-                if !n.spec.labels.is_empty() {
-                    println!("Labels:");
-                    for (k, v) in &n.spec.labels {
-                        println!("  {k}={v}");
-                    }
-                }
-                if let Some(m) = &n.manager_status {
-                    println!(
-                        "Manager:       raft id {} at {}, {}{}",
-                        m.raft_id,
-                        m.addr,
-                        m.reachability,
-                        if m.leader { ", leader" } else { "" }
-                    );
-                }
-                let d = &n.description;
-                println!("Hostname:      {}", d.hostname);
-                println!("Platform:      {}/{}", d.os, d.arch);
-                println!(
-                    "Resources:     {} CPUs, {} MiB",
-                    d.resources.nano_cpus / 1_000_000_000,
-                    d.resources.memory_bytes / (1024 * 1024)
-                );
-                for (k, v) in &d.engine {
-                    println!("Engine {k}: {v}");
-                }
-                println!("Updated:       {}", ago(n.meta.updated_at));
+                print!("{}", node_details(n));
             }
             Ok(())
         }
@@ -259,10 +277,16 @@ async fn cluster(client: &Client, cmd: ClusterCmd) -> Result<(), CliError> {
             if f.format == Format::Json {
                 return print_json(&info);
             }
-            println!("Cluster ID:     {}", info.cluster_id);
+            let e = |s: &str| escape(s).into_owned();
+            println!("Cluster ID:     {}", e(&info.cluster_id));
             println!("CA fingerprint: {}", info.ca_fingerprint);
             match &info.leader {
-                Some(l) => println!("Leader:         {} ({}) at {}", l.name, l.node_id, l.addr),
+                Some(l) => println!(
+                    "Leader:         {} ({}) at {}",
+                    e(&l.name),
+                    e(&l.node_id),
+                    e(&l.addr)
+                ),
                 None => println!("Leader:         none (no quorum?)"),
             }
             println!(
@@ -279,20 +303,23 @@ async fn cluster(client: &Client, cmd: ClusterCmd) -> Result<(), CliError> {
                 "REACHABILITY",
             ]);
             for m in &info.managers {
-                t.add_row(vec![
-                    m.node_id.clone(),
-                    m.name.clone(),
-                    m.addr.clone(),
-                    m.raft_id.to_string(),
-                    if m.leader {
-                        "leader".into()
-                    } else if m.voter {
-                        "voter".into()
-                    } else {
-                        "learner".to_string()
-                    },
-                    m.reachability.clone(),
-                ]);
+                add_row(
+                    &mut t,
+                    vec![
+                        m.node_id.clone(),
+                        m.name.clone(),
+                        m.addr.clone(),
+                        m.raft_id.to_string(),
+                        if m.leader {
+                            "leader".into()
+                        } else if m.voter {
+                            "voter".into()
+                        } else {
+                            "learner".to_string()
+                        },
+                        m.reachability.clone(),
+                    ],
+                );
             }
             print_table(&t);
             if !info.settings.is_empty() {
@@ -307,7 +334,7 @@ async fn cluster(client: &Client, cmd: ClusterCmd) -> Result<(), CliError> {
                             .join(", "),
                         other => other.to_string(),
                     };
-                    println!("  {k}: {v}");
+                    println!("  {}: {}", e(k), e(&v));
                 }
             }
             Ok(())
@@ -407,7 +434,7 @@ async fn events(client: &Client, args: EventsArgs) -> Result<(), CliError> {
                 }
             }
             match format {
-                Format::Json => println!("{}", String::from_utf8_lossy(line)),
+                Format::Json => println!("{}", json_safe(&String::from_utf8_lossy(line))),
                 Format::Table => match serde_json::from_slice::<EventMessage>(line) {
                     Ok(ev) => {
                         let name = ev
@@ -421,10 +448,14 @@ async fn events(client: &Client, args: EventsArgs) -> Result<(), CliError> {
                             .unwrap_or("");
                         println!(
                             "{:>8} {} {} {} {}",
-                            ev.revision, ev.kind, ev.action, ev.id, name
+                            ev.revision,
+                            escape(&ev.kind),
+                            escape(&ev.action),
+                            escape(&ev.id),
+                            escape(name)
                         );
                     }
-                    Err(_) => println!("{}", String::from_utf8_lossy(line)),
+                    Err(_) => println!("{}", escape(&String::from_utf8_lossy(line))),
                 },
             }
             seen += 1;
@@ -435,4 +466,46 @@ async fn events(client: &Client, args: EventsArgs) -> Result<(), CliError> {
         return Err(CliError::new(f));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::render_table;
+
+    const PWNED: &str = "\u{1b}]0;pwned\u{7}";
+
+    fn node() -> Node {
+        serde_json::from_value(serde_json::json!({
+            "id": "n1", "version": 1,
+            "spec": {"name": format!("w{PWNED}"), "role": "worker", "availability": "active",
+                     "labels": {"k": PWNED}},
+            "description": {"hostname": format!("h{PWNED}"), "os": "linux\u{9b}2J",
+                            "arch": "x86_64", "resources": {},
+                            "engine": {"runc": format!("1.2{PWNED}\u{9b}")}},
+            "status": {"state": "down", "message": PWNED, "addr": format!("127.0.0.2:4440{PWNED}")}
+        }))
+        .expect("node")
+    }
+
+    #[test]
+    fn node_ls_and_inspect_escape_what_nodes_reported() {
+        let ls = render_table(&node_table(&[node()]));
+        assert!(!ls.contains('\u{1b}') && !ls.contains('\u{7}'), "{ls:?}");
+        assert!(ls.contains("w\\x1b]0;pwned\\x07"), "{ls}");
+        assert!(ls.contains("127.0.0.2:4440\\x1b]0;pwned\\x07"), "{ls}");
+        let inspect = node_details(&node());
+        assert!(
+            !inspect
+                .chars()
+                .any(|c| c != '\n' && (c.is_control() || c == '\u{9b}')),
+            "{inspect:?}"
+        );
+        assert!(
+            inspect.contains("Hostname:      h\\x1b]0;pwned\\x07"),
+            "{inspect}"
+        );
+        assert!(inspect.contains("k=\\x1b]0;pwned\\x07"), "{inspect}");
+        assert!(inspect.contains("linux\\u{9b}2J"), "{inspect}");
+    }
 }

@@ -10,7 +10,7 @@ use flotilla_api::Client;
 use flotilla_registry::{ImageRef, Progress, RegistryClient, SigningKey};
 
 use crate::client::{enc, get};
-use crate::output::{print_json, print_table, table};
+use crate::output::{add_row, print_json, print_table, table};
 use crate::{CliError, Format, ImageCmd, SignArgs, DEFAULT_DATA_DIR};
 
 /// File name of the admin's signing key in an admin bundle (written by `node run --init`).
@@ -348,19 +348,22 @@ pub async fn run(
                     })
                     .unwrap_or_default();
                 let digest = i["digest"].as_str().unwrap_or("");
-                t.add_row(vec![
-                    if refs.is_empty() {
-                        "<none>".to_string()
-                    } else {
-                        refs.join(", ")
-                    },
-                    digest.chars().take(19).collect(),
-                    i["layers"].to_string(),
-                    format!(
-                        "{:.1} MiB",
-                        i["size"].as_u64().unwrap_or(0) as f64 / 1048576.0
-                    ),
-                ]);
+                add_row(
+                    &mut t,
+                    vec![
+                        if refs.is_empty() {
+                            "<none>".to_string()
+                        } else {
+                            refs.join(", ")
+                        },
+                        digest.chars().take(19).collect(),
+                        i["layers"].to_string(),
+                        format!(
+                            "{:.1} MiB",
+                            i["size"].as_u64().unwrap_or(0) as f64 / 1048576.0
+                        ),
+                    ],
+                );
             }
             print_table(&t);
             Ok(())

@@ -40,7 +40,8 @@ impl CliError {
 }
 
 impl From<flotilla_api::ClientError> for CliError {
+    /// Server messages can quote what nodes reported: control characters are escaped.
     fn from(e: flotilla_api::ClientError) -> CliError {
-        CliError::new(e.to_string())
+        CliError::new(output::escape_lines(&e.to_string()))
     }
 }

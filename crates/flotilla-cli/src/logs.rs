@@ -41,9 +41,12 @@ pub async fn service_logs(client: &Client, a: ServiceLogsArgs) -> Result<(), Cli
                 Some(s) => format!("{}.{s}.{short}@{}", l.service, l.node),
                 None => format!("{}.{short}@{}", l.service, l.node),
             };
+            // The prefix comes from the node (its name) and the cluster: escaped. The line is
+            // the container's output: raw, as `docker logs` prints it.
+            let name = crate::output::escape(&name);
             let mut out = stdout.lock();
             let res = if a.timestamps {
-                writeln!(out, "{name} | {} {}", l.ts, l.line)
+                writeln!(out, "{name} | {} {}", crate::output::escape(&l.ts), l.line)
             } else {
                 writeln!(out, "{name} | {}", l.line)
             };

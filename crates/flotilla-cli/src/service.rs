@@ -13,7 +13,7 @@ use flotilla_types::{
 };
 
 use crate::client::{enc, get};
-use crate::output::{ago, print_json, print_table, table};
+use crate::output::{add_row, ago, escape, escape_lines, print_json, print_table, table};
 use crate::{
     CliError, Format, ServiceCmd, ServiceCreateArgs, ServicePsArgs, ServiceUpdateArgs, SpecFlags,
 };
@@ -476,7 +476,7 @@ pub async fn converge(
             slots.join(", ")
         );
         if line != last_line {
-            eprintln!("{line}");
+            eprintln!("{}", escape(&line));
             last_line = line;
         }
         if let Some(u) = &s.update_status {
@@ -484,13 +484,22 @@ pub async fn converge(
                 UpdateState::RollbackCompleted | UpdateState::RollbackPaused
                     if goal == Goal::Change =>
                 {
-                    return Err(CliError::new(format!("update rolled back: {}", u.message)));
+                    return Err(CliError::new(format!(
+                        "update rolled back: {}",
+                        escape(&u.message)
+                    )));
                 }
                 UpdateState::RollbackPaused => {
-                    return Err(CliError::new(format!("rollback paused: {}", u.message)));
+                    return Err(CliError::new(format!(
+                        "rollback paused: {}",
+                        escape(&u.message)
+                    )));
                 }
                 UpdateState::Paused => {
-                    return Err(CliError::new(format!("update paused: {}", u.message)));
+                    return Err(CliError::new(format!(
+                        "update paused: {}",
+                        escape(&u.message)
+                    )));
                 }
                 _ => {}
             }
@@ -505,7 +514,7 @@ pub async fn converge(
                 && t.desired_state == TaskState::Running
         });
         if done_count >= status.desired_tasks && !updating && !stale_running {
-            eprintln!("verify: service {} converged", s.spec.name);
+            eprintln!("verify: service {} converged", escape(&s.spec.name));
             return Ok(());
         }
         // Tasks nobody can take: report the scheduler's reason.
@@ -514,7 +523,7 @@ pub async fn converge(
         }) {
             let since = *pending_since.get_or_insert_with(Instant::now);
             if since.elapsed() > Duration::from_secs(3) {
-                return Err(CliError::new(t.status.message.clone()));
+                return Err(CliError::new(escape_lines(&t.status.message)));
             }
         } else {
             pending_since = None;
@@ -526,18 +535,15 @@ pub async fn converge(
             return Err(CliError::new(format!(
                 "task {} rejected: {}",
                 t.id,
-                t.status
-                    .err
-                    .clone()
-                    .unwrap_or_else(|| t.status.message.clone())
+                escape_lines(t.status.err.as_deref().unwrap_or(&t.status.message))
             )));
         }
         if start.elapsed() > timeout {
             return Err(CliError::new(format!(
                 "service {} did not converge within {}: see `flotilla service ps {}`",
-                s.spec.name,
+                escape(&s.spec.name),
                 humantime::format_duration(timeout),
-                s.spec.name
+                escape(&s.spec.name)
             )));
         }
         tokio::time::sleep(Duration::from_millis(150)).await;
@@ -563,14 +569,17 @@ async fn ls(client: &Client, format: Format) -> Result<(), CliError> {
                 format!("{star}:{}->{}/{}", p.published, p.target, p.protocol)
             })
             .collect();
-        t.add_row(vec![
-            s.id[..12.min(s.id.len())].to_string(),
-            s.spec.name.clone(),
-            s.spec.mode.name().to_string(),
-            format!("{}/{}", st.running_tasks, st.desired_tasks),
-            s.spec.task_template.container.image.clone(),
-            ports.join(", "),
-        ]);
+        add_row(
+            &mut t,
+            vec![
+                s.id[..12.min(s.id.len())].to_string(),
+                s.spec.name.clone(),
+                s.spec.mode.name().to_string(),
+                format!("{}/{}", st.running_tasks, st.desired_tasks),
+                s.spec.task_template.container.image.clone(),
+                ports.join(", "),
+            ],
+        );
     }
     print_table(&t);
     Ok(())
@@ -591,12 +600,6 @@ async fn ps(client: &Client, a: ServicePsArgs) -> Result<(), CliError> {
         }
     }
     let nodes: Vec<flotilla_types::Node> = get(client, "/v1/nodes").await?;
-    let node_name = |id: &Option<String>| {
-        id.as_ref()
-            .and_then(|id| nodes.iter().find(|n| &n.id == id))
-            .map(|n| n.spec.name.clone())
-            .unwrap_or_default()
-    };
     let mut all = Vec::new();
     for svc in &a.services {
         let s: Service = get(client, &format!("/v1/services/{}", enc(svc))).await?;
@@ -617,11 +620,27 @@ async fn ps(client: &Client, a: ServicePsArgs) -> Result<(), CliError> {
     if a.quiet {
         for (_, tasks) in &all {
             for t in tasks {
-                println!("{}", t.id);
+                println!("{}", escape(&t.id));
             }
         }
         return Ok(());
     }
+    print_table(&ps_table(&all, &nodes));
+    Ok(())
+}
+
+/// `service ps` as printed: task messages and errors, health and node names come from nodes
+/// and are escaped.
+pub(crate) fn ps_table(
+    all: &[(Service, Vec<Task>)],
+    nodes: &[flotilla_types::Node],
+) -> comfy_table::Table {
+    let node_name = |id: &Option<String>| {
+        id.as_ref()
+            .and_then(|id| nodes.iter().find(|n| &n.id == id))
+            .map(|n| n.spec.name.clone())
+            .unwrap_or_default()
+    };
     let mut t = table(&[
         "ID",
         "NAME",
@@ -631,7 +650,7 @@ async fn ps(client: &Client, a: ServicePsArgs) -> Result<(), CliError> {
         "CURRENT STATE",
         "ERROR",
     ]);
-    for (s, tasks) in &all {
+    for (s, tasks) in all {
         for task in tasks {
             let name = match task.slot {
                 Some(slot) => format!("{}.{slot}", s.spec.name),
@@ -653,25 +672,27 @@ async fn ps(client: &Client, a: ServicePsArgs) -> Result<(), CliError> {
                     (task.status.state == TaskState::Pending).then(|| task.status.message.clone())
                 })
                 .unwrap_or_default();
-            t.add_row(vec![
-                task.id[..12.min(task.id.len())].to_string(),
-                name,
-                task.spec
-                    .container
-                    .image
-                    .split('@')
-                    .next()
-                    .unwrap_or_default()
-                    .to_string(),
-                node_name(&task.node_id),
-                task.desired_state.to_string(),
-                current,
-                err,
-            ]);
+            add_row(
+                &mut t,
+                vec![
+                    task.id.chars().take(12).collect::<String>(),
+                    name,
+                    task.spec
+                        .container
+                        .image
+                        .split('@')
+                        .next()
+                        .unwrap_or_default()
+                        .to_string(),
+                    node_name(&task.node_id),
+                    task.desired_state.to_string(),
+                    current,
+                    err,
+                ],
+            );
         }
     }
-    print_table(&t);
-    Ok(())
+    t
 }
 
 /// Applies `--publish`, `--publish-rm` and `--endpoint-mode`.
@@ -869,5 +890,48 @@ mod publish_tests {
         );
         assert!(parse_health_http("h", 80).is_err());
         assert!(parse_health_http("/h:x", 80).is_err());
+    }
+}
+
+#[cfg(test)]
+mod escape_tests {
+    use super::*;
+    use crate::output::render_table;
+
+    const PWNED: &str = "\u{1b}]0;pwned\u{7}";
+
+    #[test]
+    fn service_ps_escapes_what_nodes_reported() {
+        let service: Service = serde_json::from_value(serde_json::json!({
+            "id": "s1", "version": 1,
+            "spec": {
+                "name": "web",
+                "task_template": {"container": {"image": "busybox:1"}},
+                "mode": {"replicated": {"replicas": 1}}
+            }
+        }))
+        .expect("service");
+        let task: Task = serde_json::from_value(serde_json::json!({
+            "id": "t0123456789abcdef", "version": 1, "service_id": "s1", "slot": 1,
+            "node_id": "n1", "spec": {"container": {"image": "busybox:1"}},
+            "desired_state": "running",
+            "status": {
+                "state": "failed", "timestamp": 1, "message": PWNED,
+                "err": format!("exit 1 {PWNED}"), "health": format!("un{PWNED}")
+            }
+        }))
+        .expect("task");
+        let node: flotilla_types::Node = serde_json::from_value(serde_json::json!({
+            "id": "n1", "version": 1,
+            "spec": {"name": format!("w{PWNED}"), "role": "worker", "availability": "active"},
+            "description": {"hostname": "h", "os": "linux", "arch": "x86_64", "resources": {}},
+            "status": {"state": "ready", "addr": "127.0.0.2:4440"}
+        }))
+        .expect("node");
+        let out = render_table(&ps_table(&[(service, vec![task])], &[node]));
+        assert!(!out.contains('\u{1b}') && !out.contains('\u{7}'), "{out:?}");
+        assert!(out.contains("exit 1 \\x1b]0;pwned\\x07"), "{out}");
+        assert!(out.contains("w\\x1b]0;pwned\\x07"), "{out}");
+        assert!(out.contains("(un\\x1b]0;pwned\\x07)"), "{out}");
     }
 }

@@ -6,7 +6,7 @@ use flotilla_api::Client;
 use flotilla_registry::{Algorithm, SigningKey, TrustedKey};
 
 use crate::client::{enc, get};
-use crate::output::{print_json, print_table, table};
+use crate::output::{add_row, print_json, print_table, table};
 use crate::{CliError, Format, TrustCmd};
 
 pub async fn run(client: &Client, cmd: TrustCmd) -> Result<(), CliError> {
@@ -18,7 +18,7 @@ pub async fn run(client: &Client, cmd: TrustCmd) -> Result<(), CliError> {
             }
             let mut t = table(&["KEY ID", "ALGORITHM"]);
             for k in &keys {
-                t.add_row(vec![k.id.clone(), k.algorithm.as_str().to_string()]);
+                add_row(&mut t, vec![k.id.clone(), k.algorithm.as_str().to_string()]);
             }
             print_table(&t);
             if let Ok(info) = get::<flotilla_types::ClusterInfo>(client, "/v1/cluster").await {

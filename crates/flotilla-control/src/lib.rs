@@ -18,6 +18,7 @@
 //!   task, with a user-facing reason when nothing fits.
 //! * [`node_liveness`] — marks nodes whose heartbeats stopped as down.
 //! * [`Constraint`] / [`SpreadPreference`] — the placement syntax, parsed and matched.
+//! * [`RateLimiter`] — per-node token buckets the leader puts in front of agent writes.
 //!
 //! # Driving the orchestrator
 //!
@@ -67,6 +68,7 @@
 mod constraint;
 mod liveness;
 mod orchestrator;
+mod ratelimit;
 mod scheduler;
 #[cfg(test)]
 mod testutil;
@@ -80,4 +82,5 @@ pub use orchestrator::{
     reconcile, reconcile_removed, reconcile_with_ids, Action, OrchestratorConfig, Reconcile,
     StatusChange, TaskUpdate,
 };
+pub use ratelimit::{RateLimit, RateLimiter};
 pub use scheduler::{schedule, Decision, Scheduler};

@@ -10,6 +10,8 @@
 
 use std::io;
 use std::net::Shutdown;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -21,21 +23,60 @@ pub(crate) struct Copied {
     pub b_to_a: u64,
 }
 
-/// Copies `a → b` and `b → a` concurrently until both directions have seen EOF.
+/// When a connection last moved a byte, for idle timeouts.
+#[derive(Debug)]
+pub(crate) struct LastActivity {
+    epoch: tokio::time::Instant,
+    /// Milliseconds since `epoch`.
+    at: AtomicU64,
+}
+
+impl LastActivity {
+    pub(crate) fn new() -> LastActivity {
+        LastActivity {
+            epoch: tokio::time::Instant::now(),
+            at: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        self.at
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// How long nothing has been copied.
+    pub(crate) fn idle_for(&self) -> Duration {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.at.load(Ordering::Relaxed)))
+    }
+}
+
+/// Copies `a → b` and `b → a` concurrently until both directions have seen EOF; every read
+/// touches `activity`.
 pub(crate) async fn copy_bidirectional(
     a: &TcpStream,
     b: &TcpStream,
     buf_size: usize,
+    activity: &LastActivity,
 ) -> io::Result<Copied> {
-    let (a_to_b, b_to_a) = tokio::try_join!(one_way(a, b, buf_size), one_way(b, a, buf_size))?;
+    let (a_to_b, b_to_a) = tokio::try_join!(
+        one_way(a, b, buf_size, activity),
+        one_way(b, a, buf_size, activity)
+    )?;
     Ok(Copied { a_to_b, b_to_a })
 }
 
-async fn one_way(from: &TcpStream, to: &TcpStream, buf_size: usize) -> io::Result<u64> {
+async fn one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    buf_size: usize,
+    activity: &LastActivity,
+) -> io::Result<u64> {
     let mut buf = vec![0u8; buf_size];
     let mut total = 0u64;
     loop {
         let n = read(from, &mut buf).await?;
+        activity.touch();
         if n == 0 {
             // EOF: pass the half-close on. The peer may already be gone; that is not an error
             // for this direction.

@@ -12,6 +12,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
+use crate::copy::LastActivity;
 use crate::pool::Pool;
 use crate::proxy_protocol::{self, ProxyProtocol};
 use crate::sock::ListenOptions;
@@ -35,6 +36,12 @@ pub struct TcpOptions {
     /// Runtimes to accept and proxy on, one listener each on the same address (needs
     /// `listen.reuse_port`); see [`crate::Workers`]. Empty (the default): the caller's runtime.
     pub runtimes: Vec<tokio::runtime::Handle>,
+    /// Client connections open at once (default 4096; each holds two descriptors of the
+    /// node). A connection over the cap is accepted and closed at once.
+    pub max_connections: usize,
+    /// A connection that moves no byte either way for this long is closed (default 1 h, as
+    /// Envoy's TCP proxy).
+    pub idle_timeout: Duration,
 }
 
 impl Default for TcpOptions {
@@ -47,6 +54,8 @@ impl Default for TcpOptions {
             backlog: 1024,
             listen: ListenOptions::default(),
             runtimes: Vec::new(),
+            max_connections: 4096,
+            idle_timeout: Duration::from_secs(3600),
         }
     }
 }
@@ -57,6 +66,8 @@ pub(crate) struct Counters {
     pub active: AtomicUsize,
     pub total: AtomicU64,
     pub failed: AtomicU64,
+    /// Connections (TCP) or sessions (UDP) turned away by a cap.
+    pub refused: AtomicU64,
     pub idle: Notify,
 }
 
@@ -223,6 +234,11 @@ impl TcpFrontend {
         self.counters().failed.load(Ordering::Relaxed)
     }
 
+    /// Client connections closed at once because `max_connections` were open.
+    pub fn refused(&self) -> u64 {
+        self.counters().refused.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn counters(&self) -> &Counters {
         &self.ctx.counters
     }
@@ -263,9 +279,22 @@ impl Drop for TcpFrontend {
 
 async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
     let mut warned_at: Option<tokio::time::Instant> = None;
+    let mut refused_at: Option<tokio::time::Instant> = None;
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                if ctx.counters.active.load(Ordering::Acquire) >= ctx.opts.max_connections {
+                    // Over the cap: closed at once (the listeners of several runtimes share
+                    // the count, so the cap may be passed by a few at the same instant).
+                    drop(stream);
+                    ctx.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    let now = tokio::time::Instant::now();
+                    if refused_at.is_none_or(|t| now.duration_since(t) > Duration::from_secs(1)) {
+                        warn!(client = %peer, max = ctx.opts.max_connections, "tcp frontend full: connection refused");
+                        refused_at = Some(now);
+                    }
+                    continue;
+                }
                 ctx.counters.opened();
                 let guard = ActiveGuard(ctx.counters.clone());
                 tokio::spawn(serve(stream, peer, ctx.clone(), guard));
@@ -332,6 +361,17 @@ async fn killed(mut kill: watch::Receiver<bool>) {
     }
 }
 
+/// Resolves once nothing has moved over the connection for `idle`.
+async fn idle_for(activity: &LastActivity, idle: Duration) {
+    loop {
+        let quiet = activity.idle_for();
+        if quiet >= idle {
+            return;
+        }
+        tokio::time::sleep(idle - quiet).await;
+    }
+}
+
 async fn serve(client: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>, _guard: ActiveGuard) {
     let _ = client.set_nodelay(true);
     let (mut upstream, lease) = match connect(&ctx).await {
@@ -353,15 +393,124 @@ async fn serve(client: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>, _guard: Activ
         }
     }
     let size = ctx.opts.buffer_size.max(1024);
+    let activity = LastActivity::new();
     tokio::select! {
-        r = crate::copy::copy_bidirectional(&client, &upstream, size) => {
+        r = crate::copy::copy_bidirectional(&client, &upstream, size, &activity) => {
             if let Err(e) = r {
                 debug!(client = %peer, backend = %lease.addr(), error = %e, "connection ended with error");
             }
+        }
+        _ = idle_for(&activity, ctx.opts.idle_timeout) => {
+            debug!(client = %peer, backend = %lease.addr(), "idle connection closed");
         }
         _ = killed(ctx.kill.clone()) => {
             debug!(client = %peer, backend = %lease.addr(), "connection cut at shutdown");
         }
     }
     drop(lease);
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::Backend;
+    use tokio::io::AsyncReadExt;
+
+    /// An echo server; returns its address.
+    async fn echo() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        addr
+    }
+
+    async fn frontend(opts: TcpOptions) -> TcpFrontend {
+        let pool = Pool::new(vec![Backend::new("t1", echo().await)]);
+        TcpFrontend::bind("127.0.0.1:0".parse().unwrap(), pool, opts)
+            .await
+            .unwrap()
+    }
+
+    async fn ping(s: &mut TcpStream, msg: &[u8]) -> bool {
+        let mut buf = vec![0u8; msg.len()];
+        s.write_all(msg).await.is_ok()
+            && tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut buf))
+                .await
+                .is_ok_and(|r| r.is_ok())
+            && buf == msg
+    }
+
+    /// True when the peer ends the connection within `within`.
+    async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+        let mut buf = [0u8; 64];
+        matches!(
+            tokio::time::timeout(within, s.read(&mut buf)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_are_closed_and_open_ones_keep_working() {
+        let fe = frontend(TcpOptions {
+            max_connections: 3,
+            ..TcpOptions::default()
+        })
+        .await;
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let mut s = TcpStream::connect(fe.local_addr()).await.unwrap();
+            assert!(ping(&mut s, b"hi").await);
+            held.push(s);
+        }
+        for _ in 0..5 {
+            let mut s = TcpStream::connect(fe.local_addr()).await.unwrap();
+            assert!(
+                closed_within(&mut s, Duration::from_secs(10)).await,
+                "a connection over the cap was proxied"
+            );
+        }
+        assert_eq!(fe.refused(), 5);
+        for s in &mut held {
+            assert!(ping(s, b"still").await, "an open connection broke");
+        }
+        // A closed connection frees its place.
+        drop(held.pop());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while fe.active() > 2 {
+            assert!(tokio::time::Instant::now() < deadline, "slot not freed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut s = TcpStream::connect(fe.local_addr()).await.unwrap();
+        assert!(ping(&mut s, b"again").await);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
+        let fe = frontend(TcpOptions {
+            idle_timeout: Duration::from_millis(500),
+            ..TcpOptions::default()
+        })
+        .await;
+        let mut idle = TcpStream::connect(fe.local_addr()).await.unwrap();
+        assert!(ping(&mut idle, b"hi").await);
+        let mut busy = TcpStream::connect(fe.local_addr()).await.unwrap();
+        // The busy one talks every 100 ms for a second: never 500 ms quiet.
+        for _ in 0..10 {
+            assert!(ping(&mut busy, b"tick").await, "a busy connection was cut");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            closed_within(&mut idle, Duration::from_secs(10)).await,
+            "an idle connection stays open"
+        );
+    }
 }

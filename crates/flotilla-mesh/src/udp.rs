@@ -21,8 +21,15 @@ use crate::MeshError;
 pub struct UdpOptions {
     /// A session with no datagram in either direction for this long is closed (default 30 s).
     pub idle_timeout: Duration,
-    /// New clients beyond this many sessions are dropped (default 16384).
+    /// Sessions open at once (default 1024). Each holds a socket (a descriptor) of the node
+    /// for up to `idle_timeout`, and UDP sources are trivially spoofed, so this is what bounds
+    /// a flood of fake clients: datagrams of new clients beyond the cap are dropped (counted
+    /// in `refused`) until sessions expire; existing sessions are unaffected.
     pub max_sessions: usize,
+    /// Sessions open at once from one source address (default 64), so that one host (or one
+    /// NAT) cannot take every session. Spoofed floods with random sources are bounded only by
+    /// `max_sessions`.
+    pub max_sessions_per_source: usize,
     /// Socket options of the listening socket.
     pub listen: ListenOptions,
 }
@@ -31,7 +38,8 @@ impl Default for UdpOptions {
     fn default() -> Self {
         UdpOptions {
             idle_timeout: Duration::from_secs(30),
-            max_sessions: 16384,
+            max_sessions: 1024,
+            max_sessions_per_source: 64,
             listen: ListenOptions::default(),
         }
     }
@@ -46,7 +54,10 @@ struct Session {
 
 type Sessions = Arc<Mutex<HashMap<SocketAddr, Session>>>;
 
-fn lock(s: &Sessions) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Session>> {
+/// Open sessions per source address.
+type PerSource = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+fn lock<T>(s: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match s.lock() {
         Ok(g) => g,
         Err(p) => p.into_inner(),
@@ -122,6 +133,11 @@ impl UdpFrontend {
         self.counters().failed.load(Ordering::Relaxed)
     }
 
+    /// Datagrams of new clients dropped because a session cap was reached.
+    pub fn refused(&self) -> u64 {
+        self.counters().refused.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn counters(&self) -> &Counters {
         &self.counters
     }
@@ -171,6 +187,8 @@ async fn recv_loop(
 ) {
     let mut buf = vec![0u8; 65536];
     let epoch = tokio::time::Instant::now();
+    let per_source: PerSource = Arc::default();
+    let mut refused_at: Option<tokio::time::Instant> = None;
     loop {
         let (n, client) = match sock.recv_from(&mut buf).await {
             Ok(v) => v,
@@ -190,8 +208,15 @@ async fn recv_loop(
                 u
             }
             None => {
-                if lock(&sessions).len() >= opts.max_sessions {
-                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                let full = lock(&sessions).len() >= opts.max_sessions;
+                let from_source = lock(&per_source).get(&client.ip()).copied().unwrap_or(0);
+                if full || from_source >= opts.max_sessions_per_source {
+                    counters.refused.fetch_add(1, Ordering::Relaxed);
+                    let now = tokio::time::Instant::now();
+                    if refused_at.is_none_or(|t| now.duration_since(t) > Duration::from_secs(1)) {
+                        tracing::warn!(%client, full, from_source, "udp frontend: session cap reached, datagram dropped");
+                        refused_at = Some(now);
+                    }
                     continue;
                 }
                 match open_session(&pool).await {
@@ -204,9 +229,11 @@ async fn recv_loop(
                         let mut map = lock(&sessions);
                         // The guard lives in the task's future: dropped even if the task is
                         // aborted before it first runs.
+                        *lock(&per_source).entry(client.ip()).or_insert(0) += 1;
                         let guard = SessionGuard {
                             counters: counters.clone(),
                             sessions: sessions.clone(),
+                            per_source: per_source.clone(),
                             client,
                             upstream: upstream.clone(),
                         };
@@ -259,6 +286,7 @@ async fn open_session(pool: &Pool) -> Result<(UdpSocket, Lease), MeshError> {
 struct SessionGuard {
     counters: Arc<Counters>,
     sessions: Sessions,
+    per_source: PerSource,
     client: SocketAddr,
     upstream: Arc<UdpSocket>,
 }
@@ -273,6 +301,14 @@ impl Drop for SessionGuard {
             map.remove(&self.client);
         }
         drop(map);
+        let mut per = lock(&self.per_source);
+        if let Some(n) = per.get_mut(&self.client.ip()) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                per.remove(&self.client.ip());
+            }
+        }
+        drop(per);
         self.counters.closed();
     }
 }
@@ -319,5 +355,91 @@ async fn reply_loop(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::Backend;
+
+    /// A UDP echo server; returns its address.
+    async fn echo() -> SocketAddr {
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = s.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            while let Ok((n, from)) = s.recv_from(&mut buf).await {
+                let _ = s.send_to(&buf[..n], from).await;
+            }
+        });
+        addr
+    }
+
+    /// Sends `msg` from `sock` and waits for the echo (false when none comes in 2 s).
+    async fn ask(sock: &UdpSocket, to: SocketAddr, msg: &[u8]) -> bool {
+        sock.send_to(msg, to).await.unwrap();
+        let mut buf = [0u8; 64];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(2), sock.recv(&mut buf)).await,
+            Ok(Ok(n)) if &buf[..n] == msg
+        )
+    }
+
+    async fn client_from(last: u8) -> UdpSocket {
+        UdpSocket::bind(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)),
+            0,
+        ))
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn sessions_are_capped_per_source_and_in_total() {
+        let pool = Pool::new(vec![Backend::new("t1", echo().await)]);
+        let fe = UdpFrontend::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            pool,
+            UdpOptions {
+                max_sessions: 4,
+                max_sessions_per_source: 2,
+                ..UdpOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        let to = fe.local_addr();
+        // Two sessions from 127.0.0.2 are served; a third client port of the same address is
+        // not.
+        let a1 = client_from(2).await;
+        let a2 = client_from(2).await;
+        let a3 = client_from(2).await;
+        assert!(ask(&a1, to, b"a1").await);
+        assert!(ask(&a2, to, b"a2").await);
+        assert!(
+            !ask(&a3, to, b"a3").await,
+            "a third session from one source"
+        );
+        // Two more from 127.0.0.3 fill the frontend; 127.0.0.4 gets nothing.
+        let b1 = client_from(3).await;
+        let b2 = client_from(3).await;
+        assert!(ask(&b1, to, b"b1").await);
+        assert!(ask(&b2, to, b"b2").await);
+        let c1 = client_from(4).await;
+        assert!(!ask(&c1, to, b"c1").await, "a session over the total cap");
+        assert_eq!(fe.active(), 4);
+        assert_eq!(fe.refused(), 2);
+        // Existing sessions keep working.
+        assert!(ask(&a1, to, b"again").await);
+        assert!(ask(&b2, to, b"again").await);
+    }
+
+    #[test]
+    fn the_default_cap_is_modest() {
+        let o = UdpOptions::default();
+        assert_eq!((o.max_sessions, o.max_sessions_per_source), (1024, 64));
     }
 }

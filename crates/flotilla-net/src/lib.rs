@@ -12,7 +12,7 @@
 //! | [`netns`] | named network namespaces (bind-mounted nsfs files under a run dir), `run_in` |
 //! | [`bridge`] | the node bridge holding the gateway address, `ip_forward` |
 //! | [`task`] | one veth per task: host end on the bridge, `eth0` in the task namespace |
-//! | [`nat`] | per-node iptables chains `FLT-<tag>-POST` (nat) and `FLT-<tag>-FWD` (filter) |
+//! | [`nat`] | per-node iptables chains: `FLT-<tag>-POST` (NAT), `FLT-<tag>-FWD` (nothing from outside into task subnets), `FLT-<tag>-IN` + `-NODE` + `-PUB` (VXLAN only from nodes, host closed to tasks) |
 //! | [`overlay`] | kernel VXLAN, flannel-style L3 with deterministic VTEP MACs |
 //! | [`cleanup`] | find and remove everything a node left behind |
 //!
@@ -23,12 +23,14 @@
 //!   1. [`bridge::ensure_bridge`]`(&host, "fltbr0", TaskAddrs::gateway_net(), mtu)`
 //!      (also sets `net.ipv4.ip_forward=1`);
 //!   2. [`nat::ensure`]`(&host, &NatRules { tag, subnet, bridge, overlay, cluster_pool,
-//!      outbound_nat })`;
+//!      outbound_nat, trusted_ifaces, vxlan_port, dns, vip_pool })`;
 //!   3. [`overlay::ensure_vxlan`]`(&host, &Vxlan { .. })`; [`Error::VxlanInUse`] means
 //!      another node owns the VNI/port in this namespace: run without overlay;
 //!   4. [`overlay::set_peers`]`(&host, vx, &peers)` now and on every change of the node list
 //!      (all nodes, self included: the own subnet is skipped), and after every
-//!      `ensure_vxlan` (re-creating the device drops its entries).
+//!      `ensure_vxlan` (re-creating the device drops its entries); at the same place
+//!      [`nat::set_nodes`]`(&host, tag, &underlays)` (the VXLAN allow-list);
+//!   5. [`nat::set_published`]`(&host, tag, &ports)` whenever the published ports change.
 //! * **task start**: [`ipam::TaskAddrs::allocate`]; the OCI runtime creates the container
 //!   with a new network namespace (inside its user namespace, so `runc exec` can join it);
 //!   [`netns::adopt`]`(run_dir, task_id, init_pid)` names it (blocking: use

@@ -1,19 +1,39 @@
-//! Per-node iptables chains, identified by a caller-given tag.
+//! Per-node iptables chains, identified by a caller-given tag: outbound NAT and the network
+//! boundary of the node's task subnet.
 //!
 //! * `FLT-<tag>-POST` in `nat`, jumped to first from `POSTROUTING`: traffic leaving by the
 //!   bridge or the overlay device, or going to the cluster pool, is left alone; the rest from
 //!   the node subnet is masqueraded (when outbound NAT is on).
-//! * `FLT-<tag>-FWD` in `filter`, jumped to first from `FORWARD`: accept everything into
-//!   and out of the bridge (this covers bridge-to-bridge and overlay traffic).
+//! * `FLT-<tag>-FWD` in `filter`, jumped to first from `FORWARD`: tasks may open connections
+//!   anywhere (from the bridge); peers may reach the cluster pool over the overlay device;
+//!   anything else going into the bridge or the cluster pool must belong to a connection a
+//!   task opened (conntrack `RELATED,ESTABLISHED`) and is dropped otherwise. So a LAN host
+//!   that routes the pool through a node reaches no task port; published ports are served
+//!   by the userspace mesh, whose connections to tasks start on the host (`OUTPUT`).
+//! * `FLT-<tag>-IN` in `filter`, jumped to first from `INPUT`, guards the host against the
+//!   task networks and the underlay:
+//!   - UDP to the VXLAN port goes through `FLT-<tag>-NODE`: sources given to [`set_nodes`]
+//!     return, everything else is dropped (no frame injection from the underlay);
+//!   - the VIP pool is reachable from the node itself (`lo`), the bridge and the trusted
+//!     interfaces only;
+//!   - from the bridge: replies, ICMP, DNS to the node's responder and the VIP pool; then
+//!     `FLT-<tag>-PUB`, which lets the published ports given to [`set_published`] through
+//!     and drops the rest (the API, Raft, ssh, … of the node are not reachable from tasks);
+//!   - from the overlay device: replies and ICMP only.
 //!
-//! Only these chains and the two jump rules are ever touched; nothing else is flushed.
+//! `FLT-<tag>-IN` and its two sub-chains only ever drop: what they let through goes on to the
+//! host's own `INPUT` rules. `FLT-<tag>-NODE` and `FLT-<tag>-PUB` are converged entry by
+//! entry (no flush), so a change of the node list never opens a window.
+//!
+//! Only these chains and the three jump rules are ever touched; nothing else is flushed.
 //! Commands run in the namespace of the given [`Net`].
 
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::Command;
 
 use ipnet::Ipv4Net;
 
-use crate::link::validate_ifname;
 use crate::{Error, Net, Result};
 
 /// What [`ensure`] installs.
@@ -27,10 +47,42 @@ pub struct NatRules {
     pub bridge: String,
     /// The overlay device, if any.
     pub overlay: Option<String>,
-    /// The cluster pool: traffic to it is never masqueraded.
+    /// The cluster pool: traffic to it is never masqueraded, and only tasks, peers over the
+    /// overlay and the trusted interfaces may open connections into it.
     pub cluster_pool: Option<Ipv4Net>,
     /// Masquerade traffic from the subnet going anywhere else.
     pub outbound_nat: bool,
+    /// Interfaces trusted like the bridge (iptables names; a trailing `+` matches a prefix):
+    /// the bridges and overlay devices of other nodes sharing this network namespace (tests,
+    /// `dev`), e.g. `fltbr+` and `fltvx+`. Their traffic may open connections into the
+    /// subnet and reach the VIP pool.
+    pub trusted_ifaces: Vec<String>,
+    /// UDP port of the overlay device. With `overlay`, only the addresses given to
+    /// [`set_nodes`] may send to it.
+    pub vxlan_port: Option<u16>,
+    /// The node's DNS responder (UDP and TCP), which tasks may query.
+    pub dns: Option<SocketAddrV4>,
+    /// The VIP pool (local addresses the mesh listens on): reachable from tasks and the
+    /// node, not from the underlay.
+    pub vip_pool: Option<Ipv4Net>,
+}
+
+/// Transport protocol of a published port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum L4 {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl L4 {
+    fn name(self) -> &'static str {
+        match self {
+            L4::Tcp => "tcp",
+            L4::Udp => "udp",
+        }
+    }
 }
 
 /// Name of the nat chain for `tag`.
@@ -38,9 +90,37 @@ pub fn post_chain(tag: &str) -> String {
     format!("FLT-{tag}-POST")
 }
 
-/// Name of the filter chain for `tag`.
+/// Name of the forward filter chain for `tag`.
 pub fn fwd_chain(tag: &str) -> String {
     format!("FLT-{tag}-FWD")
+}
+
+/// Name of the input filter chain for `tag`.
+pub fn input_chain(tag: &str) -> String {
+    format!("FLT-{tag}-IN")
+}
+
+/// Name of the chain holding the VXLAN allow-list for `tag` (see [`set_nodes`]).
+pub fn nodes_chain(tag: &str) -> String {
+    format!("FLT-{tag}-NODE")
+}
+
+/// Name of the chain holding the published ports tasks may reach on the host (see
+/// [`set_published`]).
+pub fn published_chain(tag: &str) -> String {
+    format!("FLT-{tag}-PUB")
+}
+
+/// Every chain of `tag`, as (table, chain, parent jumping to it), parents before children
+/// (a chain cannot be deleted while a rule jumps to it).
+fn all_chains(tag: &str) -> [(&'static str, String, String); 5] {
+    [
+        ("nat", post_chain(tag), "POSTROUTING".into()),
+        ("filter", fwd_chain(tag), "FORWARD".into()),
+        ("filter", input_chain(tag), "INPUT".into()),
+        ("filter", nodes_chain(tag), input_chain(tag)),
+        ("filter", published_chain(tag), input_chain(tag)),
+    ]
 }
 
 fn validate_tag(tag: &str) -> Result<()> {
@@ -55,7 +135,37 @@ fn validate_tag(tag: &str) -> Result<()> {
     Ok(())
 }
 
+/// An interface name as iptables takes it (`+` at the end matches a prefix). Stricter than
+/// the kernel: rule text is split on whitespace and must not look like an option.
+fn validate_iface(name: &str) -> Result<()> {
+    let body = name.strip_suffix('+').unwrap_or(name);
+    if body.is_empty()
+        || name.len() > crate::link::IFNAMSIZ_MAX
+        || !body
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '@'))
+        || body.starts_with('-')
+    {
+        return Err(Error::Invalid(format!(
+            "interface {name:?} (1-15 chars of [A-Za-z0-9_.@-], not starting with '-', optional trailing '+')"
+        )));
+    }
+    Ok(())
+}
+
 impl NatRules {
+    fn validate(&self) -> Result<()> {
+        validate_tag(&self.tag)?;
+        validate_iface(&self.bridge)?;
+        if let Some(o) = &self.overlay {
+            validate_iface(o)?;
+        }
+        for t in &self.trusted_ifaces {
+            validate_iface(t)?;
+        }
+        Ok(())
+    }
+
     /// Rules of the nat chain, in `iptables -S` form.
     fn post_rules(&self) -> Vec<String> {
         let c = post_chain(&self.tag);
@@ -72,13 +182,65 @@ impl NatRules {
         r
     }
 
-    /// Rules of the filter chain, in `iptables -S` form.
+    /// Rules of the forward chain, in `iptables -S` form.
     fn fwd_rules(&self) -> Vec<String> {
+        const EST: &str = "-m conntrack --ctstate RELATED,ESTABLISHED";
         let c = fwd_chain(&self.tag);
-        vec![
-            format!("-A {c} -i {} -j ACCEPT", self.bridge),
-            format!("-A {c} -o {} -j ACCEPT", self.bridge),
-        ]
+        let br = &self.bridge;
+        let mut r = vec![format!("-A {c} -i {br} -j ACCEPT")];
+        for t in &self.trusted_ifaces {
+            r.push(format!("-A {c} -i {t} -j ACCEPT"));
+        }
+        if let Some(o) = &self.overlay {
+            let to = self.cluster_pool.unwrap_or(self.subnet).trunc();
+            r.push(format!("-A {c} -d {to} -i {o} -j ACCEPT"));
+        }
+        r.push(format!("-A {c} -o {br} {EST} -j ACCEPT"));
+        r.push(format!("-A {c} -o {br} -j DROP"));
+        if let Some(p) = &self.cluster_pool {
+            let p = p.trunc();
+            r.push(format!("-A {c} -d {p} {EST} -j ACCEPT"));
+            r.push(format!("-A {c} -d {p} -j DROP"));
+        }
+        r
+    }
+
+    /// Rules of the input chain, in `iptables -S` form.
+    fn input_rules(&self) -> Vec<String> {
+        const EST: &str = "-m conntrack --ctstate RELATED,ESTABLISHED";
+        let c = input_chain(&self.tag);
+        let br = &self.bridge;
+        let mut r = Vec::new();
+        if let (Some(_), Some(port)) = (&self.overlay, self.vxlan_port) {
+            let nodes = nodes_chain(&self.tag);
+            r.push(format!("-A {c} -p udp -m udp --dport {port} -j {nodes}"));
+        }
+        if let Some(v) = &self.vip_pool {
+            let v = v.trunc();
+            r.push(format!("-A {c} -d {v} -i lo -j RETURN"));
+            r.push(format!("-A {c} -d {v} -i {br} -j RETURN"));
+            for t in &self.trusted_ifaces {
+                r.push(format!("-A {c} -d {v} -i {t} -j RETURN"));
+            }
+            r.push(format!("-A {c} -d {v} -j DROP"));
+        }
+        r.push(format!("-A {c} -i {br} {EST} -j RETURN"));
+        r.push(format!("-A {c} -i {br} -p icmp -j RETURN"));
+        if let Some(d) = self.dns {
+            let (ip, port) = (d.ip(), d.port());
+            for p in ["udp", "tcp"] {
+                r.push(format!(
+                    "-A {c} -d {ip}/32 -i {br} -p {p} -m {p} --dport {port} -j RETURN"
+                ));
+            }
+        }
+        r.push(format!("-A {c} -i {br} -j {}", published_chain(&self.tag)));
+        if let Some(o) = &self.overlay {
+            r.push(format!("-A {c} -i {o} {EST} -j RETURN"));
+            r.push(format!("-A {c} -i {o} -p icmp -j RETURN"));
+            r.push(format!("-A {c} -i {o} -j DROP"));
+        }
+        r
     }
 }
 
@@ -99,8 +261,25 @@ fn iptables(args: &[&str]) -> Result<String> {
     }
 }
 
+/// Runs `iptables -t table` with the words of `rule` (`iptables -S` form, or its tail).
+fn iptables_rule(table: &str, op: &[&str], rule: &str) -> Result<String> {
+    let mut args = vec!["-t", table];
+    args.extend_from_slice(op);
+    args.extend(rule.split_whitespace());
+    iptables(&args)
+}
+
 fn chain_exists(table: &str, chain: &str) -> bool {
     iptables(&["-t", table, "-S", chain]).is_ok()
+}
+
+/// The rules of `chain` in `iptables -S` form (`-A chain …`).
+fn chain_rules(table: &str, chain: &str) -> Result<Vec<String>> {
+    Ok(iptables(&["-t", table, "-S", chain])?
+        .lines()
+        .filter(|l| l.starts_with("-A "))
+        .map(str::to_string)
+        .collect())
 }
 
 /// Makes `chain` in `table` hold exactly `rules` and be jumped to first from `parent`.
@@ -108,18 +287,10 @@ fn ensure_chain(table: &str, parent: &str, chain: &str, rules: &[String]) -> Res
     if !chain_exists(table, chain) {
         iptables(&["-t", table, "-N", chain])?;
     }
-    let current: Vec<String> = iptables(&["-t", table, "-S", chain])?
-        .lines()
-        .filter(|l| l.starts_with("-A "))
-        .map(str::to_string)
-        .collect();
-    if current != rules {
+    if chain_rules(table, chain)? != rules {
         iptables(&["-t", table, "-F", chain])?;
         for r in rules {
-            let words: Vec<&str> = r.split_whitespace().collect();
-            let mut args = vec!["-t", table];
-            args.extend(words);
-            iptables(&args)?;
+            iptables_rule(table, &[], r)?;
         }
     }
     if iptables(&["-t", table, "-C", parent, "-j", chain]).is_err() {
@@ -128,6 +299,75 @@ fn ensure_chain(table: &str, parent: &str, chain: &str, rules: &[String]) -> Res
     Ok(())
 }
 
+/// Converges `chain` (in `filter`) to "one `-j RETURN` rule per entry of `want`, then
+/// `-j DROP`" entry by entry, without flushing: new entries are inserted at the top before
+/// stale ones go, so nothing wanted is ever dropped on the way. `want` holds rule bodies
+/// (`-s 10.0.0.1/32`) in `iptables -S` form. Creates the chain if needed.
+fn sync_allow_list(chain: &str, want: &BTreeSet<String>) -> Result<()> {
+    // A single `iptables -S` when nothing changed (this runs on every network map).
+    let current = match chain_rules("filter", chain) {
+        Ok(c) => c,
+        Err(_) => {
+            iptables(&["-t", "filter", "-N", chain])?;
+            Vec::new()
+        }
+    };
+    let head = format!("-A {chain} ");
+    let drop = format!("-A {chain} -j DROP");
+    let mut changed = false;
+    let have: BTreeSet<String> = current
+        .iter()
+        .filter_map(|l| l.strip_prefix(&head)?.strip_suffix(" -j RETURN"))
+        .map(str::to_string)
+        .collect();
+    for body in want.difference(&have) {
+        iptables_rule("filter", &["-I", chain, "1"], &format!("{body} -j RETURN"))?;
+        changed = true;
+    }
+    let keep: BTreeSet<String> = want
+        .iter()
+        .map(|b| format!("{head}{b} -j RETURN"))
+        .collect();
+    let mut drop_seen = false;
+    for l in &current {
+        if *l == drop && !drop_seen {
+            drop_seen = true;
+            continue;
+        }
+        if !keep.contains(l) {
+            // Stale entries and anything foreign (a second DROP included).
+            let spec = l.strip_prefix(&head).unwrap_or(l);
+            iptables_rule("filter", &["-D", chain], spec)?;
+            changed = true;
+        }
+    }
+    // The DROP must close the chain (it does unless it was missing or a stray rule
+    // followed it, which was just deleted).
+    let closed = !changed && current.last() == Some(&drop);
+    if !closed && chain_rules("filter", chain)?.last() != Some(&drop) {
+        if drop_seen {
+            iptables(&["-t", "filter", "-D", chain, "-j", "DROP"])?;
+        }
+        iptables(&["-t", "filter", "-A", chain, "-j", "DROP"])?;
+    }
+    Ok(())
+}
+
+/// Makes sure `chain` exists and ends in DROP, keeping its entries (for [`ensure`]: the
+/// lists are set by [`set_nodes`] and [`set_published`]).
+fn ensure_allow_list(chain: &str) -> Result<()> {
+    let head = format!("-A {chain} ");
+    let keep: BTreeSet<String> = chain_rules("filter", chain)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|l| l.strip_prefix(&head)?.strip_suffix(" -j RETURN"))
+        .map(str::to_string)
+        .collect();
+    sync_allow_list(chain, &keep)
+}
+
+/// Removes every jump from `parent` to `chain`, then the chain; a missing parent or chain
+/// is fine.
 fn remove_chain(table: &str, parent: &str, chain: &str) -> Result<()> {
     // Delete every jump (there should be one; loop in case of duplicates).
     for _ in 0..16 {
@@ -142,21 +382,54 @@ fn remove_chain(table: &str, parent: &str, chain: &str) -> Result<()> {
     Ok(())
 }
 
-/// Installs (or converges) the node's chains and jump rules. Idempotent.
+/// Installs (or converges) the node's chains and jump rules. Idempotent. The VXLAN
+/// allow-list and the published ports keep their entries (an empty list drops all: call
+/// [`set_nodes`] and [`set_published`] next).
 pub async fn ensure(net: &Net, rules: &NatRules) -> Result<()> {
-    validate_tag(&rules.tag)?;
-    validate_ifname(&rules.bridge)?;
-    if let Some(o) = &rules.overlay {
-        validate_ifname(o)?;
-    }
+    rules.validate()?;
     let r = rules.clone();
     net.run(move || -> Result<()> {
         ensure_chain("nat", "POSTROUTING", &post_chain(&r.tag), &r.post_rules())?;
         ensure_chain("filter", "FORWARD", &fwd_chain(&r.tag), &r.fwd_rules())?;
+        // The sub-chains first: the input chain jumps to them.
+        ensure_allow_list(&nodes_chain(&r.tag))?;
+        ensure_allow_list(&published_chain(&r.tag))?;
+        ensure_chain("filter", "INPUT", &input_chain(&r.tag), &r.input_rules())?;
         Ok(())
     })
     .await??;
     tracing::debug!(tag = %rules.tag, "iptables chains ensured");
+    Ok(())
+}
+
+/// Sets the underlay addresses that may send to the VXLAN port (the cluster's nodes; this
+/// node's own address may be included) and drops the rest. Converges entry by entry, no
+/// flush; a no-op when nothing changed. Call after [`ensure`] and on every change of the
+/// node list.
+pub async fn set_nodes(net: &Net, tag: &str, nodes: &[Ipv4Addr]) -> Result<()> {
+    validate_tag(tag)?;
+    let chain = nodes_chain(tag);
+    let want: BTreeSet<String> = nodes.iter().map(|a| format!("-s {a}/32")).collect();
+    let count = want.len();
+    net.run(move || sync_allow_list(&chain, &want)).await??;
+    tracing::debug!(tag, nodes = count, "vxlan allow-list set");
+    Ok(())
+}
+
+/// Sets the published ports tasks may reach on the host (any host address: the mesh
+/// listens on them); every other host port stays closed to tasks. Converges entry by entry,
+/// no flush. Call after [`ensure`] and whenever the published ports change.
+pub async fn set_published(net: &Net, tag: &str, ports: &[(L4, u16)]) -> Result<()> {
+    validate_tag(tag)?;
+    let chain = published_chain(tag);
+    let want: BTreeSet<String> = ports
+        .iter()
+        .map(|(p, port)| {
+            let p = p.name();
+            format!("-p {p} -m {p} --dport {port}")
+        })
+        .collect();
+    net.run(move || sync_allow_list(&chain, &want)).await??;
     Ok(())
 }
 
@@ -165,8 +438,9 @@ pub async fn teardown(net: &Net, tag: &str) -> Result<()> {
     validate_tag(tag)?;
     let tag = tag.to_string();
     net.run(move || -> Result<()> {
-        remove_chain("nat", "POSTROUTING", &post_chain(&tag))?;
-        remove_chain("filter", "FORWARD", &fwd_chain(&tag))?;
+        for (table, chain, parent) in all_chains(&tag) {
+            remove_chain(table, &parent, &chain)?;
+        }
         Ok(())
     })
     .await?
@@ -177,13 +451,11 @@ pub async fn chains(net: &Net, tag: &str) -> Result<Vec<String>> {
     validate_tag(tag)?;
     let tag = tag.to_string();
     net.run(move || {
-        let mut out = Vec::new();
-        for (table, chain) in [("nat", post_chain(&tag)), ("filter", fwd_chain(&tag))] {
-            if chain_exists(table, &chain) {
-                out.push(format!("{table}/{chain}"));
-            }
-        }
-        out
+        all_chains(&tag)
+            .into_iter()
+            .filter(|(table, chain, _)| chain_exists(table, chain))
+            .map(|(table, chain, _)| format!("{table}/{chain}"))
+            .collect()
     })
     .await
 }
@@ -204,20 +476,59 @@ pub async fn rules(net: &Net, table: &str, tag: &str) -> Result<Vec<String>> {
     .await?
 }
 
+/// Packets matched so far by each rule of `chain` in `table`, as (`iptables -S` rule,
+/// packets), for tests and diagnostics (e.g. how many VXLAN packets were dropped).
+pub async fn counters(net: &Net, table: &str, chain: &str) -> Result<Vec<(String, u64)>> {
+    let (table, chain) = (table.to_string(), chain.to_string());
+    net.run(move || -> Result<Vec<(String, u64)>> {
+        // `-S -v` prints `-A chain <match> -c <packets> <bytes> -j <target>`.
+        let text = iptables(&["-t", &table, "-S", &chain, "-v"])?;
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with("-A "))
+            .map(|l| {
+                let words: Vec<&str> = l.split_whitespace().collect();
+                let mut rule = Vec::new();
+                let mut packets = 0;
+                let mut i = 0;
+                while i < words.len() {
+                    if words[i] == "-c" && i + 2 < words.len() {
+                        packets = words[i + 1].parse().unwrap_or(0);
+                        i += 3;
+                    } else {
+                        rule.push(words[i]);
+                        i += 1;
+                    }
+                }
+                (rule.join(" "), packets)
+            })
+            .collect())
+    })
+    .await?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn rule_text_and_tag_validation() {
-        let r = NatRules {
+    fn sample() -> NatRules {
+        NatRules {
             tag: "n1".into(),
             subnet: "10.200.1.0/24".parse().expect("net"),
             bridge: "fltbr0".into(),
             overlay: Some("fltvx0".into()),
             cluster_pool: Some("10.200.0.0/16".parse().expect("net")),
             outbound_nat: true,
-        };
+            trusted_ifaces: vec!["fltbr+".into()],
+            vxlan_port: Some(4789),
+            dns: Some("10.200.1.1:53".parse().expect("addr")),
+            vip_pool: Some("10.199.0.0/16".parse().expect("net")),
+        }
+    }
+
+    #[test]
+    fn rule_text_and_tag_validation() {
+        let r = sample();
         assert_eq!(
             r.post_rules(),
             vec![
@@ -231,5 +542,85 @@ mod tests {
         assert!(validate_tag("a-b").is_err());
         assert!(validate_tag("").is_err());
         assert!(validate_tag("node_1").is_ok());
+        // the longest tag still gives valid chain names (28 chars at most)
+        for (_, c, _) in all_chains("abcdefghij012345678") {
+            assert!(c.len() <= 28, "{c}");
+        }
+    }
+
+    #[test]
+    fn forward_rules_drop_new_connections_from_outside() {
+        assert_eq!(
+            sample().fwd_rules(),
+            vec![
+                "-A FLT-n1-FWD -i fltbr0 -j ACCEPT",
+                "-A FLT-n1-FWD -i fltbr+ -j ACCEPT",
+                "-A FLT-n1-FWD -d 10.200.0.0/16 -i fltvx0 -j ACCEPT",
+                "-A FLT-n1-FWD -o fltbr0 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+                "-A FLT-n1-FWD -o fltbr0 -j DROP",
+                "-A FLT-n1-FWD -d 10.200.0.0/16 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+                "-A FLT-n1-FWD -d 10.200.0.0/16 -j DROP",
+            ]
+        );
+    }
+
+    #[test]
+    fn input_rules_guard_the_host() {
+        assert_eq!(
+            sample().input_rules(),
+            vec![
+                "-A FLT-n1-IN -p udp -m udp --dport 4789 -j FLT-n1-NODE",
+                "-A FLT-n1-IN -d 10.199.0.0/16 -i lo -j RETURN",
+                "-A FLT-n1-IN -d 10.199.0.0/16 -i fltbr0 -j RETURN",
+                "-A FLT-n1-IN -d 10.199.0.0/16 -i fltbr+ -j RETURN",
+                "-A FLT-n1-IN -d 10.199.0.0/16 -j DROP",
+                "-A FLT-n1-IN -i fltbr0 -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+                "-A FLT-n1-IN -i fltbr0 -p icmp -j RETURN",
+                "-A FLT-n1-IN -d 10.200.1.1/32 -i fltbr0 -p udp -m udp --dport 53 -j RETURN",
+                "-A FLT-n1-IN -d 10.200.1.1/32 -i fltbr0 -p tcp -m tcp --dport 53 -j RETURN",
+                "-A FLT-n1-IN -i fltbr0 -j FLT-n1-PUB",
+                "-A FLT-n1-IN -i fltvx0 -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+                "-A FLT-n1-IN -i fltvx0 -p icmp -j RETURN",
+                "-A FLT-n1-IN -i fltvx0 -j DROP",
+            ]
+        );
+        // no overlay: no VXLAN filter, no overlay rules
+        let r = NatRules {
+            overlay: None,
+            vip_pool: None,
+            dns: None,
+            ..sample()
+        };
+        assert_eq!(
+            r.input_rules(),
+            vec![
+                "-A FLT-n1-IN -i fltbr0 -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+                "-A FLT-n1-IN -i fltbr0 -p icmp -j RETURN",
+                "-A FLT-n1-IN -i fltbr0 -j FLT-n1-PUB",
+            ]
+        );
+    }
+
+    #[test]
+    fn interface_names_cannot_inject_options() {
+        for bad in [
+            "",
+            "+",
+            "-j",
+            "a b",
+            "br0 -j ACCEPT",
+            "!br0",
+            "abcdefghijklmnop",
+        ] {
+            assert!(validate_iface(bad).is_err(), "{bad:?}");
+        }
+        for good in ["fltbr0", "fltbr+", "eth0.100", "veth@x"] {
+            assert!(validate_iface(good).is_ok(), "{good:?}");
+        }
+        let r = NatRules {
+            trusted_ifaces: vec!["x -j ACCEPT".into()],
+            ..sample()
+        };
+        assert!(r.validate().is_err());
     }
 }

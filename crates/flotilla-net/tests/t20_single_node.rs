@@ -75,6 +75,10 @@ async fn bridge_tasks_nat_and_teardown() {
         overlay: Some("fltvx0".into()),
         cluster_pool: Some(net("10.200.0.0/16")),
         outbound_nat: true,
+        trusted_ifaces: vec![],
+        vxlan_port: None,
+        dns: None,
+        vip_pool: None,
     };
     nat::ensure(&host, &rules).await.expect("nat");
     nat::ensure(&host, &rules).await.expect("nat again");
@@ -93,7 +97,8 @@ async fn bridge_tasks_nat_and_teardown() {
         filt.contains(&"-A FORWARD -j FLT-t20-FWD".to_string()),
         "{filt:?}"
     );
-    assert_eq!(filt.len(), 4, "{filt:?}");
+    // FWD: -N, jump, 6 rules; IN: -N, jump, 6 rules; NODE and PUB: -N and DROP each
+    assert_eq!(filt.len(), 8 + 8 + 2 + 2, "{filt:?}");
     // outbound NAT off: converges to no MASQUERADE
     let off = nat::NatRules {
         outbound_nat: false,

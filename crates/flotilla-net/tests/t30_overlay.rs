@@ -132,10 +132,22 @@ async fn two_hosts_over_vxlan() {
             overlay: Some("fltvx0".into()),
             cluster_pool: Some(net("10.200.0.0/16")),
             outbound_nat: true,
+            trusted_ifaces: vec![],
+            vxlan_port: Some(overlay::DEFAULT_PORT),
+            dns: None,
+            vip_pool: None,
         },
     )
     .await
     .expect("nat");
+    // the VXLAN port takes packets from the cluster's nodes only
+    nat::set_nodes(&a.host, "t30", &[ua, ub])
+        .await
+        .expect("nodes");
+    assert!(
+        common::ping(&b.task_ns, "10.200.1.2"),
+        "b task pings a task through a's boundary"
+    );
     let _who = Server::start(&b.task_ns, sock("10.200.2.2:8081"), "{peer}");
     assert_eq!(
         fetch_until(&a.task_ns, sock("10.200.2.2:8081"), WAIT).expect("task -> task"),

@@ -13,7 +13,10 @@ use flotilla_types::{
 };
 
 use crate::api::join::raft_id_for;
-use crate::disk::{read_identity, write_atomic, write_identity, NodeIdentity, Paths};
+use crate::disk::{
+    prepare_data_dir, read_identity, set_traversal_mode, write_atomic, write_identity, MappedRoot,
+    NodeIdentity, Paths,
+};
 use crate::manager::{now_ms, ClusterObject, Manager, CLUSTER_KEY};
 use crate::tls::TlsState;
 use crate::transport::HttpRaftTransport;
@@ -191,9 +194,24 @@ fn unmount_run_dir(data_dir: &std::path::Path) -> Result<(), NodeError> {
     }
 }
 
+/// The host ids container root maps to on this node (`None` without user namespaces).
+fn mapped_root(cfg: &NodeConfig) -> Result<Option<MappedRoot>, NodeError> {
+    Ok(runtime_config(cfg)?.userns.map(|r| MappedRoot {
+        uid: r.shift(0),
+        gid: r.shift(0),
+    }))
+}
+
 /// Opens the node's container runtime under DATA_DIR/runtime; a missing host requirement is a
 /// start-up error that names the fix.
 fn open_runtime(cfg: &NodeConfig) -> Result<flotilla_runtime::Runtime, NodeError> {
+    flotilla_runtime::Runtime::new(runtime_config(cfg)?)
+        .map_err(|e| NodeError::Config(format!("container runtime: {e}")))
+}
+
+/// The node's runtime configuration: lasting state in DATA_DIR/runtime, the rest on the
+/// state tmpfs.
+fn runtime_config(cfg: &NodeConfig) -> Result<flotilla_runtime::RuntimeConfig, NodeError> {
     let exe = std::env::current_exe().map_err(io("locating the flotilla binary"))?;
     // Each container's shim: the small `flotilla-shim` installed beside this binary, else this
     // binary in shim mode (same code; about 1.4 MB more resident memory per container).
@@ -209,8 +227,7 @@ fn open_runtime(cfg: &NodeConfig) -> Result<flotilla_runtime::Runtime, NodeError
     if let Some(bin) = &cfg.runtime_bin {
         rc.runtime_bin = bin.clone();
     }
-    flotilla_runtime::Runtime::new(rc)
-        .map_err(|e| NodeError::Config(format!("container runtime: {e}")))
+    Ok(rc)
 }
 
 /// `flotilla node cleanup`: stops and removes every container this node's runtime holds
@@ -313,10 +330,20 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<RunOutcome, NodeError> {
     cfg.validate().map_err(NodeError::Config)?;
+    raise_nofile_limit();
     let paths = Paths::new(&cfg.data_dir);
-    std::fs::create_dir_all(&cfg.data_dir).map_err(io("creating the data directory"))?;
+    // Before anything is written: the data dir is this user's alone, and the containers'
+    // (user-namespaced) root can reach it.
+    let mapped = mapped_root(&cfg)?;
+    prepare_data_dir(&cfg.data_dir, mapped)?;
     let mounted = mount_run_dir(&paths);
-    let res = run_node(cfg, engine, shutdown).await;
+    let res = match set_traversal_mode(&paths.run(), mapped) {
+        Ok(()) => run_node(cfg, engine, shutdown).await,
+        Err(e) => Err(NodeError::Io(format!(
+            "setting the mode of {}: {e}",
+            paths.run().display()
+        ))),
+    };
     if res.is_err() && mounted && run_dir_unused(&paths) {
         // A start that failed (a refused join, a taken port) leaves no mount behind.
         if let Err(e) = unmount_run_dir(&paths.dir) {
@@ -603,4 +630,37 @@ async fn register_as_voter(ctx: &Arc<NodeCtx>) -> Result<(), NodeError> {
     Err(NodeError::Join(format!(
         "could not become a raft voter: {last}"
     )))
+}
+
+/// Raises the soft limit on open files to the hard one (at most `fs.nr_open`), and logs it.
+/// The node is one process for the API, Raft, the agents' streams and the routing mesh (two
+/// descriptors per proxied connection); the common soft limit of 1024 is soon reached, and
+/// then every listener fails to accept.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the open-file limit");
+            return;
+        }
+    };
+    let target = if hard == RLIM_INFINITY {
+        std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(1 << 20)
+    } else {
+        hard
+    };
+    if soft >= target {
+        tracing::info!(limit = soft, "open-file limit");
+        return;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
+        Ok(()) => tracing::info!(limit = target, was = soft, "raised the open-file limit"),
+        Err(e) => {
+            tracing::warn!(limit = soft, hard, error = %e, "cannot raise the open-file limit")
+        }
+    }
 }

@@ -15,7 +15,7 @@
 //!   tasks as backends.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -291,6 +291,11 @@ impl NodeNet {
                 overlay: inner.overlay.then(|| self.names.vxlan.clone()),
                 cluster_pool: s.address_pool.parse().ok(),
                 outbound_nat: s.outbound_nat,
+                // Other nodes' bridges and overlay devices in this namespace (see `Names`).
+                trusted_ifaces: vec!["fltbr+".into(), "fltvx+".into()],
+                vxlan_port: Some(s.vxlan_port),
+                dns: Some(SocketAddrV4::new(gateway, 53)),
+                vip_pool: s.vip_pool.parse().ok(),
             },
         )
         .await
@@ -365,14 +370,21 @@ impl NodeNet {
             if let Err(e) = overlay::set_peers(&net, &self.names.vxlan, &peers).await {
                 tracing::warn!(error = %e, "programming overlay peers failed");
             }
+            // Only the cluster's nodes may send to the VXLAN port.
+            let underlays: Vec<Ipv4Addr> =
+                map.nodes.iter().filter_map(|n| n.ip.parse().ok()).collect();
+            if let Err(e) = nat::set_nodes(&net, &self.names.tag, &underlays).await {
+                tracing::warn!(error = %e, "updating the vxlan allow-list failed");
+            }
         }
         // DNS: `name` → VIP (or the tasks for dnsrr); `tasks.name` → the tasks.
         let mut records: HashMap<String, Vec<Ipv4Addr>> = HashMap::new();
+        let subnets = node_subnets(map);
         for s in &map.services {
             let tasks: Vec<Ipv4Addr> = s
                 .backends
                 .iter()
-                .filter_map(|b| b.addr.parse().ok())
+                .filter_map(|b| backend_ip(&subnets, b))
                 .collect();
             let vip = s.vip.as_ref().and_then(|v| v.parse().ok());
             let name_addrs = match (s.mode, vip) {
@@ -387,6 +399,21 @@ impl NodeNet {
         }
         // Routing mesh.
         let specs = frontends(map, &self.node_id, self.bind_ip);
+        // Tasks may reach this node's published ports (not its other host ports).
+        let published: Vec<(nat::L4, u16)> = specs
+            .iter()
+            .filter(|f| f.listen.ip() == self.bind_ip)
+            .map(|f| {
+                let p = match f.protocol {
+                    Protocol::Tcp => nat::L4::Tcp,
+                    Protocol::Udp => nat::L4::Udp,
+                };
+                (p, f.listen.port())
+            })
+            .collect();
+        if let Err(e) = nat::set_published(&net, &self.names.tag, &published).await {
+            tracing::warn!(error = %e, "updating the published ports tasks may reach failed");
+        }
         let report = inner.mesh.apply(specs).await;
         for f in &report.failed {
             tracing::debug!(listen = %f.listen, error = %f.error, "a mesh frontend could not listen; retrying on the next map");
@@ -573,8 +600,29 @@ fn local_route(
         .build()
 }
 
+/// Each node's task subnet, from the map.
+fn node_subnets(map: &NetworkMap) -> HashMap<&str, Ipv4Net> {
+    map.nodes
+        .iter()
+        .filter_map(|n| Some((n.id.as_str(), n.subnet.as_ref()?.parse().ok()?)))
+        .collect()
+}
+
+/// A backend's address, when it is a task address of the subnet of the node that runs it
+/// (the managers check this already; checked again here, so that no stored or forged address
+/// can point this node's mesh or DNS at loopback, a metadata service or another node's tasks).
+fn backend_ip(
+    subnets: &HashMap<&str, Ipv4Net>,
+    b: &flotilla_types::NetBackend,
+) -> Option<Ipv4Addr> {
+    let ip: Ipv4Addr = b.addr.parse().ok()?;
+    let subnet = *subnets.get(b.node_id.as_str())?;
+    crate::api::network::is_task_addr(subnet, ip).then_some(ip)
+}
+
 /// The mesh frontends this node runs for a map.
 pub fn frontends(map: &NetworkMap, node_id: &str, bind_ip: IpAddr) -> Vec<FrontendSpec> {
+    let subnets = node_subnets(map);
     let mut out: Vec<FrontendSpec> = Vec::new();
     let mut seen: HashSet<(SocketAddr, Protocol)> = HashSet::new();
     for s in &map.services {
@@ -595,7 +643,7 @@ pub fn frontends(map: &NetworkMap, node_id: &str, bind_ip: IpAddr) -> Vec<Fronte
                 .iter()
                 .filter(|b| !host_mode || b.node_id == node_id)
                 .filter_map(|b| {
-                    let ip: Ipv4Addr = b.addr.parse().ok()?;
+                    let ip = backend_ip(&subnets, b)?;
                     Some(Backend::new(
                         b.task_id.clone(),
                         SocketAddr::new(IpAddr::V4(ip), p.target),
@@ -642,7 +690,7 @@ pub fn frontends(map: &NetworkMap, node_id: &str, bind_ip: IpAddr) -> Vec<Fronte
                     .backends
                     .iter()
                     .filter_map(|b| {
-                        let ip: Ipv4Addr = b.addr.parse().ok()?;
+                        let ip = backend_ip(&subnets, b)?;
                         Some(Backend::new(
                             b.task_id.clone(),
                             SocketAddr::new(IpAddr::V4(ip), port),
@@ -758,11 +806,23 @@ mod tests {
         }
     }
 
+    fn net_node(id: &str, subnet: &str) -> flotilla_types::NetNode {
+        flotilla_types::NetNode {
+            id: id.into(),
+            ip: "127.0.0.1".into(),
+            subnet: Some(subnet.into()),
+            ready: true,
+        }
+    }
+
     fn map() -> NetworkMap {
         NetworkMap {
             revision: 1,
             settings: NetworkSettings::default(),
-            nodes: vec![],
+            nodes: vec![
+                net_node("n1", "10.200.0.0/24"),
+                net_node("n2", "10.200.1.0/24"),
+            ],
             services: vec![
                 NetService {
                     id: "s1".into(),
@@ -809,6 +869,36 @@ mod tests {
             .expect("host-mode port where the task runs");
         assert_eq!(host.backends.len(), 1);
         assert_eq!(host.backends[0].addr.to_string(), "10.200.1.3:90");
+    }
+
+    #[test]
+    fn backends_outside_their_nodes_subnet_are_ignored() {
+        let mut m = map();
+        // Forged: loopback, the metadata service, n1's subnet claimed for a task of n2, the
+        // gateway of n2, and a task of a node the map does not know.
+        m.services[0].backends = vec![
+            backend("t1", "n1", "10.200.0.2"),
+            backend("t4", "n2", "127.0.0.1"),
+            backend("t5", "n2", "169.254.169.254"),
+            backend("t6", "n2", "10.200.0.9"),
+            backend("t7", "n2", "10.200.1.1"),
+            backend("t8", "n9", "10.200.9.2"),
+        ];
+        let ip: IpAddr = "127.0.0.2".parse().expect("ip");
+        for f in frontends(&m, "n1", ip) {
+            if f.listen.port() == 9090 {
+                continue;
+            }
+            let addrs: Vec<String> = f.backends.iter().map(|b| b.addr.ip().to_string()).collect();
+            assert_eq!(addrs, ["10.200.0.2"], "{}", f.listen);
+        }
+        let subnets = node_subnets(&m);
+        let kept: Vec<Ipv4Addr> = m.services[0]
+            .backends
+            .iter()
+            .filter_map(|b| backend_ip(&subnets, b))
+            .collect();
+        assert_eq!(kept, [Ipv4Addr::new(10, 200, 0, 2)]);
     }
 
     fn node_json(id: &str, subnet: Option<&str>, version: u64) -> Node {

@@ -92,9 +92,44 @@ fn map_write_err(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> S
     }
 }
 
-/// Opens (creating if missing) a redb file, retrying briefly while a previous instance in this
-/// process is still releasing it.
+/// Creates the store's directory 0700, or makes an existing one 0700: its files hold the
+/// cluster's secrets (the CA key, the join secrets).
+fn private_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let err = |e: std::io::Error| {
+        StoreError::Storage(format!("cannot create data dir {}: {e}", dir.display()))
+    };
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(err)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        r => r.map_err(err)?,
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)
+}
+
+/// Creates a redb file 0600 before redb opens it (redb creates files with the umask's mode,
+/// 0644 under the usual 022), and makes an existing one 0600. (No other user can plant a link
+/// here: the directory is 0700.)
+fn private_file(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| StoreError::Storage(format!("cannot open {}: {e}", path.display())))?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| StoreError::Storage(format!("cannot chmod {}: {e}", path.display())))
+}
+
+/// Opens (creating if missing, mode 0600) a redb file, retrying briefly while a previous
+/// instance in this process is still releasing it.
 async fn open_db(path: &Path) -> Result<Arc<Database>, StoreError> {
+    private_file(path)?;
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         match Database::create(path) {
@@ -122,12 +157,7 @@ impl Store {
         transport: Arc<dyn RaftTransport>,
     ) -> Result<Store, StoreError> {
         cfg.validate()?;
-        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
-            StoreError::Storage(format!(
-                "cannot create data dir {}: {e}",
-                cfg.data_dir.display()
-            ))
-        })?;
+        private_dir(&cfg.data_dir)?;
         let log_db = open_db(&cfg.data_dir.join(LOG_FILE)).await?;
         let sm_db = open_db(&cfg.data_dir.join(STATE_FILE)).await?;
         let log_store = LogStore::new(log_db).map_err(storage)?;

@@ -402,8 +402,9 @@ fn t40_gc_removes_only_unreferenced_blobs() {
     let c = Cluster::init(34, &[]);
     c.import("keep:1", LOOP);
     c.import("tagged:1", "echo other; sleep 600");
-    // An import also unpacks the image for containers (ownership shifted into the node's
-    // user-namespace range), so no first start waits for it (both images share one layer).
+    // A signed import is also unpacked for containers (ownership shifted into the node's
+    // user-namespace range), in the background once its trusted signature arrives, so no
+    // first start waits for it (both images share one layer).
     let layers = |root: &Path| -> Vec<String> {
         std::fs::read_dir(root.join("layers"))
             .map(|d| {
@@ -414,11 +415,10 @@ fn t40_gc_removes_only_unreferenced_blobs() {
             })
             .unwrap_or_default()
     };
-    assert_eq!(
-        layers(&store_root(&c, 0)).len(),
-        1,
-        "unpacked at import, before any container: {:?}",
-        layers(&store_root(&c, 0))
+    wait_for(
+        "the signed images unpacked before any container",
+        LONG,
+        || (layers(&store_root(&c, 0)).len() == 1).then_some(()),
     );
     // A name no reference could use later is refused, and nothing is stored under it.
     let o = c.run(&[

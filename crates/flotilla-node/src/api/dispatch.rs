@@ -6,16 +6,37 @@
 //!   serves it from its own replica.
 //! - `POST /v1/nodes/{id}/tasks`: status reports (batched); forwarded to the leader like every
 //!   write, applied in one Raft entry, never moving a task backwards.
+//!
+//! An agent's certificate is not trusted beyond its own node (a compromised worker holds one):
+//!
+//! - A reported task address is kept only when it lies in the reporting node's subnet
+//!   ([`super::network::is_task_addr`]); otherwise the task keeps the address it had.
+//! - Free text is capped ([`MAX_STATUS_TEXT`] bytes of `message` and of `err`, cut with a
+//!   marker), `health` must be one of the agent's values, a timestamp from the future is
+//!   clamped to the leader's clock. Reports are cleaned, never refused for their content: the
+//!   agent resends a refused batch until it is accepted.
+//! - A report that changes nothing but the timestamp is not written.
+//! - Writes of one node (status reports here, heartbeat changes in `nodes.rs`) go through a
+//!   token bucket ([`AGENT_WRITES`]); beyond it the answer is 429 and the agent retries with
+//!   everything it gathered meanwhile in one batch.
+//! - A node has one assignment stream and one network stream per manager: a new one closes the
+//!   older (newest wins, so an agent reconnecting after a network failure is never locked out
+//!   by its own dead stream).
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::{Path, State};
 use axum::response::Response;
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 
+use axum::http::StatusCode;
+use flotilla_control::{RateLimit, RateLimiter};
 use flotilla_store::{Batch, Event, Op, Table};
-use flotilla_types::{Task, TaskState, TaskStatus};
+use flotilla_types::{Node, Task, TaskState, TaskStatus};
 
 use super::{json_ok, Caller, Ctx};
 use crate::error::ApiError;
@@ -35,6 +56,213 @@ pub struct Assignments {
 pub struct StatusReport {
     pub task_id: String,
     pub status: TaskStatus,
+}
+
+/// Writes one node may cause: a burst, then a steady rate. An agent batches its status reports
+/// (one write per batch, however many tasks) and writes its heartbeat only when its address or
+/// description changes, so a healthy agent stays far below this even while it starts many
+/// tasks; when it is reached the agent's reports are merged into fewer, larger batches.
+pub const AGENT_WRITES: RateLimit = RateLimit {
+    burst: 50,
+    per_sec: 20,
+};
+
+/// Largest `message` and `err` kept from a status report, in bytes (longer ones are cut).
+pub const MAX_STATUS_TEXT: usize = 4096;
+
+/// Largest `container_id` kept from a status report.
+const MAX_CONTAINER_ID: usize = 128;
+
+/// The health values an agent reports.
+const HEALTH: [&str; 3] = ["starting", "healthy", "unhealthy"];
+
+/// Per-node state of this process's handlers: the write buckets (used on the leader) and the
+/// open agent streams (on every manager). One per process, like the node's single manager.
+struct AgentGuards {
+    writes: Mutex<RateLimiter<String>>,
+    streams: Mutex<HashMap<StreamKey, OpenStream>>,
+    next_stream: AtomicU64,
+}
+
+/// A node's stream of one kind.
+type StreamKey = (StreamKind, String);
+/// The open stream's claim id, and the way to close it.
+type OpenStream = (u64, tokio::sync::oneshot::Sender<()>);
+
+static GUARDS: LazyLock<AgentGuards> = LazyLock::new(|| AgentGuards {
+    writes: Mutex::new(RateLimiter::new(AGENT_WRITES)),
+    streams: Mutex::new(HashMap::new()),
+    next_stream: AtomicU64::new(1),
+});
+
+/// The monotonic clock of the rate limits, in milliseconds since the first use.
+fn monotonic_ms() -> u64 {
+    static START: LazyLock<Instant> = LazyLock::new(Instant::now);
+    START.elapsed().as_millis() as u64
+}
+
+/// Takes one write of `node_id` from its bucket, or the 429 to answer. Only node callers are
+/// limited: an admin acting for a node is trusted.
+pub fn take_agent_write(caller: &Caller, node_id: &str) -> Result<(), ApiError> {
+    if !matches!(caller, Caller::Node { .. }) {
+        return Ok(());
+    }
+    let mut writes = match GUARDS.writes.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    let limit = writes.limit();
+    match writes.try_take(&node_id.to_string(), monotonic_ms()) {
+        Ok(()) => Ok(()),
+        Err(wait_ms) => {
+            tracing::debug!(node = node_id, wait_ms, "agent write rate-limited");
+            Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "node {node_id} writes more than {} times a second: retry in {wait_ms} ms",
+                    limit.per_sec
+                ),
+            ))
+        }
+    }
+}
+
+/// The two long-lived agent streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StreamKind {
+    Assignments,
+    Network,
+}
+
+/// A node's claim on one of its streams; the stream ends when a newer claim is made. Dropping
+/// it (the stream ended) frees the slot unless a newer claim holds it already.
+pub struct StreamClaim {
+    key: StreamKey,
+    id: u64,
+    superseded: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl Drop for StreamClaim {
+    fn drop(&mut self) {
+        let mut streams = match GUARDS.streams.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if streams.get(&self.key).is_some_and(|(id, _)| *id == self.id) {
+            streams.remove(&self.key);
+        }
+    }
+}
+
+/// Claims `node_id`'s stream of `kind` for a node caller, closing the one it had (an agent
+/// keeps one of each; a second is a reconnect, or a misbehaving agent multiplying the work of
+/// rebuilding its streams). Admin callers (debugging, tests) are not counted.
+pub fn claim_stream(caller: &Caller, kind: StreamKind, node_id: &str) -> Option<StreamClaim> {
+    if !matches!(caller, Caller::Node { .. }) {
+        return None;
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let id = GUARDS.next_stream.fetch_add(1, Ordering::Relaxed);
+    let key = (kind, node_id.to_string());
+    let old = {
+        let mut streams = match GUARDS.streams.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        streams.insert(key.clone(), (id, tx))
+    };
+    if let Some((_, old)) = old {
+        tracing::debug!(node = node_id, stream = ?kind, "a newer stream replaces the node's open one");
+        let _ = old.send(());
+    }
+    Some(StreamClaim {
+        key,
+        id,
+        superseded: rx,
+    })
+}
+
+/// `s` cut to at most `max` bytes (on a character boundary), marked as cut.
+fn capped(s: String, max: usize) -> String {
+    if s.len() <= max {
+        return s;
+    }
+    const MARK: &str = "… (truncated)";
+    let mut end = max.saturating_sub(MARK.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{MARK}", &s[..end])
+}
+
+/// Whether `addr` is a task address of the node subnet `subnet` (none: no address is).
+fn address_ok(subnet: Option<ipnet::Ipv4Net>, addr: &str) -> bool {
+    matches!((subnet, addr.parse()), (Some(net), Ok(ip)) if super::network::is_task_addr(net, ip))
+}
+
+/// Logs a forged task address, at most a few times a second per node (the reports that carry
+/// them are not limited when they write nothing).
+fn log_forged_address(node_id: &str, task_id: &str, addr: &str, subnet: Option<ipnet::Ipv4Net>) {
+    static LOGS: LazyLock<Mutex<RateLimiter<String>>> = LazyLock::new(|| {
+        Mutex::new(RateLimiter::new(RateLimit {
+            burst: 3,
+            per_sec: 1,
+        }))
+    });
+    let mut logs = match LOGS.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    if logs.try_take(&node_id.to_string(), monotonic_ms()).is_ok() {
+        tracing::warn!(
+            node = node_id,
+            task = task_id,
+            address = %addr.chars().take(64).collect::<String>(),
+            subnet = %subnet.map(|s| s.to_string()).unwrap_or_else(|| "none".into()),
+            "a reported task address outside the node's subnet was ignored"
+        );
+    }
+}
+
+/// The status to store for a report of `current`, or `None` when there is nothing to write
+/// (the report moves the task backwards, or changes nothing but the timestamp). Pure: the
+/// reporting node's subnet and the leader's clock come in as arguments.
+pub fn accept_report(
+    current: &TaskStatus,
+    mut reported: TaskStatus,
+    subnet: Option<ipnet::Ipv4Net>,
+    now_ms: u64,
+) -> Option<TaskStatus> {
+    // Never move backwards; the same state may refresh details (health, message).
+    if reported.state < current.state {
+        return None;
+    }
+    reported.message = capped(reported.message, MAX_STATUS_TEXT);
+    reported.err = reported.err.map(|e| capped(e, MAX_STATUS_TEXT));
+    if reported
+        .container_id
+        .as_ref()
+        .is_some_and(|c| c.len() > MAX_CONTAINER_ID)
+    {
+        reported.container_id = None;
+    }
+    if reported
+        .health
+        .as_deref()
+        .is_some_and(|h| !HEALTH.contains(&h))
+    {
+        reported.health = None;
+    }
+    let valid = |a: &Option<String>| a.as_deref().is_some_and(|a| address_ok(subnet, a));
+    if reported.address.is_some() && !valid(&reported.address) {
+        reported.address = current.address.clone().filter(|_| valid(&current.address));
+    }
+    reported.timestamp = reported.timestamp.min(now_ms);
+    let unchanged = TaskStatus {
+        timestamp: current.timestamp,
+        ..reported.clone()
+    } == *current;
+    (!unchanged).then_some(reported)
 }
 
 fn assigned(mgr: &Manager, node_id: &str) -> Result<Assignments, ApiError> {
@@ -64,8 +292,10 @@ pub async fn assignments(
     }
     let mgr = ctx.manager()?;
     let me = id.clone();
+    let claim = claim_stream(&caller, StreamKind::Assignments, &id);
     push_stream(
         mgr,
+        claim,
         move |ev| match ev.table {
             Table::Cluster => true,
             // A task concerns this node's assignments only once it is placed here (a task's
@@ -98,8 +328,10 @@ pub const KEEPALIVE: Duration = Duration::from_secs(5);
 /// that `relevant` accepts alters it (`same` says whether it did), plus a keep-alive resend
 /// every 5 s so a dead connection is noticed by both sides. Bursts of changes are coalesced.
 /// `relevant` keeps rebuilds (which read whole tables) off changes that cannot matter.
+/// With a `claim`, the stream ends as soon as a newer claim on the same slot is made.
 pub fn push_stream<T, R, B, S>(
     mgr: std::sync::Arc<Manager>,
+    claim: Option<StreamClaim>,
     relevant: R,
     build: B,
     same: S,
@@ -113,7 +345,7 @@ where
     let mut watch = mgr.store.watch(mgr.store.revision())?;
     let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
     let first = build(&mgr)?;
-    tokio::spawn(async move {
+    let run = async move {
         let send = super::ndjson::<T>;
         if tx.send(send(&first)).await.is_err() {
             return;
@@ -160,6 +392,19 @@ where
             sent_at = tokio::time::Instant::now();
             last = Some(now);
         }
+    };
+    tokio::spawn(async move {
+        match claim {
+            // Dropping `run` drops the sender: the response ends, even while a client that
+            // stopped reading has it blocked on a full channel.
+            Some(mut claim) => {
+                tokio::select! {
+                    _ = run => {}
+                    _ = &mut claim.superseded => {}
+                }
+            }
+            None => run.await,
+        }
     });
     super::stream_response(rx)
 }
@@ -174,6 +419,11 @@ pub async fn report(
         return Err(ApiError::forbidden("a node may only report its own tasks"));
     }
     let mgr = ctx.manager()?;
+    let subnet = mgr
+        .get::<Node>(&id)?
+        .and_then(|n| n.network)
+        .and_then(|n| n.subnet.parse::<ipnet::Ipv4Net>().ok());
+    let now = now_ms();
     let mut batch = Batch::new();
     let mut applied = 0usize;
     for r in reports {
@@ -183,15 +433,19 @@ pub async fn report(
         if t.node_id.as_deref() != Some(id.as_str()) {
             continue;
         }
-        // Never move backwards; the same state may refresh details (health, message).
-        if r.status.state < t.status.state {
-            continue;
+        if let Some(a) = r
+            .status
+            .address
+            .as_deref()
+            .filter(|a| !address_ok(subnet, a))
+        {
+            log_forged_address(&id, &t.id, a, subnet);
         }
-        if r.status == t.status {
+        let Some(status) = accept_report(&t.status, r.status, subnet, now) else {
             continue;
-        }
-        t.status = r.status;
-        t.meta.updated_at = now_ms();
+        };
+        t.status = status;
+        t.meta.updated_at = now;
         batch.push(Op::update(
             Table::Tasks,
             &t.id,
@@ -201,6 +455,7 @@ pub async fn report(
         applied += 1;
     }
     if !batch.is_empty() {
+        take_agent_write(&caller, &id)?;
         let out = mgr.store.write(batch).await?;
         if let Err(f) = out.result {
             // A concurrent orchestrator write; the agent resends on its next report.
@@ -211,4 +466,114 @@ pub async fn report(
         mgr.kick();
     }
     Ok(json_ok(&serde_json::json!({ "applied": applied })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running(address: Option<&str>) -> TaskStatus {
+        let mut s = TaskStatus::new(TaskState::Running, 1_000, "started");
+        s.address = address.map(str::to_string);
+        s
+    }
+
+    fn subnet() -> Option<ipnet::Ipv4Net> {
+        "10.200.3.0/24".parse().ok()
+    }
+
+    #[test]
+    fn addresses_outside_the_nodes_subnet_are_not_stored() {
+        let current = running(Some("10.200.3.5"));
+        for bad in [
+            "127.0.0.1",
+            "169.254.169.254",
+            "10.200.4.5",
+            "10.200.3.1",
+            "x",
+        ] {
+            let mut r = running(Some(bad));
+            r.health = Some("healthy".into());
+            let got = accept_report(&current, r, subnet(), 5_000).expect("health changed");
+            assert_eq!(got.address.as_deref(), Some("10.200.3.5"), "{bad}");
+            assert_eq!(got.health.as_deref(), Some("healthy"));
+        }
+        // The first report of an address, from a node without a subnet: nothing to keep, so
+        // nothing changes.
+        assert_eq!(
+            accept_report(&running(None), running(Some("10.200.3.9")), None, 5_000),
+            None
+        );
+        let got = accept_report(&running(None), running(Some("10.200.3.9")), subnet(), 5_000)
+            .expect("a change");
+        assert_eq!(got.address.as_deref(), Some("10.200.3.9"));
+    }
+
+    #[test]
+    fn timestamp_only_changes_and_backward_moves_are_not_writes() {
+        let current = running(Some("10.200.3.5"));
+        let mut later = current.clone();
+        later.timestamp += 60_000;
+        assert_eq!(accept_report(&current, later, subnet(), 1_000_000), None);
+        let starting = TaskStatus::new(TaskState::Starting, 2_000, "x");
+        assert_eq!(accept_report(&current, starting, subnet(), 1_000_000), None);
+        // A rewritten invalid address falls back to the stored one: also no change.
+        assert_eq!(
+            accept_report(&current, running(Some("127.0.0.1")), subnet(), 1_000_000),
+            None
+        );
+    }
+
+    #[test]
+    fn text_is_capped_health_checked_and_future_times_clamped() {
+        let mut r = TaskStatus::new(TaskState::Failed, u64::MAX, "é".repeat(10_000));
+        r.err = Some("e".repeat(100_000));
+        r.health = Some("\u{1b}]0;pwned\u{7}".into());
+        r.container_id = Some("c".repeat(1000));
+        let got = accept_report(&running(None), r, subnet(), 7_000).expect("a change");
+        assert!(
+            got.message.len() <= MAX_STATUS_TEXT,
+            "{}",
+            got.message.len()
+        );
+        assert!(got.message.ends_with("(truncated)"));
+        assert!(got
+            .err
+            .as_deref()
+            .is_some_and(|e| e.len() <= MAX_STATUS_TEXT));
+        assert_eq!(got.health, None);
+        assert_eq!(got.container_id, None);
+        assert_eq!(got.timestamp, 7_000);
+    }
+
+    fn node_caller(id: &str) -> Caller {
+        Caller::Node {
+            id: id.into(),
+            role: flotilla_pki::Role::Worker,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_newer_stream_of_a_node_closes_the_older_one() {
+        let me = node_caller("stream-test-node");
+        let mut first = claim_stream(&me, StreamKind::Assignments, "stream-test-node")
+            .expect("node streams are claimed");
+        // The other kind, and admin streams, are not affected.
+        let mut network =
+            claim_stream(&me, StreamKind::Network, "stream-test-node").expect("network claim");
+        assert!(
+            claim_stream(&Caller::Admin, StreamKind::Assignments, "stream-test-node").is_none()
+        );
+        assert!(first.superseded.try_recv().is_err());
+        let mut second =
+            claim_stream(&me, StreamKind::Assignments, "stream-test-node").expect("second claim");
+        assert_eq!(first.superseded.try_recv(), Ok(()));
+        // The old stream ending does not free the newer one's slot.
+        drop(first);
+        assert!(second.superseded.try_recv().is_err());
+        assert!(network.superseded.try_recv().is_err());
+        drop(second);
+        let key = (StreamKind::Assignments, "stream-test-node".to_string());
+        assert!(!GUARDS.streams.lock().expect("lock").contains_key(&key));
+    }
 }

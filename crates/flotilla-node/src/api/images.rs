@@ -1,10 +1,13 @@
 //! Images in this node's content store: `flotilla image import|load|ls|inspect|rm`.
 //! (Distribution between nodes goes through the managers' OCI registry.)
 
-use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, Request, State};
 use axum::response::Response;
 use serde::Deserialize;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use flotilla_runtime::ImageConfigInput;
 
@@ -25,23 +28,63 @@ fn rt_err(e: flotilla_runtime::RuntimeError) -> ApiError {
     }
 }
 
-/// Writes an uploaded body to a temporary file in the store's directory.
-fn spill(rt: &flotilla_runtime::Runtime, body: &[u8]) -> Result<tempfile_path::TempPath, ApiError> {
-    let dir = rt.config().root.join("uploads");
-    std::fs::create_dir_all(&dir).map_err(|e| ApiError::internal(e.to_string()))?;
-    let path = dir.join(format!("upload-{}", flotilla_types::new_id()));
-    std::fs::write(&path, body).map_err(|e| ApiError::internal(format!("saving upload: {e}")))?;
-    Ok(tempfile_path::TempPath(path))
+/// The largest `image import`/`image load` upload (4 GiB).
+pub const UPLOAD_LIMIT: u64 = 4 << 30;
+
+/// An upload that sends nothing for this long is given up (408).
+const UPLOAD_STALL: Duration = Duration::from_secs(60);
+
+/// Uploads processed at once on this node; more are refused with 503 (each holds a file of
+/// up to [`UPLOAD_LIMIT`] in the data directory and a core while it is imported).
+pub const MAX_UPLOADS: usize = 2;
+
+/// Slots for concurrent uploads.
+pub struct UploadSlots(Semaphore);
+
+impl UploadSlots {
+    pub const fn new(n: usize) -> UploadSlots {
+        UploadSlots(Semaphore::const_new(n))
+    }
+
+    /// A slot, or 503 when all are taken.
+    fn try_take(&self) -> Result<SemaphorePermit<'_>, ApiError> {
+        self.0.try_acquire().map_err(|_| {
+            ApiError::unavailable(format!(
+                "{MAX_UPLOADS} image uploads are already running on this node: retry when one finishes"
+            ))
+        })
+    }
 }
 
-mod tempfile_path {
-    /// Removed on drop.
-    pub struct TempPath(pub std::path::PathBuf);
-    impl Drop for TempPath {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
+static UPLOADS: UploadSlots = UploadSlots::new(MAX_UPLOADS);
+
+/// A file the upload is streamed to, in the store's directory; removed on drop.
+struct TempPath(PathBuf);
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
+}
+
+/// Streams an uploaded body to a temporary file in the store's directory, bounded by
+/// [`UPLOAD_LIMIT`]; refuses an empty one with `empty`.
+async fn spill(
+    rt: &flotilla_runtime::Runtime,
+    req: Request,
+    empty: &str,
+) -> Result<TempPath, ApiError> {
+    let (parts, body) = req.into_parts();
+    let dir = rt.config().root.join("uploads");
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let tmp = TempPath(dir.join(format!("upload-{}", flotilla_types::new_id())));
+    let size = super::body::spool(&parts.headers, body, UPLOAD_LIMIT, UPLOAD_STALL, &tmp.0).await?;
+    if size == 0 {
+        return Err(ApiError::bad_request(empty));
+    }
+    Ok(tmp)
 }
 
 #[derive(Debug, Deserialize)]
@@ -52,19 +95,28 @@ pub struct ImportQuery {
     config: Option<String>,
 }
 
-/// Unpacks a stored image for its containers now rather than at the first start; a failure
-/// is left for that start to report.
-fn prepare(rt: &flotilla_runtime::Runtime, digest: &str) {
-    if let Err(e) = rt.prepare_image(digest) {
-        tracing::warn!(digest, error = %e, "unpacking the image's layers failed; the first container start retries");
-    }
+/// Unpacks an image's layers in the background, but only once the node's trust policy
+/// accepts the image: import and load only store the (digest-verified) content, so that
+/// unsigned bytes never reach the layer unpacker while signatures are enforced. An image
+/// left packed here is unpacked by its first container create, after the agent's check.
+fn unpack_if_trusted(ctx: &Ctx, rt: flotilla_runtime::Runtime, reference: String, digest: String) {
+    let policy = ctx.agent_images.policy();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = policy.verify(rt.images(), &reference, &digest) {
+            tracing::debug!(%reference, %digest, error = %e, "image left packed until it is trusted");
+            return;
+        }
+        if let Err(e) = rt.prepare_image(&digest) {
+            tracing::warn!(%digest, error = %e, "unpacking the image's layers failed; the first container start retries");
+        }
+    });
 }
 
 /// `POST /v1/images/import?name=REF&config=JSON`, body: a tar of the root filesystem.
 pub async fn import(
     State(ctx): State<Ctx>,
     Query(q): Query<ImportQuery>,
-    body: Bytes,
+    req: Request,
 ) -> Result<Response, ApiError> {
     let rt = runtime(&ctx)?;
     // The name must be a reference services, pulls and pushes can use later.
@@ -78,52 +130,52 @@ pub async fn import(
             )))
         }
     }
-    if body.is_empty() {
-        return Err(ApiError::bad_request(
-            "empty upload: send a tar of the root filesystem",
-        ));
-    }
     let input: ImageConfigInput = match &q.config {
         Some(c) => {
             serde_json::from_str(c).map_err(|e| ApiError::bad_request(format!("config: {e}")))?
         }
         None => ImageConfigInput::default(),
     };
-    let tmp = spill(&rt, &body)?;
+    let _slot = UPLOADS.try_take()?;
+    let tmp = spill(&rt, req, "empty upload: send a tar of the root filesystem").await?;
     let name = q.name.clone();
+    let store = rt.clone();
     let digest = tokio::task::spawn_blocking(move || {
-        let r = rt.images().import_rootfs(&tmp.0, &name, &input);
+        let r = store.images().import_rootfs(&tmp.0, &name, &input);
         drop(tmp);
-        if let Ok(d) = &r {
-            prepare(&rt, d);
-        }
         r
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?
     .map_err(rt_err)?;
+    unpack_if_trusted(&ctx, rt, q.name.clone(), digest.clone());
     Ok(json_ok(
         &serde_json::json!({"name": q.name, "digest": digest}),
     ))
 }
 
 /// `POST /v1/images/load`, body: a `docker save` or OCI archive.
-pub async fn load(State(ctx): State<Ctx>, body: Bytes) -> Result<Response, ApiError> {
+pub async fn load(State(ctx): State<Ctx>, req: Request) -> Result<Response, ApiError> {
     let rt = runtime(&ctx)?;
-    let tmp = spill(&rt, &body)?;
+    let _slot = UPLOADS.try_take()?;
+    let tmp = spill(
+        &rt,
+        req,
+        "empty upload: send a `docker save` or OCI archive",
+    )
+    .await?;
+    let store = rt.clone();
     let loaded = tokio::task::spawn_blocking(move || {
-        let r = rt.images().load_archive(&tmp.0);
+        let r = store.images().load_archive(&tmp.0);
         drop(tmp);
-        if let Ok(images) = &r {
-            for (_, d) in images {
-                prepare(&rt, d);
-            }
-        }
         r
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?
     .map_err(rt_err)?;
+    for (r, d) in &loaded {
+        unpack_if_trusted(&ctx, rt.clone(), r.clone(), d.clone());
+    }
     let out: Vec<serde_json::Value> = loaded
         .into_iter()
         .map(|(r, d)| serde_json::json!({"name": r, "digest": d}))
@@ -175,12 +227,16 @@ pub async fn attach_signature(
         )));
     }
     let repository = req.repository;
+    let reference = repository.clone();
+    let store = rt.clone();
     let stored = tokio::task::spawn_blocking(move || {
-        flotilla_registry::attach_signature(rt.images(), &repository, &sig)
+        flotilla_registry::attach_signature(store.images(), &repository, &sig)
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?
     .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    // A trusted signature was what the image waited for to be unpacked (see `import`).
+    unpack_if_trusted(&ctx, rt, format!("{reference}@{digest}"), digest.clone());
     Ok(json_ok(
         &serde_json::json!({"image": digest, "signature": stored}),
     ))
@@ -207,4 +263,24 @@ pub async fn prune(
         .await
         .map_err(ApiError::internal)?;
     Ok(json_ok(&report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_third_upload_is_refused_with_503_until_a_slot_is_free() {
+        let slots = UploadSlots::new(2);
+        let a = slots.try_take();
+        let b = slots.try_take();
+        assert!(a.is_ok() && b.is_ok());
+        let Err(e) = slots.try_take() else {
+            panic!("a third upload got a slot")
+        };
+        assert_eq!(e.status, axum::http::StatusCode::SERVICE_UNAVAILABLE);
+        assert!(e.message.contains("retry"), "{}", e.message);
+        drop(a);
+        assert!(slots.try_take().is_ok());
+    }
 }

@@ -56,6 +56,37 @@ fn since_rfc3339(s: &str) -> Result<String, ApiError> {
     )))
 }
 
+/// The longest line of a node's task log stream the fan-out accepts: the shim writes at most
+/// [`flotilla_shim::logfile::MAX_LINE`] bytes of text per record, which JSON escaping can
+/// make up to six times longer (`\u0000`), plus the timestamp and stream fields.
+pub const MAX_LOG_LINE: usize = 6 * flotilla_shim::logfile::MAX_LINE + 1024;
+
+/// Percent-encodes a query value (everything but RFC 3986's unreserved characters), so that a
+/// `+` in an RFC 3339 offset stays a `+` and a `&` cannot add parameters.
+fn query_value(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The node-local logs URL of task `id` that the fan-out calls.
+fn task_logs_path(id: &str, follow: bool, tail: Option<usize>, since: Option<&str>) -> String {
+    let mut path = format!("/v1/tasks/{}/logs?follow={follow}", query_value(id));
+    if let Some(n) = tail {
+        path.push_str(&format!("&tail={n}"));
+    }
+    if let Some(s) = since {
+        path.push_str(&format!("&since={}", query_value(s)));
+    }
+    path
+}
+
 /// `GET /v1/tasks/{id}/logs` (node-local).
 pub async fn task_logs(
     State(ctx): State<Ctx>,
@@ -204,19 +235,15 @@ pub async fn service_logs(
                     continue;
                 };
                 started.insert(t.id.clone());
-                let mut path = format!("/v1/tasks/{}/logs?follow={follow}", t.id);
-                if let Some(n) = tail {
-                    path.push_str(&format!("&tail={n}"));
-                }
-                if let Some(s) = &since {
-                    path.push_str(&format!("&since={s}"));
-                }
-                let client = ctx.tls.peer(&addr);
+                let path = task_logs_path(&t.id, follow, tail, since.as_deref());
+                let client = ctx.tls.node(&addr);
                 let tx = tx.clone();
                 let label = (t.id.clone(), service.spec.name.clone(), t.slot, node_name);
                 handles.push(tokio::spawn(async move {
                     let (ltx, mut lrx) = mpsc::unbounded_channel::<LogLine>();
-                    let stream = client.stream_lines(&path, move |line| {
+                    // The node is trusted only this far: a line longer than any the shim
+                    // writes ends its stream.
+                    let stream = client.stream_lines_max(&path, MAX_LOG_LINE, move |line| {
                         match serde_json::from_slice::<LogLine>(line) {
                             Ok(l) => ltx.send(l).is_ok(),
                             Err(_) => true,
@@ -256,4 +283,49 @@ pub async fn service_logs(
         }
     });
     super::stream_response(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn parsed(path: &str) -> LogQuery {
+        let uri: axum::http::Uri = format!("http://node{path}").parse().unwrap();
+        axum::extract::Query::<LogQuery>::try_from_uri(&uri)
+            .unwrap()
+            .0
+    }
+
+    #[test]
+    fn the_fan_out_url_keeps_an_offset_with_a_plus() {
+        let since = "2026-01-02T15:04:05+02:00";
+        let path = task_logs_path("abc", true, Some(5), Some(since));
+        let q = parsed(&path);
+        assert_eq!(q.since.as_deref(), Some(since), "{path}");
+        assert!(q.follow);
+        assert_eq!(q.tail, Some(5));
+    }
+
+    #[test]
+    fn a_since_value_cannot_add_parameters() {
+        let since = "2026-01-02T15:04:05Z&tail=1 #x";
+        let path = task_logs_path("abc", false, None, Some(since));
+        let q = parsed(&path);
+        assert_eq!(q.since.as_deref(), Some(since), "{path}");
+        assert_eq!(q.tail, None);
+    }
+
+    #[test]
+    fn a_full_shim_record_fits_the_line_cap() {
+        // The worst case: every byte a control character, escaped as \u00XX.
+        let l = LogLine {
+            ts: "2026-01-02T15:04:05.123456789Z".into(),
+            stream: "stderr".into(),
+            line: "\u{1}".repeat(flotilla_shim::logfile::MAX_LINE),
+        };
+        let json = serde_json::to_vec(&l).unwrap();
+        assert!(json.len() <= MAX_LOG_LINE, "{}", json.len());
+    }
 }

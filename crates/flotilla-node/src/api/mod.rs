@@ -9,6 +9,7 @@
 //!    can be reached reads are answered from local state marked stale
 //!    (`x-flotilla-stale: true`) while writes fail fast with a quorum message.
 
+mod body;
 mod cluster;
 pub mod dispatch;
 mod events;
@@ -31,7 +32,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::Router;
-use http_body_util::BodyExt;
 
 use flotilla_api::Peer;
 use flotilla_pki::Role;
@@ -133,6 +133,7 @@ pub fn router(ctx: Ctx) -> Router {
         .route("/v1/services/{id}/rollback", post(services::rollback))
         .route("/v1/tasks", get(services::tasks))
         .route("/v1/nodes/{id}/tasks", post(dispatch::report))
+        .layer(axum::extract::DefaultBodyLimit::max(body::JSON_BODY_LIMIT))
         .layer(middleware::from_fn_with_state(ctx.clone(), leader_gate));
     let local_routes = Router::new()
         .route("/v1/ping", get(cluster::ping))
@@ -142,14 +143,9 @@ pub fn router(ctx: Ctx) -> Router {
         .route("/v1/nodes/{id}/network", get(network::stream))
         .route("/v1/tasks/{id}/logs", get(logs::task_logs))
         .route("/v1/images", get(images::list))
-        .route(
-            "/v1/images/import",
-            post(images::import).layer(axum::extract::DefaultBodyLimit::max(4 << 30)),
-        )
-        .route(
-            "/v1/images/load",
-            post(images::load).layer(axum::extract::DefaultBodyLimit::max(4 << 30)),
-        )
+        // Uploads are streamed to disk by the handlers, bounded by `images::UPLOAD_LIMIT`.
+        .route("/v1/images/import", post(images::import))
+        .route("/v1/images/load", post(images::load))
         .route("/v1/images/signatures", post(images::attach_signature))
         .route("/v1/images/prune", post(images::prune))
         .route(
@@ -300,62 +296,136 @@ fn anonymous_allowed(path: &str) -> bool {
     matches!(path, "/v1/ping" | "/v1/join/ca" | "/v1/join")
 }
 
+/// Who a node certificate speaks for on this node, read from the store: a removed node is no
+/// one, and a certificate grants manager rights only while the store still lists its node as
+/// a manager (a demoted manager's certificate stays valid until it expires, but acts as a
+/// worker's). A node without a store (a worker) has only the certificate to go by.
+fn node_caller(ctx: &NodeCtx, id: &str, cert_role: Role) -> Result<Caller, ApiError> {
+    let Some(mgr) = &ctx.manager else {
+        return Ok(Caller::Node {
+            id: id.to_string(),
+            role: cert_role,
+        });
+    };
+    let node = mgr
+        .get::<flotilla_types::Node>(id)?
+        .ok_or_else(|| {
+            ApiError::forbidden(format!(
+                "node {id} is not a member of this cluster (removed with `node rm`?): join it again with a token"
+            ))
+        })?;
+    let role = match (cert_role, node.spec.role) {
+        (Role::Manager, flotilla_types::NodeRole::Manager) => Role::Manager,
+        _ => Role::Worker,
+    };
+    Ok(Caller::Node {
+        id: id.to_string(),
+        role,
+    })
+}
+
+/// Raft RPCs come only from members of this node's Raft group. A node that has not learned
+/// any membership yet (a manager being added, before the leader's first entries) accepts any
+/// manager certificate of the cluster: that is how the leader reaches it.
+fn raft_peer_allowed(ctx: &NodeCtx, node_id: &str) -> bool {
+    let Some(mgr) = &ctx.manager else {
+        return false;
+    };
+    let status = mgr.store.status();
+    let raft_id = join::raft_id_for(node_id);
+    (status.voters.is_empty() && status.learners.is_empty())
+        || status
+            .voters
+            .iter()
+            .chain(status.learners.iter())
+            .any(|(id, _)| *id == raft_id)
+}
+
 async fn authorize(State(ctx): State<Ctx>, mut req: Request, next: Next) -> Response {
+    match authorized_caller(&ctx, &req) {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The request's [`Caller`], or why it may not make this request.
+fn authorized_caller(ctx: &NodeCtx, req: &Request) -> Result<Caller, ApiError> {
     let peer = req
         .extensions()
         .get::<Peer>()
         .cloned()
         .unwrap_or(Peer::Anonymous);
+    let path = req.uri().path();
+    if path.starts_with("/internal/raft/") {
+        // Membership, not the node table: a manager being added has no table yet.
+        return match &peer {
+            Peer::Verified(id)
+                if id.cluster_id == ctx.cluster_id()
+                    && id.role == Role::Manager
+                    && raft_peer_allowed(ctx, &id.node_id) =>
+            {
+                Ok(Caller::Node {
+                    id: id.node_id.clone(),
+                    role: Role::Manager,
+                })
+            }
+            _ => Err(ApiError::forbidden(
+                "raft rpcs need the certificate of a current manager of this cluster",
+            )),
+        };
+    }
     let caller = match &peer {
         Peer::Local => Caller::Admin,
         Peer::Anonymous => Caller::Anonymous,
         Peer::Verified(id) => {
             if id.cluster_id != ctx.cluster_id() {
-                return ApiError::forbidden("certificate belongs to another cluster")
-                    .into_response();
+                return Err(ApiError::forbidden(
+                    "certificate belongs to another cluster",
+                ));
             }
             match id.role {
                 Role::Admin => Caller::Admin,
-                Role::Manager => match req
-                    .headers()
-                    .get(CALLER_HEADER)
-                    .and_then(|v| v.to_str().ok())
-                {
-                    // A manager forwarding a request on behalf of its own caller.
-                    Some(v) => Caller::from_header(v),
-                    None => Caller::Node {
-                        id: id.node_id.clone(),
-                        role: Role::Manager,
-                    },
-                },
-                Role::Worker => Caller::Node {
-                    id: id.node_id.clone(),
-                    role: Role::Worker,
-                },
+                Role::Manager | Role::Worker => {
+                    let direct = node_caller(ctx, &id.node_id, id.role)?;
+                    let forwarded = req
+                        .headers()
+                        .get(CALLER_HEADER)
+                        .and_then(|v| v.to_str().ok());
+                    match (forwarded, &direct) {
+                        // A manager forwarding a request on behalf of its own caller, whose
+                        // node (if it is one) is checked against this store in turn.
+                        (
+                            Some(v),
+                            Caller::Node {
+                                role: Role::Manager,
+                                ..
+                            },
+                        ) => match Caller::from_header(v) {
+                            Caller::Node { id, role } => node_caller(ctx, &id, role)?,
+                            other => other,
+                        },
+                        _ => direct,
+                    }
+                }
             }
         }
     };
-    let path = req.uri().path().to_string();
-    if path.starts_with("/internal/raft/") {
-        let is_manager_peer = matches!(&peer, Peer::Verified(id) if id.role == Role::Manager);
-        if !is_manager_peer {
-            return ApiError::forbidden("raft rpcs need a manager certificate").into_response();
-        }
-    } else if path == "/v2" || path.starts_with("/v2/") {
+    if path == "/v2" || path.starts_with("/v2/") {
         // The registry: admins push and pull; nodes only pull.
         let read = matches!(*req.method(), Method::GET | Method::HEAD);
         let allowed = caller.is_admin() || (matches!(caller, Caller::Node { .. }) && read);
         if !allowed {
-            return ApiError::unauthorized(
+            return Err(ApiError::unauthorized(
                 "the registry needs a client certificate: the admin bundle to push (skopeo --dest-cert-dir DATA_DIR/admin), a node certificate to pull",
-            )
-            .into_response();
+            ));
         }
-    } else if caller == Caller::Anonymous && !anonymous_allowed(&path) {
-        return ApiError::unauthorized(
+    } else if caller == Caller::Anonymous && !anonymous_allowed(path) {
+        return Err(ApiError::unauthorized(
             "a client certificate is required: pass --tls-dir with the admin bundle (DATA_DIR/admin of the first manager)",
-        )
-        .into_response();
+        ));
     } else if let Caller::Node { id, role } = &caller {
         // Node certificates may only use their own agent endpoints (and the read-only basics).
         let own = path == format!("/v1/nodes/{id}/heartbeat")
@@ -367,16 +437,14 @@ async fn authorize(State(ctx): State<Ctx>, mut req: Request, next: Next) -> Resp
                 && path.starts_with("/v1/tasks/")
                 && path.ends_with("/logs"))
             || path == "/v1/cluster/managers"
-            || anonymous_allowed(&path);
+            || anonymous_allowed(path);
         if !own {
-            return ApiError::forbidden(format!(
+            return Err(ApiError::forbidden(format!(
                 "node certificates may not call {path}; use an admin bundle"
-            ))
-            .into_response();
+            )));
         }
     }
-    req.extensions_mut().insert(caller);
-    next.run(req).await
+    Ok(caller)
 }
 
 /// The local node's manager, or the error a worker gives for cluster-level requests.
@@ -413,10 +481,20 @@ async fn leader_gate(State(ctx): State<Ctx>, req: Request, next: Next) -> Respon
         .get::<Caller>()
         .cloned()
         .unwrap_or(Caller::Anonymous);
+    // The leader's extractors would refuse a body over the limit, but only after this node
+    // had buffered all of it: bound it here, in size and in time (anonymous callers reach
+    // `/v1/join`).
     let (parts, body) = req.into_parts();
-    let body = match body.collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => return ApiError::bad_request(format!("reading body: {e}")).into_response(),
+    let body = match body::read_limited(
+        &parts.headers,
+        body,
+        body::JSON_BODY_LIMIT,
+        body::BODY_READ_TIMEOUT,
+    )
+    .await
+    {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
     };
     if let Some(addr) = status
         .leader_addr

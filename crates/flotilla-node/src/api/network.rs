@@ -27,6 +27,28 @@ pub fn host_of(addr: &str) -> String {
     }
 }
 
+/// Whether `ip` can be a task's address in the node subnet `subnet`: inside it, and neither
+/// the network address, the gateway (the node's bridge, first host) nor the broadcast address.
+/// Task addresses come from the reporting agent; the leader keeps only those that pass this
+/// check, and every consumer of the network map checks again, so a worker cannot point other
+/// nodes' routing mesh or DNS at loopback, the metadata service or another node's tasks.
+pub fn is_task_addr(subnet: ipnet::Ipv4Net, ip: std::net::Ipv4Addr) -> bool {
+    let subnet = subnet.trunc();
+    subnet.contains(&ip)
+        && ip != subnet.network()
+        && ip != subnet.broadcast()
+        && ip != flotilla_net::ipam::gateway_of(subnet)
+}
+
+/// [`is_task_addr`] on the strings of the store and the network map (false when either does
+/// not parse).
+pub fn is_task_addr_str(subnet: &str, addr: &str) -> bool {
+    match (subnet.parse::<ipnet::Ipv4Net>(), addr.parse()) {
+        (Ok(net), Ok(ip)) => is_task_addr(net, ip),
+        _ => false,
+    }
+}
+
 /// Whether a task should take traffic: wanted, running, addressed, and healthy when it has a
 /// health check.
 pub fn in_pool(t: &Task) -> bool {
@@ -54,6 +76,10 @@ pub fn build(
         })
         .collect();
     net_nodes.sort_by(|a, b| a.id.cmp(&b.id));
+    let subnets: std::collections::HashMap<&str, &str> = nodes
+        .iter()
+        .filter_map(|n| Some((n.id.as_str(), n.network.as_ref()?.subnet.as_str())))
+        .collect();
     let mut net_services: Vec<NetService> = services
         .iter()
         .map(|s| {
@@ -61,10 +87,17 @@ pub fn build(
                 .iter()
                 .filter(|t| t.service_id == s.id && in_pool(t))
                 .filter_map(|t| {
+                    let node_id = t.node_id.clone()?;
+                    let addr = t.status.address.clone()?;
+                    // The leader stores only checked addresses; this keeps an address written
+                    // before that check (or by a bug) out of every node's mesh and DNS.
+                    if !is_task_addr_str(subnets.get(node_id.as_str())?, &addr) {
+                        return None;
+                    }
                     Some(NetBackend {
                         task_id: t.id.clone(),
-                        node_id: t.node_id.clone()?,
-                        addr: t.status.address.clone()?,
+                        node_id,
+                        addr,
                     })
                 })
                 .collect();
@@ -112,8 +145,10 @@ pub async fn stream(
         ));
     }
     let mgr = ctx.manager()?;
+    let claim = super::dispatch::claim_stream(&caller, super::dispatch::StreamKind::Network, &id);
     super::dispatch::push_stream(
         mgr,
+        claim,
         |ev| match ev.table {
             Table::Services | Table::Nodes | Table::Cluster => true,
             // Backends are placed tasks; unplaced ones never carry an address.
@@ -176,6 +211,78 @@ mod tests {
         let mut no_addr = task("g", "running", "running", None, false);
         no_addr.status.address = None;
         assert!(!in_pool(&no_addr));
+    }
+
+    #[test]
+    fn task_addresses_must_be_hosts_of_the_node_subnet() {
+        let net = "10.200.3.0/24";
+        assert!(is_task_addr_str(net, "10.200.3.2"));
+        assert!(is_task_addr_str(net, "10.200.3.254"));
+        for bad in [
+            "10.200.3.0",
+            "10.200.3.1",
+            "10.200.3.255",
+            "10.200.4.2",
+            "127.0.0.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "10.200.3.2:80",
+            "::1",
+            "",
+        ] {
+            assert!(!is_task_addr_str(net, bad), "{bad} accepted");
+        }
+        assert!(!is_task_addr_str("garbage", "10.200.3.2"));
+    }
+
+    fn node(id: &str, subnet: Option<&str>) -> Node {
+        let mut v = json!({
+            "id": id, "version": 1,
+            "spec": {"name": id, "role": "worker", "availability": "active"},
+            "description": {"hostname": "h", "os": "linux", "arch": "x86_64", "resources": {}},
+            "status": {"state": "ready", "addr": "127.0.0.1:4440"}
+        });
+        if let Some(s) = subnet {
+            v["network"] = json!({ "subnet": s });
+        }
+        serde_json::from_value(v).expect("node")
+    }
+
+    #[test]
+    fn the_map_leaves_out_addresses_outside_the_owning_nodes_subnet() {
+        let service: Service = serde_json::from_value(json!({
+            "id": "s1", "version": 1,
+            "spec": {
+                "name": "web",
+                "task_template": {"container": {"image": "x"}},
+                "mode": {"replicated": {"replicas": 3}}
+            }
+        }))
+        .expect("service");
+        let mut good = task("good", "running", "running", None, false);
+        good.status.address = Some("10.200.0.7".into());
+        let mut loopback = task("loop", "running", "running", None, false);
+        loopback.status.address = Some("127.0.0.1".into());
+        // An address of another node's subnet: stealing that node's task traffic.
+        let mut other = task("other", "running", "running", None, false);
+        other.status.address = Some("10.200.1.7".into());
+        // A node without a subnet has no task addresses at all.
+        let mut unallocated = task("unalloc", "running", "running", None, false);
+        unallocated.node_id = Some("n2".into());
+        let nodes = [node("n1", Some("10.200.0.0/24")), node("n2", None)];
+        let map = build(
+            1,
+            Default::default(),
+            &nodes,
+            &[service],
+            &[good, loopback, other, unallocated],
+        );
+        let addrs: Vec<&str> = map.services[0]
+            .backends
+            .iter()
+            .map(|b| b.addr.as_str())
+            .collect();
+        assert_eq!(addrs, ["10.200.0.7"]);
     }
 
     #[test]

@@ -244,8 +244,55 @@ pub async fn demote(State(ctx): State<Ctx>, Path(key): Path<String>) -> Result<R
     Ok(json_ok(&node))
 }
 
+/// Largest node description a heartbeat may carry, as JSON (a real one is about 1 KiB).
+pub const MAX_DESCRIPTION: usize = 64 * 1024;
+/// Largest hostname, and largest `os` / `arch`, in bytes.
+const MAX_HOSTNAME: usize = 255;
+const MAX_PLATFORM: usize = 64;
+
+/// Checks what a heartbeat asks to store: `addr` must be `IP:PORT` (what agents send, their
+/// advertise address), the description small. Refused, not cut: a real agent never comes
+/// near the limits, and a heartbeat is resent anyway on the next period.
+pub fn check_heartbeat(hb: &Heartbeat) -> Result<(), ApiError> {
+    if hb.addr.len() > 64 || hb.addr.parse::<std::net::SocketAddr>().is_err() {
+        return Err(ApiError::bad_request(format!(
+            "heartbeat addr {:?} is not IP:PORT",
+            hb.addr.chars().take(64).collect::<String>()
+        )));
+    }
+    let d = &hb.description;
+    let too_large = |what: &str, max: usize| {
+        ApiError::new(
+            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            format!("heartbeat {what} is larger than {max} bytes"),
+        )
+    };
+    if d.hostname.len() > MAX_HOSTNAME {
+        return Err(too_large("hostname", MAX_HOSTNAME));
+    }
+    if d.os.len() > MAX_PLATFORM || d.arch.len() > MAX_PLATFORM {
+        return Err(too_large("os/arch", MAX_PLATFORM));
+    }
+    let size = serde_json::to_vec(d).map(|v| v.len()).unwrap_or(usize::MAX);
+    if size > MAX_DESCRIPTION {
+        return Err(too_large("description", MAX_DESCRIPTION));
+    }
+    Ok(())
+}
+
+/// What a heartbeat changes in the store: `None` when nothing (the check-in itself is kept in
+/// memory only, so a heartbeat that differs only in its time is not a Raft write), else
+/// whether the change is only the agent's own data (address, description), which counts
+/// against the node's write budget. Bringing a node back to ready always goes through.
+pub fn heartbeat_change(node: &Node, hb: &Heartbeat) -> Option<bool> {
+    let back = node.status.state != NodeState::Ready;
+    let own = node.status.addr != hb.addr || node.description != hb.description;
+    (back || own).then_some(!back)
+}
+
 /// `POST /v1/nodes/{id}/heartbeat` (leader): records the check-in in memory and writes only
-/// changes (state, address, description) to the store.
+/// changes (state, address, description) to the store, at most as often as the node's write
+/// budget allows ([`super::dispatch::AGENT_WRITES`], then 429).
 pub async fn heartbeat(
     State(ctx): State<Ctx>,
     Extension(caller): Extension<Caller>,
@@ -255,17 +302,20 @@ pub async fn heartbeat(
     if !caller.is_node_or_admin(&id) {
         return Err(ApiError::forbidden("a node may only heartbeat for itself"));
     }
+    check_heartbeat(&hb)?;
     let mgr = ctx.manager()?;
-    if let Ok(mut beats) = mgr.heartbeats.lock() {
-        beats.insert(id.clone(), Instant::now());
-    }
     let mut node: Node = mgr.get(&id)?.ok_or_else(|| {
         ApiError::not_found(format!("node {id} is not part of the cluster (removed?)"))
     })?;
-    let changed = node.status.state != NodeState::Ready
-        || node.status.addr != hb.addr
-        || node.description != hb.description;
-    if changed {
+    // Recorded only for nodes of the cluster (a removed node's certificate stays valid).
+    if let Ok(mut beats) = mgr.heartbeats.lock() {
+        beats.insert(id.clone(), Instant::now());
+    }
+    let change = heartbeat_change(&node, &hb);
+    if change == Some(true) {
+        super::dispatch::take_agent_write(&caller, &id)?;
+    }
+    if change.is_some() {
         node.status.state = NodeState::Ready;
         node.status.message = String::new();
         node.status.addr = hb.addr.clone();
@@ -281,4 +331,73 @@ pub async fn heartbeat(
         managers: manager_addrs(&mgr),
         role: node.spec.role,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn node(state: &str) -> Node {
+        serde_json::from_value(json!({
+            "id": "n1", "version": 3,
+            "spec": {"name": "n1", "role": "worker", "availability": "active"},
+            "description": {"hostname": "h", "os": "linux", "arch": "x86_64", "resources": {}},
+            "status": {"state": state, "addr": "127.0.0.2:4440", "last_heartbeat": 5}
+        }))
+        .expect("node")
+    }
+
+    fn beat(addr: &str) -> Heartbeat {
+        Heartbeat {
+            addr: addr.into(),
+            description: node("ready").description,
+        }
+    }
+
+    #[test]
+    fn only_changes_are_writes_and_only_own_data_counts_against_the_budget() {
+        assert_eq!(
+            heartbeat_change(&node("ready"), &beat("127.0.0.2:4440")),
+            None
+        );
+        assert_eq!(
+            heartbeat_change(&node("ready"), &beat("127.0.0.9:4440")),
+            Some(true)
+        );
+        let mut other = beat("127.0.0.2:4440");
+        other.description.hostname = "elsewhere".into();
+        assert_eq!(heartbeat_change(&node("ready"), &other), Some(true));
+        // A node coming back is written whatever the budget says.
+        assert_eq!(
+            heartbeat_change(&node("down"), &beat("127.0.0.2:4440")),
+            Some(false)
+        );
+    }
+
+    #[test]
+    fn heartbeats_are_checked_for_shape_and_size() {
+        assert!(check_heartbeat(&beat("127.0.0.2:4440")).is_ok());
+        assert!(check_heartbeat(&beat("[::1]:4440")).is_ok());
+        for bad in [
+            "",
+            "127.0.0.2",
+            "flotilla-node:4440",
+            "127.0.0.2:4440\u{1b}[2J",
+        ] {
+            let e = check_heartbeat(&beat(bad)).expect_err(bad);
+            assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST, "{bad}");
+        }
+        let mut hb = beat("127.0.0.2:4440");
+        hb.description.hostname = "h".repeat(MAX_HOSTNAME + 1);
+        let e = check_heartbeat(&hb).expect_err("hostname");
+        assert_eq!(e.status, axum::http::StatusCode::PAYLOAD_TOO_LARGE);
+        let mut hb = beat("127.0.0.2:4440");
+        hb.description
+            .engine
+            .insert("blob".into(), json!("x".repeat(MAX_DESCRIPTION)));
+        let e = check_heartbeat(&hb).expect_err("description");
+        assert_eq!(e.status, axum::http::StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(e.message.contains("description"), "{}", e.message);
+    }
 }

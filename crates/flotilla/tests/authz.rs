@@ -1,0 +1,137 @@
+//! Authorization comes from the store, not only from the certificate: a demoted manager's
+//! certificate (valid until it expires) no longer grants manager rights, and a removed node's
+//! certificate is refused at once. Each check replays what a holder of the old key files
+//! would send, with curl and the files copied before the change.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+/// Copies a node's key, certificate and the CA certificate aside (what an attacker who kept
+/// them would hold after the node's role changed).
+fn keep_keys(node_dir: &Path, into: &Path) -> PathBuf {
+    std::fs::create_dir_all(into).unwrap();
+    for f in ["ca.pem", "node.pem", "node.key"] {
+        std::fs::copy(node_dir.join("tls").join(f), into.join(f)).unwrap();
+    }
+    into.to_path_buf()
+}
+
+/// `curl` against `addr` with the kept keys; returns (HTTP status, body).
+fn curl(keys: &Path, addr: &str, method: &str, path: &str, headers: &[&str]) -> (u16, String) {
+    let (ip, port) = addr.rsplit_once(':').unwrap();
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--http2", "--max-time", "5", "-X", method])
+        .arg("--cacert")
+        .arg(keys.join("ca.pem"))
+        .arg("--cert")
+        .arg(keys.join("node.pem"))
+        .arg("--key")
+        .arg(keys.join("node.key"))
+        .arg("--resolve")
+        .arg(format!("flotilla-node:{port}:{ip}"))
+        .args(["-w", "\n%{http_code}"]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    if method == "POST" {
+        cmd.args(["-H", "content-type: application/json", "--data", "{}"]);
+    }
+    let out = cmd
+        .arg(format!("https://flotilla-node:{port}{path}"))
+        .output()
+        .expect("curl");
+    let text = stdout(&out);
+    let (body, code) = text
+        .trim_end()
+        .rsplit_once('\n')
+        .unwrap_or(("", text.trim()));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+#[test]
+fn t10_a_demoted_managers_certificate_no_longer_acts_as_a_manager() {
+    let mut c = Cluster::init(120, &[]);
+    let m2 = c.join("m2", "manager");
+    let leader = c.nodes[0].addr.clone();
+    let keys = keep_keys(&c.nodes[m2].dir, &c.tmp.path().join("m2-keys"));
+
+    // While it is a manager, the certificate may forward requests for an admin.
+    let admin = ["x-flotilla-caller: admin"];
+    let (code, body) = curl(&keys, &leader, "GET", "/v1/cluster/join-tokens", &admin);
+    assert_eq!(code, 200, "{body}");
+
+    let o = c.run(&["node", "demote", "m2"]);
+    assert!(o.status.success(), "demote: {}", stderr(&o));
+
+    // The same certificate now speaks for a worker: no admin forwarding, no Raft.
+    let (code, body) = curl(&keys, &leader, "GET", "/v1/cluster/join-tokens", &admin);
+    assert_eq!(
+        code, 403,
+        "join tokens through a demoted manager's key: {body}"
+    );
+    assert!(!body.contains("FLT1-"), "{body}");
+    let (code, body) = curl(&keys, &leader, "POST", "/internal/raft/vote", &[]);
+    assert_eq!(code, 403, "raft rpc from a demoted manager's key: {body}");
+    assert!(body.contains("current manager"), "{body}");
+}
+
+#[test]
+fn t20_a_removed_nodes_certificate_is_refused_at_once() {
+    let mut c = Cluster::init(121, &[]);
+    let w = c.join("w1", "worker");
+    let id = c.node_id("w1");
+    let manager = c.nodes[0].addr.clone();
+    let keys = keep_keys(&c.nodes[w].dir, &c.tmp.path().join("w1-keys"));
+    let assignments = format!("/v1/nodes/{id}/assignments");
+
+    // A member's certificate reaches its agent endpoints and the registry.
+    let (code, body) = curl(&keys, &manager, "GET", "/v2/", &[]);
+    assert_eq!(code, 200, "{body}");
+
+    c.nodes[w].stop();
+    let o = c.run(&["node", "rm", "--force", "w1"]);
+    assert!(o.status.success(), "node rm: {}", stderr(&o));
+
+    for (method, path) in [
+        ("GET", assignments.as_str()),
+        ("GET", "/v2/"),
+        ("POST", &format!("/v1/nodes/{id}/heartbeat")),
+        ("POST", &format!("/v1/nodes/{id}/renew")),
+    ] {
+        let (code, body) = curl(&keys, &manager, method, path, &[]);
+        assert_eq!(
+            code, 403,
+            "{method} {path} with a removed node's key: {body}"
+        );
+        assert!(body.contains("not a member of this cluster"), "{body}");
+    }
+}
+
+/// A joining node sends its token's secret only to a server that proves it is a manager: a
+/// worker of the same cluster (whose certificate the CA pin accepts) gets no request at all,
+/// because the TLS handshake fails on its role first.
+#[test]
+fn t30_a_joining_node_does_not_send_its_secret_to_a_worker() {
+    let mut c = Cluster::init(122, &[]);
+    let w = c.join("w1", "worker");
+    let worker = c.nodes[w].addr.clone();
+    let token = c.token("manager");
+    let dir = c.tmp.path().join("joiner");
+    let out = Command::new(BIN)
+        .args(["node", "run", "--data-dir"])
+        .arg(&dir)
+        .args(["--listen", "127.0.122.9:4440", "--name", "joiner"])
+        .args(["--join", &worker])
+        .env("FLOTILLA_JOIN_TOKEN", &token)
+        .output()
+        .expect("run the joiner");
+    let err = stderr(&out);
+    assert!(!out.status.success(), "joined through a worker: {err}");
+    assert!(err.contains("which is a Worker, not a Manager"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
