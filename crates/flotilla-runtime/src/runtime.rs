@@ -15,6 +15,15 @@
 //!
 //! `meta.json` is written last: a container dir without it is a create that was interrupted,
 //! and `adopt` removes it (as it removes volatile dirs without a lasting one).
+//!
+//! Modes (Docker's userns-remap layout): `root` and its directories 0700 (a writable layer's
+//! `upper` keeps the container root's owner and 0755 inside them), records and `config.json`
+//! 0600, container logs 0600. Only the way to each rootfs mount point (`state`, `state/containers`,
+//! `<id>`, `<id>/bundle`) is 0710 with the group of the host gid container root maps to,
+//! because the OCI runtime resolves the rootfs from inside the container's user namespace
+//! (`root` too when `state` lies inside it). Overlayfs reads the layers with the mounting
+//! root's credentials: `images/layers` needs no traversal by anyone else, so no local user
+//! can run a set-uid file of a layer.
 
 use crate::config::{IdRange, RuntimeConfig};
 use crate::driver::{
@@ -82,6 +91,41 @@ fn mkdir(p: &Path, mode: u32) -> Result<()> {
         .ctx(|| format!("chmod {}", p.display()))
 }
 
+/// A directory on the way to a container's root filesystem, which the OCI runtime resolves
+/// from inside the container's user namespace: Docker's userns-remap layout, 0710 with the
+/// group of the host gid container root maps to (it may pass, no one else but root may even
+/// list it); 0700 without user namespaces. `mapped_gid` is that gid.
+fn traversal_dir(p: &Path, mapped_gid: Option<u32>) -> Result<()> {
+    fs::create_dir_all(p).ctx(|| format!("create {}", p.display()))?;
+    let mode = match mapped_gid {
+        Some(gid) => {
+            std::os::unix::fs::chown(p, None, Some(gid))
+                .ctx(|| format!("chown {}", p.display()))?;
+            0o710
+        }
+        None => 0o700,
+    };
+    fs::set_permissions(p, fs::Permissions::from_mode(mode))
+        .ctx(|| format!("chmod {}", p.display()))
+}
+
+/// Writes a file readable by root only (0600 set on the descriptor, whatever the umask or an
+/// older file's mode).
+fn write_private(p: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(p)
+        .ctx(|| format!("create {}", p.display()))?;
+    f.set_permissions(fs::Permissions::from_mode(0o600))
+        .ctx(|| format!("chmod {}", p.display()))?;
+    f.write_all(data).ctx(|| format!("write {}", p.display()))
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
@@ -97,26 +141,30 @@ impl Runtime {
         let runtime_path = probe.runtime_path.clone().ok_or_else(|| {
             RuntimeError::HostRequirement("runc not found: apt-get install runc".into())
         })?;
-        for (d, mode) in [("", 0o711), ("containers", 0o711), ("logs", 0o700)] {
-            mkdir(&cfg.root.join(d), mode)?;
+        // Nothing here is for other local users (records hold env vars, layers hold set-uid
+        // files owned by the mapped root). The container's root reaches only its rootfs
+        // mount point, through the state dir; overlayfs reads layers and the writable layer
+        // with the mounting root's credentials, so they stay 0700.
+        let mapped_gid = cfg.userns.map(|r| r.shift(0));
+        if cfg.state.starts_with(&cfg.root) {
+            traversal_dir(&cfg.root, mapped_gid)?;
+        } else {
+            mkdir(&cfg.root, 0o700)?;
         }
-        for (d, mode) in [
-            ("", 0o711),
-            ("containers", 0o711),
-            ("sock", 0o700),
-            ("runc", 0o700),
-        ] {
-            mkdir(&cfg.state.join(d), mode)?;
+        for d in ["containers", "logs"] {
+            mkdir(&cfg.root.join(d), 0o700)?;
+        }
+        let init = cfg.root.join("init");
+        if init.is_dir() {
+            mkdir(&init, 0o700)?;
+        }
+        for d in ["", "containers"] {
+            traversal_dir(&cfg.state.join(d), mapped_gid)?;
+        }
+        for d in ["sock", "runc"] {
+            mkdir(&cfg.state.join(d), 0o700)?;
         }
         let images = Arc::new(ImageStore::open(cfg.root.join("images"))?);
-        // Layers must be traversable by the container's (unprivileged) root.
-        fs::set_permissions(images.root(), fs::Permissions::from_mode(0o711))
-            .ctx(|| "chmod images".into())?;
-        fs::set_permissions(
-            images.root().join("layers"),
-            fs::Permissions::from_mode(0o711),
-        )
-        .ctx(|| "chmod layers".into())?;
         let is_crun = runtime_path
             .file_name()
             .is_some_and(|n| n.to_string_lossy().contains("crun"));
@@ -356,14 +404,17 @@ impl Inner {
         let layers = self.images.unpacked_layers(&digest, userns)?;
         let bundle = self.vdir(&id).join("bundle");
         let rootfs = bundle.join("rootfs");
-        mkdir(&self.vdir(&id), 0o711)?;
         let upper = dir.join("fs/upper");
         let work = dir.join("fs/work");
-        mkdir(&bundle, 0o711)?;
-        mkdir(&rootfs, 0o755)?;
-        mkdir(&dir.join("fs"), 0o711)?;
+        mkdir(&dir, 0o700)?;
+        mkdir(&dir.join("fs"), 0o700)?;
         mkdir(&upper, 0o755)?;
         mkdir(&work, 0o700)?;
+        // After the lasting dir: with an older layout it is the volatile one too.
+        let mapped_gid = self.cfg.userns.map(|r| r.shift(0));
+        traversal_dir(&self.vdir(&id), mapped_gid)?;
+        traversal_dir(&bundle, mapped_gid)?;
+        mkdir(&rootfs, 0o755)?;
         if let Some(r) = userns {
             let root = r.shift(0);
             std::os::unix::fs::chown(&upper, Some(root), Some(root))
@@ -374,14 +425,35 @@ impl Inner {
         let mut lowers = vec![self.init_layer(&spec, userns)?];
         lowers.extend(layers);
         overlay::mount_overlay(&lowers, &upper, &work, &rootfs, &dir.join("fs/l"))?;
-        let read = |p: &str| fs::read_to_string(rootfs.join(p)).unwrap_or_default();
+        // The image's /etc/passwd and /etc/group, resolved inside the rootfs: an absolute
+        // symlink (`/etc/shadow`, `/dev/zero`) is taken relative to the rootfs and never
+        // reaches the host. A missing file reads as empty (numeric users need none). One that
+        // is not a regular file or is over 1 MiB reads as empty too, and its error is what
+        // is reported when the user then cannot be resolved.
+        const ETC_MAX: u64 = 1 << 20;
+        let read = |p: &str| {
+            let got = crate::image::layer::read_in_root(&rootfs, Path::new(p), ETC_MAX);
+            match got {
+                Ok(data) => (
+                    String::from_utf8_lossy(&data.unwrap_or_default()).into_owned(),
+                    None,
+                ),
+                Err(e) => (String::new(), Some(e)),
+            }
+        };
         let user_str = spec
             .user
             .clone()
             .or_else(|| image_cfg.config().as_ref().and_then(|c| c.user().clone()))
             .filter(|u| !u.is_empty())
             .unwrap_or_else(|| "0".into());
-        let user = spec::resolve_user(&user_str, &read("etc/passwd"), &read("etc/group"))?;
+        let (passwd, passwd_err) = read("etc/passwd");
+        let (group, group_err) = read("etc/group");
+        let read_err = passwd_err.or(group_err);
+        let user = spec::resolve_user(&user_str, &passwd, &group).map_err(|e| match read_err {
+            Some(r) => RuntimeError::Invalid(format!("cannot resolve user {user_str}: {r}")),
+            None => e,
+        })?;
         let cgroups_path = format!("{}/{}", self.cfg.cgroup_parent.trim_end_matches('/'), id);
         let oci = spec::build_spec(
             &spec,
@@ -394,8 +466,9 @@ impl Inner {
                 swap_limit: self.probe.swap_accounting,
             },
         )?;
-        oci.save(bundle.join("config.json"))
+        let config_json = serde_json::to_vec(&oci)
             .map_err(|e| RuntimeError::Invalid(format!("write config.json: {e}")))?;
+        write_private(&bundle.join("config.json"), &config_json)?;
         let mut opt_outs = Vec::new();
         if sec.privileged {
             opt_outs.push("privileged".to_string());
@@ -426,7 +499,7 @@ impl Inner {
         };
         let meta =
             serde_json::to_vec_pretty(&info).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
-        fs::write(dir.join("meta.json"), meta).ctx(|| "write meta.json".into())?;
+        write_private(&dir.join("meta.json"), &meta)?;
         Ok(info)
     }
 
@@ -463,7 +536,7 @@ impl Inner {
         let _ = fs::remove_dir_all(&tmp);
         let owner = userns.map(|r| r.shift(0));
         let build = || -> Result<()> {
-            mkdir(&base, 0o711)?;
+            mkdir(&base, 0o700)?;
             let mut dirs = vec![tmp.clone()];
             for d in ["proc", "dev", "sys"] {
                 dirs.push(tmp.join(d));

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -98,6 +98,88 @@ fn oci_err(e: impl std::fmt::Display) -> RuntimeError {
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// Creates a new file of the store, mode 0600 (set on the descriptor, whatever the umask).
+fn create_private(p: &Path) -> Result<File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(p)
+        .ctx(|| format!("create {}", p.display()))?;
+    f.set_permissions(fs::Permissions::from_mode(0o600))
+        .ctx(|| format!("chmod {}", p.display()))?;
+    Ok(f)
+}
+
+/// Largest JSON document (index, manifest, config) read from an image archive.
+const MAX_ARCHIVE_JSON: u64 = 32 << 20;
+
+/// Where `load_dir` reads an image layout or `docker save` tree from.
+enum Layout {
+    /// A directory the caller vouches for: its symlinks are followed.
+    Trusted(PathBuf),
+    /// An unpacked archive: read through [`layer::ConfinedDir`] (symlinks resolved inside it,
+    /// regular files only, JSON documents size-capped).
+    Archive(layer::ConfinedDir),
+}
+
+impl Layout {
+    fn path(&self) -> &Path {
+        match self {
+            Layout::Trusted(p) => p,
+            Layout::Archive(c) => c.path(),
+        }
+    }
+
+    fn is_file(&self, rel: &str) -> Result<bool> {
+        match self {
+            Layout::Trusted(p) => Ok(p.join(rel).is_file()),
+            Layout::Archive(c) => match c.open_file(Path::new(rel)) {
+                Ok(f) => Ok(f.is_some()),
+                Err(RuntimeError::BadArchive(_)) => Ok(false),
+                Err(e) => Err(e),
+            },
+        }
+    }
+
+    /// Whether `rel` (one component) is a directory; a symlink is not followed in an archive.
+    fn is_dir(&self, rel: &str) -> bool {
+        match self {
+            Layout::Trusted(p) => p.join(rel).is_dir(),
+            Layout::Archive(c) => {
+                fs::symlink_metadata(c.path().join(rel)).is_ok_and(|m| m.is_dir())
+            }
+        }
+    }
+
+    fn open(&self, rel: &Path) -> Result<File> {
+        match self {
+            Layout::Trusted(p) => {
+                let p = p.join(rel);
+                File::open(&p).ctx(|| format!("open {}", p.display()))
+            }
+            Layout::Archive(c) => c.open_file(rel)?.ok_or_else(|| {
+                RuntimeError::BadArchive(format!("{} is missing from the archive", rel.display()))
+            }),
+        }
+    }
+
+    fn read(&self, rel: impl AsRef<Path>) -> Result<Vec<u8>> {
+        let rel = rel.as_ref();
+        match self {
+            Layout::Trusted(p) => {
+                let p = p.join(rel);
+                fs::read(&p).ctx(|| format!("read {}", p.display()))
+            }
+            Layout::Archive(c) => c.read(rel, MAX_ARCHIVE_JSON)?.ok_or_else(|| {
+                RuntimeError::BadArchive(format!("{} is missing from the archive", rel.display()))
+            }),
+        }
+    }
+}
+
 /// The content store.
 pub struct ImageStore {
     root: PathBuf,
@@ -106,11 +188,18 @@ pub struct ImageStore {
 
 impl ImageStore {
     /// Opens (creating) the store under `root` (e.g. `<runtime-root>/images`).
+    ///
+    /// Every directory is made 0700 and every file the store writes is 0600: images may hold
+    /// secrets, and unpacked layers hold set-uid files owned by a user-namespace root, which
+    /// no local user may run. (Overlayfs reads layers with the mounting root's credentials.)
     pub fn open(root: impl Into<PathBuf>) -> Result<ImageStore> {
+        use std::os::unix::fs::PermissionsExt;
         let root = root.into();
-        for d in ["blobs/sha256", "layers", "tmp"] {
+        for d in ["", "blobs", "blobs/sha256", "layers", "tmp"] {
             let p = root.join(d);
             fs::create_dir_all(&p).ctx(|| format!("create {}", p.display()))?;
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o700))
+                .ctx(|| format!("chmod {}", p.display()))?;
         }
         // Leftovers of an interrupted import.
         if let Ok(rd) = fs::read_dir(root.join("tmp")) {
@@ -173,7 +262,7 @@ impl ImageStore {
         let tmp = self.tmp_path("blob");
         let mut r = layer::HashingReader::new(reader);
         {
-            let mut f = File::create(&tmp).ctx(|| format!("create {}", tmp.display()))?;
+            let mut f = create_private(&tmp)?;
             io::copy(&mut r, &mut f).ctx(|| "write blob".into())?;
             f.sync_all().ctx(|| "sync blob".into())?;
         }
@@ -219,7 +308,9 @@ impl ImageStore {
             path: p.clone(),
             message: e.to_string(),
         })?;
-        fs::write(&tmp, data).ctx(|| format!("write {}", tmp.display()))?;
+        create_private(&tmp)?
+            .write_all(&data)
+            .ctx(|| format!("write {}", tmp.display()))?;
         fs::rename(&tmp, &p).ctx(|| format!("write {}", p.display()))
     }
 
@@ -485,9 +576,15 @@ impl ImageStore {
 
     /// Loads a `docker save` archive, an OCI image archive (tar or tar.gz) or an OCI image layout
     /// directory. Returns `(reference or digest, manifest digest)` for every image loaded.
+    ///
+    /// An archive is untrusted: its members are unpacked confined to a private temp dir (only
+    /// directories, regular files and symlinks), and every file of it is then opened with its
+    /// symlinks resolved inside that dir, regular files only, so no member can make the loader
+    /// read a host file or a device. A directory is the caller's own: its symlinks are
+    /// followed (the registry's tag layouts link into the store).
     pub fn load_archive(&self, path: &Path) -> Result<Vec<(String, String)>> {
         if path.is_dir() {
-            return self.load_dir(path);
+            return self.load_dir(&Layout::Trusted(path.to_path_buf()));
         }
         let tmp = self.tmp_path("archive");
         fs::create_dir_all(&tmp).ctx(|| format!("create {}", tmp.display()))?;
@@ -495,7 +592,7 @@ impl ImageStore {
             let f = File::open(path).ctx(|| format!("open {}", path.display()))?;
             let r = layer::decompressed(f)?;
             let mut ar = tar::Archive::new(r);
-            ar.set_preserve_permissions(false);
+            let mut unpacker = layer::ArchiveUnpacker::new(&tmp)?;
             for entry in ar.entries().ctx(|| "read archive".into())? {
                 // The tar reader's message quotes the bytes it could not parse, which for a
                 // file that is no archive at all is the start of that file (text or binary
@@ -506,39 +603,40 @@ impl ImageStore {
                             .into(),
                     )
                 })?;
-                let t = e.header().entry_type();
-                if t.is_file() || t.is_dir() || t.is_symlink() {
-                    e.unpack_in(&tmp).ctx(|| "unpack archive".into())?;
-                }
+                unpacker.unpack(&mut e)?;
             }
-            self.load_dir(&tmp)
+            self.load_dir(&Layout::Archive(layer::ConfinedDir::open(&tmp)?))
         })();
         let _ = fs::remove_dir_all(&tmp);
         res
     }
 
-    fn load_dir(&self, dir: &Path) -> Result<Vec<(String, String)>> {
-        if dir.join("index.json").is_file() && dir.join("blobs").is_dir() {
+    fn load_dir(&self, dir: &Layout) -> Result<Vec<(String, String)>> {
+        if dir.is_file("index.json")? && dir.is_dir("blobs") {
             self.load_oci_layout(dir)
-        } else if dir.join("manifest.json").is_file() {
+        } else if dir.is_file("manifest.json")? {
             self.load_docker(dir)
         } else {
             Err(RuntimeError::BadArchive(format!(
                 "{}: neither an OCI layout (index.json) nor a docker save archive (manifest.json)",
-                dir.display()
+                dir.path().display()
             )))
         }
     }
 
-    fn copy_blob(&self, layout: &Path, desc: &Descriptor) -> Result<(String, u64)> {
+    fn copy_blob(&self, layout: &Layout, desc: &Descriptor) -> Result<(String, u64)> {
         let d = desc.digest().to_string();
-        let p = layout.join("blobs/sha256").join(valid_digest(&d)?);
-        let f = File::open(&p).ctx(|| format!("open {}", p.display()))?;
+        let rel = Path::new("blobs/sha256").join(valid_digest(&d)?);
+        if self.has_blob(&d) {
+            // Already present (and verified when written): nothing to read.
+            return self.put_blob(Some(&d), io::empty());
+        }
+        let f = layout.open(&rel)?;
         self.put_blob(Some(&d), f)
     }
 
-    fn load_oci_layout(&self, dir: &Path) -> Result<Vec<(String, String)>> {
-        let text = fs::read(dir.join("index.json")).ctx(|| "read index.json".into())?;
+    fn load_oci_layout(&self, dir: &Layout) -> Result<Vec<(String, String)>> {
+        let text = dir.read("index.json")?;
         let index: ImageIndex = serde_json::from_slice(&text)
             .map_err(|e| RuntimeError::BadArchive(format!("index.json: {e}")))?;
         let mut out = Vec::new();
@@ -554,12 +652,9 @@ impl ImageStore {
                 || desc.media_type().to_string().contains("manifest.list")
             {
                 // Nested index: take the linux/amd64 manifest, or the first one.
-                let p = dir
-                    .join("blobs/sha256")
-                    .join(valid_digest(desc.digest().as_ref())?);
-                let nested: ImageIndex =
-                    serde_json::from_slice(&fs::read(&p).ctx(|| format!("read {}", p.display()))?)
-                        .map_err(|e| RuntimeError::BadArchive(format!("nested index: {e}")))?;
+                let rel = Path::new("blobs/sha256").join(valid_digest(desc.digest().as_ref())?);
+                let nested: ImageIndex = serde_json::from_slice(&dir.read(&rel)?)
+                    .map_err(|e| RuntimeError::BadArchive(format!("nested index: {e}")))?;
                 let pick = nested
                     .manifests()
                     .iter()
@@ -584,7 +679,7 @@ impl ImageStore {
         Ok(out)
     }
 
-    fn load_docker(&self, dir: &Path) -> Result<Vec<(String, String)>> {
+    fn load_docker(&self, dir: &Layout) -> Result<Vec<(String, String)>> {
         #[derive(Deserialize)]
         #[serde(rename_all = "PascalCase")]
         struct Entry {
@@ -593,27 +688,26 @@ impl ImageStore {
             repo_tags: Option<Vec<String>>,
             layers: Vec<String>,
         }
-        let text = fs::read(dir.join("manifest.json")).ctx(|| "read manifest.json".into())?;
+        let text = dir.read("manifest.json")?;
         let entries: Vec<Entry> = serde_json::from_slice(&text)
             .map_err(|e| RuntimeError::BadArchive(format!("manifest.json: {e}")))?;
         let mut out = Vec::new();
         for e in entries {
             let inside = |rel: &str| -> Result<PathBuf> {
                 layer::classify(Path::new(rel)).and_then(|k| match k {
-                    layer::EntryKind::Normal(p) => Ok(dir.join(p)),
+                    layer::EntryKind::Normal(p) if !p.as_os_str().is_empty() => Ok(p),
                     _ => Err(RuntimeError::BadArchive(format!("bad path {rel}"))),
                 })
             };
-            let cfg_bytes = fs::read(inside(&e.config)?).ctx(|| format!("read {}", e.config))?;
+            let cfg_bytes = dir.read(&inside(&e.config)?)?;
             let config: ImageConfiguration = serde_json::from_slice(&cfg_bytes)
                 .map_err(|err| RuntimeError::BadArchive(format!("config {}: {err}", e.config)))?;
             let mut layers = Vec::new();
             for l in &e.layers {
-                let p = inside(l)?;
-                let mut f = File::open(&p).ctx(|| format!("open {l}"))?;
+                let mut f = dir.open(&inside(l)?)?;
                 let mut magic = [0u8; 2];
                 let gz = f.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b];
-                let f = File::open(&p).ctx(|| format!("open {l}"))?;
+                f.seek(io::SeekFrom::Start(0)).ctx(|| format!("read {l}"))?;
                 let (digest, size) = self.put_blob(None, f)?;
                 let mt = if gz {
                     MediaType::Other(GZIP_TAR.into())
