@@ -474,6 +474,7 @@ async fn run_node(
         runtime: Some(runtime.clone()),
         role_changed: tokio::sync::Notify::new(),
         agent_images: Default::default(),
+        known_managers: Default::default(),
     });
     // A new cluster is seeded before the API opens, so no client ever sees it half-made.
     if let (Some(mgr), Some(cluster)) = (&manager, bootstrap) {

@@ -725,7 +725,12 @@ pub async fn assignment_loop(ctx: Arc<NodeCtx>, exec: Arc<Executor>, stop: watch
 /// Follows the network map stream and programs this node's networking from it.
 pub async fn network_loop(ctx: Arc<NodeCtx>, net: Arc<NodeNet>, stop: watch::Receiver<bool>) {
     let path = format!("/v1/nodes/{}/network", ctx.identity().node_id);
+    let seen = ctx.clone();
     follow::<flotilla_types::NetworkMap, _, _>(ctx, path, stop, move |map| {
+        let managers = map.nodes.iter().filter(|n| n.manager).map(|n| n.id.clone());
+        if let Ok(mut g) = seen.known_managers.write() {
+            *g = Some(managers.collect());
+        }
         let net = net.clone();
         async move { net.apply_map(&map).await }
     })

@@ -46,6 +46,9 @@ pub struct NodeCtx {
     pub role_changed: tokio::sync::Notify,
     /// Trust policy and assigned images from the last assignment set (see `trust`).
     pub agent_images: trust::AgentImages,
+    /// The managers of the last network map (node ids); `None` until one arrived. A node
+    /// without a store accepts a manager certificate only from these.
+    pub known_managers: RwLock<Option<std::collections::HashSet<String>>>,
 }
 
 impl NodeCtx {

@@ -812,6 +812,7 @@ mod tests {
             ip: "127.0.0.1".into(),
             subnet: Some(subnet.into()),
             ready: true,
+            manager: false,
         }
     }
 

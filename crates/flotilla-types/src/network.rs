@@ -61,6 +61,10 @@ pub struct NetNode {
     pub ip: String,
     pub subnet: Option<String>,
     pub ready: bool,
+    /// The store lists the node as a manager (workers accept manager certificates only from
+    /// these nodes).
+    #[serde(default)]
+    pub manager: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -57,13 +57,19 @@ fn curl(keys: &Path, addr: &str, method: &str, path: &str, headers: &[&str]) -> 
 fn t10_a_demoted_managers_certificate_no_longer_acts_as_a_manager() {
     let mut c = Cluster::init(120, &[]);
     let m2 = c.join("m2", "manager");
+    let w = c.join("w1", "worker");
     let leader = c.nodes[0].addr.clone();
+    let worker = c.nodes[w].addr.clone();
     let keys = keep_keys(&c.nodes[m2].dir, &c.tmp.path().join("m2-keys"));
 
-    // While it is a manager, the certificate may forward requests for an admin.
+    // While it is a manager, the certificate may forward requests for an admin, and read task
+    // logs on a worker (404: no such task, past the authorization).
     let admin = ["x-flotilla-caller: admin"];
     let (code, body) = curl(&keys, &leader, "GET", "/v1/cluster/join-tokens", &admin);
     assert_eq!(code, 200, "{body}");
+    let logs = "/v1/tasks/nosuchtask/logs";
+    let (code, body) = curl(&keys, &worker, "GET", logs, &[]);
+    assert_eq!(code, 404, "{body}");
 
     let o = c.run(&["node", "demote", "m2"]);
     assert!(o.status.success(), "demote: {}", stderr(&o));
@@ -78,6 +84,12 @@ fn t10_a_demoted_managers_certificate_no_longer_acts_as_a_manager() {
     let (code, body) = curl(&keys, &leader, "POST", "/internal/raft/vote", &[]);
     assert_eq!(code, 403, "raft rpc from a demoted manager's key: {body}");
     assert!(body.contains("current manager"), "{body}");
+    // The worker has no store: it learns the managers from its network map.
+    wait_for(
+        "the worker to refuse the demoted manager's key",
+        std::time::Duration::from_secs(30),
+        || (curl(&keys, &worker, "GET", logs, &[]).0 == 403).then_some(()),
+    );
 }
 
 #[test]
@@ -92,6 +104,20 @@ fn t20_a_removed_nodes_certificate_is_refused_at_once() {
     // A member's certificate reaches its agent endpoints and the registry.
     let (code, body) = curl(&keys, &manager, "GET", "/v2/", &[]);
     assert_eq!(code, 200, "{body}");
+    // Ping tells a member who answers; an anonymous caller only that something does.
+    let (code, body) = curl(&keys, &manager, "GET", "/v1/ping", &[]);
+    assert!(code == 200 && body.contains(&c.node_id("m1")), "{body}");
+    let anon = Command::new("curl")
+        .args(["-sSk", "--max-time", "5"])
+        .arg(format!("https://{manager}/v1/ping"))
+        .output()
+        .expect("curl");
+    let anon = stdout(&anon);
+    assert!(anon.contains("\"ok\":true"), "{anon}");
+    assert!(
+        !anon.contains(&c.node_id("m1")) && !anon.contains("term"),
+        "{anon}"
+    );
 
     c.nodes[w].stop();
     let o = c.run(&["node", "rm", "--force", "w1"]);

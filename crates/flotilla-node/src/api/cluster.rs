@@ -11,8 +11,12 @@ use crate::error::ApiError;
 use crate::manager::ClusterObject;
 
 /// `GET /v1/ping`: this node's own view (never forwarded), including its Raft progress on
-/// managers, so callers can tell whether a restarted manager has caught up.
-pub async fn ping(State(ctx): State<Ctx>) -> Response {
+/// managers, so callers can tell whether a restarted manager has caught up. An anonymous
+/// caller learns only that the node answers: ids, role and Raft progress are for the cluster.
+pub async fn ping(State(ctx): State<Ctx>, Extension(caller): Extension<Caller>) -> Response {
+    if caller == Caller::Anonymous {
+        return json_ok(&serde_json::json!({ "ok": true }));
+    }
     let ident = ctx.identity();
     let raft = ctx.manager.as_ref().map(|m| {
         let st = m.store.status();

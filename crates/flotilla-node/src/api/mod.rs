@@ -299,12 +299,22 @@ fn anonymous_allowed(path: &str) -> bool {
 /// Who a node certificate speaks for on this node, read from the store: a removed node is no
 /// one, and a certificate grants manager rights only while the store still lists its node as
 /// a manager (a demoted manager's certificate stays valid until it expires, but acts as a
-/// worker's). A node without a store (a worker) has only the certificate to go by.
+/// worker's). A node without a store (a worker) goes by the managers of its last network map,
+/// and by the certificate alone before it has one.
 fn node_caller(ctx: &NodeCtx, id: &str, cert_role: Role) -> Result<Caller, ApiError> {
     let Some(mgr) = &ctx.manager else {
+        let listed = match ctx.known_managers.read() {
+            Ok(g) => g.as_ref().is_none_or(|m| m.contains(id)),
+            Err(p) => p.into_inner().as_ref().is_none_or(|m| m.contains(id)),
+        };
+        let role = if cert_role == Role::Manager && !listed {
+            Role::Worker
+        } else {
+            cert_role
+        };
         return Ok(Caller::Node {
             id: id.to_string(),
-            role: cert_role,
+            role,
         });
     };
     let node = mgr

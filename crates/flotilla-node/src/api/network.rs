@@ -73,6 +73,7 @@ pub fn build(
             ip: host_of(&n.status.addr),
             subnet: n.network.as_ref().map(|x| x.subnet.clone()),
             ready: n.status.state == NodeState::Ready,
+            manager: n.spec.role == flotilla_types::NodeRole::Manager,
         })
         .collect();
     net_nodes.sort_by(|a, b| a.id.cmp(&b.id));
