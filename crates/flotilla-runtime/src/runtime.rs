@@ -113,17 +113,9 @@ fn traversal_dir(p: &Path, mapped_gid: Option<u32>) -> Result<()> {
 /// older file's mode).
 fn write_private(p: &Path, data: &[u8]) -> Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(p)
-        .ctx(|| format!("create {}", p.display()))?;
-    f.set_permissions(fs::Permissions::from_mode(0o600))
-        .ctx(|| format!("chmod {}", p.display()))?;
-    f.write_all(data).ctx(|| format!("write {}", p.display()))
+    crate::image::create_private(p)?
+        .write_all(data)
+        .ctx(|| format!("write {}", p.display()))
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {

@@ -99,7 +99,7 @@ fn oci_err(e: impl std::fmt::Display) -> RuntimeError {
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// Creates a new file of the store, mode 0600 (set on the descriptor, whatever the umask).
-fn create_private(p: &Path) -> Result<File> {
+pub(crate) fn create_private(p: &Path) -> Result<File> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let f = fs::OpenOptions::new()
         .write(true)
