@@ -148,8 +148,9 @@ pub struct RunArgs {
     /// a new Raft group that keeps all cluster state.
     #[arg(long)]
     pub force_new_cluster: bool,
-    /// Lifetime of node certificates (renewed after two thirds), e.g. 90d, 1h, 30s.
-    #[arg(long, default_value = "90d", value_parser = duration)]
+    /// Lifetime of node certificates (renewed after two thirds), e.g. 7d, 1h, 30s. A node that
+    /// stays away longer than this must join again with a token.
+    #[arg(long, default_value = "7d", value_parser = duration)]
     pub cert_lifetime: std::time::Duration,
     /// A node whose heartbeats stop for this long is marked down.
     #[arg(long, default_value = "3s", value_parser = duration)]

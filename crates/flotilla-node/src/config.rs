@@ -60,7 +60,7 @@ impl NodeConfig {
             advertise: None,
             name: None,
             mode,
-            cert_lifetime: Duration::from_secs(90 * 24 * 3600),
+            cert_lifetime: Duration::from_secs(7 * 24 * 3600),
             heartbeat_period: Duration::from_millis(500),
             heartbeat_timeout: Duration::from_secs(3),
             raft_heartbeat_ms: 75,
