@@ -6,7 +6,9 @@
 #   scripts/fresh-check.sh            # needs root, network access to crates.io and Debian
 #
 # Steps: (1) `./scripts/demo.sh` in the background until the demo service answers on its
-# published port, then Ctrl-C (SIGINT) and a check that nothing is left on the host;
+# published port, `node cleanup --dry-run` on its data dir while it runs (which must list its
+# containers), then Ctrl-C (SIGINT) and a check that nothing is left on the host: no data dir,
+# link, mount, iptables chain, netns, VIP route or shim process that was not there before;
 # (2) `./scripts/test.sh`; (3) the same leftover check. Exits non-zero on the first failure.
 # Not part of CI. Takes about 40 minutes on the 2-core reference machine (a cold release build
 # for the demo, then a cold debug build and the whole test suite, including the cgroup v2 VM).
@@ -29,7 +31,7 @@ cleanup() {
 	if [[ ${KEEP:-0} == 1 ]]; then
 		echo "fresh-check: kept $work" >&2
 	else
-		rm -rf "$work"
+		rm -rf --one-file-system "$work"
 	fi
 }
 trap cleanup EXIT
@@ -57,7 +59,8 @@ host_state() {
 		iptables -S 2>/dev/null | grep -iE 'flt|flotilla' || true
 		iptables -t nat -S 2>/dev/null | grep -iE 'flt|flotilla' || true
 		ip netns list 2>/dev/null | grep -iE 'flt|flotilla' || true
-		pgrep -a -f 'flotilla-shim|flotilla node run|flotilla dev' | grep -v fresh-check || true
+		pgrep -f 'flotilla-shim|shim --standby|flotilla node run|flotilla dev' | sed 's/^/pid /' || true
+		ip route show table local | grep -E '^local 10\.1(99|28)\.' || true
 	} | sort
 }
 host_state >"$work/before"
@@ -76,9 +79,8 @@ leftovers() {
 }
 
 cd "$work/src"
-# 1. The main job.
-data=$work/demo-data
-./scripts/demo.sh --data-dir "$data" >"$work/demo.log" 2>&1 &
+# 1. The main job, exactly as the README runs it (a temporary data dir, removed on Ctrl-C).
+./scripts/demo.sh >"$work/demo.log" 2>&1 &
 demo_pid=$!
 deadline=$((SECONDS + 1800))
 until curl -fsS --max-time 2 http://127.0.0.1:8080/ >"$work/answer" 2>/dev/null; do
@@ -91,11 +93,16 @@ until curl -fsS --max-time 2 http://127.0.0.1:8080/ >"$work/answer" 2>/dev/null;
 	sleep 2
 done
 stamp "demo service answered on 127.0.0.1:8080: $(head -c 80 "$work/answer")"
+data=$(sed -n 's/^Flotilla dev cluster is running (data dir \(.*\))\.$/\1/p' "$work/demo.log")
+[[ -d $data ]] || { echo "fresh-check: the demo's data dir is not named in its output" >&2; exit 1; }
+# What `node cleanup --dry-run` sees while the demo runs: its containers and network objects.
+./target/release/flotilla node cleanup --dry-run --data-dir "$data" >"$work/dry-run" 2>&1 || true
+stamp "while it runs, node cleanup --dry-run lists $(wc -l <"$work/dry-run") objects"
 kill -INT "$demo_pid"
 wait "$demo_pid" || true
 demo_pid=
-./target/release/flotilla node cleanup --dry-run --data-dir "$data"
-stamp "node cleanup --dry-run: nothing to remove"
+[[ ! -e $data ]] || { echo "fresh-check: the demo left its data dir $data" >&2; exit 1; }
+stamp "Ctrl-C: the demo stopped and removed its data dir"
 leftovers "the demo"
 
 # 2. The tests.
