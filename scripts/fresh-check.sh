@@ -66,10 +66,13 @@ host_state() {
 host_state >"$work/before"
 
 leftovers() {
-	local what=$1
-	host_state >"$work/after"
-	# Only what appeared counts: objects of other software may go away meanwhile.
-	comm -13 "$work/before" "$work/after" >"$work/new"
+	local what=$1 until=$((SECONDS + 15))
+	# Only what appeared counts: objects of other software may go away meanwhile. A standby
+	# shim exits on its own once its node is gone: give stragglers a few seconds.
+	while host_state >"$work/after" && comm -13 "$work/before" "$work/after" >"$work/new" &&
+		[[ -s $work/new ]] && ((SECONDS < until)); do
+		sleep 0.5
+	done
 	if [[ -s $work/new ]]; then
 		cat "$work/new"
 		echo "fresh-check: $what left the objects above on the host" >&2
