@@ -86,7 +86,11 @@ cd "$work/src"
 ./scripts/demo.sh >"$work/demo.log" 2>&1 &
 demo_pid=$!
 deadline=$((SECONDS + 1800))
-until curl -fsS --max-time 2 http://127.0.0.1:8080/ >"$work/answer" 2>/dev/null; do
+ready() {
+	grep -q '^Flotilla dev cluster is running' "$work/demo.log" &&
+		curl -fsS --max-time 2 http://127.0.0.1:8080/ >"$work/answer" 2>/dev/null
+}
+until ready; do
 	if ! kill -0 "$demo_pid" 2>/dev/null; then
 		tail -40 "$work/demo.log"
 		echo "fresh-check: the demo stopped before its service answered" >&2

@@ -60,15 +60,25 @@ fn node_config(args: &RunArgs) -> anyhow::Result<NodeConfig> {
     Ok(cfg)
 }
 
-async fn shutdown_signal() {
+/// SIGTERM or SIGINT. Both are caught from the call on (inside a runtime), not from the
+/// first poll: a Ctrl-C during start-up stops the process once it is up instead of being lost
+/// (a background job of a script starts with SIGINT ignored, so nothing else would see it).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    let streams = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    );
+    async move {
+        match streams {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => std::future::pending().await,
+        }
     }
 }
 
@@ -176,7 +186,11 @@ fn main() -> ExitCode {
         }
         Command::Dev(args) => {
             init_tracing();
-            match rt.block_on(dev::run(args, shutdown_signal())) {
+            let shutdown = {
+                let _in_runtime = rt.enter();
+                shutdown_signal()
+            };
+            match rt.block_on(dev::run(args, shutdown)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
