@@ -60,6 +60,8 @@ struct Inner {
     committed: Arc<AtomicU64>,
     /// Initialized as of open/initialize (metrics cover joins after that).
     initialized: AtomicBool,
+    /// Set once [`Store::shutdown`] ran: readers holding this store must stop serving from it.
+    shut_down: AtomicBool,
     membership_lock: tokio::sync::Mutex<()>,
 }
 
@@ -205,9 +207,16 @@ impl Store {
                 peers,
                 committed,
                 initialized: AtomicBool::new(initialized),
+                shut_down: AtomicBool::new(false),
                 membership_lock: tokio::sync::Mutex::new(()),
             }),
         })
+    }
+
+    /// [`Store::shutdown`] has run (for instance: this manager was demoted and restarted its
+    /// internals as a worker); what it still holds is no longer kept current.
+    pub fn is_shut_down(&self) -> bool {
+        self.inner.shut_down.load(Ordering::Acquire)
     }
 
     /// This node's id.
@@ -615,6 +624,7 @@ impl Store {
     /// handle; writes fail with [`StoreError::ShuttingDown`]. Drop every clone (and every
     /// [`Watch`]'s store) to release the files.
     pub async fn shutdown(&self) -> Result<(), StoreError> {
+        self.inner.shut_down.store(true, Ordering::Release);
         self.inner
             .raft
             .shutdown()

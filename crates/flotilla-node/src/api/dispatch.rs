@@ -328,7 +328,8 @@ pub const KEEPALIVE: Duration = Duration::from_secs(5);
 /// that `relevant` accepts alters it (`same` says whether it did), plus a keep-alive resend
 /// every 5 s so a dead connection is noticed by both sides. Bursts of changes are coalesced.
 /// `relevant` keeps rebuilds (which read whole tables) off changes that cannot matter.
-/// With a `claim`, the stream ends as soon as a newer claim on the same slot is made.
+/// With a `claim`, the stream ends as soon as a newer claim on the same slot is made; every
+/// stream ends at its next wake-up (within 5 s) once this node's store is shut down.
 pub fn push_stream<T, R, B, S>(
     mgr: std::sync::Arc<Manager>,
     claim: Option<StreamClaim>,
@@ -375,6 +376,11 @@ where
                 }
                 _ = tx.closed() => return,
             };
+            if mgr.store.is_shut_down() {
+                // This node stopped being a manager: its replica no longer follows the cluster,
+                // so the agent must reconnect to a current manager.
+                return;
+            }
             if !dirty {
                 continue;
             }
