@@ -1,3 +1,7 @@
+//! A small HTTP client over the node's two transports (the local unix socket, mutual TLS to a
+//! node): one pooled HTTP/2 connection per endpoint, JSON and NDJSON helpers, and errors that
+//! keep the server's `{"message": ...}`.
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;

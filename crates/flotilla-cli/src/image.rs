@@ -14,7 +14,7 @@ use crate::output::{add_row, print_json, print_table, table};
 use crate::{CliError, Format, ImageCmd, SignArgs, DEFAULT_DATA_DIR};
 
 /// File name of the admin's signing key in an admin bundle (written by `node run --init`).
-pub const SIGNING_KEY_FILE: &str = "signing-key.pem";
+pub use flotilla_registry::SIGNING_KEY_FILE;
 
 /// The data directory behind a `unix://DIR/api.sock` host (the default host included).
 fn data_dir_of(host: Option<&str>) -> Option<PathBuf> {

@@ -3,7 +3,7 @@
 use hyper::Method;
 
 use flotilla_api::Client;
-use flotilla_registry::{Algorithm, SigningKey, TrustedKey};
+use flotilla_registry::{Algorithm, SigningKey, TrustedKey, TrustedKeyExt};
 
 use crate::client::{enc, get};
 use crate::output::{add_row, print_json, print_table, table};

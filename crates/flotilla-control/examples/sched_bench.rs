@@ -156,7 +156,7 @@ fn main() {
                 .await
                 .expect("open store");
             store.initialize("bench://1".into()).await.expect("init");
-            while store.status().state != "leader" {
+            while !store.status().is_leader() {
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
             store

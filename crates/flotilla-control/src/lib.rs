@@ -16,9 +16,13 @@
 //! * [`schedule`] / [`Scheduler`] — assigns new tasks to nodes: filters (ready, active,
 //!   constraints, resources, max replicas per node), then spread scoring; one [`Decision`] per
 //!   task, with a user-facing reason when nothing fits.
-//! * [`node_liveness`] — marks nodes whose heartbeats stopped as down.
+//! * [`nodes_down`] — which nodes' heartbeats stopped (the leader marks them down).
 //! * [`Constraint`] / [`SpreadPreference`] — the placement syntax, parsed and matched.
 //! * [`RateLimiter`] — per-node token buckets the leader puts in front of agent writes.
+//! * [`allocate()`] (module [`allocate`](mod@allocate)) — the address allocator: a task subnet
+//!   for every node, a virtual IP for every `vip`-mode service; returns the changed objects
+//!   ([`Allocation`]) to write back, each conditional on its `meta.version`. Built on the pure
+//!   allocators of [`ipam`] ([`ipam::NodeSubnets`], [`ipam::VipPool`], [`ipam::gateway_of`]).
 //!
 //! # Driving the orchestrator
 //!
@@ -65,7 +69,9 @@
 //! deterministic.
 #![forbid(unsafe_code)]
 
+pub mod allocate;
 mod constraint;
+pub mod ipam;
 mod liveness;
 mod orchestrator;
 mod ratelimit;
@@ -73,11 +79,12 @@ mod scheduler;
 #[cfg(test)]
 mod testutil;
 
+pub use allocate::{allocate, Allocation};
 pub use constraint::{
     matches_all, parse_constraints, parse_preferences, Constraint, ConstraintError, ConstraintKey,
     SpreadPreference,
 };
-pub use liveness::{next_liveness_check, node_liveness};
+pub use liveness::nodes_down;
 pub use orchestrator::{
     reconcile, reconcile_removed, reconcile_with_ids, Action, OrchestratorConfig, Reconcile,
     StatusChange, TaskUpdate,

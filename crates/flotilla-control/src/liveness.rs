@@ -1,41 +1,37 @@
 //! Node liveness: a node whose agent stopped heartbeating is marked `down`, which makes the
 //! orchestrator treat its tasks as lost.
+//!
+//! The leader keeps each node's last heartbeat in memory (like swarmkit's dispatcher; only
+//! state changes are written to Raft), as milliseconds on a monotonic clock the caller owns.
+//! A newly elected leader has heard from no one yet, so it judges nobody until a whole timeout
+//! has passed since it took office.
+
+use std::collections::HashMap;
 
 use flotilla_types::{Node, NodeState};
 
-/// State changes due to missed heartbeats: every node that is `ready`, `unknown` or
-/// `disconnected` and whose `status.last_heartbeat` is more than `heartbeat_timeout_ms` before
-/// `now_ms` becomes `down`. Nodes already `down` are left alone (a heartbeat brings them back,
-/// which is the dispatcher's job).
-///
-/// A newly elected leader should first give every node a grace period (set `last_heartbeat` to
-/// the election time, as Swarm does), since it has not heard from anyone yet.
-pub fn node_liveness(
-    nodes: &[Node],
-    now_ms: u64,
-    heartbeat_timeout_ms: u64,
-) -> Vec<(String, NodeState)> {
+/// The nodes to mark `down` at `now`: `ready` or `unknown` nodes not heard from within
+/// `timeout_ms` (never heard from counts as silent). Empty while `now` is within `timeout_ms`
+/// of `leader_since` (all times on the caller's monotonic clock, in milliseconds).
+pub fn nodes_down<'a>(
+    nodes: &'a [Node],
+    last_seen: &HashMap<String, u64>,
+    now: u64,
+    leader_since: u64,
+    timeout_ms: u64,
+) -> Vec<&'a Node> {
+    if now.saturating_sub(leader_since) < timeout_ms {
+        return Vec::new();
+    }
     nodes
         .iter()
-        .filter(|n| n.status.state != NodeState::Down)
-        .filter(|n| now_ms > n.status.last_heartbeat.saturating_add(heartbeat_timeout_ms))
-        .map(|n| (n.id.clone(), NodeState::Down))
-        .collect()
-}
-
-/// The earliest time at which [`node_liveness`] could report a change, so the driver knows when
-/// to call it again (`None` when no node can expire).
-pub fn next_liveness_check(nodes: &[Node], heartbeat_timeout_ms: u64) -> Option<u64> {
-    nodes
-        .iter()
-        .filter(|n| n.status.state != NodeState::Down)
-        .map(|n| {
-            n.status
-                .last_heartbeat
-                .saturating_add(heartbeat_timeout_ms)
-                .saturating_add(1)
+        .filter(|n| matches!(n.status.state, NodeState::Ready | NodeState::Unknown))
+        .filter(|n| {
+            last_seen
+                .get(&n.id)
+                .is_none_or(|seen| now.saturating_sub(*seen) >= timeout_ms)
         })
-        .min()
+        .collect()
 }
 
 #[cfg(test)]
@@ -44,24 +40,22 @@ mod tests {
     use crate::testutil::node;
 
     #[test]
-    fn stale_ready_nodes_go_down() {
-        let mut a = node("a");
-        a.status.last_heartbeat = 1_000;
-        let mut b = node("b");
-        b.status.last_heartbeat = 9_000;
+    fn silent_nodes_go_down_after_the_timeout_and_the_leader_grace() {
+        let a = node("a");
+        let b = node("b");
         let mut c = node("c");
         c.status.state = NodeState::Down;
-        c.status.last_heartbeat = 0;
         let nodes = vec![a, b, c];
-        assert!(
-            node_liveness(&nodes, 6_000, 5_000).is_empty(),
-            "exactly at the limit is alive"
-        );
+        let seen: HashMap<String, u64> = [("a".to_string(), 10_000)].into();
+        // A new leader (since 9 s) judges no one before 12 s.
+        assert!(nodes_down(&nodes, &seen, 11_999, 9_000, 3_000).is_empty());
+        // b was never heard from; a was heard 2 s ago; c is down already.
+        let ids = |v: Vec<&Node>| v.into_iter().map(|n| n.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(nodes_down(&nodes, &seen, 12_000, 9_000, 3_000)), ["b"]);
+        // Exactly one timeout after its last heartbeat, a goes too.
         assert_eq!(
-            node_liveness(&nodes, 6_001, 5_000),
-            vec![("a".to_string(), NodeState::Down)]
+            ids(nodes_down(&nodes, &seen, 13_000, 9_000, 3_000)),
+            ["a", "b"]
         );
-        assert_eq!(next_liveness_check(&nodes, 5_000), Some(6_001));
-        assert_eq!(node_liveness(&nodes, 20_000, 5_000).len(), 2);
     }
 }

@@ -257,7 +257,7 @@ impl View<'_> {
         self.state.is_terminal()
     }
     fn unhealthy(&self) -> bool {
-        !self.ended() && self.t.status.health.as_deref() == Some("unhealthy")
+        !self.ended() && self.t.status.health == Some(flotilla_types::Health::Unhealthy)
     }
     /// Ended (or must end) without the orchestrator asking: counts for the restart policy.
     fn failed_or_done(&self) -> bool {

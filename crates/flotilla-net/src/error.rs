@@ -104,6 +104,18 @@ impl Error {
     }
 }
 
+/// The leader-side allocators (re-exported in [`crate::ipam`]) keep their own error; `?`
+/// turns it into the matching variant here.
+impl From<flotilla_control::ipam::IpamError> for Error {
+    fn from(e: flotilla_control::ipam::IpamError) -> Self {
+        use flotilla_control::ipam::IpamError;
+        match e {
+            IpamError::Invalid(m) => Error::Invalid(m),
+            IpamError::Exhausted(m) => Error::Exhausted(m),
+        }
+    }
+}
+
 /// The errno carried by a netlink error, if any (positive, e.g. `libc::EEXIST`).
 pub(crate) fn errno(e: &rtnetlink::Error) -> Option<i32> {
     match e {

@@ -4,6 +4,9 @@
 //! * [`VipPool`]: one /32 per service out of the VIP range (leader side).
 //! * [`TaskAddrs`]: task addresses inside one node subnet (agent side), persisted so they
 //!   survive an agent restart.
+//!
+//! The leader-side allocators live in `flotilla_control::ipam` (pure, no I/O) and are
+//! re-exported here; their errors are [`IpamError`], which converts into [`Error`].
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
@@ -15,89 +18,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
-/// Carves fixed-size node subnets out of a cluster pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NodeSubnets {
-    pool: Ipv4Net,
-    prefix_len: u8,
-}
-
-/// Default prefix length of a node subnet.
-pub const DEFAULT_NODE_PREFIX: u8 = 24;
-
-impl NodeSubnets {
-    /// A pool handing out `/prefix_len` subnets; `prefix_len` must lie between the pool's
-    /// own prefix and 30.
-    pub fn new(pool: Ipv4Net, prefix_len: u8) -> Result<Self> {
-        if prefix_len < pool.prefix_len() || prefix_len > 30 {
-            return Err(Error::Invalid(format!(
-                "node subnet prefix /{prefix_len} must be between /{} and /30",
-                pool.prefix_len()
-            )));
-        }
-        Ok(Self {
-            pool: pool.trunc(),
-            prefix_len,
-        })
-    }
-
-    /// The pool.
-    pub fn pool(&self) -> Ipv4Net {
-        self.pool
-    }
-
-    /// The lowest subnet of the pool that overlaps none of `taken`.
-    pub fn allocate<'a>(&self, taken: impl IntoIterator<Item = &'a Ipv4Net>) -> Result<Ipv4Net> {
-        let taken: Vec<Ipv4Net> = taken.into_iter().copied().collect();
-        let subnets = self
-            .pool
-            .subnets(self.prefix_len)
-            .map_err(|e| Error::Invalid(e.to_string()))?;
-        for candidate in subnets {
-            if !taken
-                .iter()
-                .any(|t| t.contains(&candidate) || candidate.contains(t))
-            {
-                return Ok(candidate);
-            }
-        }
-        Err(Error::Exhausted(format!("node subnet pool {}", self.pool)))
-    }
-}
-
-/// Hands out single service VIPs from a range, skipping its network and broadcast addresses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct VipPool {
-    range: Ipv4Net,
-}
-
-impl VipPool {
-    /// A VIP pool over `range` (at most /30 so it has usable hosts).
-    pub fn new(range: Ipv4Net) -> Result<Self> {
-        if range.prefix_len() > 30 {
-            return Err(Error::Invalid(format!(
-                "vip range {range} is too small (needs /30 or wider)"
-            )));
-        }
-        Ok(Self {
-            range: range.trunc(),
-        })
-    }
-
-    /// The range.
-    pub fn range(&self) -> Ipv4Net {
-        self.range
-    }
-
-    /// The lowest address of the range that is not in `taken`.
-    pub fn allocate<'a>(&self, taken: impl IntoIterator<Item = &'a Ipv4Addr>) -> Result<Ipv4Addr> {
-        let taken: HashSet<Ipv4Addr> = taken.into_iter().copied().collect();
-        self.range
-            .hosts()
-            .find(|a| !taken.contains(a))
-            .ok_or_else(|| Error::Exhausted(format!("vip range {}", self.range)))
-    }
-}
+pub use flotilla_control::ipam::{
+    gateway_of, IpamError, NodeSubnets, VipPool, DEFAULT_NODE_PREFIX,
+};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 struct TaskAddrsFile {
@@ -238,11 +161,6 @@ impl TaskAddrs {
     }
 }
 
-/// The first host of `subnet` (the bridge/gateway address).
-pub fn gateway_of(subnet: Ipv4Net) -> Ipv4Addr {
-    Ipv4Addr::from(u(subnet.network()).saturating_add(1))
-}
-
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path
         .parent()
@@ -267,37 +185,6 @@ mod tests {
 
     fn net(s: &str) -> Ipv4Net {
         s.parse().expect("net")
-    }
-
-    #[test]
-    fn node_subnets_lowest_free_and_exhaustion() {
-        let p = NodeSubnets::new(net("10.200.0.0/22"), 24).expect("pool");
-        assert_eq!(p.allocate(&[]).expect("a"), net("10.200.0.0/24"));
-        let taken = [net("10.200.0.0/24"), net("10.200.2.0/24")];
-        assert_eq!(p.allocate(&taken).expect("b"), net("10.200.1.0/24"));
-        let taken = [
-            net("10.200.0.0/24"),
-            net("10.200.1.0/24"),
-            net("10.200.2.0/24"),
-            net("10.200.3.0/24"),
-        ];
-        assert!(matches!(p.allocate(&taken), Err(Error::Exhausted(_))));
-        // a wider taken range overlapping several candidates blocks them all
-        let taken = [net("10.200.0.0/23")];
-        assert_eq!(p.allocate(&taken).expect("c"), net("10.200.2.0/24"));
-        assert!(NodeSubnets::new(net("10.200.0.0/16"), 8).is_err());
-        assert!(NodeSubnets::new(net("10.200.0.0/16"), 31).is_err());
-    }
-
-    #[test]
-    fn vip_pool_skips_network_and_broadcast() {
-        let p = VipPool::new(net("10.199.0.0/30")).expect("pool");
-        let a = p.allocate(&[]).expect("a");
-        assert_eq!(a, Ipv4Addr::new(10, 199, 0, 1));
-        let b = p.allocate(&[a]).expect("b");
-        assert_eq!(b, Ipv4Addr::new(10, 199, 0, 2));
-        assert!(matches!(p.allocate(&[a, b]), Err(Error::Exhausted(_))));
-        assert!(VipPool::new(net("10.199.0.0/31")).is_err());
     }
 
     #[test]

@@ -1,6 +1,11 @@
+//! `flotilla node run`'s configuration: start modes and every flag, checked once before
+//! anything is bound or written.
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+
+use crate::NodeError;
 
 /// How a node starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,26 +84,30 @@ impl NodeConfig {
         self.advertise.unwrap_or(self.listen).to_string()
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks the flags against each other; the error names the flag to fix.
+    pub fn validate(&self) -> Result<(), NodeError> {
+        let bad = |m: String| Err(NodeError::Config(m));
         if self.listen.ip().is_unspecified() && self.advertise.is_none() {
-            return Err(format!(
+            return bad(format!(
                 "--listen {} is a wildcard address: also give --advertise IP:PORT, the address other nodes reach this one at",
                 self.listen
             ));
         }
         if self.cert_lifetime < Duration::from_secs(10) {
-            return Err("--cert-lifetime must be at least 10s".into());
+            return bad("--cert-lifetime must be at least 10s".into());
         }
         if self.heartbeat_timeout <= self.heartbeat_period {
-            return Err("--heartbeat-timeout must be longer than the heartbeat period".into());
+            return bad("--heartbeat-timeout must be longer than the heartbeat period".into());
         }
         if !(self.raft_heartbeat_ms < self.raft_election_min_ms
             && self.raft_election_min_ms < self.raft_election_max_ms)
         {
-            return Err("raft timings must satisfy heartbeat < election-min < election-max".into());
+            return bad("raft timings must satisfy heartbeat < election-min < election-max".into());
         }
         if let Some(name) = &self.name {
-            flotilla_types::validate_name(name).map_err(|e| format!("--name: {e}"))?;
+            if let Err(e) = flotilla_types::validate_name(name) {
+                return bad(format!("--name: {e}"));
+            }
         }
         Ok(())
     }

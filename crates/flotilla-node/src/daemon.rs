@@ -1,43 +1,33 @@
 //! `flotilla node run`: start-up for each mode, then serve until SIGTERM/SIGINT.
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use flotilla_agent::{AgentConfig, AgentCtx};
+use flotilla_api::TlsState;
+use flotilla_manager::transport::HttpRaftTransport;
+use flotilla_manager::{ClusterObject, Manager, ManagerConfig, CLUSTER_KEY};
 use flotilla_pki::{Ca, JoinToken, Role};
-use flotilla_store::{Batch, Op, Store, StoreConfig, Table};
+use flotilla_store::{raft_id_for, Batch, Op, Store, StoreConfig, Table};
 use flotilla_types::{
-    Availability, ManagerStatus, Meta, Node, NodeRole, NodeSpec, NodeState, NodeStatus,
+    now_ms, Availability, ManagerStatus, Meta, Node, NodeRole, NodeSpec, NodeState, NodeStatus,
 };
 
-use crate::api::join::raft_id_for;
 use crate::disk::{
     prepare_data_dir, read_identity, set_traversal_mode, write_atomic, write_identity, MappedRoot,
     NodeIdentity, Paths,
 };
-use crate::manager::{now_ms, ClusterObject, Manager, CLUSTER_KEY};
-use crate::tls::TlsState;
-use crate::transport::HttpRaftTransport;
-use crate::{
-    agent, api, control, executor, joining, leader, NodeConfig, NodeCtx, NodeError, StartMode,
-};
+use crate::{joining, routes, NodeConfig, NodeCtx, NodeError, StartMode};
 
 const CA_LIFETIME: Duration = Duration::from_secs(20 * 365 * 24 * 3600);
 const ADMIN_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
-/// The admin's image signing key (PKCS#8 PEM) in the admin bundle, and its public half.
-pub const SIGNING_KEY_FILE: &str = "signing-key.pem";
-pub const SIGNING_PUB_FILE: &str = "signing-key.pub.pem";
-
-fn io(what: &str) -> impl Fn(std::io::Error) -> NodeError + '_ {
-    move |e| NodeError::Io(format!("{what}: {e}"))
-}
+use flotilla_registry::{SIGNING_KEY_FILE, SIGNING_PUB_FILE};
 
 fn default_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .ok()
+    flotilla_agent::heartbeat::hostname()
         .filter(|s| flotilla_types::validate_name(s).is_ok())
         .unwrap_or_else(|| "node".into())
 }
@@ -49,14 +39,18 @@ fn init_cluster(
 ) -> Result<(NodeIdentity, ClusterObject), NodeError> {
     let cluster_id = flotilla_types::new_id();
     let node_id = flotilla_types::new_id();
-    let ca = Ca::generate(&cluster_id, CA_LIFETIME).map_err(|e| NodeError::Tls(e.to_string()))?;
+    let ca =
+        Ca::generate(&cluster_id, CA_LIFETIME).map_err(NodeError::pki("making the cluster CA"))?;
     let (cert, key) = ca
         .issue(&cluster_id, &node_id, Role::Manager, cfg.cert_lifetime)
-        .map_err(|e| NodeError::Tls(e.to_string()))?;
-    write_atomic(&paths.ca_cert(), ca.cert_pem().as_bytes(), 0o644).map_err(io("writing CA"))?;
-    write_atomic(&paths.ca_key(), ca.key_pem().as_bytes(), 0o600).map_err(io("writing CA key"))?;
-    write_atomic(&paths.node_cert(), cert.as_bytes(), 0o644).map_err(io("writing cert"))?;
-    write_atomic(&paths.node_key(), key.as_bytes(), 0o600).map_err(io("writing key"))?;
+        .map_err(NodeError::pki("issuing the first manager's certificate"))?;
+    write_atomic(&paths.ca_cert(), ca.cert_pem().as_bytes(), 0o644)
+        .map_err(NodeError::io("writing CA"))?;
+    write_atomic(&paths.ca_key(), ca.key_pem().as_bytes(), 0o600)
+        .map_err(NodeError::io("writing CA key"))?;
+    write_atomic(&paths.node_cert(), cert.as_bytes(), 0o644)
+        .map_err(NodeError::io("writing cert"))?;
+    write_atomic(&paths.node_key(), key.as_bytes(), 0o600).map_err(NodeError::io("writing key"))?;
     let (acert, akey) = ca
         .issue(
             &cluster_id,
@@ -64,27 +58,28 @@ fn init_cluster(
             Role::Admin,
             ADMIN_LIFETIME,
         )
-        .map_err(|e| NodeError::Tls(e.to_string()))?;
+        .map_err(NodeError::pki("issuing the admin certificate"))?;
     let admin = paths.admin();
     write_atomic(&admin.join("ca.pem"), ca.cert_pem().as_bytes(), 0o644)
-        .map_err(io("admin bundle"))?;
-    write_atomic(&admin.join("cert.pem"), acert.as_bytes(), 0o644).map_err(io("admin bundle"))?;
-    write_atomic(&admin.join("key.pem"), akey.as_bytes(), 0o600).map_err(io("admin bundle"))?;
+        .map_err(NodeError::io("admin bundle"))?;
+    write_atomic(&admin.join("cert.pem"), acert.as_bytes(), 0o644)
+        .map_err(NodeError::io("admin bundle"))?;
+    write_atomic(&admin.join("key.pem"), akey.as_bytes(), 0o600)
+        .map_err(NodeError::io("admin bundle"))?;
     // The admin's image signing key; the cluster trusts it from the start.
-    let signing = flotilla_registry::SigningKey::generate()
-        .map_err(|e| NodeError::Tls(format!("image signing key: {e}")))?;
+    let signing = flotilla_registry::SigningKey::generate()?;
     write_atomic(
         &admin.join(SIGNING_KEY_FILE),
         signing.to_pem().as_bytes(),
         0o600,
     )
-    .map_err(io("admin bundle"))?;
+    .map_err(NodeError::io("admin bundle"))?;
     write_atomic(
         &admin.join(SIGNING_PUB_FILE),
         signing.public_key_pem().as_bytes(),
         0o644,
     )
-    .map_err(io("admin bundle"))?;
+    .map_err(NodeError::io("admin bundle"))?;
     let fp = ca.fingerprint();
     let cluster = ClusterObject {
         cluster_id: cluster_id.clone(),
@@ -95,7 +90,7 @@ fn init_cluster(
         cert_lifetime_secs: cfg.cert_lifetime.as_secs(),
         created_at: now_ms(),
         network: cfg.network.clone(),
-        trust: flotilla_registry::TrustPolicy {
+        trust: flotilla_types::TrustPolicy {
             keys: vec![signing.trusted_key()],
             enforce: true,
         },
@@ -146,7 +141,7 @@ fn first_node(identity: &NodeIdentity, description: flotilla_types::NodeDescript
 
 async fn wait_leader(store: &Store, within: Duration) -> Result<(), NodeError> {
     let deadline = tokio::time::Instant::now() + within;
-    while store.status().state != "leader" {
+    while !store.status().is_leader() {
         if tokio::time::Instant::now() > deadline {
             return Err(NodeError::Config(
                 "this node did not become leader after bootstrap".into(),
@@ -185,12 +180,12 @@ fn mount_run_dir(paths: &Paths) -> bool {
 fn unmount_run_dir(data_dir: &std::path::Path) -> Result<(), NodeError> {
     let run = Paths::new(data_dir).run();
     for m in flotilla_runtime::overlay::mounted_among(std::slice::from_ref(&run)) {
-        flotilla_runtime::overlay::unmount(&m).map_err(|e| NodeError::Io(e.to_string()))?;
+        flotilla_runtime::overlay::unmount(&m)?;
     }
     match std::fs::remove_dir_all(&run) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(NodeError::Io(format!("remove {}: {e}", run.display()))),
+        Err(e) => Err(NodeError::io(format!("remove {}", run.display()))(e)),
     }
 }
 
@@ -212,7 +207,7 @@ fn open_runtime(cfg: &NodeConfig) -> Result<flotilla_runtime::Runtime, NodeError
 /// The node's runtime configuration: lasting state in DATA_DIR/runtime, the rest on the
 /// state tmpfs.
 fn runtime_config(cfg: &NodeConfig) -> Result<flotilla_runtime::RuntimeConfig, NodeError> {
-    let exe = std::env::current_exe().map_err(io("locating the flotilla binary"))?;
+    let exe = std::env::current_exe().map_err(NodeError::io("locating the flotilla binary"))?;
     // Each container's shim: the small `flotilla-shim` installed beside this binary, else this
     // binary in shim mode (same code; about 1.4 MB more resident memory per container).
     let small = exe.with_file_name("flotilla-shim");
@@ -244,12 +239,12 @@ pub async fn cleanup(data_dir: &std::path::Path) -> Result<usize, NodeError> {
     // Containers first (they hold the namespaces), then the node's network objects.
     let removed = cleanup_containers(data_dir).await?;
     if let Ok(Some(id)) = crate::disk::read_identity(&Paths::new(data_dir)) {
-        match crate::network::cleanup(data_dir, &id.node_id).await {
+        match flotilla_agent::net::cleanup(data_dir, &id.node_id).await {
             Ok(gone) if !gone.is_empty() => {
                 tracing::info!(removed = gone.len(), "removed the node's network objects")
             }
             Ok(_) => {}
-            Err(e) => return Err(NodeError::Io(format!("network cleanup: {e}"))),
+            Err(e) => return Err(e.into()),
         }
     }
     unmount_run_dir(data_dir)?;
@@ -266,9 +261,7 @@ pub async fn leftovers(data_dir: &std::path::Path) -> Result<Vec<String>, NodeEr
             StartMode::Resume,
         );
         let rt = open_runtime(&cfg)?;
-        let containers = flotilla_runtime::RuntimeDriver::list(&rt)
-            .await
-            .map_err(|e| NodeError::Io(e.to_string()))?;
+        let containers = flotilla_runtime::RuntimeDriver::list(&rt).await?;
         out.extend(
             containers
                 .into_iter()
@@ -276,9 +269,7 @@ pub async fn leftovers(data_dir: &std::path::Path) -> Result<Vec<String>, NodeEr
         );
     }
     if let Ok(Some(id)) = crate::disk::read_identity(&Paths::new(data_dir)) {
-        let net = crate::network::leftovers(data_dir, &id.node_id)
-            .await
-            .map_err(NodeError::Io)?;
+        let net = flotilla_agent::net::leftovers(data_dir, &id.node_id).await?;
         out.extend(net);
     }
     let run = Paths::new(data_dir).run();
@@ -301,9 +292,7 @@ async fn cleanup_containers(data_dir: &std::path::Path) -> Result<usize, NodeErr
     );
     cfg.runtime_bin = None;
     let rt = open_runtime(&cfg)?;
-    let containers = flotilla_runtime::RuntimeDriver::list(&rt)
-        .await
-        .map_err(|e| NodeError::Io(e.to_string()))?;
+    let containers = flotilla_runtime::RuntimeDriver::list(&rt).await?;
     let mut removed = 0;
     for c in containers {
         match flotilla_runtime::RuntimeDriver::remove(&rt, &c.id, false).await {
@@ -329,7 +318,7 @@ pub async fn run(
     engine: std::collections::BTreeMap<String, serde_json::Value>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<RunOutcome, NodeError> {
-    cfg.validate().map_err(NodeError::Config)?;
+    cfg.validate()?;
     raise_nofile_limit();
     let paths = Paths::new(&cfg.data_dir);
     // Before anything is written: the data dir is this user's alone, and the containers'
@@ -339,10 +328,10 @@ pub async fn run(
     let mounted = mount_run_dir(&paths);
     let res = match set_traversal_mode(&paths.run(), mapped) {
         Ok(()) => run_node(cfg, engine, shutdown).await,
-        Err(e) => Err(NodeError::Io(format!(
-            "setting the mode of {}: {e}",
+        Err(e) => Err(NodeError::io(format!(
+            "setting the mode of {}",
             paths.run().display()
-        ))),
+        ))(e)),
     };
     if res.is_err() && mounted && run_dir_unused(&paths) {
         // A start that failed (a refused join, a taken port) leaves no mount behind.
@@ -360,24 +349,21 @@ fn run_dir_unused(paths: &Paths) -> bool {
     empty(paths.run().join("runtime/containers")) && empty(paths.run().join("net/netns"))
 }
 
-async fn run_node(
-    cfg: NodeConfig,
-    engine: std::collections::BTreeMap<String, serde_json::Value>,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<RunOutcome, NodeError> {
-    let paths = Paths::new(&cfg.data_dir);
-    let existing = read_identity(&paths).map_err(io("reading node.json"))?;
-    let runtime = open_runtime(&cfg)?;
-    let mut engine = engine;
-    if let Ok(v) = serde_json::to_value(runtime.probe()) {
-        engine.insert("runtime".into(), v);
-    }
-    let description = agent::describe_host(engine);
-    // Bind first: a taken port is a usage error before anything is written.
-    let listener = TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|e| NodeError::Config(format!("cannot listen on {}: {e}", cfg.listen)))?;
+/// Who this node is, by start mode: a new cluster's first manager (with the cluster object to
+/// seed), a node that just joined (a manager also asks to become a voter), or the identity in
+/// the data directory.
+struct Started {
+    identity: NodeIdentity,
+    bootstrap: Option<ClusterObject>,
+    register_voter: bool,
+}
 
+async fn resolve_identity(
+    cfg: &NodeConfig,
+    paths: &Paths,
+    existing: Option<NodeIdentity>,
+    description: &flotilla_types::NodeDescription,
+) -> Result<Started, NodeError> {
     let mut bootstrap: Option<ClusterObject> = None;
     let mut register_voter = false;
     let identity = match (&cfg.mode, existing) {
@@ -398,13 +384,13 @@ async fn run_node(
             )))
         }
         (StartMode::Init, None) => {
-            let (identity, cluster) = init_cluster(&cfg, &paths)?;
+            let (identity, cluster) = init_cluster(cfg, paths)?;
             bootstrap = Some(cluster);
             identity
         }
         (StartMode::Join { manager, token }, None) => {
             let name = cfg.name.clone().unwrap_or_else(default_name);
-            let id = joining::join_cluster(&cfg, &paths, manager, token, name, description.clone()).await?;
+            let id = joining::join_cluster(cfg, paths, manager, token, name, description.clone()).await?;
             register_voter = id.role == NodeRole::Manager;
             id
         }
@@ -422,84 +408,132 @@ async fn run_node(
             id
         }
     };
+    Ok(Started {
+        identity,
+        bootstrap,
+        register_voter,
+    })
+}
+
+/// Seeds a new cluster: the Raft group of one, then the cluster object and the first node in
+/// one batch.
+async fn seed_cluster(
+    mgr: &Manager,
+    identity: &NodeIdentity,
+    cluster: ClusterObject,
+    description: flotilla_types::NodeDescription,
+) -> Result<(), NodeError> {
+    mgr.store.initialize(identity.addr.clone()).await?;
+    wait_leader(&mgr.store, Duration::from_secs(10)).await?;
+    let cluster_bytes =
+        serde_json::to_vec(&cluster).map_err(|e| NodeError::Config(e.to_string()))?;
+    let node_bytes = serde_json::to_vec(&first_node(identity, description))
+        .map_err(|e| NodeError::Config(e.to_string()))?;
+    let out = mgr
+        .store
+        .write(Batch::from(vec![
+            Op::create(Table::Cluster, CLUSTER_KEY, cluster_bytes),
+            Op::create(Table::Nodes, &identity.node_id, node_bytes),
+        ]))
+        .await?;
+    if let Err(f) = out.result {
+        return Err(NodeError::Config(format!(
+            "seeding the new cluster failed: {f}"
+        )));
+    }
+    tracing::info!(cluster = %identity.cluster_id, node = %identity.node_id, "cluster initialized");
+    Ok(())
+}
+
+/// Shuts a manager's store down; a demoted node keeps its old Raft data aside rather than
+/// deleting it.
+async fn close_manager(mgr: Arc<Manager>, outcome: RunOutcome, ctx: &NodeCtx) {
+    if let Err(e) = mgr.store.shutdown().await {
+        tracing::warn!(error = %e, "store shutdown");
+    }
+    drop(mgr);
+    if outcome == RunOutcome::RoleChanged && ctx.identity().role == NodeRole::Worker {
+        let raft = ctx.paths.raft();
+        if raft.exists() {
+            let aside = ctx
+                .paths
+                .dir
+                .join(format!("raft.demoted-{}", now_ms() / 1000));
+            if let Err(e) = std::fs::rename(&raft, &aside) {
+                tracing::warn!(error = %e, "moving the old raft data aside failed");
+            }
+        }
+    }
+}
+
+async fn run_node(
+    cfg: NodeConfig,
+    engine: std::collections::BTreeMap<String, serde_json::Value>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<RunOutcome, NodeError> {
+    let paths = Paths::new(&cfg.data_dir);
+    let existing = read_identity(&paths).map_err(NodeError::io("reading node.json"))?;
+    let runtime = open_runtime(&cfg)?;
+    let mut engine = engine;
+    if let Ok(v) = serde_json::to_value(runtime.probe()) {
+        engine.insert("runtime".into(), v);
+    }
+    let description = flotilla_agent::heartbeat::describe_host(engine);
+    // Bind first: a taken port is a usage error before anything is written.
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| NodeError::Config(format!("cannot listen on {}: {e}", cfg.listen)))?;
+
+    let Started {
+        identity,
+        bootstrap,
+        register_voter,
+    } = resolve_identity(&cfg, &paths, existing, &description).await?;
     if cfg.mode == StartMode::ForceNewCluster && identity.role != NodeRole::Manager {
         return Err(NodeError::Config(
             "--force-new-cluster needs a manager's data directory".into(),
         ));
     }
-    write_identity(&paths, &identity).map_err(io("writing node.json"))?;
+    write_identity(&paths, &identity).map_err(NodeError::io("writing node.json"))?;
 
-    let tls = Arc::new(TlsState::load(&paths)?);
+    let tls = Arc::new(TlsState::load(
+        &paths.ca_cert(),
+        &paths.node_cert(),
+        &paths.node_key(),
+    )?);
     let manager = if identity.role == NodeRole::Manager {
-        let store_cfg = StoreConfig {
-            node_id: identity.raft_id,
-            data_dir: paths.raft(),
-            heartbeat_ms: cfg.raft_heartbeat_ms,
-            election_min_ms: cfg.raft_election_min_ms,
-            election_max_ms: cfg.raft_election_max_ms,
-            snapshot_every: cfg.snapshot_every,
-            write_timeout: cfg.write_timeout,
-            ..StoreConfig::default()
-        };
-        let transport = Arc::new(HttpRaftTransport { tls: tls.clone() });
-        let store = if cfg.mode == StartMode::ForceNewCluster {
-            tracing::warn!("forcing a new single-manager cluster from this manager's data");
-            Store::force_new_cluster(store_cfg, transport, identity.addr.clone()).await?
-        } else {
-            Store::open(store_cfg, transport).await?
-        };
-        Some(Arc::new(Manager {
-            store,
-            cluster_id: identity.cluster_id.clone(),
-            heartbeats: Mutex::new(Default::default()),
-            membership: tokio::sync::Mutex::new(()),
-            names: tokio::sync::Mutex::new(()),
-            wake: tokio::sync::Notify::new(),
-            write_timeout: cfg.write_timeout,
-            tls: tls.clone(),
-            data_dir: cfg.data_dir.display().to_string(),
-            listen: cfg.listen.to_string(),
-            decoded: Default::default(),
-        }))
+        Some(open_manager(&cfg, &paths, &identity, &tls, &runtime).await?)
     } else {
         None
     };
-
     let ctx = Arc::new(NodeCtx {
         cfg: cfg.clone(),
         paths: Paths::new(&cfg.data_dir),
         identity: RwLock::new(identity.clone()),
         tls: tls.clone(),
-        manager: manager.clone(),
-        runtime: Some(runtime.clone()),
         role_changed: tokio::sync::Notify::new(),
-        agent_images: Default::default(),
-        known_managers: Default::default(),
     });
+    let agent = AgentCtx::new(
+        AgentConfig {
+            data_dir: cfg.data_dir.clone(),
+            heartbeat_period: cfg.heartbeat_period,
+            task_networking: cfg.task_networking,
+            bind_ip: cfg.listen.ip(),
+            underlay: cfg.advertise.unwrap_or(cfg.listen).ip(),
+        },
+        ctx.clone(),
+        tls.clone(),
+        runtime.clone(),
+        manager
+            .as_ref()
+            .map(|m| Arc::new(ClusterImagesOf(Arc::downgrade(m))) as _),
+    );
     // A new cluster is seeded before the API opens, so no client ever sees it half-made.
     if let (Some(mgr), Some(cluster)) = (&manager, bootstrap) {
-        mgr.store.initialize(identity.addr.clone()).await?;
-        wait_leader(&mgr.store, Duration::from_secs(10)).await?;
-        let cluster_bytes =
-            serde_json::to_vec(&cluster).map_err(|e| NodeError::Config(e.to_string()))?;
-        let node_bytes = serde_json::to_vec(&first_node(&identity, description.clone()))
-            .map_err(|e| NodeError::Config(e.to_string()))?;
-        let out = mgr
-            .store
-            .write(Batch::from(vec![
-                Op::create(Table::Cluster, CLUSTER_KEY, cluster_bytes),
-                Op::create(Table::Nodes, &identity.node_id, node_bytes),
-            ]))
-            .await?;
-        if let Err(f) = out.result {
-            return Err(NodeError::Config(format!(
-                "seeding the new cluster failed: {f}"
-            )));
-        }
-        tracing::info!(cluster = %identity.cluster_id, node = %identity.node_id, "cluster initialized");
+        seed_cluster(mgr, &identity, cluster, description.clone()).await?;
     }
     let (stop_tx, stop_rx) = watch::channel(false);
-    let router = api::router(ctx.clone());
+    let router = routes::router(ctx.clone(), agent.clone(), manager.clone());
     let tls_for_server = tls.clone();
     let tcp_server = tokio::spawn(flotilla_api::serve_tls(
         listener,
@@ -527,47 +561,24 @@ async fn run_node(
         "node running"
     );
 
-    let net = cfg.task_networking.then(|| {
-        let bind_ip = cfg.listen.ip();
-        let underlay = cfg.advertise.unwrap_or(cfg.listen).ip();
-        crate::network::NodeNet::new(&cfg.data_dir, &identity.node_id, bind_ip, underlay)
-    });
-    let (exec, reports) = executor::Executor::new(&ctx, runtime.clone(), net.clone());
-    match flotilla_runtime::RuntimeDriver::adopt(&runtime).await {
-        Ok(r) => tracing::info!(
-            adopted = r.adopted.len(),
-            dead_shims = r.dead_shims.len(),
-            "re-attached to existing containers"
-        ),
-        Err(e) => tracing::warn!(error = %e, "re-adopting containers failed"),
-    }
-    let loops = vec![
-        tokio::spawn(executor::assignment_loop(
-            ctx.clone(),
-            exec,
-            stop_rx.clone(),
-        )),
-        tokio::spawn(executor::report_loop(ctx.clone(), reports, stop_rx.clone())),
-        tokio::spawn({
-            let (ctx, stop, net) = (ctx.clone(), stop_rx.clone(), net.clone());
-            async move {
-                if let Some(net) = net {
-                    executor::network_loop(ctx, net.clone(), stop).await;
-                    net.shutdown().await;
-                }
-            }
-        }),
-        tokio::spawn(control::control_loop(ctx.clone(), stop_rx.clone())),
-        tokio::spawn(agent::heartbeat_loop(
-            ctx.clone(),
-            description,
-            stop_rx.clone(),
-        )),
-        tokio::spawn(agent::renewal_loop(ctx.clone(), stop_rx.clone())),
-        tokio::spawn(leader::liveness_loop(ctx.clone(), stop_rx.clone())),
-        tokio::spawn(crate::gc::gc_loop(ctx.clone(), stop_rx.clone())),
-        tokio::spawn(crate::gc::replicate_loop(ctx.clone(), stop_rx.clone())),
-    ];
+    let agent_loops = flotilla_agent::Agent::start(agent, description, stop_rx.clone()).await;
+    let manager_loops: Vec<_> = match &manager {
+        Some(m) => vec![
+            tokio::spawn(flotilla_manager::control::control_loop(
+                m.clone(),
+                stop_rx.clone(),
+            )),
+            tokio::spawn(flotilla_manager::liveness::liveness_loop(
+                m.clone(),
+                stop_rx.clone(),
+            )),
+            tokio::spawn(flotilla_manager::replicate::replicate_loop(
+                m.clone(),
+                stop_rx.clone(),
+            )),
+        ],
+        None => Vec::new(),
+    };
 
     let outcome = tokio::select! {
         _ = shutdown => RunOutcome::Stopped,
@@ -575,26 +586,14 @@ async fn run_node(
     };
     tracing::info!(?outcome, "shutting down");
     let _ = stop_tx.send(true);
-    for l in loops {
+    agent_loops.join().await;
+    for l in manager_loops {
         let _ = l.await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), tcp_server).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), unix_server).await;
-    if let Some(mgr) = &manager {
-        if let Err(e) = mgr.store.shutdown().await {
-            tracing::warn!(error = %e, "store shutdown");
-        }
-    }
-    drop(manager);
-    if outcome == RunOutcome::RoleChanged && ctx.identity().role == NodeRole::Worker {
-        // Demoted: keep the old Raft data aside rather than deleting it.
-        let raft = paths.raft();
-        if raft.exists() {
-            let aside = paths.dir.join(format!("raft.demoted-{}", now_ms() / 1000));
-            if let Err(e) = std::fs::rename(&raft, &aside) {
-                tracing::warn!(error = %e, "moving the old raft data aside failed");
-            }
-        }
+    if let Some(mgr) = manager {
+        close_manager(mgr, outcome, &ctx).await;
     }
     Ok(outcome)
 }
@@ -603,7 +602,7 @@ async fn run_node(
 /// cluster is busy with another membership change).
 async fn register_as_voter(ctx: &Arc<NodeCtx>) -> Result<(), NodeError> {
     let ident = ctx.identity();
-    let body = api::join::AddManager {
+    let body = flotilla_types::AddManager {
         raft_id: ident.raft_id,
         addr: ident.addr.clone(),
     };
@@ -631,6 +630,62 @@ async fn register_as_voter(ctx: &Arc<NodeCtx>) -> Result<(), NodeError> {
     Err(NodeError::Join(format!(
         "could not become a raft voter: {last}"
     )))
+}
+
+/// Opens this manager's Raft store (a new single-manager cluster from it with
+/// `--force-new-cluster`).
+async fn open_manager(
+    cfg: &NodeConfig,
+    paths: &Paths,
+    identity: &NodeIdentity,
+    tls: &Arc<TlsState>,
+    runtime: &flotilla_runtime::Runtime,
+) -> Result<Arc<Manager>, NodeError> {
+    let store_cfg = StoreConfig {
+        node_id: identity.raft_id,
+        data_dir: paths.raft(),
+        heartbeat_ms: cfg.raft_heartbeat_ms,
+        election_min_ms: cfg.raft_election_min_ms,
+        election_max_ms: cfg.raft_election_max_ms,
+        snapshot_every: cfg.snapshot_every,
+        write_timeout: cfg.write_timeout,
+        ..StoreConfig::default()
+    };
+    let transport = Arc::new(HttpRaftTransport { tls: tls.clone() });
+    let store = if cfg.mode == StartMode::ForceNewCluster {
+        tracing::warn!("forcing a new single-manager cluster from this manager's data");
+        Store::force_new_cluster(store_cfg, transport, identity.addr.clone()).await?
+    } else {
+        Store::open(store_cfg, transport).await?
+    };
+    let config = ManagerConfig {
+        node_id: identity.node_id.clone(),
+        heartbeat_period: cfg.heartbeat_period,
+        heartbeat_timeout: cfg.heartbeat_timeout,
+        task_history: cfg.task_history,
+        write_timeout: cfg.write_timeout,
+        data_dir: cfg.data_dir.display().to_string(),
+        listen: cfg.listen.to_string(),
+    };
+    Ok(Arc::new(Manager::new(
+        store,
+        config,
+        tls.clone(),
+        runtime.images_shared(),
+    )))
+}
+
+/// The images a manager's cluster refers to, for the agent's image garbage collection.
+struct ClusterImagesOf(std::sync::Weak<Manager>);
+
+impl flotilla_agent::ClusterImages for ClusterImagesOf {
+    fn in_use(&self) -> Result<std::collections::HashSet<String>, flotilla_agent::AgentError> {
+        let Some(mgr) = self.0.upgrade() else {
+            return Err(flotilla_agent::AgentError::ShuttingDown);
+        };
+        mgr.images_in_use()
+            .map_err(|e| flotilla_agent::AgentError::Cluster(Box::new(e)))
+    }
 }
 
 /// Raises the soft limit on open files to the hard one (at most `fs.nr_open`), and logs it.

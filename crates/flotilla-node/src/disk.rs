@@ -26,24 +26,9 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
-use flotilla_types::NodeRole;
-
 use crate::NodeError;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct NodeIdentity {
-    pub cluster_id: String,
-    pub node_id: String,
-    pub name: String,
-    pub role: NodeRole,
-    pub raft_id: u64,
-    pub addr: String,
-    /// Manager addresses this node knows (refreshed by heartbeats).
-    #[serde(default)]
-    pub managers: Vec<String>,
-}
+pub use flotilla_types::NodeIdentity;
 
 pub struct Paths {
     pub dir: PathBuf,
@@ -247,8 +232,7 @@ fn config_err(msg: String) -> NodeError {
 /// Returns the data dir's canonical path.
 pub fn prepare_data_dir(dir: &Path, mapped: Option<MappedRoot>) -> Result<PathBuf, NodeError> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let euid = effective_uid()
-        .map_err(|e| NodeError::Io(format!("reading this process's user id: {e}")))?;
+    let euid = effective_uid().map_err(NodeError::io("reading this process's user id"))?;
     let shown = dir.display();
     match std::fs::symlink_metadata(dir) {
         Ok(link) => {
@@ -258,8 +242,8 @@ pub fn prepare_data_dir(dir: &Path, mapped: Option<MappedRoot>) -> Result<PathBu
                     link.uid()
                 )));
             }
-            let meta = std::fs::metadata(dir)
-                .map_err(|e| NodeError::Io(format!("data dir {shown}: {e}")))?;
+            let meta =
+                std::fs::metadata(dir).map_err(NodeError::io(format!("data dir {shown}")))?;
             if !meta.is_dir() {
                 return Err(config_err(format!(
                     "data dir {shown} exists and is not a directory: choose another --data-dir"
@@ -280,34 +264,34 @@ pub fn prepare_data_dir(dir: &Path, mapped: Option<MappedRoot>) -> Result<PathBu
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             create_private_dir(dir)
-                .map_err(|e| NodeError::Io(format!("creating the data dir {shown}: {e}")))?;
+                .map_err(NodeError::io(format!("creating the data dir {shown}")))?;
         }
-        Err(e) => return Err(NodeError::Io(format!("data dir {shown}: {e}"))),
+        Err(e) => return Err(NodeError::io(format!("data dir {shown}"))(e)),
     }
-    let canon =
-        std::fs::canonicalize(dir).map_err(|e| NodeError::Io(format!("data dir {shown}: {e}")))?;
+    let canon = std::fs::canonicalize(dir).map_err(NodeError::io(format!("data dir {shown}")))?;
     if let Some(who) = mapped {
         check_reachable(&canon, who)?;
     }
-    set_traversal_mode(&canon, mapped)
-        .map_err(|e| NodeError::Io(format!("setting the mode of {}: {e}", canon.display())))?;
+    set_traversal_mode(&canon, mapped).map_err(NodeError::io(format!(
+        "setting the mode of {}",
+        canon.display()
+    )))?;
     // Private subdirs, including those an older version made 0755 (`run` and `runtime` get
     // their modes from their owners).
     let private = std::fs::Permissions::from_mode(0o700);
     let net = canon.join("net");
     if !net.exists() {
-        create_private_dir(&net)
-            .map_err(|e| NodeError::Io(format!("creating {}: {e}", net.display())))?;
+        create_private_dir(&net).map_err(NodeError::io(format!("creating {}", net.display())))?;
     }
-    let entries = std::fs::read_dir(&canon)
-        .map_err(|e| NodeError::Io(format!("listing {}: {e}", canon.display())))?;
+    let entries =
+        std::fs::read_dir(&canon).map_err(NodeError::io(format!("listing {}", canon.display())))?;
     for e in entries.flatten() {
         let name = e.file_name();
         if name == "run" || name == "runtime" || !e.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }
         std::fs::set_permissions(e.path(), private.clone())
-            .map_err(|err| NodeError::Io(format!("chmod 0700 {}: {err}", e.path().display())))?;
+            .map_err(NodeError::io(format!("chmod 0700 {}", e.path().display())))?;
     }
     Ok(canon)
 }
@@ -317,8 +301,8 @@ pub fn prepare_data_dir(dir: &Path, mapped: Option<MappedRoot>) -> Result<PathBu
 pub fn check_reachable(dir: &Path, who: MappedRoot) -> Result<(), NodeError> {
     use std::os::unix::fs::MetadataExt;
     for anc in dir.ancestors().skip(1) {
-        let meta = std::fs::metadata(anc)
-            .map_err(|e| NodeError::Io(format!("checking {}: {e}", anc.display())))?;
+        let meta =
+            std::fs::metadata(anc).map_err(NodeError::io(format!("checking {}", anc.display())))?;
         if can_traverse(&meta, who) {
             continue;
         }

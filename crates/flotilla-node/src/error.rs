@@ -1,103 +1,65 @@
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
-use flotilla_store::{FailureKind, StoreError};
-use flotilla_types::ErrorBody;
+//! Errors of the node daemon outside request handling (start-up, joining, cleanup). Each
+//! message says what was wrong and how to fix it; causes are kept as sources.
 
-/// Errors of the node daemon outside request handling (start-up, joining, renewals).
+use flotilla_store::StoreError;
+
+/// Why the node daemon could not start, join, or clean up.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
+    /// A usage error: the message names the flag or state to change.
     #[error("{0}")]
     Config(String),
-    #[error("{0}")]
-    Io(String),
-    #[error("tls: {0}")]
-    Tls(String),
+    /// A file or system call failed; `what` says on what.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Making or reading keys and certificates failed.
+    #[error("tls: {what}: {source}")]
+    Pki {
+        what: &'static str,
+        #[source]
+        source: flotilla_pki::PkiError,
+    },
+    #[error(transparent)]
+    Certificates(#[from] flotilla_api::TlsError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// The cluster refused this node, or the manager is not the one the token names.
     #[error("{0}")]
     Join(String),
+    /// The manager given to `--join` did not answer.
+    #[error("cannot reach the manager at {manager}: {source}")]
+    Unreachable {
+        manager: String,
+        #[source]
+        source: flotilla_api::ClientError,
+    },
     #[error("{0}")]
     Api(#[from] flotilla_api::ClientError),
+    #[error(transparent)]
+    Manager(#[from] flotilla_manager::ManagerError),
+    #[error(transparent)]
+    Agent(#[from] flotilla_agent::AgentError),
+    #[error("network: {0}")]
+    Net(#[from] flotilla_agent::NetError),
+    #[error("container runtime: {0}")]
+    Runtime(#[from] flotilla_runtime::RuntimeError),
+    #[error("image signing key: {0}")]
+    Signing(#[from] flotilla_registry::RegistryError),
 }
 
-/// An API error: an HTTP status plus `{"message": ...}`.
-#[derive(Debug, Clone)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub message: String,
-}
+impl NodeError {
+    /// Wraps an I/O error with what was being done.
+    pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError + 'static {
+        let what: String = what.into();
+        move |source| NodeError::Io { what, source }
+    }
 
-impl ApiError {
-    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            message: message.into(),
-        }
-    }
-    pub fn bad_request(m: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, m)
-    }
-    pub fn not_found(m: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, m)
-    }
-    pub fn conflict(m: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::CONFLICT, m)
-    }
-    pub fn unavailable(m: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, m)
-    }
-    pub fn forbidden(m: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::FORBIDDEN, m)
-    }
-    pub fn unauthorized(m: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::UNAUTHORIZED, m)
-    }
-    pub fn internal(m: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, m)
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        if self.status.is_server_error() {
-            tracing::warn!(status = %self.status, message = %self.message, "api error");
-        }
-        (
-            self.status,
-            Json(ErrorBody {
-                message: self.message,
-            }),
-        )
-            .into_response()
-    }
-}
-
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> ApiError {
-        match e {
-            StoreError::ForwardToLeader { .. } | StoreError::MembershipInProgress => {
-                ApiError::unavailable(format!("{e}; retry"))
-            }
-            StoreError::Timeout => ApiError::unavailable(
-                "quorum lost: the write was not committed in time; check `flotilla cluster info`",
-            ),
-            StoreError::InvalidArgument(m) => ApiError::bad_request(m),
-            other => ApiError::internal(other.to_string()),
-        }
-    }
-}
-
-/// Turns a failed precondition of a batch into 404 / 409.
-pub fn op_failure(f: &flotilla_store::OpFailure, what: &str) -> ApiError {
-    match &f.kind {
-        FailureKind::NotFound => ApiError::not_found(format!("{what} {} not found", f.id)),
-        FailureKind::AlreadyExists => {
-            ApiError::conflict(format!("{what} {} already exists", f.id))
-        }
-        FailureKind::VersionConflict { current, expected } => ApiError::conflict(format!(
-            "{what} {} was changed concurrently (version {current}, you sent {expected}); re-read it and retry",
-            f.id
-        )),
+    /// Wraps a key or certificate error with what was being made.
+    pub fn pki(what: &'static str) -> impl FnOnce(flotilla_pki::PkiError) -> NodeError {
+        move |source| NodeError::Pki { what, source }
     }
 }

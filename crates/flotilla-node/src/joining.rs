@@ -9,6 +9,8 @@ use flotilla_types::{JoinRequest, JoinResponse};
 use crate::disk::{write_atomic, write_identity, NodeIdentity, Paths};
 use crate::{NodeConfig, NodeError};
 
+/// Joins the cluster of the manager at `manager` with a join token: pins the CA the token
+/// names, trades a CSR for a certificate, and records the new identity.
 pub async fn join_cluster(
     cfg: &NodeConfig,
     paths: &Paths,
@@ -18,42 +20,18 @@ pub async fn join_cluster(
     description: flotilla_types::NodeDescription,
 ) -> Result<NodeIdentity, NodeError> {
     let token = JoinToken::parse(token).map_err(|e| NodeError::Join(e.to_string()))?;
-    // 1. Fetch the CA certificate over TLS without trusting anything yet; nothing secret is sent.
-    let probe_tls =
-        flotilla_pki::pinning_probe_config().map_err(|e| NodeError::Tls(e.to_string()))?;
-    let probe = Client::new(Endpoint::Https {
-        addr: manager.to_string(),
-        tls: probe_tls,
-    })
-    .with_timeout(Duration::from_secs(10));
-    let ca: serde_json::Value = probe
-        .get_json("/v1/join/ca")
-        .await
-        .map_err(|e| NodeError::Join(format!("cannot reach the manager at {manager}: {e}")))?;
-    let ca_pem = ca
-        .get("ca_pem")
-        .and_then(|v| v.as_str())
-        .ok_or_else(|| NodeError::Join(format!("{manager} did not return a CA certificate")))?
-        .to_string();
-    let fp = flotilla_pki::fingerprint_pem(&ca_pem).map_err(|e| NodeError::Join(e.to_string()))?;
-    if fp != token.ca_fingerprint {
-        return Err(NodeError::Join(format!(
-            "CA fingerprint mismatch: the manager at {manager} presents CA {} but the join token pins {}; refusing to join (wrong cluster, or someone in the middle)",
-            &fp[..16],
-            &token.ca_fingerprint[..16]
-        )));
-    }
-    // 2. From now on the manager must prove it holds a manager certificate from that CA
-    //    (a worker of the cluster could otherwise collect the secret).
+    let (ca_pem, fp) = pinned_ca(manager, &token).await?;
+    // From now on the manager must prove it holds a manager certificate from that CA (a
+    // worker of the cluster could otherwise collect the secret).
     let tls = flotilla_pki::client_config_for(&ca_pem, None, Some(flotilla_pki::Role::Manager))
-        .map_err(|e| NodeError::Tls(e.to_string()))?;
+        .map_err(NodeError::pki("the pinned CA"))?;
     let client = Client::new(Endpoint::Https {
         addr: manager.to_string(),
         tls,
     })
     .with_timeout(Duration::from_secs(30));
     let (key_pem, csr_pem) =
-        flotilla_pki::new_key_and_csr().map_err(|e| NodeError::Tls(e.to_string()))?;
+        flotilla_pki::new_key_and_csr().map_err(NodeError::pki("making the node key"))?;
     let resp: JoinResponse = client
         .post_json(
             "/v1/join",
@@ -72,10 +50,58 @@ pub async fn join_cluster(
             "the manager answered with a different CA".into(),
         ));
     }
-    let io = |e: std::io::Error| NodeError::Io(format!("saving certificates: {e}"));
-    write_atomic(&paths.ca_cert(), resp.ca_pem.as_bytes(), 0o644).map_err(io)?;
-    write_atomic(&paths.node_key(), key_pem.as_bytes(), 0o600).map_err(io)?;
-    write_atomic(&paths.node_cert(), resp.cert_pem.as_bytes(), 0o644).map_err(io)?;
+    let identity = save(cfg, paths, manager, name, resp, &key_pem)?;
+    Ok(identity)
+}
+
+/// Fetches the CA certificate over TLS without trusting anything yet (nothing secret is
+/// sent), and checks it against the fingerprint the token pins. Returns it and its
+/// fingerprint.
+async fn pinned_ca(manager: &str, token: &JoinToken) -> Result<(String, String), NodeError> {
+    let probe_tls =
+        flotilla_pki::pinning_probe_config().map_err(NodeError::pki("the probe's TLS config"))?;
+    let probe = Client::new(Endpoint::Https {
+        addr: manager.to_string(),
+        tls: probe_tls,
+    })
+    .with_timeout(Duration::from_secs(10));
+    let ca: serde_json::Value =
+        probe
+            .get_json("/v1/join/ca")
+            .await
+            .map_err(|source| NodeError::Unreachable {
+                manager: manager.to_string(),
+                source,
+            })?;
+    let ca_pem = ca
+        .get("ca_pem")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| NodeError::Join(format!("{manager} did not return a CA certificate")))?
+        .to_string();
+    let fp = flotilla_pki::fingerprint_pem(&ca_pem).map_err(|e| NodeError::Join(e.to_string()))?;
+    if fp != token.ca_fingerprint {
+        return Err(NodeError::Join(format!(
+            "CA fingerprint mismatch: the manager at {manager} presents CA {} but the join token pins {}; refusing to join (wrong cluster, or someone in the middle)",
+            &fp[..16],
+            &token.ca_fingerprint[..16]
+        )));
+    }
+    Ok((ca_pem, fp))
+}
+
+/// Saves the certificates and the identity the cluster gave this node.
+fn save(
+    cfg: &NodeConfig,
+    paths: &Paths,
+    manager: &str,
+    name: String,
+    resp: JoinResponse,
+    key_pem: &str,
+) -> Result<NodeIdentity, NodeError> {
+    let io = || NodeError::io("saving certificates");
+    write_atomic(&paths.ca_cert(), resp.ca_pem.as_bytes(), 0o644).map_err(io())?;
+    write_atomic(&paths.node_key(), key_pem.as_bytes(), 0o600).map_err(io())?;
+    write_atomic(&paths.node_cert(), resp.cert_pem.as_bytes(), 0o644).map_err(io())?;
     let mut managers = resp.managers.clone();
     if managers.is_empty() {
         managers.push(manager.to_string());
@@ -89,6 +115,6 @@ pub async fn join_cluster(
         addr: cfg.advertise_addr(),
         managers,
     };
-    write_identity(paths, &identity).map_err(io)?;
+    write_identity(paths, &identity).map_err(NodeError::io("writing node.json"))?;
     Ok(identity)
 }

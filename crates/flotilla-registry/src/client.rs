@@ -64,6 +64,16 @@ impl RegistryClient {
         Self::build(base_url, Some(config))
     }
 
+    /// A client for the registry of the cluster node at `addr` (`host:port`), over mutual TLS
+    /// with `config`, checking the server's certificate against `server_name`.
+    pub fn for_node(
+        addr: &str,
+        config: Arc<rustls::ClientConfig>,
+        server_name: &str,
+    ) -> Result<RegistryClient> {
+        Self::with_tls(&format!("https://{addr}"), config)?.with_server_name(server_name)
+    }
+
     /// Verifies the server's certificate against `name` instead of the URL's host (Flotilla's
     /// node certificates all carry one DNS name, whatever their address).
     pub fn with_server_name(mut self, name: &str) -> Result<RegistryClient> {

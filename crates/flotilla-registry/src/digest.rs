@@ -151,9 +151,36 @@ pub fn signature_tag(digest: &str) -> String {
     format!("{}.sig", digest.replacen(':', "-", 1))
 }
 
+/// The manifest digest of a pinned `name:tag@sha256:…` (or a bare digest).
+pub fn digest_of(image: &str) -> Option<&str> {
+    if image.starts_with("sha256:") {
+        return Some(image);
+    }
+    image.find("@sha256:").map(|i| &image[i + 1..])
+}
+
+/// Digests of the images of tasks that have not ended.
+pub fn task_images<'a>(
+    tasks: impl IntoIterator<Item = &'a flotilla_types::Task>,
+) -> std::collections::HashSet<String> {
+    tasks
+        .into_iter()
+        .filter(|t| !t.status.state.is_terminal())
+        .filter_map(|t| digest_of(&t.spec.container.image).map(str::to_string))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn digests_of_pinned_references() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        assert_eq!(digest_of(&format!("web:1@{d}")), Some(d.as_str()));
+        assert_eq!(digest_of(&d), Some(d.as_str()));
+        assert_eq!(digest_of("web:1"), None);
+    }
 
     #[test]
     fn parses_references() -> Result<()> {

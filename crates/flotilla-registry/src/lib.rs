@@ -36,7 +36,9 @@ mod source;
 mod transfer;
 
 pub use client::{FetchedManifest, RegistryClient, DEFAULT_CHUNK_SIZE};
-pub use digest::{check_digest, check_name, sha256_digest, signature_tag, ImageRef};
+pub use digest::{
+    check_digest, check_name, digest_of, sha256_digest, signature_tag, task_images, ImageRef,
+};
 pub use error::{ErrorCode, RegistryError, Result};
 pub use gc::{collect_garbage, collect_garbage_with, GcOptions, GcReport};
 pub use layout::{layout_manifest, pull_layout, push_layout, REF_NAME};
@@ -45,8 +47,9 @@ pub use manifest::{
 };
 pub use server::{router, RegistryState};
 pub use sign::{
-    attach_signature, signatures_for, Algorithm, Signature, SigningKey, TrustError, TrustPolicy,
-    TrustedKey, SIGNATURE_ARTIFACT_TYPE,
+    attach_signature, signatures_for, Algorithm, Signature, SigningKey, TrustCheck, TrustError,
+    TrustPolicy, TrustedKey, TrustedKeyExt, SIGNATURE_ARTIFACT_TYPE, SIGNING_KEY_FILE,
+    SIGNING_PUB_FILE,
 };
 pub use source::{BlobSource, BlobStream, FirstOf};
 pub use transfer::{fetch_signatures, pull, pull_trusted, push, Progress};

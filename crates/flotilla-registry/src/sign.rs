@@ -16,6 +16,11 @@ use crate::error::{IoContext, RegistryError, Result};
 use crate::manifest::{Descriptor, Manifest, OCI_EMPTY, OCI_MANIFEST};
 use crate::meta::Meta;
 use flotilla_runtime::ImageStore;
+pub use flotilla_types::{Algorithm, TrustPolicy, TrustedKey};
+
+/// The admin's image signing key (PKCS#8 PEM) in the admin bundle, and its public half.
+pub const SIGNING_KEY_FILE: &str = "signing-key.pem";
+pub const SIGNING_PUB_FILE: &str = "signing-key.pub.pem";
 use ring::rand::SystemRandom;
 use ring::signature::{self as sig, KeyPair as _};
 use serde::{Deserialize, Serialize};
@@ -39,28 +44,11 @@ const P256_SPKI_PREFIX: &[u8] = &[
     0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
 ];
 
-/// A signature algorithm.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Algorithm {
-    Ed25519,
-    EcdsaP256,
-}
-
-impl Algorithm {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Algorithm::Ed25519 => "ed25519",
-            Algorithm::EcdsaP256 => "ecdsa-p256",
-        }
-    }
-
-    fn parse(s: &str) -> Option<Algorithm> {
-        match s {
-            "ed25519" => Some(Algorithm::Ed25519),
-            "ecdsa-p256" => Some(Algorithm::EcdsaP256),
-            _ => None,
-        }
+fn parse_algorithm(s: &str) -> Option<Algorithm> {
+    match s {
+        "ed25519" => Some(Algorithm::Ed25519),
+        "ecdsa-p256" => Some(Algorithm::EcdsaP256),
+        _ => None,
     }
 }
 
@@ -293,20 +281,14 @@ impl Signature {
     }
 }
 
-/// A key the cluster trusts.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TrustedKey {
-    /// Key id (see [`SigningKey::key_id`]); checked against the PEM.
-    pub id: String,
-    pub algorithm: Algorithm,
-    /// SubjectPublicKeyInfo `PUBLIC KEY` PEM.
-    pub public_key_pem: String,
+/// Reading and checking trusted keys (the type itself is plain data in `flotilla-types`).
+pub trait TrustedKeyExt: Sized {
+    /// Reads a `PUBLIC KEY` PEM, detecting the algorithm and computing the id.
+    fn from_public_key_pem(text: &str) -> Result<Self>;
 }
 
-impl TrustedKey {
-    /// Reads a `PUBLIC KEY` PEM, detecting the algorithm and computing the id.
-    pub fn from_public_key_pem(text: &str) -> Result<TrustedKey> {
+impl TrustedKeyExt for TrustedKey {
+    fn from_public_key_pem(text: &str) -> Result<TrustedKey> {
         let (alg, _, id) = parse_public(text)?;
         Ok(TrustedKey {
             id,
@@ -314,13 +296,16 @@ impl TrustedKey {
             public_key_pem: text.to_string(),
         })
     }
+}
 
-    fn verify(&self, s: &Signature) -> std::result::Result<(), String> {
-        let (alg, raw, id) = parse_public(&self.public_key_pem).map_err(|e| e.to_string())?;
-        if id != self.id || alg != self.algorithm {
+/// Checks `s` with the trusted key `k`.
+fn verify_with(k: &TrustedKey, s: &Signature) -> std::result::Result<(), String> {
+    {
+        let (alg, raw, id) = parse_public(&k.public_key_pem).map_err(|e| e.to_string())?;
+        if id != k.id || alg != k.algorithm {
             return Err(format!(
                 "trusted key {} does not match its public key (id {id}, {})",
-                self.id,
+                k.id,
                 alg.as_str()
             ));
         }
@@ -330,7 +315,7 @@ impl TrustedKey {
         };
         sig::UnparsedPublicKey::new(ring_alg, raw)
             .verify(&s.payload, &s.signature)
-            .map_err(|_| format!("signature by key {} does not verify", self.id))
+            .map_err(|_| format!("signature by key {} does not verify", k.id))
     }
 }
 
@@ -371,33 +356,6 @@ mod hex_bytes {
     }
 }
 
-fn enforce_default() -> bool {
-    true
-}
-
-/// The cluster's image trust policy. Fails closed: enforcement is on unless turned off
-/// explicitly, and with no keys nothing runs.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TrustPolicy {
-    /// Keys whose signatures are accepted.
-    #[serde(default)]
-    pub keys: Vec<TrustedKey>,
-    /// When false, every image is accepted (verification is skipped). Default: true.
-    #[serde(default = "enforce_default")]
-    pub enforce: bool,
-}
-
-impl Default for TrustPolicy {
-    /// Enforcing, with no trusted key yet.
-    fn default() -> Self {
-        TrustPolicy {
-            keys: Vec::new(),
-            enforce: true,
-        }
-    }
-}
-
 /// Why an image was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {
@@ -410,9 +368,28 @@ pub enum TrustError {
     },
 }
 
-impl TrustPolicy {
+/// Verification under a [`TrustPolicy`] (the policy itself is plain data in `flotilla-types`).
+pub trait TrustCheck {
     /// Checks signatures of `manifest_digest`; `reference` names the image in the error.
-    pub fn verify_signatures(
+    fn verify_signatures(
+        &self,
+        reference: &str,
+        manifest_digest: &str,
+        signatures: &[Signature],
+    ) -> std::result::Result<(), TrustError>;
+
+    /// Checks the signatures the store holds for `manifest_digest` (attached locally or
+    /// brought by [`pull`](crate::pull)). Fails closed: a lookup error refuses the image.
+    fn verify(
+        &self,
+        store: &ImageStore,
+        reference: &str,
+        manifest_digest: &str,
+    ) -> std::result::Result<(), TrustError>;
+}
+
+impl TrustCheck for TrustPolicy {
+    fn verify_signatures(
         &self,
         reference: &str,
         manifest_digest: &str,
@@ -442,7 +419,7 @@ impl TrustPolicy {
                 reasons.push(format!("key {} is not trusted", s.key_id));
                 continue;
             };
-            match k.verify(s) {
+            match verify_with(k, s) {
                 Ok(()) => {
                     tracing::debug!(%reference, digest = %manifest_digest, key = %k.id, "image signature verified");
                     return Ok(());
@@ -460,9 +437,7 @@ impl TrustPolicy {
         })
     }
 
-    /// Checks the signatures the store holds for `manifest_digest` (attached locally or
-    /// brought by [`pull`](crate::pull)). Fails closed: a lookup error refuses the image.
-    pub fn verify(
+    fn verify(
         &self,
         store: &ImageStore,
         reference: &str,
@@ -581,7 +556,7 @@ pub fn signatures_for(store: &ImageStore, manifest_digest: &str) -> Result<Vec<S
             let (Some(sig_hex), Some(key_id), Some(alg)) = (
                 ann.get(ANN_SIGNATURE),
                 ann.get(ANN_KEY_ID),
-                ann.get(ANN_ALGORITHM).and_then(|a| Algorithm::parse(a)),
+                ann.get(ANN_ALGORITHM).and_then(|a| parse_algorithm(a)),
             ) else {
                 continue;
             };

@@ -9,7 +9,7 @@ use crate::digest::{signature_tag, ImageRef};
 use crate::error::{ErrorCode, IoContext, RegistryError, Result};
 use crate::manifest::{Manifest, ManifestKind};
 use crate::meta::Meta;
-use crate::sign::{TrustPolicy, SIGNATURE_ARTIFACT_TYPE};
+use crate::sign::{TrustCheck, TrustPolicy, SIGNATURE_ARTIFACT_TYPE};
 use bytes::Bytes;
 use flotilla_runtime::{ImageStore, RuntimeError};
 use std::fs::File;

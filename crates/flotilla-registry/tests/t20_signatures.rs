@@ -4,7 +4,8 @@ mod common;
 
 use common::*;
 use flotilla_registry::{
-    attach_signature, pull, push, signatures_for, Algorithm, SigningKey, TrustPolicy, TrustedKey,
+    attach_signature, pull, push, signatures_for, Algorithm, SigningKey, TrustCheck, TrustPolicy,
+    TrustedKey, TrustedKeyExt,
 };
 
 #[tokio::test]

@@ -29,7 +29,9 @@ pub use driver::{
     AdoptReport, ContainerInfo, ContainerState, ContainerStatus, ExitStatus, RuntimeDriver,
 };
 pub use error::{Result, RuntimeError};
-pub use flotilla_shim::logfile::{read_logs, LogFollower, LogLine};
+pub use flotilla_shim::logfile::{
+    read_logs, since_to_rfc3339, LogFollower, LogLine, MAX_LINE as LOG_MAX_LINE,
+};
 pub use image::{ImageConfigInput, ImageInspect, ImageStore, ImageSummary};
 pub use probe::{CgroupLayout, HostProbe};
 pub use runtime::Runtime;

@@ -32,6 +32,36 @@ pub struct LogLine {
     pub line: String,
 }
 
+/// A `--since` value that is neither an RFC 3339 time nor a duration.
+#[derive(Debug)]
+pub struct BadSince(pub String);
+
+impl std::fmt::Display for BadSince {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "--since {:?}: use an RFC 3339 time (2026-01-02T15:04:05Z) or a duration like 10m",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for BadSince {}
+
+/// A `--since` value as the RFC 3339 time log records are compared with: an RFC 3339 time is
+/// kept as it is, a duration (`10m`) counts back from `now`.
+pub fn since_to_rfc3339(s: &str, now: SystemTime) -> Result<String, BadSince> {
+    if let Ok(d) = humantime::parse_duration(s) {
+        return Ok(rfc3339_nanos(
+            now.checked_sub(d).unwrap_or(SystemTime::UNIX_EPOCH),
+        ));
+    }
+    if s.len() >= 10 && s.as_bytes()[4] == b'-' {
+        return Ok(s.to_string());
+    }
+    Err(BadSince(s.to_string()))
+}
+
 /// Formats a time as RFC 3339 UTC with nanoseconds (`YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`).
 pub fn rfc3339_nanos(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();

@@ -82,7 +82,16 @@ pub use error::{StoreError, TransportError};
 pub use network::RaftTransport;
 pub use store::{Store, LOG_FILE, STATE_FILE};
 pub use types::{
-    Batch, Event, EventKind, FailureKind, NodeId, Op, OpFailure, PeerContact, RaftStatus, RpcKind,
-    Table, Versioned, WriteOutcome,
+    Batch, Event, EventKind, FailureKind, NodeId, Op, OpFailure, PeerContact, RaftRole, RaftStatus,
+    RpcKind, Table, Versioned, WriteOutcome,
 };
 pub use watch::Watch;
+
+/// A manager's Raft id, derived from its node id (odd and below 2^63, never 0).
+pub fn raft_id_for(node_id: &str) -> u64 {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(node_id.as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    u64::from_be_bytes(b) >> 1 | 1
+}

@@ -24,7 +24,7 @@ use crate::network::{NetworkFactory, PeerTracker, RaftTransport};
 use crate::raft_types::{Raft, TypeConfig};
 use crate::state_machine::{self, SmShared, StateMachine};
 use crate::types::{
-    Batch, NodeId, Op, PeerContact, RaftStatus, RpcKind, Table, Versioned, WriteOutcome,
+    Batch, NodeId, Op, PeerContact, RaftRole, RaftStatus, RpcKind, Table, Versioned, WriteOutcome,
 };
 use crate::watch::Watch;
 use crate::wire::SnapshotChunk;
@@ -567,11 +567,11 @@ impl Store {
         let learners: Vec<(NodeId, String)> =
             membership.learner_ids().map(|l| (l, addr_of(l))).collect();
         let state = match m.state {
-            ServerState::Leader => "leader",
-            ServerState::Follower => "follower",
-            ServerState::Candidate => "candidate",
-            ServerState::Learner => "learner",
-            ServerState::Shutdown => "shutdown",
+            ServerState::Leader => RaftRole::Leader,
+            ServerState::Follower => RaftRole::Follower,
+            ServerState::Candidate => RaftRole::Candidate,
+            ServerState::Learner => RaftRole::Learner,
+            ServerState::Shutdown => RaftRole::Shutdown,
         };
         let peers = if m.state == ServerState::Leader {
             membership
@@ -600,7 +600,7 @@ impl Store {
             .max(self.revision());
         RaftStatus {
             id: m.id,
-            state: state.to_string(),
+            state,
             term: m.current_term,
             leader_id: m.current_leader,
             leader_addr: m

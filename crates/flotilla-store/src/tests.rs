@@ -351,14 +351,14 @@ async fn t30_restart_from_disk_keeps_state_revision_and_history() {
     .await;
     let before = store.list(Table::Nodes).expect("list");
     let status = store.status();
-    assert_eq!(status.state, "leader");
+    assert_eq!(status.state, crate::RaftRole::Leader);
     assert_eq!(status.voters, vec![(1, "node-1".to_string())]);
     assert!(
         status.applied >= last && status.committed >= last,
         "{status:?}"
     );
     store.shutdown().await.expect("shutdown");
-    assert_eq!(store.status().state, "shutdown");
+    assert_eq!(store.status().state, crate::RaftRole::Shutdown);
     drop(store);
 
     let store = Store::open(config, Arc::new(NoPeers))

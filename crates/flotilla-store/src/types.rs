@@ -367,12 +367,55 @@ pub struct PeerContact {
     pub last_contact_ms: Option<u64>,
 }
 
+/// This node's part in the Raft group (openraft's server state), serialized as `"leader"`,
+/// `"follower"`, `"candidate"`, `"learner"` or `"shutdown"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RaftRole {
+    Leader,
+    Follower,
+    Candidate,
+    Learner,
+    Shutdown,
+}
+
+impl RaftRole {
+    /// Every role, in a stable order.
+    pub const ALL: &'static [RaftRole] = &[
+        RaftRole::Leader,
+        RaftRole::Follower,
+        RaftRole::Candidate,
+        RaftRole::Learner,
+        RaftRole::Shutdown,
+    ];
+
+    /// The lower-case name (also the serde name).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RaftRole::Leader => "leader",
+            RaftRole::Follower => "follower",
+            RaftRole::Candidate => "candidate",
+            RaftRole::Learner => "learner",
+            RaftRole::Shutdown => "shutdown",
+        }
+    }
+
+    pub fn is_leader(self) -> bool {
+        self == RaftRole::Leader
+    }
+}
+
+impl fmt::Display for RaftRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A cheap, I/O-free view of this node's Raft state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RaftStatus {
     pub id: NodeId,
-    /// `"leader"`, `"follower"`, `"candidate"`, `"learner"` or `"shutdown"`.
-    pub state: String,
+    pub state: RaftRole,
     pub term: u64,
     pub leader_id: Option<NodeId>,
     pub leader_addr: Option<String>,
@@ -389,6 +432,13 @@ pub struct RaftStatus {
     /// leaders do not step down when cut off, so a growing value means "quorum lost".
     #[serde(default)]
     pub quorum_ack_ms: Option<u64>,
+}
+
+impl RaftStatus {
+    /// This node is the Raft leader (as far as it knows).
+    pub fn is_leader(&self) -> bool {
+        self.state.is_leader()
+    }
 }
 
 /// serde for `Vec<u8>`: a string when UTF-8, else a sequence; accepts both.
@@ -502,6 +552,23 @@ mod tests {
         ] {
             assert_eq!(k.path().parse::<RpcKind>().expect("parse"), k);
         }
+    }
+
+    #[test]
+    fn raft_roles_serialize_as_before() {
+        for r in RaftRole::ALL {
+            let json = serde_json::to_string(r).expect("json");
+            assert_eq!(json, format!("\"{}\"", r.as_str()));
+            assert_eq!(r.to_string(), r.as_str());
+            assert_eq!(serde_json::from_str::<RaftRole>(&json).expect("back"), *r);
+        }
+        let names: Vec<&str> = RaftRole::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(
+            names,
+            ["leader", "follower", "candidate", "learner", "shutdown"]
+        );
+        assert!(RaftRole::Leader.is_leader());
+        assert!(!RaftRole::Follower.is_leader());
     }
 
     #[test]

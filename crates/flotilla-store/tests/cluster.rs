@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flotilla_store::{
-    Batch, NodeId, Op, RaftStatus, RaftTransport, RpcKind, Store, StoreConfig, StoreError, Table,
-    TransportError,
+    Batch, NodeId, Op, RaftRole, RaftStatus, RaftTransport, RpcKind, Store, StoreConfig,
+    StoreError, Table, TransportError,
 };
 use tempfile::TempDir;
 use tokio::time::Instant;
@@ -218,7 +218,7 @@ async fn t40_three_nodes_replicate_and_fail_over() {
     let mut c = Cluster::new();
     let s1 = c.three().await;
     let status = s1.status();
-    assert_eq!(status.state, "leader");
+    assert_eq!(status.state, RaftRole::Leader);
     assert_eq!(voter_ids(&status), vec![1, 2, 3]);
 
     let out = s1
@@ -311,7 +311,7 @@ async fn t40_three_nodes_replicate_and_fail_over() {
         b"v2"
     );
     let st = c.get(leader).status();
-    assert_eq!((st.state.as_str(), st.leader_id), ("leader", Some(leader)));
+    assert_eq!((st.state, st.leader_id), (RaftRole::Leader, Some(leader)));
     let dead = st
         .peers
         .iter()
@@ -368,7 +368,7 @@ async fn t45_write_without_quorum_times_out_within_deadline() {
 
     // The leader does not step down in openraft 0.9, but its status shows the stale quorum.
     let st = s1.status();
-    assert_eq!(st.state, "leader");
+    assert_eq!(st.state, RaftRole::Leader);
     assert!(st.quorum_ack_ms.is_some_and(|ms| ms >= 1000), "{st:?}");
     let started = Instant::now();
     let res = s1.linearizable_barrier().await;
@@ -565,7 +565,7 @@ async fn t55_force_new_cluster_recovers_the_data() {
         .expect("force new cluster");
     c.net.nodes.lock().expect("lock").insert(3, s3.clone());
     let st = s3.status();
-    assert_eq!((st.state.as_str(), voter_ids(&st)), ("leader", vec![3]));
+    assert_eq!((st.state, voter_ids(&st)), (RaftRole::Leader, vec![3]));
     for (t, objs) in Table::ALL.iter().zip(&before) {
         let now = s3.list(*t).expect("list");
         let values = |v: &Vec<flotilla_store::Versioned>| {

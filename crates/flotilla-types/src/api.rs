@@ -136,3 +136,39 @@ pub struct EventMessage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub object: Option<serde_json::Value>,
 }
+
+/// The query of `GET /v1/tasks/{id}/logs` and `GET /v1/services/{id}/logs`.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct LogQuery {
+    #[serde(default)]
+    pub follow: bool,
+    pub tail: Option<usize>,
+    /// RFC 3339 time, or a duration ago (`10m`).
+    pub since: Option<String>,
+}
+
+/// Percent-encodes a query value (everything but RFC 3986's unreserved characters), so that a
+/// `+` in an RFC 3339 offset stays a `+` and a `&` cannot add parameters.
+pub fn query_value(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The node-local logs URL of task `id` (what a manager's `service logs` fan-out calls).
+pub fn task_logs_path(id: &str, follow: bool, tail: Option<usize>, since: Option<&str>) -> String {
+    let mut path = format!("/v1/tasks/{}/logs?follow={follow}", query_value(id));
+    if let Some(n) = tail {
+        path.push_str(&format!("&tail={n}"));
+    }
+    if let Some(s) = since {
+        path.push_str(&format!("&since={}", query_value(s)));
+    }
+    path
+}

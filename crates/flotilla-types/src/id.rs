@@ -1,3 +1,5 @@
+//! Object ids (25-character base36, like Swarm's) and the names users give objects.
+
 use rand::Rng;
 
 const ALPHABET: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";

@@ -9,17 +9,23 @@
 
 mod api;
 mod id;
+mod identity;
 mod network;
 mod node;
 mod service;
 mod task;
+mod trust;
+mod wire;
 
 pub use api::*;
 pub use id::{new_id, validate_name, IdError};
+pub use identity::{now_ms, NodeIdentity};
 pub use network::*;
 pub use node::*;
 pub use service::*;
 pub use task::*;
+pub use trust::*;
+pub use wire::*;
 
 /// Metadata every stored object carries.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

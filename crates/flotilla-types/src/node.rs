@@ -1,3 +1,6 @@
+//! Nodes: a machine of the cluster, its spec (role, availability, labels), what its agent
+//! reports (description, status) and, on managers, its Raft membership.
+
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};

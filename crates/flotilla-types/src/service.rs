@@ -1,3 +1,6 @@
+//! Services: the spec a user declares (task template, mode, update and rollback policies,
+//! endpoint and published ports) and the state the orchestrator keeps beside it.
+
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -29,6 +32,27 @@ pub struct Service {
     /// Filled in on reads (never stored): how many tasks run and should run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_status: Option<ServiceStatus>,
+}
+
+impl Service {
+    /// Swaps the spec with the previous one and marks a rollback as started (Swarm keeps the
+    /// spec it replaced, so a second rollback returns to where the first began). `false`:
+    /// there is no previous spec, nothing changed.
+    pub fn start_rollback(&mut self, now: u64, message: impl Into<String>) -> bool {
+        let Some(prev) = self.previous_spec.take() else {
+            return false;
+        };
+        let current = std::mem::replace(&mut self.spec, prev);
+        self.previous_spec = Some(current);
+        self.spec_version += 1;
+        self.update_status = Some(UpdateStatus {
+            state: UpdateState::RollbackStarted,
+            started_at: now,
+            completed_at: None,
+            message: message.into(),
+        });
+        true
+    }
 }
 
 /// Task counts of a service, as `service ls` shows them.
@@ -314,21 +338,94 @@ pub enum EndpointMode {
 pub struct PortConfig {
     pub published: u16,
     pub target: u16,
-    #[serde(default = "tcp")]
-    pub protocol: String,
-    /// `ingress` (routing mesh, every node) or `host` (only where a task runs).
-    #[serde(default = "ingress")]
-    pub publish_mode: String,
+    /// `tcp` (default) or `udp`.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// `ingress` (default: routing mesh, every node) or `host` (only where a task runs).
+    #[serde(default)]
+    pub publish_mode: PublishMode,
     /// Opt-in PROXY protocol header (`v1` or `v2`) carrying the client's address to the task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_protocol: Option<String>,
 }
 
-fn tcp() -> String {
-    "tcp".into()
+/// Transport protocol of a published port: `tcp` (the default) or `udp`.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
 }
-fn ingress() -> String {
-    "ingress".into()
+
+impl Protocol {
+    /// The lower-case name (also the serde name).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            other => Err(format!("unknown protocol {other:?}: use tcp or udp")),
+        }
+    }
+}
+
+/// Where a published port listens: `ingress` (the default: the routing mesh, on every node)
+/// or `host` (only on the nodes that run a task of the service).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishMode {
+    #[default]
+    Ingress,
+    Host,
+}
+
+impl PublishMode {
+    /// The lower-case name (also the serde name).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PublishMode::Ingress => "ingress",
+            PublishMode::Host => "host",
+        }
+    }
+}
+
+impl std::fmt::Display for PublishMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for PublishMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ingress" => Ok(PublishMode::Ingress),
+            "host" => Ok(PublishMode::Host),
+            other => Err(format!(
+                "unknown publish mode {other:?}: use ingress or host"
+            )),
+        }
+    }
 }
 
 /// A named blob handed to tasks (`Secret` data is encrypted at rest by the store's owner).
@@ -355,4 +452,74 @@ pub struct Config {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub data: Vec<u8>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_enums_round_trip() {
+        for p in [Protocol::Tcp, Protocol::Udp] {
+            let json = serde_json::to_string(&p).expect("json");
+            assert_eq!(json, format!("\"{}\"", p.as_str()));
+            assert_eq!(serde_json::from_str::<Protocol>(&json).expect("back"), p);
+            assert_eq!(p.to_string().parse::<Protocol>().expect("parse"), p);
+        }
+        for m in [PublishMode::Ingress, PublishMode::Host] {
+            let json = serde_json::to_string(&m).expect("json");
+            assert_eq!(json, format!("\"{}\"", m.as_str()));
+            assert_eq!(serde_json::from_str::<PublishMode>(&json).expect("back"), m);
+            assert_eq!(m.to_string().parse::<PublishMode>().expect("parse"), m);
+        }
+    }
+
+    #[test]
+    fn port_config_wire_format_is_unchanged() {
+        // Defaults when the fields are left out, as before.
+        let p: PortConfig =
+            serde_json::from_str(r#"{"published":8080,"target":80}"#).expect("defaults");
+        assert_eq!(
+            (p.protocol, p.publish_mode),
+            (Protocol::Tcp, PublishMode::Ingress)
+        );
+        let p = PortConfig {
+            published: 53,
+            target: 5353,
+            protocol: Protocol::Udp,
+            publish_mode: PublishMode::Host,
+            proxy_protocol: None,
+        };
+        let json = serde_json::to_string(&p).expect("json");
+        assert_eq!(
+            json,
+            r#"{"published":53,"target":5353,"protocol":"udp","publish_mode":"host"}"#
+        );
+        assert_eq!(serde_json::from_str::<PortConfig>(&json).expect("back"), p);
+    }
+
+    #[test]
+    fn unknown_values_are_rejected_with_the_valid_ones() {
+        let e = "sctp".parse::<Protocol>().expect_err("sctp");
+        assert!(e.contains("sctp") && e.contains("tcp or udp"), "{e}");
+        let e = "Host".parse::<PublishMode>().expect_err("case matters");
+        assert!(e.contains("ingress or host"), "{e}");
+        let e =
+            serde_json::from_str::<PortConfig>(r#"{"published":1,"target":2,"protocol":"sctp"}"#)
+                .expect_err("sctp in JSON");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("sctp") && msg.contains("tcp") && msg.contains("udp"),
+            "{msg}"
+        );
+        let e = serde_json::from_str::<PortConfig>(
+            r#"{"published":1,"target":2,"publish_mode":"everywhere"}"#,
+        )
+        .expect_err("bad mode in JSON");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("everywhere") && msg.contains("ingress") && msg.contains("host"),
+            "{msg}"
+        );
+    }
 }

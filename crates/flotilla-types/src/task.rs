@@ -1,3 +1,6 @@
+//! Tasks: one scheduled instance of a service on one node, with Swarm's states and the
+//! status its agent reports.
+
 use serde::{Deserialize, Serialize};
 
 use crate::{Meta, TaskSpec};
@@ -121,12 +124,51 @@ pub struct TaskStatus {
     pub exit_code: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_id: Option<String>,
-    /// Health as seen by the agent: `starting`, `healthy`, `unhealthy` (only with a health check).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health: Option<String>,
+    /// Health as seen by the agent (only with a health check). A value this version does not
+    /// know reads as `None`, so one odd field never fails a whole report.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "Health::lenient"
+    )]
+    pub health: Option<Health>,
     /// The task's IP address on its node's task network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+}
+
+/// A task's health as its agent's probes see it (Docker's `starting` / `healthy` /
+/// `unhealthy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// Within the start period, or no probe has passed yet.
+    Starting,
+    Healthy,
+    /// `retries` probes in a row failed after the start period.
+    Unhealthy,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Starting => "starting",
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+        }
+    }
+
+    /// Deserializes an optional health, reading anything unknown (or not a string) as `None`.
+    pub fn lenient<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Health>, D::Error> {
+        let v = Option::<serde_json::Value>::deserialize(d)?;
+        Ok(v.and_then(|v| serde_json::from_value(v).ok()))
+    }
+}
+
+impl std::fmt::Display for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl TaskStatus {
@@ -157,5 +199,20 @@ mod tests {
         for st in TaskState::ALL {
             assert_eq!(st.as_str().parse::<TaskState>(), Ok(st));
         }
+    }
+
+    #[test]
+    fn unknown_health_reads_as_none() {
+        let st = TaskStatus::new(TaskState::Running, 1, "started");
+        let mut v = serde_json::to_value(&st).expect("encode");
+        v["health"] = serde_json::json!("healthy");
+        let got: TaskStatus = serde_json::from_value(v.clone()).expect("decode");
+        assert_eq!(got.health, Some(Health::Healthy));
+        v["health"] = serde_json::json!("\u{1b}]0;pwned\u{7}");
+        let got: TaskStatus = serde_json::from_value(v.clone()).expect("decode");
+        assert_eq!(got.health, None);
+        v["health"] = serde_json::json!(42);
+        let got: TaskStatus = serde_json::from_value(v).expect("decode");
+        assert_eq!(got.health, None);
     }
 }

@@ -127,8 +127,8 @@ async fn deploy_demo(client: &Client, dir: &Path) -> anyhow::Result<()> {
                 ports: vec![flotilla_types::PortConfig {
                     published: DEMO_PORT,
                     target: 80,
-                    protocol: "tcp".into(),
-                    publish_mode: "ingress".into(),
+                    protocol: flotilla_types::Protocol::Tcp,
+                    publish_mode: flotilla_types::PublishMode::Ingress,
                     proxy_protocol: None,
                 }],
             },

@@ -428,7 +428,7 @@ fn unhealthy_tasks_are_replaced() {
     let mut sim = Sim::new(replicated(1), &["a"]);
     sim.settle(5);
     let id = sim.running()[0].id.clone();
-    sim.task_mut(&id).status.health = Some("unhealthy".into());
+    sim.task_mut(&id).status.health = Some(flotilla_types::Health::Unhealthy);
     let r = sim.reconcile();
     assert_eq!(Sim::creates(&r).len(), 1);
     assert_eq!(sim.task(&id).desired_state, TaskState::Shutdown);
@@ -688,7 +688,7 @@ fn unhealthy_new_task_counts_as_update_failure() {
         .find(|t| t.spec_version == 2)
         .map(|t| t.id.clone())
         .unwrap();
-    sim.task_mut(&new).status.health = Some("unhealthy".into());
+    sim.task_mut(&new).status.health = Some(flotilla_types::Health::Unhealthy);
     sim.reconcile();
     assert_eq!(
         sim.svc.update_status.as_ref().unwrap().state,

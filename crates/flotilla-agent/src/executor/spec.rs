@@ -1,0 +1,55 @@
+//! A task's container spec for the runtime.
+
+use flotilla_types::Task;
+
+use crate::net::TaskNet;
+
+/// Maps a task to the runtime's container spec.
+pub fn container_spec(
+    task: &Task,
+    digest: &str,
+    net: Option<&TaskNet>,
+) -> flotilla_runtime::ContainerSpec {
+    let c = &task.spec.container;
+    let r = &task.spec.resources.limits;
+    flotilla_runtime::ContainerSpec {
+        id: task.id.clone(),
+        image: digest.to_string(),
+        entrypoint: c.command.clone(),
+        args: if c.args.is_empty() {
+            None
+        } else {
+            Some(c.args.clone())
+        },
+        env: c.env.clone(),
+        workdir: c.workdir.clone(),
+        user: c.user.clone(),
+        hostname: Some(task.id[..12.min(task.id.len())].to_string()),
+        mounts: net
+            .map(|n| {
+                vec![
+                    flotilla_runtime::BindMount {
+                        src: n.hosts.clone(),
+                        dst: "/etc/hosts".into(),
+                        readonly: true,
+                    },
+                    flotilla_runtime::BindMount {
+                        src: n.resolv.clone(),
+                        dst: "/etc/resolv.conf".into(),
+                        readonly: true,
+                    },
+                ]
+            })
+            .unwrap_or_default(),
+        resources: flotilla_runtime::Resources {
+            memory_bytes: (r.memory_bytes > 0).then_some(r.memory_bytes as i64),
+            nano_cpus: (r.nano_cpus > 0).then_some(r.nano_cpus),
+            pids_limit: Some(4096),
+            ..Default::default()
+        },
+        security: Default::default(),
+        labels: c.labels.clone(),
+        // The runtime creates the namespace (see `NodeNet::prepare_task`).
+        network_namespace: None,
+    }
+}

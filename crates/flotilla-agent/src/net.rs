@@ -1,0 +1,975 @@
+//! Task networking on a node: the agent turns the network map into a bridge, per-task
+//! namespaces, the overlay, the routing mesh and DNS. (Addresses are allocated on the leader:
+//! `flotilla_control::allocate`.)
+//!
+//! - **Node setup** (agent, once the node knows its subnet): bridge `fltbr<tag>` holding the
+//!   gateway (first host address), NAT chains `FLT-<tag>-*`, a VXLAN device `fltvx<tag>` unless
+//!   another node in this network namespace already has the overlay (nodes run as processes
+//!   of one host in tests), a local route for the VIP pool so VIPs are local addresses, and
+//!   the DNS responder on the gateway, port 53.
+//! - **Tasks**: an address from the node subnet (persisted in `DATA/net/ipam.json`), a network
+//!   namespace under `DATA/run/net/netns/`, a veth pair, `/etc/hosts` and `/etc/resolv.conf`.
+//! - **Network map** (streamed from a manager): overlay peers, DNS records and the routing
+//!   mesh's frontends (published ports on this node's address, VIP ports) with the healthy
+//!   tasks as backends.
+//!
+//! **Locking: task starts never wait for a network map.** [`NodeNet::apply_map`] holds the map
+//! lock (a tokio mutex over the overlay flag, the mesh and the DNS responder) across its
+//! netlink, iptables, DNS and mesh awaits, so maps apply one at a time and in order;
+//! [`NodeNet::shutdown`] takes it too. The task paths (`prepare_task`, `adopt_netns`,
+//! `attach_task`, `release_task`, `address_of`) never take it: they need only what set-up
+//! publishes, in this order — the netlink connection (set once), the address allocator
+//! (replaced whole), then `ready` — so a task that saw `ready` finds both. The allocator is
+//! behind a `std` mutex taken only on the blocking pool, for one allocation or release (each
+//! persists `ipam.json`), never across an await. File system work and unmounts run through
+//! `crate::blocking`.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use flotilla_mesh::{Backend, DnsOptions, DnsServer, FrontendSpec, Mesh, MeshOptions, Protocol};
+use flotilla_net::ipam::TaskAddrs;
+use flotilla_net::{bridge, cleanup, nat, netns, overlay, task as veth, Net};
+use flotilla_types::{
+    EndpointMode, NetBackend, NetService, NetworkMap, NetworkSettings, PortConfig, PublishMode,
+};
+
+use crate::{blocking, NetError};
+
+/// MTU of task interfaces: leaves room for VXLAN's 50 bytes on a 1500-byte underlay.
+const TASK_MTU: u32 = 1450;
+
+/// Short, stable tag of a node for interface and chain names.
+pub fn node_tag(node_id: &str) -> String {
+    let h = Sha256::digest(node_id.as_bytes());
+    hex::encode(&h[..3])
+}
+
+/// Names of everything a node creates.
+#[derive(Debug, Clone)]
+pub struct Names {
+    pub tag: String,
+    pub bridge: String,
+    pub vxlan: String,
+    pub veth_prefix: String,
+    /// Lasting state: `settings.json`, `ipam.json`.
+    pub dir: PathBuf,
+    /// State that dies with the host (on the node's tmpfs): `netns/<task>` (namespace
+    /// mounts) and `tasks/<task>/` (its `hosts` and `resolv.conf`).
+    pub vdir: PathBuf,
+}
+
+impl Names {
+    pub fn new(data_dir: &Path, node_id: &str) -> Names {
+        let tag = node_tag(node_id);
+        Names {
+            bridge: format!("fltbr{tag}"),
+            vxlan: format!("fltvx{tag}"),
+            veth_prefix: format!("fv{}", &tag[..4]),
+            dir: data_dir.join("net"),
+            vdir: data_dir.join("run").join("net"),
+            tag,
+        }
+    }
+    /// The metric of this node's VIP-pool route (distinct per node).
+    fn route_metric(&self) -> u32 {
+        1000 + u32::from_str_radix(&self.tag, 16).unwrap_or(0) % 1_000_000
+    }
+    fn netns_dir(&self) -> PathBuf {
+        self.vdir.join("netns")
+    }
+    fn task_dir(&self, task_id: &str) -> PathBuf {
+        self.vdir.join("tasks").join(task_id)
+    }
+    pub fn owned(&self) -> cleanup::Owned {
+        cleanup::Owned {
+            link_prefixes: vec![
+                self.bridge.clone(),
+                self.vxlan.clone(),
+                self.veth_prefix.clone(),
+            ],
+            netns_dir: Some(self.netns_dir()),
+            iptables_tags: vec![self.tag.clone()],
+        }
+    }
+}
+
+/// What a task's container needs from its network.
+#[derive(Debug, Clone)]
+pub struct TaskNet {
+    pub netns: PathBuf,
+    pub addr: Ipv4Addr,
+    pub hosts: PathBuf,
+    pub resolv: PathBuf,
+    /// The veth to wire with [`NodeNet::attach_task`] (before the container starts).
+    link: veth::TaskLink,
+}
+
+/// The node's set-up subnet, as task paths use it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Ready {
+    subnet: Ipv4Net,
+    gateway: Ipv4Addr,
+    /// The DNS domain tasks search.
+    domain: String,
+}
+
+/// What applying network maps changes (behind the map lock, see the module doc).
+struct MapState {
+    /// This node runs the overlay's VXLAN device (see [`Names`]).
+    overlay: bool,
+    mesh: Mesh,
+    dns: Option<DnsServer>,
+}
+
+/// Task address allocations, shared with the blocking pool.
+type Addrs = Arc<Mutex<Option<TaskAddrs>>>;
+
+pub struct NodeNet {
+    node_id: String,
+    names: Names,
+    /// Where published ports listen (the node's listen address, or all addresses).
+    bind_ip: IpAddr,
+    /// The node's underlay address (advertised).
+    underlay: Ipv4Addr,
+    /// The netlink connection of the node's namespace, opened by the first set-up.
+    net: OnceLock<Net>,
+    /// Task addresses of the set-up subnet; `None` before set-up.
+    addrs: Addrs,
+    /// The set-up subnet; task paths wait for it.
+    ready: watch::Sender<Option<Ready>>,
+    /// Held for a whole map application (see the module doc).
+    map: tokio::sync::Mutex<MapState>,
+    /// The mesh's proxy threads (one current-thread runtime each, listeners with SO_REUSEPORT,
+    /// as nginx workers); kept as long as the mesh.
+    _workers: Option<flotilla_mesh::Workers>,
+}
+
+/// The allocator's updates are whole (an allocation or release replaces its state once
+/// persisted), so a poisoned lock is used as it is.
+fn lock(addrs: &Mutex<Option<TaskAddrs>>) -> MutexGuard<'_, Option<TaskAddrs>> {
+    addrs.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl NodeNet {
+    pub fn new(data_dir: &Path, node_id: &str, bind_ip: IpAddr, underlay: IpAddr) -> Arc<NodeNet> {
+        let underlay = match underlay {
+            IpAddr::V4(a) => a,
+            IpAddr::V6(_) => Ipv4Addr::LOCALHOST,
+        };
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .min(4);
+        let workers = match flotilla_mesh::Workers::start(threads) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "mesh worker threads did not start; proxying on the agent's runtime");
+                None
+            }
+        };
+        let mut opts = MeshOptions::default();
+        if let Some(w) = &workers {
+            opts.tcp.runtimes = w.handles();
+        }
+        Arc::new(NodeNet {
+            node_id: node_id.to_string(),
+            names: Names::new(data_dir, node_id),
+            bind_ip,
+            underlay,
+            net: OnceLock::new(),
+            addrs: Arc::new(Mutex::new(None)),
+            ready: watch::channel(None).0,
+            map: tokio::sync::Mutex::new(MapState {
+                overlay: false,
+                mesh: Mesh::new(opts),
+                dns: None,
+            }),
+            _workers: workers,
+        })
+    }
+
+    /// The netlink connection, opened on first use.
+    fn netlink(&self) -> Result<Net, NetError> {
+        if let Some(net) = self.net.get() {
+            return Ok(net.clone());
+        }
+        let net = Net::current()?;
+        Ok(self.net.get_or_init(|| net).clone())
+    }
+
+    /// Sets up the node's side of the task network (idempotent): returns what task paths use
+    /// and whether this node runs the overlay. The allocator is in place when it returns.
+    async fn setup(&self, subnet: Ipv4Net, s: &NetworkSettings) -> Result<(Ready, bool), NetError> {
+        let gateway = flotilla_control::ipam::gateway_of(subnet);
+        let gw_net = Ipv4Net::new(gateway, subnet.prefix_len())?;
+        let net = self.netlink()?;
+        bridge::ensure_bridge(&net, &self.names.bridge, gw_net, 1500).await?;
+        let overlay = self.ensure_overlay(&net, subnet, s).await?;
+        nat::ensure(&net, &self.nat_rules(subnet, gateway, overlay, s)).await?;
+        self.save_settings(s).await?;
+        if let Ok(pool) = s.vip_pool.parse::<Ipv4Net>() {
+            flotilla_net::route::ensure_local(&net, pool, self.names.route_metric())
+                .await
+                .map_err(|source| NetError::VipRoute { pool, source })?;
+        }
+        let path = self.names.dir.join("ipam.json");
+        let addrs = blocking(move || TaskAddrs::open(path, subnet)).await??;
+        *lock(&self.addrs) = Some(addrs);
+        let ready = Ready {
+            subnet,
+            gateway,
+            domain: s.dns_domain.clone(),
+        };
+        Ok((ready, overlay))
+    }
+
+    /// The overlay's VXLAN device: `false` when another node in this network namespace runs
+    /// it (see [`Names`]).
+    async fn ensure_overlay(
+        &self,
+        net: &Net,
+        subnet: Ipv4Net,
+        s: &NetworkSettings,
+    ) -> Result<bool, NetError> {
+        let v = overlay::Vxlan {
+            name: self.names.vxlan.clone(),
+            vni: s.vxlan_vni,
+            port: s.vxlan_port,
+            local: self.underlay,
+            subnet,
+            mtu: TASK_MTU,
+        };
+        match overlay::ensure_vxlan(net, &v).await {
+            Ok(_) => Ok(true),
+            Err(flotilla_net::Error::VxlanInUse { .. }) => {
+                tracing::info!(
+                    "another node in this network namespace runs the overlay; using its routes"
+                );
+                Ok(false)
+            }
+            Err(e) => Err(NetError::Overlay(e)),
+        }
+    }
+
+    /// The node's NAT and filter rules.
+    fn nat_rules(
+        &self,
+        subnet: Ipv4Net,
+        gateway: Ipv4Addr,
+        overlay: bool,
+        s: &NetworkSettings,
+    ) -> nat::NatRules {
+        nat::NatRules {
+            tag: self.names.tag.clone(),
+            subnet,
+            bridge: self.names.bridge.clone(),
+            overlay: overlay.then(|| self.names.vxlan.clone()),
+            cluster_pool: s.address_pool.parse().ok(),
+            outbound_nat: s.outbound_nat,
+            // Other nodes' bridges and overlay devices in this namespace (see `Names`).
+            trusted_ifaces: vec!["fltbr+".into(), "fltvx+".into()],
+            vxlan_port: Some(s.vxlan_port),
+            dns: Some(SocketAddrV4::new(gateway, 53)),
+            vip_pool: s.vip_pool.parse().ok(),
+        }
+    }
+
+    /// Makes the state directories and records the settings (for `node cleanup`, which runs
+    /// without the cluster).
+    async fn save_settings(&self, s: &NetworkSettings) -> Result<(), NetError> {
+        let text = serde_json::to_string(s)?;
+        let (dir, netns_dir) = (self.names.dir.clone(), self.names.netns_dir());
+        blocking(move || {
+            create_dir(&dir)?;
+            create_dir(&netns_dir)?;
+            write_file(&dir.join("settings.json"), &text)
+        })
+        .await?
+    }
+
+    /// Applies a network map from the managers: sets the node up for its subnet (once per
+    /// subnet), then programs the DNS responder, the overlay peers and the routing mesh.
+    pub async fn apply_map(&self, map: &NetworkMap) {
+        let mut state = self.map.lock().await;
+        let Some(subnet) = self.own_subnet(map) else {
+            return;
+        };
+        if !self.ensure_setup(&mut state, subnet, &map.settings).await {
+            return;
+        }
+        let Some(net) = self.net.get().cloned() else {
+            return;
+        };
+        self.ensure_dns(&mut state).await;
+        if state.overlay {
+            self.program_overlay(&net, map).await;
+        }
+        if let Some(d) = &state.dns {
+            d.set_records(dns_records(map));
+        }
+        self.program_mesh(&mut state, &net, map).await;
+    }
+
+    /// This node's subnet in the map.
+    fn own_subnet(&self, map: &NetworkMap) -> Option<Ipv4Net> {
+        map.nodes
+            .iter()
+            .find(|n| n.id == self.node_id)
+            .and_then(|n| n.subnet.as_ref())
+            .and_then(|s| s.parse::<Ipv4Net>().ok())
+    }
+
+    /// Sets the node up when its subnet is new, then publishes `ready`; `false` when set-up
+    /// failed (retried on the next map).
+    async fn ensure_setup(
+        &self,
+        state: &mut MapState,
+        subnet: Ipv4Net,
+        s: &NetworkSettings,
+    ) -> bool {
+        let current = self.ready.borrow().as_ref().map(|r| r.subnet);
+        if current == Some(subnet) {
+            return true;
+        }
+        match self.setup(subnet, s).await {
+            Ok((ready, overlay)) => {
+                state.overlay = overlay;
+                tracing::info!(subnet = %subnet, overlay, "task network ready");
+                self.ready.send_replace(Some(ready));
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "setting up the task network failed; retrying on the next map");
+                false
+            }
+        }
+    }
+
+    /// The DNS responder on the gateway (retried on every map until it listens).
+    async fn ensure_dns(&self, state: &mut MapState) {
+        if state.dns.is_some() {
+            return;
+        }
+        let Some(ready) = self.ready.borrow().clone() else {
+            return;
+        };
+        let opts = DnsOptions {
+            domain: Some(ready.domain.clone()),
+            ..Default::default()
+        };
+        match DnsServer::bind(SocketAddr::new(IpAddr::V4(ready.gateway), 53), opts).await {
+            Ok(d) => state.dns = Some(d),
+            Err(e) => {
+                tracing::warn!(error = %e, "the DNS responder could not start; retrying on the next map")
+            }
+        }
+    }
+
+    /// The overlay's peers (the other nodes' subnets), and the nodes that may send to the
+    /// VXLAN port.
+    async fn program_overlay(&self, net: &Net, map: &NetworkMap) {
+        let peers: Vec<overlay::OverlayPeer> = map
+            .nodes
+            .iter()
+            .filter(|n| n.id != self.node_id)
+            .filter_map(|n| {
+                Some(overlay::OverlayPeer {
+                    underlay: n.ip.parse().ok()?,
+                    subnet: n.subnet.as_ref()?.parse().ok()?,
+                })
+            })
+            .collect();
+        if let Err(e) = overlay::set_peers(net, &self.names.vxlan, &peers).await {
+            tracing::warn!(error = %e, "programming overlay peers failed");
+        }
+        // Only the cluster's nodes may send to the VXLAN port.
+        let underlays: Vec<Ipv4Addr> = map.nodes.iter().filter_map(|n| n.ip.parse().ok()).collect();
+        if let Err(e) = nat::set_nodes(net, &self.names.tag, &underlays).await {
+            tracing::warn!(error = %e, "updating the vxlan allow-list failed");
+        }
+    }
+
+    /// The routing mesh's frontends, and the published ports tasks may reach.
+    async fn program_mesh(&self, state: &mut MapState, net: &Net, map: &NetworkMap) {
+        let specs = frontends(map, &self.node_id, self.bind_ip);
+        // Tasks may reach this node's published ports (not its other host ports).
+        let published = published_ports(&specs, self.bind_ip);
+        if let Err(e) = nat::set_published(net, &self.names.tag, &published).await {
+            tracing::warn!(error = %e, "updating the published ports tasks may reach failed");
+        }
+        let report = state.mesh.apply(specs).await;
+        for f in &report.failed {
+            tracing::debug!(listen = %f.listen, error = %f.error, "a mesh frontend could not listen; retrying on the next map");
+        }
+    }
+
+    /// Waits until the node's subnet is set up.
+    async fn wait_ready(&self, within: Duration) -> Result<Ready, NetError> {
+        let mut rx = self.ready.subscribe();
+        let waited = tokio::time::timeout(within, rx.wait_for(|r| r.is_some())).await;
+        match waited {
+            Ok(Ok(ready)) => ready.clone().ok_or(NetError::NotReady),
+            _ => Err(NetError::NotSetUp { waited: within }),
+        }
+    }
+
+    /// Gives a task its address and resolver files. Its namespace is the one the OCI runtime
+    /// creates with the container (inside the container's user namespace, so that `runc exec`
+    /// can join it); [`NodeNet::adopt_netns`] names it and [`NodeNet::attach_task`] wires it,
+    /// both before the container's process starts. Many tasks are prepared at once (a
+    /// 100-replica service starts 100 of them): only the allocation is serialized.
+    pub async fn prepare_task(&self, task_id: &str, hostname: &str) -> Result<TaskNet, NetError> {
+        let ready = self.wait_ready(Duration::from_secs(60)).await?;
+        let addr = self.allocate(task_id).await?;
+        let path = self.names.netns_dir().join(task_id);
+        let link = veth::TaskLink {
+            netns: path.clone(),
+            host_ifname: veth::host_ifname(&self.names.veth_prefix, task_id),
+            bridge: self.names.bridge.clone(),
+            addr: Ipv4Net::new(addr, ready.subnet.prefix_len())?,
+            gateway: ready.gateway,
+            mtu: TASK_MTU,
+        };
+        let (hosts, resolv) = self
+            .write_resolver_files(task_id, hostname, addr, &ready)
+            .await?;
+        Ok(TaskNet {
+            netns: path,
+            addr,
+            hosts,
+            resolv,
+            link,
+        })
+    }
+
+    /// The task's address (allocated and persisted if it has none).
+    async fn allocate(&self, task_id: &str) -> Result<Ipv4Addr, NetError> {
+        let (addrs, id) = (self.addrs.clone(), task_id.to_string());
+        blocking(move || -> Result<Ipv4Addr, NetError> {
+            let mut addrs = lock(&addrs);
+            Ok(addrs.as_mut().ok_or(NetError::NotReady)?.allocate(&id)?)
+        })
+        .await?
+    }
+
+    /// Writes the task's `hosts` and `resolv.conf` (bind-mounted into its container); returns
+    /// their paths.
+    async fn write_resolver_files(
+        &self,
+        task_id: &str,
+        hostname: &str,
+        addr: Ipv4Addr,
+        ready: &Ready,
+    ) -> Result<(PathBuf, PathBuf), NetError> {
+        let dir = self.names.task_dir(task_id);
+        let hosts = format!(
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{addr}\t{hostname}\n"
+        );
+        let resolv = format!(
+            "nameserver {}\nsearch {}\noptions ndots:0\n",
+            ready.gateway, ready.domain
+        );
+        blocking(move || {
+            create_dir(&dir)?;
+            let (hosts_path, resolv_path) = (dir.join("hosts"), dir.join("resolv.conf"));
+            write_file(&hosts_path, &hosts)?;
+            write_file(&resolv_path, &resolv)?;
+            Ok((hosts_path, resolv_path))
+        })
+        .await?
+    }
+
+    /// Names the network namespace of the task's container (its init process `pid`, created
+    /// and waiting to start) under the node's netns dir, with `lo` up and the sysctls set. A
+    /// namespace left by an earlier attempt of the same task is replaced, its veth removed.
+    pub async fn adopt_netns(&self, t: &TaskNet, pid: u32) -> Result<(), NetError> {
+        let path = t.netns.clone();
+        if blocking(move || path.exists()).await? {
+            if let Some(net) = self.net.get() {
+                let _ = veth::detach(net, &t.link.host_ifname).await;
+            }
+        }
+        let dir = self.names.netns_dir();
+        let name = t
+            .netns
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or(NetError::NamespaceName)?;
+        blocking(move || netns::adopt(&dir, &name, pid))
+            .await?
+            .map(|_| ())
+            .map_err(NetError::Wire)
+    }
+
+    /// Wires the task's namespace to the bridge (veth, address, default route).
+    pub async fn attach_task(&self, t: &TaskNet) -> Result<(), NetError> {
+        let net = self.net.get().ok_or(NetError::NotReady)?;
+        veth::attach(net, &t.link).await.map_err(NetError::Wire)
+    }
+
+    /// The address a task has (after an agent restart, from the persisted allocations).
+    pub async fn address_of(&self, task_id: &str) -> Option<Ipv4Addr> {
+        // Right after an agent restart the allocations load with the first network map.
+        let _ = self.wait_ready(Duration::from_secs(10)).await;
+        let (addrs, id) = (self.addrs.clone(), task_id.to_string());
+        blocking(move || lock(&addrs).as_ref()?.get(&id))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Removes a task's veth, namespace, files and address (idempotent).
+    pub async fn release_task(&self, task_id: &str) {
+        if let Some(net) = self.net.get() {
+            let ifname = veth::host_ifname(&self.names.veth_prefix, task_id);
+            if let Err(e) = veth::detach(net, &ifname).await {
+                tracing::warn!(task = task_id, error = %e, "removing the task's veth failed");
+            }
+        }
+        let path = self.names.netns_dir().join(task_id);
+        let dir = self.names.task_dir(task_id);
+        let (addrs, id) = (self.addrs.clone(), task_id.to_string());
+        let _ = blocking(move || {
+            if let Err(e) = netns::remove(&path) {
+                tracing::warn!(task = %id, error = %e, "removing the task's network namespace failed");
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+            if let Some(a) = lock(&addrs).as_mut() {
+                if let Err(e) = a.release(&id) {
+                    tracing::warn!(task = %id, error = %e, "releasing the task's address failed");
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Task ids that have a network namespace here.
+    pub async fn prepared_tasks(&self) -> Vec<String> {
+        let dir = self.names.netns_dir();
+        let listed = blocking(move || netns::list(&dir)).await;
+        listed
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|p| Some(p.file_name()?.to_string_lossy().to_string()))
+            .collect()
+    }
+
+    /// Stops the mesh and DNS (the kernel objects stay for running tasks).
+    pub async fn shutdown(&self) {
+        let mut state = self.map.lock().await;
+        state.mesh.clear().await;
+        state.dns = None;
+    }
+}
+
+/// Creates a directory and its parents.
+fn create_dir(path: &Path) -> Result<(), NetError> {
+    std::fs::create_dir_all(path).map_err(|source| NetError::CreateDir {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Replaces a file's content at once (write a temporary file, rename it over).
+fn write_file(path: &Path, text: &str) -> Result<(), NetError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).map_err(|source| NetError::Write {
+        path: tmp.clone(),
+        source,
+    })?;
+    std::fs::rename(&tmp, path).map_err(|source| NetError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Each node's task subnet, from the map.
+fn node_subnets(map: &NetworkMap) -> HashMap<&str, Ipv4Net> {
+    map.nodes
+        .iter()
+        .filter_map(|n| Some((n.id.as_str(), n.subnet.as_ref()?.parse().ok()?)))
+        .collect()
+}
+
+/// A backend's address, when it is a task address of the subnet of the node that runs it
+/// (the managers check this already; checked again here, so that no stored or forged address
+/// can point this node's mesh or DNS at loopback, a metadata service or another node's tasks).
+fn backend_ip(subnets: &HashMap<&str, Ipv4Net>, b: &NetBackend) -> Option<Ipv4Addr> {
+    let ip: Ipv4Addr = b.addr.parse().ok()?;
+    let subnet = *subnets.get(b.node_id.as_str())?;
+    flotilla_control::ipam::is_task_addr(subnet, ip).then_some(ip)
+}
+
+/// A mesh backend for a task on `port`, when its address passes [`backend_ip`].
+fn backend(subnets: &HashMap<&str, Ipv4Net>, b: &NetBackend, port: u16) -> Option<Backend> {
+    let ip = backend_ip(subnets, b)?;
+    Some(Backend::new(
+        b.task_id.clone(),
+        SocketAddr::new(IpAddr::V4(ip), port),
+    ))
+}
+
+/// DNS records of a map: `name` → VIP (or the tasks for dnsrr); `tasks.name` → the tasks.
+fn dns_records(map: &NetworkMap) -> HashMap<String, Vec<Ipv4Addr>> {
+    let subnets = node_subnets(map);
+    let mut records = HashMap::new();
+    for s in &map.services {
+        let tasks: Vec<Ipv4Addr> = s
+            .backends
+            .iter()
+            .filter_map(|b| backend_ip(&subnets, b))
+            .collect();
+        let vip = s.vip.as_ref().and_then(|v| v.parse().ok());
+        let name_addrs = match (s.mode, vip) {
+            (EndpointMode::Vip, Some(v)) => vec![v],
+            _ => tasks.clone(),
+        };
+        records.insert(s.name.clone(), name_addrs);
+        records.insert(format!("tasks.{}", s.name), tasks);
+    }
+    records
+}
+
+/// The mesh's transport for a published port's protocol.
+fn mesh_protocol(p: flotilla_types::Protocol) -> Protocol {
+    match p {
+        flotilla_types::Protocol::Tcp => Protocol::Tcp,
+        flotilla_types::Protocol::Udp => Protocol::Udp,
+    }
+}
+
+/// The PROXY protocol header a published port sends its backends, if any.
+fn proxy_protocol_of(p: &PortConfig) -> Option<flotilla_mesh::ProxyProtocol> {
+    match p.proxy_protocol.as_deref() {
+        Some("v1") => Some(flotilla_mesh::ProxyProtocol::V1),
+        Some("v2") => Some(flotilla_mesh::ProxyProtocol::V2),
+        _ => None,
+    }
+}
+
+/// The ports of frontends on `bind_ip` (this node's published ports), for the NAT rules.
+fn published_ports(specs: &[FrontendSpec], bind_ip: IpAddr) -> Vec<(nat::L4, u16)> {
+    specs
+        .iter()
+        .filter(|f| f.listen.ip() == bind_ip)
+        .map(|f| {
+            let p = match f.protocol {
+                Protocol::Tcp => nat::L4::Tcp,
+                Protocol::Udp => nat::L4::Udp,
+            };
+            (p, f.listen.port())
+        })
+        .collect()
+}
+
+/// The mesh frontends this node runs for a map: each service's published ports, then its VIP
+/// ports; the first frontend for an address and protocol wins.
+pub fn frontends(map: &NetworkMap, node_id: &str, bind_ip: IpAddr) -> Vec<FrontendSpec> {
+    let subnets = node_subnets(map);
+    let mut out: Vec<FrontendSpec> = Vec::new();
+    let mut seen: HashSet<(SocketAddr, Protocol)> = HashSet::new();
+    for s in &map.services {
+        let published = published_frontends(s, node_id, bind_ip, &subnets);
+        for f in published.into_iter().chain(vip_frontends(s, &subnets)) {
+            if seen.insert((f.listen, f.protocol)) {
+                out.push(f);
+            }
+        }
+    }
+    out
+}
+
+/// A service's published ports on this node: ingress ports to every task, host-mode ports to
+/// this node's tasks (none without one).
+fn published_frontends(
+    s: &NetService,
+    node_id: &str,
+    bind_ip: IpAddr,
+    subnets: &HashMap<&str, Ipv4Net>,
+) -> Vec<FrontendSpec> {
+    s.ports
+        .iter()
+        .filter_map(|p| {
+            let host_mode = p.publish_mode == PublishMode::Host;
+            let backends: Vec<Backend> = s
+                .backends
+                .iter()
+                .filter(|b| !host_mode || b.node_id == node_id)
+                .filter_map(|b| backend(subnets, b, p.target))
+                .collect();
+            if host_mode && backends.is_empty() {
+                return None;
+            }
+            Some(FrontendSpec {
+                listen: SocketAddr::new(bind_ip, p.published),
+                protocol: mesh_protocol(p.protocol),
+                backends,
+                proxy_protocol: proxy_protocol_of(p),
+            })
+        })
+        .collect()
+}
+
+/// A VIP service's VIP: it answers on every target port, load-balanced over all tasks.
+fn vip_frontends(s: &NetService, subnets: &HashMap<&str, Ipv4Net>) -> Vec<FrontendSpec> {
+    let vip = s.vip.as_ref().and_then(|v| v.parse::<Ipv4Addr>().ok());
+    let (EndpointMode::Vip, Some(vip)) = (s.mode, vip) else {
+        return Vec::new();
+    };
+    let mut targets: Vec<(u16, Protocol)> = s
+        .ports
+        .iter()
+        .map(|p| (p.target, mesh_protocol(p.protocol)))
+        .collect();
+    targets.sort();
+    targets.dedup();
+    targets
+        .into_iter()
+        .map(|(port, protocol)| FrontendSpec {
+            listen: SocketAddr::new(IpAddr::V4(vip), port),
+            protocol,
+            backends: s
+                .backends
+                .iter()
+                .filter_map(|b| backend(subnets, b, port))
+                .collect(),
+            proxy_protocol: None,
+        })
+        .collect()
+}
+
+/// The VIP pool of the node's local route (from the settings it recorded at set-up).
+async fn own_vip_pool(names: &Names) -> Option<Ipv4Net> {
+    let path = names.dir.join("settings.json");
+    let text = blocking(move || std::fs::read_to_string(path))
+        .await
+        .ok()?
+        .ok()?;
+    let s: NetworkSettings = serde_json::from_str(&text).ok()?;
+    s.vip_pool.parse().ok()
+}
+
+/// Removes every network object of the node whose data dir is `data_dir` (for
+/// `flotilla node cleanup`). Returns what was removed.
+pub async fn cleanup(data_dir: &Path, node_id: &str) -> Result<Vec<String>, NetError> {
+    let names = Names::new(data_dir, node_id);
+    let net = Net::current()?;
+    let mut removed = cleanup::remove_all(&net, &names.owned()).await?;
+    if let Some(pool) = own_vip_pool(&names).await {
+        if let Ok(true) = flotilla_net::route::remove_local(&net, pool, names.route_metric()).await
+        {
+            removed.push(format!("route local {pool}"));
+        }
+    }
+    let (dir, vdir) = (names.dir, names.vdir);
+    let _ = blocking(move || {
+        let _ = std::fs::remove_dir_all(dir);
+        let _ = std::fs::remove_dir_all(vdir);
+    })
+    .await;
+    Ok(removed)
+}
+
+/// What [`cleanup()`] would remove (tests assert it is empty after a node is cleaned up). The
+/// error is text: the node's caller records it as is.
+pub async fn leftovers(data_dir: &Path, node_id: &str) -> Result<Vec<String>, NetError> {
+    let names = Names::new(data_dir, node_id);
+    let net = Net::current()?;
+    let mut out = cleanup::leftovers(&net, &names.owned()).await?;
+    if let Some(pool) = own_vip_pool(&names).await {
+        if flotilla_net::route::local_exists(&net, pool, names.route_metric()).await {
+            out.push(format!("route local {pool}"));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_types::{NetBackend, NetService, PortConfig};
+
+    fn port(published: u16, target: u16, mode: PublishMode) -> PortConfig {
+        PortConfig {
+            published,
+            target,
+            protocol: flotilla_types::Protocol::Tcp,
+            publish_mode: mode,
+            proxy_protocol: None,
+        }
+    }
+
+    fn backend(task: &str, node: &str, addr: &str) -> NetBackend {
+        NetBackend {
+            task_id: task.into(),
+            node_id: node.into(),
+            addr: addr.into(),
+        }
+    }
+
+    fn net_node(id: &str, subnet: &str) -> flotilla_types::NetNode {
+        flotilla_types::NetNode {
+            id: id.into(),
+            ip: "127.0.0.1".into(),
+            subnet: Some(subnet.into()),
+            ready: true,
+            manager: false,
+        }
+    }
+
+    fn map() -> NetworkMap {
+        NetworkMap {
+            revision: 1,
+            settings: NetworkSettings::default(),
+            nodes: vec![
+                net_node("n1", "10.200.0.0/24"),
+                net_node("n2", "10.200.1.0/24"),
+            ],
+            services: vec![
+                NetService {
+                    id: "s1".into(),
+                    name: "web".into(),
+                    mode: EndpointMode::Vip,
+                    vip: Some("10.199.0.1".into()),
+                    ports: vec![port(8080, 80, PublishMode::Ingress)],
+                    backends: vec![
+                        backend("t1", "n1", "10.200.0.2"),
+                        backend("t2", "n2", "10.200.1.2"),
+                    ],
+                },
+                NetService {
+                    id: "s2".into(),
+                    name: "edge".into(),
+                    mode: EndpointMode::Dnsrr,
+                    vip: None,
+                    ports: vec![port(9090, 90, PublishMode::Host)],
+                    backends: vec![backend("t3", "n2", "10.200.1.3")],
+                },
+            ],
+        }
+    }
+
+    /// A node whose task network is set up by hand (no netlink): the allocator, then `ready`.
+    fn set_up_by_hand(dir: &Path) -> Arc<NodeNet> {
+        let ip: IpAddr = "127.0.0.1".parse().expect("ip");
+        let net = NodeNet::new(dir, "n1", ip, ip);
+        let subnet: Ipv4Net = "10.200.0.0/24".parse().expect("subnet");
+        std::fs::create_dir_all(&net.names.dir).expect("net dir");
+        let addrs = TaskAddrs::open(net.names.dir.join("ipam.json"), subnet).expect("ipam");
+        *lock(&net.addrs) = Some(addrs);
+        net.ready.send_replace(Some(Ready {
+            subnet,
+            gateway: Ipv4Addr::new(10, 200, 0, 1),
+            domain: "flotilla".into(),
+        }));
+        net
+    }
+
+    #[tokio::test]
+    async fn tasks_are_prepared_and_released_while_a_map_is_being_applied() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let net = set_up_by_hand(dir.path());
+        let _applying = net.map.lock().await;
+        let within = Duration::from_secs(10);
+        let t = tokio::time::timeout(within, net.prepare_task("task1", "task1"))
+            .await
+            .expect("not held up by the map lock")
+            .expect("prepared");
+        assert_eq!(t.addr, Ipv4Addr::new(10, 200, 0, 2));
+        let resolv = std::fs::read_to_string(&t.resolv).expect("resolv.conf");
+        assert_eq!(
+            resolv,
+            "nameserver 10.200.0.1\nsearch flotilla\noptions ndots:0\n"
+        );
+        let hosts = std::fs::read_to_string(&t.hosts).expect("hosts");
+        assert!(hosts.ends_with("10.200.0.2\ttask1\n"), "{hosts}");
+        assert_eq!(net.address_of("task1").await, Some(t.addr));
+        tokio::time::timeout(within, net.release_task("task1"))
+            .await
+            .expect("not held up by the map lock");
+        assert_eq!(net.address_of("task1").await, None);
+        assert!(!t.hosts.exists());
+    }
+
+    #[test]
+    fn frontends_for_ingress_host_mode_and_vips() {
+        let ip: IpAddr = "127.0.0.2".parse().expect("ip");
+        let on_n1 = frontends(&map(), "n1", ip);
+        // Ingress 8080 on this node to both tasks; the VIP on the target port; no host-mode
+        // port here (no local task of `edge`).
+        let listens: Vec<String> = on_n1.iter().map(|f| f.listen.to_string()).collect();
+        assert_eq!(listens, ["127.0.0.2:8080", "10.199.0.1:80"]);
+        let ingress = &on_n1[0];
+        let addrs: Vec<String> = ingress
+            .backends
+            .iter()
+            .map(|b| b.addr.to_string())
+            .collect();
+        assert_eq!(addrs, ["10.200.0.2:80", "10.200.1.2:80"]);
+        let on_n2 = frontends(&map(), "n2", ip);
+        let host = on_n2
+            .iter()
+            .find(|f| f.listen.port() == 9090)
+            .expect("host-mode port where the task runs");
+        assert_eq!(host.backends.len(), 1);
+        assert_eq!(host.backends[0].addr.to_string(), "10.200.1.3:90");
+    }
+
+    #[test]
+    fn udp_ports_become_udp_frontends() {
+        let mut m = map();
+        m.services[0].ports[0].protocol = flotilla_types::Protocol::Udp;
+        let ip: IpAddr = "127.0.0.2".parse().expect("ip");
+        let got: Vec<(String, Protocol)> = frontends(&m, "n1", ip)
+            .iter()
+            .map(|f| (f.listen.to_string(), f.protocol))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("127.0.0.2:8080".to_string(), Protocol::Udp),
+                ("10.199.0.1:80".to_string(), Protocol::Udp)
+            ]
+        );
+    }
+
+    #[test]
+    fn backends_outside_their_nodes_subnet_are_ignored() {
+        let mut m = map();
+        // Forged: loopback, the metadata service, n1's subnet claimed for a task of n2, the
+        // gateway of n2, and a task of a node the map does not know.
+        m.services[0].backends = vec![
+            backend("t1", "n1", "10.200.0.2"),
+            backend("t4", "n2", "127.0.0.1"),
+            backend("t5", "n2", "169.254.169.254"),
+            backend("t6", "n2", "10.200.0.9"),
+            backend("t7", "n2", "10.200.1.1"),
+            backend("t8", "n9", "10.200.9.2"),
+        ];
+        let ip: IpAddr = "127.0.0.2".parse().expect("ip");
+        for f in frontends(&m, "n1", ip) {
+            if f.listen.port() == 9090 {
+                continue;
+            }
+            let addrs: Vec<String> = f.backends.iter().map(|b| b.addr.ip().to_string()).collect();
+            assert_eq!(addrs, ["10.200.0.2"], "{}", f.listen);
+        }
+        let subnets = node_subnets(&m);
+        let kept: Vec<Ipv4Addr> = m.services[0]
+            .backends
+            .iter()
+            .filter_map(|b| backend_ip(&subnets, b))
+            .collect();
+        assert_eq!(kept, [Ipv4Addr::new(10, 200, 0, 2)]);
+    }
+}

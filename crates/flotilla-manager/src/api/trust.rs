@@ -1,0 +1,144 @@
+//! The cluster's image trust policy (in the replicated cluster object):
+//! `GET|POST /v1/trust/keys`, `DELETE /v1/trust/keys/{id}`, and
+//! `PUT /v1/cluster/settings` (`{"signature_enforcement": false}`).
+
+use axum::extract::{Path, State};
+use axum::response::Response;
+use axum::{Extension, Json};
+use serde::Deserialize;
+
+use flotilla_registry::{TrustPolicy, TrustedKey};
+
+use super::{json_ok, Caller, Ctx};
+use crate::error::ManagerError;
+use crate::manager::Manager;
+
+fn admin_only(caller: &Caller) -> Result<(), ManagerError> {
+    if caller.is_admin() {
+        Ok(())
+    } else {
+        Err(ManagerError::forbidden(
+            "the trust policy is for admins: use the admin bundle",
+        ))
+    }
+}
+
+/// Read-modify-write of the cluster object's trust policy.
+async fn update_trust<T>(
+    mgr: &Manager,
+    f: impl FnOnce(&mut TrustPolicy) -> Result<T, ManagerError>,
+) -> Result<T, ManagerError> {
+    Ok(mgr.update_cluster(|c| f(&mut c.trust)).await?.0)
+}
+
+/// The settings shown in `cluster info`.
+pub fn settings(trust: &TrustPolicy) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let mut m = std::collections::BTreeMap::new();
+    m.insert(
+        "signature_enforcement".to_string(),
+        serde_json::Value::from(if trust.enforce { "on" } else { "off" }),
+    );
+    m.insert(
+        "trusted_keys".to_string(),
+        serde_json::Value::from(trust.keys.iter().map(|k| k.id.clone()).collect::<Vec<_>>()),
+    );
+    m
+}
+
+/// `GET /v1/trust/keys`
+pub async fn list(State(ctx): State<Ctx>) -> Result<Response, ManagerError> {
+    let mgr = &ctx;
+    Ok(json_ok(&mgr.cluster()?.trust.keys))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddKey {
+    /// SubjectPublicKeyInfo `PUBLIC KEY` PEM (ed25519 or ECDSA P-256).
+    pub public_key_pem: String,
+}
+
+/// `POST /v1/trust/keys` → the trusted key (with its id).
+pub async fn add(
+    State(ctx): State<Ctx>,
+    Extension(caller): Extension<Caller>,
+    Json(req): Json<AddKey>,
+) -> Result<Response, ManagerError> {
+    admin_only(&caller)?;
+    let key =
+        <TrustedKey as flotilla_registry::TrustedKeyExt>::from_public_key_pem(&req.public_key_pem)
+            .map_err(|e| ManagerError::bad_request(e.to_string()))?;
+    let mgr = &ctx;
+    let k = key.clone();
+    update_trust(mgr, move |t| {
+        if t.keys.iter().any(|x| x.id == k.id) {
+            return Err(ManagerError::conflict(format!(
+                "key {} is already trusted",
+                k.id
+            )));
+        }
+        t.keys.push(k);
+        Ok(())
+    })
+    .await?;
+    tracing::info!(key = %key.id, algorithm = key.algorithm.as_str(), "image signing key trusted");
+    Ok(json_ok(&key))
+}
+
+/// `DELETE /v1/trust/keys/{id}`
+pub async fn remove(
+    State(ctx): State<Ctx>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ManagerError> {
+    admin_only(&caller)?;
+    let mgr = &ctx;
+    let id2 = id.clone();
+    update_trust(mgr, move |t| {
+        let before = t.keys.len();
+        t.keys.retain(|k| k.id != id2);
+        if t.keys.len() == before {
+            return Err(ManagerError::not_found(format!(
+                "no trusted key {id2}: `flotilla trust ls --format json` shows the ids"
+            )));
+        }
+        Ok(())
+    })
+    .await?;
+    tracing::info!(key = %id, "image signing key no longer trusted");
+    Ok(json_ok(&serde_json::json!({ "removed": id })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsUpdate {
+    /// Whether agents refuse images without a valid signature by a trusted key.
+    #[serde(default)]
+    pub signature_enforcement: Option<bool>,
+}
+
+/// `PUT /v1/cluster/settings` → the settings as `cluster info` shows them.
+pub async fn update_settings(
+    State(ctx): State<Ctx>,
+    Extension(caller): Extension<Caller>,
+    Json(req): Json<SettingsUpdate>,
+) -> Result<Response, ManagerError> {
+    admin_only(&caller)?;
+    let Some(on) = req.signature_enforcement else {
+        return Err(ManagerError::bad_request(
+            "nothing to change: send {\"signature_enforcement\": true|false}",
+        ));
+    };
+    let mgr = &ctx;
+    let t = update_trust(mgr, move |t| {
+        t.enforce = on;
+        Ok(t.clone())
+    })
+    .await?;
+    if on {
+        tracing::info!("image signature enforcement turned on");
+    } else {
+        tracing::warn!("image signature enforcement turned off: agents run unsigned images");
+    }
+    Ok(json_ok(&settings(&t)))
+}
