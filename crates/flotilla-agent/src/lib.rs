@@ -2,7 +2,8 @@
 //! reports on them. Every node runs one, managers included.
 //!
 //! - [`executor`]: assignment sets → containers, one runner per task ([`executor::runner`] is
-//!   its pure state machine; the executor performs its effects over the runtime and network);
+//!   its pure state machine; the executor performs its effects over the traits of
+//!   [`executor::ports`]: runtime, task network, images);
 //! - [`upstream`]: the agent's side of the dispatcher — following the assignment and network
 //!   map streams, sending status reports, calling the first manager that answers;
 //! - [`heartbeat`]: heartbeats, role switches and certificate renewal;

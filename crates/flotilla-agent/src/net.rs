@@ -112,6 +112,29 @@ pub struct TaskNet {
     link: veth::TaskLink,
 }
 
+#[cfg(test)]
+impl TaskNet {
+    /// A task network with address `addr` and nothing behind it (for fakes of
+    /// [`crate::executor::TaskNetwork`]); its files would live under `dir`.
+    pub(crate) fn detached(addr: Ipv4Addr, dir: &Path) -> TaskNet {
+        let netns = dir.join("netns");
+        TaskNet {
+            link: veth::TaskLink {
+                netns: netns.clone(),
+                host_ifname: "fl-test".into(),
+                bridge: "fl-test-br".into(),
+                addr: Ipv4Net::from(addr),
+                gateway: Ipv4Addr::UNSPECIFIED,
+                mtu: TASK_MTU,
+            },
+            netns,
+            addr,
+            hosts: dir.join("hosts"),
+            resolv: dir.join("resolv.conf"),
+        }
+    }
+}
+
 /// The node's set-up subnet, as task paths use it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Ready {

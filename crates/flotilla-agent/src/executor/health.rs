@@ -3,12 +3,13 @@
 
 use std::time::Duration;
 
-use flotilla_runtime::Runtime;
 use flotilla_types::HealthProbe;
+
+use super::ports::NodeRuntime;
 
 /// Runs one health probe. Exec probes run inside the container through the OCI runtime.
 pub async fn probe(
-    rt: &Runtime,
+    rt: &dyn NodeRuntime,
     id: &str,
     addr: Option<&str>,
     h: &flotilla_types::HealthCheck,

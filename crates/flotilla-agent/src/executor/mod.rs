@@ -6,17 +6,29 @@
 //! task backwards. Its decisions are [`runner::Runner`]'s, a pure state machine; this module
 //! performs the effects it asks for (pull, verify, network, create, start, monitor, stop)
 //! and feeds back their outcome, a failure as a [`TaskError`] (the runner turns its text into
-//! the task's status message). Blocking work (image store reads, unpacking, log sweeps) runs
-//! through `crate::blocking`. Containers are named by task id, so after an agent restart
-//! the executor re-adopts a running container instead of starting a new one.
+//! the task's status message). A stop command is fed to the runner before each outcome (and
+//! while monitoring), so a stop that arrives while a step runs keeps the runner from issuing
+//! the next one. Blocking work (image store reads, unpacking, log sweeps) runs through
+//! `crate::blocking`. Containers are named by task id, so after an agent restart the executor
+//! re-adopts a running container instead of starting a new one.
+//!
+//! The executor performs its effects over [`ports`]: the runtime
+//! ([`flotilla_runtime::RuntimeDriver`] and [`NodeRuntime`]), the task network
+//! ([`TaskNetwork`]) and the cluster's images ([`TaskImages`]). The agent builds it over the
+//! node's [`Runtime`], [`NodeNet`] and managers ([`Executor::new`]); its tests over fakes
+//! ([`Executor::with_ports`]).
 //!
 //! - [`runner`]: the state machine, with a unit test per transition;
+//! - [`ports`]: the traits the executor drives, and their implementations for the node;
 //! - [`spec`]: a task's container spec;
 //! - [`health`]: health probes.
 
 pub mod health;
+pub mod ports;
 pub mod runner;
 pub mod spec;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -24,11 +36,12 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
-use flotilla_runtime::{ContainerStatus, Runtime, RuntimeDriver};
+use flotilla_runtime::{ContainerStatus, Runtime};
 use flotilla_types::{now_ms, Assignments, StatusReport, Task, TaskState, TaskStatus};
 
 use crate::net::{NodeNet, TaskNet};
 use crate::{blocking, AgentCtx, PullError, TaskError};
+pub use ports::{ManagerImages, NodeRuntime, TaskImages, TaskNetwork};
 use runner::{Effect, Event, ExitInfo, Found, Runner};
 
 /// What a runner is told from outside.
@@ -38,14 +51,24 @@ enum Command {
     Stop,
 }
 
+/// What an executor drives (see [`ports`]).
+pub struct Ports {
+    /// The container runtime.
+    pub runtime: Arc<dyn NodeRuntime>,
+    /// Task networking; `None` with `--network none` (tasks get only loopback).
+    pub net: Option<Arc<dyn TaskNetwork>>,
+    /// Image pulls and trust checks.
+    pub images: Arc<dyn TaskImages>,
+}
+
 pub struct Executor {
-    ctx: std::sync::Weak<AgentCtx>,
-    rt: Runtime,
+    rt: Arc<dyn NodeRuntime>,
     /// The command channel of each task's runner.
     runners: Mutex<HashMap<String, watch::Sender<Command>>>,
     reports: mpsc::UnboundedSender<StatusReport>,
     /// Task networking; `None` with `--network none` (tasks get only loopback).
-    net: Option<Arc<NodeNet>>,
+    net: Option<Arc<dyn TaskNetwork>>,
+    images: Arc<dyn TaskImages>,
     /// Bounds how many tasks go through the start path (mount, `runc create`, namespace, veth,
     /// start) at once. The steps are mostly CPU-bound, so a bound costs little throughput, and
     /// it keeps a 100-replica burst off the node's one netlink connection (a lost netlink
@@ -87,18 +110,30 @@ fn start_concurrency() -> usize {
 }
 
 impl Executor {
+    /// The agent's executor: over the node's runtime, its task network (`None` with
+    /// `--network none`) and the managers' images (see [`ManagerImages`]).
     pub fn new(
         ctx: &Arc<AgentCtx>,
         net: Option<Arc<NodeNet>>,
     ) -> (Arc<Executor>, mpsc::UnboundedReceiver<StatusReport>) {
+        let runtime: Runtime = ctx.runtime.clone();
+        Executor::with_ports(Ports {
+            runtime: Arc::new(runtime),
+            net: net.map(|n| n as Arc<dyn TaskNetwork>),
+            images: Arc::new(ManagerImages::new(ctx)),
+        })
+    }
+
+    /// An executor over `ports`; the receiver gets every task status it reports.
+    pub fn with_ports(ports: Ports) -> (Arc<Executor>, mpsc::UnboundedReceiver<StatusReport>) {
         let (tx, rx) = mpsc::unbounded_channel();
         (
             Arc::new(Executor {
-                ctx: Arc::downgrade(ctx),
-                rt: ctx.runtime.clone(),
+                rt: ports.runtime,
                 runners: Mutex::new(HashMap::new()),
                 reports: tx,
-                net,
+                net: ports.net,
+                images: ports.images,
                 start_slots: Arc::new(tokio::sync::Semaphore::new(start_concurrency())),
                 image_locks: Mutex::new(HashMap::new()),
             }),
@@ -121,9 +156,7 @@ impl Executor {
     /// tasks no longer wanted here to stop, and removes containers, namespaces and logs that
     /// belong to no task of the set.
     pub async fn apply(self: &Arc<Self>, set: Assignments) {
-        if let Some(ctx) = self.ctx.upgrade() {
-            ctx.images.note(&set);
-        }
+        self.images.note(&set);
         let wanted: HashSet<String> = set.tasks.iter().map(|t| t.id.clone()).collect();
         // One listing of this node's containers serves the whole pass.
         let containers = self.rt.list().await.unwrap_or_default();
@@ -223,16 +256,12 @@ impl Executor {
     async fn sweep_logs(self: &Arc<Self>, wanted: HashSet<String>) {
         let this = self.clone();
         let _ = blocking(move || {
-            let root = this.rt.config().root.clone();
-            let Ok(entries) = std::fs::read_dir(root.join("logs")) else {
+            let Ok(entries) = std::fs::read_dir(this.rt.logs_dir()) else {
                 return;
             };
             for e in entries.flatten() {
                 let id = e.file_name().to_string_lossy().to_string();
-                if !wanted.contains(&id)
-                    && !this.has_runner(&id)
-                    && !root.join("containers").join(&id).exists()
-                {
+                if !wanted.contains(&id) && !this.has_runner(&id) && !this.rt.has_state_dir(&id) {
                     let _ = std::fs::remove_dir_all(e.path());
                 }
             }
@@ -272,11 +301,11 @@ impl Executor {
         if let Some(e) = failed.as_ref() {
             return Err(TaskError::Pull(e.clone()));
         }
-        let ctx = self.ctx.upgrade().ok_or(TaskError::ShuttingDown)?;
-        if let Err(e) = self.pull(&ctx, image).await {
-            let e = Arc::new(e);
-            *failed = Some(e.clone());
-            return Err(TaskError::Pull(e));
+        if let Err(e) = self.images.pull(image).await {
+            if let TaskError::Pull(p) = &e {
+                *failed = Some(p.clone());
+            }
+            return Err(e);
         }
         let rt = self.rt.clone();
         let d = digest.to_string();
@@ -290,73 +319,29 @@ impl Executor {
     /// Whether the image store holds `digest` (a read of its index).
     async fn has_image(&self, digest: &str) -> bool {
         let (rt, d) = (self.rt.clone(), digest.to_string());
-        matches!(
-            blocking(move || rt.images().resolve(&d).is_ok()).await,
-            Ok(true)
-        )
+        matches!(blocking(move || rt.has_image(&d)).await, Ok(true))
     }
 
-    /// Pulls an image (pinned by digest) from the managers' registries, verifying every blob.
-    /// The trust policy is checked on the manifest and its signatures before any layer is
-    /// fetched, so an image the cluster does not trust never reaches this node's disk, let
-    /// alone the layer unpacker. Refused by every manager: the trust error alone (the task's
-    /// rejection message); else the last manager's error.
-    async fn pull(&self, ctx: &AgentCtx, image: &str) -> Result<(), PullError> {
-        let policy = ctx.images.policy();
-        let mut last = PullError::NoManager {
-            image: image.to_string(),
-        };
-        let mut refused = None;
-        for addr in crate::upstream::targets(ctx) {
-            let Some(client) = ctx.registry(&addr) else {
-                continue;
-            };
-            let pulled = flotilla_registry::pull_trusted(
-                &client,
-                self.rt.images(),
-                image,
-                Some(&policy),
-                |_| {},
-            )
-            .await;
-            match pulled {
-                Ok(d) => {
-                    tracing::info!(image, digest = %d, manager = %addr, "pulled image");
-                    return Ok(());
-                }
-                Err(flotilla_registry::RegistryError::NotTrusted(e)) => refused = Some(e),
-                Err(source) => {
-                    last = PullError::Registry {
-                        image: image.to_string(),
-                        manager: addr,
-                        source,
-                    }
-                }
-            }
-        }
-        Err(refused.map(PullError::NotTrusted).unwrap_or(last))
-    }
-
-    /// The trust policy's verdict on a task's image (see `trust`).
+    /// The trust policy's verdict on a task's image.
     async fn verify_image(&self, image: &str, digest: &str) -> Result<(), TaskError> {
-        let ctx = self.ctx.upgrade().ok_or(TaskError::ShuttingDown)?;
-        crate::trust::verify_image(&ctx, self.rt.images_shared(), image, digest).await
+        self.images.verify(image, digest).await
     }
 
     /// Runs one task: feeds the [`Runner`] the outcome of each effect it asks for, until it
-    /// finishes. A stop command is passed on before the next effect (and while monitoring).
+    /// finishes. A stop command is passed on before each outcome (and while monitoring).
     async fn run_task(self: &Arc<Self>, task: Task, mut cmd: watch::Receiver<Command>) {
         let id = task.id.clone();
         let mut runner = Runner::new(task.clone());
         let (found, address) = self.found(&id).await;
-        let mut pending: VecDeque<Effect> = runner
-            .handle(Event::Begin { found, address }, now_ms())
-            .into();
+        let mut pending = VecDeque::new();
+        feed(
+            &mut runner,
+            &mut cmd,
+            Event::Begin { found, address },
+            &mut pending,
+        );
         let mut start = StartPath::default();
         while let Some(effect) = pending.pop_front() {
-            if stop_requested(&mut cmd) {
-                pending.extend(runner.handle(Event::StopRequested, now_ms()));
-            }
             let event = match effect {
                 Effect::Report(st) => {
                     self.report_status(&id, st);
@@ -410,7 +395,7 @@ impl Executor {
                 Effect::Finish => break,
             };
             if let Some(event) = event {
-                pending.extend(runner.handle(event, now_ms()));
+                feed(&mut runner, &mut cmd, event, &mut pending);
             }
         }
     }
@@ -467,7 +452,7 @@ impl Executor {
         };
         // Bounded: a netlink reply that never comes must fail the task (it is then replaced),
         // not leave it in `ready` forever.
-        let wired = match tokio::time::timeout(ATTACH_TIMEOUT, self.wire(id, net, t)).await {
+        let wired = match tokio::time::timeout(ATTACH_TIMEOUT, self.wire(id, &**net, t)).await {
             Ok(r) => r,
             Err(_) => Err(TaskError::AttachTimeout(ATTACH_TIMEOUT)),
         };
@@ -478,7 +463,7 @@ impl Executor {
     }
 
     /// Names the created container's network namespace and wires its veth.
-    async fn wire(&self, id: &str, net: &NodeNet, t: &TaskNet) -> Result<(), TaskError> {
+    async fn wire(&self, id: &str, net: &dyn TaskNetwork, t: &TaskNet) -> Result<(), TaskError> {
         let pid = self.rt.state(id).await?.pid;
         let pid = u32::try_from(pid).map_err(|_| TaskError::InitPid(pid))?;
         net.adopt_netns(t, pid).await?;
@@ -520,7 +505,7 @@ impl Executor {
                 }
                 _ = ticker.tick(), if hc.is_some() => {
                     let Some(h) = hc.as_ref() else { continue };
-                    let ok = health::probe(&self.rt, &id, runner.address(), h).await;
+                    let ok = health::probe(&*self.rt, &id, runner.address(), h).await;
                     Event::Probe { ok, since_start: started.elapsed() }
                 }
             };
@@ -535,6 +520,21 @@ impl Executor {
             }
         }
     }
+}
+
+/// Feeds `event` to the runner and queues the effects it asks for. A stop commanded since
+/// the last look is fed first: the runner then issues no further start-path step, and no
+/// effect queued before the stop (a `Start`, a `Monitor`) outlives it.
+fn feed(
+    runner: &mut Runner,
+    cmd: &mut watch::Receiver<Command>,
+    event: Event,
+    pending: &mut VecDeque<Effect>,
+) {
+    if stop_requested(cmd) {
+        pending.extend(runner.handle(Event::StopRequested, now_ms()));
+    }
+    pending.extend(runner.handle(event, now_ms()));
 }
 
 /// Whether a stop was commanded since the last look (or the executor is gone).
