@@ -466,35 +466,116 @@ async fn close_manager(mgr: Arc<Manager>, outcome: RunOutcome, ctx: &NodeCtx) {
     }
 }
 
+/// The agent of this node; on a manager it also keeps the images the cluster refers to.
+fn agent_ctx(
+    ctx: &Arc<NodeCtx>,
+    runtime: &flotilla_runtime::Runtime,
+    manager: Option<&Arc<Manager>>,
+) -> Arc<AgentCtx> {
+    let cfg = &ctx.cfg;
+    AgentCtx::new(
+        AgentConfig {
+            data_dir: cfg.data_dir.clone(),
+            heartbeat_period: cfg.heartbeat_period,
+            task_networking: cfg.task_networking,
+            bind_ip: cfg.listen.ip(),
+            underlay: cfg.advertise.unwrap_or(cfg.listen).ip(),
+        },
+        ctx.clone(),
+        ctx.tls.clone(),
+        runtime.clone(),
+        manager.map(|m| Arc::new(ClusterImagesOf(Arc::downgrade(m))) as _),
+    )
+}
+
+/// Serves `router` on the mTLS listener and on the local socket until `stop`.
+fn serve(
+    listener: TcpListener,
+    tls: &Arc<TlsState>,
+    paths: &Paths,
+    router: axum::Router,
+    stop: &watch::Receiver<bool>,
+) -> [tokio::task::JoinHandle<std::io::Result<()>>; 2] {
+    let tls = tls.clone();
+    let tcp = tokio::spawn(flotilla_api::serve_tls(
+        listener,
+        move || tls.server_config(),
+        router.clone(),
+        stop.clone(),
+    ));
+    let sock = paths.socket();
+    let stop = stop.clone();
+    let unix = tokio::spawn(async move { flotilla_api::serve_unix(&sock, router, stop).await });
+    [tcp, unix]
+}
+
+/// The loops only a manager runs (each acts only while this manager leads, where it matters).
+fn manager_loops(
+    m: &Arc<Manager>,
+    stop: &watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    vec![
+        tokio::spawn(flotilla_manager::control::control_loop(
+            m.clone(),
+            stop.clone(),
+        )),
+        tokio::spawn(flotilla_manager::liveness::liveness_loop(
+            m.clone(),
+            stop.clone(),
+        )),
+        tokio::spawn(flotilla_manager::replicate::replicate_loop(
+            m.clone(),
+            stop.clone(),
+        )),
+    ]
+}
+
+/// This host as the scheduler and `node inspect` see it, with the runtime's probe.
+fn describe(
+    runtime: &flotilla_runtime::Runtime,
+    mut engine: std::collections::BTreeMap<String, serde_json::Value>,
+) -> flotilla_types::NodeDescription {
+    if let Ok(v) = serde_json::to_value(runtime.probe()) {
+        engine.insert("runtime".into(), v);
+    }
+    flotilla_agent::heartbeat::describe_host(engine)
+}
+
+/// The node's identity for this start (see [`resolve_identity`]), checked against the mode
+/// and recorded in node.json.
+async fn start_identity(
+    cfg: &NodeConfig,
+    paths: &Paths,
+    description: &flotilla_types::NodeDescription,
+) -> Result<Started, NodeError> {
+    let existing = read_identity(paths).map_err(NodeError::io("reading node.json"))?;
+    let started = resolve_identity(cfg, paths, existing, description).await?;
+    if cfg.mode == StartMode::ForceNewCluster && started.identity.role != NodeRole::Manager {
+        return Err(NodeError::Config(
+            "--force-new-cluster needs a manager's data directory".into(),
+        ));
+    }
+    write_identity(paths, &started.identity).map_err(NodeError::io("writing node.json"))?;
+    Ok(started)
+}
+
 async fn run_node(
     cfg: NodeConfig,
     engine: std::collections::BTreeMap<String, serde_json::Value>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<RunOutcome, NodeError> {
     let paths = Paths::new(&cfg.data_dir);
-    let existing = read_identity(&paths).map_err(NodeError::io("reading node.json"))?;
     let runtime = open_runtime(&cfg)?;
-    let mut engine = engine;
-    if let Ok(v) = serde_json::to_value(runtime.probe()) {
-        engine.insert("runtime".into(), v);
-    }
-    let description = flotilla_agent::heartbeat::describe_host(engine);
+    let description = describe(&runtime, engine);
     // Bind first: a taken port is a usage error before anything is written.
     let listener = TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| NodeError::Config(format!("cannot listen on {}: {e}", cfg.listen)))?;
-
     let Started {
         identity,
         bootstrap,
         register_voter,
-    } = resolve_identity(&cfg, &paths, existing, &description).await?;
-    if cfg.mode == StartMode::ForceNewCluster && identity.role != NodeRole::Manager {
-        return Err(NodeError::Config(
-            "--force-new-cluster needs a manager's data directory".into(),
-        ));
-    }
-    write_identity(&paths, &identity).map_err(NodeError::io("writing node.json"))?;
+    } = start_identity(&cfg, &paths, &description).await?;
 
     let tls = Arc::new(TlsState::load(
         &paths.ca_cert(),
@@ -513,72 +594,26 @@ async fn run_node(
         tls: tls.clone(),
         role_changed: tokio::sync::Notify::new(),
     });
-    let agent = AgentCtx::new(
-        AgentConfig {
-            data_dir: cfg.data_dir.clone(),
-            heartbeat_period: cfg.heartbeat_period,
-            task_networking: cfg.task_networking,
-            bind_ip: cfg.listen.ip(),
-            underlay: cfg.advertise.unwrap_or(cfg.listen).ip(),
-        },
-        ctx.clone(),
-        tls.clone(),
-        runtime.clone(),
-        manager
-            .as_ref()
-            .map(|m| Arc::new(ClusterImagesOf(Arc::downgrade(m))) as _),
-    );
+    let agent = agent_ctx(&ctx, &runtime, manager.as_ref());
     // A new cluster is seeded before the API opens, so no client ever sees it half-made.
     if let (Some(mgr), Some(cluster)) = (&manager, bootstrap) {
         seed_cluster(mgr, &identity, cluster, description.clone()).await?;
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let router = routes::router(ctx.clone(), agent.clone(), manager.clone());
-    let tls_for_server = tls.clone();
-    let tcp_server = tokio::spawn(flotilla_api::serve_tls(
-        listener,
-        move || tls_for_server.server_config(),
-        router.clone(),
-        stop_rx.clone(),
-    ));
-    let sock = paths.socket();
-    let unix_server = {
-        let stop = stop_rx.clone();
-        let router = router.clone();
-        tokio::spawn(async move { flotilla_api::serve_unix(&sock, router, stop).await })
-    };
+    let servers = serve(listener, &tls, &paths, router, &stop_rx);
 
     // A manager whose Raft state is empty (just joined, or just promoted) asks to be added.
     if register_voter || manager.as_ref().is_some_and(|m| !m.store.is_initialized()) {
         register_as_voter(&ctx).await?;
     }
-    tracing::info!(
-        node = %identity.node_id,
-        name = %identity.name,
-        role = identity.role.as_str(),
-        listen = %cfg.listen,
-        socket = %paths.socket().display(),
-        "node running"
-    );
+    tracing::info!(node = %identity.node_id, name = %identity.name, role = identity.role.as_str(),
+        listen = %cfg.listen, socket = %paths.socket().display(), "node running");
 
     let agent_loops = flotilla_agent::Agent::start(agent, description, stop_rx.clone()).await;
-    let manager_loops: Vec<_> = match &manager {
-        Some(m) => vec![
-            tokio::spawn(flotilla_manager::control::control_loop(
-                m.clone(),
-                stop_rx.clone(),
-            )),
-            tokio::spawn(flotilla_manager::liveness::liveness_loop(
-                m.clone(),
-                stop_rx.clone(),
-            )),
-            tokio::spawn(flotilla_manager::replicate::replicate_loop(
-                m.clone(),
-                stop_rx.clone(),
-            )),
-        ],
-        None => Vec::new(),
-    };
+    let manager_loops = manager
+        .as_ref()
+        .map_or_else(Vec::new, |m| manager_loops(m, &stop_rx));
 
     let outcome = tokio::select! {
         _ = shutdown => RunOutcome::Stopped,
@@ -590,8 +625,10 @@ async fn run_node(
     for l in manager_loops {
         let _ = l.await;
     }
-    let _ = tokio::time::timeout(Duration::from_secs(5), tcp_server).await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), unix_server).await;
+    // The servers get 5 s to finish their requests.
+    for server in servers {
+        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    }
     if let Some(mgr) = manager {
         close_manager(mgr, outcome, &ctx).await;
     }
