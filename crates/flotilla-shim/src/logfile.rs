@@ -56,7 +56,18 @@ pub fn since_to_rfc3339(s: &str, now: SystemTime) -> Result<String, BadSince> {
             now.checked_sub(d).unwrap_or(SystemTime::UNIX_EPOCH),
         ));
     }
-    if s.len() >= 10 && s.as_bytes()[4] == b'-' {
+    // A time is kept as the client wrote it (records compare as text), but it must start
+    // with a date: `YYYY-MM-DD`.
+    let b = s.as_bytes();
+    let date = b.len() >= 10
+        && b[..10].iter().enumerate().all(|(i, c)| {
+            if i == 4 || i == 7 {
+                *c == b'-'
+            } else {
+                c.is_ascii_digit()
+            }
+        });
+    if date {
         return Ok(s.to_string());
     }
     Err(BadSince(s.to_string()))
@@ -332,6 +343,44 @@ pub fn read_lines(path: &Path) -> io::Result<Vec<String>> {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn since_values_from_clients_parse_or_are_refused_without_panicking() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let ten_min = rfc3339_nanos(now - Duration::from_secs(600));
+        assert_eq!(since_to_rfc3339("10m", now).expect("duration"), ten_min);
+        assert_eq!(
+            since_to_rfc3339("0s", now).expect("zero"),
+            rfc3339_nanos(now)
+        );
+        for t in [
+            "2026-01-02T15:04:05Z",
+            "2026-01-02T15:04:05+02:00",
+            "2026-01-02",
+        ] {
+            assert_eq!(since_to_rfc3339(t, now).expect("rfc 3339"), t);
+        }
+        // Longer than the clock goes back: the epoch, not an underflow.
+        let epoch = rfc3339_nanos(UNIX_EPOCH);
+        assert_eq!(since_to_rfc3339("100years", now).expect("long ago"), epoch);
+        for bad in [
+            "",
+            "abc",
+            "-10m",
+            "10",
+            "é",
+            "20é6-01-02T00:00:00Z",
+            "\u{0}\u{0}\u{0}\u{0}-\u{0}\u{0}",
+            "99999999999999999999999999y",
+            "abcd-efghijkl",
+            "2026-1-02T00:00:00Z",
+        ] {
+            let got = since_to_rfc3339(bad, now);
+            assert!(got.is_err(), "{bad:?} gave {got:?}");
+            let msg = got.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(msg.contains("RFC 3339") && msg.contains("10m"), "{msg}");
+        }
+    }
 
     #[test]
     fn formats_rfc3339_with_nanos() {
