@@ -428,6 +428,23 @@ async fn next(rx: &mut mpsc::UnboundedReceiver<StatusReport>) -> StatusReport {
     }
 }
 
+/// The first report in `state` of each of `n` tasks (other reports are skipped).
+async fn first_in_state(
+    rx: &mut mpsc::UnboundedReceiver<StatusReport>,
+    state: TaskState,
+    n: usize,
+) -> Vec<StatusReport> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let r = next(rx).await;
+        if r.status.state == state && seen.insert(r.task_id.clone()) {
+            out.push(r);
+        }
+    }
+    out
+}
+
 /// The reports of task `id` up to (and including) the first in `state`.
 async fn until(
     rx: &mut mpsc::UnboundedReceiver<StatusReport>,
@@ -576,13 +593,7 @@ async fn tasks_of_one_missing_image_wait_for_one_pull() {
     fake.saw("pull x").await;
     pull_waiters(&exec, "x", 2).await;
     fake.release("pull");
-    let mut running = HashSet::new();
-    while running.len() < 2 {
-        let r = next(&mut rx).await;
-        if r.status.state == TaskState::Running {
-            running.insert(r.task_id);
-        }
-    }
+    first_in_state(&mut rx, TaskState::Running, 2).await;
     assert_eq!(fake.count("pull x"), 1);
 }
 
@@ -600,14 +611,9 @@ async fn a_failed_pull_fails_every_task_that_waited_for_it() {
     fake.saw("pull x").await;
     pull_waiters(&exec, "x", 2).await;
     fake.release("pull");
-    let mut rejected = HashSet::new();
-    while rejected.len() < 2 {
-        let r = next(&mut rx).await;
-        if r.status.state == TaskState::Rejected {
-            let msg = "image x is not on this node and no manager is known";
-            assert_eq!(r.status.message, msg);
-            rejected.insert(r.task_id);
-        }
+    for r in first_in_state(&mut rx, TaskState::Rejected, 2).await {
+        let msg = "image x is not on this node and no manager is known";
+        assert_eq!(r.status.message, msg);
     }
     assert_eq!(fake.count("pull x"), 1);
 }

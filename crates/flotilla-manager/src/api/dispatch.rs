@@ -181,6 +181,16 @@ pub enum StreamKind {
     Network,
 }
 
+impl StreamKind {
+    /// What the stream carries, for messages.
+    fn what(self) -> &'static str {
+        match self {
+            StreamKind::Assignments => "assignments",
+            StreamKind::Network => "network map",
+        }
+    }
+}
+
 /// A node's claim on one of its streams; the stream ends when a newer claim is made. Dropping
 /// it (the stream ended) frees the slot unless a newer claim holds it already.
 pub struct StreamClaim {
@@ -266,23 +276,32 @@ fn assigned(mgr: &Manager, node_id: &str) -> Result<Assignments, ManagerError> {
     })
 }
 
+/// A node's claim on its own stream of `kind` (a second line behind the route policy: only
+/// the node itself, or an admin, reads a node's streams).
+pub fn own_stream(
+    ctx: &Ctx,
+    caller: &Caller,
+    kind: StreamKind,
+    id: &str,
+) -> Result<Option<StreamClaim>, ManagerError> {
+    if !caller.is_node_or_admin(id) {
+        return Err(ManagerError::forbidden(format!(
+            "a node may only read its own {}",
+            kind.what()
+        )));
+    }
+    Ok(ctx.dispatcher.claim_stream(caller, kind, id))
+}
+
 pub async fn assignments(
     State(ctx): State<Ctx>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ManagerError> {
-    if !caller.is_node_or_admin(&id) {
-        return Err(ManagerError::forbidden(
-            "a node may only read its own assignments",
-        ));
-    }
-    let mgr = &ctx;
+    let claim = own_stream(&ctx, &caller, StreamKind::Assignments, &id)?;
     let me = id.clone();
-    let claim = ctx
-        .dispatcher
-        .claim_stream(&caller, StreamKind::Assignments, &id);
     push_stream(
-        mgr.clone(),
+        ctx.clone(),
         claim,
         move |ev| match ev.table {
             Table::Cluster => true,

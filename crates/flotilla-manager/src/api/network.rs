@@ -130,17 +130,10 @@ pub async fn stream(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ManagerError> {
-    if !caller.is_node_or_admin(&id) {
-        return Err(ManagerError::forbidden(
-            "a node may only read its own network map",
-        ));
-    }
-    let mgr = &ctx;
-    let claim = ctx
-        .dispatcher
-        .claim_stream(&caller, super::dispatch::StreamKind::Network, &id);
+    let claim =
+        super::dispatch::own_stream(&ctx, &caller, super::dispatch::StreamKind::Network, &id)?;
     super::dispatch::push_stream(
-        mgr.clone(),
+        ctx.clone(),
         claim,
         |ev| match ev.table {
             Table::Services | Table::Nodes | Table::Cluster => true,
