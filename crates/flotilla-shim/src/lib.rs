@@ -22,6 +22,7 @@
 pub mod logfile;
 pub mod proto;
 mod server;
+mod stdio;
 mod sys;
 
 use std::ffi::OsString;

@@ -4,8 +4,8 @@
 
 use crate::logfile::{now_rfc3339, LineSplitter, LogWriter};
 use crate::proto::{Request, Response, ShimState, Status};
-use crate::sys;
 use crate::ShimArgs;
+use crate::{stdio, sys};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -153,6 +153,11 @@ impl Shim {
             .map_err(|e| format!("open log {}: {e}", args.log.display()))?;
         let (out_r, out_w) = sys::pipe_cloexec().map_err(|e| format!("pipe: {e}"))?;
         let (err_r, err_w) = sys::pipe_cloexec().map_err(|e| format!("pipe: {e}"))?;
+        if let Some((uid, gid)) = stdio::process_host_ids(&args.bundle) {
+            for w in [&out_w, &err_w] {
+                sys::fchown(w, uid, gid).map_err(|e| format!("chown stdio pipe: {e}"))?;
+            }
+        }
         let pid_file = args.state_dir.join("init.pid");
         let _ = fs::remove_file(&pid_file);
         let status = runtime_cmd(&args)

@@ -216,3 +216,9 @@ pub fn set_name(name: &str) {
         libc::prctl(libc::PR_SET_NAME, b.as_ptr() as libc::c_ulong, 0, 0, 0);
     }
 }
+
+/// `fchown(fd, uid, gid)`.
+pub fn fchown(fd: &OwnedFd, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: fchown on a descriptor we own; it takes no pointers.
+    cvt(unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) }).map(|_| ())
+}
