@@ -10,6 +10,7 @@ command -v newuidmap >/dev/null 2>&1 || need+=(uidmap)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
+[ -x /usr/bin/tini-static ] || need+=(tini)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

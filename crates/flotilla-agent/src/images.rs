@@ -147,12 +147,16 @@ fn import_checks(q: &ImportQuery) -> Result<ImageConfigInput, ApiError> {
             )))
         }
     }
-    match &q.config {
+    let input: ImageConfigInput = match &q.config {
         Some(c) => {
-            serde_json::from_str(c).map_err(|e| ApiError::bad_request(format!("config: {e}")))
+            serde_json::from_str(c).map_err(|e| ApiError::bad_request(format!("config: {e}")))?
         }
-        None => Ok(ImageConfigInput::default()),
+        None => ImageConfigInput::default(),
+    };
+    if let Some(sig) = &input.stop_signal {
+        flotilla_types::parse_signal(sig).map_err(ApiError::bad_request)?;
     }
+    Ok(input)
 }
 
 /// `POST /v1/images/import?name=REF&config=JSON`, body: a tar of the root filesystem.

@@ -414,6 +414,21 @@ pub struct SpecFlags {
     pub update_order: Option<String>,
     #[arg(long, value_parser = duration)]
     pub stop_grace_period: Option<std::time::Duration>,
+    /// Signal that stops a task (e.g. SIGQUIT, INT, 3); the image's STOPSIGNAL, else SIGTERM.
+    #[arg(long)]
+    pub stop_signal: Option<String>,
+    /// Replace the image's entrypoint (a command line, split on spaces; "" resets it).
+    #[arg(long)]
+    pub entrypoint: Option<String>,
+    /// The containers' hostname (default: the first 12 characters of the task id).
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Run an init (tini) as PID 1 that reaps zombies and forwards signals.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub init: Option<bool>,
+    /// Size of /dev/shm, e.g. 128m (default 64m).
+    #[arg(long)]
+    pub shm_size: Option<String>,
     /// Service label key=value (repeatable).
     #[arg(long, value_name = "KEY=VALUE")]
     pub label: Vec<String>,

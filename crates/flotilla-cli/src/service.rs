@@ -234,6 +234,7 @@ fn apply_flags(spec: &mut ServiceSpec, f: &SpecFlags) -> Result<(), CliError> {
     if let Some(d) = f.stop_grace_period {
         spec.task_template.container.stop_grace_period = Some(nanos(d));
     }
+    apply_process_flags(f, &mut spec.task_template.container)?;
     if !f.label.is_empty() {
         spec.labels.extend(kv_map(&f.label, "--label")?);
     }
@@ -942,4 +943,33 @@ mod escape_tests {
         // A health value no agent sends is dropped when the task is decoded.
         assert!(!out.contains("pwned\\x07)"), "{out}");
     }
+}
+
+/// `--stop-signal`, `--entrypoint`, `--hostname`, `--init`, `--shm-size`.
+fn apply_process_flags(
+    f: &SpecFlags,
+    c: &mut flotilla_types::ContainerSpec,
+) -> Result<(), CliError> {
+    if let Some(sig) = &f.stop_signal {
+        flotilla_types::parse_signal(sig)
+            .map_err(|e| CliError::usage(format!("--stop-signal: {e}")))?;
+        c.stop_signal = Some(sig.clone());
+    }
+    if let Some(ep) = &f.entrypoint {
+        c.command = if ep.trim().is_empty() {
+            None
+        } else {
+            Some(ep.split_whitespace().map(str::to_string).collect())
+        };
+    }
+    if let Some(h) = &f.hostname {
+        c.hostname = Some(h.clone());
+    }
+    if let Some(i) = f.init {
+        c.init = i;
+    }
+    if let Some(s) = &f.shm_size {
+        c.shm_size = Some(parse_bytes(s)?);
+    }
+    Ok(())
 }

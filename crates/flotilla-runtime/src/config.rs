@@ -65,6 +65,9 @@ pub struct RuntimeConfig {
     /// Keep one shim started ahead of need (`flotilla shim --standby`), so that a create does
     /// not wait for the shim's exec and fork. On by default.
     pub shim_standby: bool,
+    /// Statically linked init for containers that ask for `--init` (Debian's `tini` package
+    /// ships `/usr/bin/tini-static`). Bind-mounted read-only into such containers only.
+    pub init_bin: PathBuf,
 }
 
 impl RuntimeConfig {
@@ -87,6 +90,7 @@ impl RuntimeConfig {
             cgroup_parent: "/flotilla".into(),
             hide_cgroup2: None,
             shim_standby: true,
+            init_bin: PathBuf::from("/usr/bin/tini-static"),
         }
     }
 }

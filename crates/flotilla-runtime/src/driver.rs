@@ -62,6 +62,13 @@ pub struct ContainerInfo {
     pub security_opt_outs: Vec<String>,
     /// OCI runtime binary used.
     pub runtime: PathBuf,
+    /// What `stop` sends first: the spec's stop signal, else the image's, else SIGTERM.
+    #[serde(default = "sigterm")]
+    pub stop_signal: i32,
+}
+
+fn sigterm() -> i32 {
+    flotilla_types::SIGTERM
 }
 
 /// Result of re-attaching to the shims after an agent restart.
@@ -86,7 +93,8 @@ pub trait RuntimeDriver: Send + Sync {
     /// Resolves when the container has exited and its output is in the log.
     fn wait<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<ExitStatus>>;
     fn signal<'a>(&'a self, id: &'a str, signal: i32) -> BoxFuture<'a, Result<()>>;
-    /// SIGTERM, then SIGKILL after `grace`; resolves once exited.
+    /// The container's stop signal (SIGTERM unless its spec or image names another), then
+    /// SIGKILL after `grace`; resolves once exited.
     fn stop<'a>(&'a self, id: &'a str, grace: Duration) -> BoxFuture<'a, Result<ExitStatus>>;
     /// Kills if needed and frees everything (overlay, bundle, cgroup, shim, state); the log is
     /// deleted unless `keep_log`.

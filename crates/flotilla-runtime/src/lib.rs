@@ -18,6 +18,7 @@ mod error;
 pub mod image;
 pub mod overlay;
 mod probe;
+mod rlimit;
 mod runtime;
 pub mod seccomp;
 mod shim_client;

@@ -74,6 +74,8 @@ struct Inner {
     probe: HostProbe,
     runtime_path: PathBuf,
     hide_cgroup2: bool,
+    /// The hard open-files limit after [`crate::rlimit::raise_nofile_hard`].
+    nofile_hard: u64,
     /// The standby shim the next `create` hands its container to.
     standby: Mutex<Option<Standby>>,
     /// The task starting the next standby shim, if one runs.
@@ -170,6 +172,7 @@ impl Runtime {
                 probe,
                 runtime_path,
                 hide_cgroup2,
+                nofile_hard: crate::rlimit::raise_nofile_hard(spec::NOFILE_HARD),
                 standby: Mutex::new(None),
                 filler: Mutex::new(None),
                 records: Mutex::new(std::collections::HashMap::new()),
@@ -387,6 +390,16 @@ impl Inner {
         let dir = self.dir(&id);
         let digest = self.images.resolve(&spec.image)?;
         let image_cfg = self.images.config(&digest)?;
+        let stop_signal = match spec.stop_signal.as_deref().or_else(|| {
+            image_cfg
+                .config()
+                .as_ref()
+                .and_then(|c| c.stop_signal().as_deref())
+                .filter(|s| !s.is_empty())
+        }) {
+            Some(s) => flotilla_types::parse_signal(s).map_err(RuntimeError::Invalid)?,
+            None => flotilla_types::SIGTERM,
+        };
         let sec = &spec.security;
         let userns: Option<IdRange> = if sec.userns && !sec.privileged {
             self.cfg.userns
@@ -442,10 +455,11 @@ impl Inner {
         let (passwd, passwd_err) = read("etc/passwd");
         let (group, group_err) = read("etc/group");
         let read_err = passwd_err.or(group_err);
-        let user = spec::resolve_user(&user_str, &passwd, &group).map_err(|e| match read_err {
-            Some(r) => RuntimeError::Invalid(format!("cannot resolve user {user_str}: {r}")),
-            None => e,
-        })?;
+        let account =
+            spec::resolve_account(&user_str, &passwd, &group).map_err(|e| match read_err {
+                Some(r) => RuntimeError::Invalid(format!("cannot resolve user {user_str}: {r}")),
+                None => e,
+            })?;
         let cgroups_path = format!("{}/{}", self.cfg.cgroup_parent.trim_end_matches('/'), id);
         let oci = spec::build_spec(
             &spec,
@@ -454,7 +468,9 @@ impl Inner {
                 rootfs: &rootfs,
                 cgroups_path: cgroups_path.clone(),
                 userns,
-                user,
+                account,
+                init: Some(self.cfg.init_bin.as_path()).filter(|p| p.is_file()),
+                nofile_hard: self.nofile_hard,
                 swap_limit: self.probe.swap_accounting,
             },
         )?;
@@ -487,6 +503,7 @@ impl Inner {
             userns,
             security_opt_outs: opt_outs,
             runtime: self.runtime_path.clone(),
+            stop_signal,
             spec,
         };
         let meta =
@@ -934,7 +951,13 @@ impl RuntimeDriver for Runtime {
 
     fn stop<'a>(&'a self, id: &'a str, grace: Duration) -> BoxFuture<'a, Result<ExitStatus>> {
         let grace_ms = grace.as_millis().min(u64::MAX as u128) as u64;
-        async move { self.inner.exit_of(id, Request::Stop { grace_ms }).await }.boxed()
+        async move {
+            let signal = self.inner.info(id)?.stop_signal;
+            self.inner
+                .exit_of(id, Request::Stop { grace_ms, signal })
+                .await
+        }
+        .boxed()
     }
 
     fn remove<'a>(&'a self, id: &'a str, keep_log: bool) -> BoxFuture<'a, Result<()>> {

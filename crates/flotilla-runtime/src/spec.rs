@@ -9,7 +9,8 @@ use crate::seccomp;
 use oci_spec::image::Config as ImageConfig;
 use oci_spec::runtime::{
     Capability, LinuxCapabilities, LinuxCpu, LinuxIdMapping, LinuxIdMappingBuilder, LinuxMemory,
-    LinuxNamespace, LinuxNamespaceType, LinuxPids, LinuxResources, Mount, Spec, User,
+    LinuxNamespace, LinuxNamespaceType, LinuxPids, LinuxResources, Mount, PosixRlimitBuilder,
+    PosixRlimitType, Spec, User,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
@@ -89,6 +90,13 @@ pub struct ContainerSpec {
     pub resources: Resources,
     pub security: SecurityOptions,
     pub labels: BTreeMap<String, String>,
+    /// What `stop` sends before SIGKILL (a name or number); the image's `StopSignal`, else
+    /// SIGTERM, when unset.
+    pub stop_signal: Option<String>,
+    /// Run a minimal init (the node's `tini`) as PID 1, reaping zombies and forwarding signals.
+    pub init: bool,
+    /// Size of `/dev/shm` in bytes; 64 MiB when unset, as Docker.
+    pub shm_size: Option<u64>,
     /// Join this network namespace (a bind-mounted nsfs file prepared by the agent) instead of
     /// getting a new one with only loopback.
     pub network_namespace: Option<PathBuf>,
@@ -293,6 +301,62 @@ pub fn resolve_user(user: &str, passwd: &str, group: &str) -> Result<(u32, u32)>
     Ok((uid, gid))
 }
 
+/// The process identity Docker derives from the image's account files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Account {
+    pub uid: u32,
+    pub gid: u32,
+    /// The passwd entry's home, `/` when the user has none (`HOME` unless the env sets it).
+    pub home: String,
+    /// Groups of /etc/group that list the user by name, besides its primary group.
+    pub additional_gids: Vec<u32>,
+}
+
+/// Resolves `user[:group]` like [`resolve_user`], plus the home directory and supplementary
+/// groups from the same files. An explicit `:group` replaces the supplementary groups, as in
+/// Docker.
+pub fn resolve_account(user: &str, passwd: &str, group: &str) -> Result<Account> {
+    let (uid, gid) = resolve_user(user, passwd, group)?;
+    let entry: Option<Vec<&str>> = passwd
+        .lines()
+        .map(|l| l.split(':').collect())
+        .find(|f: &Vec<&str>| f.get(2).and_then(|x| x.parse::<u32>().ok()) == Some(uid));
+    let name = entry.as_ref().and_then(|f| f.first().copied());
+    let home = entry
+        .as_ref()
+        .and_then(|f| f.get(5).copied())
+        .filter(|h| h.starts_with('/'))
+        .unwrap_or("/")
+        .to_string();
+    let mut additional_gids = Vec::new();
+    if let (Some(name), false) = (name, user.contains(':')) {
+        for l in group.lines() {
+            let f: Vec<&str> = l.split(':').collect();
+            let member = f
+                .get(3)
+                .is_some_and(|m| m.split(',').any(|m| m.trim() == name));
+            if let (true, Some(g)) = (member, f.get(2).and_then(|g| g.parse::<u32>().ok())) {
+                if g != gid && !additional_gids.contains(&g) {
+                    additional_gids.push(g);
+                }
+            }
+        }
+    }
+    Ok(Account {
+        uid,
+        gid,
+        home,
+        additional_gids,
+    })
+}
+
+/// Where `--init`'s binary appears in the container.
+pub const INIT_PATH: &str = "/sbin/flotilla-init";
+/// Docker's default `RLIMIT_NOFILE` for containers (soft 1024 keeps `select()` users and
+/// close-every-fd loops fast; hard 524288 as systemd's default).
+pub const NOFILE_SOFT: u64 = 1024;
+pub const NOFILE_HARD: u64 = 524_288;
+
 /// Node facts [`build_spec`] needs.
 pub struct BuildContext<'a> {
     /// Merged overlay root.
@@ -301,8 +365,12 @@ pub struct BuildContext<'a> {
     pub cgroups_path: String,
     /// The user-namespace range when the container uses one.
     pub userns: Option<IdRange>,
-    /// Resolved `(uid, gid)` for the process.
-    pub user: (u32, u32),
+    /// The process identity resolved in the image.
+    pub account: Account,
+    /// The hard `RLIMIT_NOFILE` the runtime itself has: a container's cannot exceed it.
+    pub nofile_hard: u64,
+    /// The node's init binary (`tini`), bind-mounted as PID 1 when the spec asks for one.
+    pub init: Option<&'a Path>,
     /// The host accounts swap per cgroup: a memory limit then also bounds swap.
     pub swap_limit: bool,
 }
@@ -332,8 +400,28 @@ pub fn build_spec(
     // Process.
     let mut process = s.process().clone().unwrap_or_default();
     process.set_terminal(Some(false));
-    process.set_args(Some(merge_args(spec, image)?));
-    process.set_env(Some(merge_env(spec, image)));
+    let mut args = merge_args(spec, image)?;
+    if spec.init {
+        if ctx.init.is_none() {
+            return Err(RuntimeError::Invalid(
+                "--init needs tini on the node (apt-get install tini)".into(),
+            ));
+        }
+        args.splice(0..0, [INIT_PATH.to_string(), "--".to_string()]);
+    }
+    process.set_args(Some(args));
+    let mut env = merge_env(spec, image);
+    if !env.iter().any(|e| e.starts_with("HOME=")) {
+        env.push(format!("HOME={}", ctx.account.home));
+    }
+    process.set_env(Some(env));
+    let nofile = PosixRlimitBuilder::default()
+        .typ(PosixRlimitType::RlimitNofile)
+        .soft(NOFILE_SOFT.min(ctx.nofile_hard))
+        .hard(NOFILE_HARD.min(ctx.nofile_hard))
+        .build()
+        .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+    process.set_rlimits(Some(vec![nofile]));
     let cwd = spec
         .workdir
         .clone()
@@ -350,8 +438,11 @@ pub fn build_spec(
     }
     process.set_cwd(PathBuf::from(cwd));
     let mut user = User::default();
-    user.set_uid(ctx.user.0);
-    user.set_gid(ctx.user.1);
+    user.set_uid(ctx.account.uid);
+    user.set_gid(ctx.account.gid);
+    if !ctx.account.additional_gids.is_empty() {
+        user.set_additional_gids(Some(ctx.account.additional_gids.clone()));
+    }
     process.set_user(user);
     process.set_no_new_privileges(Some(sec.no_new_privs && !sec.privileged));
     let caps: HashSet<Capability> = capability_set(sec)?
@@ -392,6 +483,25 @@ pub fn build_spec(
                 }))?;
             }
         }
+    }
+    if let Some(size) = spec.shm_size {
+        if size == 0 {
+            return Err(RuntimeError::Invalid("shm size must be above 0".into()));
+        }
+        for m in mounts.iter_mut() {
+            if m.destination() == Path::new("/dev/shm") {
+                *m = json(serde_json::json!({
+                    "destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+                    "options": ["nosuid", "noexec", "nodev", "mode=1777", format!("size={size}")]
+                }))?;
+            }
+        }
+    }
+    if let (true, Some(init)) = (spec.init, ctx.init) {
+        mounts.push(json(serde_json::json!({
+            "destination": INIT_PATH, "type": "bind", "source": init,
+            "options": ["bind", "rprivate", "nosuid", "nodev", "ro"]
+        }))?);
     }
     for b in &spec.mounts {
         if !b.dst.is_absolute() {
@@ -579,6 +689,89 @@ mod tests {
     }
 
     #[test]
+    fn accounts_carry_home_and_supplementary_groups() -> Result<()> {
+        let passwd = "root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n\
+                      odd:x:7:7::relative:/bin/sh\n";
+        let group = "root:x:0:\napp:x:1000:\naudio:x:29:app,other\nvideo:x:44: app \n\
+                     staff:x:50:other\nbroken:x:notanumber:app\n";
+        let app = resolve_account("app", passwd, group)?;
+        assert_eq!(
+            (app.uid, app.gid, app.home.as_str()),
+            (1000, 1000, "/home/app")
+        );
+        assert_eq!(app.additional_gids, [29, 44]);
+        assert_eq!(
+            resolve_account("1000", passwd, group)?.additional_gids,
+            [29, 44]
+        );
+        let explicit = resolve_account("app:staff", passwd, group)?;
+        assert_eq!((explicit.gid, explicit.additional_gids.len()), (50, 0));
+        let unknown = resolve_account("4242", passwd, group)?;
+        assert_eq!((unknown.home.as_str(), unknown.gid), ("/", 0));
+        assert_eq!(resolve_account("odd", passwd, group)?.home, "/");
+        assert_eq!(resolve_account("0", "", "")?.home, "/");
+        Ok(())
+    }
+
+    #[test]
+    fn init_shm_and_home_options_reach_the_spec() -> Result<()> {
+        let spec = ContainerSpec {
+            id: "abc".into(),
+            args: Some(vec!["sleep".into(), "1".into()]),
+            env: vec!["HOME=/elsewhere".into()],
+            init: true,
+            shm_size: Some(1 << 20),
+            ..Default::default()
+        };
+        let mut ctx = BuildContext {
+            rootfs: Path::new("/r"),
+            cgroups_path: "/flotilla/abc".into(),
+            userns: None,
+            account: Account {
+                uid: 1000,
+                gid: 1000,
+                home: "/home/app".into(),
+                additional_gids: vec![29],
+            },
+            init: None,
+            nofile_hard: NOFILE_HARD,
+            swap_limit: false,
+        };
+        let e = build_spec(&spec, None, &ctx).expect_err("no init binary");
+        assert!(e.to_string().contains("tini"), "{e}");
+        ctx.init = Some(Path::new("/usr/bin/tini-static"));
+        let v = serde_json::to_value(build_spec(&spec, None, &ctx)?)
+            .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        assert_eq!(
+            v["process"]["args"],
+            serde_json::json!([INIT_PATH, "--", "sleep", "1"])
+        );
+        let env = v["process"]["env"].to_string();
+        assert!(
+            env.contains("HOME=/elsewhere") && !env.contains("/home/app"),
+            "{env}"
+        );
+        assert_eq!(
+            v["process"]["user"]["additionalGids"],
+            serde_json::json!([29])
+        );
+        let mounts = v["mounts"].as_array().cloned().unwrap_or_default();
+        assert!(mounts.iter().any(|m| m["destination"] == INIT_PATH
+            && m["source"] == "/usr/bin/tini-static"
+            && m["options"].to_string().contains("\"ro\"")));
+        assert!(mounts
+            .iter()
+            .any(|m| m["destination"] == "/dev/shm"
+                && m["options"].to_string().contains("size=1048576")));
+        let zero = ContainerSpec {
+            shm_size: Some(0),
+            ..spec
+        };
+        assert!(build_spec(&zero, None, &ctx).is_err());
+        Ok(())
+    }
+
+    #[test]
     fn caps_add_drop() -> Result<()> {
         let mut sec = SecurityOptions::default();
         assert_eq!(capability_set(&sec)?.len(), DEFAULT_CAPS.len());
@@ -616,12 +809,34 @@ mod tests {
             rootfs: Path::new("/r"),
             cgroups_path: "/flotilla/abc".into(),
             userns: Some(IdRange::default()),
-            user: (0, 0),
+            account: Account {
+                uid: 0,
+                gid: 0,
+                home: "/root".into(),
+                additional_gids: vec![],
+            },
+            init: None,
+            nofile_hard: NOFILE_HARD,
             swap_limit: true,
         };
         let s = build_spec(&spec, None, &ctx)?;
         let v = serde_json::to_value(&s).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         assert_eq!(v["process"]["args"], serde_json::json!(["echo", "hi"]));
+        assert!(v["process"]["env"]
+            .as_array()
+            .is_some_and(|e| e.contains(&serde_json::json!("HOME=/root"))));
+        assert_eq!(
+            v["process"]["rlimits"],
+            serde_json::json!([{"type": "RLIMIT_NOFILE", "soft": 1024, "hard": 524288}])
+        );
+        let shm = v["mounts"]
+            .as_array()
+            .and_then(|a| a.iter().find(|m| m["destination"] == "/dev/shm"))
+            .map(|m| m["options"].to_string());
+        assert!(
+            shm.as_deref().is_some_and(|o| o.contains("size=65536k")),
+            "64 MiB /dev/shm by default: {shm:?}"
+        );
         assert_eq!(v["process"]["noNewPrivileges"], true);
         assert_eq!(v["linux"]["uidMappings"][0]["hostID"], 100000);
         assert_eq!(v["linux"]["cgroupsPath"], "/flotilla/abc");

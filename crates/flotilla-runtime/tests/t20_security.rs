@@ -234,6 +234,7 @@ async fn t23_bundle_merges_image_config_and_task() {
         env: vec!["PATH=/bin".into(), "FOO=image".into(), "KEEP=yes".into()],
         workdir: Some("/srv".into()),
         user: Some("nobody".into()),
+        stop_signal: None,
     };
     rt.images()
         .import_rootfs(&src, "merge:v1", &input)

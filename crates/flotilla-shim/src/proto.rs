@@ -16,10 +16,18 @@ pub enum Request {
     Wait,
     /// Send a signal to the container's init process.
     Signal { signal: i32 },
-    /// SIGTERM, then SIGKILL after `grace_ms`; answers once exited.
-    Stop { grace_ms: u64 },
+    /// `signal` (SIGTERM when absent), then SIGKILL after `grace_ms`; answers once exited.
+    Stop {
+        grace_ms: u64,
+        #[serde(default = "sigterm")]
+        signal: i32,
+    },
     /// `runc delete --force`, then the shim exits.
     Delete,
+}
+
+fn sigterm() -> i32 {
+    libc::SIGTERM
 }
 
 /// Lifecycle status as seen by the shim.
@@ -67,8 +75,19 @@ mod tests {
     #[test]
     fn wire_format_is_stable() -> Result<(), serde_json::Error> {
         assert_eq!(
-            serde_json::to_string(&Request::Stop { grace_ms: 5 })?,
-            r#"{"op":"stop","grace_ms":5}"#
+            serde_json::to_string(&Request::Stop {
+                grace_ms: 5,
+                signal: 3
+            })?,
+            r#"{"op":"stop","grace_ms":5,"signal":3}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"stop","grace_ms":5}"#)?,
+            Request::Stop {
+                grace_ms: 5,
+                signal: libc::SIGTERM
+            },
+            "an agent that names no signal asks for SIGTERM"
         );
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"op":"state"}"#)?,

@@ -379,12 +379,17 @@ impl Shim {
                     Err(e) => Some(err(format!("signal: {e}"))),
                 }
             }
-            Request::Stop { grace_ms } => {
+            Request::Stop { grace_ms, signal } => {
                 if self.finalized {
                     return Some(self.ok());
                 }
+                if !(1..=libc::SIGRTMAX()).contains(&signal) {
+                    return Some(Response::Error {
+                        message: format!("no such signal: {signal}"),
+                    });
+                }
                 if self.exited_at.is_none() {
-                    let _ = sys::kill(self.state.pid, libc::SIGTERM);
+                    let _ = sys::kill(self.state.pid, signal);
                     let d = Instant::now() + Duration::from_millis(grace_ms);
                     self.kill_deadline = Some(self.kill_deadline.map_or(d, |k| k.min(d)));
                 }

@@ -143,9 +143,22 @@ pub struct ContainerSpec {
     pub user: Option<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-    /// Nanoseconds between SIGTERM and SIGKILL; default 10 s.
+    /// Nanoseconds between the stop signal and SIGKILL; default 10 s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_grace_period: Option<u64>,
+    /// Signal that asks a task to stop (name or number); the image's `StopSignal`, else
+    /// SIGTERM, when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_signal: Option<String>,
+    /// The container's hostname; the first 12 characters of the task id when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Run a minimal init as PID 1 that reaps zombies and forwards signals.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub init: bool,
+    /// Size of `/dev/shm` in bytes; 64 MiB when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shm_size: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healthcheck: Option<HealthCheck>,
 }

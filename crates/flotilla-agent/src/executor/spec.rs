@@ -24,7 +24,11 @@ pub fn container_spec(
         env: c.env.clone(),
         workdir: c.workdir.clone(),
         user: c.user.clone(),
-        hostname: Some(task.id[..12.min(task.id.len())].to_string()),
+        hostname: Some(
+            c.hostname
+                .clone()
+                .unwrap_or_else(|| task.id.chars().take(12).collect()),
+        ),
         mounts: net
             .map(|n| {
                 vec![
@@ -49,6 +53,9 @@ pub fn container_spec(
         },
         security: Default::default(),
         labels: c.labels.clone(),
+        stop_signal: c.stop_signal.clone(),
+        init: c.init,
+        shm_size: c.shm_size,
         // The runtime creates the namespace (see `NodeNet::prepare_task`).
         network_namespace: None,
     }

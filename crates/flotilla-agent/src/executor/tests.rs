@@ -133,6 +133,7 @@ impl Fake {
             userns: None,
             security_opt_outs: Vec::new(),
             runtime: PathBuf::new(),
+            stop_signal: flotilla_types::SIGTERM,
         };
         let c = Container {
             info,

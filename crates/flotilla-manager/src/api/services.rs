@@ -34,6 +34,7 @@ pub fn validate_spec(spec: &ServiceSpec) -> Result<(), ManagerError> {
         .map_err(|e| ManagerError::bad_request(format!("service name: {e}")))?;
     let c = &spec.task_template.container;
     validate_image_and_env(c)?;
+    validate_process(c)?;
     flotilla_control::parse_constraints(&spec.task_template.placement.constraints)
         .map_err(|e| ManagerError::bad_request(format!("--constraint: {e}")))?;
     flotilla_control::parse_preferences(&spec.task_template.placement.preferences)
@@ -64,6 +65,40 @@ fn validate_image_and_env(c: &flotilla_types::ContainerSpec) -> Result<(), Manag
         if !e.contains('=') || e.starts_with('=') {
             return Err(ManagerError::bad_request(format!(
                 "--env {e:?}: expected KEY=VALUE"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Largest `/dev/shm` a task may ask for (it is memory of the node).
+const MAX_SHM: u64 = 64 << 30;
+
+/// Stop signal, hostname and `/dev/shm` size are ones a container can have.
+fn validate_process(c: &flotilla_types::ContainerSpec) -> Result<(), ManagerError> {
+    if let Some(sig) = &c.stop_signal {
+        flotilla_types::parse_signal(sig)
+            .map_err(|e| ManagerError::bad_request(format!("--stop-signal: {e}")))?;
+    }
+    if let Some(h) = &c.hostname {
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if h.len() > 253 || !h.split('.').all(label_ok) {
+            return Err(ManagerError::bad_request(format!(
+                "--hostname {h:?}: use letters, digits and '-' in dot-separated labels of at most \
+                 63 characters (253 in all)"
+            )));
+        }
+    }
+    if let Some(s) = c.shm_size {
+        if s == 0 || s > MAX_SHM {
+            return Err(ManagerError::bad_request(format!(
+                "--shm-size {s}: must be above 0 and at most 64 GiB"
             )));
         }
     }
@@ -552,6 +587,46 @@ mod tests {
             .expect("body");
         let v = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
         (status, v)
+    }
+
+    #[test]
+    fn hostile_stop_signals_hostnames_and_shm_sizes_are_refused() {
+        let with = |f: &dyn Fn(&mut flotilla_types::ContainerSpec)| {
+            let mut s = spec(serde_json::json!([]));
+            f(&mut s.task_template.container);
+            validate_spec(&s)
+        };
+        assert!(with(&|c| {
+            c.stop_signal = Some("SIGQUIT".into());
+            c.hostname = Some("db-1.internal".into());
+            c.shm_size = Some(128 << 20);
+        })
+        .is_ok());
+        let long_label = "a".repeat(64);
+        let long_name = ["a"; 130].join(".");
+        for bad in ["SIGNOPE", "0", "65", "", "SIGRTMIN+99"] {
+            assert!(
+                with(&|c| c.stop_signal = Some(bad.into())).is_err(),
+                "{bad}"
+            );
+        }
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "a..b",
+            "a b",
+            "a/b",
+            "é",
+            "a_b",
+            &long_label,
+            &long_name,
+        ] {
+            assert!(with(&|c| c.hostname = Some(bad.into())).is_err(), "{bad}");
+        }
+        for bad in [0, (64 << 30) + 1, u64::MAX] {
+            assert!(with(&|c| c.shm_size = Some(bad)).is_err(), "{bad}");
+        }
     }
 
     #[tokio::test]

@@ -28,12 +28,15 @@ use std::sync::Mutex;
 
 /// Image config fields set when importing a root filesystem.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ImageConfigInput {
     pub cmd: Option<Vec<String>>,
     pub entrypoint: Option<Vec<String>>,
     pub env: Vec<String>,
     pub workdir: Option<String>,
     pub user: Option<String>,
+    /// `STOPSIGNAL`: a signal name or number.
+    pub stop_signal: Option<String>,
 }
 
 /// One image in `list()`.
@@ -549,6 +552,10 @@ impl ImageStore {
             }
             if let Some(u) = &input.user {
                 cb = cb.user(u.clone());
+            }
+            if let Some(sig) = &input.stop_signal {
+                flotilla_types::parse_signal(sig).map_err(RuntimeError::Invalid)?;
+                cb = cb.stop_signal(sig.clone());
             }
             let config = ImageConfigurationBuilder::default()
                 .architecture(Arch::Amd64)
