@@ -956,11 +956,8 @@ fn apply_process_flags(
         c.stop_signal = Some(sig.clone());
     }
     if let Some(ep) = &f.entrypoint {
-        c.command = if ep.trim().is_empty() {
-            None
-        } else {
-            Some(ep.split_whitespace().map(str::to_string).collect())
-        };
+        // `--entrypoint ""` clears the image's entrypoint, as in Docker.
+        c.command = Some(ep.split_whitespace().map(str::to_string).collect());
     }
     if let Some(h) = &f.hostname {
         c.hostname = Some(h.clone());

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use flotilla_types::HealthProbe;
+use flotilla_types::{HealthCheck, HealthProbe};
 
 use super::ports::NodeRuntime;
 
@@ -75,4 +75,126 @@ async fn http_probe(addr: &str, port: u16, path: &str, timeout: Duration) -> boo
         Some((200..400).contains(&code))
     };
     matches!(tokio::time::timeout(timeout, run).await, Ok(Some(true)))
+}
+
+/// Docker's defaults for an image health check's missing fields.
+const IMAGE_DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
+const IMAGE_DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+const IMAGE_DEFAULT_RETRIES: u32 = 3;
+/// Longest command an image may declare as its health check.
+const MAX_TEST_LEN: usize = 4096;
+
+/// Reads an image config's `Healthcheck` (untrusted: it comes with the image). `["CMD-SHELL",
+/// cmd]` runs with `sh -c`; `["CMD", arg...]` runs the arguments, each quoted for the shell;
+/// `["NONE"]`, an empty or malformed test gives `None`. Durations are nanoseconds; zero or
+/// missing ones take Docker's defaults.
+pub fn from_image(v: &serde_json::Value) -> Option<HealthCheck> {
+    let test: Vec<&str> = v
+        .get("Test")?
+        .as_array()?
+        .iter()
+        .map(|a| a.as_str())
+        .collect::<Option<_>>()?;
+    let cmd = match test.split_first()? {
+        (&"CMD-SHELL", [cmd]) => cmd.to_string(),
+        (&"CMD", args) if !args.is_empty() => args
+            .iter()
+            .map(|a| shell_quote(a))
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ => return None,
+    };
+    if cmd.trim().is_empty() || cmd.len() > MAX_TEST_LEN || cmd.contains('\0') {
+        return None;
+    }
+    let nanos = |key: &str, default: Duration| {
+        v.get(key)
+            .and_then(|n| n.as_u64())
+            .filter(|n| *n > 0)
+            .unwrap_or(default.as_nanos() as u64)
+    };
+    Some(HealthCheck {
+        probe: HealthProbe::Exec { cmd },
+        interval: nanos("Interval", IMAGE_DEFAULT_INTERVAL),
+        timeout: nanos("Timeout", IMAGE_DEFAULT_TIMEOUT),
+        retries: v
+            .get("Retries")
+            .and_then(|n| n.as_u64())
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(IMAGE_DEFAULT_RETRIES),
+        start_period: v.get("StartPeriod").and_then(|n| n.as_u64()).unwrap_or(0),
+    })
+}
+
+/// Quotes one argument for `sh -c` (single quotes; a quote inside is closed, escaped, reopened).
+fn shell_quote(a: &str) -> String {
+    format!("'{}'", a.replace('\'', "'\\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn cmd_of(h: &HealthCheck) -> &str {
+        match &h.probe {
+            HealthProbe::Exec { cmd } => cmd,
+            _ => "",
+        }
+    }
+
+    #[test]
+    fn image_health_checks_read_like_docker() {
+        let h = from_image(
+            &json!({"Test": ["CMD", "redis-cli", "ping"], "Interval": 2_000_000_000u64,
+            "Timeout": 1_000_000_000u64, "Retries": 5, "StartPeriod": 3_000_000_000u64}),
+        )
+        .expect("CMD");
+        assert_eq!(cmd_of(&h), "'redis-cli' 'ping'");
+        assert_eq!(
+            (h.interval, h.timeout, h.retries, h.start_period),
+            (2_000_000_000, 1_000_000_000, 5, 3_000_000_000)
+        );
+        let h = from_image(&json!({"Test": ["CMD-SHELL", "pg_isready || exit 1"]})).expect("shell");
+        assert_eq!(cmd_of(&h), "pg_isready || exit 1");
+        assert_eq!(
+            (h.interval, h.timeout, h.retries),
+            (30_000_000_000, 30_000_000_000, 3)
+        );
+        let h = from_image(&json!({"Test": ["CMD", "echo", "it's"]})).expect("quote");
+        assert_eq!(cmd_of(&h), "'echo' 'it'\\''s'");
+    }
+
+    #[test]
+    fn hostile_or_disabled_image_health_checks_are_ignored() {
+        let long = "x".repeat(MAX_TEST_LEN + 1);
+        for v in [
+            json!(null),
+            json!("CMD true"),
+            json!({}),
+            json!({"Test": []}),
+            json!({"Test": ["NONE"]}),
+            json!({"Test": ["CMD"]}),
+            json!({"Test": ["CMD-SHELL"]}),
+            json!({"Test": ["CMD-SHELL", "a", "b"]}),
+            json!({"Test": ["CMD-SHELL", "   "]}),
+            json!({"Test": ["CMD-SHELL", long]}),
+            json!({"Test": ["CMD-SHELL", "a\u{0}b"]}),
+            json!({"Test": ["CMD", 1, 2]}),
+            json!({"Test": ["EXEC", "true"]}),
+            json!({"Test": "CMD-SHELL true"}),
+        ] {
+            assert!(from_image(&v).is_none(), "{v}");
+        }
+        let h = from_image(
+            &json!({"Test": ["CMD", "true"], "Interval": -5, "Timeout": "1s",
+            "Retries": 99_999_999_999u64, "StartPeriod": 1.5}),
+        )
+        .expect("bad numbers fall back to the defaults");
+        assert_eq!(
+            (h.interval, h.timeout, h.retries, h.start_period),
+            (30_000_000_000, 30_000_000_000, 3, 0)
+        );
+    }
 }

@@ -322,6 +322,18 @@ impl Executor {
         matches!(blocking(move || rt.has_image(&d)).await, Ok(true))
     }
 
+    /// The health check of a task's image, when the service sets none and the image has one.
+    async fn image_healthcheck(&self, task: &Task) -> Option<flotilla_types::HealthCheck> {
+        if task.spec.container.healthcheck.is_some() {
+            return None;
+        }
+        let (rt, d) = (self.rt.clone(), image_digest(task));
+        blocking(move || rt.image_healthcheck(&d))
+            .await
+            .ok()
+            .flatten()
+    }
+
     /// The trust policy's verdict on a task's image.
     async fn verify_image(&self, image: &str, digest: &str) -> Result<(), TaskError> {
         self.images.verify(image, digest).await
@@ -333,6 +345,9 @@ impl Executor {
         let id = task.id.clone();
         let mut runner = Runner::new(task.clone());
         let (found, address) = self.found(&id).await;
+        if found == Found::Running {
+            runner.use_image_healthcheck(self.image_healthcheck(&task).await);
+        }
         let mut pending = VecDeque::new();
         feed(
             &mut runner,
@@ -350,6 +365,9 @@ impl Executor {
                 Effect::EnsureImage => {
                     let digest = image_digest(&task);
                     let res = self.ensure_image(&task.spec.container.image, &digest).await;
+                    if res.is_ok() {
+                        runner.use_image_healthcheck(self.image_healthcheck(&task).await);
+                    }
                     start.t0 = Some(std::time::Instant::now());
                     Some(Event::ImageReady(res))
                 }
@@ -433,7 +451,8 @@ impl Executor {
         let Some(net) = &self.net else {
             return Ok(None);
         };
-        let hostname = task.id[..12.min(task.id.len())].to_string();
+        // The same name the container gets (`spec::container_spec`), for its /etc/hosts.
+        let hostname = spec::hostname_of(task);
         let n = net.prepare_task(&task.id, &hostname).await?;
         let addr = n.addr.to_string();
         start.net = Some(n);

@@ -37,6 +37,9 @@ pub trait NodeRuntime: RuntimeDriver {
     fn logs_dir(&self) -> PathBuf;
     /// Whether container `id` has a state directory (blocking).
     fn has_state_dir(&self, id: &str) -> bool;
+    /// The image's own health check (Docker's `HEALTHCHECK`), if it has one the executor can
+    /// run (blocking).
+    fn image_healthcheck(&self, reference: &str) -> Option<flotilla_types::HealthCheck>;
 }
 
 impl NodeRuntime for Runtime {
@@ -58,6 +61,12 @@ impl NodeRuntime for Runtime {
 
     fn has_state_dir(&self, id: &str) -> bool {
         self.config().root.join("containers").join(id).exists()
+    }
+
+    fn image_healthcheck(&self, reference: &str) -> Option<flotilla_types::HealthCheck> {
+        let digest = self.images().resolve(reference).ok()?;
+        let v = self.images().healthcheck(&digest).ok()??;
+        super::health::from_image(&v)
     }
 }
 

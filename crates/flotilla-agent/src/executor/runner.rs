@@ -228,6 +228,15 @@ impl Runner {
         }
     }
 
+    /// Gives the task its image's health check when the service sets none (Docker's
+    /// `HEALTHCHECK` applies unless the service overrides it). Call before the task runs.
+    pub fn use_image_healthcheck(&mut self, hc: Option<flotilla_types::HealthCheck>) {
+        let c = &mut self.task.spec.container;
+        if c.healthcheck.is_none() {
+            c.healthcheck = hc;
+        }
+    }
+
     /// The task's id.
     pub fn task_id(&self) -> &str {
         &self.task.id
@@ -1353,6 +1362,49 @@ mod tests {
         assert_eq!(r.handle(probe(true, 1), NOW), vec![]);
         assert_eq!(r.handle(probe(false, 100), NOW), vec![]);
         assert_eq!(r.health(), None);
+    }
+
+    #[test]
+    fn the_image_health_check_applies_only_when_the_service_sets_none() {
+        let image_hc = flotilla_types::HealthCheck {
+            probe: flotilla_types::HealthProbe::Exec {
+                cmd: "image-check".into(),
+            },
+            interval: 2_000_000_000,
+            timeout: 1_000_000_000,
+            retries: 1,
+            start_period: 0,
+        };
+        let mut r = Runner::new(assigned());
+        r.use_image_healthcheck(Some(image_hc.clone()));
+        let mut r = {
+            r.handle(begin(Found::Nothing), NOW);
+            for ev in [
+                Event::ImageReady(Ok(())),
+                Event::ImageVerified(Ok(())),
+                Event::SlotAcquired,
+                Event::NetworkPrepared(Ok(Some(ADDR.into()))),
+                Event::Created(Ok(())),
+                Event::Started(Ok(())),
+            ] {
+                r.handle(ev, NOW);
+            }
+            r
+        };
+        assert_eq!(r.healthcheck(), Some(&image_hc));
+        assert_eq!(r.health(), Some(Health::Starting));
+        assert_eq!(r.probe_interval(), Some(Duration::from_secs(2)));
+        r.handle(probe(true, 1), NOW);
+        assert_eq!(r.health(), Some(Health::Healthy));
+
+        let mut own = Runner::new(task("assigned", None, None, true));
+        let before = own.healthcheck().cloned();
+        own.use_image_healthcheck(Some(image_hc));
+        assert_eq!(
+            own.healthcheck().cloned(),
+            before,
+            "the service's check wins"
+        );
     }
 
     #[test]

@@ -24,11 +24,7 @@ pub fn container_spec(
         env: c.env.clone(),
         workdir: c.workdir.clone(),
         user: c.user.clone(),
-        hostname: Some(
-            c.hostname
-                .clone()
-                .unwrap_or_else(|| task.id.chars().take(12).collect()),
-        ),
+        hostname: Some(hostname_of(task)),
         mounts: net
             .map(|n| {
                 vec![
@@ -59,4 +55,14 @@ pub fn container_spec(
         // The runtime creates the namespace (see `NodeNet::prepare_task`).
         network_namespace: None,
     }
+}
+
+/// The container's hostname: the service's `--hostname`, else the first 12 characters of the
+/// task id (as Docker's container id prefix).
+pub fn hostname_of(task: &Task) -> String {
+    task.spec
+        .container
+        .hostname
+        .clone()
+        .unwrap_or_else(|| task.id.chars().take(12).collect())
 }

@@ -293,6 +293,10 @@ impl NodeRuntime for Fake {
         Ok(())
     }
 
+    fn image_healthcheck(&self, _reference: &str) -> Option<flotilla_types::HealthCheck> {
+        None
+    }
+
     fn oci_runtime(&self, _id: &str) -> (PathBuf, PathBuf) {
         ("/bin/false".into(), "/nonexistent/runc".into())
     }

@@ -378,6 +378,19 @@ impl ImageStore {
             .map_err(|e| RuntimeError::BadArchive(format!("config {cd}: {e}")))
     }
 
+    /// The image config's Docker `Healthcheck` object (`{"Test": [...], "Interval": ns, ...}`),
+    /// which the OCI config type does not carry; `None` when the image has none.
+    pub fn healthcheck(&self, manifest_digest: &str) -> Result<Option<serde_json::Value>> {
+        let m = self.manifest(manifest_digest)?;
+        let cd = m.config().digest().to_string();
+        let b = self.get_blob(&cd)?;
+        let v: serde_json::Value = serde_json::from_slice(&b)
+            .map_err(|e| RuntimeError::BadArchive(format!("config {cd}: {e}")))?;
+        Ok(v.pointer("/config/Healthcheck")
+            .filter(|h| !h.is_null())
+            .cloned())
+    }
+
     fn summary(&self, idx: &Index, digest: &str) -> Result<ImageSummary> {
         let m = self.manifest(digest)?;
         Ok(ImageSummary {

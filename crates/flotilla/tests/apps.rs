@@ -1,0 +1,376 @@
+//! Conformance of real applications: root filesystems built from Debian packages
+//! (`scripts/build-app-images.sh`: nginx, redis, PostgreSQL, a Python HTTP server, and an app
+//! that runs as a non-root user and writes its logs by opening `/dev/stdout`) run as services
+//! from their image config alone. For each: it answers its protocol through the routing mesh
+//! and through its service name from another task, its logs reach `service logs`, and it stops
+//! within its grace period with its exit code recorded.
+//!
+//! A check that needs a feature another issue delivers is listed in [`EXPECTED_TO_FAIL`] with
+//! that issue's title: it runs, and the test fails if it starts passing (turn it on then).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Checks that wait on another issue: (check name, the issue's title).
+const EXPECTED_TO_FAIL: &[(&str, &str)] = &[(
+    "redis-unpublished by name",
+    "#18 Networks for real applications: a VIP carries every port",
+)];
+
+/// One application under test.
+struct App {
+    /// Service name (also the image's name under `apps/`).
+    name: &'static str,
+    /// Published port → target port.
+    publish: (u16, u16),
+    /// A line that must appear in `service logs` once the app served one request.
+    log_line: &'static str,
+}
+
+const APPS: &[App] = &[
+    App {
+        name: "nginx",
+        publish: (18080, 80),
+        // The access log is a symlink to /dev/stdout, as in the official image.
+        log_line: "\"GET /conformance HTTP/1.0\" 404",
+    },
+    App {
+        name: "redis",
+        publish: (16379, 6379),
+        log_line: "Ready to accept connections",
+    },
+    App {
+        name: "postgres",
+        publish: (15432, 5432),
+        log_line: "database system is ready to accept connections",
+    },
+    App {
+        name: "python",
+        publish: (18000, 8000),
+        log_line: "\"GET /conformance HTTP/1.0\" 404",
+    },
+    App {
+        name: "stdout-app",
+        publish: (18081, 8080),
+        log_line: "stdout-app request /conformance",
+    },
+];
+
+/// Builds (or finds cached) the application images; their directory.
+fn app_images() -> PathBuf {
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/build-app-images.sh");
+    let started = Instant::now();
+    let o = Command::new(&script)
+        .output()
+        .expect("run build-app-images.sh");
+    assert!(
+        o.status.success(),
+        "{} failed (it needs Debian's package mirror the first time, then its cache): {}",
+        script.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    eprintln!("app images ready after {:?}", started.elapsed());
+    PathBuf::from(
+        std::env::var("FLOTILLA_APPS_CACHE").unwrap_or_else(|_| "/var/cache/flotilla-apps".into()),
+    )
+}
+
+/// One raw HTTP/1.0 GET: the status code and the whole response.
+fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
+    let sa: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let mut s =
+        TcpStream::connect_timeout(&sa, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("not HTTP: {:?}", text.lines().next()))?;
+    Ok((code, text))
+}
+
+/// RESP `PING` → `+PONG`.
+fn redis_ping(addr: &str) -> Result<(), String> {
+    let sa: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let mut s =
+        TcpStream::connect_timeout(&sa, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    s.write_all(b"*1\r\n$4\r\nPING\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 7];
+    s.read_exact(&mut buf).map_err(|e| e.to_string())?;
+    (&buf == b"+PONG\r\n")
+        .then_some(())
+        .ok_or_else(|| format!("answer {:?}", String::from_utf8_lossy(&buf)))
+}
+
+/// PostgreSQL's `SSLRequest`: a server answers one byte, `N` (no TLS) or `S`.
+fn postgres_answers(addr: &str) -> Result<(), String> {
+    let sa: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let mut s =
+        TcpStream::connect_timeout(&sa, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .map_err(|e| e.to_string())?;
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).map_err(|e| e.to_string())?;
+    matches!(&b, b"N" | b"S")
+        .then_some(())
+        .ok_or_else(|| format!("answer {b:?}"))
+}
+
+/// The app's protocol through the routing mesh on the node's published port.
+fn through_mesh(app: &App, addr: &str) -> Result<(), String> {
+    match app.name {
+        "redis" => redis_ping(addr),
+        "postgres" => postgres_answers(addr),
+        _ => {
+            let (code, text) = http_get(addr, "/")?;
+            let want = format!("flotilla-conformance {}", app.name);
+            if code == 200 && text.contains(&want) {
+                // A request whose log line the app must write (404 for the file servers).
+                http_get(addr, "/conformance").map(|_| ())
+            } else {
+                Err(format!("{code}, body without {want:?}: {text:.200}"))
+            }
+        }
+    }
+}
+
+/// A client task's script reaching `app` by its service name on its target port.
+fn by_name_client(app: &App, host: &str) -> (String, String) {
+    let port = app.publish.1;
+    match app.name {
+        "redis" => (
+            "apps/redis:1".into(),
+            format!("redis-cli -h {host} -p {port} PING"),
+        ),
+        "postgres" => (
+            "apps/postgres:1".into(),
+            format!("psql -h {host} -p {port} -U postgres -tAc 'select 40+2'"),
+        ),
+        _ => (
+            "conformance-client:1".into(),
+            format!("wget -qO- http://{host}:{port}/"),
+        ),
+    }
+}
+
+/// What the by-name client prints when it reached the app.
+fn by_name_answer(app: &App) -> String {
+    match app.name {
+        "redis" => "PONG".into(),
+        "postgres" => "42".into(),
+        other => format!("flotilla-conformance {other}"),
+    }
+}
+
+/// Runs a one-shot client service with `script`; its logs once it printed CLIENT-DONE.
+fn client_logs(c: &Cluster, name: &str, image: &str, script: &str) -> String {
+    let full = format!("{script} 2>&1; echo CLIENT-DONE; sleep 3600");
+    let o = c.run(&[
+        "service",
+        "create",
+        "--name",
+        name,
+        "--detach",
+        "--entrypoint",
+        "",
+        image,
+        "sh",
+        "-c",
+        &full,
+    ]);
+    assert!(o.status.success(), "create {name}: {}", stderr(&o));
+    let logs = wait_for(
+        &format!("{name} to finish"),
+        Duration::from_secs(90),
+        || {
+            let text = stdout(&c.run(&["service", "logs", name]));
+            text.contains("CLIENT-DONE").then_some(text)
+        },
+    );
+    let o = c.run(&["service", "rm", name]);
+    assert!(o.status.success(), "rm {name}: {}", stderr(&o));
+    logs
+}
+
+/// The one task of `service` once it runs, as JSON.
+fn running_task(c: &Cluster, service: &str, within: Duration) -> serde_json::Value {
+    wait_for(&format!("{service} running"), within, || {
+        let ts = c.tasks(service);
+        if let Some(t) = ts
+            .iter()
+            .find(|t| t["status"]["state"] == "failed" || t["status"]["state"] == "rejected")
+        {
+            panic!("{service} did not start: {}", t["status"]);
+        }
+        ts.into_iter()
+            .find(|t| t["status"]["state"] == "running" && t["desired_state"] == "running")
+    })
+}
+
+/// Records a check's outcome, honouring [`EXPECTED_TO_FAIL`].
+fn record(failures: &mut Vec<String>, check: &str, res: Result<(), String>) {
+    let xfail = EXPECTED_TO_FAIL.iter().find(|(c, _)| *c == check);
+    match (res, xfail) {
+        (Ok(()), None) => eprintln!("conformance: {check}: ok"),
+        (Err(e), None) => failures.push(format!("{check}: {e}")),
+        (Err(e), Some((_, issue))) => {
+            eprintln!("conformance: {check}: fails as expected until {issue} ({e:.200})")
+        }
+        (Ok(()), Some((_, issue))) => failures.push(format!(
+            "{check} passes now: remove it from EXPECTED_TO_FAIL ({issue})"
+        )),
+    }
+}
+
+#[test]
+fn a10_real_applications_run_answer_log_and_stop_like_under_docker() {
+    let images = app_images();
+    let c = Cluster::init(60, &[]);
+    c.import("conformance-client:1", "sh");
+    let node = c.nodes[0].ip();
+    let mut failures = Vec::new();
+
+    for app in APPS {
+        let file = images.join(format!("{}.oci.tar", app.name));
+        let o = c.run(&["image", "load", file.to_str().unwrap()]);
+        assert!(o.status.success(), "load {}: {}", app.name, stderr(&o));
+        let publish = format!("{}:{}", app.publish.0, app.publish.1);
+        let image = format!("apps/{}:1", app.name);
+        let o = c.run(&[
+            "service", "create", "--name", app.name, "--detach", "-p", &publish, &image,
+        ]);
+        assert!(o.status.success(), "create {}: {}", app.name, stderr(&o));
+    }
+
+    for app in APPS {
+        running_task(&c, app.name, Duration::from_secs(120));
+        let addr = format!("{node}:{}", app.publish.0);
+        // Starting is not serving: wait (bounded) for the first good answer.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mesh = loop {
+            let r = through_mesh(app, &addr);
+            if r.is_ok() || Instant::now() > deadline {
+                break r;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        record(
+            &mut failures,
+            &format!("{} through the mesh", app.name),
+            mesh,
+        );
+
+        let (image, script) = by_name_client(app, app.name);
+        let logs = client_logs(&c, &format!("{}-client", app.name), &image, &script);
+        let want = by_name_answer(app);
+        record(
+            &mut failures,
+            &format!("{} by name", app.name),
+            logs.contains(&want)
+                .then_some(())
+                .ok_or_else(|| format!("no {want:?} in the client's output: {logs:.400}")),
+        );
+
+        let logged = wait_for_logs(&c, app.name, app.log_line);
+        record(&mut failures, &format!("{} logs", app.name), logged);
+    }
+
+    // A service without published ports, reached by its name on its port.
+    let o = c.run(&[
+        "service",
+        "create",
+        "--name",
+        "redis-unpublished",
+        "--detach",
+        "apps/redis:1",
+    ]);
+    assert!(
+        o.status.success(),
+        "create redis-unpublished: {}",
+        stderr(&o)
+    );
+    running_task(&c, "redis-unpublished", Duration::from_secs(60));
+    let logs = client_logs(
+        &c,
+        "redis-unpublished-client",
+        "apps/redis:1",
+        "redis-cli -h redis-unpublished -p 6379 PING",
+    );
+    record(
+        &mut failures,
+        "redis-unpublished by name",
+        logs.contains("PONG")
+            .then_some(())
+            .ok_or_else(|| format!("{logs:.300}")),
+    );
+
+    // Stopping: scale to zero; the stop signal of the image ends each app within the default
+    // 10 s grace period (no SIGKILL: exit code 137), and the exit code is recorded.
+    for app in APPS {
+        let task = running_task(&c, app.name, Duration::from_secs(5));
+        let id = task["id"].as_str().unwrap().to_string();
+        let started = Instant::now();
+        let o = c.run(&["service", "scale", &format!("{}=0", app.name), "--detach"]);
+        assert!(o.status.success(), "scale {}: {}", app.name, stderr(&o));
+        let st = wait_for(
+            &format!("{} to stop", app.name),
+            Duration::from_secs(30),
+            || {
+                c.tasks(app.name)
+                    .into_iter()
+                    .find(|t| t["id"] == id.as_str() && t["status"]["state"] == "shutdown")
+                    .map(|t| t["status"].clone())
+            },
+        );
+        let took = started.elapsed();
+        let code = st["exit_code"].as_i64();
+        record(
+            &mut failures,
+            &format!("{} stops cleanly", app.name),
+            match code {
+                Some(c) if c != 137 && took < Duration::from_secs(10) => {
+                    eprintln!("conformance: {} stopped in {took:?} with {c}", app.name);
+                    Ok(())
+                }
+                _ => Err(format!("exit code {code:?} after {took:?}: {st}")),
+            },
+        );
+        let o = c.run(&["service", "rm", app.name]);
+        assert!(o.status.success(), "rm {}: {}", app.name, stderr(&o));
+    }
+    assert!(
+        failures.is_empty(),
+        "conformance failures:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// Waits (bounded) until `service logs` shows `line`.
+fn wait_for_logs(c: &Cluster, service: &str, line: &str) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = stdout(&c.run(&["service", "logs", service]));
+        if text.contains(line) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("no {line:?} in service logs: {:.600}", text));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
