@@ -21,7 +21,8 @@
 #   apps/redis:1       redis-server as user redis on 6379, no persistence; healthcheck
 #   apps/postgres:1    PostgreSQL 15 as user postgres on 5432; /usr/local/bin/pg-entrypoint
 #                      initialises $PGDATA (trust auth, listening everywhere) on first start
-#   apps/python:1      python3 -m http.server 8000 in /srv ("flotilla-conformance python")
+#   apps/python:1      python3 -m http.server 8000 in /srv ("flotilla-conformance python");
+#                      stop signal SIGINT (as PID 1 it would ignore SIGTERM)
 #   apps/stdout-app:1  the python image plus /app/server.py on 8080 as user app (1000:1000),
 #                      which opens /dev/stdout and /dev/stderr by path for every request
 #
@@ -36,10 +37,8 @@ die() {
 	exit 1
 }
 
-OUT=${1:-${FLOTILLA_APPS_CACHE:-/var/cache/flotilla-apps}}
-[[ $OUT == / ]] || OUT=${OUT%/}
-[[ -n $OUT && $OUT != / ]] || die "usage: $0 [OUTDIR]"
-OUT=$(realpath -m -- "$OUT")
+OUT=$(realpath -m -- "${1:-${FLOTILLA_APPS_CACHE:-/var/cache/flotilla-apps}}")
+[[ $OUT != / ]] || die "usage: $0 [OUTDIR] (not /)"
 APPS=(nginx redis postgres python stdout-app)
 HASH=$(sha256sum <"$0" | cut -d' ' -f1)
 
@@ -115,7 +114,7 @@ for f in "$1"/var/cache/apt/archives/*.deb; do
 	mv "$FLOTILLA_APPS_DEBS/.$b.part" "$FLOTILLA_APPS_DEBS/$b"
 done
 dpkg-query --admindir="$1/var/lib/dpkg" -W -f '${Package}_${Version}_${Architecture}.deb\n' |
-	sed 's/:/%3a/' >>"$FLOTILLA_APPS_WORK/used-debs"
+	sed 's/:/%3a/g' >>"$FLOTILLA_APPS_WORK/used-debs"
 EOF
 # mmdebstrap essential hook of the postgres image: no "main" cluster from the package's postinst.
 cat >"$WORK/hooks/no-main-cluster" <<'EOF'
@@ -178,6 +177,9 @@ IMAGES = {
     "python": ("apps/python:1", {
         "Env": [PATH, "LANG=C.UTF-8"],
         "Cmd": ["python3", "-m", "http.server", "8000"],
+        # As PID 1 python ignores SIGTERM (no handler, no default action); http.server exits 0
+        # on SIGINT (KeyboardInterrupt).
+        "StopSignal": "SIGINT",
         "WorkingDir": "/srv",
         "ExposedPorts": {"8000/tcp": {}},
     }),
@@ -353,10 +355,12 @@ rootfs() {
 		--skip=essential/unlink \
 		--setup-hook="$WORK/hooks/load-debs" \
 		--customize-hook="$WORK/hooks/save-debs" \
-		"$@" bookworm "$root" >&2 || die "mmdebstrap of $pkgs failed"
-	# Build-host leftovers: its resolver config and name.
-	rm -f "$root/etc/resolv.conf"
-	: >"$root/etc/hostname"
+		"$@" bookworm "$root" >"$root.log" 2>&1 || {
+		tail -n 40 "$root.log" >&2
+		die "mmdebstrap of $pkgs failed (the end of its output is above)"
+	}
+	# Build-host leftovers: its resolver config and name (a runtime binds its own).
+	rm -f "$root/etc/resolv.conf" "$root/etc/hostname"
 }
 
 pack() {
@@ -397,6 +401,11 @@ build_postgres() {
 	rootfs "$r" postgresql --essential-hook="$WORK/hooks/no-main-cluster"
 	[[ -x $r/usr/lib/postgresql/15/bin/initdb ]] || die "postgres: no PostgreSQL 15 initdb"
 	rm -rf "$r/etc/postgresql/15/main" "$r/var/lib/postgresql/15" "$r"/var/log/postgresql/*
+	# No JIT: LLVM (libllvm14, libz3-4) is a third of the image, and postgres runs with JIT off
+	# when its provider llvmjit.so is missing.
+	chroot "$r" dpkg --purge --force-depends libllvm14 libz3-4 >>"$r.log" 2>&1 ||
+		{ tail -n 20 "$r.log" >&2; die "postgres: could not remove LLVM"; }
+	rm -rf "$r"/usr/lib/postgresql/15/lib/{llvmjit.so,llvmjit_types.bc,bitcode} "$r/var/log/dpkg.log"
 	mkdir -p "$r/var/lib/postgresql/data" "$r/run/postgresql"
 	chroot "$r" chown postgres:postgres /var/lib/postgresql /var/lib/postgresql/data /run/postgresql
 	chmod 0700 "$r/var/lib/postgresql/data"
@@ -449,8 +458,10 @@ Serves HTTP on port 8080 (or $PORT): every GET is answered "flotilla-conformance
 For every request it opens /dev/stdout by path and writes "stdout-app request <path>", and
 /dev/stderr by path with "stdout-app stderr <path>"; at startup it writes
 "stdout-app started uid=<uid>" to /dev/stdout and to /proc/self/fd/1. Opening those paths
-fails where the runtime gave the process a socket for stdout or stderr: then the request gets
-no answer. Exits on SIGTERM and SIGINT (it may be PID 1, which gets no default signal action).
+fails where stdout or stderr is a socket, or a pipe or file the user may not open (runc
+hands the container's stdio to its user for this): then the app exits at startup with a
+traceback on fd 2, or the request gets no answer. Exits on SIGTERM and SIGINT (as PID 1 it
+would get no default action for them).
 """
 import os
 import signal
@@ -461,7 +472,8 @@ BODY = b"flotilla-conformance stdout-app"
 
 
 def say(path, line):
-    with open(path, "w") as f:
+    # Append: where stdout is a file rather than a pipe, "w" would truncate it each time.
+    with open(path, "a") as f:
         f.write(line + "\n")
 
 

@@ -423,8 +423,9 @@ pub struct SpecFlags {
     /// The containers' hostname (default: the first 12 characters of the task id).
     #[arg(long)]
     pub hostname: Option<String>,
-    /// Run an init (tini) as PID 1 that reaps zombies and forwards signals.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    /// Run an init (tini) as PID 1 that reaps zombies and forwards signals (`--init=false`
+    /// turns it off on update).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub init: Option<bool>,
     /// Size of /dev/shm, e.g. 128m (default 64m).
     #[arg(long)]

@@ -33,6 +33,8 @@ struct App {
     publish: (u16, u16),
     /// A line that must appear in `service logs` once the app served one request.
     log_line: &'static str,
+    /// Run with `--init` (tini as PID 1, forwarding the stop signal).
+    init: bool,
 }
 
 const APPS: &[App] = &[
@@ -41,26 +43,31 @@ const APPS: &[App] = &[
         publish: (18080, 80),
         // The access log is a symlink to /dev/stdout, as in the official image.
         log_line: "\"GET /conformance HTTP/1.0\" 404",
+        init: false,
     },
     App {
         name: "redis",
         publish: (16379, 6379),
         log_line: "Ready to accept connections",
+        init: false,
     },
     App {
         name: "postgres",
         publish: (15432, 5432),
         log_line: "database system is ready to accept connections",
+        init: false,
     },
     App {
         name: "python",
         publish: (18000, 8000),
         log_line: "\"GET /conformance HTTP/1.0\" 404",
+        init: true,
     },
     App {
         name: "stdout-app",
         publish: (18081, 8080),
         log_line: "stdout-app request /conformance",
+        init: false,
     },
 ];
 
@@ -251,9 +258,14 @@ fn a10_real_applications_run_answer_log_and_stop_like_under_docker() {
         assert!(o.status.success(), "load {}: {}", app.name, stderr(&o));
         let publish = format!("{}:{}", app.publish.0, app.publish.1);
         let image = format!("apps/{}:1", app.name);
-        let o = c.run(&[
-            "service", "create", "--name", app.name, "--detach", "-p", &publish, &image,
-        ]);
+        let mut args = vec![
+            "service", "create", "--name", app.name, "--detach", "-p", &publish,
+        ];
+        if app.init {
+            args.push("--init");
+        }
+        args.push(&image);
+        let o = c.run(&args);
         assert!(o.status.success(), "create {}: {}", app.name, stderr(&o));
     }
 
@@ -319,26 +331,20 @@ fn a10_real_applications_run_answer_log_and_stop_like_under_docker() {
             .ok_or_else(|| format!("{logs:.300}")),
     );
 
-    // Stopping: scale to zero; the stop signal of the image ends each app within the default
-    // 10 s grace period (no SIGKILL: exit code 137), and the exit code is recorded.
+    // Stopping: `service rm`; the stop signal of the image ends each app within the default
+    // 10 s grace period (no SIGKILL: exit code 137), and the exit code is recorded in the
+    // task's last update, which `flotilla events` shows (a removed service's tasks are deleted
+    // once they have stopped, as in Swarm).
+    let events = TaskEvents::follow(&c.nodes[0].socket());
     for app in APPS {
         let task = running_task(&c, app.name, Duration::from_secs(5));
         let id = task["id"].as_str().unwrap().to_string();
         let started = Instant::now();
-        let o = c.run(&["service", "scale", &format!("{}=0", app.name), "--detach"]);
-        assert!(o.status.success(), "scale {}: {}", app.name, stderr(&o));
-        let st = wait_for(
-            &format!("{} to stop", app.name),
-            Duration::from_secs(30),
-            || {
-                c.tasks(app.name)
-                    .into_iter()
-                    .find(|t| t["id"] == id.as_str() && t["status"]["state"] == "shutdown")
-                    .map(|t| t["status"].clone())
-            },
-        );
+        let o = c.run(&["service", "rm", app.name]);
+        assert!(o.status.success(), "rm {}: {}", app.name, stderr(&o));
+        let st = events.shutdown_of(&id, Duration::from_secs(30));
         let took = started.elapsed();
-        let code = st["exit_code"].as_i64();
+        let code = st.as_ref().and_then(|s| s["exit_code"].as_i64());
         record(
             &mut failures,
             &format!("{} stops cleanly", app.name),
@@ -347,17 +353,73 @@ fn a10_real_applications_run_answer_log_and_stop_like_under_docker() {
                     eprintln!("conformance: {} stopped in {took:?} with {c}", app.name);
                     Ok(())
                 }
-                _ => Err(format!("exit code {code:?} after {took:?}: {st}")),
+                _ => Err(format!("exit code {code:?} after {took:?}: {st:?}")),
             },
         );
-        let o = c.run(&["service", "rm", app.name]);
-        assert!(o.status.success(), "rm {}: {}", app.name, stderr(&o));
     }
     assert!(
         failures.is_empty(),
         "conformance failures:\n{}",
         failures.join("\n")
     );
+}
+
+/// A `flotilla events --filter type=task` process whose lines a thread collects.
+struct TaskEvents {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+impl TaskEvents {
+    fn follow(socket: &str) -> TaskEvents {
+        let mut child = Command::new(BIN)
+            .args([
+                "--host",
+                socket,
+                "events",
+                "--filter",
+                "type=task",
+                "--format",
+                "json",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("flotilla events");
+        let out = child.stdout.take().expect("stdout");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str(&l) {
+                    sink.lock().unwrap().push(v);
+                }
+            }
+        });
+        TaskEvents { child, lines }
+    }
+
+    /// The status of task `id` once an event shows it `shutdown` (bounded wait).
+    fn shutdown_of(&self, id: &str, within: Duration) -> Option<serde_json::Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            let found = self.lines.lock().unwrap().iter().find_map(|e| {
+                let st = &e["object"]["status"];
+                (e["id"] == id && st["state"] == "shutdown").then(|| st.clone())
+            });
+            if found.is_some() || Instant::now() > deadline {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for TaskEvents {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Waits (bounded) until `service logs` shows `line`.
