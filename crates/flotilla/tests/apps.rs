@@ -20,10 +20,16 @@ use std::time::{Duration, Instant};
 use common::*;
 
 /// Checks that wait on another issue: (check name, the issue's title).
-const EXPECTED_TO_FAIL: &[(&str, &str)] = &[(
-    "redis-unpublished by name",
-    "#18 Networks for real applications: a VIP carries every port",
-)];
+const EXPECTED_TO_FAIL: &[(&str, &str)] = &[
+    (
+        "redis-unpublished by name",
+        "#18 Networks for real applications: a VIP carries every port",
+    ),
+    (
+        "postgres rows survive a replacement on a named volume",
+        "#20 Volumes and stateful services",
+    ),
+];
 
 /// One application under test.
 struct App {
@@ -331,6 +337,15 @@ fn a10_real_applications_run_answer_log_and_stop_like_under_docker() {
             .ok_or_else(|| format!("{logs:.300}")),
     );
 
+    // PostgreSQL on a named volume: a row written before `service update --force` is there
+    // after it.
+    let res = postgres_rows_survive_a_replacement(&c);
+    record(
+        &mut failures,
+        "postgres rows survive a replacement on a named volume",
+        res,
+    );
+
     // Stopping: `service rm`; the stop signal of the image ends each app within the default
     // 10 s grace period (no SIGKILL: exit code 137), and the exit code is recorded in the
     // task's last update, which `flotilla events` shows (a removed service's tasks are deleted
@@ -362,6 +377,53 @@ fn a10_real_applications_run_answer_log_and_stop_like_under_docker() {
         "conformance failures:\n{}",
         failures.join("\n")
     );
+}
+
+/// Creates `pgvol` with a named volume at PGDATA, writes a row, replaces the task, reads it.
+fn postgres_rows_survive_a_replacement(c: &Cluster) -> Result<(), String> {
+    let o = c.run(&[
+        "service",
+        "create",
+        "--name",
+        "pgvol",
+        "--detach",
+        "--mount",
+        "type=volume,src=pgdata,dst=/var/lib/postgresql/data",
+        "apps/postgres:1",
+    ]);
+    if !o.status.success() {
+        return Err(format!("create: {}", stderr(&o).trim()));
+    }
+    let first = running_task(c, "pgvol", Duration::from_secs(60));
+    let sql = |name: &str, q: &str| {
+        let script = format!(
+            "for i in $(seq 1 50); do pg_isready -q -h pgvol && break; sleep 0.2; done; \
+             psql -h pgvol -U postgres -tAc \"{q}\""
+        );
+        client_logs(c, name, "apps/postgres:1", &script)
+    };
+    let wrote = sql(
+        "pgvol-write",
+        "create table t(x int); insert into t values (7); select sum(x) from t",
+    );
+    if !wrote.contains("| 7") {
+        return Err(format!("the first write failed: {wrote:.300}"));
+    }
+    let o = c.run(&["service", "update", "--force", "pgvol"]);
+    if !o.status.success() {
+        return Err(format!("update --force: {}", stderr(&o).trim()));
+    }
+    wait_for("pgvol replaced", Duration::from_secs(60), || {
+        running_task(c, "pgvol", Duration::from_secs(60))
+            .get("id")
+            .filter(|id| **id != first["id"])
+            .map(|_| ())
+    });
+    let read = sql("pgvol-read", "select sum(x) from t");
+    let _ = c.run(&["service", "rm", "pgvol"]);
+    read.contains("| 7")
+        .then_some(())
+        .ok_or_else(|| format!("the row is gone after the replacement: {read:.300}"))
 }
 
 /// A `flotilla events --filter type=task` process whose lines a thread collects.
@@ -435,4 +497,67 @@ fn wait_for_logs(c: &Cluster, service: &str, line: &str) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+#[test]
+fn a20_service_process_flags_reach_the_container() {
+    let c = Cluster::init(61, &[]);
+    c.import("flags:1", "sh");
+    let script = "trap 'echo got-USR1; exit 0' USR1; echo host=$(hostname); \
+                  grep -c db-1 /etc/hosts | sed s/^/hosts=/; \
+                  echo shm=$(df -k /dev/shm | tail -1 | awk '{print $2}'); \
+                  echo pid1=$(tr '\\0' ' ' < /proc/1/cmdline); \
+                  while true; do sleep 0.1; done";
+    let o = c.run(&[
+        "service",
+        "create",
+        "--name",
+        "flags",
+        "--detach",
+        "--hostname",
+        "db-1",
+        "--stop-signal",
+        "SIGUSR1",
+        "--shm-size",
+        "8m",
+        "--init",
+        "flags:1",
+        "sh",
+        "-c",
+        script,
+    ]);
+    assert!(o.status.success(), "create: {}", stderr(&o));
+    let task = running_task(&c, "flags", Duration::from_secs(60));
+    let logs = wait_for("the flags output", Duration::from_secs(30), || {
+        let t = stdout(&c.run(&["service", "logs", "flags"]));
+        t.contains("pid1=").then_some(t)
+    });
+    for want in [
+        "host=db-1",
+        "hosts=1",
+        "shm=8192",
+        "pid1=/sbin/flotilla-init -- sh -c",
+    ] {
+        assert!(logs.contains(want), "{want} in {logs}");
+    }
+    let events = TaskEvents::follow(&c.nodes[0].socket());
+    let o = c.run(&["service", "rm", "flags"]);
+    assert!(o.status.success(), "rm: {}", stderr(&o));
+    let st = events
+        .shutdown_of(task["id"].as_str().unwrap(), Duration::from_secs(30))
+        .expect("a shutdown event");
+    assert_eq!(st["exit_code"], 0, "stopped by SIGUSR1 through tini: {st}");
+
+    // Bad values are refused with the accepted forms, and nothing is created.
+    for (flag, value, says) in [
+        ("--stop-signal", "SIGNOPE", "SIGTERM"),
+        ("--hostname", "bad_host!", "letters, digits"),
+        ("--shm-size", "lots", "size"),
+    ] {
+        let o = c.run(&["service", "create", "--name", "bad", flag, value, "flags:1"]);
+        assert!(!o.status.success(), "{flag} {value} accepted");
+        assert!(stderr(&o).contains(says), "{flag} {value}: {}", stderr(&o));
+    }
+    let ls = stdout(&c.run(&["service", "ls", "--format", "json"]));
+    assert!(!ls.contains("\"bad\""), "{ls}");
 }
