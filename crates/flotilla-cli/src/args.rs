@@ -427,6 +427,9 @@ pub struct SpecFlags {
     /// turns it off on update).
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub init: Option<bool>,
+    /// Allocate a pseudo-terminal for each task (`--tty=false` turns it off on update).
+    #[arg(long, short = 't', num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub tty: Option<bool>,
     /// Size of /dev/shm, e.g. 128m (default 64m).
     #[arg(long)]
     pub shm_size: Option<String>,

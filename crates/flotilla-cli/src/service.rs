@@ -945,7 +945,7 @@ mod escape_tests {
     }
 }
 
-/// `--stop-signal`, `--entrypoint`, `--hostname`, `--init`, `--shm-size`.
+/// `--stop-signal`, `--entrypoint`, `--hostname`, `--init`, `--tty`, `--shm-size`.
 fn apply_process_flags(
     f: &SpecFlags,
     c: &mut flotilla_types::ContainerSpec,
@@ -964,6 +964,9 @@ fn apply_process_flags(
     }
     if let Some(i) = f.init {
         c.init = i;
+    }
+    if let Some(t) = f.tty {
+        c.tty = t;
     }
     if let Some(s) = &f.shm_size {
         c.shm_size = Some(parse_bytes(s)?);

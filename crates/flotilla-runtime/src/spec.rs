@@ -93,6 +93,9 @@ pub struct ContainerSpec {
     /// What `stop` sends before SIGKILL (a name or number); the image's `StopSignal`, else
     /// SIGTERM, when unset.
     pub stop_signal: Option<String>,
+    /// Give the process a pseudo-terminal (`/dev/console`) as stdin/stdout/stderr; its output is
+    /// logged as stdout.
+    pub tty: bool,
     /// Run a minimal init (the node's `tini`) as PID 1, reaping zombies and forwarding signals.
     pub init: bool,
     /// Size of `/dev/shm` in bytes; 64 MiB when unset, as Docker.
@@ -399,7 +402,7 @@ pub fn build_spec(
 
     // Process.
     let mut process = s.process().clone().unwrap_or_default();
-    process.set_terminal(Some(false));
+    process.set_terminal(Some(spec.tty));
     let mut args = merge_args(spec, image)?;
     if spec.init {
         if ctx.init.is_none() {

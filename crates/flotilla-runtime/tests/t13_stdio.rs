@@ -45,3 +45,42 @@ async fn t13_root_and_non_root_reopen_stdout_and_stderr_by_path() {
     }
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t13_a_tty_container_gets_a_terminal_and_its_output_is_logged() {
+    if !common::can_run() {
+        return;
+    }
+    let prefix = common::unique("tty");
+    let root = PathBuf::from("/tmp").join(format!("flotilla-rt-{prefix}"));
+    let rt = Runtime::new(common::config(&root)).expect("runtime");
+    let image =
+        flotilla_runtime::testing::import_busybox(rt.images(), "busybox:test").expect("image");
+    let id = format!("{prefix}-t");
+    let mut s = spec(
+        &id,
+        &image,
+        &[
+            "sh",
+            "-c",
+            "test -t 0 && test -t 1 && echo is-a-tty; echo size=$(stty size); \
+             echo to-stderr >&2; test -c /dev/console && echo console",
+        ],
+    );
+    s.tty = true;
+    let (code, lines) = common::run_to_exit(&rt, s).await;
+    let got: Vec<(String, String)> = flotilla_runtime::read_logs(&rt.log_path(&id), None, None)
+        .expect("logs")
+        .into_iter()
+        .map(|l| (l.stream, l.line))
+        .collect();
+    assert_eq!(code, 0, "{lines:?}");
+    for want in ["is-a-tty", "size=24 80", "to-stderr", "console"] {
+        assert!(
+            got.iter().any(|(s, l)| s == "stdout" && l == want),
+            "{want} on stdout, without a carriage return: {got:?}"
+        );
+    }
+    rt.remove(&id, false).await.expect("remove");
+    let _ = std::fs::remove_dir_all(&root);
+}

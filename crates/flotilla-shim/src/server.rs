@@ -21,6 +21,16 @@ struct Output {
     fd: Option<File>,
     stream: &'static str,
     split: LineSplitter,
+    /// A pty, whose lines end in `\r\n`.
+    tty: bool,
+}
+
+/// A pty's line without the carriage return its line discipline added.
+fn trim_cr(tty: bool, line: &[u8]) -> &[u8] {
+    match line {
+        [rest @ .., b'\r'] if tty => rest,
+        _ => line,
+    }
 }
 
 struct Client {
@@ -104,6 +114,25 @@ fn start_via_fifo(args: &ShimArgs, init_pid: i32) -> Option<Result<(), String>> 
     Some(Ok(()))
 }
 
+/// Takes the pty master the runtime sent on the console socket (it connected and sent it
+/// before `create` returned, so this does not wait on a live peer for long).
+fn receive_pty(listener: &UnixListener) -> Result<OwnedFd, String> {
+    // Non-blocking: a runtime that succeeded without connecting must not hang the shim.
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("console socket: {e}"))?;
+    let (sock, _) = listener
+        .accept()
+        .map_err(|e| format!("console socket: the runtime sent no pty ({e})"))?;
+    sock.set_nonblocking(false)
+        .map_err(|e| format!("console socket: {e}"))?;
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| format!("console socket: {e}"))?;
+    let fd = sys::recv_fd(&sock).map_err(|e| format!("receive the pty: {e}"))?;
+    let _ = sys::set_winsize(&fd, 24, 80);
+    Ok(fd)
+}
+
 /// Last error message the runtime logged (runc/crun write JSON or text lines to `--log`).
 fn runtime_error(state_dir: &Path, fallback: &str) -> String {
     let text = fs::read_to_string(state_dir.join("runtime.log")).unwrap_or_default();
@@ -160,10 +189,25 @@ impl Shim {
         }
         let pid_file = args.state_dir.join("init.pid");
         let _ = fs::remove_file(&pid_file);
-        let status = runtime_cmd(&args)
-            .arg("create")
-            .arg("--bundle")
-            .arg(&args.bundle)
+        // With a terminal the runtime makes the pty and sends its master over this socket;
+        // the container's stdout and stderr are then both the pty.
+        let console = stdio::wants_terminal(&args.bundle)
+            .then(|| {
+                // Beside the shim's own socket, whose directory the runtime keeps short
+                // (a unix socket path has at most 107 bytes).
+                let path = args.socket.with_extension("console");
+                let _ = fs::remove_file(&path);
+                UnixListener::bind(&path)
+                    .map(|l| (l, path.clone()))
+                    .map_err(|e| format!("bind {}: {e}", path.display()))
+            })
+            .transpose()?;
+        let mut create = runtime_cmd(&args);
+        create.arg("create").arg("--bundle").arg(&args.bundle);
+        if let Some((_, path)) = &console {
+            create.arg("--console-socket").arg(path);
+        }
+        let status = create
             .arg("--pid-file")
             .arg(&pid_file)
             .arg(&args.id)
@@ -172,6 +216,14 @@ impl Shim {
             .stderr(Stdio::from(err_w))
             .status()
             .map_err(|e| format!("run {}: {e}", args.runtime.display()))?;
+        let pty = match &console {
+            Some((listener, path)) => {
+                let got = status.success().then(|| receive_pty(listener));
+                let _ = fs::remove_file(path);
+                got.transpose()?
+            }
+            None => None,
+        };
         if !status.success() {
             let msg = runtime_error(&args.state_dir, "create failed");
             let _ = runtime_cmd(&args)
@@ -183,6 +235,9 @@ impl Shim {
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .ok_or_else(|| "runtime wrote no pid file".to_string())?;
+        // The pty master replaces the stdout pipe, which only the runtime held.
+        let tty = pty.is_some();
+        let out_r = pty.unwrap_or(out_r);
         for fd in [&out_r, &err_r] {
             sys::set_nonblocking(fd.as_raw_fd()).map_err(|e| format!("nonblock: {e}"))?;
         }
@@ -214,11 +269,13 @@ impl Shim {
                     fd: to_file(out_r),
                     stream: "stdout",
                     split: LineSplitter::default(),
+                    tty,
                 },
                 Output {
                     fd: to_file(err_r),
                     stream: "stderr",
                     split: LineSplitter::default(),
+                    tty: false,
                 },
             ],
             args,
@@ -261,22 +318,32 @@ impl Shim {
         loop {
             match fd.read(&mut buf) {
                 Ok(0) => {
-                    let stream = out.stream;
+                    let (stream, tty) = (out.stream, out.tty);
                     let log = &mut self.log;
                     out.split.finish(|l| {
-                        let _ = log.write_record(stream, l);
+                        let _ = log.write_record(stream, trim_cr(tty, l));
                     });
                     out.fd = None;
                     return;
                 }
                 Ok(n) => {
-                    let stream = out.stream;
+                    let (stream, tty) = (out.stream, out.tty);
                     let log = &mut self.log;
                     out.split.feed(&buf[..n], |l| {
-                        let _ = log.write_record(stream, l);
+                        let _ = log.write_record(stream, trim_cr(tty, l));
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // A pty master reads EIO once every slave end is closed: its end of file.
+                Err(e) if e.raw_os_error() == Some(libc::EIO) => {
+                    let (stream, tty) = (out.stream, out.tty);
+                    let log = &mut self.log;
+                    out.split.finish(|l| {
+                        let _ = log.write_record(stream, trim_cr(tty, l));
+                    });
+                    out.fd = None;
+                    return;
+                }
                 Err(_) => return, // WouldBlock: drained for now
             }
         }
@@ -315,10 +382,10 @@ impl Shim {
         for i in 0..2 {
             self.drain_output(i);
             let out = &mut self.outputs[i];
-            let stream = out.stream;
+            let (stream, tty) = (out.stream, out.tty);
             let log = &mut self.log;
             out.split.finish(|l| {
-                let _ = log.write_record(stream, l);
+                let _ = log.write_record(stream, trim_cr(tty, l));
             });
             out.fd = None;
         }

@@ -27,6 +27,16 @@ pub fn process_host_ids(bundle: &Path) -> Option<(u32, u32)> {
     ))
 }
 
+/// Whether the bundle's process asks for a terminal (`process.terminal`): the shim then
+/// receives the pty master from the runtime and logs it as stdout.
+pub fn wants_terminal(bundle: &Path) -> bool {
+    std::fs::read(bundle.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_slice::<Value>(&t).ok())
+        .and_then(|v| v.pointer("/process/terminal").and_then(Value::as_bool))
+        .unwrap_or(false)
+}
+
 fn id_of(v: Option<&Value>) -> Option<u32> {
     v.and_then(Value::as_u64)
         .and_then(|n| u32::try_from(n).ok())

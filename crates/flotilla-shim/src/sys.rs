@@ -222,3 +222,65 @@ pub fn fchown(fd: &OwnedFd, uid: u32, gid: u32) -> io::Result<()> {
     // SAFETY: fchown on a descriptor we own; it takes no pointers.
     cvt(unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) }).map(|_| ())
 }
+
+/// Receives one file descriptor passed with `SCM_RIGHTS` on `sock` (runc's `--console-socket`
+/// sends the pty master this way, with the pty's name as the payload).
+pub fn recv_fd(sock: &std::os::unix::net::UnixStream) -> io::Result<OwnedFd> {
+    let mut payload = [0u8; 4096];
+    let mut iov = libc::iovec {
+        iov_base: payload.as_mut_ptr().cast(),
+        iov_len: payload.len(),
+    };
+    // Room for one control message holding one int, aligned as the kernel needs.
+    let mut control = [0u64; 8];
+    // SAFETY: CMSG_SPACE is pure arithmetic on its argument.
+    let control_len = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) };
+    // SAFETY: an all-zero msghdr is a valid empty header; the fields are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = (control_len as usize).min(std::mem::size_of_val(&control));
+    // SAFETY: msg points at buffers that live across the call; MSG_CMSG_CLOEXEC marks the
+    // received descriptor close-on-exec.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: msg was filled by recvmsg; CMSG_FIRSTHDR returns null or a header inside
+    // `control`.
+    let cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    if cmsg.is_null() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "no descriptor received",
+        ));
+    }
+    // SAFETY: cmsg is non-null and points into `control`, which is still alive.
+    let (level, typ, len) = unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type, (*cmsg).cmsg_len) };
+    // SAFETY: CMSG_LEN is pure arithmetic.
+    let want = unsafe { libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) } as usize;
+    if level != libc::SOL_SOCKET || typ != libc::SCM_RIGHTS || len != want {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "unexpected control message",
+        ));
+    }
+    // SAFETY: the header says SCM_RIGHTS with exactly one int of data; CMSG_DATA points at it
+    // (read unaligned, as the data may not be aligned for c_int).
+    let fd = unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>()) };
+    // SAFETY: the kernel installed this descriptor for us; nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sets a terminal's window size (rows, columns).
+pub fn set_winsize(fd: &OwnedFd, rows: u16, cols: u16) -> io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one valid winsize struct.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) }).map(|_| ())
+}

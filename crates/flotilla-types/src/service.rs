@@ -153,6 +153,9 @@ pub struct ContainerSpec {
     /// The container's hostname; the first 12 characters of the task id when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+    /// Allocate a pseudo-terminal for the task's process (its output is logged as stdout).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tty: bool,
     /// Run a minimal init as PID 1 that reaps zombies and forwards signals.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub init: bool,

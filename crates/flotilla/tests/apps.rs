@@ -504,6 +504,7 @@ fn a20_service_process_flags_reach_the_container() {
     let c = Cluster::init(61, &[]);
     c.import("flags:1", "sh");
     let script = "trap 'echo got-USR1; exit 0' USR1; echo host=$(hostname); \
+                  test -t 1 && echo tty=yes; \
                   grep -c db-1 /etc/hosts | sed s/^/hosts=/; \
                   echo shm=$(df -k /dev/shm | tail -1 | awk '{print $2}'); \
                   echo pid1=$(tr '\\0' ' ' < /proc/1/cmdline); \
@@ -521,6 +522,7 @@ fn a20_service_process_flags_reach_the_container() {
         "--shm-size",
         "8m",
         "--init",
+        "--tty",
         "flags:1",
         "sh",
         "-c",
@@ -534,6 +536,7 @@ fn a20_service_process_flags_reach_the_container() {
     });
     for want in [
         "host=db-1",
+        "tty=yes",
         "hosts=1",
         "shm=8192",
         "pid1=/sbin/flotilla-init -- sh -c",

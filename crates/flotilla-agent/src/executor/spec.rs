@@ -51,6 +51,7 @@ pub fn container_spec(
         labels: c.labels.clone(),
         stop_signal: c.stop_signal.clone(),
         init: c.init,
+        tty: c.tty,
         shm_size: c.shm_size,
         // The runtime creates the namespace (see `NodeNet::prepare_task`).
         network_namespace: None,
