@@ -417,7 +417,7 @@ pub struct SpecFlags {
     /// Signal that stops a task (e.g. SIGQUIT, INT, 3); the image's STOPSIGNAL, else SIGTERM.
     #[arg(long)]
     pub stop_signal: Option<String>,
-    /// Replace the image's entrypoint (a command line, split on spaces; "" clears it).
+    /// Replace the image's entrypoint (a command line, split as a shell would; "" clears it).
     #[arg(long)]
     pub entrypoint: Option<String>,
     /// The containers' hostname (default: the first 12 characters of the task id).

@@ -956,8 +956,13 @@ fn apply_process_flags(
         c.stop_signal = Some(sig.clone());
     }
     if let Some(ep) = &f.entrypoint {
-        // `--entrypoint ""` clears the image's entrypoint, as in Docker.
-        c.command = Some(ep.split_whitespace().map(str::to_string).collect());
+        // Split like a shell would, as Swarm's CLI does; `--entrypoint ""` clears the image's
+        // entrypoint.
+        c.command = Some(shlex::split(ep).ok_or_else(|| {
+            CliError::usage(format!(
+                "--entrypoint {ep:?}: unbalanced quotes or a trailing backslash"
+            ))
+        })?);
     }
     if let Some(h) = &f.hostname {
         c.hostname = Some(h.clone());
@@ -972,4 +977,73 @@ fn apply_process_flags(
         c.shm_size = Some(parse_bytes(s)?);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod process_flag_tests {
+    use super::*;
+    use crate::args::{Cli, Command, ServiceCmd};
+    use clap::Parser;
+
+    /// The container spec `service create … FLAGS img` would send, or the CLI's error.
+    fn create(flags: &[&str]) -> Result<flotilla_types::ContainerSpec, String> {
+        let mut argv = vec!["flotilla", "service", "create", "--name", "x"];
+        argv.extend_from_slice(flags);
+        argv.push("img");
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        let Command::Service(cmd) = cli.command else {
+            return Err("not a service command".into());
+        };
+        let ServiceCmd::Create(a) = *cmd else {
+            return Err("not create".into());
+        };
+        let mut c = flotilla_types::ContainerSpec::default();
+        apply_process_flags(&a.flags, &mut c).map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+
+    #[test]
+    fn process_flags_reach_the_spec() {
+        let c = create(&[
+            "--entrypoint",
+            "sh -c 'echo a b'",
+            "--stop-signal",
+            "SIGQUIT",
+            "--hostname",
+            "db-1",
+            "--init",
+            "-t",
+            "--shm-size",
+            "128m",
+        ])
+        .expect("flags");
+        assert_eq!(
+            c.command,
+            Some(vec!["sh".into(), "-c".into(), "echo a b".into()])
+        );
+        assert_eq!(c.stop_signal.as_deref(), Some("SIGQUIT"));
+        assert_eq!(c.hostname.as_deref(), Some("db-1"));
+        assert!(c.init && c.tty);
+        assert_eq!(c.shm_size, Some(128 << 20));
+        assert_eq!(
+            create(&["--entrypoint", ""]).expect("clear").command,
+            Some(vec![])
+        );
+        let off = create(&["--init=false", "--tty=false"]).expect("off");
+        assert!(!off.init && !off.tty);
+    }
+
+    #[test]
+    fn bad_process_flags_say_what_is_wrong() {
+        for (flags, says) in [
+            (&["--entrypoint", "sh -c 'unclosed"][..], "unbalanced"),
+            (&["--entrypoint", "trailing\\"][..], "unbalanced"),
+            (&["--stop-signal", "SIGNOPE"][..], "SIGTERM"),
+            (&["--shm-size", "lots"][..], "size"),
+            (&["--init=maybe"][..], "maybe"),
+        ] {
+            let e = create(flags).expect_err(&format!("{flags:?}"));
+            assert!(e.contains(says), "{flags:?}: {e}");
+        }
+    }
 }

@@ -220,7 +220,16 @@ impl Shim {
             Some((listener, path)) => {
                 let got = status.success().then(|| receive_pty(listener));
                 let _ = fs::remove_file(path);
-                got.transpose()?
+                match got.transpose() {
+                    Ok(pty) => pty,
+                    Err(e) => {
+                        // Created but without its terminal: remove it rather than leave it.
+                        let _ = runtime_cmd(&args)
+                            .args(["delete", "--force", &args.id])
+                            .output();
+                        return Err(e);
+                    }
+                }
             }
             None => None,
         };

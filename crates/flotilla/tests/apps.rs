@@ -264,6 +264,18 @@ fn a10_real_applications_run_answer_log_and_stop_like_under_docker() {
         assert!(o.status.success(), "load {}: {}", app.name, stderr(&o));
         let publish = format!("{}:{}", app.publish.0, app.publish.1);
         let image = format!("apps/{}:1", app.name);
+        // `image inspect` shows the config: exposed ports, labels, volumes, stop signal.
+        let inspect = stdout(&c.run(&["image", "inspect", &image]));
+        let v: serde_json::Value = serde_json::from_str(&inspect).unwrap_or_default();
+        let port = format!("{}/tcp", app.publish.1);
+        record(
+            &mut failures,
+            &format!("{} image inspect shows its exposed port", app.name),
+            v["config"]["config"]["ExposedPorts"]
+                .get(&port)
+                .map(|_| ())
+                .ok_or_else(|| format!("no {port}: {inspect:.400}")),
+        );
         let mut args = vec![
             "service", "create", "--name", app.name, "--detach", "-p", &publish,
         ];
@@ -329,6 +341,22 @@ fn a10_real_applications_run_answer_log_and_stop_like_under_docker() {
             );
         }
     }
+
+    let inspect = |image: &str| -> serde_json::Value {
+        serde_json::from_str(&stdout(&c.run(&["image", "inspect", image]))).unwrap_or_default()
+    };
+    let (sa, pg) = (inspect("apps/stdout-app:1"), inspect("apps/postgres:1"));
+    record(
+        &mut failures,
+        "image inspect shows labels, volumes and the stop signal",
+        (sa["config"]["config"]["Labels"]["org.flotilla.conformance"] == "stdout-app"
+            && pg["config"]["config"]["Volumes"]
+                .get("/var/lib/postgresql/data")
+                .is_some()
+            && pg["config"]["config"]["StopSignal"] == "SIGINT")
+            .then_some(())
+            .ok_or_else(|| format!("{sa:.300} {pg:.300}")),
+    );
 
     // A service without published ports, reached by its name on its port.
     let o = c.run(&[
