@@ -107,6 +107,8 @@ pub struct AgentConfig {
     pub bind_ip: IpAddr,
     /// The address other nodes reach this one at (the overlay's underlay).
     pub underlay: IpAddr,
+    /// Resolvers for names outside the cluster (`--dns`, else the host's resolv.conf).
+    pub dns_upstreams: Vec<std::net::SocketAddr>,
 }
 
 /// Everything the agent's loops and routes share.
@@ -233,6 +235,7 @@ impl Agent {
                 &node_id,
                 ctx.config.bind_ip,
                 ctx.config.underlay,
+                ctx.config.dns_upstreams.clone(),
             )
         });
         let (exec, reports) = executor::Executor::new(&ctx, net.clone());

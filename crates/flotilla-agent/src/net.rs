@@ -162,6 +162,9 @@ pub struct NodeNet {
     bind_ip: IpAddr,
     /// The node's underlay address (advertised).
     underlay: Ipv4Addr,
+    /// Resolvers the DNS responder forwards names outside the cluster to (`--dns`, else the
+    /// host's); empty: cluster names only.
+    dns_upstreams: Vec<SocketAddr>,
     /// The netlink connection of the node's namespace, opened by the first set-up.
     net: OnceLock<Net>,
     /// Task addresses of the set-up subnet; `None` before set-up.
@@ -182,7 +185,13 @@ fn lock(addrs: &Mutex<Option<TaskAddrs>>) -> MutexGuard<'_, Option<TaskAddrs>> {
 }
 
 impl NodeNet {
-    pub fn new(data_dir: &Path, node_id: &str, bind_ip: IpAddr, underlay: IpAddr) -> Arc<NodeNet> {
+    pub fn new(
+        data_dir: &Path,
+        node_id: &str,
+        bind_ip: IpAddr,
+        underlay: IpAddr,
+        dns_upstreams: Vec<SocketAddr>,
+    ) -> Arc<NodeNet> {
         let underlay = match underlay {
             IpAddr::V4(a) => a,
             IpAddr::V6(_) => Ipv4Addr::LOCALHOST,
@@ -207,6 +216,7 @@ impl NodeNet {
             names: Names::new(data_dir, node_id),
             bind_ip,
             underlay,
+            dns_upstreams,
             net: OnceLock::new(),
             addrs: Arc::new(Mutex::new(None)),
             ready: watch::channel(None).0,
@@ -386,6 +396,7 @@ impl NodeNet {
         };
         let opts = DnsOptions {
             domain: Some(ready.domain.clone()),
+            upstreams: self.dns_upstreams.clone(),
             ..Default::default()
         };
         match DnsServer::bind(SocketAddr::new(IpAddr::V4(ready.gateway), 53), opts).await {
@@ -885,7 +896,7 @@ mod tests {
     /// A node whose task network is set up by hand (no netlink): the allocator, then `ready`.
     fn set_up_by_hand(dir: &Path) -> Arc<NodeNet> {
         let ip: IpAddr = "127.0.0.1".parse().expect("ip");
-        let net = NodeNet::new(dir, "n1", ip, ip);
+        let net = NodeNet::new(dir, "n1", ip, ip, Vec::new());
         let subnet: Ipv4Net = "10.200.0.0/24".parse().expect("subnet");
         std::fs::create_dir_all(&net.names.dir).expect("net dir");
         let addrs = TaskAddrs::open(net.names.dir.join("ipam.json"), subnet).expect("ipam");

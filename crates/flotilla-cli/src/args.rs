@@ -183,6 +183,10 @@ pub struct RunArgs {
     /// `none`: tasks get only loopback (no routing mesh, no service discovery).
     #[arg(long, default_value = "bridge", value_parser = ["bridge", "none"])]
     pub network: String,
+    /// Resolver for names outside the cluster, IP[:PORT] (repeatable, at most 3); default: the
+    /// host's /etc/resolv.conf (behind systemd-resolved's stub); `none`: cluster names only.
+    #[arg(long, value_name = "IP[:PORT]|none")]
+    pub dns: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,13 +1,23 @@
 //! The service-discovery DNS responder: answers A queries for service and task names from a table
-//! the agent keeps current, over UDP and TCP, and forwards other names to an optional upstream.
+//! the agent keeps current, over UDP and TCP.
 //!
-//! The decision for one message is the pure [`respond`] function; the server around it only moves
-//! bytes.
+//! Names outside the cluster domain that are not in the table go to the configured upstream
+//! resolvers ([`DnsOptions::upstreams`]), tried in order: one that times out
+//! ([`DnsOptions::upstream_timeout`]) or fails is skipped for the next, and the client gets
+//! SERVFAIL only when all failed. UDP queries are forwarded over UDP, TCP queries over TCP. Without
+//! upstreams such names are NXDOMAIN.
+//!
+//! Forwarded answers are kept in a [`DnsCache`] (at most [`DnsOptions::cache_entries`] entries):
+//! positive answers only, for the smallest TTL of their answer records and at most 5 minutes,
+//! served with their TTLs counted down.
+//!
+//! The decision for one message is the pure [`respond`] function, the cache is a pure structure
+//! taking the time as an argument; the server around them only moves bytes.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 
 use rand::seq::SliceRandom;
 use simple_dns::rdata::{RData, A};
@@ -21,6 +31,9 @@ use tracing::debug;
 use crate::sock::ListenOptions;
 use crate::MeshError;
 
+/// Largest answer the cache keeps (4096 entries of at most this size: 16 MiB).
+pub const MAX_CACHED_ANSWER: usize = 4096;
+
 /// Largest UDP answer we send (no EDNS): larger answers are truncated (TC) so clients use TCP.
 pub const UDP_MAX: usize = 512;
 
@@ -32,10 +45,14 @@ pub struct DnsOptions {
     pub domain: Option<String>,
     /// TTL of answers, in seconds (default 2: task sets change often).
     pub ttl: u32,
-    /// Resolver to forward unknown names to; without one they are NXDOMAIN (default none).
-    pub upstream: Option<SocketAddr>,
-    /// How long to wait for the upstream before answering SERVFAIL (default 2 s).
+    /// Resolvers to forward unknown names to, tried in this order; without any they are NXDOMAIN
+    /// (default none).
+    pub upstreams: Vec<SocketAddr>,
+    /// How long to wait for one upstream before trying the next one, or answering SERVFAIL after
+    /// the last one (default 2 s).
     pub upstream_timeout: Duration,
+    /// Forwarded answers kept in the cache at most; 0 disables the cache (default 4096).
+    pub cache_entries: usize,
     /// A TCP client that sends nothing for this long is disconnected (default 10 s).
     pub tcp_idle_timeout: Duration,
     /// At most this many queries are being forwarded upstream at once; more get SERVFAIL
@@ -50,8 +67,9 @@ impl Default for DnsOptions {
         DnsOptions {
             domain: Some("flotilla".to_string()),
             ttl: 2,
-            upstream: None,
+            upstreams: Vec::new(),
             upstream_timeout: Duration::from_secs(2),
+            cache_entries: 4096,
             tcp_idle_timeout: Duration::from_secs(10),
             max_forwards: 256,
             max_tcp_clients: 128,
@@ -125,7 +143,7 @@ fn normalize(name: &str, domain: Option<&str>) -> Normalized {
 pub enum Outcome {
     /// Send these bytes back.
     Reply(Vec<u8>),
-    /// Unknown name and an upstream is configured: forward the message as it is.
+    /// Unknown name and upstreams are configured: forward the message as it is.
     Forward,
     /// Not a query (too short, or a response): drop it.
     Ignore,
@@ -165,7 +183,7 @@ pub fn respond(
     };
     let name = question.qname.to_string();
     let (found, in_domain) = records.lookup(&name);
-    if found.is_none() && !in_domain && opts.upstream.is_some() {
+    if found.is_none() && !in_domain && !opts.upstreams.is_empty() {
         return Outcome::Forward;
     }
 
@@ -174,7 +192,7 @@ pub fn respond(
     if packet.has_flags(PacketFlag::RECURSION_DESIRED) {
         reply.set_flags(PacketFlag::RECURSION_DESIRED);
     }
-    if opts.upstream.is_some() {
+    if !opts.upstreams.is_empty() {
         reply.set_flags(PacketFlag::RECURSION_AVAILABLE);
     }
     reply.questions.push(question.clone());
@@ -212,11 +230,200 @@ pub fn respond(
     Outcome::Reply(bytes)
 }
 
+/// Longest time an answer stays in the [`DnsCache`], whatever its TTLs, in seconds.
+const CACHE_MAX_SECS: u32 = 300;
+
+/// The question an answer is cached under: the name's labels lowercased, qtype and qclass.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct CacheKey {
+    name: Vec<Vec<u8>>,
+    qtype: u16,
+    qclass: u16,
+}
+
+/// The key of a message with exactly one question.
+fn cache_key(p: &Packet<'_>) -> Option<CacheKey> {
+    let [q] = p.questions.as_slice() else {
+        return None;
+    };
+    Some(CacheKey {
+        name: q.qname.as_bytes().map(|l| l.to_ascii_lowercase()).collect(),
+        qtype: q.qtype.into(),
+        qclass: q.qclass.into(),
+    })
+}
+
+#[derive(Debug)]
+struct CacheEntry {
+    answer: Vec<u8>,
+    stored: Instant,
+    expires: Instant,
+}
+
+/// A cache of forwarded answers, keyed by question (case-insensitive name, qtype, qclass).
+///
+/// Only answers with RCODE NOERROR, at least one answer record and no TC flag are kept, for the
+/// smallest TTL of their answer records and at most 5 minutes; a TTL of 0 is not kept. When full,
+/// expired entries are dropped first, then the one expiring first. Messages that do not parse are
+/// never kept. The time is an argument of every call.
+#[derive(Debug)]
+pub struct DnsCache {
+    capacity: usize,
+    entries: HashMap<CacheKey, CacheEntry>,
+}
+
+impl DnsCache {
+    /// An empty cache holding at most `capacity` answers (0: nothing is ever kept).
+    pub fn new(capacity: usize) -> Self {
+        DnsCache {
+            capacity,
+            entries: HashMap::new(),
+        }
+    }
+
+    /// Number of entries, expired ones included until they are dropped.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// No entries at all.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The cached answer to `query` if one is fresh at `now`: with the query's ID, question and RD
+    /// flag, and every record's TTL reduced by the seconds elapsed since it was stored. An expired
+    /// entry is dropped.
+    pub fn get(&mut self, query: &[u8], now: Instant) -> Option<Vec<u8>> {
+        if self.capacity == 0 {
+            return None;
+        }
+        let q = Packet::parse(query).ok()?;
+        let key = cache_key(&q)?;
+        let entry = self.entries.get(&key)?;
+        if now >= entry.expires {
+            self.entries.remove(&key);
+            return None;
+        }
+        let elapsed = now.saturating_duration_since(entry.stored).as_secs();
+        let elapsed = u32::try_from(elapsed).unwrap_or(u32::MAX);
+        let out = rewrite_cached(&entry.answer, &q, elapsed);
+        if out.is_none() {
+            self.entries.remove(&key);
+        }
+        out
+    }
+
+    /// Keeps `answer`, the upstream's response to `query`, if it is cacheable (see the type's
+    /// documentation) and answers that very question.
+    pub fn put(&mut self, query: &[u8], answer: &[u8], now: Instant) {
+        // Larger answers (rare, from TCP) are not kept: the cache stays under 16 MiB.
+        if self.capacity == 0 || answer.len() > MAX_CACHED_ANSWER {
+            return;
+        }
+        let Ok(q) = Packet::parse(query) else {
+            return;
+        };
+        let Some(key) = cache_key(&q) else {
+            return;
+        };
+        let Ok(a) = Packet::parse(answer) else {
+            return;
+        };
+        if !a.has_flags(PacketFlag::RESPONSE)
+            || a.has_flags(PacketFlag::TRUNCATION)
+            || a.opcode() != OPCODE::StandardQuery
+            || a.rcode() != RCODE::NoError
+            || a.id() != q.id()
+            || cache_key(&a).as_ref() != Some(&key)
+        {
+            return;
+        }
+        // TTLs with the top bit set count as 0 (RFC 2181 §8).
+        let Some(min_ttl) = a
+            .answers
+            .iter()
+            .map(|rr| if rr.ttl > i32::MAX as u32 { 0 } else { rr.ttl })
+            .min()
+        else {
+            return;
+        };
+        let life = min_ttl.min(CACHE_MAX_SECS);
+        if life == 0 {
+            return;
+        }
+        // What cannot be rebuilt could not be served.
+        if rewrite_cached(answer, &q, 0).is_none() {
+            return;
+        }
+        if !self.entries.contains_key(&key) && self.entries.len() >= self.capacity {
+            self.entries.retain(|_, e| now < e.expires);
+            while self.entries.len() >= self.capacity {
+                let Some(first) = self
+                    .entries
+                    .iter()
+                    .min_by_key(|(_, e)| e.expires)
+                    .map(|(k, _)| k.clone())
+                else {
+                    break;
+                };
+                self.entries.remove(&first);
+            }
+        }
+        self.entries.insert(
+            key,
+            CacheEntry {
+                answer: answer.to_vec(),
+                stored: now,
+                expires: now + Duration::from_secs(u64::from(life)),
+            },
+        );
+    }
+}
+
+/// A stored answer made the answer to `query`: its ID, question and RD flag, no OPT record if the
+/// query had none, every TTL reduced by `elapsed` seconds.
+fn rewrite_cached(answer: &[u8], query: &Packet<'_>, elapsed: u32) -> Option<Vec<u8>> {
+    let mut p = Packet::parse(answer).ok()?;
+    p.set_id(query.id());
+    p.questions = query
+        .questions
+        .iter()
+        .map(|q| q.clone().into_owned())
+        .collect();
+    if query.has_flags(PacketFlag::RECURSION_DESIRED) {
+        p.set_flags(PacketFlag::RECURSION_DESIRED);
+    } else {
+        p.remove_flags(PacketFlag::RECURSION_DESIRED);
+    }
+    if query.opt().is_none() {
+        *p.opt_mut() = None;
+    }
+    for rr in p
+        .answers
+        .iter_mut()
+        .chain(p.name_servers.iter_mut())
+        .chain(p.additional_records.iter_mut())
+    {
+        rr.ttl = rr.ttl.saturating_sub(elapsed);
+    }
+    p.build_bytes_vec_compressed().ok()
+}
+
+/// The largest UDP answer `query` accepts: its EDNS payload size, at least [`UDP_MAX`].
+fn udp_limit(query: &[u8]) -> usize {
+    Packet::parse(query)
+        .ok()
+        .and_then(|p| p.opt().map(|o| usize::from(o.udp_packet_size)))
+        .map_or(UDP_MAX, |n| n.max(UDP_MAX))
+}
+
 struct Shared {
     records: RwLock<Arc<Records>>,
     opts: DnsOptions,
     forwards: Arc<Semaphore>,
     tcp_clients: Arc<Semaphore>,
+    cache: Mutex<DnsCache>,
 }
 
 impl Shared {
@@ -231,6 +438,39 @@ impl Shared {
         respond(query, &self.records(), &self.opts, max_len, |a| {
             a.shuffle(&mut rand::rng())
         })
+    }
+
+    fn cache(&self) -> MutexGuard<'_, DnsCache> {
+        match self.cache.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// The cached answer to `query`, if any.
+    fn cached(&self, query: &[u8]) -> Option<Vec<u8>> {
+        self.cache().get(query, Instant::now())
+    }
+
+    /// Forwards `query` to the upstreams in order until one answers (over TCP or UDP), and caches
+    /// the answer; `None` when all failed.
+    async fn forward(&self, query: &[u8], tcp: bool) -> Option<Vec<u8>> {
+        let timeout = self.opts.upstream_timeout;
+        for &upstream in &self.opts.upstreams {
+            let result = if tcp {
+                forward_tcp(query, upstream, timeout).await
+            } else {
+                forward_udp(query, upstream, timeout).await
+            };
+            match result {
+                Ok(answer) => {
+                    self.cache().put(query, &answer, Instant::now());
+                    return Some(answer);
+                }
+                Err(e) => debug!(%upstream, tcp, error = %e, "dns forward failed"),
+            }
+        }
+        None
     }
 }
 
@@ -264,6 +504,7 @@ impl DnsServer {
             ))),
             forwards: Arc::new(Semaphore::new(opts.max_forwards)),
             tcp_clients: Arc::new(Semaphore::new(opts.max_tcp_clients)),
+            cache: Mutex::new(DnsCache::new(opts.cache_entries)),
             opts,
         });
         let tasks = vec![
@@ -352,28 +593,30 @@ async fn udp_loop(sock: Arc<UdpSocket>, shared: Arc<Shared>) {
                 }
             }
             Outcome::Forward => {
-                if let Some(upstream) = shared.opts.upstream {
-                    let Ok(permit) = shared.forwards.clone().try_acquire_owned() else {
-                        let _ = sock
-                            .send_to(&header_only(query, RCODE::ServerFailure), peer)
-                            .await;
-                        continue;
-                    };
-                    let query = query.to_vec();
-                    let sock = sock.clone();
-                    let timeout = shared.opts.upstream_timeout;
-                    tokio::spawn(async move {
-                        let answer = match forward_udp(&query, upstream, timeout).await {
-                            Ok(a) => a,
-                            Err(e) => {
-                                debug!(%upstream, error = %e, "dns forward failed");
-                                header_only(&query, RCODE::ServerFailure)
-                            }
-                        };
-                        let _ = sock.send_to(&answer, peer).await;
-                        drop(permit);
-                    });
+                // An answer cached from a TCP exchange may be too big for this client.
+                if let Some(answer) = shared.cached(query).filter(|a| a.len() <= udp_limit(query)) {
+                    if let Err(e) = sock.send_to(&answer, peer).await {
+                        debug!(%peer, error = %e, "dns udp send failed");
+                    }
+                    continue;
                 }
+                let Ok(permit) = shared.forwards.clone().try_acquire_owned() else {
+                    let _ = sock
+                        .send_to(&header_only(query, RCODE::ServerFailure), peer)
+                        .await;
+                    continue;
+                };
+                let query = query.to_vec();
+                let sock = sock.clone();
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let answer = match shared.forward(&query, false).await {
+                        Some(a) => a,
+                        None => header_only(&query, RCODE::ServerFailure),
+                    };
+                    let _ = sock.send_to(&answer, peer).await;
+                    drop(permit);
+                });
             }
             Outcome::Ignore => {}
         }
@@ -467,15 +710,12 @@ async fn serve_tcp(mut s: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         }
         let answer = match shared.respond(&query, u16::MAX as usize) {
             Outcome::Reply(b) => b,
-            Outcome::Forward => match shared.opts.upstream {
-                Some(up) => match forward_tcp(&query, up, shared.opts.upstream_timeout).await {
-                    Ok(a) => a,
-                    Err(e) => {
-                        debug!(upstream = %up, error = %e, "dns tcp forward failed");
-                        header_only(&query, RCODE::ServerFailure)
-                    }
+            Outcome::Forward => match shared.cached(&query) {
+                Some(a) => a,
+                None => match shared.forward(&query, true).await {
+                    Some(a) => a,
+                    None => header_only(&query, RCODE::ServerFailure),
                 },
-                None => continue,
             },
             // Not a query: a stream cannot resynchronize meaningfully, drop the connection.
             Outcome::Ignore => return,
@@ -530,5 +770,253 @@ mod tests {
             got,
             vec![Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2)]
         );
+    }
+
+    fn query_for(id: u16, name: &str, t: TYPE) -> Vec<u8> {
+        let mut p = Packet::new_query(id);
+        p.set_flags(PacketFlag::RECURSION_DESIRED);
+        p.questions.push(simple_dns::Question::new(
+            simple_dns::Name::new_unchecked(name),
+            QTYPE::TYPE(t),
+            QCLASS::CLASS(CLASS::IN),
+            false,
+        ));
+        p.build_bytes_vec().expect("build query")
+    }
+
+    fn q(id: u16, name: &str) -> Vec<u8> {
+        query_for(id, name, TYPE::A)
+    }
+
+    /// An upstream answer to an A query for `name`: one A record per TTL.
+    fn answer(id: u16, name: &str, rcode: RCODE, ttls: &[u32], tc: bool) -> Vec<u8> {
+        let mut p = Packet::new_reply(id);
+        p.set_flags(PacketFlag::RECURSION_DESIRED | PacketFlag::RECURSION_AVAILABLE);
+        if tc {
+            p.set_flags(PacketFlag::TRUNCATION);
+        }
+        *p.rcode_mut() = rcode;
+        let qname = simple_dns::Name::new_unchecked(name);
+        p.questions.push(simple_dns::Question::new(
+            qname.clone(),
+            QTYPE::TYPE(TYPE::A),
+            QCLASS::CLASS(CLASS::IN),
+            false,
+        ));
+        for (i, ttl) in ttls.iter().enumerate() {
+            p.answers.push(ResourceRecord::new(
+                qname.clone(),
+                CLASS::IN,
+                *ttl,
+                RData::A(A::from(Ipv4Addr::new(192, 0, 2, (i % 250) as u8 + 1))),
+            ));
+        }
+        p.build_bytes_vec_compressed().expect("build answer")
+    }
+
+    fn ok(id: u16, name: &str, ttls: &[u32]) -> Vec<u8> {
+        answer(id, name, RCODE::NoError, ttls, false)
+    }
+
+    /// (id, question name, answer TTLs) of a cached answer.
+    fn summary(bytes: &[u8]) -> (u16, String, Vec<u32>) {
+        let p = Packet::parse(bytes).expect("parse cached answer");
+        (
+            p.id(),
+            p.questions[0].qname.to_string(),
+            p.answers.iter().map(|rr| rr.ttl).collect(),
+        )
+    }
+
+    fn at(base: Instant, millis: u64) -> Instant {
+        base + Duration::from_millis(millis)
+    }
+
+    #[test]
+    fn cache_hit_has_query_id_and_counted_down_ttls() {
+        let base = Instant::now();
+        let mut c = DnsCache::new(16);
+        c.put(&q(1, "example.com"), &ok(1, "example.com", &[60, 90]), base);
+        assert_eq!(c.len(), 1);
+
+        let hit = c.get(&q(2, "example.com"), base).expect("hit");
+        assert_eq!(summary(&hit), (2, "example.com".into(), vec![60, 90]));
+        let p = Packet::parse(&hit).expect("parse");
+        assert_eq!(p.rcode(), RCODE::NoError);
+        assert!(p.has_flags(PacketFlag::RESPONSE | PacketFlag::RECURSION_DESIRED));
+
+        // Whole seconds elapsed are subtracted.
+        let hit = c.get(&q(3, "example.com"), at(base, 10_500)).expect("hit");
+        assert_eq!(summary(&hit), (3, "example.com".into(), vec![50, 80]));
+
+        // Names are case-insensitive; the question comes back as asked.
+        let hit = c.get(&q(4, "EXAMPLE.Com"), at(base, 20_000)).expect("hit");
+        assert_eq!(summary(&hit), (4, "EXAMPLE.Com".into(), vec![40, 70]));
+
+        // Another type or name is another question.
+        assert_eq!(c.get(&query_for(5, "example.com", TYPE::AAAA), base), None);
+        assert_eq!(c.get(&q(6, "example.org"), base), None);
+
+        // The RD flag follows the query.
+        let mut no_rd = q(7, "example.com");
+        no_rd[2] &= !0x01;
+        let hit = c.get(&no_rd, base).expect("hit");
+        let p = Packet::parse(&hit).expect("parse");
+        assert!(!p.has_flags(PacketFlag::RECURSION_DESIRED));
+    }
+
+    #[test]
+    fn cache_entries_expire_with_their_smallest_ttl_capped_at_5_minutes() {
+        let base = Instant::now();
+        let mut c = DnsCache::new(16);
+        c.put(&q(1, "a.example"), &ok(1, "a.example", &[60, 30]), base);
+        let hit = c.get(&q(2, "a.example"), at(base, 29_999)).expect("hit");
+        assert_eq!(summary(&hit).2, vec![31, 1]);
+        assert_eq!(c.get(&q(3, "a.example"), at(base, 30_000)), None);
+        assert!(c.is_empty(), "expired entries are dropped when met");
+
+        c.put(&q(1, "b.example"), &ok(1, "b.example", &[86_400]), base);
+        let hit = c.get(&q(2, "b.example"), at(base, 299_000)).expect("hit");
+        assert_eq!(summary(&hit).2, vec![86_400 - 299]);
+        assert_eq!(c.get(&q(3, "b.example"), at(base, 300_000)), None);
+
+        // A clock going backwards does not underflow.
+        c.put(
+            &q(1, "c.example"),
+            &ok(1, "c.example", &[60]),
+            at(base, 5_000),
+        );
+        let hit = c.get(&q(2, "c.example"), base).expect("hit");
+        assert_eq!(summary(&hit).2, vec![60]);
+
+        // A newer answer replaces the entry.
+        c.put(
+            &q(1, "c.example"),
+            &ok(1, "c.example", &[10]),
+            at(base, 5_000),
+        );
+        assert_eq!(c.len(), 1);
+        assert_eq!(c.get(&q(2, "c.example"), at(base, 15_000)), None);
+    }
+
+    #[test]
+    fn cache_keeps_only_positive_complete_answers() {
+        let base = Instant::now();
+        let mut c = DnsCache::new(16);
+        let name = "x.example";
+        let query = q(1, name);
+        for (what, bad) in [
+            ("nxdomain", answer(1, name, RCODE::NameError, &[60], false)),
+            (
+                "servfail",
+                answer(1, name, RCODE::ServerFailure, &[60], false),
+            ),
+            ("refused", answer(1, name, RCODE::Refused, &[60], false)),
+            ("truncated", answer(1, name, RCODE::NoError, &[60], true)),
+            ("no answer", ok(1, name, &[])),
+            ("ttl 0", ok(1, name, &[60, 0])),
+            ("negative ttl", ok(1, name, &[0x8000_0000])),
+            ("other id", ok(2, name, &[60])),
+            ("other question", ok(1, "y.example", &[60])),
+            ("a query, not a response", query.clone()),
+        ] {
+            c.put(&query, &bad, base);
+            assert!(c.is_empty(), "{what} was cached");
+            assert_eq!(c.get(&q(3, name), base), None, "{what}");
+        }
+
+        // An answer over the size cap (many records) is not kept.
+        let many: Vec<u32> = vec![60; 400];
+        let big = ok(1, name, &many);
+        assert!(big.len() > MAX_CACHED_ANSWER);
+        c.put(&query, &big, base);
+        assert!(c.is_empty(), "an answer of {} bytes was cached", big.len());
+
+        // Capacity 0 disables the cache.
+        let mut off = DnsCache::new(0);
+        off.put(&query, &ok(1, name, &[60]), base);
+        assert!(off.is_empty());
+        assert_eq!(off.get(&query, base), None);
+    }
+
+    #[test]
+    fn full_cache_drops_expired_then_first_to_expire() {
+        let base = Instant::now();
+        let mut c = DnsCache::new(2);
+        c.put(&q(1, "a"), &ok(1, "a", &[100]), base);
+        c.put(&q(1, "b"), &ok(1, "b", &[50]), base);
+        // Replacing an entry evicts nothing.
+        c.put(&q(1, "b"), &ok(1, "b", &[50]), base);
+        assert!(c.get(&q(1, "a"), base).is_some());
+        // Full: "b" expires first and goes.
+        c.put(&q(1, "c"), &ok(1, "c", &[200]), base);
+        assert_eq!(c.len(), 2);
+        assert!(c.get(&q(1, "a"), base).is_some());
+        assert_eq!(c.get(&q(1, "b"), base), None);
+        assert!(c.get(&q(1, "c"), base).is_some());
+        // Full again, later: the expired "a" goes, even if "c" were to expire before "d".
+        let later = at(base, 150_000);
+        c.put(&q(1, "d"), &ok(1, "d", &[10]), later);
+        assert_eq!(c.len(), 2);
+        assert!(c.get(&q(1, "c"), later).is_some());
+        assert!(c.get(&q(1, "d"), later).is_some());
+        assert_eq!(c.get(&q(1, "a"), later), None);
+    }
+
+    #[test]
+    fn cache_never_panics_on_hostile_bytes_and_keeps_none_of_them() {
+        let base = Instant::now();
+        let mut c = DnsCache::new(64);
+        let query = q(7, "h.example");
+        let good = ok(7, "h.example", &[60]);
+
+        let mut hostile: Vec<Vec<u8>> = vec![Vec::new(), vec![0], vec![0xff; 11]];
+        // Random bytes of many lengths.
+        let mut seed = 0x9e37_79b9u32;
+        for len in 0..300usize {
+            hostile.push(
+                (0..len)
+                    .map(|_| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 17;
+                        seed ^= seed << 5;
+                        (seed & 0xff) as u8
+                    })
+                    .collect(),
+            );
+        }
+        // Every truncation of a valid query and answer.
+        hostile.extend((0..query.len()).map(|n| query[..n].to_vec()));
+        hostile.extend((0..good.len()).map(|n| good[..n].to_vec()));
+        // Huge section counts with nothing behind them, alone and on a valid message.
+        let mut huge = vec![
+            0, 7, 0x81, 0x80, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        ];
+        hostile.push(huge.clone());
+        huge.extend_from_slice(&good[12..]);
+        hostile.push(huge);
+        let mut many_answers = good.clone();
+        many_answers[6] = 0xff;
+        many_answers[7] = 0xff;
+        hostile.push(many_answers);
+        // A name that is a compression pointer to itself.
+        let mut looped = good[..12].to_vec();
+        looped[4..6].copy_from_slice(&[0, 1]);
+        looped[6..12].fill(0);
+        looped.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
+        hostile.push(looped);
+
+        for bytes in &hostile {
+            c.put(bytes, &good, base);
+            c.put(&query, bytes, base);
+            c.put(bytes, bytes, base);
+            assert_eq!(c.get(bytes, base), None);
+        }
+        assert!(c.is_empty(), "{} hostile entries cached", c.len());
+        assert_eq!(c.get(&query, base), None);
+
+        // And the cache still works.
+        c.put(&query, &good, base);
+        assert!(c.get(&query, base).is_some());
     }
 }

@@ -22,7 +22,7 @@
 //!
 //! One [`DnsServer`] per node, bound on the bridge gateway (`gateway:53`, which containers get as
 //! their nameserver), fed with [`DnsServer::set_records`]: service name → VIP (or task IPs in
-//! DNS round-robin mode), task names → task IP; `upstream` = the host's resolver.
+//! DNS round-robin mode), task names → task IP; `upstreams` = the host's resolvers.
 //!
 //! For throughput, give the mesh a few [`Workers`] (one per core is a good start) through
 //! `MeshOptions { tcp: TcpOptions { runtimes: workers.handles(), .. }, .. }`.
@@ -42,7 +42,7 @@ mod tcp;
 mod udp;
 mod workers;
 
-pub use dns::{respond, DnsOptions, DnsServer, Outcome, Records, UDP_MAX};
+pub use dns::{respond, DnsCache, DnsOptions, DnsServer, Outcome, Records, UDP_MAX};
 pub use error::MeshError;
 pub use mesh::{
     ApplyReport, FrontendError, FrontendKey, FrontendSpec, FrontendStats, Mesh, MeshOptions,

@@ -1,10 +1,13 @@
-//! DNS responder over real sockets: A, AAAA, NXDOMAIN, search domain, TCP, upstream forwarding,
-//! garbage input, truncation.
+//! DNS responder over real sockets: A, AAAA, NXDOMAIN, search domain, TCP, forwarding to a list
+//! of upstreams, the cache of forwarded answers, garbage input, truncation.
 
 mod common;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use common::*;
 use flotilla_mesh::{respond, DnsOptions, DnsServer, Outcome, Records, UDP_MAX};
@@ -159,10 +162,13 @@ async fn t20_tcp_queries_on_one_connection() {
     }
 }
 
-/// A fake upstream on 127.0.0.1 answering every A query with 192.0.2.7.
-async fn fake_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+/// A fake upstream on 127.0.0.1 answering every A query with 192.0.2.7 (TTL 60), and the number
+/// of queries it received.
+async fn fake_upstream() -> (SocketAddr, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
     let s = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
     let addr = s.local_addr().expect("addr");
+    let received = Arc::new(AtomicUsize::new(0));
+    let count = received.clone();
     let task = tokio::spawn(async move {
         let mut buf = [0u8; 1500];
         loop {
@@ -172,6 +178,7 @@ async fn fake_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
             let Ok(q) = Packet::parse(&buf[..n]) else {
                 continue;
             };
+            count.fetch_add(1, Ordering::SeqCst);
             let mut r = Packet::new_reply(q.id());
             for qu in &q.questions {
                 r.questions.push(qu.clone());
@@ -185,14 +192,14 @@ async fn fake_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
             let _ = s.send_to(&r.build_bytes_vec().expect("build"), peer).await;
         }
     });
-    (addr, task)
+    (addr, received, task)
 }
 
 #[tokio::test]
 async fn t30_unknown_names_forwarded_to_upstream() {
-    let (up, _task) = fake_upstream().await;
+    let (up, _, _task) = fake_upstream().await;
     let s = server(DnsOptions {
-        upstream: Some(up),
+        upstreams: vec![up],
         ..DnsOptions::default()
     })
     .await;
@@ -246,7 +253,7 @@ async fn fake_tcp_upstream() -> SocketAddr {
 async fn t32_tcp_queries_forwarded_over_tcp() {
     let up = fake_tcp_upstream().await;
     let s = server(DnsOptions {
-        upstream: Some(up),
+        upstreams: vec![up],
         ..DnsOptions::default()
     })
     .await;
@@ -270,13 +277,85 @@ async fn t31_dead_upstream_gives_servfail() {
     // A bound socket that never answers.
     let silent = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
     let s = server(DnsOptions {
-        upstream: Some(silent.local_addr().expect("addr")),
-        upstream_timeout: std::time::Duration::from_millis(100),
+        upstreams: vec![silent.local_addr().expect("addr")],
+        upstream_timeout: Duration::from_millis(100),
         ..DnsOptions::default()
     })
     .await;
     let (rcode, _, _) = parse(&udp_ask(s.local_addr(), &query(7, "example.com", TYPE::A)).await);
     assert_eq!(rcode, RCODE::ServerFailure);
+}
+
+#[tokio::test]
+async fn t33_next_upstream_after_a_timeout_then_cached() {
+    // The first upstream is a bound socket that never answers.
+    let silent = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let (up, received, _task) = fake_upstream().await;
+    let s = server(DnsOptions {
+        upstreams: vec![silent.local_addr().expect("addr"), up],
+        upstream_timeout: Duration::from_millis(200),
+        ..DnsOptions::default()
+    })
+    .await;
+
+    let ans = udp_ask(s.local_addr(), &query(21, "example.net", TYPE::A)).await;
+    assert_eq!(Packet::parse(&ans).expect("parse").id(), 21);
+    let (rcode, ips, ttls) = parse(&ans);
+    assert_eq!(
+        (rcode, ips, ttls),
+        (RCODE::NoError, vec![Ipv4Addr::new(192, 0, 2, 7)], vec![60])
+    );
+    assert_eq!(received.load(Ordering::SeqCst), 1);
+
+    // The same question again (other id, other case): from the cache, over UDP and TCP.
+    let ans = udp_ask(s.local_addr(), &query(22, "Example.NET", TYPE::A)).await;
+    let p = Packet::parse(&ans).expect("parse");
+    assert_eq!(p.id(), 22);
+    assert_eq!(p.questions[0].qname.to_string(), "Example.NET");
+    let (rcode, ips, ttls) = parse(&ans);
+    assert_eq!(
+        (rcode, ips),
+        (RCODE::NoError, vec![Ipv4Addr::new(192, 0, 2, 7)])
+    );
+    assert!(ttls.iter().all(|t| (1..=60).contains(t)), "{ttls:?}");
+
+    let mut c = TcpStream::connect(s.tcp_addr()).await.expect("connect");
+    let q = query(23, "example.net", TYPE::A);
+    let mut msg = (q.len() as u16).to_be_bytes().to_vec();
+    msg.extend_from_slice(&q);
+    c.write_all(&msg).await.expect("write");
+    let n = within("tcp answer", c.read_u16()).await.expect("len") as usize;
+    let mut ans = vec![0u8; n];
+    c.read_exact(&mut ans).await.expect("read");
+    assert_eq!(Packet::parse(&ans).expect("parse").id(), 23);
+    assert_eq!(parse(&ans).1, vec![Ipv4Addr::new(192, 0, 2, 7)]);
+
+    assert_eq!(
+        received.load(Ordering::SeqCst),
+        1,
+        "answered from the cache"
+    );
+
+    // Another question is forwarded again.
+    let (_, ips, _) = parse(&udp_ask(s.local_addr(), &query(24, "other.net", TYPE::A)).await);
+    assert_eq!(ips, vec![Ipv4Addr::new(192, 0, 2, 7)]);
+    assert_eq!(received.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn t34_cache_disabled_forwards_every_query() {
+    let (up, received, _task) = fake_upstream().await;
+    let s = server(DnsOptions {
+        upstreams: vec![up],
+        cache_entries: 0,
+        ..DnsOptions::default()
+    })
+    .await;
+    for id in 0..3 {
+        let (_, ips, _) = parse(&udp_ask(s.local_addr(), &query(id, "example.net", TYPE::A)).await);
+        assert_eq!(ips, vec![Ipv4Addr::new(192, 0, 2, 7)]);
+    }
+    assert_eq!(received.load(Ordering::SeqCst), 3);
 }
 
 #[tokio::test]
@@ -345,7 +424,7 @@ fn t50_respond_rules() {
     assert_eq!(Packet::parse(&r).expect("parse").answers.len(), 100);
     // Unknown name with an upstream: forward.
     let fwd = DnsOptions {
-        upstream: Some("127.0.0.1:53".parse().expect("addr")),
+        upstreams: vec!["127.0.0.1:53".parse().expect("addr")],
         ..DnsOptions::default()
     };
     assert_eq!(

@@ -63,6 +63,7 @@ pub mod nat;
 mod net;
 pub mod netns;
 pub mod overlay;
+pub mod resolv;
 pub mod route;
 mod sysctl;
 pub mod task;

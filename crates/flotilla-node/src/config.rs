@@ -55,6 +55,8 @@ pub struct NodeConfig {
     pub network: flotilla_types::NetworkSettings,
     /// Task networking on this node (`--network none` turns it off: tasks get only loopback).
     pub task_networking: bool,
+    /// Resolvers the tasks' DNS responder forwards names outside the cluster to.
+    pub dns_upstreams: Vec<std::net::SocketAddr>,
 }
 
 impl NodeConfig {
@@ -77,6 +79,7 @@ impl NodeConfig {
             task_history: 5,
             network: flotilla_types::NetworkSettings::default(),
             task_networking: true,
+            dns_upstreams: Vec::new(),
         }
     }
 
@@ -110,5 +113,20 @@ impl NodeConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// The `--dns` flags of `node run`: none given → the host's resolvers; `none` → cluster names
+/// only; else the addresses (at most three).
+pub fn dns_upstreams(flags: &[String]) -> Result<Vec<std::net::SocketAddr>, String> {
+    use flotilla_net::resolv;
+    match flags {
+        [] => Ok(resolv::host_upstreams()),
+        [one] if one == "none" => Ok(Vec::new()),
+        _ if flags.len() > resolv::MAX_UPSTREAMS => Err(format!(
+            "--dns: at most {} resolvers",
+            resolv::MAX_UPSTREAMS
+        )),
+        _ => flags.iter().map(|f| resolv::parse_upstream(f)).collect(),
     }
 }

@@ -480,6 +480,7 @@ fn agent_ctx(
             task_networking: cfg.task_networking,
             bind_ip: cfg.listen.ip(),
             underlay: cfg.advertise.unwrap_or(cfg.listen).ip(),
+            dns_upstreams: cfg.dns_upstreams.clone(),
         },
         ctx.clone(),
         ctx.tls.clone(),

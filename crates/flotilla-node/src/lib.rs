@@ -14,7 +14,7 @@ mod routes;
 
 use std::sync::{Arc, RwLock};
 
-pub use config::{NodeConfig, StartMode};
+pub use config::{dns_upstreams, NodeConfig, StartMode};
 pub use daemon::{cleanup, leftovers, run, RunOutcome};
 pub use disk::{NodeIdentity, Paths};
 pub use error::NodeError;

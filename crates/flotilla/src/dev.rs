@@ -199,6 +199,8 @@ pub async fn run(
     };
     let mut cfg = NodeConfig::new(dir.clone(), args.listen, mode);
     cfg.name = Some("dev".into());
+    // Names outside the cluster resolve through the host's resolvers, as on `node run`.
+    cfg.dns_upstreams = flotilla_node::dns_upstreams(&[]).map_err(anyhow::Error::msg)?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let node_cfg = cfg.clone();
     let mut engine = std::collections::BTreeMap::new();

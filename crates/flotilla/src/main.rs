@@ -57,6 +57,7 @@ fn node_config(args: &RunArgs) -> anyhow::Result<NodeConfig> {
     cfg.network.vxlan_port = args.vxlan_port;
     cfg.network.outbound_nat = !args.no_outbound_nat;
     cfg.task_networking = args.network == "bridge";
+    cfg.dns_upstreams = flotilla_node::dns_upstreams(&args.dns).map_err(anyhow::Error::msg)?;
     Ok(cfg)
 }
 

@@ -455,3 +455,156 @@ fn n20_overlay_between_hosts() {
     assert!(o.status.success(), "rm: {}", stderr(&o));
     stop_and_check_leftovers(&mut c);
 }
+
+/// A resolver for the test: answers `example.test` with 192.0.2.7 (TTL 60), NXDOMAIN for
+/// anything else, and prints one line per query it receives.
+const FAKE_UPSTREAM: &str = r#"
+import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 53))
+print("listening", flush=True)
+while True:
+    q, peer = s.recvfrom(512)
+    ident, flags, qd = struct.unpack(">HHH", q[:6])
+    i, labels = 12, []
+    while q[i]:
+        labels.append(q[i + 1:i + 1 + q[i]].decode()); i += 1 + q[i]
+    qtype = struct.unpack(">H", q[i + 1:i + 3])[0]
+    question = q[12:i + 5]
+    name = ".".join(labels).lower()
+    print("query", name, qtype, flush=True)
+    if name == "example.test" and qtype == 1:
+        answer = b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) + bytes([192, 0, 2, 7])
+        s.sendto(struct.pack(">HHHHHH", ident, 0x8180, 1, 1, 0, 0) + question + answer, peer)
+    else:
+        s.sendto(struct.pack(">HHHHHH", ident, 0x8183, 1, 0, 0, 0) + question, peer)
+"#;
+
+/// A network namespace `fltdns<net>` joined to the host by a veth (host 10.251.<net>.1/30,
+/// namespace .2) running [`FAKE_UPSTREAM`]; removed on drop.
+struct Upstream {
+    ns: String,
+    server: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Upstream {
+    fn start(net: u8, dir: &std::path::Path) -> Upstream {
+        let (ns, host_if, ns_if) = (
+            format!("fltdns{net}"),
+            format!("fdns{net}h"),
+            format!("fdns{net}n"),
+        );
+        let ip = |args: &[&str]| {
+            let o = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "ip {args:?}: {}", stderr(&o));
+        };
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &ns])
+            .output();
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &host_if])
+            .output();
+        ip(&["netns", "add", &ns]);
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+        ]);
+        ip(&["link", "set", &ns_if, "netns", &ns]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("10.251.{net}.1/30"),
+            "dev",
+            &host_if,
+        ]);
+        ip(&["link", "set", &host_if, "up"]);
+        let in_ns = |args: &[&str]| {
+            let mut all = vec!["netns", "exec", ns.as_str()];
+            all.extend_from_slice(args);
+            ip(&all);
+        };
+        in_ns(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.251.{net}.2/30"),
+            "dev",
+            &ns_if,
+        ]);
+        in_ns(&["ip", "link", "set", &ns_if, "up"]);
+        in_ns(&["ip", "link", "set", "lo", "up"]);
+        let log = dir.join("upstream.log");
+        let server = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns, "python3", "-c", FAKE_UPSTREAM])
+            .arg(format!("10.251.{net}.2"))
+            .stdout(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        wait_for("the fake upstream", Duration::from_secs(10), || {
+            std::fs::read_to_string(&log)
+                .ok()?
+                .contains("listening")
+                .then_some(())
+        });
+        Upstream { ns, server, log }
+    }
+
+    fn queries(&self, name: &str) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with(&format!("query {name} 1")))
+            .count()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.ns])
+            .output();
+    }
+}
+
+#[test]
+fn n30_names_outside_the_cluster_resolve_through_the_nodes_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start(44, dir.path());
+    let c = Cluster::init(44, &["--dns", "10.251.44.2"]);
+    c.import("dnsclient:1", "sh");
+    let m1 = c.node_id("m1");
+    let log = client_log(
+        &c,
+        "resolver",
+        &m1,
+        "nslookup example.test; nslookup example.test; nslookup missing.test",
+        "dnsclient:1",
+    );
+    assert!(
+        log.contains("192.0.2.7"),
+        "example.test resolved upstream: {log}"
+    );
+    assert!(
+        log.contains("NXDOMAIN") || log.contains("can't find missing.test"),
+        "an unknown outside name is NXDOMAIN: {log}"
+    );
+    assert_eq!(
+        upstream.queries("example.test"),
+        1,
+        "the second lookup came from the node's cache"
+    );
+    // Cluster names are still answered by the node, not forwarded.
+    let before = std::fs::read_to_string(&upstream.log).unwrap_or_default();
+    let log = client_log(&c, "cluster-name", &m1, "nslookup resolver", "dnsclient:1");
+    assert!(log.contains("Address"), "{log}");
+    let after = std::fs::read_to_string(&upstream.log).unwrap_or_default();
+    assert!(
+        !after[before.len()..].contains("query resolver "),
+        "a cluster name was forwarded: {after}"
+    );
+}

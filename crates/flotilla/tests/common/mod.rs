@@ -55,6 +55,14 @@ impl NodeProc {
             .arg(&self.addr)
             .args(args)
             .args(&self.extra)
+            // Tests send no traffic off the machine: no forwarding to the host's resolvers
+            // unless a test names its own (`--dns` in the cluster's extra arguments).
+            .args(
+                (!self.extra.iter().any(|a| a == "--dns"))
+                    .then_some(["--dns", "none"])
+                    .into_iter()
+                    .flatten(),
+            )
             .env("FLOTILLA_LOG", "info,openraft=warn")
             .stdout(Stdio::null())
             .stderr(log)
