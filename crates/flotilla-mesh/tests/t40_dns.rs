@@ -249,6 +249,18 @@ async fn fake_tcp_upstream() -> SocketAddr {
     addr
 }
 
+/// One query over a new TCP connection (two-byte length prefix); the answer.
+async fn tcp_ask(addr: std::net::SocketAddr, q: &[u8]) -> Vec<u8> {
+    let mut c = TcpStream::connect(addr).await.expect("connect");
+    let mut msg = (q.len() as u16).to_be_bytes().to_vec();
+    msg.extend_from_slice(q);
+    c.write_all(&msg).await.expect("write");
+    let n = within("tcp answer", c.read_u16()).await.expect("len") as usize;
+    let mut ans = vec![0u8; n];
+    c.read_exact(&mut ans).await.expect("read");
+    ans
+}
+
 #[tokio::test]
 async fn t32_tcp_queries_forwarded_over_tcp() {
     let up = fake_tcp_upstream().await;
@@ -257,14 +269,7 @@ async fn t32_tcp_queries_forwarded_over_tcp() {
         ..DnsOptions::default()
     })
     .await;
-    let mut c = TcpStream::connect(s.tcp_addr()).await.expect("connect");
-    let q = query(11, "example.org", TYPE::A);
-    let mut msg = (q.len() as u16).to_be_bytes().to_vec();
-    msg.extend_from_slice(&q);
-    c.write_all(&msg).await.expect("write");
-    let n = within("tcp answer", c.read_u16()).await.expect("len") as usize;
-    let mut ans = vec![0u8; n];
-    c.read_exact(&mut ans).await.expect("read");
+    let ans = tcp_ask(s.tcp_addr(), &query(11, "example.org", TYPE::A)).await;
     let (rcode, ips, _) = parse(&ans);
     assert_eq!(
         (rcode, ips),
@@ -319,14 +324,7 @@ async fn t33_next_upstream_after_a_timeout_then_cached() {
     );
     assert!(ttls.iter().all(|t| (1..=60).contains(t)), "{ttls:?}");
 
-    let mut c = TcpStream::connect(s.tcp_addr()).await.expect("connect");
-    let q = query(23, "example.net", TYPE::A);
-    let mut msg = (q.len() as u16).to_be_bytes().to_vec();
-    msg.extend_from_slice(&q);
-    c.write_all(&msg).await.expect("write");
-    let n = within("tcp answer", c.read_u16()).await.expect("len") as usize;
-    let mut ans = vec![0u8; n];
-    c.read_exact(&mut ans).await.expect("read");
+    let ans = tcp_ask(s.tcp_addr(), &query(23, "example.net", TYPE::A)).await;
     assert_eq!(Packet::parse(&ans).expect("parse").id(), 23);
     assert_eq!(parse(&ans).1, vec![Ipv4Addr::new(192, 0, 2, 7)]);
 
