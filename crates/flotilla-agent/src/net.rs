@@ -184,6 +184,35 @@ fn lock(addrs: &Mutex<Option<TaskAddrs>>) -> MutexGuard<'_, Option<TaskAddrs>> {
     addrs.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A task's names: its hostname (for `/etc/hosts`) and its resolver settings (`--dns-search`,
+/// `--dns-option`), validated by the manager.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TaskNames {
+    pub hostname: String,
+    pub search: Vec<String>,
+    pub options: Vec<String>,
+}
+
+/// A task's `/etc/resolv.conf`: the node's responder, the task's search domains then the cluster
+/// domain, `ndots:0` (cluster names are single labels) unless the task sets its own, then its
+/// other options.
+pub fn resolv_conf(gateway: Ipv4Addr, domain: &str, names: &TaskNames) -> String {
+    let mut search: Vec<&str> = names.search.iter().map(String::as_str).collect();
+    if !search.contains(&domain) {
+        search.push(domain);
+    }
+    let mut options: Vec<&str> = Vec::new();
+    if !names.options.iter().any(|o| o.starts_with("ndots:")) {
+        options.push("ndots:0");
+    }
+    options.extend(names.options.iter().map(String::as_str));
+    format!(
+        "nameserver {gateway}\nsearch {}\noptions {}\n",
+        search.join(" "),
+        options.join(" ")
+    )
+}
+
 impl NodeNet {
     pub fn new(
         data_dir: &Path,
@@ -460,7 +489,11 @@ impl NodeNet {
     /// can join it); [`NodeNet::adopt_netns`] names it and [`NodeNet::attach_task`] wires it,
     /// both before the container's process starts. Many tasks are prepared at once (a
     /// 100-replica service starts 100 of them): only the allocation is serialized.
-    pub async fn prepare_task(&self, task_id: &str, hostname: &str) -> Result<TaskNet, NetError> {
+    pub async fn prepare_task(
+        &self,
+        task_id: &str,
+        names: &TaskNames,
+    ) -> Result<TaskNet, NetError> {
         let ready = self.wait_ready(Duration::from_secs(60)).await?;
         let addr = self.allocate(task_id).await?;
         let path = self.names.netns_dir().join(task_id);
@@ -473,7 +506,7 @@ impl NodeNet {
             mtu: TASK_MTU,
         };
         let (hosts, resolv) = self
-            .write_resolver_files(task_id, hostname, addr, &ready)
+            .write_resolver_files(task_id, names, addr, &ready)
             .await?;
         Ok(TaskNet {
             netns: path,
@@ -499,18 +532,16 @@ impl NodeNet {
     async fn write_resolver_files(
         &self,
         task_id: &str,
-        hostname: &str,
+        names: &TaskNames,
         addr: Ipv4Addr,
         ready: &Ready,
     ) -> Result<(PathBuf, PathBuf), NetError> {
         let dir = self.names.task_dir(task_id);
         let hosts = format!(
-            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{addr}\t{hostname}\n"
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{addr}\t{}\n",
+            names.hostname
         );
-        let resolv = format!(
-            "nameserver {}\nsearch {}\noptions ndots:0\n",
-            ready.gateway, ready.domain
-        );
+        let resolv = resolv_conf(ready.gateway, &ready.domain, names);
         blocking(move || {
             create_dir(&dir)?;
             let (hosts_path, resolv_path) = (dir.join("hosts"), dir.join("resolv.conf"));
@@ -915,7 +946,11 @@ mod tests {
         let net = set_up_by_hand(dir.path());
         let _applying = net.map.lock().await;
         let within = Duration::from_secs(10);
-        let t = tokio::time::timeout(within, net.prepare_task("task1", "task1"))
+        let names = TaskNames {
+            hostname: "task1".into(),
+            ..Default::default()
+        };
+        let t = tokio::time::timeout(within, net.prepare_task("task1", &names))
             .await
             .expect("not held up by the map lock")
             .expect("prepared");
@@ -933,6 +968,30 @@ mod tests {
             .expect("not held up by the map lock");
         assert_eq!(net.address_of("task1").await, None);
         assert!(!t.hosts.exists());
+    }
+
+    #[test]
+    fn resolv_conf_puts_the_tasks_search_domains_and_options_first() {
+        let gw = Ipv4Addr::new(10, 200, 0, 1);
+        let plain = resolv_conf(gw, "flotilla", &TaskNames::default());
+        assert_eq!(
+            plain,
+            "nameserver 10.200.0.1\nsearch flotilla\noptions ndots:0\n"
+        );
+        let names = TaskNames {
+            hostname: "h".into(),
+            search: vec!["corp.example".into(), "flotilla".into()],
+            options: vec!["ndots:2".into(), "timeout:1".into()],
+        };
+        assert_eq!(
+            resolv_conf(gw, "flotilla", &names),
+            "nameserver 10.200.0.1\nsearch corp.example flotilla\noptions ndots:2 timeout:1\n"
+        );
+        let names = TaskNames {
+            options: vec!["edns0".into()],
+            ..Default::default()
+        };
+        assert!(resolv_conf(gw, "flotilla", &names).ends_with("options ndots:0 edns0\n"));
     }
 
     #[test]

@@ -434,6 +434,13 @@ pub struct SpecFlags {
     /// Allocate a pseudo-terminal for each task (`--tty=false` turns it off on update).
     #[arg(long, short = 't', num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub tty: Option<bool>,
+    /// A search domain for the tasks' resolv.conf (repeatable; on update, replaces the list).
+    #[arg(long, value_name = "DOMAIN")]
+    pub dns_search: Vec<String>,
+    /// A resolver option for the tasks' resolv.conf, e.g. ndots:2 (repeatable; on update,
+    /// replaces the list).
+    #[arg(long, value_name = "OPTION")]
+    pub dns_option: Vec<String>,
     /// Size of /dev/shm, e.g. 128m (default 64m).
     #[arg(long)]
     pub shm_size: Option<String>,

@@ -973,6 +973,12 @@ fn apply_process_flags(
     if let Some(t) = f.tty {
         c.tty = t;
     }
+    if !f.dns_search.is_empty() {
+        c.dns_search = f.dns_search.clone();
+    }
+    if !f.dns_option.is_empty() {
+        c.dns_options = f.dns_option.clone();
+    }
     if let Some(s) = &f.shm_size {
         c.shm_size = Some(parse_bytes(s)?);
     }

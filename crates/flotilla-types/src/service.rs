@@ -153,6 +153,12 @@ pub struct ContainerSpec {
     /// The container's hostname; the first 12 characters of the task id when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+    /// Search domains of the task's resolv.conf, before the cluster domain (`--dns-search`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_search: Vec<String>,
+    /// Resolver options of the task's resolv.conf, e.g. `ndots:2` (`--dns-option`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_options: Vec<String>,
     /// Allocate a pseudo-terminal for the task's process (its output is logged as stdout).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tty: bool,

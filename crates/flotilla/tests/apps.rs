@@ -555,6 +555,7 @@ fn a20_service_process_flags_reach_the_container() {
     c.import("flags:1", "sh");
     let script = "trap 'echo got-USR1; exit 0' USR1; echo host=$(hostname); \
                   test -t 1 && echo tty=yes; \
+                  echo resolv=$(grep -E '^(search|options)' /etc/resolv.conf | tr '\\n' '|'); \
                   grep -c db-1 /etc/hosts | sed s/^/hosts=/; \
                   echo shm=$(df -k /dev/shm | tail -1 | awk '{print $2}'); \
                   echo pid1=$(tr '\\0' ' ' < /proc/1/cmdline); \
@@ -573,6 +574,12 @@ fn a20_service_process_flags_reach_the_container() {
         "8m",
         "--init",
         "--tty",
+        "--dns-search",
+        "corp.example",
+        "--dns-option",
+        "ndots:2",
+        "--dns-option",
+        "timeout:1",
         "flags:1",
         "sh",
         "-c",
@@ -587,6 +594,7 @@ fn a20_service_process_flags_reach_the_container() {
     for want in [
         "host=db-1",
         "tty=yes",
+        "resolv=search corp.example flotilla|options ndots:2 timeout:1|",
         "hosts=1",
         "shm=8192",
         "pid1=/sbin/flotilla-init -- sh -c",
@@ -606,6 +614,8 @@ fn a20_service_process_flags_reach_the_container() {
         ("--stop-signal", "SIGNOPE", "SIGTERM"),
         ("--hostname", "bad_host!", "letters, digits"),
         ("--shm-size", "lots", "size"),
+        ("--dns-search", "bad domain", "corp.example"),
+        ("--dns-option", "ndots:x", "ndots:2"),
     ] {
         let o = c.run(&["service", "create", "--name", "bad", flag, value, "flags:1"]);
         assert!(!o.status.success(), "{flag} {value} accepted");

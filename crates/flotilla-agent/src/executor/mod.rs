@@ -452,8 +452,12 @@ impl Executor {
             return Ok(None);
         };
         // The same name the container gets (`spec::container_spec`), for its /etc/hosts.
-        let hostname = spec::hostname_of(task);
-        let n = net.prepare_task(&task.id, &hostname).await?;
+        let names = crate::net::TaskNames {
+            hostname: spec::hostname_of(task),
+            search: task.spec.container.dns_search.clone(),
+            options: task.spec.container.dns_options.clone(),
+        };
+        let n = net.prepare_task(&task.id, &names).await?;
         let addr = n.addr.to_string();
         start.net = Some(n);
         Ok(Some(addr))

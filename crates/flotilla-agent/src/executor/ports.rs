@@ -20,7 +20,7 @@ use futures::FutureExt;
 use flotilla_runtime::{Runtime, RuntimeDriver};
 use flotilla_types::Assignments;
 
-use crate::net::{NodeNet, TaskNet};
+use crate::net::{NodeNet, TaskNames, TaskNet};
 use crate::{AgentCtx, NetError, PullError, TaskError};
 
 /// What the executor needs of the node's container runtime beyond [`RuntimeDriver`]. The
@@ -77,7 +77,7 @@ pub trait TaskNetwork: Send + Sync {
     fn prepare_task<'a>(
         &'a self,
         task_id: &'a str,
-        hostname: &'a str,
+        names: &'a TaskNames,
     ) -> BoxFuture<'a, Result<TaskNet, NetError>>;
     /// Names the network namespace of the created container whose init is `pid`.
     fn adopt_netns<'a>(&'a self, t: &'a TaskNet, pid: u32) -> BoxFuture<'a, Result<(), NetError>>;
@@ -95,9 +95,9 @@ impl TaskNetwork for NodeNet {
     fn prepare_task<'a>(
         &'a self,
         task_id: &'a str,
-        hostname: &'a str,
+        names: &'a TaskNames,
     ) -> BoxFuture<'a, Result<TaskNet, NetError>> {
-        NodeNet::prepare_task(self, task_id, hostname).boxed()
+        NodeNet::prepare_task(self, task_id, names).boxed()
     }
 
     fn adopt_netns<'a>(&'a self, t: &'a TaskNet, pid: u32) -> BoxFuture<'a, Result<(), NetError>> {

@@ -314,7 +314,7 @@ impl TaskNetwork for Fake {
     fn prepare_task<'a>(
         &'a self,
         task_id: &'a str,
-        _hostname: &'a str,
+        _names: &'a crate::net::TaskNames,
     ) -> BoxFuture<'a, Result<TaskNet, NetError>> {
         async move {
             self.call("prepare", task_id).await;

@@ -71,6 +71,59 @@ fn validate_image_and_env(c: &flotilla_types::ContainerSpec) -> Result<(), Manag
     Ok(())
 }
 
+/// glibc reads at most 6 search domains (256 characters) and a handful of options.
+const MAX_DNS_SEARCH: usize = 6;
+const MAX_DNS_OPTIONS: usize = 16;
+
+/// A DNS name: dot-separated labels of letters, digits and '-', at most 253 characters.
+fn is_dns_name(h: &str) -> bool {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    h.len() <= 253 && h.split('.').all(label_ok)
+}
+
+/// `--dns-search` and `--dns-option` values are ones resolv.conf takes on one line.
+fn validate_resolver(c: &flotilla_types::ContainerSpec) -> Result<(), ManagerError> {
+    if c.dns_search.len() > MAX_DNS_SEARCH
+        || c.dns_search.iter().map(String::len).sum::<usize>() > 256
+    {
+        return Err(ManagerError::bad_request(format!(
+            "--dns-search: at most {MAX_DNS_SEARCH} domains of 256 characters in all"
+        )));
+    }
+    if let Some(d) = c.dns_search.iter().find(|d| !is_dns_name(d)) {
+        return Err(ManagerError::bad_request(format!(
+            "--dns-search {d:?}: give a domain such as corp.example"
+        )));
+    }
+    if c.dns_options.len() > MAX_DNS_OPTIONS {
+        return Err(ManagerError::bad_request(format!(
+            "--dns-option: at most {MAX_DNS_OPTIONS} options"
+        )));
+    }
+    let option_ok = |o: &str| {
+        let (name, value) = o.split_once(':').unwrap_or((o, "0"));
+        !name.is_empty()
+            && o.len() <= 32
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !value.is_empty()
+            && value.bytes().all(|b| b.is_ascii_digit())
+    };
+    if let Some(o) = c.dns_options.iter().find(|o| !option_ok(o)) {
+        return Err(ManagerError::bad_request(format!(
+            "--dns-option {o:?}: give an option such as ndots:2, timeout:1 or edns0"
+        )));
+    }
+    Ok(())
+}
+
 /// Largest `/dev/shm` a task may ask for (it is memory of the node).
 const MAX_SHM: u64 = 64 << 30;
 
@@ -81,20 +134,14 @@ fn validate_process(c: &flotilla_types::ContainerSpec) -> Result<(), ManagerErro
             .map_err(|e| ManagerError::bad_request(format!("--stop-signal: {e}")))?;
     }
     if let Some(h) = &c.hostname {
-        let label_ok = |l: &str| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-        };
-        if h.len() > 253 || !h.split('.').all(label_ok) {
+        if !is_dns_name(h) {
             return Err(ManagerError::bad_request(format!(
                 "--hostname {h:?}: use letters, digits and '-' in dot-separated labels of at most \
                  63 characters (253 in all)"
             )));
         }
     }
+    validate_resolver(c)?;
     if let Some(s) = c.shm_size {
         if s == 0 || s > MAX_SHM {
             return Err(ManagerError::bad_request(format!(
@@ -626,6 +673,34 @@ mod tests {
         }
         for bad in [0, (64 << 30) + 1, u64::MAX] {
             assert!(with(&|c| c.shm_size = Some(bad)).is_err(), "{bad}");
+        }
+        assert!(with(&|c| {
+            c.dns_search = vec!["corp.example".into(), "eu.corp.example".into()];
+            c.dns_options = vec!["ndots:2".into(), "edns0".into(), "timeout:1".into()];
+        })
+        .is_ok());
+        let seven: Vec<String> = (0..7).map(|i| format!("d{i}.example")).collect();
+        for bad in [
+            vec!["".to_string()],
+            vec!["a b".into()],
+            vec!["evil\nnameserver 6.6.6.6".into()],
+            vec!["-a.example".into()],
+            vec![long_name.clone()],
+            seven,
+        ] {
+            assert!(with(&|c| c.dns_search = bad.clone()).is_err(), "{bad:?}");
+        }
+        let seventeen: Vec<String> = (0..17).map(|_| "edns0".to_string()).collect();
+        for bad in [
+            vec!["".to_string()],
+            vec!["ndots:".into()],
+            vec!["ndots:x".into()],
+            vec!["NDOTS:1".into()],
+            vec!["rotate\nnameserver 6.6.6.6".into()],
+            vec!["a".repeat(40)],
+            seventeen,
+        ] {
+            assert!(with(&|c| c.dns_options = bad.clone()).is_err(), "{bad:?}");
         }
     }
 
