@@ -16,6 +16,8 @@
 //!     return, everything else is dropped (no frame injection from the underlay);
 //!   - the VIP pool is reachable from the node itself (`lo`), the bridge and the trusted
 //!     interfaces only;
+//!   - the node's DNS responder (which forwards names outside the cluster) only from the
+//!     bridge and the node itself;
 //!   - from the bridge: replies, ICMP, DNS to the node's responder and the VIP pool; then
 //!     `FLT-<tag>-PUB`, which lets the published ports given to [`set_published`] through
 //!     and drops the rest (the API, Raft, ssh, … of the node are not reachable from tasks);
@@ -231,6 +233,16 @@ impl NatRules {
             for p in ["udp", "tcp"] {
                 r.push(format!(
                     "-A {c} -d {ip}/32 -i {br} -p {p} -m {p} --dport {port} -j RETURN"
+                ));
+            }
+            // The responder forwards names outside the cluster: it must not be a resolver for
+            // anyone else (a LAN host routing the task subnet through the node, the overlay).
+            for p in ["udp", "tcp"] {
+                r.push(format!(
+                    "-A {c} -d {ip}/32 -i lo -p {p} -m {p} --dport {port} -j RETURN"
+                ));
+                r.push(format!(
+                    "-A {c} -d {ip}/32 -p {p} -m {p} --dport {port} -j DROP"
                 ));
             }
         }
@@ -578,6 +590,10 @@ mod tests {
                 "-A FLT-n1-IN -i fltbr0 -p icmp -j RETURN",
                 "-A FLT-n1-IN -d 10.200.1.1/32 -i fltbr0 -p udp -m udp --dport 53 -j RETURN",
                 "-A FLT-n1-IN -d 10.200.1.1/32 -i fltbr0 -p tcp -m tcp --dport 53 -j RETURN",
+                "-A FLT-n1-IN -d 10.200.1.1/32 -i lo -p udp -m udp --dport 53 -j RETURN",
+                "-A FLT-n1-IN -d 10.200.1.1/32 -p udp -m udp --dport 53 -j DROP",
+                "-A FLT-n1-IN -d 10.200.1.1/32 -i lo -p tcp -m tcp --dport 53 -j RETURN",
+                "-A FLT-n1-IN -d 10.200.1.1/32 -p tcp -m tcp --dport 53 -j DROP",
                 "-A FLT-n1-IN -i fltbr0 -j FLT-n1-PUB",
                 "-A FLT-n1-IN -i fltvx0 -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
                 "-A FLT-n1-IN -i fltvx0 -p icmp -j RETURN",

@@ -452,13 +452,19 @@ async fn lan_hosts_cannot_route_into_task_subnets() {
     let _srv = Server::start(&task_ns, task_port, "unpublished");
     let _vip = Server::start(&node_ns, vip_port, "vip");
     let _out = Server::start(&lan_ns, sock("192.168.91.2:9000"), "{peer}");
+    // The node's DNS responder (TCP side) on the bridge gateway: it forwards names outside
+    // the cluster, so from the LAN it would be an open resolver.
+    let dns_port = sock("10.200.3.1:53");
+    let _dns = Server::start(&node_ns, dns_port, "dns");
 
-    // Without rules the LAN host reaches the task's unpublished port and the VIP.
+    // Without rules the LAN host reaches the task's unpublished port, the VIP and the DNS
+    // responder.
     assert_eq!(
         fetch_until(&lan_ns, task_port, WAIT).expect("open"),
         "unpublished"
     );
     assert_eq!(fetch_until(&lan_ns, vip_port, WAIT).expect("open"), "vip");
+    assert_eq!(fetch_until(&lan_ns, dns_port, WAIT).expect("open"), "dns");
 
     let tag = "t51";
     nat::ensure(&host, &rules_for(tag, 3, false))
@@ -480,6 +486,13 @@ async fn lan_hosts_cannot_route_into_task_subnets() {
         "the LAN host reached a VIP"
     );
     assert!(hits(&host, &in_chain, &vip_drop).await > before);
+    let dns_drop = format!("-A {in_chain} -d 10.200.3.1/32 -p tcp -m tcp --dport 53 -j DROP");
+    let before = hits(&host, &in_chain, &dns_drop).await;
+    assert!(
+        fetch(&lan_ns, dns_port, REFUSE).is_err(),
+        "the LAN host reached the node's DNS responder"
+    );
+    assert!(hits(&host, &in_chain, &dns_drop).await > before);
 
     // What keeps working: the task goes out (masqueraded) and gets its replies, the node
     // (the mesh) reaches the task and the VIP, the task reaches the VIP.
@@ -498,6 +511,14 @@ async fn lan_hosts_cannot_route_into_task_subnets() {
     assert_eq!(
         fetch_until(&task_ns, vip_port, WAIT).expect("task -> vip"),
         "vip"
+    );
+    assert_eq!(
+        fetch_until(&task_ns, dns_port, WAIT).expect("task -> dns"),
+        "dns"
+    );
+    assert_eq!(
+        fetch_until(&node_ns, dns_port, WAIT).expect("node -> dns"),
+        "dns"
     );
     let filt = nat::rules(&host, "filter", tag).await.expect("rules");
     eprintln!("{}", filt.join("\n"));
