@@ -111,25 +111,37 @@ fn t10_a_follower_refuses_an_endless_anonymous_body_with_413() {
 
     // 3 MB of body with no end (chunked, no length): the old follower waited for the rest
     // forever (curl's --max-time then gives code 000).
+    //
+    // The follower answers 413 and closes with the rest of the body unread, so its kernel
+    // resets the connection; when the reset reaches curl before curl has read the answer, the
+    // answer is lost and curl reports the last status it saw, `100 Continue`. That is TCP,
+    // not the server: such an attempt is repeated (a server that waits for the body never
+    // answers at all, and fails every attempt).
     let t0 = Instant::now();
-    let up = StalledUpload::start(
-        &[
-            "-k",
-            "--http1.1",
-            "-X",
-            "POST",
-            "-H",
-            "content-type: application/json",
-            "-T",
-            "-",
-            &url,
-        ],
-        vec![b' '; 3 * MB],
-    );
-    let (code, body) = up.answer();
+    let (mut code, mut body) = (0, String::new());
+    for _ in 0..5 {
+        let up = StalledUpload::start(
+            &[
+                "-k",
+                "--http1.1",
+                "-X",
+                "POST",
+                "-H",
+                "content-type: application/json",
+                "-T",
+                "-",
+                &url,
+            ],
+            vec![b' '; 3 * MB],
+        );
+        (code, body) = up.answer();
+        if code != 100 {
+            break;
+        }
+    }
     assert_eq!(code, 413, "{body}");
     assert!(message(&body).contains("too large"), "{body}");
-    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+    assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
 
     // A declared length over the limit is refused before any of it is read (the client
     // waits for `100 Continue`, which never comes).
