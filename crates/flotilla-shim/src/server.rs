@@ -322,40 +322,37 @@ impl Shim {
 
     fn drain_output(&mut self, idx: usize) {
         let mut buf = [0u8; 16 * 1024];
-        let out = &mut self.outputs[idx];
-        let Some(fd) = out.fd.as_mut() else { return };
         loop {
-            match fd.read(&mut buf) {
-                Ok(0) => {
-                    let (stream, tty) = (out.stream, out.tty);
-                    let log = &mut self.log;
-                    out.split.finish(|l| {
-                        let _ = log.write_record(stream, trim_cr(tty, l));
-                    });
-                    out.fd = None;
-                    return;
-                }
-                Ok(n) => {
-                    let (stream, tty) = (out.stream, out.tty);
-                    let log = &mut self.log;
-                    out.split.feed(&buf[..n], |l| {
-                        let _ = log.write_record(stream, trim_cr(tty, l));
-                    });
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            let out = &mut self.outputs[idx];
+            let Some(fd) = out.fd.as_mut() else { return };
+            let n = match fd.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // A pty master reads EIO once every slave end is closed: its end of file.
-                Err(e) if e.raw_os_error() == Some(libc::EIO) => {
-                    let (stream, tty) = (out.stream, out.tty);
-                    let log = &mut self.log;
-                    out.split.finish(|l| {
-                        let _ = log.write_record(stream, trim_cr(tty, l));
-                    });
-                    out.fd = None;
-                    return;
-                }
+                Err(e) if e.raw_os_error() == Some(libc::EIO) => 0,
                 Err(_) => return, // WouldBlock: drained for now
+            };
+            if n == 0 {
+                self.close_output(idx);
+                return;
             }
+            let (stream, tty) = (out.stream, out.tty);
+            let log = &mut self.log;
+            out.split.feed(&buf[..n], |l| {
+                let _ = log.write_record(stream, trim_cr(tty, l));
+            });
         }
+    }
+
+    /// Logs what is left of an output's last line and stops reading it.
+    fn close_output(&mut self, idx: usize) {
+        let out = &mut self.outputs[idx];
+        let (stream, tty) = (out.stream, out.tty);
+        let log = &mut self.log;
+        out.split.finish(|l| {
+            let _ = log.write_record(stream, trim_cr(tty, l));
+        });
+        out.fd = None;
     }
 
     fn reap(&mut self) {
@@ -390,13 +387,7 @@ impl Shim {
         }
         for i in 0..2 {
             self.drain_output(i);
-            let out = &mut self.outputs[i];
-            let (stream, tty) = (out.stream, out.tty);
-            let log = &mut self.log;
-            out.split.finish(|l| {
-                let _ = log.write_record(stream, trim_cr(tty, l));
-            });
-            out.fd = None;
+            self.close_output(i);
         }
         self.state.status = Status::Stopped;
         self.finalized = true;
