@@ -6,9 +6,11 @@
 //!   (no namespace, less work than Flotilla does). Both systems are measured by polling their
 //!   APIs in-process every 20 ms until every replica runs (Swarm's CLI would add a 5 s stability
 //!   wait, so `-d` is used for both); every timed round starts on a quiet machine (`settle`);
-//! - kill -9 a worker of a 3-node Flotilla cluster → its tasks running elsewhere.
+//! - kill -9 a worker of a 3-node Flotilla cluster → its tasks running elsewhere;
+//! - with `--secrets` (only this): 100 replicas with three secrets each against 100 without, the
+//!   rounds interleaved (the anchor is the same service without secrets).
 //!
-//! Run: `cargo build --release -p flotilla -p flotilla-bench && target/release/services [--no-swarm] [--repeat K]`
+//! Run: `cargo build --release -p flotilla -p flotilla-bench && target/release/services [--no-swarm] [--repeat K] [--secrets]`
 //! Needs root; starts its own dockerd in a temporary directory (apt-get install docker.io for the
 //! anchor) with Docker's default storage driver here (overlay2), its task bridge on a private
 //! /23 made for the run (`dkbench0`, removed afterwards), `--iptables=false --ip-forward=false
@@ -205,24 +207,23 @@ async fn flotilla_round(
     client: &Client,
     data_dir: &std::path::Path,
     n: u64,
+    extra: &[&str],
 ) -> anyhow::Result<(Duration, Option<serde_json::Value>)> {
     let name = format!("f{n}");
+    let replicas = n.to_string();
+    let mut args = vec![
+        "service",
+        "create",
+        "--detach",
+        "--name",
+        &name,
+        "--replicas",
+        &replicas,
+    ];
+    args.extend_from_slice(extra);
+    args.extend(["bb:bench", "sleep", "100000"]);
     let t = Instant::now();
-    cli(
-        sock,
-        &[
-            "service",
-            "create",
-            "--detach",
-            "--name",
-            &name,
-            "--replicas",
-            &n.to_string(),
-            "bb:bench",
-            "sleep",
-            "100000",
-        ],
-    )?;
+    cli(sock, &args)?;
     loop {
         if flotilla_running(client, &name).await >= n {
             break;
@@ -456,13 +457,16 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|v| v.parse().ok())
         .filter(|k| *k > 0)
         .unwrap_or(3);
+    if std::env::args().any(|a| a == "--secrets") {
+        return secrets_rounds(&sock, &client, &n1.dir, tmp.path(), repeat).await;
+    }
     let mut rows = Vec::new();
     for n in [20u64, 100] {
         let (mut fl, mut sw, mut sh, mut fo) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut config = None;
         for r in 1..=repeat {
             quiet();
-            let (f, c) = flotilla_round(&sock, &client, &n1.dir, n).await?;
+            let (f, c) = flotilla_round(&sock, &client, &n1.dir, n, &[]).await?;
             if config.is_none() {
                 config = c;
             }
@@ -542,7 +546,7 @@ async fn main() -> anyhow::Result<()> {
         let (csock, cclient) = single_node(&mut c1, &rootfs)?;
         for (n, runc_time) in &rows {
             quiet();
-            let (f, _) = flotilla_round(&csock, &cclient, &c1.dir, *n).await?;
+            let (f, _) = flotilla_round(&csock, &cclient, &c1.dir, *n, &[]).await?;
             println!(
                 "create --replicas {n} → all running, node run --runtime {crun}: flotilla {:.2} s (with runc: {:.2} s)",
                 f.as_secs_f64(),
@@ -663,5 +667,56 @@ async fn main() -> anyhow::Result<()> {
     wait_for("all containers gone", Duration::from_secs(120), || {
         all_gone().then_some(())
     })?;
+    Ok(())
+}
+
+/// `--secrets`: 100 replicas with three secrets each against 100 without, rounds interleaved.
+async fn secrets_rounds(
+    sock: &str,
+    client: &Client,
+    data_dir: &std::path::Path,
+    tmp: &std::path::Path,
+    repeat: usize,
+) -> anyhow::Result<()> {
+    for i in 1..=3 {
+        let f = tmp.join(format!("secret-{i}"));
+        std::fs::write(&f, format!("bench secret {i}"))?;
+        cli(
+            sock,
+            &[
+                "secret",
+                "create",
+                &format!("bench-s{i}"),
+                &f.to_string_lossy(),
+            ],
+        )?;
+    }
+    let with = [
+        "--secret", "bench-s1", "--secret", "bench-s2", "--secret", "bench-s3",
+    ];
+    let (mut plain, mut secret) = (Vec::new(), Vec::new());
+    for r in 1..=repeat {
+        quiet();
+        let (p, _) = flotilla_round(sock, client, data_dir, 100, &[]).await?;
+        quiet();
+        let (s, _) = flotilla_round(sock, client, data_dir, 100, &with).await?;
+        println!(
+            "  --replicas 100, round {r}: no secrets {:.2} s, 3 secrets {:.2} s",
+            p.as_secs_f64(),
+            s.as_secs_f64()
+        );
+        plain.push(p);
+        secret.push(s);
+    }
+    let p = median(&mut plain);
+    let s = median(&mut secret);
+    println!(
+        "create --replicas 100 → all running, median of {repeat}: no secrets {:.2} s ({}), 3 secrets {:.2} s ({}), with / without = {:.2}x",
+        p.as_secs_f64(),
+        range(&plain),
+        s.as_secs_f64(),
+        range(&secret),
+        s.as_secs_f64() / p.as_secs_f64()
+    );
     Ok(())
 }

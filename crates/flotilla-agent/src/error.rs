@@ -85,6 +85,9 @@ pub enum TaskError {
     /// The blocking worker running a step failed (it panicked, or the runtime shut down).
     #[error(transparent)]
     Worker(#[from] tokio::task::JoinError),
+    /// The task's volumes, binds, secrets or configs could not be prepared.
+    #[error("task storage: {0}")]
+    Storage(String),
 }
 
 /// Why an image could not be pulled from the managers' registries.

@@ -54,7 +54,7 @@ impl UploadSlots {
     }
 
     /// A slot, or 503 when all are taken.
-    fn try_take(&self) -> Result<SemaphorePermit<'_>, ApiError> {
+    pub(crate) fn try_take(&self) -> Result<SemaphorePermit<'_>, ApiError> {
         self.0.try_acquire().map_err(|_| {
             ApiError::unavailable(format!(
                 "{MAX_UPLOADS} image uploads are already running on this node: retry when one finishes"
@@ -65,7 +65,7 @@ impl UploadSlots {
 
 /// A file the upload is streamed to, in the store's directory; removed on drop (which happens
 /// on the blocking pool: with the import, or through [`TempPath::discard`]).
-struct TempPath(PathBuf);
+pub(crate) struct TempPath(pub(crate) PathBuf);
 
 impl TempPath {
     /// Removes the file off the async threads.
@@ -82,7 +82,7 @@ impl Drop for TempPath {
 
 /// Streams an uploaded body to a temporary file in the store's directory, bounded by
 /// [`UPLOAD_LIMIT`]; refuses an empty one with `empty`.
-async fn spill(
+pub(crate) async fn spill(
     rt: &flotilla_runtime::Runtime,
     req: Request,
     empty: &str,

@@ -39,8 +39,10 @@ pub mod heartbeat;
 pub mod images;
 pub mod logs;
 pub mod net;
+pub mod storage;
 pub mod trust;
 pub mod upstream;
+mod volumes;
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -48,7 +50,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use tokio::sync::watch;
 
@@ -126,6 +128,8 @@ pub struct AgentCtx {
     pub cluster: Option<Arc<dyn ClusterImages>>,
     /// Image uploads (`image import|load`) processed at once.
     pub uploads: images::UploadSlots,
+    /// Volumes, secrets and configs of tasks (set when the agent starts).
+    pub storage: std::sync::OnceLock<Arc<storage::NodeStorage>>,
 }
 
 impl AgentCtx {
@@ -145,6 +149,7 @@ impl AgentCtx {
             known_managers: RwLock::new(None),
             cluster,
             uploads: images::UploadSlots::new(images::MAX_UPLOADS),
+            storage: std::sync::OnceLock::new(),
         })
     }
 
@@ -201,6 +206,10 @@ impl flotilla_api::authz::Members for AgentCtx {
 pub fn router(ctx: Arc<AgentCtx>) -> Router {
     Router::new()
         .route("/v1/tasks/{id}/logs", get(logs::task_logs))
+        .route("/v1/agent/volumes", get(volumes::list))
+        .route("/v1/agent/volumes/{name}", delete(volumes::remove))
+        .route("/v1/agent/volumes/{name}/export", get(volumes::export))
+        .route("/v1/agent/volumes/{name}/import", post(volumes::import))
         .route("/v1/images", get(images::list))
         // Uploads are streamed to disk by the handlers, bounded by `images::UPLOAD_LIMIT`.
         .route("/v1/images/import", post(images::import))
@@ -238,7 +247,18 @@ impl Agent {
                 ctx.config.dns_upstreams.clone(),
             )
         });
-        let (exec, reports) = executor::Executor::new(&ctx, net.clone());
+        let storage = match storage::NodeStorage::open(&ctx) {
+            Ok(s) => {
+                let s = Arc::new(s);
+                let _ = ctx.storage.set(s.clone());
+                Some(s)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "task storage unavailable: tasks with volumes, secrets or configs will fail");
+                None
+            }
+        };
+        let (exec, reports) = executor::Executor::new(&ctx, net.clone(), storage);
         match flotilla_runtime::RuntimeDriver::adopt(&ctx.runtime).await {
             Ok(r) => tracing::info!(
                 adopted = r.adopted.len(),

@@ -195,6 +195,48 @@ impl Client {
         }
     }
 
+    /// Sends a streamed body (e.g. a file, or a request being forwarded) and returns the
+    /// response head with its body still streaming. No deadline: the caller bounds it.
+    pub async fn send_stream(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: crate::upload::StreamBody,
+    ) -> Result<hyper::Response<Incoming>, ClientError> {
+        self.send_body(
+            method,
+            path,
+            Some(content_type),
+            &[],
+            ReqBody::streaming(body),
+        )
+        .await
+    }
+
+    /// A streamed response's whole body, with error statuses as [`ClientError::Api`].
+    pub async fn finish(&self, resp: hyper::Response<Incoming>) -> Result<Response, ClientError> {
+        Self::check(self.collect(resp).await?)
+    }
+
+    /// A streamed response's whole body, any status.
+    async fn collect(&self, resp: hyper::Response<Incoming>) -> Result<Response, ClientError> {
+        let (parts, body) = resp.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| ClientError::Transport {
+                endpoint: self.ep(),
+                detail: e.to_string(),
+            })?
+            .to_bytes();
+        Ok(Response {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
     /// Sends a request and returns the response head with its body still streaming.
     pub async fn send(
         &self,
@@ -213,13 +255,28 @@ impl Client {
         headers: &[(&str, String)],
         progress: Option<Progress>,
     ) -> Result<hyper::Response<Incoming>, ClientError> {
+        let content_type = body.is_some().then_some("application/json");
+        let body = ReqBody::new(Bytes::from(body.unwrap_or_default()), progress);
+        self.send_body(method, path, content_type, headers, body)
+            .await
+    }
+
+    /// One request on the pooled connection (or a new unix one).
+    async fn send_body(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: Option<&str>,
+        headers: &[(&str, String)],
+        body: ReqBody,
+    ) -> Result<hyper::Response<Incoming>, ClientError> {
         let uri = match &self.endpoint {
             Endpoint::Unix(_) => format!("http://localhost{path}"),
             Endpoint::Https { .. } => format!("https://{}{path}", flotilla_pki::SERVER_NAME),
         };
         let mut builder = Request::builder().method(method).uri(uri);
-        if body.is_some() {
-            builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
+        if let Some(ct) = content_type {
+            builder = builder.header(hyper::header::CONTENT_TYPE, ct);
         }
         if matches!(self.endpoint, Endpoint::Unix(_)) {
             builder = builder.header(hyper::header::HOST, "localhost");
@@ -227,15 +284,10 @@ impl Client {
         for (k, v) in headers {
             builder = builder.header(*k, v.as_str());
         }
-        let req = builder
-            .body(ReqBody::new(
-                Bytes::from(body.unwrap_or_default()),
-                progress,
-            ))
-            .map_err(|e| ClientError::Transport {
-                endpoint: self.ep(),
-                detail: e.to_string(),
-            })?;
+        let req = builder.body(body).map_err(|e| ClientError::Transport {
+            endpoint: self.ep(),
+            detail: e.to_string(),
+        })?;
         let res = match self.sender().await? {
             Sender::H1(mut s) => s.send_request(req).await,
             Sender::H2(mut s) => s.send_request(req).await,
@@ -282,20 +334,7 @@ impl Client {
     ) -> Result<Response, ClientError> {
         let fut = async {
             let resp = self.send_raw(method, path, body, headers, progress).await?;
-            let (parts, body) = resp.into_parts();
-            let body = body
-                .collect()
-                .await
-                .map_err(|e| ClientError::Transport {
-                    endpoint: self.ep(),
-                    detail: e.to_string(),
-                })?
-                .to_bytes();
-            Ok::<_, ClientError>(Response {
-                status: parts.status,
-                headers: parts.headers,
-                body,
-            })
+            self.collect(resp).await
         };
         tokio::time::timeout(self.timeout, fut)
             .await

@@ -2,7 +2,6 @@
 //! caller can show upload progress (bytes are counted as hyper takes them for the connection,
 //! which HTTP/2 flow control and the socket buffer keep close to what was sent).
 
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -15,26 +14,49 @@ pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
 
 const CHUNK: usize = 256 * 1024;
 
+/// A streamed body's error.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A body produced as it is sent (e.g. a file, or a request being forwarded).
+pub type StreamBody = Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>;
+
 pub struct ReqBody {
     data: Bytes,
     progress: Option<Progress>,
+    stream: Option<StreamBody>,
 }
 
 impl ReqBody {
     pub fn new(data: Bytes, progress: Option<Progress>) -> ReqBody {
-        ReqBody { data, progress }
+        ReqBody {
+            data,
+            progress,
+            stream: None,
+        }
+    }
+
+    /// A body sent as `stream` yields it (no length known in advance).
+    pub fn streaming(stream: StreamBody) -> ReqBody {
+        ReqBody {
+            data: Bytes::new(),
+            progress: None,
+            stream: Some(stream),
+        }
     }
 }
 
 impl Body for ReqBody {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        if let Some(s) = this.stream.as_mut() {
+            return s.as_mut().poll_frame(cx);
+        }
         if this.data.is_empty() {
             return Poll::Ready(None);
         }
@@ -47,10 +69,16 @@ impl Body for ReqBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.data.is_empty()
+        match &self.stream {
+            Some(s) => s.is_end_stream(),
+            None => self.data.is_empty(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.data.len() as u64)
+        match &self.stream {
+            Some(s) => s.size_hint(),
+            None => SizeHint::with_exact(self.data.len() as u64),
+        }
     }
 }

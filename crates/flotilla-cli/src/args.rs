@@ -52,6 +52,15 @@ pub enum Command {
     /// The keys whose image signatures the cluster trusts.
     #[command(subcommand)]
     Trust(TrustCmd),
+    /// Secrets: named, immutable, encrypted data given to tasks as files.
+    #[command(subcommand)]
+    Secret(FileCmd),
+    /// Configs: named, immutable data given to tasks as files.
+    #[command(subcommand)]
+    Config(FileCmd),
+    /// Named volumes: data on one node that outlives tasks.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
     /// Start a single-node cluster in the foreground with a demo service.
     Dev(DevArgs),
     /// Per-container supervisor started by the agent (not for humans).
@@ -198,6 +207,10 @@ pub enum ClusterCmd {
         /// Whether agents refuse images without a valid signature by a trusted key.
         #[arg(long, value_parser = ["on", "off"])]
         signature_enforcement: Option<String>,
+        /// A host directory services may bind-mount (repeatable; replaces the list; give ""
+        /// once to allow none).
+        #[arg(long, value_name = "DIR")]
+        bind_allow: Vec<String>,
     },
     /// Print (or rotate) the token a node needs to join.
     JoinToken {
@@ -209,6 +222,71 @@ pub enum ClusterCmd {
         /// Print only the token.
         #[arg(long, short)]
         quiet: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FileCmd {
+    /// Create one from FILE, or from standard input with `-`.
+    Create {
+        name: String,
+        file: PathBuf,
+        /// Label KEY=VALUE (repeatable).
+        #[arg(long, value_name = "KEY=VALUE")]
+        label: Vec<String>,
+    },
+    /// List them.
+    Ls(FormatArgs),
+    /// Show one (a secret's data is never shown: its digest and size are).
+    Inspect {
+        name: String,
+        #[command(flatten)]
+        format: FormatArgs,
+    },
+    /// Remove them (refused while a service uses one).
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCmd {
+    /// Create a volume (on NODE, else on the node of its first task).
+    Create {
+        name: String,
+        #[arg(long)]
+        node: Option<String>,
+        /// Label KEY=VALUE (repeatable).
+        #[arg(long, value_name = "KEY=VALUE")]
+        label: Vec<String>,
+    },
+    /// List volumes with their node, size and users.
+    Ls(FormatArgs),
+    /// Show one volume.
+    Inspect {
+        name: String,
+        #[command(flatten)]
+        format: FormatArgs,
+    },
+    /// Remove volumes and their data (refused while a service uses one).
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Forget a volume whose node cannot be reached (its data stays on that node).
+        #[arg(long, short)]
+        force: bool,
+    },
+    /// Remove every volume no service uses.
+    Prune,
+    /// Fill a new or empty volume from a tar archive (FILE, or `-` for standard input). The
+    /// volume must have a node: `volume create NAME --node NODE` first.
+    Import { name: String, file: PathBuf },
+    /// Write a volume's content as a tar archive to FILE, or to standard output.
+    Export {
+        name: String,
+        #[arg(long, short)]
+        output: Option<PathBuf>,
     },
 }
 
@@ -387,6 +465,12 @@ pub struct SpecFlags {
     pub health_retries: Option<u32>,
     #[arg(long, value_parser = duration)]
     pub health_start_period: Option<std::time::Duration>,
+    /// Time between probes until the first healthy one (default 250ms for --health-tcp and
+    /// --health-http, 1s for --health-cmd; at most the interval). The first probe runs as soon as the task starts; fast probing lasts at most
+    /// max(start period, 30s), then probes come every --health-interval. Failures still count
+    /// against --health-retries at most once per interval.
+    #[arg(long, value_parser = duration)]
+    pub health_start_interval: Option<std::time::Duration>,
     /// HTTP health check: GET PATH on the task's address; 2xx/3xx = healthy. PORT defaults to
     /// the first published target port, else 80.
     #[arg(long, value_name = "PATH[:PORT]")]
@@ -444,6 +528,30 @@ pub struct SpecFlags {
     /// Size of /dev/shm, e.g. 128m (default 64m).
     #[arg(long)]
     pub shm_size: Option<String>,
+    /// Mount a volume, host directory or tmpfs (repeatable; on update, replaces the mount at
+    /// the same target): type=volume,src=NAME,dst=/data[,readonly][,volume-nocopy][,shared]
+    /// [,volume-label=K=V] (NAME may hold {{.Task.Slot}}), type=bind,src=/host/dir,dst=/x
+    /// (under a `cluster update --bind-allow` path), type=tmpfs,dst=/x[,tmpfs-size=64m]
+    /// [,tmpfs-mode=1770].
+    #[arg(long, visible_alias = "mount-add", value_name = "SPEC")]
+    pub mount: Vec<String>,
+    /// On update: remove the mount at this container path.
+    #[arg(long, value_name = "TARGET")]
+    pub mount_rm: Vec<String>,
+    /// Give the tasks a secret as a file: NAME or src=NAME[,target=PATH][,uid=][,gid=]
+    /// [,mode=0444] (under /run/secrets/ unless PATH is absolute; repeatable).
+    #[arg(long, visible_alias = "secret-add", value_name = "SPEC")]
+    pub secret: Vec<String>,
+    /// On update: remove the secret with this name.
+    #[arg(long, value_name = "NAME")]
+    pub secret_rm: Vec<String>,
+    /// Give the tasks a config as a file: NAME or src=NAME[,target=PATH][,uid=][,gid=]
+    /// [,mode=0444] (under / unless PATH is absolute; repeatable).
+    #[arg(long, visible_alias = "config-add", value_name = "SPEC")]
+    pub config: Vec<String>,
+    /// On update: remove the config with this name.
+    #[arg(long, value_name = "NAME")]
+    pub config_rm: Vec<String>,
     /// Service label key=value (repeatable).
     #[arg(long, value_name = "KEY=VALUE")]
     pub label: Vec<String>,

@@ -67,6 +67,13 @@ pub async fn run_client(
         Command::Service(cmd) => crate::service::run(&client, *cmd).await,
         Command::Image(cmd) => crate::image::run(&client, host, tls_dir, cmd).await,
         Command::Trust(cmd) => crate::trust::run(&client, cmd).await,
+        Command::Secret(cmd) => {
+            crate::storage::files(&client, flotilla_types::FileKind::Secret, cmd).await
+        }
+        Command::Config(cmd) => {
+            crate::storage::files(&client, flotilla_types::FileKind::Config, cmd).await
+        }
+        Command::Volume(cmd) => crate::storage::volumes(&client, cmd).await,
         Command::Dev(_) => Err(CliError::usage("`dev` is handled by the binary")),
         Command::Shim(_) => Err(CliError::usage("shim is started by the agent, not by hand")),
     }
@@ -341,19 +348,47 @@ async fn cluster(client: &Client, cmd: ClusterCmd) -> Result<(), CliError> {
         }
         ClusterCmd::Update {
             signature_enforcement,
+            bind_allow,
         } => {
-            let Some(on) = signature_enforcement else {
+            if signature_enforcement.is_none() && bind_allow.is_empty() {
                 return Err(CliError::usage(
-                    "nothing to update: give --signature-enforcement on|off",
+                    "nothing to update: give --signature-enforcement on|off or --bind-allow DIR",
                 ));
-            };
-            let body = serde_json::json!({ "signature_enforcement": on == "on" });
+            }
+            let mut body = serde_json::Map::new();
+            if let Some(on) = &signature_enforcement {
+                body.insert("signature_enforcement".into(), (on == "on").into());
+            }
+            if !bind_allow.is_empty() {
+                let dirs: Vec<&String> = bind_allow.iter().filter(|d| !d.is_empty()).collect();
+                body.insert("bind_allow".into(), serde_json::json!(dirs));
+            }
             let _: serde_json::Value = client
-                .send_json(Method::PUT, "/v1/cluster/settings", &body)
+                .send_json(
+                    Method::PUT,
+                    "/v1/cluster/settings",
+                    &serde_json::Value::Object(body),
+                )
                 .await?;
-            println!("Image signature enforcement is {on}.");
-            if on == "off" {
-                eprintln!("WARNING: agents now run images whatever their signatures");
+            if let Some(on) = signature_enforcement {
+                println!("Image signature enforcement is {on}.");
+                if on == "off" {
+                    eprintln!("WARNING: agents now run images whatever their signatures");
+                }
+            }
+            if !bind_allow.is_empty() {
+                let dirs: Vec<&String> = bind_allow.iter().filter(|d| !d.is_empty()).collect();
+                if dirs.is_empty() {
+                    println!("Services may bind-mount no host directory.");
+                } else {
+                    println!(
+                        "Services may bind-mount host directories under: {}",
+                        dirs.iter()
+                            .map(|d| d.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
             }
             Ok(())
         }

@@ -8,6 +8,7 @@ mod image;
 mod logs;
 mod output;
 mod service;
+mod storage;
 mod trust;
 
 pub use image::{find_signing_key, sign_image};

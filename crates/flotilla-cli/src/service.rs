@@ -167,7 +167,8 @@ fn apply_flags(spec: &mut ServiceSpec, f: &SpecFlags) -> Result<(), CliError> {
         || f.health_interval.is_some()
         || f.health_timeout.is_some()
         || f.health_retries.is_some()
-        || f.health_start_period.is_some();
+        || f.health_start_period.is_some()
+        || f.health_start_interval.is_some();
     if health_given {
         let mut h = t.container.healthcheck.clone().unwrap_or(HealthCheck {
             probe: HealthProbe::Exec { cmd: String::new() },
@@ -175,6 +176,7 @@ fn apply_flags(spec: &mut ServiceSpec, f: &SpecFlags) -> Result<(), CliError> {
             timeout: 30_000_000_000,
             retries: 3,
             start_period: 0,
+            start_interval: 0,
         });
         if let Some(c) = &f.health_cmd {
             h.probe = HealthProbe::Exec { cmd: c.clone() };
@@ -204,6 +206,9 @@ fn apply_flags(spec: &mut ServiceSpec, f: &SpecFlags) -> Result<(), CliError> {
         }
         if let Some(d) = f.health_start_period {
             h.start_period = nanos(d);
+        }
+        if let Some(d) = f.health_start_interval {
+            h.start_interval = nanos(d);
         }
         t.container.healthcheck = Some(h);
     }
@@ -406,7 +411,32 @@ pub enum Goal {
     Rollback,
 }
 
+/// A running task counts as up when it has no health check, or once healthy (as Swarm's
+/// `starting` tasks, which it does not count until their first healthy probe). The health
+/// agents report also covers an image's own health check, which the spec does not show.
+fn is_up(t: &Task) -> bool {
+    t.status.state == TaskState::Running
+        && t.desired_state == TaskState::Running
+        && match t.status.health {
+            Some(h) => h == flotilla_types::Health::Healthy,
+            None => t.spec.container.healthcheck.is_none(),
+        }
+}
+
+/// The state shown for a task's slot: its health while running with a health check that has
+/// not passed (`starting`, `unhealthy`).
+fn slot_state(t: &Task) -> String {
+    match t.status.health {
+        Some(h) if t.status.state == TaskState::Running && h != flotilla_types::Health::Healthy => {
+            h.to_string()
+        }
+        _ => t.status.state.to_string(),
+    }
+}
+
 /// Shows progress until the service runs what its spec says, or fails with the reason.
+/// Tasks with a health check count only once healthy; at the timeout, the latest failed
+/// health check of the service's current tasks is part of the error.
 pub async fn converge(
     client: &Client,
     service: &str,
@@ -431,14 +461,9 @@ pub async fn converge(
         let done_count = if is_job {
             status.completed_tasks
         } else {
-            current
-                .iter()
-                .filter(|t| {
-                    t.status.state == TaskState::Running && t.desired_state == TaskState::Running
-                })
-                .count() as u64
+            current.iter().filter(|t| is_up(t)).count() as u64
         };
-        let mut slots: Vec<(u64, String, TaskState)> = current
+        let mut slots: Vec<(u64, String, String)> = current
             .iter()
             .filter(|t| {
                 t.desired_state == TaskState::Running || t.status.state == TaskState::Complete
@@ -447,7 +472,7 @@ pub async fn converge(
                 (
                     t.slot.unwrap_or(0),
                     t.node_id.clone().unwrap_or_default(),
-                    t.status.state,
+                    slot_state(t),
                 )
             })
             .collect();
@@ -465,9 +490,9 @@ pub async fn converge(
                 })
                 .collect()
         } else {
-            let mut counts: BTreeMap<TaskState, usize> = BTreeMap::new();
+            let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
             for (_, _, st) in &slots {
-                *counts.entry(*st).or_default() += 1;
+                *counts.entry(st.as_str()).or_default() += 1;
             }
             counts.iter().map(|(st, n)| format!("{n} {st}")).collect()
         };
@@ -540,8 +565,24 @@ pub async fn converge(
             )));
         }
         if start.elapsed() > timeout {
+            // Why a task is not up, when a health check says so.
+            let health = tasks
+                .iter()
+                .filter(|t| {
+                    t.spec_version == s.spec_version
+                        && t.status.message.contains("health check failed")
+                })
+                .max_by_key(|t| t.status.timestamp)
+                .map(|t| {
+                    format!(
+                        "; task {} {}",
+                        &t.id[..12.min(t.id.len())],
+                        escape_lines(&t.status.message)
+                    )
+                })
+                .unwrap_or_default();
             return Err(CliError::new(format!(
-                "service {} did not converge within {}: see `flotilla service ps {}`",
+                "service {} did not converge within {}{health}: see `flotilla service ps {}`",
                 escape(&s.spec.name),
                 humantime::format_duration(timeout),
                 escape(&s.spec.name)
@@ -981,6 +1022,53 @@ fn apply_process_flags(
     }
     if let Some(s) = &f.shm_size {
         c.shm_size = Some(parse_bytes(s)?);
+    }
+    apply_storage_flags(f, c)
+}
+
+/// `--mount[-add]`/`--mount-rm`, `--secret[-add]`/`--secret-rm`, `--config[-add]`/`--config-rm`:
+/// an added entry replaces the one at the same target (mounts) or with the same name.
+fn apply_storage_flags(
+    f: &SpecFlags,
+    c: &mut flotilla_types::ContainerSpec,
+) -> Result<(), CliError> {
+    use flotilla_types::{parse_file_reference, parse_mount, FileKind};
+    let norm = |t: &str| t.trim_end_matches('/').to_string();
+    for t in &f.mount_rm {
+        let before = c.mounts.len();
+        c.mounts.retain(|m| norm(&m.target) != norm(t));
+        if c.mounts.len() == before {
+            return Err(CliError::usage(format!(
+                "--mount-rm {t}: the service mounts nothing there"
+            )));
+        }
+    }
+    for s in &f.mount {
+        let m = parse_mount(s).map_err(|e| CliError::usage(format!("--mount {s:?}: {e}")))?;
+        c.mounts.retain(|x| norm(&x.target) != norm(&m.target));
+        c.mounts.push(m);
+    }
+    for (kind, rm, add, list) in [
+        (FileKind::Secret, &f.secret_rm, &f.secret, &mut c.secrets),
+        (FileKind::Config, &f.config_rm, &f.config, &mut c.configs),
+    ] {
+        for n in rm {
+            let before = list.len();
+            list.retain(|r| &r.source != n);
+            if list.len() == before {
+                return Err(CliError::usage(format!(
+                    "--{}-rm {n}: the service has no {} of that name",
+                    kind.as_str(),
+                    kind.as_str()
+                )));
+            }
+        }
+        for s in add {
+            let r = parse_file_reference(s, kind)
+                .map_err(|e| CliError::usage(format!("--{} {s:?}: {e}", kind.as_str())))?;
+            list.retain(|x| x.target_path(kind) != r.target_path(kind));
+            list.push(r);
+        }
     }
     Ok(())
 }

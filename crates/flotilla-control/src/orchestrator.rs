@@ -457,7 +457,11 @@ impl<'a, 'i> Orch<'a, 'i> {
     /// exactly the current task template (as in Swarm: after a rollback, tasks the failed update
     /// never touched already match and keep running).
     fn is_current(&self, t: &Task) -> bool {
-        t.spec_version == self.service.spec_version || t.spec == self.service.spec.task_template
+        t.spec_version == self.service.spec_version
+            || t.spec
+                == self
+                    .service
+                    .task_spec_for(&t.id, t.slot, t.node_id.as_deref())
     }
 
     fn create(&mut self, key: &Key) {
@@ -466,8 +470,10 @@ impl<'a, 'i> Orch<'a, 'i> {
             Key::Slot(n) => (Some(*n), None),
             Key::Node(id) => (None, Some(id.clone())),
         };
+        let id = (self.ids)();
+        let spec = s.task_spec_for(&id, slot, node_id.as_deref());
         let task = Task {
-            id: (self.ids)(),
+            id,
             meta: Meta {
                 version: 0,
                 created_at: self.now,
@@ -476,7 +482,7 @@ impl<'a, 'i> Orch<'a, 'i> {
             service_id: s.id.clone(),
             slot,
             node_id,
-            spec: s.spec.task_template.clone(),
+            spec,
             spec_version: s.spec_version,
             job_iteration: s.job_iteration,
             desired_state: TaskState::Running,

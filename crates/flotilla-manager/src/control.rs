@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use flotilla_control::{Action, Decision, OrchestratorConfig, Reconcile};
 use flotilla_store::{Batch, Op, StoreError, Table};
-use flotilla_types::{Node, Service, Task, TaskState, TaskStatus};
+use flotilla_types::{Node, Service, Task, TaskState, TaskStatus, Volume};
 
 use crate::error::ManagerError;
 use crate::manager::{encode, Manager, Stored};
@@ -229,7 +229,7 @@ async fn reconcile_all(
 
 /// The scheduler's decisions for the tasks waiting for a node, as store writes (none for a
 /// task that stays pending for the reason it already shows).
-fn schedule_ops(tasks: &[Task], nodes: &[Node], now: u64) -> Vec<Op> {
+fn schedule_ops(tasks: &[Task], nodes: &[Node], volumes: &[Volume], now: u64) -> Vec<Op> {
     let unassigned: Vec<Task> = tasks
         .iter()
         .filter(|t| {
@@ -241,9 +241,15 @@ fn schedule_ops(tasks: &[Task], nodes: &[Node], now: u64) -> Vec<Op> {
     if unassigned.is_empty() {
         return Vec::new();
     }
-    let decisions = flotilla_control::schedule(&unassigned, nodes, tasks);
+    // Tasks with volumes go to the volumes' node, or wait for it.
+    let homes = crate::volumes::homes(volumes, tasks);
+    let (placeable, mut decisions) = crate::volumes::constrain(&unassigned, &homes, nodes);
+    decisions.extend(flotilla_control::schedule(&placeable, nodes, tasks));
     let by_id: HashMap<&str, &Task> = unassigned.iter().map(|t| (t.id.as_str(), t)).collect();
-    let mut ops = Vec::new();
+    // The volume homes first: a task is never assigned without its volume's home written
+    // (both are in this pass's writes; a crash between them is healed by `homes`, which also
+    // reads the homes off assigned tasks).
+    let mut ops = crate::volumes::bind_ops(&decisions, &by_id, volumes, &homes, now);
     for d in decisions {
         let Some(t) = by_id.get(d.task_id()) else {
             continue;
@@ -286,7 +292,8 @@ async fn pass(mgr: &Arc<Manager>, cfg: &OrchestratorConfig) -> Result<Option<u64
     let (wake, wrote) = reconcile_all(mgr, &services, &nodes, &tasks, now, cfg).await?;
     // Schedule on the state after this pass's writes.
     let tasks: Vec<Task> = if wrote { read(mgr).await? } else { tasks };
-    let ops = schedule_ops(&tasks, &nodes, now);
+    let volumes: Vec<Volume> = read(mgr).await?;
+    let ops = schedule_ops(&tasks, &nodes, &volumes, now);
     if !ops.is_empty() {
         write_chunked(mgr, ops, "schedule").await?;
     }

@@ -49,6 +49,7 @@ pub mod liveness;
 pub mod manager;
 pub mod replicate;
 pub mod transport;
+pub mod volumes;
 
 pub use error::ManagerError;
 pub use manager::{ClusterObject, Manager, ManagerConfig, CLUSTER_KEY};

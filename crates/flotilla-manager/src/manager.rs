@@ -48,6 +48,10 @@ pub struct ClusterObject {
     /// without this field reads as an enforcing policy with no key).
     #[serde(default)]
     pub trust: flotilla_registry::TrustPolicy,
+    /// Host directories services may bind-mount (`cluster update --bind-allow`); none by
+    /// default.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bind_allow: Vec<String>,
 }
 
 pub const CLUSTER_KEY: &str = "cluster";

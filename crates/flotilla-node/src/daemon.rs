@@ -94,6 +94,7 @@ fn init_cluster(
             keys: vec![signing.trusted_key()],
             enforce: true,
         },
+        bind_allow: Vec::new(),
     };
     let identity = NodeIdentity {
         cluster_id,
@@ -687,6 +688,8 @@ async fn open_manager(
         election_max_ms: cfg.raft_election_max_ms,
         snapshot_every: cfg.snapshot_every,
         write_timeout: cfg.write_timeout,
+        // Encryption at rest: this manager's keys, created on first start (keys.rs).
+        at_rest: Some(crate::keys::load_or_create(&paths.raft())?),
         ..StoreConfig::default()
     };
     let transport = Arc::new(HttpRaftTransport { tls: tls.clone() });

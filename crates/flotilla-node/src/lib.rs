@@ -10,6 +10,7 @@ mod daemon;
 mod disk;
 mod error;
 mod joining;
+mod keys;
 mod routes;
 
 use std::sync::{Arc, RwLock};

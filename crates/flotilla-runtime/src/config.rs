@@ -31,6 +31,13 @@ impl IdRange {
             self.host_start + self.size.saturating_sub(1).min(65_534)
         }
     }
+
+    /// The container id a host id stands for: `None` for a host id outside the range.
+    pub fn unshift(&self, host_id: u32) -> Option<u32> {
+        host_id
+            .checked_sub(self.host_start)
+            .filter(|id| *id < self.size)
+    }
 }
 
 /// Configuration of the node runtime.
@@ -92,5 +99,19 @@ impl RuntimeConfig {
             shim_standby: true,
             init_bin: PathBuf::from("/usr/bin/tini-static"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unshift_inverts_shift_within_the_range() {
+        let r = IdRange::default();
+        assert_eq!(r.unshift(r.shift(0)), Some(0));
+        assert_eq!(r.unshift(r.shift(1000)), Some(1000));
+        assert_eq!(r.unshift(0), None, "host root is outside the range");
+        assert_eq!(r.unshift(r.host_start + r.size), None);
     }
 }

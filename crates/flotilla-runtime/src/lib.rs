@@ -3,6 +3,8 @@
 //! - [`ImageStore`]: sha256 content store, `name:tag` index, `docker save` / OCI archive loading,
 //!   rootfs import, layers unpacked once with ownership shifted into the user-namespace range.
 //! - [`overlay`]: per-container overlay mounts (new mount API, no option-length limit).
+//! - [`dirfd`]: directory descriptors over untrusted trees (never following a symlink), used
+//!   by the volume copy-up and by `flotilla-volume`.
 //! - [`spec`]: container spec → OCI `config.json` (secure defaults: userns, Docker's
 //!   capabilities, no_new_privs, seccomp, masked paths).
 //! - [`Runtime`]: the [`RuntimeDriver`] driving runc (or `--runtime PATH`) through one
@@ -10,9 +12,11 @@
 //! - [`HostProbe`]: host requirements checked at node start.
 //! - [`testing`]: the driver contract suite and test-image helpers.
 
-#![deny(unsafe_code)] // raw syscalls live only in `overlay` and `image::layer`, each with SAFETY comments
+#![deny(unsafe_code)] // raw syscalls live only in `overlay`, `image::layer` and `dirfd`, each with SAFETY comments
 
 mod config;
+mod copyup;
+pub mod dirfd;
 mod driver;
 mod error;
 pub mod image;
@@ -31,9 +35,9 @@ pub use driver::{
 };
 pub use error::{Result, RuntimeError};
 pub use flotilla_shim::logfile::{
-    read_logs, since_to_rfc3339, LogFollower, LogLine, MAX_LINE as LOG_MAX_LINE,
+    now_rfc3339, read_logs, since_to_rfc3339, LogFollower, LogLine, MAX_LINE as LOG_MAX_LINE,
 };
 pub use image::{ImageConfigInput, ImageInspect, ImageStore, ImageSummary};
 pub use probe::{CgroupLayout, HostProbe};
 pub use runtime::Runtime;
-pub use spec::{BindMount, ContainerSpec, Resources, SecurityOptions};
+pub use spec::{BindMount, ContainerSpec, Resources, SecurityOptions, TmpfsMount};

@@ -13,6 +13,10 @@
 //! - `sock/<hash>.sock` — shim sockets (short paths, under the 108-byte sun_path limit);
 //! - `runc/` — the OCI runtime's `--root`.
 //!
+//! Mounts: binds and tmpfs mounts are checked by `spec::validate_mounts`; a bind with
+//! `copy_up` whose source is an empty directory is filled from the image's content at its
+//! destination (`copyup`), read from the mounted rootfs before the OCI runtime runs.
+//!
 //! `meta.json` is written last: a container dir without it is a create that was interrupted,
 //! and `adopt` removes it (as it removes volatile dirs without a lasting one).
 //!
@@ -386,6 +390,7 @@ impl Inner {
 
     /// Everything of `create` up to a running shim. On error the caller cleans up.
     fn create_sync(&self, spec: ContainerSpec) -> Result<ContainerInfo> {
+        spec::validate_mounts(&spec)?;
         let id = spec.id.clone();
         let dir = self.dir(&id);
         let digest = self.images.resolve(&spec.image)?;
@@ -430,6 +435,13 @@ impl Inner {
         let mut lowers = vec![self.init_layer(&spec, userns)?];
         lowers.extend(layers);
         overlay::mount_overlay(&lowers, &upper, &work, &rootfs, &dir.join("fs/l"))?;
+        // Volumes asking for it get the image's content at their mount point, read from the
+        // assembled rootfs before the OCI runtime mounts anything over it.
+        for b in spec.mounts.iter().filter(|b| b.copy_up) {
+            let done = crate::copyup::copy_up(&rootfs, &b.dst, &b.src)?;
+            tracing::debug!(container = %id, dst = %b.dst.display(), src = %b.src.display(),
+                kept = done.kept, entries = done.entries, bytes = done.bytes, "volume copy-up");
+        }
         // The image's /etc/passwd and /etc/group, resolved inside the rootfs: an absolute
         // symlink (`/etc/shadow`, `/dev/zero`) is taken relative to the rootfs and never
         // reaches the host. A missing file reads as empty (numeric users need none). One that

@@ -14,14 +14,37 @@ use oci_spec::runtime::{
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 /// A host path bind-mounted into the container.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BindMount {
+    /// Host directory or file (absolute).
     pub src: PathBuf,
+    /// Path inside the container (absolute, no `..`, not `/`).
     pub dst: PathBuf,
     pub readonly: bool,
+    /// When `src` is an empty directory at create, first copy the image's content at `dst`
+    /// into it (modes, owners, symlinks as links, times), as Docker does for a new named
+    /// volume. Symlinks of the image resolve inside the rootfs; devices, FIFOs and sockets
+    /// are skipped, hard links become copies. Nothing is copied when `dst` is missing in the
+    /// image or is not a directory.
+    #[serde(default)]
+    pub copy_up: bool,
+}
+
+/// A tmpfs mounted into the container, with Docker's `--mount type=tmpfs` defaults:
+/// `nosuid,nodev,noexec`, mode 1777, no size limit (the kernel's default, half of RAM). Owned
+/// by the container's root.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TmpfsMount {
+    /// Path inside the container (absolute, no `..`, not `/`).
+    pub dst: PathBuf,
+    /// Size limit in bytes (`size=`); writes beyond it fail with ENOSPC.
+    pub size: Option<u64>,
+    /// Permission bits of the mount's root (`mode=`, octal up to 7777); 1777 when unset.
+    pub mode: Option<u32>,
 }
 
 /// cgroup limits. `None` means unlimited.
@@ -87,6 +110,8 @@ pub struct ContainerSpec {
     /// Defaults to the first 12 characters of the id.
     pub hostname: Option<String>,
     pub mounts: Vec<BindMount>,
+    /// tmpfs mounts; their destinations and the binds' must all differ.
+    pub tmpfs: Vec<TmpfsMount>,
     pub resources: Resources,
     pub security: SecurityOptions,
     pub labels: BTreeMap<String, String>,
@@ -120,6 +145,65 @@ pub fn validate_id(id: &str) -> Result<()> {
             "container id {id:?}: use 1-64 characters from [A-Za-z0-9_.-], starting with a letter or digit"
         )))
     }
+}
+
+/// Checks the destinations of binds and tmpfs mounts: absolute, without `..`, not `/`, each
+/// used once; bind sources absolute; tmpfs sizes above 0 and modes within 7777.
+pub fn validate_mounts(spec: &ContainerSpec) -> Result<()> {
+    let mut seen: HashSet<PathBuf> = HashSet::new();
+    let dsts = spec
+        .mounts
+        .iter()
+        .map(|b| (&b.dst, "bind"))
+        .chain(spec.tmpfs.iter().map(|t| (&t.dst, "tmpfs")));
+    for (dst, kind) in dsts {
+        let shown = dst.display();
+        if !dst.is_absolute() {
+            return Err(RuntimeError::Invalid(format!(
+                "{kind} mount destination {shown} must be an absolute path"
+            )));
+        }
+        if dst.components().any(|c| c == Component::ParentDir) {
+            return Err(RuntimeError::Invalid(format!(
+                "{kind} mount destination {shown} must not contain `..`"
+            )));
+        }
+        let norm: PathBuf = dst.components().collect();
+        if norm == Path::new("/") {
+            return Err(RuntimeError::Invalid(format!(
+                "{kind} mount destination {shown}: cannot mount over the container's root `/`"
+            )));
+        }
+        if !seen.insert(norm) {
+            return Err(RuntimeError::Invalid(format!(
+                "mount destination {shown} is used twice: give each bind, volume or tmpfs \
+                 mount its own destination"
+            )));
+        }
+    }
+    for b in &spec.mounts {
+        if !b.src.is_absolute() {
+            return Err(RuntimeError::Invalid(format!(
+                "bind mount source {} must be an absolute path",
+                b.src.display()
+            )));
+        }
+    }
+    for t in &spec.tmpfs {
+        if t.size == Some(0) {
+            return Err(RuntimeError::Invalid(format!(
+                "tmpfs mount {}: size must be above 0 (leave it unset for no limit)",
+                t.dst.display()
+            )));
+        }
+        if t.mode.is_some_and(|m| m > 0o7777) {
+            return Err(RuntimeError::Invalid(format!(
+                "tmpfs mount {}: mode must be octal permission bits up to 7777",
+                t.dst.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Docker's default capability set.
@@ -506,13 +590,11 @@ pub fn build_spec(
             "options": ["bind", "rprivate", "nosuid", "nodev", "ro"]
         }))?);
     }
+    validate_mounts(spec)?;
+    // Binds and tmpfs mounts, a parent before what is mounted beneath it (as Docker sorts
+    // them), in the spec's order otherwise.
+    let mut user: Vec<(usize, Mount)> = Vec::new();
     for b in &spec.mounts {
-        if !b.dst.is_absolute() {
-            return Err(RuntimeError::Invalid(format!(
-                "mount destination {} must be absolute",
-                b.dst.display()
-            )));
-        }
         let mut opts = vec![
             "rbind".to_string(),
             "rprivate".to_string(),
@@ -522,10 +604,34 @@ pub fn build_spec(
         if b.readonly {
             opts.push("ro".into());
         }
-        mounts.push(json(serde_json::json!({
-            "destination": b.dst, "type": "bind", "source": b.src, "options": opts
-        }))?);
+        user.push((
+            b.dst.components().count(),
+            json(serde_json::json!({
+                "destination": b.dst, "type": "bind", "source": b.src, "options": opts
+            }))?,
+        ));
     }
+    for t in &spec.tmpfs {
+        let mut opts = vec![
+            "rw".to_string(),
+            "nosuid".to_string(),
+            "nodev".to_string(),
+            "noexec".to_string(),
+            "relatime".to_string(),
+            format!("mode={:o}", t.mode.unwrap_or(0o1777)),
+        ];
+        if let Some(size) = t.size {
+            opts.push(format!("size={size}"));
+        }
+        user.push((
+            t.dst.components().count(),
+            json(serde_json::json!({
+                "destination": t.dst, "type": "tmpfs", "source": "tmpfs", "options": opts
+            }))?,
+        ));
+    }
+    user.sort_by_key(|(depth, _)| *depth);
+    mounts.extend(user.into_iter().map(|(_, m)| m));
     s.set_mounts(Some(mounts));
 
     // Linux.
@@ -775,6 +881,129 @@ mod tests {
     }
 
     #[test]
+    fn mounts_are_validated_and_tmpfs_gets_docker_options() -> Result<()> {
+        let b = |dst: &str| BindMount {
+            src: "/srv/v".into(),
+            dst: dst.into(),
+            ..Default::default()
+        };
+        let t = |dst: &str| TmpfsMount {
+            dst: dst.into(),
+            ..Default::default()
+        };
+        let with = |mounts: Vec<BindMount>, tmpfs: Vec<TmpfsMount>| ContainerSpec {
+            id: "abc".into(),
+            args: Some(vec!["true".into()]),
+            mounts,
+            tmpfs,
+            ..Default::default()
+        };
+        for (spec, want) in [
+            (with(vec![b("data")], vec![]), "absolute"),
+            (with(vec![b("/a/../etc")], vec![]), ".."),
+            (with(vec![b("/")], vec![]), "root"),
+            (with(vec![], vec![t("/./")]), "root"),
+            (with(vec![b("/d")], vec![t("/d/")]), "twice"),
+            (with(vec![b("/d"), b("/./d")], vec![]), "twice"),
+            (
+                with(
+                    vec![BindMount {
+                        src: "rel".into(),
+                        dst: "/d".into(),
+                        ..Default::default()
+                    }],
+                    vec![],
+                ),
+                "source",
+            ),
+            (
+                with(
+                    vec![],
+                    vec![TmpfsMount {
+                        size: Some(0),
+                        ..t("/t")
+                    }],
+                ),
+                "size",
+            ),
+            (
+                with(
+                    vec![],
+                    vec![TmpfsMount {
+                        mode: Some(0o17777),
+                        ..t("/t")
+                    }],
+                ),
+                "mode",
+            ),
+        ] {
+            let e = validate_mounts(&spec).expect_err(want);
+            assert!(e.to_string().contains(want), "{want}: {e}");
+        }
+        let spec = with(
+            vec![b("/data/sub")],
+            vec![
+                TmpfsMount {
+                    size: Some(1 << 20),
+                    mode: Some(0o700),
+                    ..t("/data")
+                },
+                t("/run"),
+            ],
+        );
+        let ctx = BuildContext {
+            rootfs: Path::new("/r"),
+            cgroups_path: "/flotilla/abc".into(),
+            userns: Some(IdRange::default()),
+            account: Account {
+                uid: 0,
+                gid: 0,
+                home: "/root".into(),
+                additional_gids: vec![],
+            },
+            init: None,
+            nofile_hard: NOFILE_HARD,
+            swap_limit: false,
+        };
+        let v = serde_json::to_value(build_spec(&spec, None, &ctx)?)
+            .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        let mounts = v["mounts"].as_array().cloned().unwrap_or_default();
+        let pos = |d: &str| mounts.iter().position(|m| m["destination"] == d);
+        assert!(pos("/data") < pos("/data/sub"), "a parent is mounted first");
+        let opts = |d: &str| pos(d).map(|i| mounts[i]["options"].clone());
+        assert_eq!(
+            opts("/data"),
+            Some(serde_json::json!([
+                "rw",
+                "nosuid",
+                "nodev",
+                "noexec",
+                "relatime",
+                "mode=700",
+                "size=1048576"
+            ]))
+        );
+        assert_eq!(
+            opts("/run"),
+            Some(serde_json::json!([
+                "rw",
+                "nosuid",
+                "nodev",
+                "noexec",
+                "relatime",
+                "mode=1777"
+            ]))
+        );
+        // Older records (no copy_up, no tmpfs) still parse.
+        let old: ContainerSpec = serde_json::from_str(
+            r#"{"id":"x","image":"i","mounts":[{"src":"/a","dst":"/b","readonly":true}]}"#,
+        )
+        .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        assert!(!old.mounts[0].copy_up && old.tmpfs.is_empty());
+        Ok(())
+    }
+
+    #[test]
     fn caps_add_drop() -> Result<()> {
         let mut sec = SecurityOptions::default();
         assert_eq!(capability_set(&sec)?.len(), DEFAULT_CAPS.len());
@@ -805,6 +1034,7 @@ mod tests {
                 src: "/etc/hostname".into(),
                 dst: "/h".into(),
                 readonly: true,
+                copy_up: false,
             }],
             ..Default::default()
         };

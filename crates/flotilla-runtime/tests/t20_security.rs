@@ -80,6 +80,7 @@ async fn t21_container_root_cannot_write_mount_or_load_modules() {
         src: host_file.clone(),
         dst: "/host-owned".into(),
         readonly: false,
+        copy_up: false,
     });
     let (code, lines) = run_to_exit(rt, s).await;
     assert_ne!(code, 0, "write must fail: {lines:?}");

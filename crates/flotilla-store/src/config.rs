@@ -1,6 +1,7 @@
 //! Store configuration.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -48,6 +49,13 @@ pub struct StoreConfig {
     /// and a single entry well within the AppendEntries deadline (`heartbeat_ms`). If you raise
     /// it, raise the body limit of the transport's Raft routes too.
     pub max_batch_bytes: usize,
+    /// Encryption at rest: with a keyring, every value written to `raft-log.redb` and
+    /// `state.redb` (log entries, objects, events, the snapshot, Raft metadata) is sealed with
+    /// its newest data key, and opening the store seals in place whatever older plain values
+    /// the files hold. `None` (the default) writes plain values and refuses sealed ones. Not
+    /// serialized: the daemon loads the keys from their own files. See `at_rest.rs`.
+    #[serde(skip)]
+    pub at_rest: Option<Arc<flotilla_secrets::Keyring>>,
 }
 
 impl Default for StoreConfig {
@@ -64,6 +72,7 @@ impl Default for StoreConfig {
             membership_timeout: Duration::from_secs(60),
             event_retention: 50_000,
             max_batch_bytes: 1024 * 1024,
+            at_rest: None,
         }
     }
 }

@@ -25,6 +25,14 @@
 //!   persisted committed index plus re-apply at startup (`Raft::new`) and the fsynced snapshot
 //!   builds make that safe (details in `state_machine.rs`).
 //!
+//! ## Encryption at rest
+//! With [`StoreConfig::at_rest`] set to a [`flotilla_secrets::Keyring`], every value of both files
+//! (log entries, Raft metadata, objects, events, the stored snapshot) is sealed (XChaCha20-Poly1305)
+//! with an AAD naming its table and key, so values cannot be swapped between places. Raft RPC bodies
+//! stay plain (they travel over mTLS); each manager seals with its own keys. Opening a plain store
+//! with a keyring rewrites each file sealed (a new file renamed over the old) before Raft starts.
+//! Details in `at_rest.rs`.
+//!
 //! ## Snapshots
 //! Built from the redb state (all tables, a compact binary format, tables by name), every
 //! `snapshot_every` entries; the log is then purged keeping `logs_to_keep` entries. Lagging or
@@ -50,6 +58,7 @@
 //! | `network.rs` | [`RaftTransport`], openraft `RaftNetwork` glue, peer contact tracking |
 //! | `wire.rs` | compact (base64) wire form of snapshot chunks |
 //! | `watch.rs` | [`Watch`], the change-feed consumer |
+//! | `at_rest.rs` | sealing of every stored value, AAD layout, upgrade of plain files |
 //! | `raft_types.rs` | the openraft type config (`D = Batch`) |
 //! | `types.rs`, `config.rs`, `error.rs` | the public plain types |
 //!
@@ -63,6 +72,7 @@
 // storage helpers return it too, so boxing would only add conversions at every trait boundary.
 #![allow(clippy::result_large_err)]
 
+mod at_rest;
 mod config;
 mod error;
 mod log_store;
@@ -79,6 +89,8 @@ mod tests;
 
 pub use config::StoreConfig;
 pub use error::{StoreError, TransportError};
+/// The keys of [`StoreConfig::at_rest`] (re-exported so users of the store can load them).
+pub use flotilla_secrets;
 pub use network::RaftTransport;
 pub use store::{Store, LOG_FILE, STATE_FILE};
 pub use types::{

@@ -3,6 +3,9 @@
 //! Every mutation (append, truncate, purge, vote, committed index) is one redb write
 //! transaction committed with `Durability::Immediate` (fsync) before openraft is told it is
 //! done; for `append` the `LogFlushed` callback fires only after the commit returned.
+//!
+//! With a keyring every value is sealed ([`crate::at_rest`]): entries with AAD
+//! `"log\0" + index (u64 BE)`, meta values with `"meta\0" + key`.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -13,14 +16,17 @@ use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{LogState, RaftLogId, RaftLogReader};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
+use crate::at_rest::{copy_table, count_plain, durable_write, Sealer};
 use crate::raft_types::{
     blocking, read_err, write_err, Entry, LogId, StorageError, TypeConfig, Vote,
 };
 
 /// index → JSON-encoded entry.
-const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+const LOG_NAME: &str = "log";
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new(LOG_NAME);
 /// "vote" | "committed" | "purged" → JSON.
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const META_NAME: &str = "meta";
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new(META_NAME);
 
 const KEY_VOTE: &str = "vote";
 const KEY_COMMITTED: &str = "committed";
@@ -31,11 +37,48 @@ pub(crate) struct LogStore {
     db: Arc<Database>,
     /// Last committed index persisted (for status); shared with the `Store`.
     committed: Arc<AtomicU64>,
+    sealer: Sealer,
+}
+
+/// Encodes and seals one entry for the log table.
+fn encode_entry(sealer: &Sealer, entry: &Entry) -> Result<(u64, Vec<u8>), StorageError> {
+    let index = entry.get_log_id().index;
+    let bytes = serde_json::to_vec(entry).map_err(write_err)?;
+    let stored = sealer
+        .seal(LOG_NAME, &index.to_be_bytes(), bytes)
+        .map_err(write_err)?;
+    Ok((index, stored))
+}
+
+fn decode_entry(sealer: &Sealer, index: u64, stored: &[u8]) -> Result<Entry, StorageError> {
+    let bytes = sealer
+        .open(LOG_NAME, &index.to_be_bytes(), stored)
+        .map_err(read_err)?;
+    serde_json::from_slice(&bytes).map_err(read_err)
+}
+
+/// Counts the plain values of a log file (for the upgrade to encryption at rest).
+pub(crate) fn count_plain_values(db: &Database) -> Result<u64, String> {
+    let txn = db.begin_read().map_err(|e| e.to_string())?;
+    Ok(count_plain!(txn, LOG) + count_plain!(txn, META))
+}
+
+/// Copies a log file sealing every plain value (the upgrade to encryption at rest).
+pub(crate) fn copy_sealed(src: &Database, dst: &Database, sealer: &Sealer) -> Result<u64, String> {
+    let from = src.begin_read().map_err(|e| e.to_string())?;
+    let txn = durable_write(dst)?;
+    let mut n = 0;
+    {
+        n += copy_table!(from, txn, LOG, LOG_NAME, sealer, |k| k.to_be_bytes());
+        n += copy_table!(from, txn, META, META_NAME, sealer, |k| k.as_bytes());
+    }
+    txn.commit().map_err(|e| e.to_string())?;
+    Ok(n)
 }
 
 impl LogStore {
     /// Wraps an open database, creating the tables if needed.
-    pub(crate) fn new(db: Arc<Database>) -> Result<LogStore, StorageError> {
+    pub(crate) fn new(db: Arc<Database>, sealer: Sealer) -> Result<LogStore, StorageError> {
         let txn = db.begin_write().map_err(write_err)?;
         {
             txn.open_table(LOG).map_err(write_err)?;
@@ -45,6 +88,7 @@ impl LogStore {
         let store = LogStore {
             db,
             committed: Arc::new(AtomicU64::new(0)),
+            sealer,
         };
         let committed = store.read_committed_sync()?;
         store
@@ -64,7 +108,13 @@ impl LogStore {
         let txn = self.db.begin_read().map_err(read_err)?;
         let table = txn.open_table(META).map_err(read_err)?;
         match table.get(key).map_err(read_err)? {
-            Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(read_err)?)),
+            Some(v) => {
+                let bytes = self
+                    .sealer
+                    .open(META_NAME, key.as_bytes(), v.value())
+                    .map_err(read_err)?;
+                Ok(Some(serde_json::from_slice(&bytes).map_err(read_err)?))
+            }
             None => Ok(None),
         }
     }
@@ -75,6 +125,10 @@ impl LogStore {
         value: &T,
     ) -> Result<(), StorageError> {
         let bytes = serde_json::to_vec(value).map_err(write_err)?;
+        let bytes = self
+            .sealer
+            .seal(META_NAME, key.as_bytes(), bytes)
+            .map_err(write_err)?;
         let db = self.db.clone();
         blocking(move || {
             let mut txn = db.begin_write().map_err(write_err)?;
@@ -96,10 +150,8 @@ impl LogStore {
         {
             let mut table = txn.open_table(LOG).map_err(write_err)?;
             for e in entries {
-                let bytes = serde_json::to_vec(e).map_err(write_err)?;
-                table
-                    .insert(e.get_log_id().index, bytes.as_slice())
-                    .map_err(write_err)?;
+                let (index, bytes) = encode_entry(&self.sealer, e)?;
+                table.insert(index, bytes.as_slice()).map_err(write_err)?;
             }
         }
         txn.commit().map_err(write_err)
@@ -114,8 +166,8 @@ impl LogStore {
         let table = txn.open_table(LOG).map_err(read_err)?;
         let mut out = Vec::new();
         for item in table.range(range).map_err(read_err)? {
-            let (_, v) = item.map_err(read_err)?;
-            out.push(serde_json::from_slice::<Entry>(v.value()).map_err(read_err)?);
+            let (k, v) = item.map_err(read_err)?;
+            out.push(decode_entry(&self.sealer, k.value(), v.value())?);
         }
         Ok(out)
     }
@@ -142,11 +194,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let txn = self.db.begin_read().map_err(read_err)?;
         let table = txn.open_table(LOG).map_err(read_err)?;
         let last = match table.last().map_err(read_err)? {
-            Some((_, v)) => Some(
-                *serde_json::from_slice::<Entry>(v.value())
-                    .map_err(read_err)?
-                    .get_log_id(),
-            ),
+            Some((k, v)) => Some(*decode_entry(&self.sealer, k.value(), v.value())?.get_log_id()),
             None => None,
         };
         Ok(LogState {
@@ -187,13 +235,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        let mut encoded = Vec::new();
-        for entry in entries {
-            let bytes = serde_json::to_vec(&entry).map_err(write_err)?;
-            encoded.push((entry.get_log_id().index, bytes));
-        }
+        let entries: Vec<Entry> = entries.into_iter().collect();
         let db = self.db.clone();
+        let sealer = self.sealer.clone();
         let res = blocking(move || {
+            // Encoding and sealing (up to `max_batch_bytes` per entry) off the async threads.
+            let encoded = entries
+                .iter()
+                .map(|e| encode_entry(&sealer, e))
+                .collect::<Result<Vec<_>, _>>()?;
             let mut txn = db.begin_write().map_err(write_err)?;
             txn.set_durability(Durability::Immediate)
                 .map_err(write_err)?;
@@ -240,6 +290,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         tracing::debug!(upto = log_id.index, "purging raft log");
         let purged = serde_json::to_vec(&log_id).map_err(write_err)?;
+        let purged = self
+            .sealer
+            .seal(META_NAME, KEY_PURGED.as_bytes(), purged)
+            .map_err(write_err)?;
         let db = self.db.clone();
         blocking(move || {
             let mut txn = db.begin_write().map_err(write_err)?;

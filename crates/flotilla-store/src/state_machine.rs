@@ -3,6 +3,8 @@
 //! Tables: one per [`Table`] (`id → [version u64][created u64][value]`), `_meta` (last applied
 //! log id, last membership, events floor), `_events` (`(revision, op index) → Event JSON`, the
 //! most recent `event_retention` events) and `_snapshot` (the current snapshot's meta and data).
+//! With a keyring every value is sealed ([`crate::at_rest`]), with AAD `table name + "\0" +
+//! key` (object id; revision and op index u64/u32 BE for events; the meta or snapshot key).
 //!
 //! # Durability of apply
 //! `apply` commits with `Durability::None` (no fsync). That is safe because:
@@ -32,6 +34,7 @@ use redb::{
 };
 use tokio::sync::broadcast;
 
+use crate::at_rest::{copy_table, count_plain, durable_write, Sealer};
 use crate::error::{storage, StoreError};
 use crate::raft_types::{
     blocking, read_err, write_err, Entry, LogId, Response, Snapshot, SnapshotMeta, StorageError,
@@ -39,9 +42,12 @@ use crate::raft_types::{
 };
 use crate::types::{Batch, Event, EventKind, FailureKind, Op, OpFailure, Table, Versioned};
 
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("_meta");
-const EVENTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("_events");
-const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("_snapshot");
+const META_NAME: &str = "_meta";
+const EVENTS_NAME: &str = "_events";
+const SNAPSHOT_NAME: &str = "_snapshot";
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new(META_NAME);
+const EVENTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new(EVENTS_NAME);
+const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new(SNAPSHOT_NAME);
 
 const KEY_APPLIED: &str = "last_applied";
 const KEY_MEMBERSHIP: &str = "last_membership";
@@ -90,6 +96,63 @@ fn decode_rec(bytes: &[u8]) -> Result<Rec, String> {
     })
 }
 
+fn event_key(revision: u64, seq: u32) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..8].copy_from_slice(&revision.to_be_bytes());
+    k[8..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Encodes and seals an object record of `table` for `id`.
+fn seal_rec(
+    sealer: &Sealer,
+    table: Table,
+    id: &str,
+    version: u64,
+    created: u64,
+    value: &[u8],
+) -> Result<Vec<u8>, String> {
+    sealer.seal(
+        table.as_str(),
+        id.as_bytes(),
+        encode_rec(version, created, value),
+    )
+}
+
+/// Opens and decodes an object record of `table` for `id`.
+fn open_rec(sealer: &Sealer, table: Table, id: &str, stored: &[u8]) -> Result<Rec, String> {
+    decode_rec(&sealer.open(table.as_str(), id.as_bytes(), stored)?)
+}
+
+/// Counts the plain values of a state file (for the upgrade to encryption at rest).
+pub(crate) fn count_plain_values(db: &Database) -> Result<u64, String> {
+    let txn = db.begin_read().map_err(|e| e.to_string())?;
+    let mut n = count_plain!(txn, META) + count_plain!(txn, EVENTS) + count_plain!(txn, SNAPSHOT);
+    for t in Table::ALL {
+        n += count_plain!(txn, obj_def(*t));
+    }
+    Ok(n)
+}
+
+/// Copies a state file sealing every plain value (the upgrade to encryption at rest).
+pub(crate) fn copy_sealed(src: &Database, dst: &Database, sealer: &Sealer) -> Result<u64, String> {
+    let from = src.begin_read().map_err(|e| e.to_string())?;
+    let txn = durable_write(dst)?;
+    let mut n = 0;
+    {
+        n += copy_table!(from, txn, META, META_NAME, sealer, |k| k.as_bytes());
+        n += copy_table!(from, txn, SNAPSHOT, SNAPSHOT_NAME, sealer, |k| k.as_bytes());
+        n += copy_table!(from, txn, EVENTS, EVENTS_NAME, sealer, |k| event_key(
+            k.0, k.1
+        ));
+        for t in Table::ALL {
+            n += copy_table!(from, txn, obj_def(*t), t.as_str(), sealer, |k| k.as_bytes());
+        }
+    }
+    txn.commit().map_err(|e| e.to_string())?;
+    Ok(n)
+}
+
 /// What the live change feed carries.
 #[derive(Debug, Clone)]
 pub(crate) enum Feed {
@@ -110,6 +173,7 @@ pub(crate) struct SmShared {
 pub(crate) struct StateMachine {
     db: Arc<Database>,
     shared: Arc<SmShared>,
+    sealer: Sealer,
 }
 
 impl StateMachine {
@@ -117,16 +181,17 @@ impl StateMachine {
     pub(crate) fn open(
         db: Arc<Database>,
         event_retention: u64,
+        sealer: Sealer,
     ) -> Result<StateMachine, StorageError> {
         init_tables(&db).map_err(write_err)?;
-        let applied = applied_index(&db).map_err(read_err)?;
+        let applied = applied_index(&db, &sealer).map_err(read_err)?;
         let (feed, _) = broadcast::channel(1024);
         let shared = Arc::new(SmShared {
             applied: AtomicU64::new(applied),
             feed,
             event_retention,
         });
-        Ok(StateMachine { db, shared })
+        Ok(StateMachine { db, shared, sealer })
     }
 
     pub(crate) fn shared(&self) -> Arc<SmShared> {
@@ -147,42 +212,65 @@ pub(crate) fn init_tables(db: &Database) -> Result<(), StoreError> {
     txn.commit().map_err(storage)
 }
 
+/// Reads the JSON value at `key` of the table named `name` (`_meta` or `_snapshot`).
 fn read_json<T: serde::de::DeserializeOwned>(
+    sealer: &Sealer,
     table: &impl ReadableTable<&'static str, &'static [u8]>,
+    name: &str,
     key: &str,
 ) -> Result<Option<T>, String> {
     match table.get(key).map_err(|e| e.to_string())? {
-        Some(v) => serde_json::from_slice(v.value())
-            .map(Some)
-            .map_err(|e| e.to_string()),
+        Some(v) => {
+            let bytes = sealer.open(name, key.as_bytes(), v.value())?;
+            serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| e.to_string())
+        }
         None => Ok(None),
     }
 }
 
-fn applied_in(txn: &ReadTransaction) -> Result<u64, String> {
+/// Encodes and seals a JSON value for `key` of the table named `name`.
+fn seal_json<T: serde::Serialize>(
+    sealer: &Sealer,
+    name: &str,
+    key: &str,
+    value: &T,
+) -> Result<Vec<u8>, StorageError> {
+    let bytes = serde_json::to_vec(value).map_err(write_err)?;
+    sealer.seal(name, key.as_bytes(), bytes).map_err(write_err)
+}
+
+fn applied_in(txn: &ReadTransaction, sealer: &Sealer) -> Result<u64, String> {
     let meta = txn.open_table(META).map_err(|e| e.to_string())?;
-    let applied: Option<LogId> = read_json(&meta, KEY_APPLIED)?;
+    let applied: Option<LogId> = read_json(sealer, &meta, META_NAME, KEY_APPLIED)?;
     Ok(applied.map(|l| l.index).unwrap_or(0))
 }
 
-pub(crate) fn applied_index(db: &Database) -> Result<u64, String> {
+pub(crate) fn applied_index(db: &Database, sealer: &Sealer) -> Result<u64, String> {
     let txn = db.begin_read().map_err(|e| e.to_string())?;
-    applied_in(&txn)
+    applied_in(&txn, sealer)
 }
 
 /// Reads `(last_applied, last_membership)`.
 pub(crate) fn read_applied_state(
     db: &Database,
+    sealer: &Sealer,
 ) -> Result<(Option<LogId>, StoredMembership), String> {
     let txn = db.begin_read().map_err(|e| e.to_string())?;
     let meta = txn.open_table(META).map_err(|e| e.to_string())?;
-    let applied: Option<LogId> = read_json(&meta, KEY_APPLIED)?;
-    let membership: Option<StoredMembership> = read_json(&meta, KEY_MEMBERSHIP)?;
+    let applied: Option<LogId> = read_json(sealer, &meta, META_NAME, KEY_APPLIED)?;
+    let membership: Option<StoredMembership> = read_json(sealer, &meta, META_NAME, KEY_MEMBERSHIP)?;
     Ok((applied, membership.unwrap_or_default()))
 }
 
-fn to_versioned(id: &str, bytes: &[u8]) -> Result<Versioned, StoreError> {
-    let rec = decode_rec(bytes).map_err(StoreError::Storage)?;
+fn to_versioned(
+    sealer: &Sealer,
+    table: Table,
+    id: &str,
+    bytes: &[u8],
+) -> Result<Versioned, StoreError> {
+    let rec = open_rec(sealer, table, id, bytes).map_err(StoreError::Storage)?;
     Ok(Versioned {
         id: id.to_string(),
         version: rec.version,
@@ -191,33 +279,45 @@ fn to_versioned(id: &str, bytes: &[u8]) -> Result<Versioned, StoreError> {
     })
 }
 
-pub(crate) fn get(db: &Database, table: Table, id: &str) -> Result<Option<Versioned>, StoreError> {
+pub(crate) fn get(
+    db: &Database,
+    sealer: &Sealer,
+    table: Table,
+    id: &str,
+) -> Result<Option<Versioned>, StoreError> {
     let txn = db.begin_read().map_err(storage)?;
     let t = txn.open_table(obj_def(table)).map_err(storage)?;
     match t.get(id).map_err(storage)? {
-        Some(v) => Ok(Some(to_versioned(id, v.value())?)),
+        Some(v) => Ok(Some(to_versioned(sealer, table, id, v.value())?)),
         None => Ok(None),
     }
 }
 
 /// Lists a table and returns the applied revision it was read at (one read transaction).
-pub(crate) fn list(db: &Database, table: Table) -> Result<(u64, Vec<Versioned>), StoreError> {
+pub(crate) fn list(
+    db: &Database,
+    sealer: &Sealer,
+    table: Table,
+) -> Result<(u64, Vec<Versioned>), StoreError> {
     let txn = db.begin_read().map_err(storage)?;
-    let revision = applied_in(&txn).map_err(StoreError::Storage)?;
+    let revision = applied_in(&txn, sealer).map_err(StoreError::Storage)?;
     let t = txn.open_table(obj_def(table)).map_err(storage)?;
     let mut out = Vec::with_capacity(usize::try_from(t.len().map_err(storage)?).unwrap_or(0));
     for item in t.iter().map_err(storage)? {
         let (k, v) = item.map_err(storage)?;
-        out.push(to_versioned(k.value(), v.value())?);
+        out.push(to_versioned(sealer, table, k.value(), v.value())?);
     }
     Ok((revision, out))
 }
 
 /// Every object of every table (force-new-cluster recovery).
-pub(crate) fn export_all(db: &Database) -> Result<Vec<(Table, Vec<Versioned>)>, StoreError> {
+pub(crate) fn export_all(
+    db: &Database,
+    sealer: &Sealer,
+) -> Result<Vec<(Table, Vec<Versioned>)>, StoreError> {
     Table::ALL
         .iter()
-        .map(|t| list(db, *t).map(|(_, objs)| (*t, objs)))
+        .map(|t| list(db, sealer, *t).map(|(_, objs)| (*t, objs)))
         .collect()
 }
 
@@ -225,12 +325,13 @@ pub(crate) fn export_all(db: &Database) -> Result<Vec<(Table, Vec<Versioned>)>, 
 /// `Compacted` if some of them are gone.
 pub(crate) fn events_after(
     db: &Database,
+    sealer: &Sealer,
     after: u64,
     limit: usize,
 ) -> Result<Vec<Event>, StoreError> {
     let txn = db.begin_read().map_err(storage)?;
     let meta = txn.open_table(META).map_err(storage)?;
-    let floor: u64 = read_json(&meta, KEY_EVENTS_FLOOR)
+    let floor: u64 = read_json(sealer, &meta, META_NAME, KEY_EVENTS_FLOOR)
         .map_err(StoreError::Storage)?
         .unwrap_or(0);
     if after < floor {
@@ -243,11 +344,15 @@ pub(crate) fn events_after(
         .map_err(storage)?
     {
         let (k, v) = item.map_err(storage)?;
+        let (revision, seq) = k.value();
         // Stop at a page boundary, but never in the middle of a revision.
-        if out.len() >= limit && out.last().map(|e: &Event| e.revision) != Some(k.value().0) {
+        if out.len() >= limit && out.last().map(|e: &Event| e.revision) != Some(revision) {
             break;
         }
-        out.push(serde_json::from_slice::<Event>(v.value()).map_err(storage)?);
+        let bytes = sealer
+            .open(EVENTS_NAME, &event_key(revision, seq), v.value())
+            .map_err(StoreError::Storage)?;
+        out.push(serde_json::from_slice::<Event>(&bytes).map_err(storage)?);
     }
     Ok(out)
 }
@@ -274,6 +379,7 @@ fn open_obj<'m, 'txn>(
 /// left by the previous ops of the batch, and writes only if all pass.
 fn apply_batch(
     txn: &WriteTransaction,
+    sealer: &Sealer,
     index: u64,
     batch: &Batch,
 ) -> Result<(Result<(), OpFailure>, Vec<Event>), StorageError> {
@@ -290,7 +396,7 @@ fn apply_batch(
                 let t = open_obj(txn, &mut tables, table)?;
                 let found = t.get(id).map_err(read_err)?;
                 match found {
-                    Some(v) => Some(decode_rec(v.value()).map_err(read_err)?),
+                    Some(v) => Some(open_rec(sealer, table, id, v.value()).map_err(read_err)?),
                     None => None,
                 }
             }
@@ -380,11 +486,9 @@ fn apply_batch(
         let t = open_obj(txn, &mut tables, table)?;
         match rec {
             Some(rec) => {
-                t.insert(
-                    id,
-                    encode_rec(rec.version, rec.created, &rec.value).as_slice(),
-                )
-                .map_err(write_err)?;
+                let stored = seal_rec(sealer, table, id, rec.version, rec.created, &rec.value)
+                    .map_err(write_err)?;
+                t.insert(id, stored.as_slice()).map_err(write_err)?;
             }
             None => {
                 t.remove(id).map_err(write_err)?;
@@ -429,6 +533,7 @@ type Applied = (Vec<Response>, Vec<Vec<Event>>, u64);
 /// Applies entries in one (non-durable, see module docs) write transaction.
 fn apply_entries(
     db: &Database,
+    sealer: &Sealer,
     entries: Vec<Entry>,
     retention: u64,
 ) -> Result<Applied, StorageError> {
@@ -446,10 +551,13 @@ fn apply_entries(
             match entry.payload {
                 EntryPayload::Blank => responses.push(Response { result: Ok(()) }),
                 EntryPayload::Normal(batch) => {
-                    let (result, evs) = apply_batch(&txn, log_id.index, &batch)?;
+                    let (result, evs) = apply_batch(&txn, sealer, log_id.index, &batch)?;
                     for (i, ev) in evs.iter().enumerate() {
                         let seq = u32::try_from(i).map_err(write_err)?;
                         let bytes = serde_json::to_vec(ev).map_err(write_err)?;
+                        let bytes = sealer
+                            .seal(EVENTS_NAME, &event_key(log_id.index, seq), bytes)
+                            .map_err(write_err)?;
                         events
                             .insert((log_id.index, seq), bytes.as_slice())
                             .map_err(write_err)?;
@@ -467,16 +575,16 @@ fn apply_entries(
         }
         let floor = prune_events(&mut events, retention)?;
         let mut meta = txn.open_table(META).map_err(write_err)?;
-        let applied = serde_json::to_vec(&last_applied).map_err(write_err)?;
+        let applied = seal_json(sealer, META_NAME, KEY_APPLIED, &last_applied)?;
         meta.insert(KEY_APPLIED, applied.as_slice())
             .map_err(write_err)?;
         if let Some(m) = &membership {
-            let bytes = serde_json::to_vec(m).map_err(write_err)?;
+            let bytes = seal_json(sealer, META_NAME, KEY_MEMBERSHIP, m)?;
             meta.insert(KEY_MEMBERSHIP, bytes.as_slice())
                 .map_err(write_err)?;
         }
         if let Some(floor) = floor {
-            let bytes = serde_json::to_vec(&floor).map_err(write_err)?;
+            let bytes = seal_json(sealer, META_NAME, KEY_EVENTS_FLOOR, &floor)?;
             meta.insert(KEY_EVENTS_FLOOR, bytes.as_slice())
                 .map_err(write_err)?;
         }
@@ -490,7 +598,7 @@ fn apply_entries(
 // per object: u32 id length, id, u64 version, u64 created, u32 value length, value.
 // Tables are stored by name so tables can be added later.
 
-fn encode_snapshot(txn: &ReadTransaction) -> Result<Vec<u8>, StorageError> {
+fn encode_snapshot(txn: &ReadTransaction, sealer: &Sealer) -> Result<Vec<u8>, StorageError> {
     let mut out = Vec::new();
     out.extend_from_slice(SNAPSHOT_MAGIC);
     out.extend_from_slice(
@@ -506,8 +614,8 @@ fn encode_snapshot(txn: &ReadTransaction) -> Result<Vec<u8>, StorageError> {
         out.extend_from_slice(&table.len().map_err(read_err)?.to_le_bytes());
         for item in table.iter().map_err(read_err)? {
             let (k, v) = item.map_err(read_err)?;
+            let rec = open_rec(sealer, *t, k.value(), v.value()).map_err(read_err)?;
             let id = k.value().as_bytes();
-            let rec = decode_rec(v.value()).map_err(read_err)?;
             out.extend_from_slice(&u32::try_from(id.len()).map_err(read_err)?.to_le_bytes());
             out.extend_from_slice(id);
             out.extend_from_slice(&rec.version.to_le_bytes());
@@ -562,7 +670,7 @@ impl<'a> Reader<'a> {
 }
 
 /// Replaces every object table with the snapshot's content inside `txn`.
-fn load_snapshot(txn: &WriteTransaction, data: &[u8]) -> Result<(), String> {
+fn load_snapshot(txn: &WriteTransaction, sealer: &Sealer, data: &[u8]) -> Result<(), String> {
     let mut r = Reader { buf: data };
     if r.take(SNAPSHOT_MAGIC.len())? != SNAPSHOT_MAGIC {
         return Err("not a flotilla snapshot (bad magic)".to_string());
@@ -585,8 +693,8 @@ fn load_snapshot(txn: &WriteTransaction, data: &[u8]) -> Result<(), String> {
             let created = r.u64()?;
             let value_len = usize::try_from(r.u32()?).map_err(|e| e.to_string())?;
             let value = r.take(value_len)?;
-            t.insert(id, encode_rec(version, created, value).as_slice())
-                .map_err(|e| e.to_string())?;
+            let stored = seal_rec(sealer, table, id, version, created, value)?;
+            t.insert(id, stored.as_slice()).map_err(|e| e.to_string())?;
         }
     }
     if !r.buf.is_empty() {
@@ -604,21 +712,24 @@ fn now_nanos() -> u128 {
 
 pub(crate) struct SnapshotBuilder {
     db: Arc<Database>,
+    sealer: Sealer,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
         let db = self.db.clone();
+        let sealer = self.sealer.clone();
         let (meta, data) = blocking(move || {
             let (meta, data) = {
                 let txn = db.begin_read().map_err(read_err)?;
                 let meta_table = txn.open_table(META).map_err(read_err)?;
                 let last_log_id: Option<LogId> =
-                    read_json(&meta_table, KEY_APPLIED).map_err(read_err)?;
-                let last_membership: StoredMembership = read_json(&meta_table, KEY_MEMBERSHIP)
-                    .map_err(read_err)?
-                    .unwrap_or_default();
-                let data = encode_snapshot(&txn)?;
+                    read_json(&sealer, &meta_table, META_NAME, KEY_APPLIED).map_err(read_err)?;
+                let last_membership: StoredMembership =
+                    read_json(&sealer, &meta_table, META_NAME, KEY_MEMBERSHIP)
+                        .map_err(read_err)?
+                        .unwrap_or_default();
+                let data = encode_snapshot(&txn, &sealer)?;
                 let snapshot_id = match &last_log_id {
                     Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, now_nanos()),
                     None => format!("0-0-{}", now_nanos()),
@@ -640,13 +751,16 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             {
                 let mut snap = txn.open_table(SNAPSHOT).map_err(write_err)?;
                 let stored: Option<SnapshotMeta> =
-                    read_json(&snap, KEY_SNAP_META).map_err(read_err)?;
+                    read_json(&sealer, &snap, SNAPSHOT_NAME, KEY_SNAP_META).map_err(read_err)?;
                 // Never replace the current snapshot by an older one.
                 if stored.is_none_or(|s| s.last_log_id <= meta.last_log_id) {
-                    let meta_bytes = serde_json::to_vec(&meta).map_err(write_err)?;
+                    let meta_bytes = seal_json(&sealer, SNAPSHOT_NAME, KEY_SNAP_META, &meta)?;
                     snap.insert(KEY_SNAP_META, meta_bytes.as_slice())
                         .map_err(write_err)?;
-                    snap.insert(KEY_SNAP_DATA, data.as_slice())
+                    let stored = sealer
+                        .seal_borrowed(SNAPSHOT_NAME, KEY_SNAP_DATA.as_bytes(), &data)
+                        .map_err(write_err)?;
+                    snap.insert(KEY_SNAP_DATA, stored.as_ref())
                         .map_err(write_err)?;
                 }
             }
@@ -671,7 +785,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
-        read_applied_state(&self.db).map_err(read_err)
+        read_applied_state(&self.db, &self.sealer).map_err(read_err)
     }
 
     async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
@@ -684,9 +798,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             return Ok(Vec::new());
         }
         let db = self.db.clone();
+        let sealer = self.sealer.clone();
         let retention = self.shared.event_retention;
         let (responses, feeds, last) =
-            blocking(move || apply_entries(&db, entries, retention)).await?;
+            blocking(move || apply_entries(&db, &sealer, entries, retention)).await?;
         self.shared.applied.store(last, Ordering::Release);
         for evs in feeds {
             // No receivers is fine.
@@ -698,6 +813,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         SnapshotBuilder {
             db: self.db.clone(),
+            sealer: self.sealer.clone(),
         }
     }
 
@@ -716,27 +832,32 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let index = meta.last_log_id.map(|l| l.index).unwrap_or(0);
         let bytes = data.len();
         let snapshot_id = meta.snapshot_id.clone();
+        let sealer = self.sealer.clone();
         blocking(move || {
             let mut txn = db.begin_write().map_err(write_err)?;
             txn.set_durability(Durability::Immediate)
                 .map_err(write_err)?;
-            load_snapshot(&txn, &data).map_err(write_err)?;
+            load_snapshot(&txn, &sealer, &data).map_err(write_err)?;
             txn.delete_table(EVENTS).map_err(write_err)?;
             txn.open_table(EVENTS).map_err(write_err)?;
             {
                 let mut m = txn.open_table(META).map_err(write_err)?;
-                let applied = serde_json::to_vec(&meta.last_log_id).map_err(write_err)?;
+                let applied = seal_json(&sealer, META_NAME, KEY_APPLIED, &meta.last_log_id)?;
                 m.insert(KEY_APPLIED, applied.as_slice())
                     .map_err(write_err)?;
-                let membership = serde_json::to_vec(&meta.last_membership).map_err(write_err)?;
+                let membership =
+                    seal_json(&sealer, META_NAME, KEY_MEMBERSHIP, &meta.last_membership)?;
                 m.insert(KEY_MEMBERSHIP, membership.as_slice())
                     .map_err(write_err)?;
-                let floor = serde_json::to_vec(&index).map_err(write_err)?;
+                let floor = seal_json(&sealer, META_NAME, KEY_EVENTS_FLOOR, &index)?;
                 m.insert(KEY_EVENTS_FLOOR, floor.as_slice())
                     .map_err(write_err)?;
                 let mut snap = txn.open_table(SNAPSHOT).map_err(write_err)?;
-                let meta_bytes = serde_json::to_vec(&meta).map_err(write_err)?;
+                let meta_bytes = seal_json(&sealer, SNAPSHOT_NAME, KEY_SNAP_META, &meta)?;
                 snap.insert(KEY_SNAP_META, meta_bytes.as_slice())
+                    .map_err(write_err)?;
+                let data = sealer
+                    .seal(SNAPSHOT_NAME, KEY_SNAP_DATA.as_bytes(), data)
                     .map_err(write_err)?;
                 snap.insert(KEY_SNAP_DATA, data.as_slice())
                     .map_err(write_err)?;
@@ -753,12 +874,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
         let txn = self.db.begin_read().map_err(read_err)?;
         let snap = txn.open_table(SNAPSHOT).map_err(read_err)?;
-        let meta: Option<SnapshotMeta> = read_json(&snap, KEY_SNAP_META).map_err(read_err)?;
+        let meta: Option<SnapshotMeta> =
+            read_json(&self.sealer, &snap, SNAPSHOT_NAME, KEY_SNAP_META).map_err(read_err)?;
         let Some(meta) = meta else {
             return Ok(None);
         };
         let data = match snap.get(KEY_SNAP_DATA).map_err(read_err)? {
-            Some(v) => v.value().to_vec(),
+            Some(v) => self
+                .sealer
+                .open(SNAPSHOT_NAME, KEY_SNAP_DATA.as_bytes(), v.value())
+                .map_err(read_err)?
+                .into_owned(),
             None => return Err(read_err("snapshot meta present but data missing")),
         };
         Ok(Some(Snapshot {

@@ -17,9 +17,10 @@ use openraft::{BasicNode, ChangeMembers, RaftMetrics, ServerState, SnapshotPolic
 use redb::Database;
 use tokio::time::Instant;
 
+use crate::at_rest::{self, Sealer};
 use crate::config::StoreConfig;
 use crate::error::{storage, StoreError};
-use crate::log_store::LogStore;
+use crate::log_store::{self, LogStore};
 use crate::network::{NetworkFactory, PeerTracker, RaftTransport};
 use crate::raft_types::{Raft, TypeConfig};
 use crate::state_machine::{self, SmShared, StateMachine};
@@ -55,6 +56,7 @@ struct Inner {
     cfg: StoreConfig,
     raft: Raft,
     sm_db: Arc<Database>,
+    sealer: Sealer,
     sm: Arc<SmShared>,
     peers: Arc<PeerTracker>,
     committed: Arc<AtomicU64>,
@@ -130,7 +132,7 @@ fn private_file(path: &Path) -> Result<(), StoreError> {
 
 /// Opens (creating if missing, mode 0600) a redb file, retrying briefly while a previous
 /// instance in this process is still releasing it.
-async fn open_db(path: &Path) -> Result<Arc<Database>, StoreError> {
+pub(crate) async fn open_db(path: &Path) -> Result<Arc<Database>, StoreError> {
     private_file(path)?;
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
@@ -149,6 +151,27 @@ async fn open_db(path: &Path) -> Result<Arc<Database>, StoreError> {
     }
 }
 
+/// The store's sealer; with a keyring, first seals in place every plain value of the files in
+/// `cfg.data_dir` (a store written before encryption at rest, see [`crate::at_rest`]).
+async fn seal_in_place(cfg: &StoreConfig) -> Result<Sealer, StoreError> {
+    let sealer = Sealer::new(cfg.at_rest.clone());
+    at_rest::upgrade_file(
+        &cfg.data_dir.join(LOG_FILE),
+        &sealer,
+        log_store::count_plain_values,
+        log_store::copy_sealed,
+    )
+    .await?;
+    at_rest::upgrade_file(
+        &cfg.data_dir.join(STATE_FILE),
+        &sealer,
+        state_machine::count_plain_values,
+        state_machine::copy_sealed,
+    )
+    .await?;
+    Ok(sealer)
+}
+
 impl Store {
     /// Opens the store in `cfg.data_dir` and starts the Raft node. On restart, the state machine
     /// is brought up to the last persisted committed index before this returns, so reads never
@@ -160,11 +183,13 @@ impl Store {
     ) -> Result<Store, StoreError> {
         cfg.validate()?;
         private_dir(&cfg.data_dir)?;
+        let sealer = seal_in_place(&cfg).await?;
         let log_db = open_db(&cfg.data_dir.join(LOG_FILE)).await?;
         let sm_db = open_db(&cfg.data_dir.join(STATE_FILE)).await?;
-        let log_store = LogStore::new(log_db).map_err(storage)?;
+        let log_store = LogStore::new(log_db, sealer.clone()).map_err(storage)?;
         let committed = log_store.committed_handle();
-        let sm = StateMachine::open(sm_db.clone(), cfg.event_retention).map_err(storage)?;
+        let sm = StateMachine::open(sm_db.clone(), cfg.event_retention, sealer.clone())
+            .map_err(storage)?;
         let shared = sm.shared();
         let peers = Arc::new(PeerTracker::default());
         let network = NetworkFactory {
@@ -195,6 +220,7 @@ impl Store {
             node_id = cfg.node_id,
             data_dir = %cfg.data_dir.display(),
             applied = shared.applied.load(Ordering::Acquire),
+            at_rest = sealer.is_keyed(),
             "store opened"
         );
         Ok(Store {
@@ -203,6 +229,7 @@ impl Store {
                 cfg,
                 raft,
                 sm_db,
+                sealer,
                 sm: shared,
                 peers,
                 committed,
@@ -420,18 +447,18 @@ impl Store {
 
     /// Local read of one object from the applied state (no consensus).
     pub fn get(&self, table: Table, id: &str) -> Result<Option<Versioned>, StoreError> {
-        state_machine::get(&self.inner.sm_db, table, id)
+        state_machine::get(&self.inner.sm_db, &self.inner.sealer, table, id)
     }
 
     /// Local read of a whole table (no consensus), ordered by id.
     pub fn list(&self, table: Table) -> Result<Vec<Versioned>, StoreError> {
-        state_machine::list(&self.inner.sm_db, table).map(|(_, objs)| objs)
+        state_machine::list(&self.inner.sm_db, &self.inner.sealer, table).map(|(_, objs)| objs)
     }
 
     /// Like [`Store::list`], plus the revision the listing reflects (read atomically with it):
     /// `watch(revision)` then continues exactly after the listing.
     pub fn list_at(&self, table: Table) -> Result<(u64, Vec<Versioned>), StoreError> {
-        state_machine::list(&self.inner.sm_db, table)
+        state_machine::list(&self.inner.sm_db, &self.inner.sealer, table)
     }
 
     /// Last applied log index.
@@ -444,7 +471,12 @@ impl Store {
     pub fn watch(&self, from_revision: u64) -> Result<Watch, StoreError> {
         // Subscribe before the replay reads the disk so nothing falls in between.
         let rx = self.inner.sm.feed.subscribe();
-        Ok(Watch::new(&self.inner.sm_db, rx, from_revision))
+        Ok(Watch::new(
+            &self.inner.sm_db,
+            self.inner.sealer.clone(),
+            rx,
+            from_revision,
+        ))
     }
 
     fn require_leader(&self, m: &Metrics) -> Result<(), StoreError> {
@@ -668,15 +700,17 @@ impl Store {
                 cfg.data_dir.display()
             )));
         }
+        let sealer = seal_in_place(&cfg).await?;
         let objects = {
             let sm_db = open_db(&state_path).await?;
-            let mut sm = StateMachine::open(sm_db.clone(), cfg.event_retention).map_err(storage)?;
+            let mut sm = StateMachine::open(sm_db.clone(), cfg.event_retention, sealer.clone())
+                .map_err(storage)?;
             if log_path.exists() {
                 let log_db = open_db(&log_path).await?;
-                let log = LogStore::new(log_db).map_err(storage)?;
+                let log = LogStore::new(log_db, sealer.clone()).map_err(storage)?;
                 let committed = log.read_committed_sync().map_err(storage)?;
-                let (applied, _) =
-                    state_machine::read_applied_state(&sm_db).map_err(StoreError::Storage)?;
+                let (applied, _) = state_machine::read_applied_state(&sm_db, &sealer)
+                    .map_err(StoreError::Storage)?;
                 let applied_idx = applied.map(|l| l.index);
                 if let Some(c) = committed {
                     if applied_idx.is_none_or(|a| a < c.index) {
@@ -696,7 +730,7 @@ impl Store {
                     }
                 }
             }
-            let objects = state_machine::export_all(&sm_db)?;
+            let objects = state_machine::export_all(&sm_db, &sealer)?;
             state_machine::sync(&sm_db)?;
             objects
         };

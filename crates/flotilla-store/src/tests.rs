@@ -8,27 +8,45 @@ use std::time::Duration;
 use openraft::testing::{StoreBuilder, Suite};
 use tempfile::TempDir;
 
+use crate::at_rest::Sealer;
 use crate::log_store::LogStore;
 use crate::raft_types::{write_err, StorageError, TypeConfig};
 use crate::state_machine::StateMachine;
 use crate::*;
 
-struct SuiteBuilder;
+/// Builds the log store and state machine; with `keyed`, both seal every value at rest.
+struct SuiteBuilder {
+    keyed: bool,
+}
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for SuiteBuilder {
     async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError> {
         let dir = tempfile::tempdir().map_err(write_err)?;
         let log_db = redb::Database::create(dir.path().join(LOG_FILE)).map_err(write_err)?;
         let sm_db = redb::Database::create(dir.path().join(STATE_FILE)).map_err(write_err)?;
-        let log = LogStore::new(Arc::new(log_db))?;
-        let sm = StateMachine::open(Arc::new(sm_db), 1000)?;
+        let sealer = if self.keyed {
+            Sealer::new(Some(keyring()))
+        } else {
+            Sealer::default()
+        };
+        let log = LogStore::new(Arc::new(log_db), sealer.clone())?;
+        let sm = StateMachine::open(Arc::new(sm_db), 1000, sealer)?;
         Ok((dir, log, sm))
     }
 }
 
 #[test]
 fn t00_openraft_storage_suite() {
-    Suite::test_all(SuiteBuilder).expect("openraft storage suite");
+    Suite::test_all(SuiteBuilder { keyed: false }).expect("openraft storage suite");
+}
+
+#[test]
+fn t01_openraft_storage_suite_sealed_at_rest() {
+    Suite::test_all(SuiteBuilder { keyed: true }).expect("openraft storage suite, keyed");
+}
+
+fn keyring() -> Arc<flotilla_secrets::Keyring> {
+    Arc::new(flotilla_secrets::Keyring::generate().expect("keyring"))
 }
 
 /// A transport for single-node stores: every peer is unreachable.
@@ -480,7 +498,7 @@ async fn t32_open_reapplies_committed_entries_missing_from_the_state_machine() {
         // What a node leaves behind if it crashed after committing entries 1..=3 but before
         // any apply became durable: the log and committed id are on disk, the state is empty.
         let log_db = redb::Database::create(dir.path().join(LOG_FILE)).expect("log db");
-        let mut log = LogStore::new(Arc::new(log_db)).expect("log store");
+        let mut log = LogStore::new(Arc::new(log_db), Sealer::default()).expect("log store");
         let membership = Membership::new(
             vec![BTreeSet::from([1])],
             BTreeMap::from([(1, BasicNode::new("node-1"))]),
@@ -558,4 +576,248 @@ fn public_types_and_futures_are_send() {
         ));
     }
     let _ = futures;
+}
+
+/// 32 random hex characters.
+fn marker() -> String {
+    use rand::Rng;
+    let bytes: [u8; 16] = rand::rng().random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What a leak of `marker` could look like on disk: itself, upper-cased, and its base64 (standard
+/// and URL-safe) at each of the three byte alignments, without the edge characters that depend
+/// on the neighbouring bytes.
+fn leak_forms(marker: &str) -> Vec<Vec<u8>> {
+    use base64::Engine;
+    let mut forms = vec![
+        marker.as_bytes().to_vec(),
+        marker.to_uppercase().into_bytes(),
+    ];
+    for pad in ["", "x", "xy"] {
+        for engine in [
+            &base64::engine::general_purpose::STANDARD,
+            &base64::engine::general_purpose::URL_SAFE,
+        ] {
+            let enc = engine.encode(format!("{pad}{marker}"));
+            forms.push(enc.as_bytes()[4..enc.len() - 4].to_vec());
+        }
+    }
+    forms
+}
+
+/// Every file under `dir` (recursively) holding a leak form of `marker`.
+fn files_with(dir: &std::path::Path, marker: &str) -> Vec<String> {
+    let forms = leak_forms(marker);
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).expect("read dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let bytes = std::fs::read(&path).expect("read file");
+            for form in &forms {
+                if bytes.windows(form.len()).any(|w| w == form.as_slice()) {
+                    hits.push(format!(
+                        "{} ({})",
+                        path.display(),
+                        String::from_utf8_lossy(form)
+                    ));
+                }
+            }
+        }
+    }
+    hits
+}
+
+/// Writes `rounds` batches holding `marker` in values (objects, then updates and a delete so
+/// events carry it too), with `snapshot_every: 5` so snapshots are built and the log purged.
+async fn write_marked(store: &Store, marker: &str, rounds: usize) {
+    for i in 0..rounds {
+        ok_write(
+            store,
+            vec![
+                Op::upsert(
+                    Table::Secrets,
+                    format!("s{i}"),
+                    format!(r#"{{"data":"{marker}"}}"#),
+                ),
+                Op::upsert(
+                    Table::Services,
+                    format!("svc{}", i % 3),
+                    format!("env={marker}"),
+                ),
+            ],
+        )
+        .await;
+    }
+    ok_write(store, vec![Op::delete(Table::Secrets, "s0", None)]).await;
+}
+
+fn keyed_cfg(dir: &TempDir, keys: &Arc<flotilla_secrets::Keyring>) -> StoreConfig {
+    StoreConfig {
+        snapshot_every: 5,
+        logs_to_keep: 2,
+        at_rest: Some(keys.clone()),
+        ..cfg(dir)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t80_keyed_store_leaves_no_plaintext_and_reads_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = keyring();
+    let mark = marker();
+    let store = single(keyed_cfg(&dir, &keys)).await;
+    write_marked(&store, &mark, 20).await;
+    let before = store.list(Table::Secrets).expect("list");
+    assert_eq!(before.len(), 19);
+    assert!(String::from_utf8_lossy(&before[0].value).contains(&mark));
+    store.shutdown().await.expect("shutdown");
+    drop(store);
+    let hits = files_with(dir.path(), &mark);
+    assert!(hits.is_empty(), "plaintext on disk: {hits:?}");
+
+    // Reopened with the same keys: same state, history readable.
+    let store = Store::open(keyed_cfg(&dir, &keys), Arc::new(NoPeers))
+        .await
+        .expect("reopen");
+    assert_eq!(store.list(Table::Secrets).expect("list"), before);
+    // The event history (sealed too) replays from disk.
+    let first = next_event(&mut store.watch(0).expect("watch"))
+        .await
+        .expect("history");
+    assert_eq!(first.id, "s0");
+    assert!(String::from_utf8_lossy(first.value.as_deref().unwrap_or_default()).contains(&mark));
+    store.shutdown().await.expect("shutdown");
+    drop(store);
+
+    // Other keys, or none: refused with a clear error rather than garbage.
+    for (at_rest, want) in [
+        (Some(keyring()), "failed authentication"),
+        (None, "encrypted at rest"),
+    ] {
+        let config = StoreConfig {
+            at_rest,
+            ..keyed_cfg(&dir, &keys)
+        };
+        let err = match Store::open(config, Arc::new(NoPeers)).await {
+            Err(e) => e.to_string(),
+            Ok(store) => {
+                let e = store
+                    .list(Table::Secrets)
+                    .expect_err("sealed values need the keys")
+                    .to_string();
+                store.shutdown().await.expect("shutdown");
+                e
+            }
+        };
+        assert!(err.contains(want), "{err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t81_plain_store_is_sealed_in_place_when_keys_arrive() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mark = marker();
+    let plain_cfg = StoreConfig {
+        snapshot_every: 5,
+        logs_to_keep: 2,
+        ..cfg(&dir)
+    };
+    let store = single(plain_cfg).await;
+    write_marked(&store, &mark, 12).await;
+    let before = store.list(Table::Secrets).expect("list");
+    let services = store.list(Table::Services).expect("list");
+    store.shutdown().await.expect("shutdown");
+    drop(store);
+    assert!(
+        !files_with(dir.path(), &mark).is_empty(),
+        "the plain store should hold the marker (else this test proves nothing)"
+    );
+
+    let keys = keyring();
+    let store = Store::open(keyed_cfg(&dir, &keys), Arc::new(NoPeers))
+        .await
+        .expect("open with keys");
+    let hits = files_with(dir.path(), &mark);
+    assert!(
+        hits.is_empty(),
+        "plaintext left after the upgrade: {hits:?}"
+    );
+    assert_eq!(store.list(Table::Secrets).expect("list"), before);
+    assert_eq!(store.list(Table::Services).expect("list"), services);
+    // Still a working store: it elects itself and takes writes, sealed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match store
+            .write(Batch::single(Op::upsert(Table::Configs, "c", mark.clone())))
+            .await
+        {
+            Ok(out) => {
+                out.result.expect("ok");
+                break;
+            }
+            Err(StoreError::ForwardToLeader { .. }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("write after upgrade: {e}"),
+        }
+    }
+    store.shutdown().await.expect("shutdown");
+    drop(store);
+    let hits = files_with(dir.path(), &mark);
+    assert!(hits.is_empty(), "plaintext after more writes: {hits:?}");
+    // No upgrade leftovers.
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.ends_with(".sealing")), "{names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t82_values_swapped_on_disk_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = keyring();
+    let store = single(keyed_cfg(&dir, &keys)).await;
+    ok_write(
+        &store,
+        vec![
+            Op::create(Table::Secrets, "a", "value of a"),
+            Op::create(Table::Secrets, "b", "value of b"),
+        ],
+    )
+    .await;
+    store.shutdown().await.expect("shutdown");
+    drop(store);
+    {
+        // An attacker with the disk (not the keys) swaps the two sealed values.
+        use redb::ReadableDatabase;
+        let def: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("secrets");
+        let db = redb::Database::create(dir.path().join(STATE_FILE)).expect("open");
+        let (a, b) = {
+            let txn = db.begin_read().expect("read");
+            let t = txn.open_table(def).expect("table");
+            let get = |k: &str| t.get(k).expect("get").expect("present").value().to_vec();
+            (get("a"), get("b"))
+        };
+        let txn = db.begin_write().expect("write");
+        {
+            let mut t = txn.open_table(def).expect("table");
+            t.insert("a", b.as_slice()).expect("insert");
+            t.insert("b", a.as_slice()).expect("insert");
+        }
+        txn.commit().expect("commit");
+    }
+    let store = Store::open(keyed_cfg(&dir, &keys), Arc::new(NoPeers))
+        .await
+        .expect("reopen");
+    let err = store.get(Table::Secrets, "a").expect_err("swapped value");
+    assert!(err.to_string().contains("secrets/a"), "{err}");
+    assert!(store.list(Table::Secrets).is_err());
+    store.shutdown().await.expect("shutdown");
 }

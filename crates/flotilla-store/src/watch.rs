@@ -6,6 +6,7 @@ use std::sync::{Arc, Weak};
 use redb::Database;
 use tokio::sync::broadcast::{self, error::RecvError};
 
+use crate::at_rest::Sealer;
 use crate::error::StoreError;
 use crate::state_machine::{self, Feed};
 use crate::types::Event;
@@ -26,6 +27,7 @@ const REPLAY_PAGE: usize = 1024;
 /// re-reads them from disk while they are retained.
 pub struct Watch {
     db: Weak<Database>,
+    sealer: Sealer,
     rx: broadcast::Receiver<Feed>,
     /// Highest revision already queued or delivered.
     last: u64,
@@ -35,9 +37,15 @@ pub struct Watch {
 }
 
 impl Watch {
-    pub(crate) fn new(db: &Arc<Database>, rx: broadcast::Receiver<Feed>, from: u64) -> Watch {
+    pub(crate) fn new(
+        db: &Arc<Database>,
+        sealer: Sealer,
+        rx: broadcast::Receiver<Feed>,
+        from: u64,
+    ) -> Watch {
         Watch {
             db: Arc::downgrade(db),
+            sealer,
             rx,
             last: from,
             buf: VecDeque::new(),
@@ -65,7 +73,7 @@ impl Watch {
                     self.done = true;
                     return None;
                 };
-                match state_machine::events_after(&db, self.last, REPLAY_PAGE) {
+                match state_machine::events_after(&db, &self.sealer, self.last, REPLAY_PAGE) {
                     Ok(events) => {
                         // A full page: more history may follow, read it on the next round.
                         self.replay = events.len() >= REPLAY_PAGE;

@@ -35,6 +35,30 @@ pub struct Service {
 }
 
 impl Service {
+    /// The task template as one task runs it: volume names with their placeholders
+    /// (`{{.Task.Slot}}`, `{{.Task.ID}}`, `{{.Node.ID}}`, `{{.Service.Name}}`,
+    /// `{{.Service.ID}}`) filled in. A global task's slot is empty, a replicated task's node.
+    pub fn task_spec_for(
+        &self,
+        task_id: &str,
+        slot: Option<u64>,
+        node_id: Option<&str>,
+    ) -> TaskSpec {
+        let mut spec = self.spec.task_template.clone();
+        for m in spec.container.mounts.iter_mut() {
+            if m.kind == crate::MountKind::Volume && m.source.contains("{{") {
+                m.source = m.volume_name_for(crate::MountVars {
+                    service_id: &self.id,
+                    service_name: &self.spec.name,
+                    task_id,
+                    slot,
+                    node_id,
+                });
+            }
+        }
+        spec
+    }
+
     /// Swaps the spec with the previous one and marks a rollback as started (Swarm keeps the
     /// spec it replaced, so a second rollback returns to where the first began). `false`:
     /// there is no previous spec, nothing changed.
@@ -170,17 +194,44 @@ pub struct ContainerSpec {
     pub shm_size: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healthcheck: Option<HealthCheck>,
+    /// Volumes, host binds and tmpfs (`--mount`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<crate::Mount>,
+    /// Secrets as files, under `/run/secrets/` unless the target is absolute (`--secret`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<crate::FileReference>,
+    /// Configs as files, under `/` unless the target is absolute (`--config`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub configs: Vec<crate::FileReference>,
 }
 
 /// Exec/HTTP/TCP probes; durations in nanoseconds.
+///
+/// Schedule: the first probe runs as soon as the task's process starts. While the task is
+/// `starting` (no healthy result yet, retries not used up) the agent probes every
+/// `start_interval`, for at most max(`start_period`, 30 s) after the start (so a task that
+/// never becomes healthy is not probed fast forever); after that, and once the task has been
+/// healthy or unhealthy, every `interval`. Fast probes find health sooner but do not make a
+/// task unhealthy sooner: a failure counts against `retries` only after the start period and
+/// once `interval` has passed since the start or the last counted failure. A task with a check
+/// counts as up (traffic, `service create` waiting, running replicas) only while healthy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthCheck {
     pub probe: HealthProbe,
+    /// Between probes once the task has been healthy (or its start window is over).
     pub interval: u64,
+    /// One probe's time limit.
     pub timeout: u64,
+    /// Failed probes in a row (outside the start period) that make the task unhealthy.
     pub retries: u32,
+    /// Failures during this period after the start do not count against `retries`.
     #[serde(default)]
     pub start_period: u64,
+    /// Between probes while the task is starting (Docker's `--health-start-interval`, but
+    /// also without a start period); 0 = the default: 250 ms for TCP and HTTP probes, 1 s for
+    /// exec probes (a `runc exec` costs ~150× a connect). Never longer than `interval`.
+    #[serde(default)]
+    pub start_interval: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -448,32 +499,6 @@ impl std::str::FromStr for PublishMode {
             )),
         }
     }
-}
-
-/// A named blob handed to tasks (`Secret` data is encrypted at rest by the store's owner).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Secret {
-    pub id: String,
-    #[serde(flatten)]
-    pub meta: Meta,
-    pub name: String,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    /// Never returned by the API.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub data: Vec<u8>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Config {
-    pub id: String,
-    #[serde(flatten)]
-    pub meta: Meta,
-    pub name: String,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    #[serde(default)]
-    pub data: Vec<u8>,
 }
 
 #[cfg(test)]

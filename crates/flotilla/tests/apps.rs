@@ -20,16 +20,10 @@ use std::time::{Duration, Instant};
 use common::*;
 
 /// Checks that wait on another issue: (check name, the issue's title).
-const EXPECTED_TO_FAIL: &[(&str, &str)] = &[
-    (
-        "redis-unpublished by name",
-        "#18 Networks for real applications: a VIP carries every port",
-    ),
-    (
-        "postgres rows survive a replacement on a named volume",
-        "#20 Volumes and stateful services",
-    ),
-];
+const EXPECTED_TO_FAIL: &[(&str, &str)] = &[(
+    "redis-unpublished by name",
+    "#18 Networks for real applications: a VIP carries every port",
+)];
 
 /// One application under test.
 struct App {
@@ -437,6 +431,10 @@ fn postgres_rows_survive_a_replacement(c: &Cluster) -> Result<(), String> {
         "--name",
         "pgvol",
         "--detach",
+        // Published so that its name answers on 5432 (a VIP carries only published ports
+        // until #18 is done; `redis-unpublished` above tracks that).
+        "-p",
+        "15433:5432",
         "--mount",
         "type=volume,src=pgdata,dst=/var/lib/postgresql/data",
         "apps/postgres:1",

@@ -21,40 +21,6 @@ fn keep_keys(node_dir: &Path, into: &Path) -> PathBuf {
     into.to_path_buf()
 }
 
-/// `curl` against `addr` with the kept keys; returns (HTTP status, body).
-fn curl(keys: &Path, addr: &str, method: &str, path: &str, headers: &[&str]) -> (u16, String) {
-    let (ip, port) = addr.rsplit_once(':').unwrap();
-    let mut cmd = Command::new("curl");
-    // HTTP/1.1: curl 7.88 reports an HTTP/2 stream the server answers (403) and resets before
-    // reading the request body as a transfer error, not as the answer.
-    cmd.args(["-sS", "--http1.1", "--max-time", "5", "-X", method])
-        .arg("--cacert")
-        .arg(keys.join("ca.pem"))
-        .arg("--cert")
-        .arg(keys.join("node.pem"))
-        .arg("--key")
-        .arg(keys.join("node.key"))
-        .arg("--resolve")
-        .arg(format!("flotilla-node:{port}:{ip}"))
-        .args(["-w", "\n%{http_code}"]);
-    for h in headers {
-        cmd.args(["-H", h]);
-    }
-    if method == "POST" {
-        cmd.args(["-H", "content-type: application/json", "--data", "{}"]);
-    }
-    let out = cmd
-        .arg(format!("https://flotilla-node:{port}{path}"))
-        .output()
-        .expect("curl");
-    let text = stdout(&out);
-    let (body, code) = text
-        .trim_end()
-        .rsplit_once('\n')
-        .unwrap_or(("", text.trim()));
-    (code.trim().parse().unwrap_or(0), body.to_string())
-}
-
 #[test]
 fn t10_a_demoted_managers_certificate_no_longer_acts_as_a_manager() {
     let mut c = Cluster::init(120, &[]);

@@ -74,17 +74,24 @@ fn f10_a_local_user_reads_no_raft_file_key_or_container_record() {
         .filter(|p| p.extension().is_some_and(|x| x == "redb"))
         .collect();
     assert_eq!(redb.len(), 2, "raft-log.redb and state.redb: {redb:?}");
-    // The CA key and join secrets are in there, in plain text.
+    // The CA key and join secrets are in there, sealed (encryption at rest): their field names
+    // appear nowhere in the files.
     assert!(
-        redb.iter().any(|f| std::fs::read(f)
+        !redb.iter().any(|f| std::fs::read(f)
             .unwrap()
             .windows(10)
             .any(|w| w == b"ca_key_pem")),
-        "the cluster object is in the raft files"
+        "the cluster object is sealed in the raft files"
     );
     for f in &redb {
         refused("a raft file (CA key, join secrets)", f);
         assert_eq!(mode_and_group(f).0, 0o600, "{}", f.display());
+    }
+    // The keys that open them.
+    for k in ["kek", "dek"] {
+        let f = raft.join("keys").join(k);
+        refused("an encryption-at-rest key", &f);
+        assert_eq!(mode_and_group(&f).0, 0o600, "{}", f.display());
     }
     refused("the CA key", &data.join("tls/ca.key"));
     refused("the node key", &data.join("tls/node.key"));

@@ -59,6 +59,8 @@ pub struct Ports {
     pub net: Option<Arc<dyn TaskNetwork>>,
     /// Image pulls and trust checks.
     pub images: Arc<dyn TaskImages>,
+    /// Volumes, secrets and configs; `None` in tests that need none.
+    pub storage: Option<Arc<crate::storage::NodeStorage>>,
 }
 
 pub struct Executor {
@@ -69,6 +71,7 @@ pub struct Executor {
     /// Task networking; `None` with `--network none` (tasks get only loopback).
     net: Option<Arc<dyn TaskNetwork>>,
     images: Arc<dyn TaskImages>,
+    storage: Option<Arc<crate::storage::NodeStorage>>,
     /// Bounds how many tasks go through the start path (mount, `runc create`, namespace, veth,
     /// start) at once. The steps are mostly CPU-bound, so a bound costs little throughput, and
     /// it keeps a 100-replica burst off the node's one netlink connection (a lost netlink
@@ -115,12 +118,14 @@ impl Executor {
     pub fn new(
         ctx: &Arc<AgentCtx>,
         net: Option<Arc<NodeNet>>,
+        storage: Option<Arc<crate::storage::NodeStorage>>,
     ) -> (Arc<Executor>, mpsc::UnboundedReceiver<StatusReport>) {
         let runtime: Runtime = ctx.runtime.clone();
         Executor::with_ports(Ports {
             runtime: Arc::new(runtime),
             net: net.map(|n| n as Arc<dyn TaskNetwork>),
             images: Arc::new(ManagerImages::new(ctx)),
+            storage,
         })
     }
 
@@ -134,6 +139,7 @@ impl Executor {
                 reports: tx,
                 net: ports.net,
                 images: ports.images,
+                storage: ports.storage,
                 start_slots: Arc::new(tokio::sync::Semaphore::new(start_concurrency())),
                 image_locks: Mutex::new(HashMap::new()),
             }),
@@ -194,9 +200,13 @@ impl Executor {
         tokio::spawn(async move {
             let id = task.id.clone();
             this.run_task(task, rx).await;
-            // Every way out of a runner removes the container: free its network too.
+            // Every way out of a runner removes the container: free its network and its
+            // files too.
             if let Some(net) = &this.net {
                 net.release_task(&id).await;
+            }
+            if let Some(s) = &this.storage {
+                s.release(&id).await;
             }
             lock(&this.runners).remove(&id);
         });
@@ -214,6 +224,9 @@ impl Executor {
         if let Some(net) = &self.net {
             net.release_task(&task.id).await;
         }
+        if let Some(s) = &self.storage {
+            s.release(&task.id).await;
+        }
         if !task.status.state.is_terminal() {
             let mut st = TaskStatus::new(TaskState::Shutdown, now_ms(), "shut down");
             st.container_id = task.status.container_id.clone();
@@ -230,6 +243,7 @@ impl Executor {
         }
         let rt = self.rt.clone();
         let net = self.net.clone();
+        let storage = self.storage.clone();
         tokio::spawn(async move {
             let _ = rt.stop(&id, Duration::from_secs(10)).await;
             if let Err(e) = rt.remove(&id, false).await {
@@ -238,12 +252,22 @@ impl Executor {
             if let Some(net) = net {
                 net.release_task(&id).await;
             }
+            if let Some(s) = storage {
+                s.release(&id).await;
+            }
         });
     }
 
     /// Network namespaces left by tasks that have neither a runner nor a container (e.g. the
     /// agent died between preparing the network and creating the container).
     async fn sweep_namespaces(&self, present: &HashSet<String>, wanted: &HashSet<String>) {
+        if let Some(s) = &self.storage {
+            for id in s.tasks_with_files() {
+                if !self.has_runner(&id) && !present.contains(&id) && !wanted.contains(&id) {
+                    s.release(&id).await;
+                }
+            }
+        }
         let Some(net) = &self.net else { return };
         for id in net.prepared_tasks().await {
             if !self.has_runner(&id) && !present.contains(&id) && !wanted.contains(&id) {
@@ -468,8 +492,24 @@ impl Executor {
     /// container whose wiring failed is removed.
     async fn create(&self, task: &Task, tnet: Option<&TaskNet>) -> Result<(), TaskError> {
         let id = &task.id;
-        let spec = spec::container_spec(task, &image_digest(task), tnet);
-        self.rt.create(spec).await?;
+        let mut spec = spec::container_spec(task, &image_digest(task), tnet);
+        if let Some(storage) = &self.storage {
+            let (rt, d) = (self.rt.clone(), image_digest(task));
+            let image_volumes = blocking(move || rt.image_volumes(&d)).await?;
+            let m = storage.prepare(task, image_volumes, &*self.rt).await?;
+            spec.mounts.extend(m.binds);
+            spec.tmpfs.extend(m.tmpfs);
+            if !m.exclusive.is_empty() {
+                spec.labels
+                    .insert(crate::storage::VOLUMES_LABEL.into(), m.exclusive.join(","));
+            }
+        }
+        if let Err(e) = self.rt.create(spec).await {
+            if let Some(s) = &self.storage {
+                s.release(id).await;
+            }
+            return Err(e.into());
+        }
         let (Some(net), Some(t)) = (&self.net, tnet) else {
             return Ok(());
         };
@@ -493,9 +533,10 @@ impl Executor {
         Ok(net.attach_task(t).await?)
     }
 
-    /// Watches a running task: its exit, a stop command, and health probes every interval.
-    /// Reports (health changes) go out at once; the effects that end monitoring (stop, or
-    /// remove/report/finish after an exit) are queued in `pending`.
+    /// Watches a running task: its exit, a stop command, and health probes on the runner's
+    /// schedule ([`Runner::probe_delay`]: the first at once, fast until healthy, then every
+    /// interval). Reports (health changes) go out at once; the effects that end monitoring
+    /// (stop, or remove/report/finish after an exit) are queued in `pending`.
     async fn monitor(
         &self,
         runner: &mut Runner,
@@ -504,15 +545,14 @@ impl Executor {
     ) {
         let id = runner.task_id().to_string();
         let hc = runner.healthcheck().cloned();
-        let interval = runner.probe_interval().unwrap_or(Duration::from_secs(3600));
         let started = tokio::time::Instant::now();
-        let mut ticker = tokio::time::interval(interval);
-        ticker.tick().await;
+        let mut next_probe = runner.probe_delay(Duration::ZERO).map(|d| started + d);
         let rt = self.rt.clone();
         let wait_id = id.clone();
         let mut exit = Box::pin(async move { rt.wait(&wait_id).await });
         let mut commands = true;
         loop {
+            let probe_at = next_probe.unwrap_or_else(|| started + Duration::from_secs(3600));
             let event = tokio::select! {
                 res = &mut exit => Event::Exited(
                     res.map(|e| ExitInfo { code: e.code, oom_killed: e.oom_killed })
@@ -526,12 +566,13 @@ impl Executor {
                     commands = false;
                     Event::StopRequested
                 }
-                _ = ticker.tick(), if hc.is_some() => {
+                _ = tokio::time::sleep_until(probe_at), if next_probe.is_some() => {
                     let Some(h) = hc.as_ref() else { continue };
-                    let ok = health::probe(&*self.rt, &id, runner.address(), h).await;
-                    Event::Probe { ok, since_start: started.elapsed() }
+                    let r = health::probe(&*self.rt, &id, runner.address(), h).await;
+                    Event::Probe { ok: r.ok, output: r.output, since_start: started.elapsed() }
                 }
             };
+            let probed = matches!(event, Event::Probe { .. });
             for effect in runner.handle(event, now_ms()) {
                 match effect {
                     Effect::Report(st) => self.report_status(&id, st),
@@ -540,6 +581,12 @@ impl Executor {
             }
             if !pending.is_empty() {
                 return;
+            }
+            if probed {
+                let now = tokio::time::Instant::now();
+                next_probe = runner
+                    .probe_delay(now.duration_since(started))
+                    .map(|d| now + d);
             }
         }
     }

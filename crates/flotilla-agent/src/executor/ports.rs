@@ -40,6 +40,10 @@ pub trait NodeRuntime: RuntimeDriver {
     /// The image's own health check (Docker's `HEALTHCHECK`), if it has one the executor can
     /// run (blocking).
     fn image_healthcheck(&self, reference: &str) -> Option<flotilla_types::HealthCheck>;
+    /// The image's `VOLUME` paths (blocking); none by default.
+    fn image_volumes(&self, _reference: &str) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 impl NodeRuntime for Runtime {
@@ -67,6 +71,13 @@ impl NodeRuntime for Runtime {
         let digest = self.images().resolve(reference).ok()?;
         let v = self.images().healthcheck(&digest).ok()??;
         super::health::from_image(&v)
+    }
+
+    fn image_volumes(&self, reference: &str) -> Vec<String> {
+        self.images()
+            .resolve(reference)
+            .and_then(|d| self.images().volumes(&d))
+            .unwrap_or_default()
     }
 }
 

@@ -55,6 +55,26 @@ const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 /// The shortest interval between two health probes.
 const MIN_PROBE_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Between TCP or HTTP probes while a task is starting, when the check sets no
+/// `start_interval`. Such a probe costs the node about 0.17 ms of CPU (BENCHMARKS.md, "Health
+/// checks"): at 4 Hz, under 0.1 % of a core per starting task, and a task is seen healthy
+/// within a quarter second of listening (create → first request 1.11 s for an httpd that
+/// listens after 1 s, against 1.09 s without a check).
+pub const DEFAULT_START_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The same for exec probes: a `runc exec` costs about 25 ms of CPU, so 4 Hz would take 10 %
+/// of a core per starting task; once a second is 2.5 % and still within a second.
+pub const DEFAULT_EXEC_START_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The shortest window of fast (`start_interval`) probing after the start: the window is
+/// max(`start_period`, this). Past it a task still starting is probed every `interval`.
+pub const MIN_START_WINDOW: Duration = Duration::from_secs(30);
+
+/// While a task is starting, a failed probe is reported (with its output, so
+/// `service create` can say why it waits) the first time, then at most this often when the
+/// output changes: a status report is a Raft write.
+const STARTING_REPORT_GAP: Duration = Duration::from_secs(10);
+
 /// What the runner found of its container when it began (agent restart → re-adoption).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Found {
@@ -110,8 +130,13 @@ pub enum Event {
     StopRequested,
     /// The [`Effect::Stop`] finished, with the exit code if known.
     Stopped { exit_code: Option<i32> },
-    /// One health probe's result; `since_start` is the time since the monitor began.
-    Probe { ok: bool, since_start: Duration },
+    /// One health probe's result and output (what an exec probe printed, why a network
+    /// probe failed); `since_start` is the time since the monitor began.
+    Probe {
+        ok: bool,
+        output: String,
+        since_start: Duration,
+    },
 }
 
 /// What the driver should do, in the order returned.
@@ -133,9 +158,9 @@ pub enum Effect {
     /// Start the container's process; answer with [`Event::Started`].
     Start,
     /// Begin watching: wait for the exit ([`Event::Exited`]) and, if the task has a health
-    /// check, probe every [`Runner::probe_interval`] ([`Event::Probe`]), the first probe one
-    /// interval after monitoring begins. The start path is over: the driver releases the
-    /// start slot (held until the task runs).
+    /// check, probe ([`Event::Probe`]) on the schedule of [`Runner::probe_delay`]: the first
+    /// probe at once, the next ones each that long after the previous one ended. The start
+    /// path is over: the driver releases the start slot (held until the task runs).
     Monitor,
     /// Stop the container (SIGTERM, SIGKILL after `grace`); answer with [`Event::Stopped`].
     Stop { grace: Duration },
@@ -181,8 +206,15 @@ pub struct Runner {
     stop_requested: bool,
     /// `Some` only while monitoring a task with a health check.
     health: Option<Health>,
-    /// Failed probes in a row (after the start period).
+    /// Failed probes in a row (after the start period) that counted against `retries`.
     failures: u32,
+    /// When (since the start) the last failure that counted happened; `None` after a pass.
+    last_counted: Option<Duration>,
+    /// Probes seen since monitoring began.
+    probes: u64,
+    /// While starting: when (since the start) and with what output the last failed probe
+    /// was reported.
+    starting_report: Option<(Duration, String)>,
 }
 
 impl Runner {
@@ -195,6 +227,9 @@ impl Runner {
             stop_requested: false,
             health: None,
             failures: 0,
+            last_counted: None,
+            probes: 0,
+            starting_report: None,
         }
     }
 
@@ -219,9 +254,14 @@ impl Runner {
             (Phase::Create, Event::Created(r)) => self.on_created(r, now_ms),
             (Phase::Start, Event::Started(r)) => self.on_started(r, now_ms),
             (Phase::Running, Event::Exited(r)) => self.on_exited(r, now_ms),
-            (Phase::Running, Event::Probe { ok, since_start }) => {
-                self.on_probe(ok, since_start, now_ms)
-            }
+            (
+                Phase::Running,
+                Event::Probe {
+                    ok,
+                    output,
+                    since_start,
+                },
+            ) => self.on_probe(ok, &output, since_start, now_ms),
             (Phase::Stopping, Event::Stopped { exit_code }) => self.on_stopped(exit_code, now_ms),
             (Phase::Stopping, Event::Exited(r)) => self.on_stopped(r.ok().map(|e| e.code), now_ms),
             _ => Vec::new(),
@@ -277,6 +317,38 @@ impl Runner {
             .healthcheck
             .as_ref()
             .map(|h| Duration::from_nanos(h.interval).max(MIN_PROBE_INTERVAL))
+    }
+
+    /// Probe interval while the task is starting: the check's `start_interval` (when 0,
+    /// 250 ms for TCP and HTTP probes, 1 s for exec probes), at least 100 ms and at most
+    /// [`Runner::probe_interval`]; `None` without a health check.
+    pub fn start_interval(&self) -> Option<Duration> {
+        let h = self.task.spec.container.healthcheck.as_ref()?;
+        let si = match (h.start_interval, &h.probe) {
+            (0, flotilla_types::HealthProbe::Exec { .. }) => DEFAULT_EXEC_START_INTERVAL,
+            (0, _) => DEFAULT_START_INTERVAL,
+            (n, _) => Duration::from_nanos(n),
+        };
+        Some(si.max(MIN_PROBE_INTERVAL).min(self.probe_interval()?))
+    }
+
+    /// How long to wait before the next probe, counted from the end of the previous one,
+    /// at `since_start` after monitoring began; `None` without a health check. The first
+    /// probe runs at once; then every [`Runner::start_interval`] while the task is
+    /// `starting` (neither healthy nor unhealthy yet), within max(`start_period`, 30 s) of
+    /// the start; after that (healthy or unhealthy once, or the window over) every
+    /// [`Runner::probe_interval`].
+    pub fn probe_delay(&self, since_start: Duration) -> Option<Duration> {
+        let h = self.task.spec.container.healthcheck.as_ref()?;
+        if self.probes == 0 {
+            return Some(Duration::ZERO);
+        }
+        let window = Duration::from_nanos(h.start_period).max(MIN_START_WINDOW);
+        if self.health == Some(Health::Starting) && since_start < window {
+            self.start_interval()
+        } else {
+            self.probe_interval()
+        }
     }
 
     /// A status of this task's container, with its current address.
@@ -464,11 +536,10 @@ impl Runner {
             let st = self.failure(TaskState::Failed, now_ms, &format!("start: {e}"), e);
             return self.end(Vec::new(), true, st);
         }
-        let mut fx = vec![Effect::Report(self.status(
-            TaskState::Running,
-            now_ms,
-            "started",
-        ))];
+        let mut st = self.status(TaskState::Running, now_ms, "started");
+        // With a health check the task is `starting` until its first healthy probe.
+        st.health = self.healthcheck().map(|_| Health::Starting);
+        let mut fx = vec![Effect::Report(st)];
         fx.extend(self.monitor(Health::Starting));
         fx
     }
@@ -481,6 +552,9 @@ impl Runner {
         }
         self.phase = Phase::Running;
         self.failures = 0;
+        self.last_counted = None;
+        self.probes = 0;
+        self.starting_report = None;
         self.health = self
             .task
             .spec
@@ -533,31 +607,74 @@ impl Runner {
         self.end(Vec::new(), true, st)
     }
 
-    /// One probe result: updates failures and health, reports a health change.
-    fn on_probe(&mut self, ok: bool, since_start: Duration, now_ms: u64) -> Vec<Effect> {
+    /// One probe result: updates failures and health, reports a health change (and, while
+    /// the task is starting, a failure's output now and then).
+    fn on_probe(
+        &mut self,
+        ok: bool,
+        output: &str,
+        since_start: Duration,
+        now_ms: u64,
+    ) -> Vec<Effect> {
         let Some(hc) = self.task.spec.container.healthcheck.as_ref() else {
             return Vec::new();
         };
+        self.probes = self.probes.saturating_add(1);
         let before = self.health;
+        let interval = Duration::from_nanos(hc.interval).max(MIN_PROBE_INTERVAL);
+        // Fast probes find health sooner but do not make a task unhealthy sooner: a failure
+        // counts against `retries` once `interval` has passed since the start or since the
+        // last failure that counted (so a failing task turns unhealthy when it would with one
+        // probe per interval).
+        let counts = since_start >= Duration::from_nanos(hc.start_period)
+            && since_start.saturating_sub(self.last_counted.unwrap_or_default()) >= interval;
         if ok {
             self.failures = 0;
+            self.last_counted = None;
             self.health = Some(Health::Healthy);
-        } else if since_start >= Duration::from_nanos(hc.start_period) {
+        } else if counts {
             self.failures = self.failures.saturating_add(1);
+            self.last_counted = Some(since_start);
             if self.failures >= hc.retries.max(1) {
                 self.health = Some(Health::Unhealthy);
             }
         }
+        let output = output.trim();
         if self.health == before {
-            return Vec::new();
+            if ok || self.health != Some(Health::Starting) {
+                return Vec::new();
+            }
+            // Still starting: say why, the first time and when the reason changes.
+            let due = match &self.starting_report {
+                None => true,
+                Some((at, last)) => {
+                    last != output && since_start.saturating_sub(*at) >= STARTING_REPORT_GAP
+                }
+            };
+            if !due {
+                return Vec::new();
+            }
+            self.starting_report = Some((since_start, output.to_string()));
+            let mut st = self.status(TaskState::Running, now_ms, &failed_msg("starting", output));
+            st.health = self.health;
+            return vec![Effect::Report(st)];
         }
         let msg = match self.health {
-            Some(Health::Unhealthy) => "unhealthy: health check failed",
-            _ => "started",
+            Some(Health::Unhealthy) => failed_msg("unhealthy", output),
+            _ => "started".to_string(),
         };
-        let mut st = self.status(TaskState::Running, now_ms, msg);
+        let mut st = self.status(TaskState::Running, now_ms, &msg);
         st.health = self.health;
         vec![Effect::Report(st)]
+    }
+}
+
+/// `{what}: health check failed[: {output}]`.
+fn failed_msg(what: &str, output: &str) -> String {
+    if output.is_empty() {
+        format!("{what}: health check failed")
+    } else {
+        format!("{what}: health check failed: {output}")
     }
 }
 
@@ -654,9 +771,15 @@ mod tests {
     }
 
     fn probe(ok: bool, secs: u64) -> Event {
+        probe_at(ok, Duration::from_secs(secs))
+    }
+
+    /// A probe result at `t` after monitoring began; a failure says "refused".
+    fn probe_at(ok: bool, t: Duration) -> Event {
         Event::Probe {
             ok,
-            since_start: Duration::from_secs(secs),
+            output: if ok { String::new() } else { "refused".into() },
+            since_start: t,
         }
     }
 
@@ -1290,7 +1413,16 @@ mod tests {
     fn health_starts_as_starting_and_ignores_failures_in_the_start_period() {
         let mut r = running(task("assigned", None, None, true));
         assert_eq!(r.health(), Some(Health::Starting));
-        for s in 0..10 {
+        // The first failure is reported (why the task is not up yet), the same one again not.
+        assert_eq!(
+            r.handle(probe(false, 0), NOW),
+            vec![report(
+                st(TaskState::Running, "starting: health check failed: refused")
+                    .addr(ADDR)
+                    .health(Health::Starting)
+            )]
+        );
+        for s in 1..10 {
             assert_eq!(r.handle(probe(false, s), NOW), vec![]);
         }
         assert_eq!(r.health(), Some(Health::Starting));
@@ -1300,9 +1432,12 @@ mod tests {
         assert_eq!(
             r.handle(probe(false, 12), NOW),
             vec![report(
-                st(TaskState::Running, "unhealthy: health check failed")
-                    .addr(ADDR)
-                    .health(Health::Unhealthy)
+                st(
+                    TaskState::Running,
+                    "unhealthy: health check failed: refused"
+                )
+                .addr(ADDR)
+                .health(Health::Unhealthy)
             )]
         );
     }
@@ -1327,9 +1462,12 @@ mod tests {
         assert_eq!(
             r.handle(probe(false, 25), NOW),
             vec![report(
-                st(TaskState::Running, "unhealthy: health check failed")
-                    .addr(ADDR)
-                    .health(Health::Unhealthy)
+                st(
+                    TaskState::Running,
+                    "unhealthy: health check failed: refused"
+                )
+                .addr(ADDR)
+                .health(Health::Unhealthy)
             )]
         );
         assert_eq!(r.handle(probe(false, 26), NOW), vec![]);
@@ -1346,11 +1484,14 @@ mod tests {
         }
         let mut r = running(t);
         assert_eq!(
-            r.handle(probe(false, 0), NOW),
+            r.handle(probe(false, 1), NOW),
             vec![report(
-                st(TaskState::Running, "unhealthy: health check failed")
-                    .addr(ADDR)
-                    .health(Health::Unhealthy)
+                st(
+                    TaskState::Running,
+                    "unhealthy: health check failed: refused"
+                )
+                .addr(ADDR)
+                .health(Health::Unhealthy)
             )]
         );
     }
@@ -1374,6 +1515,7 @@ mod tests {
             timeout: 1_000_000_000,
             retries: 1,
             start_period: 0,
+            start_interval: 0,
         };
         let mut r = Runner::new(assigned());
         r.use_image_healthcheck(Some(image_hc.clone()));
@@ -1482,5 +1624,206 @@ mod tests {
             Runner::new(t).probe_interval(),
             Some(Duration::from_millis(100))
         );
+    }
+
+    /// `task(.., hc = true)` with `start_period` and `start_interval` in milliseconds.
+    fn checked(start_period_ms: u64, start_interval_ms: u64) -> Task {
+        let mut t = task("assigned", None, None, true);
+        if let Some(h) = t.spec.container.healthcheck.as_mut() {
+            h.interval = 30_000_000_000;
+            h.start_period = start_period_ms * 1_000_000;
+            h.start_interval = start_interval_ms * 1_000_000;
+        }
+        t
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_started_task_with_a_health_check_is_reported_starting() {
+        let mut r = at(Phase::Start);
+        r.use_image_healthcheck(checked(0, 0).spec.container.healthcheck);
+        assert_eq!(
+            r.handle(Event::Started(Ok(())), NOW),
+            vec![
+                report(
+                    st(TaskState::Running, "started")
+                        .addr(ADDR)
+                        .health(Health::Starting)
+                ),
+                Effect::Monitor
+            ]
+        );
+        // Without a check: no health at all.
+        let mut r = at(Phase::Start);
+        assert_eq!(
+            r.handle(Event::Started(Ok(())), NOW)[0],
+            report(st(TaskState::Running, "started").addr(ADDR))
+        );
+    }
+
+    #[test]
+    fn the_first_probe_runs_at_once_then_every_start_interval_until_healthy_then_interval() {
+        let mut r = running(checked(0, 0));
+        // First probe: right away.
+        assert_eq!(r.probe_delay(Duration::ZERO), Some(Duration::ZERO));
+        r.handle(probe_at(false, ms(0)), NOW);
+        // Not healthy yet: the default start interval, 250 ms.
+        assert_eq!(r.probe_delay(ms(1)), Some(DEFAULT_START_INTERVAL));
+        r.handle(probe_at(false, ms(250)), NOW);
+        assert_eq!(r.probe_delay(ms(251)), Some(ms(250)));
+        r.handle(probe_at(true, ms(500)), NOW);
+        assert_eq!(r.health(), Some(Health::Healthy));
+        // Healthy once: every interval from now on, even after a later failure.
+        assert_eq!(r.probe_delay(ms(501)), Some(Duration::from_secs(30)));
+        r.handle(probe_at(false, ms(30_501)), NOW);
+        assert_eq!(r.probe_delay(ms(30_502)), Some(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn start_interval_is_the_checks_own_bounded_by_100_ms_and_the_interval() {
+        let delay_after_one_failure = |t: Task| {
+            let mut r = running(t);
+            r.handle(probe_at(false, ms(0)), NOW);
+            r.probe_delay(ms(1))
+        };
+        assert_eq!(delay_after_one_failure(checked(0, 2_000)), Some(ms(2_000)));
+        // Exec probes cost ~150× a TCP probe: their default is 1 s.
+        let mut exec = checked(0, 0);
+        if let Some(h) = exec.spec.container.healthcheck.as_mut() {
+            h.probe = flotilla_types::HealthProbe::Exec { cmd: "true".into() };
+        }
+        assert_eq!(
+            delay_after_one_failure(exec),
+            Some(DEFAULT_EXEC_START_INTERVAL)
+        );
+        assert_eq!(delay_after_one_failure(checked(0, 1)), Some(ms(100)));
+        // Never slower than the interval (1 s here).
+        let mut t = task("assigned", None, None, true);
+        if let Some(h) = t.spec.container.healthcheck.as_mut() {
+            h.start_interval = 5_000_000_000;
+        }
+        assert_eq!(delay_after_one_failure(t.clone()), Some(ms(1_000)));
+        // Without a check: no probes.
+        assert_eq!(Runner::new(assigned()).probe_delay(ms(0)), None);
+        assert_eq!(Runner::new(assigned()).start_interval(), None);
+    }
+
+    #[test]
+    fn fast_probing_stops_after_the_start_window_when_never_healthy() {
+        // start_period 0: fast for the first 30 s.
+        let mut r = running(checked(0, 0));
+        r.handle(probe_at(false, ms(0)), NOW);
+        assert_eq!(r.probe_delay(ms(29_999)), Some(ms(250)));
+        assert_eq!(
+            r.probe_delay(MIN_START_WINDOW),
+            Some(Duration::from_secs(30))
+        );
+        // A longer start period extends the window to it.
+        let mut r = running(checked(60_000, 0));
+        r.handle(probe_at(false, ms(0)), NOW);
+        assert_eq!(r.probe_delay(ms(45_000)), Some(ms(250)));
+        assert_eq!(r.probe_delay(ms(60_000)), Some(Duration::from_secs(30)));
+        // Healthy at last after the window: nothing changes but the health.
+        r.handle(probe_at(true, ms(90_000)), NOW);
+        assert_eq!(r.health(), Some(Health::Healthy));
+        assert_eq!(r.probe_delay(ms(90_001)), Some(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn start_period_failures_do_not_count_and_fast_failures_count_once_per_interval() {
+        // interval 1 s, retries 3, start_period 1 s; probes every 250 ms while starting.
+        let mut t = task("assigned", None, None, true);
+        if let Some(h) = t.spec.container.healthcheck.as_mut() {
+            h.start_period = 1_000_000_000;
+        }
+        let mut r = running(t);
+        for at in (0..3_000).step_by(250) {
+            r.handle(probe_at(false, ms(at)), NOW);
+            assert_eq!(r.health(), Some(Health::Starting), "at {at} ms");
+            assert_eq!(r.probe_delay(ms(at + 1)), Some(ms(250)));
+        }
+        // Counted at 1 s and 2 s (the start period over, an interval apart), the third at 3 s.
+        assert_eq!(
+            r.handle(probe_at(false, ms(3_000)), NOW),
+            vec![report(
+                st(
+                    TaskState::Running,
+                    "unhealthy: health check failed: refused"
+                )
+                .addr(ADDR)
+                .health(Health::Unhealthy)
+            )]
+        );
+        // Unhealthy (no longer starting), still inside the window: no more fast probing.
+        assert_eq!(r.probe_delay(ms(3_001)), Some(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_never_healthy_task_turns_unhealthy_when_it_did_with_one_probe_per_interval() {
+        // Docker's defaults: interval 30 s, retries 3, no start period.
+        let mut r = running(checked(0, 0));
+        let mut at = Duration::ZERO;
+        let mut probes = 0;
+        while r.health() == Some(Health::Starting) {
+            r.handle(probe_at(false, at), NOW);
+            probes += 1;
+            at += r.probe_delay(at).unwrap_or_default();
+            assert!(probes < 1_000);
+        }
+        assert_eq!(r.health(), Some(Health::Unhealthy));
+        // Fast for 30 s (121 probes: 0 … 30 s), then at 60 s and 90 s, as 30, 60, 90 before.
+        assert_eq!(probes, 123);
+        assert_eq!(at, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn a_starting_tasks_failure_is_reported_again_only_when_it_changes_and_not_often() {
+        let mut r = running(checked(60_000, 0));
+        let fail = |out: &str, t: u64| Event::Probe {
+            ok: false,
+            output: out.into(),
+            since_start: ms(t),
+        };
+        let starting = |out: &str| {
+            vec![report(
+                st(
+                    TaskState::Running,
+                    &format!("starting: health check failed: {out}"),
+                )
+                .addr(ADDR)
+                .health(Health::Starting),
+            )]
+        };
+        assert_eq!(r.handle(fail("refused", 0), NOW), starting("refused"));
+        // Changed, but too soon; the same, later.
+        assert_eq!(r.handle(fail("HTTP 503", 250), NOW), vec![]);
+        assert_eq!(r.handle(fail("refused", 20_000), NOW), vec![]);
+        assert_eq!(
+            r.handle(fail("HTTP 503", 20_250), NOW),
+            starting("HTTP 503")
+        );
+        // Healthy: the usual report.
+        assert_eq!(
+            r.handle(probe_at(true, ms(20_500)), NOW),
+            vec![report(
+                st(TaskState::Running, "started")
+                    .addr(ADDR)
+                    .health(Health::Healthy)
+            )]
+        );
+    }
+
+    #[test]
+    fn an_adopted_healthy_task_is_probed_at_once_then_every_interval() {
+        let mut r = Runner::new(checked(0, 0));
+        r.task.status.state = TaskState::Running;
+        r.task.status.health = Some(Health::Healthy);
+        r.handle(begin(Found::Running), NOW);
+        assert_eq!(r.probe_delay(ms(0)), Some(Duration::ZERO));
+        r.handle(probe_at(true, ms(0)), NOW);
+        assert_eq!(r.probe_delay(ms(1)), Some(Duration::from_secs(30)));
     }
 }

@@ -32,15 +32,18 @@ pub fn container_spec(
                         src: n.hosts.clone(),
                         dst: "/etc/hosts".into(),
                         readonly: true,
+                        copy_up: false,
                     },
                     flotilla_runtime::BindMount {
                         src: n.resolv.clone(),
                         dst: "/etc/resolv.conf".into(),
                         readonly: true,
+                        copy_up: false,
                     },
                 ]
             })
             .unwrap_or_default(),
+        tmpfs: Vec::new(),
         resources: flotilla_runtime::Resources {
             memory_bytes: (r.memory_bytes > 0).then_some(r.memory_bytes as i64),
             nano_cpus: (r.nano_cpus > 0).then_some(r.nano_cpus),

@@ -402,6 +402,7 @@ fn executor(fake: &Arc<Fake>) -> (Arc<Executor>, mpsc::UnboundedReceiver<StatusR
         runtime: fake.clone(),
         net: Some(fake.clone()),
         images: fake.clone(),
+        storage: None,
     })
 }
 

@@ -130,6 +130,33 @@ fn expectations() -> Vec<Row> {
                                                   Some([401, 200, 200, 403, 403, 403, 403, 403])),
         (M::GET,    "/v1/tasks",                       [401, 200, 200, 403, 403, 403, 403, 403], None),
         (M::GET,    "/v1/events",                      [401, 200, 200, 403, 403, 403, 403, 403], None),
+        // A task's secrets and configs: its own node (the manager then checks the assignment).
+        (M::GET,    "/v1/nodes/{id}/tasks/{task}/files", [401, 200, 200, 200, 200, 403, 200, 403],
+                                                  Some([401, 200, 200, 403, 403, 403, 403, 403])),
+        (M::GET,    "/v1/secrets",                     [401, 200, 200, 403, 403, 403, 403, 403], None),
+        (M::POST,   "/v1/secrets",                     [401, 200, 200, 403, 403, 403, 403, 403], None),
+        (M::GET,    "/v1/secrets/{id}",                [401, 200, 200, 403, 403, 403, 403, 403],
+                                                  Some([401, 200, 200, 403, 403, 403, 403, 403])),
+        (M::DELETE, "/v1/secrets/{id}",                [401, 200, 200, 403, 403, 403, 403, 403],
+                                                  Some([401, 200, 200, 403, 403, 403, 403, 403])),
+        (M::GET,    "/v1/configs",                     [401, 200, 200, 403, 403, 403, 403, 403], None),
+        (M::POST,   "/v1/configs",                     [401, 200, 200, 403, 403, 403, 403, 403], None),
+        (M::GET,    "/v1/configs/{id}",                [401, 200, 200, 403, 403, 403, 403, 403],
+                                                  Some([401, 200, 200, 403, 403, 403, 403, 403])),
+        (M::DELETE, "/v1/configs/{id}",                [401, 200, 200, 403, 403, 403, 403, 403],
+                                                  Some([401, 200, 200, 403, 403, 403, 403, 403])),
+        (M::GET,    "/v1/volumes",                     [401, 200, 200, 403, 403, 403, 403, 403], None),
+        (M::POST,   "/v1/volumes",                     [401, 200, 200, 403, 403, 403, 403, 403], None),
+        (M::POST,   "/v1/volumes/prune",               [401, 200, 200, 403, 403, 403, 403, 403], None),
+        (M::GET,    "/v1/volumes/{name}",              [401, 200, 200, 403, 403, 403, 403, 403], None),
+        (M::DELETE, "/v1/volumes/{name}",              [401, 200, 200, 403, 403, 403, 403, 403], None),
+        (M::GET,    "/v1/volumes/{name}/export",       [401, 200, 200, 403, 403, 403, 403, 403], None),
+        (M::POST,   "/v1/volumes/{name}/import",       [401, 200, 200, 403, 403, 403, 403, 403], None),
+        // A node's volumes: managers (still managers) and admins.
+        (M::GET,    "/v1/agent/volumes",               [401, 200, 200, 200, 403, 403, 403, 403], None),
+        (M::DELETE, "/v1/agent/volumes/{name}",        [401, 200, 200, 200, 403, 403, 403, 403], None),
+        (M::GET,    "/v1/agent/volumes/{name}/export", [401, 200, 200, 200, 403, 403, 403, 403], None),
+        (M::POST,   "/v1/agent/volumes/{name}/import", [401, 200, 200, 200, 403, 403, 403, 403], None),
         // Raft: only the peer's own certificate, not even an admin.
         (M::POST,   "/internal/raft/{kind}",           [403, 403, 403, 200, 403, 403, 403, 403], None),
         // The registry: admins everything, nodes pull only, anonymous nothing.
@@ -191,6 +218,8 @@ fn instantiate(template: &str, id: &str) -> String {
     template
         .replace("{id}", id)
         .replace("{kind}", "append")
+        .replace("{task}", "t1")
+        .replace("{name}", "data")
         .replace("{*rest}", "library/alpine/manifests/3")
         .replace("{*ref}", "docker.io/library/alpine:3")
 }

@@ -84,7 +84,7 @@ pub async fn info(State(ctx): State<Ctx>) -> Result<Response, ManagerError> {
         },
         consistent: status.is_leader(),
         ca_fingerprint: flotilla_pki::fingerprint_pem(&ctx.tls.ca_pem()).unwrap_or_default(),
-        settings: super::trust::settings(&mgr.cluster()?.trust),
+        settings: super::trust::settings(&mgr.cluster()?),
     };
     Ok(json_ok(&info))
 }

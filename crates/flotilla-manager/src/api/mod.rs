@@ -23,6 +23,7 @@ pub mod network;
 mod nodes;
 mod raft;
 mod services;
+pub mod storage;
 mod trust;
 
 use std::sync::Arc;
@@ -82,6 +83,35 @@ pub fn router(ctx: Ctx) -> Router {
         .route("/v1/services/{id}/rollback", post(services::rollback))
         .route("/v1/tasks", get(services::tasks))
         .route("/v1/nodes/{id}/tasks", post(dispatch::report))
+        .route(
+            "/v1/nodes/{id}/tasks/{task}/files",
+            get(storage::task_files),
+        )
+        .route(
+            "/v1/secrets",
+            get(storage::list_secrets).post(storage::create_secret),
+        )
+        .route(
+            "/v1/secrets/{id}",
+            get(storage::inspect_secret).delete(storage::remove_secret),
+        )
+        .route(
+            "/v1/configs",
+            get(storage::list_configs).post(storage::create_config),
+        )
+        .route(
+            "/v1/configs/{id}",
+            get(storage::inspect_config).delete(storage::remove_config),
+        )
+        .route(
+            "/v1/volumes",
+            get(storage::list_volumes).post(storage::create_volume),
+        )
+        .route("/v1/volumes/prune", post(storage::prune_volumes))
+        .route(
+            "/v1/volumes/{name}",
+            get(storage::inspect_volume).delete(storage::remove_volume),
+        )
         .layer(axum::extract::DefaultBodyLimit::max(body::JSON_BODY_LIMIT))
         .layer(middleware::from_fn_with_state(ctx.clone(), leader_gate));
     let local_routes = Router::new()
@@ -89,6 +119,8 @@ pub fn router(ctx: Ctx) -> Router {
         .route("/v1/nodes/{id}/assignments", get(dispatch::assignments))
         .route("/v1/nodes/{id}/network", get(network::stream))
         .route("/v1/services/{id}/logs", get(logs::service_logs))
+        .route("/v1/volumes/{name}/export", get(storage::export_volume))
+        .route("/v1/volumes/{name}/import", post(storage::import_volume))
         .route(
             "/internal/raft/{kind}",
             post(raft::rpc).layer(axum::extract::DefaultBodyLimit::max(64 << 20)),

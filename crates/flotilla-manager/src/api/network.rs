@@ -41,11 +41,17 @@ pub fn is_task_addr_str(subnet: &str, addr: &str) -> bool {
 /// Whether a task should take traffic: wanted, running, addressed, and healthy when it has a
 /// health check.
 pub fn in_pool(t: &Task) -> bool {
-    t.desired_state == TaskState::Running
-        && t.status.state == TaskState::Running
-        && t.status.address.is_some()
-        && (t.spec.container.healthcheck.is_none()
-            || t.status.health == Some(flotilla_types::Health::Healthy))
+    t.desired_state == TaskState::Running && t.status.address.is_some() && is_up(t)
+}
+
+/// Running, and healthy when it has a health check: the service's or its image's (the agent
+/// reports `starting` for either until the first healthy probe).
+pub fn is_up(t: &Task) -> bool {
+    t.status.state == TaskState::Running
+        && match t.status.health {
+            Some(h) => h == flotilla_types::Health::Healthy,
+            None => t.spec.container.healthcheck.is_none(),
+        }
 }
 
 /// Builds the map from the objects (pure; sorted so equal states compare equal).
@@ -192,6 +198,14 @@ mod tests {
             "running",
             Some("unhealthy"),
             true
+        )));
+        // The image's own health check: the spec has none, the agent reports its health.
+        assert!(!in_pool(&task(
+            "dd",
+            "running",
+            "running",
+            Some("starting"),
+            false
         )));
         assert!(!in_pool(&task("e", "running", "shutdown", None, false)));
         assert!(!in_pool(&task("f", "starting", "running", None, false)));

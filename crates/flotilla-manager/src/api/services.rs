@@ -40,6 +40,7 @@ pub fn validate_spec(spec: &ServiceSpec) -> Result<(), ManagerError> {
     flotilla_control::parse_preferences(&spec.task_template.placement.preferences)
         .map_err(|e| ManagerError::bad_request(format!("--placement-pref: {e}")))?;
     validate_mode(&spec.mode)?;
+    validate_storage(spec)?;
     if let Some(h) = &c.healthcheck {
         if h.interval == 0 || h.timeout == 0 {
             return Err(ManagerError::bad_request(
@@ -54,6 +55,81 @@ pub fn validate_spec(spec: &ServiceSpec) -> Result<(), ManagerError> {
         ));
     }
     validate_ports(&spec.endpoint_spec.ports)
+}
+
+/// Mounts, secrets and configs: each well formed, no two at one target, and no volume that two
+/// tasks would need at once (a volume is mounted by one running task at a time unless it is
+/// declared `shared`).
+fn validate_storage(spec: &ServiceSpec) -> Result<(), ManagerError> {
+    use flotilla_types::{FileKind, MountKind, UpdateOrder};
+    let c = &spec.task_template.container;
+    let bad = |e: String| ManagerError::bad_request(e);
+    let mut targets = std::collections::HashSet::new();
+    let mut seen = |t: String| -> Result<(), ManagerError> {
+        let norm = t.trim_end_matches('/').to_string();
+        if !targets.insert(norm) {
+            return Err(ManagerError::bad_request(format!(
+                "two mounts, secrets or configs target {t}: give each its own path"
+            )));
+        }
+        Ok(())
+    };
+    let global = matches!(spec.mode, ServiceMode::Global | ServiceMode::GlobalJob);
+    let many = match spec.mode {
+        ServiceMode::Replicated { replicas } => replicas > 1,
+        ServiceMode::ReplicatedJob { max_concurrent, .. } => max_concurrent > 1,
+        ServiceMode::Global | ServiceMode::GlobalJob => false,
+    };
+    for m in &c.mounts {
+        m.validate().map_err(|e| bad(format!("--mount: {e}")))?;
+        seen(m.target.clone())?;
+        if m.kind != MountKind::Volume || m.source.is_empty() {
+            continue;
+        }
+        if global && m.source.contains("{{.Task.Slot}}") {
+            return Err(bad(format!(
+                "--mount src={}: tasks of a global service have no slot; use {{{{.Node.ID}}}}",
+                m.source
+            )));
+        }
+        if !global && m.source.contains("{{.Node.ID}}") {
+            return Err(bad(format!(
+                "--mount src={}: a replicated task's node is not known when it is made; use {{{{.Task.Slot}}}}",
+                m.source
+            )));
+        }
+        if m.shared {
+            continue;
+        }
+        let per_task = ["{{.Task.Slot}}", "{{.Task.ID}}", "{{.Node.ID}}"]
+            .iter()
+            .any(|t| m.source.contains(t));
+        if many && !per_task {
+            return Err(bad(format!(
+                "--mount src={}: every replica would mount the same volume, and a volume is                  mounted by one running task at a time; use src={}-{{{{.Task.Slot}}}} for one                  volume per replica, or add `shared`",
+                m.source, m.source
+            )));
+        }
+        if spec.update_config.order == UpdateOrder::StartFirst
+            || spec.rollback_config.order == UpdateOrder::StartFirst
+        {
+            return Err(bad(format!(
+                "--mount src={}: a start-first update would run two tasks on one volume; use                  --update-order stop-first, or add `shared` to the mount",
+                m.source
+            )));
+        }
+    }
+    for (kind, refs) in [
+        (FileKind::Secret, &c.secrets),
+        (FileKind::Config, &c.configs),
+    ] {
+        for r in refs {
+            r.validate(kind)
+                .map_err(|e| bad(format!("--{}: {e}", kind.as_str())))?;
+            seen(r.target_path(kind))?;
+        }
+    }
+    Ok(())
 }
 
 /// An image is named, and every environment entry is `KEY=VALUE`.
@@ -308,9 +384,10 @@ fn nodes_by_id(mgr: &Manager) -> Result<HashMap<String, Node>, ManagerError> {
 }
 
 fn status_of(service: &Service, tasks: &[&Task], nodes: &HashMap<String, Node>) -> ServiceStatus {
+    // Running replicas: as Swarm, a task with a health check counts once healthy.
     let running = tasks
         .iter()
-        .filter(|t| t.status.state == TaskState::Running && t.desired_state == TaskState::Running)
+        .filter(|t| t.desired_state == TaskState::Running && super::network::is_up(t))
         .count() as u64;
     let completed = tasks
         .iter()
@@ -356,6 +433,13 @@ pub async fn create(
         )));
     }
     check_port_conflicts(&existing, &spec, None)?;
+    let spec = ctx
+        .blocking(move |m| {
+            super::storage::resolve_refs(m, &mut spec)?;
+            Ok(spec)
+        })
+        .await?;
+    let mut spec = spec;
     pin_image(&ctx, &mut spec).await?;
     let now = now_ms();
     let service = Service {
@@ -460,6 +544,12 @@ pub async fn update(
             s.spec.mode.name()
         )));
     }
+    let mut spec = ctx
+        .blocking(move |m| {
+            super::storage::resolve_refs(m, &mut spec)?;
+            Ok(spec)
+        })
+        .await?;
     pin_image(&ctx, &mut spec).await?;
     let expect = q.version.unwrap_or(s.meta.version);
     let template_changed = spec.task_template != s.spec.task_template;

@@ -32,8 +32,15 @@ async fn update_trust<T>(
 }
 
 /// The settings shown in `cluster info`.
-pub fn settings(trust: &TrustPolicy) -> std::collections::BTreeMap<String, serde_json::Value> {
+pub fn settings(
+    c: &crate::manager::ClusterObject,
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let trust = &c.trust;
     let mut m = std::collections::BTreeMap::new();
+    m.insert(
+        "bind_allow".to_string(),
+        serde_json::Value::from(c.bind_allow.clone()),
+    );
     m.insert(
         "signature_enforcement".to_string(),
         serde_json::Value::from(if trust.enforce { "on" } else { "off" }),
@@ -115,6 +122,9 @@ pub struct SettingsUpdate {
     /// Whether agents refuse images without a valid signature by a trusted key.
     #[serde(default)]
     pub signature_enforcement: Option<bool>,
+    /// Host directories services may bind-mount (replaces the list; empty allows none).
+    #[serde(default)]
+    pub bind_allow: Option<Vec<String>>,
 }
 
 /// `PUT /v1/cluster/settings` → the settings as `cluster info` shows them.
@@ -124,21 +134,34 @@ pub async fn update_settings(
     Json(req): Json<SettingsUpdate>,
 ) -> Result<Response, ManagerError> {
     admin_only(&caller)?;
-    let Some(on) = req.signature_enforcement else {
+    if req.signature_enforcement.is_none() && req.bind_allow.is_none() {
         return Err(ManagerError::bad_request(
-            "nothing to change: send {\"signature_enforcement\": true|false}",
+            "nothing to change: send {\"signature_enforcement\": true|false} or {\"bind_allow\": [\"/srv/data\"]}",
         ));
-    };
-    let mgr = &ctx;
-    let t = update_trust(mgr, move |t| {
-        t.enforce = on;
-        Ok(t.clone())
-    })
-    .await?;
-    if on {
-        tracing::info!("image signature enforcement turned on");
-    } else {
-        tracing::warn!("image signature enforcement turned off: agents run unsigned images");
     }
-    Ok(json_ok(&settings(&t)))
+    if let Some(dirs) = &req.bind_allow {
+        for d in dirs {
+            super::storage::validate_bind_allow(d)?;
+        }
+    }
+    let mgr = &ctx;
+    let (_, c) = mgr
+        .update_cluster(move |c| {
+            if let Some(on) = req.signature_enforcement {
+                c.trust.enforce = on;
+            }
+            if let Some(dirs) = req.bind_allow {
+                c.bind_allow = dirs;
+            }
+            Ok(())
+        })
+        .await?;
+    match req.signature_enforcement {
+        Some(true) => tracing::info!("image signature enforcement turned on"),
+        Some(false) => {
+            tracing::warn!("image signature enforcement turned off: agents run unsigned images")
+        }
+        None => {}
+    }
+    Ok(json_ok(&settings(&c)))
 }

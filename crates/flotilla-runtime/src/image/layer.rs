@@ -17,6 +17,9 @@
 //! nodes made are the 0:0 whiteouts. Paths and link names longer than `PATH_MAX` are refused,
 //! which bounds the depth of the tree.
 //!
+//! [`unpack_volume`] applies the same confinement to a volume archive (names taken literally,
+//! no whiteouts; device nodes refused).
+//!
 //! [`read_in_root`] and [`ConfinedDir`] read files of an untrusted tree (an image's rootfs, an
 //! unpacked image archive) with every symlink resolved inside that tree.
 
@@ -52,25 +55,7 @@ fn bad(msg: String) -> RuntimeError {
 
 /// Normalises an entry path to a safe relative path (no `..`, no root, no NUL) and classifies it.
 pub fn classify(path: &Path) -> Result<EntryKind> {
-    let mut rel = PathBuf::new();
-    for c in path.components() {
-        match c {
-            Component::Normal(p) if p.as_bytes().contains(&0) => {
-                return Err(bad(format!(
-                    "layer entry name contains a NUL byte: {}",
-                    path.display()
-                )))
-            }
-            Component::Normal(p) => rel.push(p),
-            Component::CurDir | Component::RootDir => {}
-            Component::ParentDir | Component::Prefix(_) => {
-                return Err(bad(format!(
-                    "layer entry escapes the root: {}",
-                    path.display()
-                )))
-            }
-        }
-    }
+    let rel = normalize(path)?;
     let name = rel
         .file_name()
         .map(|n| n.as_bytes().to_vec())
@@ -92,6 +77,31 @@ pub fn classify(path: &Path) -> Result<EntryKind> {
         return Ok(EntryKind::Whiteout(parent.join(OsStr::from_bytes(target))));
     }
     Ok(EntryKind::Normal(rel))
+}
+
+/// Normalises an entry path to a safe relative path: no `..`, no root, no NUL (`.` and a
+/// leading `/` are dropped).
+fn normalize(path: &Path) -> Result<PathBuf> {
+    let mut rel = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(p) if p.as_bytes().contains(&0) => {
+                return Err(bad(format!(
+                    "layer entry name contains a NUL byte: {}",
+                    path.display()
+                )))
+            }
+            Component::Normal(p) => rel.push(p),
+            Component::CurDir | Component::RootDir => {}
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err(bad(format!(
+                    "layer entry escapes the root: {}",
+                    path.display()
+                )))
+            }
+        }
+    }
+    Ok(rel)
 }
 
 /// A reader that hashes what passes through it.
@@ -153,11 +163,11 @@ pub fn decompressed(mut r: impl Read + 'static) -> Result<Box<dyn Read>> {
 
 // ---- Thin wrappers over the *at system calls. None of them follows a symlink in `name`. ----
 
-fn last_err() -> io::Error {
+pub(crate) fn last_err() -> io::Error {
     io::Error::last_os_error()
 }
 
-fn check(r: libc::c_int) -> io::Result<()> {
+pub(crate) fn check(r: libc::c_int) -> io::Result<()> {
     if r == 0 {
         Ok(())
     } else {
@@ -165,7 +175,7 @@ fn check(r: libc::c_int) -> io::Result<()> {
     }
 }
 
-fn openat(
+pub(crate) fn openat(
     dir: BorrowedFd<'_>,
     name: &CStr,
     flags: libc::c_int,
@@ -189,7 +199,7 @@ fn openat(
 }
 
 /// `fstatat(AT_SYMLINK_NOFOLLOW)`; `None` when nothing is there.
-fn lstat_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Option<libc::stat>> {
+pub(crate) fn lstat_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Option<libc::stat>> {
     let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
     // SAFETY: `name` is NUL-terminated, `st` is writable and large enough for a `stat`.
     let r = unsafe {
@@ -211,7 +221,7 @@ fn lstat_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Option<libc::stat>> 
     Ok(Some(unsafe { st.assume_init() }))
 }
 
-fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
+pub(crate) fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
     let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
     // SAFETY: `fd` is open, `st` is writable and large enough for a `stat`.
     check(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) })?;
@@ -223,18 +233,18 @@ fn is_dir(st: &libc::stat) -> bool {
     st.st_mode & libc::S_IFMT == libc::S_IFDIR
 }
 
-fn mkdirat(dir: BorrowedFd<'_>, name: &CStr, mode: libc::mode_t) -> io::Result<()> {
+pub(crate) fn mkdirat(dir: BorrowedFd<'_>, name: &CStr, mode: libc::mode_t) -> io::Result<()> {
     // SAFETY: `name` is NUL-terminated and outlives the call.
     check(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) })
 }
 
-fn unlinkat(dir: BorrowedFd<'_>, name: &CStr, flags: libc::c_int) -> io::Result<()> {
+pub(crate) fn unlinkat(dir: BorrowedFd<'_>, name: &CStr, flags: libc::c_int) -> io::Result<()> {
     // SAFETY: `name` is NUL-terminated and outlives the call. unlinkat never follows a
     // symlink in its last component.
     check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) })
 }
 
-fn symlinkat(target: &CStr, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+pub(crate) fn symlinkat(target: &CStr, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
     // SAFETY: both strings are NUL-terminated and outlive the call. The target is stored as
     // text; the kernel does not resolve it.
     check(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) })
@@ -265,7 +275,7 @@ fn mknodat(
     check(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), mode, dev) })
 }
 
-fn lchown_at(dir: BorrowedFd<'_>, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
+pub(crate) fn lchown_at(dir: BorrowedFd<'_>, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
     // SAFETY: `name` is NUL-terminated and outlives the call; AT_SYMLINK_NOFOLLOW changes a
     // symlink itself.
     check(unsafe {
@@ -279,12 +289,12 @@ fn lchown_at(dir: BorrowedFd<'_>, name: &CStr, uid: u32, gid: u32) -> io::Result
     })
 }
 
-fn fchown(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
+pub(crate) fn fchown(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
     // SAFETY: `fd` is an open descriptor.
     check(unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) })
 }
 
-fn fchmod(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+pub(crate) fn fchmod(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
     // SAFETY: `fd` is an open descriptor (not O_PATH).
     check(unsafe { libc::fchmod(fd.as_raw_fd(), mode & 0o7777) })
 }
@@ -333,7 +343,7 @@ fn set_opaque(fd: BorrowedFd<'_>) -> io::Result<()> {
 }
 
 /// The names in a directory (without `.` and `..`).
-fn list_dir(fd: BorrowedFd<'_>) -> io::Result<Vec<CString>> {
+pub(crate) fn list_dir(fd: BorrowedFd<'_>) -> io::Result<Vec<CString>> {
     // SAFETY: `fd` is open; F_DUPFD_CLOEXEC returns a new descriptor (or -1).
     let dup = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
     if dup < 0 {
@@ -440,6 +450,10 @@ struct Tree {
     /// The last parent directory opened (most entries share their parent with the previous
     /// one). Dropped whenever anything is removed, which could detach it.
     cached: Option<(Vec<CString>, OwnedFd)>,
+    /// Unpacking a volume archive ([`unpack_volume`]) rather than a layer.
+    volume: bool,
+    /// A volume archive's root entry (`./`) set the root's owner and mode.
+    root_set: bool,
 }
 
 impl Tree {
@@ -521,6 +535,19 @@ struct Attrs {
 /// Hostile entries (see the module docs) fail with [`RuntimeError::BadArchive`]; `dest` may
 /// then hold part of the layer, and the caller removes it. Nothing outside `dest` is touched.
 pub fn unpack_layer(reader: impl Read, dest: &Path, shift: Option<IdRange>) -> Result<String> {
+    unpack(reader, dest, shift, false)
+}
+
+/// Unpacks a volume archive (a plain tar, as `flotilla volume export` writes) into the volume
+/// data dir `dest`, with the confinement of [`unpack_layer`] and ownership shifted by `shift`.
+/// Unlike a layer: names are taken literally (`.wh.x` is a file, not a whiteout), a device
+/// node is refused, and the root entry (`./`) sets the owner and mode of `dest` itself
+/// (otherwise `dest` ends up owned by container root).
+pub fn unpack_volume(reader: impl Read, dest: &Path, shift: Option<IdRange>) -> Result<()> {
+    unpack(reader, dest, shift, true).map(|_| ())
+}
+
+fn unpack(reader: impl Read, dest: &Path, shift: Option<IdRange>, volume: bool) -> Result<String> {
     let mut hashing = HashingReader::new(io::BufReader::with_capacity(256 * 1024, reader));
     let map = |id: u64| -> u32 {
         let id = u32::try_from(id).unwrap_or(65_534);
@@ -531,6 +558,8 @@ pub fn unpack_layer(reader: impl Read, dest: &Path, shift: Option<IdRange>) -> R
         root: root.into(),
         owner: map(0),
         cached: None,
+        volume,
+        root_set: false,
     };
     let st = fstat(tree.root.as_fd()).ctx(|| format!("stat {}", dest.display()))?;
     if !is_dir(&st) {
@@ -550,7 +579,7 @@ pub fn unpack_layer(reader: impl Read, dest: &Path, shift: Option<IdRange>) -> R
     // Hash the trailing padding too, so the digest covers the whole stream.
     io::copy(&mut hashing, &mut io::sink()).ctx(|| "read layer".into())?;
     let (digest, _) = hashing.finish();
-    if shift.is_some() {
+    if shift.is_some() && !tree.root_set {
         // The layer root itself: owned by container root.
         let _ = fchown(tree.root.as_fd(), tree.owner, tree.owner);
     }
@@ -573,7 +602,12 @@ fn unpack_entry<R: Read>(
     let path = entry.path().ctx(|| "layer entry path".into())?.into_owned();
     let kind = entry.header().entry_type();
     let owner = tree.owner;
-    match classify(&path)? {
+    let classified = if tree.volume {
+        EntryKind::Normal(normalize(&path)?)
+    } else {
+        classify(&path)?
+    };
+    match classified {
         EntryKind::Opaque(dir) => {
             let comps = components(&dir, &path)?;
             let Some((name, parents)) = comps.split_last() else {
@@ -618,16 +652,22 @@ fn unpack_entry<R: Read>(
         }
         EntryKind::Normal(rel) => {
             let comps = components(&rel, &path)?;
-            let Some((name, parents)) = comps.split_last() else {
-                // The root itself (`./`): its owner is set at the end.
-                return Ok(());
-            };
             let h = entry.header();
             let a = Attrs {
                 uid: map(h.uid().unwrap_or(0)),
                 gid: map(h.gid().unwrap_or(0)),
                 mode: h.mode().unwrap_or(0o644),
                 mtime: h.mtime().unwrap_or(0),
+            };
+            let Some((name, parents)) = comps.split_last() else {
+                // The root itself (`./`): a layer's owner is set at the end; a volume takes
+                // the entry's owner and mode.
+                if tree.volume && kind == tar::EntryType::Directory {
+                    set_attrs(tree.root.as_fd(), &a)
+                        .ctx(|| "set the volume root's owner".into())?;
+                    tree.root_set = true;
+                }
+                return Ok(());
             };
             let ctx = || format!("unpack {}", rel.display());
             use tar::EntryType as T;
@@ -712,6 +752,12 @@ fn unpack_entry<R: Read>(
                     set_attrs(fd.as_fd(), &a).ctx(ctx)?;
                     futimens(fd.as_fd(), a.mtime).ctx(ctx)?;
                     tree.forget(removed);
+                }
+                T::Char | T::Block if tree.volume => {
+                    return Err(bad(format!(
+                        "{} is a device node: a volume may not hold one",
+                        path.display()
+                    )));
                 }
                 T::Char | T::Block => {
                     tracing::debug!(entry = %path.display(), "layer device node skipped");
@@ -833,6 +879,8 @@ impl ArchiveUnpacker {
                 root: root.into(),
                 owner: 0,
                 cached: None,
+                volume: false,
+                root_set: false,
             },
             buf: vec![0u8; 128 * 1024],
         })
@@ -898,14 +946,6 @@ impl ArchiveUnpacker {
 
 // ---- Reading files of an untrusted tree. ----
 
-/// `struct open_how` of openat2(2): the kernel's ABI, three u64 fields.
-#[repr(C)]
-struct OpenHow {
-    flags: u64,
-    mode: u64,
-    resolve: u64,
-}
-
 /// A directory whose files are opened with every path resolved inside it
 /// (`openat2(RESOLVE_IN_ROOT)`): `..` stops at the directory, absolute symlinks are taken
 /// relative to it, magic links (`/proc/self/...`) are refused. Only regular files are
@@ -937,38 +977,20 @@ impl ConfinedDir {
         let shown = rel.display();
         let name = CString::new(rel.as_os_str().as_bytes())
             .map_err(|_| bad(format!("{shown}: path contains a NUL byte")))?;
-        let how = OpenHow {
-            // O_NONBLOCK: opening a FIFO must not wait for a writer. O_NOCTTY: no terminal
-            // becomes ours.
-            flags: (libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC) as u64,
-            mode: 0,
-            resolve: libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS | libc::RESOLVE_NO_XDEV,
-        };
-        // SAFETY: `name` is NUL-terminated and `how` is an open_how whose size is passed; the
-        // syscall returns a new descriptor or -1.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                self.fd.as_raw_fd(),
-                name.as_ptr(),
-                &how as *const OpenHow,
-                std::mem::size_of::<OpenHow>(),
-            )
-        };
-        if fd < 0 {
-            let e = last_err();
-            return match e.raw_os_error() {
-                Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::EXDEV) => Ok(None),
-                Some(libc::ENOSYS) => Err(RuntimeError::HostRequirement(
+        // O_NONBLOCK: opening a FIFO must not wait for a writer. O_NOCTTY: no terminal
+        // becomes ours.
+        let flags = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY;
+        let opened = crate::dirfd::openat2_in_root(self.fd.as_fd(), &name, flags);
+        let f = match opened {
+            Ok(Some(fd)) => File::from(fd),
+            Ok(None) => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                return Err(RuntimeError::HostRequirement(
                     "openat2(2) is missing: use Linux 5.6 or later".into(),
-                )),
-                _ => Err(e).ctx(|| format!("open {shown} in {}", self.path.display())),
-            };
-        }
-        let fd = libc::c_int::try_from(fd)
-            .map_err(|_| RuntimeError::Invalid("openat2 returned a bad descriptor".into()))?;
-        // SAFETY: `fd` was just returned by openat2: it is open and owned by nobody else.
-        let f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+                ))
+            }
+            Err(e) => return Err(e).ctx(|| format!("open {shown} in {}", self.path.display())),
+        };
         let st = fstat(f.as_fd()).ctx(|| format!("stat {shown}"))?;
         if st.st_mode & libc::S_IFMT != libc::S_IFREG {
             return Err(bad(format!("{shown} is not a regular file")));

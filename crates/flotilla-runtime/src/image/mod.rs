@@ -381,14 +381,29 @@ impl ImageStore {
     /// The image config's Docker `Healthcheck` object (`{"Test": [...], "Interval": ns, ...}`),
     /// which the OCI config type does not carry; `None` when the image has none.
     pub fn healthcheck(&self, manifest_digest: &str) -> Result<Option<serde_json::Value>> {
+        self.config_field(manifest_digest, "/config/Healthcheck")
+    }
+
+    /// The image's `VOLUME` paths (untrusted: the caller checks each path).
+    pub fn volumes(&self, manifest_digest: &str) -> Result<Vec<String>> {
+        Ok(self
+            .config_field(manifest_digest, "/config/Volumes")?
+            .and_then(|v| v.as_object().map(|o| o.keys().cloned().collect()))
+            .unwrap_or_default())
+    }
+
+    /// One field of the image's config JSON (a JSON pointer), `None` when absent or null.
+    fn config_field(
+        &self,
+        manifest_digest: &str,
+        pointer: &str,
+    ) -> Result<Option<serde_json::Value>> {
         let m = self.manifest(manifest_digest)?;
         let cd = m.config().digest().to_string();
         let b = self.get_blob(&cd)?;
         let v: serde_json::Value = serde_json::from_slice(&b)
             .map_err(|e| RuntimeError::BadArchive(format!("config {cd}: {e}")))?;
-        Ok(v.pointer("/config/Healthcheck")
-            .filter(|h| !h.is_null())
-            .cloned())
+        Ok(v.pointer(pointer).filter(|h| !h.is_null()).cloned())
     }
 
     fn summary(&self, idx: &Index, digest: &str) -> Result<ImageSummary> {

@@ -40,7 +40,7 @@ impl NodeProc {
         self.dir.with_extension("log")
     }
 
-    fn spawn(&mut self, args: &[String]) {
+    pub fn spawn(&mut self, args: &[String]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -593,4 +593,39 @@ impl Cluster {
             })
             .collect()
     }
+}
+
+/// `curl` against `addr` with a node's key files (`ca.pem`, `node.pem`, `node.key` in `keys`);
+/// returns (HTTP status, body).
+pub fn curl(keys: &Path, addr: &str, method: &str, path: &str, headers: &[&str]) -> (u16, String) {
+    let (ip, port) = addr.rsplit_once(':').unwrap();
+    let mut cmd = Command::new("curl");
+    // HTTP/1.1: curl 7.88 reports an HTTP/2 stream the server answers (403) and resets before
+    // reading the request body as a transfer error, not as the answer.
+    cmd.args(["-sS", "--http1.1", "--max-time", "5", "-X", method])
+        .arg("--cacert")
+        .arg(keys.join("ca.pem"))
+        .arg("--cert")
+        .arg(keys.join("node.pem"))
+        .arg("--key")
+        .arg(keys.join("node.key"))
+        .arg("--resolve")
+        .arg(format!("flotilla-node:{port}:{ip}"))
+        .args(["-w", "\n%{http_code}"]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    if method == "POST" {
+        cmd.args(["-H", "content-type: application/json", "--data", "{}"]);
+    }
+    let out = cmd
+        .arg(format!("https://flotilla-node:{port}{path}"))
+        .output()
+        .expect("curl");
+    let text = stdout(&out);
+    let (body, code) = text
+        .trim_end()
+        .rsplit_once('\n')
+        .unwrap_or(("", text.trim()));
+    (code.trim().parse().unwrap_or(0), body.to_string())
 }

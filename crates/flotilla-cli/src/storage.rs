@@ -1,0 +1,279 @@
+//! `flotilla secret|config create|ls|inspect|rm` and
+//! `flotilla volume create|ls|inspect|rm|prune|export`.
+
+use std::io::{Read, Write};
+
+use base64::Engine;
+use http_body_util::BodyExt;
+use hyper::Method;
+
+use flotilla_api::Client;
+use flotilla_types::{
+    FileKind, FileObject, FileObjectCreate, Node, Volume, VolumeCreate, MAX_SECRET_BYTES,
+};
+
+use crate::client::{enc, get};
+use crate::output::{add_row, ago, escape, print_json, print_table, table};
+use crate::{CliError, FileCmd, Format, VolumeCmd};
+
+fn labels(list: &[String]) -> Result<std::collections::BTreeMap<String, String>, CliError> {
+    let mut m = std::collections::BTreeMap::new();
+    for kv in list {
+        let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
+        if k.is_empty() {
+            return Err(CliError::usage(format!("--label {kv:?}: give KEY=VALUE")));
+        }
+        m.insert(k.to_string(), v.to_string());
+    }
+    Ok(m)
+}
+
+/// Reads at most the size limit (and one byte more, to tell the user it is too big).
+fn read_data(file: &std::path::Path, kind: FileKind) -> Result<Vec<u8>, CliError> {
+    let mut data = Vec::new();
+    let limit = MAX_SECRET_BYTES as u64 + 1;
+    let res = if file.as_os_str() == "-" {
+        std::io::stdin().take(limit).read_to_end(&mut data)
+    } else {
+        std::fs::File::open(file).and_then(|f| f.take(limit).read_to_end(&mut data))
+    };
+    res.map_err(|e| CliError::usage(format!("{}: {e}", file.display())))?;
+    if data.len() > MAX_SECRET_BYTES {
+        return Err(CliError::usage(format!(
+            "{}: a {} holds at most 500 KiB",
+            file.display(),
+            kind.as_str()
+        )));
+    }
+    if data.is_empty() {
+        return Err(CliError::usage(format!(
+            "{}: empty; a {} needs content",
+            file.display(),
+            kind.as_str()
+        )));
+    }
+    Ok(data)
+}
+
+pub async fn files(client: &Client, kind: FileKind, cmd: FileCmd) -> Result<(), CliError> {
+    let base = format!("/v1/{}s", kind.as_str());
+    match cmd {
+        FileCmd::Create { name, file, label } => {
+            let data = read_data(&file, kind)?;
+            let body = FileObjectCreate {
+                name,
+                labels: labels(&label)?,
+                data: base64::engine::general_purpose::STANDARD.encode(&data),
+            };
+            let v: serde_json::Value = client.post_json(&base, &body).await?;
+            println!("{}", v["id"].as_str().unwrap_or_default());
+            Ok(())
+        }
+        FileCmd::Ls(f) => {
+            let all: Vec<FileObject> = get(client, &base).await?;
+            if f.format == Format::Json {
+                return print_json(&all);
+            }
+            let mut t = table(&["ID", "NAME", "SIZE", "DIGEST", "CREATED"]);
+            for o in &all {
+                add_row(
+                    &mut t,
+                    vec![
+                        o.id.clone(),
+                        escape(&o.name).to_string(),
+                        o.size.to_string(),
+                        o.digest.chars().take(19).collect(),
+                        ago(o.meta.created_at),
+                    ],
+                );
+            }
+            print_table(&t);
+            Ok(())
+        }
+        FileCmd::Inspect { name, format: _ } => {
+            let o: FileObject = get(client, &format!("{base}/{}", enc(&name))).await?;
+            print_json(&o)
+        }
+        FileCmd::Rm { names } => {
+            for n in names {
+                client
+                    .request(Method::DELETE, &format!("{base}/{}", enc(&n)), None)
+                    .await?;
+                println!("{n}");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `1.5 MiB`-style sizes.
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+pub async fn volumes(client: &Client, cmd: VolumeCmd) -> Result<(), CliError> {
+    match cmd {
+        VolumeCmd::Create { name, node, label } => {
+            let body = VolumeCreate {
+                name,
+                labels: labels(&label)?,
+                node,
+            };
+            let v: Volume = client.post_json("/v1/volumes", &body).await?;
+            println!("{}", v.name);
+            Ok(())
+        }
+        VolumeCmd::Ls(f) => {
+            let all: Vec<Volume> = get(client, "/v1/volumes").await?;
+            if f.format == Format::Json {
+                return print_json(&all);
+            }
+            let nodes: Vec<Node> = get(client, "/v1/nodes").await.unwrap_or_default();
+            let node_name = |id: &Option<String>| match id {
+                None => "-".to_string(),
+                Some(id) => nodes
+                    .iter()
+                    .find(|n| &n.id == id)
+                    .map(|n| n.spec.name.clone())
+                    .unwrap_or_else(|| id.clone()),
+            };
+            let mut t = table(&["NAME", "DRIVER", "NODE", "SIZE", "USED BY"]);
+            for v in &all {
+                add_row(
+                    &mut t,
+                    vec![
+                        escape(&v.name).to_string(),
+                        v.driver.clone(),
+                        escape(&node_name(&v.node_id)).to_string(),
+                        v.size_bytes.map(human).unwrap_or_else(|| "-".into()),
+                        escape(&v.used_by.join(", ")).to_string(),
+                    ],
+                );
+            }
+            print_table(&t);
+            Ok(())
+        }
+        VolumeCmd::Inspect { name, format: _ } => {
+            let v: Volume = get(client, &format!("/v1/volumes/{}", enc(&name))).await?;
+            print_json(&v)
+        }
+        VolumeCmd::Rm { names, force } => {
+            for n in names {
+                let q = if force { "?force=true" } else { "" };
+                client
+                    .request(Method::DELETE, &format!("/v1/volumes/{}{q}", enc(&n)), None)
+                    .await?;
+                println!("{n}");
+            }
+            Ok(())
+        }
+        VolumeCmd::Prune => {
+            let v: serde_json::Value = client.post_json("/v1/volumes/prune", &()).await?;
+            let removed: Vec<String> =
+                serde_json::from_value(v["removed"].clone()).unwrap_or_default();
+            for n in &removed {
+                println!("{}", escape(n));
+            }
+            if let Some(failed) = v["failed"].as_object().filter(|f| !f.is_empty()) {
+                for (n, why) in failed {
+                    eprintln!("{}: {}", escape(n), escape(why.as_str().unwrap_or("?")));
+                }
+                return Err(CliError::new("some volumes could not be removed"));
+            }
+            println!("Removed {} volumes", removed.len());
+            Ok(())
+        }
+        VolumeCmd::Import { name, file } => {
+            use futures::StreamExt;
+            let reader: Box<dyn tokio::io::AsyncRead + Send + Unpin> = if file.as_os_str() == "-" {
+                Box::new(tokio::io::stdin())
+            } else {
+                Box::new(
+                    tokio::fs::File::open(&file)
+                        .await
+                        .map_err(|e| CliError::usage(format!("{}: {e}", file.display())))?,
+                )
+            };
+            let frames = tokio_util::io::ReaderStream::with_capacity(reader, 256 << 10).map(|r| {
+                r.map(hyper::body::Frame::data)
+                    .map_err(|e| Box::new(e) as flotilla_api::upload::BoxError)
+            });
+            let body = http_body_util::StreamBody::new(frames);
+            let resp = client
+                .send_stream(
+                    Method::POST,
+                    &format!("/v1/volumes/{}/import", enc(&name)),
+                    "application/x-tar",
+                    Box::pin(body),
+                )
+                .await?;
+            client.finish(resp).await?;
+            println!("{name}");
+            Ok(())
+        }
+        VolumeCmd::Export { name, output } => {
+            let resp = client
+                .send(
+                    Method::GET,
+                    &format!("/v1/volumes/{}/export", enc(&name)),
+                    None,
+                )
+                .await?;
+            let status = resp.status();
+            let mut body = resp.into_body();
+            if !status.is_success() {
+                let bytes = body
+                    .collect()
+                    .await
+                    .map(|c| c.to_bytes())
+                    .unwrap_or_default();
+                let msg = serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .ok()
+                    .and_then(|v| v["message"].as_str().map(str::to_string))
+                    .unwrap_or_else(|| String::from_utf8_lossy(&bytes).to_string());
+                return Err(CliError::new(format!("export {name}: {msg}")));
+            }
+            let mut out: Box<dyn Write> = match &output {
+                Some(p) => Box::new(
+                    std::fs::File::create(p)
+                        .map_err(|e| CliError::usage(format!("{}: {e}", p.display())))?,
+                ),
+                None => Box::new(std::io::stdout().lock()),
+            };
+            while let Some(frame) = body.frame().await {
+                let frame = frame
+                    .map_err(|e| CliError::new(format!("export {name}: the stream broke: {e}")))?;
+                if let Some(chunk) = frame.data_ref() {
+                    out.write_all(chunk)
+                        .map_err(|e| CliError::new(format!("writing the archive: {e}")))?;
+                }
+            }
+            out.flush()
+                .map_err(|e| CliError::new(format!("writing the archive: {e}")))?;
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_as_people_write_them() {
+        assert_eq!(human(0), "0 B");
+        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(human(5 << 30), "5.0 GiB");
+    }
+}

@@ -1,0 +1,891 @@
+//! Secrets, configs and volumes: `flotilla secret|config create|ls|inspect|rm`,
+//! `flotilla volume create|ls|inspect|rm|prune|export`, and the one way a node gets the data of
+//! a secret: `GET /v1/nodes/{id}/tasks/{task}/files`, answered only for a task the leader has
+//! assigned to that node (a worker's certificate reaches nothing else).
+//!
+//! Secrets and configs are immutable, as Swarm's: a new version is a new object, and a service
+//! moves to it with `service update --secret-rm old --secret-add src=new,target=same`. A
+//! secret's data never leaves the managers except to the node running a task that uses it;
+//! `inspect` shows its digest and size.
+//!
+//! A volume is a cluster object with a home node: the node its first task ran on, or the one
+//! `volume create --node` names. The scheduler places every later task mounting it there
+//! (`control.rs`). Its data lives on that node only (the agent's `flotilla-volume` store);
+//! `volume rm` asks that node to delete it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use flotilla_store::{Batch, Op, Table};
+use flotilla_types::{
+    FileKind, FileObject, FileObjectCreate, LocalVolumeInfo, Meta, MountKind, Node, NodeState,
+    Service, ServiceSpec, Task, TaskFiles, TaskState, Volume, VolumeCreate, MAX_SECRET_BYTES,
+};
+
+use super::{json_ok, Caller, Ctx};
+use crate::error::ManagerError;
+use crate::manager::{encode, Manager, Stored};
+use flotilla_types::now_ms;
+
+/// A secret as stored (the `secrets` table).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct StoredSecret(pub FileObject);
+
+/// A config as stored (the `configs` table).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct StoredConfig(pub FileObject);
+
+impl Stored for StoredSecret {
+    const TABLE: Table = Table::Secrets;
+    const KIND: &'static str = "secret";
+    fn meta_mut(&mut self) -> &mut Meta {
+        &mut self.0.meta
+    }
+}
+
+impl Stored for StoredConfig {
+    const TABLE: Table = Table::Configs;
+    const KIND: &'static str = "config";
+    fn meta_mut(&mut self) -> &mut Meta {
+        &mut self.0.meta
+    }
+}
+
+impl Stored for Volume {
+    const TABLE: Table = Table::Volumes;
+    const KIND: &'static str = "volume";
+    fn meta_mut(&mut self) -> &mut Meta {
+        &mut self.meta
+    }
+}
+
+fn table_of(kind: FileKind) -> Table {
+    match kind {
+        FileKind::Secret => Table::Secrets,
+        FileKind::Config => Table::Configs,
+    }
+}
+
+/// Every secret or config, data included.
+fn list_files(mgr: &Manager, kind: FileKind) -> Result<Vec<FileObject>, ManagerError> {
+    Ok(match kind {
+        FileKind::Secret => mgr
+            .list::<StoredSecret>()?
+            .into_iter()
+            .map(|s| s.0)
+            .collect(),
+        FileKind::Config => mgr
+            .list::<StoredConfig>()?
+            .into_iter()
+            .map(|s| s.0)
+            .collect(),
+    })
+}
+
+/// Finds a secret or config by id, name or unique id prefix.
+fn find_file(mgr: &Manager, kind: FileKind, key: &str) -> Result<FileObject, ManagerError> {
+    let all = list_files(mgr, kind)?;
+    if let Some(o) = all.iter().find(|o| o.id == key || o.name == key) {
+        return Ok(o.clone());
+    }
+    let by_prefix: Vec<&FileObject> = all.iter().filter(|o| o.id.starts_with(key)).collect();
+    match by_prefix.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => Err(ManagerError::not_found(format!(
+            "{k} {key} not found: see `flotilla {k} ls`",
+            k = kind.as_str()
+        ))),
+        _ => Err(ManagerError::conflict(format!(
+            "{} prefix {key:?} is ambiguous: give more characters",
+            kind.as_str()
+        ))),
+    }
+}
+
+/// What an API answer shows of a secret (never its data) or a config (its data too).
+fn shown(kind: FileKind, mut o: FileObject) -> FileObject {
+    if kind == FileKind::Secret {
+        o.data.clear();
+    }
+    o
+}
+
+fn admin_only(caller: &Caller, what: &str) -> Result<(), ManagerError> {
+    if caller.is_admin() {
+        Ok(())
+    } else {
+        Err(ManagerError::forbidden(format!("{what} are for admins")))
+    }
+}
+
+async fn create_file(
+    ctx: Ctx,
+    caller: Caller,
+    kind: FileKind,
+    req: FileObjectCreate,
+) -> Result<Response, ManagerError> {
+    admin_only(&caller, "secrets and configs")?;
+    let k = kind.as_str();
+    flotilla_types::validate_name(&req.name)
+        .map_err(|e| ManagerError::bad_request(format!("{k} name: {e}")))?;
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(req.data.as_bytes())
+        .map_err(|e| {
+            ManagerError::bad_request(format!("{k} data must be base64 (standard, padded): {e}"))
+        })?;
+    if data.is_empty() {
+        return Err(ManagerError::bad_request(format!("a {k} cannot be empty")));
+    }
+    if data.len() > MAX_SECRET_BYTES {
+        return Err(ManagerError::bad_request(format!(
+            "{k} is {} bytes; the most is {MAX_SECRET_BYTES} (500 KiB, as Swarm)",
+            data.len()
+        )));
+    }
+    for (lk, lv) in &req.labels {
+        if lk.is_empty() || lk.len() > 256 || lv.len() > 4096 {
+            return Err(ManagerError::bad_request(
+                "labels: keys of 1-256 bytes, values up to 4096 bytes",
+            ));
+        }
+    }
+    let _names = ctx.names.lock().await;
+    let all = ctx.blocking(move |m| list_files(m, kind)).await?;
+    if all.iter().any(|o| o.name == req.name) {
+        return Err(ManagerError::conflict(format!(
+            "a {k} named {:?} exists; {k}s are immutable: create one with a new name and move \
+             services with `service update --{k}-rm OLD --{k}-add src=NEW,target=…`",
+            req.name
+        )));
+    }
+    let now = now_ms();
+    let obj = FileObject {
+        id: flotilla_types::new_id(),
+        meta: Meta {
+            version: 0,
+            created_at: now,
+            updated_at: now,
+        },
+        name: req.name,
+        labels: req.labels,
+        digest: format!("sha256:{}", hex::encode(Sha256::digest(&data))),
+        size: data.len() as u64,
+        data: req.data,
+    };
+    let value = match kind {
+        FileKind::Secret => encode(&StoredSecret(obj.clone()))?,
+        FileKind::Config => encode(&StoredConfig(obj.clone()))?,
+    };
+    let rev = ctx
+        .write(Batch::single(Op::create(table_of(kind), &obj.id, value)), k)
+        .await?;
+    tracing::info!(kind = k, id = %obj.id, name = %obj.name, "created");
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({"id": obj.id, "version": rev, "digest": obj.digest})),
+    )
+        .into_response())
+}
+
+/// Services (by name) whose spec or whose unfinished tasks use the object.
+fn users_of_file(
+    mgr: &Manager,
+    kind: FileKind,
+    obj: &FileObject,
+) -> Result<Vec<String>, ManagerError> {
+    let refs = |s: &flotilla_types::TaskSpec| -> bool {
+        let list = match kind {
+            FileKind::Secret => &s.container.secrets,
+            FileKind::Config => &s.container.configs,
+        };
+        list.iter()
+            .any(|r| r.id == obj.id || (r.id.is_empty() && r.source == obj.name))
+    };
+    let services: Vec<Service> = mgr.list()?;
+    let tasks: Vec<Task> = mgr.list()?;
+    let mut out = BTreeSet::new();
+    for s in &services {
+        if refs(&s.spec.task_template) {
+            out.insert(s.spec.name.clone());
+        }
+    }
+    for t in tasks.iter().filter(|t| !t.status.state.is_terminal()) {
+        if refs(&t.spec) {
+            let name = services
+                .iter()
+                .find(|s| s.id == t.service_id)
+                .map(|s| s.spec.name.clone())
+                .unwrap_or_else(|| format!("task {}", t.id));
+            out.insert(name);
+        }
+    }
+    Ok(out.into_iter().collect())
+}
+
+async fn remove_file(
+    ctx: Ctx,
+    caller: Caller,
+    kind: FileKind,
+    key: String,
+) -> Result<Response, ManagerError> {
+    admin_only(&caller, "secrets and configs")?;
+    let (obj, users) = ctx
+        .blocking(move |m| {
+            let o = find_file(m, kind, &key)?;
+            let u = users_of_file(m, kind, &o)?;
+            Ok((o, u))
+        })
+        .await?;
+    if !users.is_empty() {
+        return Err(ManagerError::conflict(format!(
+            "{} {} is in use by {}: remove it from them first (`service update --{}-rm {}`)",
+            kind.as_str(),
+            obj.name,
+            users.join(", "),
+            kind.as_str(),
+            obj.name
+        )));
+    }
+    ctx.write(
+        Batch::single(Op::delete(table_of(kind), &obj.id, Some(obj.meta.version))),
+        kind.as_str(),
+    )
+    .await?;
+    Ok(json_ok(
+        &serde_json::json!({"removed": obj.id, "name": obj.name}),
+    ))
+}
+
+macro_rules! file_handlers {
+    ($kind:expr, $create:ident, $list:ident, $inspect:ident, $remove:ident) => {
+        pub async fn $create(
+            State(ctx): State<Ctx>,
+            Extension(caller): Extension<Caller>,
+            Json(req): Json<FileObjectCreate>,
+        ) -> Result<Response, ManagerError> {
+            create_file(ctx, caller, $kind, req).await
+        }
+
+        pub async fn $list(
+            State(ctx): State<Ctx>,
+            Extension(caller): Extension<Caller>,
+        ) -> Result<Response, ManagerError> {
+            admin_only(&caller, "secrets and configs")?;
+            let mut all = ctx.blocking(move |m| list_files(m, $kind)).await?;
+            all.sort_by(|a, b| a.name.cmp(&b.name));
+            let all: Vec<FileObject> = all
+                .into_iter()
+                .map(|o| {
+                    let mut o = shown($kind, o);
+                    o.data.clear();
+                    o
+                })
+                .collect();
+            Ok(json_ok(&all))
+        }
+
+        pub async fn $inspect(
+            State(ctx): State<Ctx>,
+            Extension(caller): Extension<Caller>,
+            Path(key): Path<String>,
+        ) -> Result<Response, ManagerError> {
+            admin_only(&caller, "secrets and configs")?;
+            let o = ctx.blocking(move |m| find_file(m, $kind, &key)).await?;
+            Ok(json_ok(&shown($kind, o)))
+        }
+
+        pub async fn $remove(
+            State(ctx): State<Ctx>,
+            Extension(caller): Extension<Caller>,
+            Path(key): Path<String>,
+        ) -> Result<Response, ManagerError> {
+            remove_file(ctx, caller, $kind, key).await
+        }
+    };
+}
+
+file_handlers!(
+    FileKind::Secret,
+    create_secret,
+    list_secrets,
+    inspect_secret,
+    remove_secret
+);
+file_handlers!(
+    FileKind::Config,
+    create_config,
+    list_configs,
+    inspect_config,
+    remove_config
+);
+
+/// `GET /v1/nodes/{id}/tasks/{task}/files`: the secrets and configs of one task, for the node
+/// it is assigned to (authorization has checked that the caller is node `id` or an admin).
+pub async fn task_files(
+    State(ctx): State<Ctx>,
+    Path((node_id, task_id)): Path<(String, String)>,
+) -> Result<Response, ManagerError> {
+    let files = ctx
+        .blocking(move |m| files_for(m, &node_id, &task_id))
+        .await?;
+    Ok(json_ok(&files))
+}
+
+fn files_for(mgr: &Manager, node_id: &str, task_id: &str) -> Result<TaskFiles, ManagerError> {
+    let refused = || {
+        ManagerError::forbidden(format!(
+            "task {task_id} is not assigned to node {node_id}: a node gets only the secrets of its own tasks"
+        ))
+    };
+    let task = mgr.get::<Task>(task_id)?.ok_or_else(refused)?;
+    if task.node_id.as_deref() != Some(node_id)
+        || task.desired_state > TaskState::Running
+        || task.status.state < TaskState::Assigned
+        || task.status.state.is_terminal()
+    {
+        return Err(refused());
+    }
+    let pick = |kind: FileKind, refs: &[flotilla_types::FileReference]| {
+        let all = list_files(mgr, kind)?;
+        refs.iter()
+            .map(|r| {
+                all.iter()
+                    .find(|o| {
+                        if r.id.is_empty() {
+                            o.name == r.source
+                        } else {
+                            o.id == r.id
+                        }
+                    })
+                    .cloned()
+                    .ok_or_else(|| {
+                        ManagerError::not_found(format!(
+                            "{} {} of task {task_id} no longer exists",
+                            kind.as_str(),
+                            r.source
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    Ok(TaskFiles {
+        secrets: pick(FileKind::Secret, &task.spec.container.secrets)?,
+        configs: pick(FileKind::Config, &task.spec.container.configs)?,
+    })
+}
+
+/// Fills in the ids of the secrets and configs a spec names, and checks its bind mounts
+/// against the cluster's allow-list. Called on create and update, after `validate_spec`.
+pub fn resolve_refs(mgr: &Manager, spec: &mut ServiceSpec) -> Result<(), ManagerError> {
+    let c = &mut spec.task_template.container;
+    for (kind, refs) in [
+        (FileKind::Secret, &mut c.secrets),
+        (FileKind::Config, &mut c.configs),
+    ] {
+        if refs.is_empty() {
+            continue;
+        }
+        let all = list_files(mgr, kind)?;
+        for r in refs.iter_mut() {
+            let found = all.iter().find(|o| o.name == r.source).ok_or_else(|| {
+                ManagerError::bad_request(format!(
+                    "{k} {:?} not found: create it with `flotilla {k} create {} FILE`",
+                    r.source,
+                    r.source,
+                    k = kind.as_str()
+                ))
+            })?;
+            r.id = found.id.clone();
+        }
+    }
+    let binds: Vec<&flotilla_types::Mount> = c
+        .mounts
+        .iter()
+        .filter(|m| m.kind == MountKind::Bind)
+        .collect();
+    if !binds.is_empty() {
+        let allowed = mgr.cluster()?.bind_allow;
+        for b in binds {
+            if !allowed.iter().any(|a| under(&b.source, a)) {
+                return Err(ManagerError::bad_request(format!(
+                    "bind source {} is not under a host path the cluster allows ({}): an admin \
+                     allows it with `flotilla cluster update --bind-allow {}`",
+                    b.source,
+                    if allowed.is_empty() {
+                        "none yet".to_string()
+                    } else {
+                        allowed.join(", ")
+                    },
+                    b.source
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `path` is `dir` or lies beneath it (component-wise: `/srv/data2` is not under
+/// `/srv/data`).
+pub fn under(path: &str, dir: &str) -> bool {
+    let p: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+    let d: Vec<&str> = dir.split('/').filter(|c| !c.is_empty()).collect();
+    !d.is_empty() && p.len() >= d.len() && p[..d.len()] == d[..]
+}
+
+/// Checks an allow-list entry given to `cluster update --bind-allow`.
+pub fn validate_bind_allow(dir: &str) -> Result<(), ManagerError> {
+    if !dir.starts_with('/') || dir.split('/').any(|c| c == "..") || dir.contains('\0') {
+        return Err(ManagerError::bad_request(format!(
+            "--bind-allow {dir:?}: give an absolute host path without `..`"
+        )));
+    }
+    if dir.split('/').all(|c| c.is_empty()) {
+        return Err(ManagerError::bad_request(
+            "--bind-allow /: allowing the whole host would let any service mount any host file; name directories",
+        ));
+    }
+    Ok(())
+}
+
+// ---- volumes ----
+
+/// Volume names the tasks that have not ended mount, with the services they belong to.
+fn volume_users(mgr: &Manager) -> Result<HashMap<String, BTreeSet<String>>, ManagerError> {
+    let services: Vec<Service> = mgr.list()?;
+    let tasks: Vec<Task> = mgr.list()?;
+    let name_of: HashMap<&str, &str> = services
+        .iter()
+        .map(|s| (s.id.as_str(), s.spec.name.as_str()))
+        .collect();
+    let mut out: HashMap<String, BTreeSet<String>> = HashMap::new();
+    for t in tasks.iter().filter(|t| !t.status.state.is_terminal()) {
+        for m in volume_mounts(&t.spec) {
+            out.entry(m.to_string()).or_default().insert(
+                name_of
+                    .get(t.service_id.as_str())
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| t.service_id.clone()),
+            );
+        }
+    }
+    // A service whose spec names a volume (without placeholders) uses it even with no task.
+    for s in &services {
+        for m in volume_mounts(&s.spec.task_template) {
+            if !m.contains("{{") {
+                out.entry(m.to_string())
+                    .or_default()
+                    .insert(s.spec.name.clone());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The named volumes a task spec mounts.
+pub fn volume_mounts(spec: &flotilla_types::TaskSpec) -> impl Iterator<Item = &str> {
+    spec.container
+        .mounts
+        .iter()
+        .filter(|m| m.kind == MountKind::Volume && !m.source.is_empty())
+        .map(|m| m.source.as_str())
+}
+
+fn find_volume(mgr: &Manager, name: &str) -> Result<Volume, ManagerError> {
+    mgr.get::<Volume>(name)?.ok_or_else(|| {
+        ManagerError::not_found(format!("volume {name} not found: see `flotilla volume ls`"))
+    })
+}
+
+/// Asks the home nodes of `volumes` for their sizes (2 s each, in parallel); a node that does
+/// not answer leaves the size unset.
+async fn with_sizes(ctx: &Ctx, volumes: &mut [Volume], nodes: &[Node]) {
+    let homes: BTreeSet<String> = volumes.iter().filter_map(|v| v.node_id.clone()).collect();
+    let mut asks = Vec::new();
+    for id in homes {
+        let Some(n) = nodes
+            .iter()
+            .find(|n| n.id == id && n.status.state == NodeState::Ready)
+        else {
+            continue;
+        };
+        let client = ctx
+            .tls
+            .node(&n.status.addr)
+            .with_timeout(Duration::from_secs(2));
+        asks.push(async move {
+            let r: Result<Vec<LocalVolumeInfo>, _> = client.get_json("/v1/agent/volumes").await;
+            (id, r.ok())
+        });
+    }
+    let answers: HashMap<String, Vec<LocalVolumeInfo>> = futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .filter_map(|(id, r)| r.map(|r| (id, r)))
+        .collect();
+    for v in volumes.iter_mut() {
+        if let Some(local) = v.node_id.as_ref().and_then(|n| answers.get(n)) {
+            v.size_bytes = Some(
+                local
+                    .iter()
+                    .find(|l| l.name == v.name)
+                    .map(|l| l.size_bytes)
+                    .unwrap_or(0),
+            );
+        }
+    }
+}
+
+/// `GET /v1/volumes`
+pub async fn list_volumes(
+    State(ctx): State<Ctx>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ManagerError> {
+    admin_only(&caller, "volumes")?;
+    let (mut vols, nodes) = ctx
+        .blocking(|m| {
+            let users = volume_users(m)?;
+            let mut vols: Vec<Volume> = m.list()?;
+            for v in vols.iter_mut() {
+                v.used_by = users
+                    .get(&v.name)
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect();
+            }
+            Ok((vols, m.list::<Node>()?))
+        })
+        .await?;
+    vols.sort_by(|a, b| a.name.cmp(&b.name));
+    with_sizes(&ctx, &mut vols, &nodes).await;
+    Ok(json_ok(&vols))
+}
+
+/// `GET /v1/volumes/{name}`
+pub async fn inspect_volume(
+    State(ctx): State<Ctx>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<Response, ManagerError> {
+    admin_only(&caller, "volumes")?;
+    let (v, nodes) = ctx
+        .blocking(move |m| {
+            let mut v = find_volume(m, &name)?;
+            v.used_by = volume_users(m)?
+                .remove(&v.name)
+                .unwrap_or_default()
+                .into_iter()
+                .collect();
+            Ok((v, m.list::<Node>()?))
+        })
+        .await?;
+    let mut one = [v];
+    with_sizes(&ctx, &mut one, &nodes).await;
+    let [v] = one;
+    Ok(json_ok(&v))
+}
+
+/// `POST /v1/volumes`
+pub async fn create_volume(
+    State(ctx): State<Ctx>,
+    Extension(caller): Extension<Caller>,
+    Json(req): Json<VolumeCreate>,
+) -> Result<Response, ManagerError> {
+    admin_only(&caller, "volumes")?;
+    flotilla_types::validate_name(&req.name)
+        .map_err(|e| ManagerError::bad_request(format!("volume name: {e}")))?;
+    let node = req.node.clone();
+    let (exists, node_id) = {
+        let name = req.name.clone();
+        ctx.blocking(move |m| {
+            let exists = m.get::<Volume>(&name)?.is_some();
+            let node_id = match node {
+                Some(key) => Some(super::nodes::find_node(m, &key)?.id),
+                None => None,
+            };
+            Ok((exists, node_id))
+        })
+        .await?
+    };
+    if exists {
+        return Err(ManagerError::conflict(format!(
+            "a volume named {:?} exists: see `flotilla volume inspect {}`",
+            req.name, req.name
+        )));
+    }
+    let now = now_ms();
+    let v = Volume {
+        name: req.name,
+        meta: Meta {
+            version: 0,
+            created_at: now,
+            updated_at: now,
+        },
+        labels: req.labels,
+        driver: "local".into(),
+        node_id,
+        size_bytes: None,
+        used_by: Vec::new(),
+    };
+    ctx.write(
+        Batch::single(Op::create(Table::Volumes, &v.name, encode(&v)?)),
+        "volume",
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RemoveQuery {
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Removes one volume: refused while used; its data is deleted on its home node first (with
+/// `force`, a home node that cannot be reached is skipped and its directory stays there).
+async fn remove_one(ctx: &Ctx, v: &Volume, force: bool) -> Result<(), ManagerError> {
+    if let Some(home) = &v.node_id {
+        let node = {
+            let home = home.clone();
+            ctx.blocking(move |m| m.get::<Node>(&home)).await?
+        };
+        let gone = match &node {
+            Some(n) => {
+                let client = ctx
+                    .tls
+                    .node(&n.status.addr)
+                    .with_timeout(Duration::from_secs(30));
+                let path = format!("/v1/agent/volumes/{}", v.name);
+                match client
+                    .request(axum::http::Method::DELETE, &path, None)
+                    .await
+                {
+                    Ok(_) => Ok(()),
+                    Err(e) if e.status() == Some(404) => Ok(()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            None => Ok(()),
+        };
+        if let Err(e) = gone {
+            if !force {
+                return Err(ManagerError::unavailable(format!(
+                    "volume {}: its node {} did not delete the data ({e}); `flotilla volume rm \
+                     --force {}` forgets the volume and leaves the directory on that node",
+                    v.name, home, v.name
+                )));
+            }
+            tracing::warn!(volume = %v.name, node = %home, error = %e, "volume forgotten; its data stays on the node");
+        }
+    }
+    ctx.write(
+        Batch::single(Op::delete(Table::Volumes, &v.name, Some(v.meta.version))),
+        "volume",
+    )
+    .await?;
+    Ok(())
+}
+
+/// `DELETE /v1/volumes/{name}[?force=true]`
+pub async fn remove_volume(
+    State(ctx): State<Ctx>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    Query(q): Query<RemoveQuery>,
+) -> Result<Response, ManagerError> {
+    admin_only(&caller, "volumes")?;
+    let (v, users) = ctx
+        .blocking(move |m| {
+            let v = find_volume(m, &name)?;
+            let users = volume_users(m)?.remove(&v.name).unwrap_or_default();
+            Ok((v, users))
+        })
+        .await?;
+    if !users.is_empty() {
+        return Err(ManagerError::conflict(format!(
+            "volume {} is in use by {}: remove or update those services first",
+            v.name,
+            users.into_iter().collect::<Vec<_>>().join(", ")
+        )));
+    }
+    remove_one(&ctx, &v, q.force).await?;
+    Ok(json_ok(&serde_json::json!({"removed": v.name})))
+}
+
+/// `POST /v1/volumes/prune`: removes every volume no service and no running task uses.
+pub async fn prune_volumes(
+    State(ctx): State<Ctx>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ManagerError> {
+    admin_only(&caller, "volumes")?;
+    let unused: Vec<Volume> = ctx
+        .blocking(|m| {
+            let users = volume_users(m)?;
+            Ok(m.list::<Volume>()?
+                .into_iter()
+                .filter(|v| !users.contains_key(&v.name))
+                .collect())
+        })
+        .await?;
+    let mut removed = Vec::new();
+    let mut failed = BTreeMap::new();
+    for v in unused {
+        match remove_one(&ctx, &v, false).await {
+            Ok(()) => removed.push(v.name),
+            Err(e) => {
+                failed.insert(v.name, e.to_string());
+            }
+        }
+    }
+    Ok(json_ok(
+        &serde_json::json!({"removed": removed, "failed": failed}),
+    ))
+}
+
+/// A volume and its home node (`None` before a task or `--node` placed it).
+async fn volume_home(ctx: &Ctx, name: String) -> Result<(Volume, Option<Node>), ManagerError> {
+    ctx.blocking(move |m| {
+        let v = find_volume(m, &name)?;
+        let node = match &v.node_id {
+            Some(id) => m.get::<Node>(id)?,
+            None => None,
+        };
+        Ok((v, node))
+    })
+    .await
+}
+
+/// `GET /v1/volumes/{name}/export`: a tar stream of the volume, from its home node.
+pub async fn export_volume(
+    State(ctx): State<Ctx>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<Response, ManagerError> {
+    admin_only(&caller, "volumes")?;
+    let (v, node) = volume_home(&ctx, name).await?;
+    let Some(node) = node else {
+        return Err(ManagerError::not_found(format!(
+            "volume {} has no data yet: no task has used it",
+            v.name
+        )));
+    };
+    let client = ctx.tls.node(&node.status.addr);
+    let path = format!("/v1/agent/volumes/{}/export", v.name);
+    let resp = client
+        .send(axum::http::Method::GET, &path, None)
+        .await
+        .map_err(|e| {
+            ManagerError::unavailable(format!(
+                "volume {}: its node {} cannot be reached: {e}",
+                v.name, node.spec.name
+            ))
+        })?;
+    let status = resp.status();
+    let mut out = Response::builder().status(status);
+    if let Some(ct) = resp.headers().get(axum::http::header::CONTENT_TYPE) {
+        out = out.header(axum::http::header::CONTENT_TYPE, ct);
+    }
+    Ok(out
+        .body(Body::new(resp.into_body()))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+}
+
+/// Answers `e` without reading an upload (past what `refuse_unread` drains).
+async fn refuse(req: axum::extract::Request, e: ManagerError) -> Result<Response, ManagerError> {
+    Err(flotilla_api::body::refuse_unread(req, e.into())
+        .await
+        .into())
+}
+
+/// `POST /v1/volumes/{name}/import`: streams a tar archive to the volume's home node, which
+/// unpacks it into the (new or empty) volume. The volume needs a home: `volume create NAME
+/// --node NODE` first.
+pub async fn import_volume(
+    State(ctx): State<Ctx>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    req: axum::extract::Request,
+) -> Result<Response, ManagerError> {
+    if let Err(e) = admin_only(&caller, "volumes") {
+        return refuse(req, e).await;
+    }
+    let (v, node) = match volume_home(&ctx, name).await {
+        Ok(x) => x,
+        Err(e) => return refuse(req, e).await,
+    };
+    let Some(node) = node else {
+        return refuse(req, ManagerError::bad_request(format!(
+            "volume {} has no node yet: create it with `flotilla volume create {} --node NODE` before importing",
+            v.name, v.name
+        )))
+        .await;
+    };
+    let client = ctx.tls.node(&node.status.addr);
+    let path = format!("/v1/agent/volumes/{}/import", v.name);
+    let body = http_body_util::BodyExt::map_err(req.into_body(), |e| {
+        Box::new(e) as flotilla_api::upload::BoxError
+    });
+    let resp = client
+        .send_stream(
+            axum::http::Method::POST,
+            &path,
+            "application/x-tar",
+            Box::pin(body),
+        )
+        .await
+        .map_err(|e| {
+            ManagerError::unavailable(format!(
+                "volume {}: its node {} cannot be reached: {e}",
+                v.name, node.spec.name
+            ))
+        })?;
+    let status = resp.status();
+    let collected = client.finish(resp).await;
+    match collected {
+        Ok(r) => Ok((status, Body::from(r.body)).into_response()),
+        Err(flotilla_api::ClientError::Api { status, message }) => {
+            Err(ManagerError::Api(super::ApiError::new(
+                axum::http::StatusCode::from_u16(status)
+                    .unwrap_or(axum::http::StatusCode::BAD_GATEWAY),
+                message,
+            )))
+        }
+        Err(e) => Err(ManagerError::unavailable(format!(
+            "volume {}: import on node {} failed: {e}",
+            v.name, node.spec.name
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn under_is_by_component() {
+        assert!(under("/srv/data", "/srv/data"));
+        assert!(under("/srv/data/x", "/srv/data/"));
+        assert!(!under("/srv/data2", "/srv/data"));
+        assert!(!under("/srv", "/srv/data"));
+        assert!(!under("/etc", "/"));
+    }
+
+    #[test]
+    fn allow_list_entries_are_checked() {
+        assert!(validate_bind_allow("/srv/data").is_ok());
+        for bad in ["srv", "/", "//", "/srv/../etc", "/a\0"] {
+            assert!(validate_bind_allow(bad).is_err(), "{bad:?}");
+        }
+    }
+}

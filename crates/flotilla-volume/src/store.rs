@@ -1,0 +1,553 @@
+//! [`VolumeStore`]: the volumes of one node under one root directory.
+
+use crate::error::{from_unpack, io_err, Result, VolumeError};
+use flotilla_runtime::dirfd::{Dir, Event, Kind};
+use flotilla_runtime::IdRange;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+/// The naming rule, as error messages state it.
+pub const NAME_RULE: &str =
+    "use 1-128 characters from [A-Za-z0-9_.-], starting with a letter or digit";
+
+/// The data dir inside a volume's dir.
+const DATA: &str = "_data";
+const META: &str = "meta.json";
+
+/// Checks a volume name: `[A-Za-z0-9][A-Za-z0-9_.-]{0,127}` (Docker's rule with a length cap),
+/// so it is one path component that is neither `.` nor `..` and holds no `/` or NUL.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(VolumeError::InvalidName {
+            name: name.into(),
+            rule: NAME_RULE,
+        })
+    }
+}
+
+/// A volume on this node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalVolume {
+    pub name: String,
+    /// The data dir (`<root>/<name>/_data`): what a container mounts.
+    pub path: PathBuf,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// `meta.json`.
+#[derive(Serialize, Deserialize)]
+struct Meta {
+    created_at: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+/// The volumes of one node, each a directory under `root` (see the crate docs for the layout).
+/// Safe to share between threads.
+pub struct VolumeStore {
+    root: PathBuf,
+    owner: Option<IdRange>,
+    /// Serialises create and remove.
+    lock: Mutex<()>,
+    /// Volumes an import is writing.
+    busy: Mutex<HashSet<String>>,
+}
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+fn seq() -> u64 {
+    SEQ.fetch_add(1, Ordering::Relaxed)
+}
+
+impl VolumeStore {
+    /// Opens (creating) the store at `root`. `owner` is the node's user-namespace range: a
+    /// data dir belongs to container root (`owner.shift(0)`), and `root` and each volume's
+    /// dir are 0710 with the group of that id, so a container's root can reach its volume's
+    /// data dir and no other host user can. Leftovers of interrupted removals are deleted.
+    pub fn open(root: PathBuf, owner: Option<IdRange>) -> Result<VolumeStore> {
+        let store = VolumeStore {
+            root,
+            owner,
+            lock: Mutex::new(()),
+            busy: Mutex::new(HashSet::new()),
+        };
+        store.traversal_dir(&store.root)?;
+        let dir = store.root_dir()?;
+        let names = dir
+            .entries()
+            .map_err(|e| store.io(format!("list {}", store.root.display()), e))?;
+        for n in names {
+            if n.as_encoded_bytes().starts_with(b".trash-") {
+                if let Err(e) = dir.remove(&n) {
+                    tracing::warn!(dir = ?n, error = %e, "cannot delete a removed volume's leftovers");
+                }
+            }
+        }
+        Ok(store)
+    }
+
+    /// The store's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The user-namespace range volumes are owned in.
+    pub fn owner(&self) -> Option<IdRange> {
+        self.owner
+    }
+
+    /// Creates the volume `name` with `labels`; an existing volume is returned as it is.
+    pub fn create(&self, name: &str, labels: BTreeMap<String, String>) -> Result<LocalVolume> {
+        validate_name(name)?;
+        let _g = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        match self.get(name) {
+            Err(VolumeError::NotFound(_)) => {}
+            other => return other,
+        }
+        // A dir without meta.json is an interrupted create: completed here.
+        let vdir = self.root.join(name);
+        self.traversal_dir(&vdir)?;
+        let data = vdir.join(DATA);
+        match fs::create_dir(&data) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(self.io(format!("create {}", data.display()), e)),
+        }
+        self.reset_data_root(&data)?;
+        let meta = Meta {
+            created_at: flotilla_runtime::now_rfc3339(),
+            labels,
+        };
+        let json = serde_json::to_vec_pretty(&meta).map_err(|e| VolumeError::Corrupt {
+            path: vdir.join(META),
+            message: e.to_string(),
+        })?;
+        self.write_atomic(&vdir, META, &json)?;
+        tracing::info!(volume = %name, "volume created");
+        self.get(name)
+    }
+
+    /// The volume `name`.
+    pub fn get(&self, name: &str) -> Result<LocalVolume> {
+        validate_name(name)?;
+        let vdir = self.root.join(name);
+        let p = vdir.join(META);
+        let raw = match fs::read(&p) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(VolumeError::NotFound(name.into()))
+            }
+            Err(e) => return Err(self.io(format!("read {}", p.display()), e)),
+        };
+        let meta: Meta = serde_json::from_slice(&raw).map_err(|e| VolumeError::Corrupt {
+            path: p.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(LocalVolume {
+            name: name.into(),
+            path: vdir.join(DATA),
+            created_at: meta.created_at,
+            labels: meta.labels,
+        })
+    }
+
+    /// Every volume, by name. A volume whose metadata cannot be read is left out (and logged).
+    pub fn list(&self) -> Result<Vec<LocalVolume>> {
+        let rd = fs::read_dir(&self.root)
+            .map_err(|e| self.io(format!("list {}", self.root.display()), e))?;
+        let mut out = Vec::new();
+        for ent in rd {
+            let ent = ent.map_err(|e| self.io(format!("list {}", self.root.display()), e))?;
+            let Some(name) = ent.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if validate_name(&name).is_err() {
+                continue;
+            }
+            match self.get(&name) {
+                Ok(v) => out.push(v),
+                Err(VolumeError::NotFound(_)) => {}
+                Err(e) => tracing::warn!(volume = %name, error = %e, "volume left out of the list"),
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Removes the volume `name` and its data. Its dir is first renamed away (so it is gone
+    /// for `get` and `list` at once), then deleted through descriptors: a symlink inside is
+    /// removed itself, never followed. Whether a container still uses the volume is the
+    /// caller's to check.
+    pub fn remove(&self, name: &str) -> Result<()> {
+        validate_name(name)?;
+        if self
+            .busy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(name)
+        {
+            return Err(VolumeError::Busy(name.into()));
+        }
+        let _g = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let vdir = self.root.join(name);
+        match fs::symlink_metadata(&vdir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(VolumeError::NotFound(name.into())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(VolumeError::NotFound(name.into()))
+            }
+            Err(e) => return Err(self.io(format!("stat {}", vdir.display()), e)),
+        }
+        let root = self.root_dir()?;
+        let trash = format!(".trash-{name}-{}-{}", std::process::id(), seq());
+        root.rename(OsStr::new(name), OsStr::new(&trash))
+            .map_err(|e| self.io(format!("move {} away", vdir.display()), e))?;
+        root.remove(OsStr::new(&trash))
+            .map_err(|e| self.io(format!("delete the data of volume {name}"), e))?;
+        tracing::info!(volume = %name, "volume removed");
+        Ok(())
+    }
+
+    /// Bytes the volume's data takes on disk (allocated blocks, as `du`): symlinks are not
+    /// followed, a file with several hard links counts once.
+    pub fn usage(&self, name: &str) -> Result<u64> {
+        let v = self.get(name)?;
+        let data = self.data_dir(&v)?;
+        let st = data
+            .stat()
+            .map_err(|e| self.io(format!("stat {}", v.path.display()), e))?;
+        let mut total = st.blocks.saturating_mul(512);
+        let mut linked: HashSet<(u64, u64)> = HashSet::new();
+        data.walk(|ev| {
+            let st = match ev {
+                Event::Enter { stat, .. } | Event::Entry { stat, .. } => stat,
+                Event::Leave { .. } => return Ok(()),
+            };
+            if st.kind != Kind::Dir && st.nlink > 1 && !linked.insert((st.dev, st.ino)) {
+                return Ok(());
+            }
+            total = total.saturating_add(st.blocks.saturating_mul(512));
+            Ok(())
+        })
+        .map_err(|e| self.io(format!("measure volume {name}"), e))?;
+        Ok(total)
+    }
+
+    /// Writes the volume's data as a tar stream: directories, regular files and symlinks
+    /// (as links), with their modes, times and owners as the container sees them (shifted
+    /// back out of the node's range; a host id outside it becomes 65534). Other entries
+    /// (devices, FIFOs, sockets) are left out; hard links become copies. Files are read
+    /// through descriptors opened without following symlinks; a file that changes size
+    /// meanwhile is cut or zero-padded to the size it had when opened.
+    pub fn export(&self, name: &str, writer: impl Write) -> Result<()> {
+        let v = self.get(name)?;
+        let data = self.data_dir(&v)?;
+        let unshift = |id: u32| match self.owner {
+            Some(r) => r.unshift(id).unwrap_or(65_534),
+            None => id,
+        };
+        let mut b = tar::Builder::new(writer);
+        let werr = |e: io::Error| VolumeError::Io {
+            context: format!("write the archive of volume {name}"),
+            source: e,
+        };
+        // The root entry (`./`) carries the data dir's owner and mode.
+        let st = data
+            .stat()
+            .map_err(|e| self.io(format!("stat {}", v.path.display()), e))?;
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(st.mode);
+        h.set_uid(u64::from(unshift(st.uid)));
+        h.set_gid(u64::from(unshift(st.gid)));
+        h.set_mtime(u64::try_from(st.mtime.secs).unwrap_or(0));
+        h.set_size(0);
+        h.as_old_mut().name[..2].copy_from_slice(b"./");
+        h.set_cksum();
+        b.append(&h, io::empty()).map_err(werr)?;
+        // Write errors are told apart from read errors of the tree.
+        let mut write_failed: Option<io::Error> = None;
+        let res = data.walk(|ev| {
+            let (parent, name, path, st) = match ev {
+                Event::Leave { .. } => return Ok(()),
+                Event::Enter {
+                    parent,
+                    name,
+                    path,
+                    stat,
+                    ..
+                }
+                | Event::Entry {
+                    parent,
+                    name,
+                    path,
+                    stat,
+                } => (parent, name, path, stat),
+            };
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(st.mode);
+            h.set_uid(u64::from(unshift(st.uid)));
+            h.set_gid(u64::from(unshift(st.gid)));
+            h.set_mtime(u64::try_from(st.mtime.secs).unwrap_or(0));
+            let wrote = match st.kind {
+                Kind::Dir => {
+                    h.set_entry_type(tar::EntryType::Directory);
+                    h.set_size(0);
+                    b.append_data(&mut h, path, io::empty())
+                }
+                Kind::Symlink => {
+                    let target = parent.read_link(name)?;
+                    h.set_entry_type(tar::EntryType::Symlink);
+                    h.set_size(0);
+                    b.append_link(&mut h, path, Path::new(&target))
+                }
+                Kind::File => {
+                    let f = match parent.open_file(name) {
+                        Ok(f) => f,
+                        Err(e) if skippable(&e) => {
+                            tracing::debug!(entry = %path.display(), error = %e,
+                                "export skips an entry replaced while reading");
+                            return Ok(());
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    let size = f.metadata()?.len();
+                    h.set_entry_type(tar::EntryType::Regular);
+                    h.set_size(size);
+                    b.append_data(&mut h, path, Exact::new(f, size))
+                }
+                Kind::Other => {
+                    tracing::debug!(entry = %path.display(), "export skips a device, FIFO or socket");
+                    return Ok(());
+                }
+            };
+            wrote.map_err(|e| {
+                let msg = e.to_string();
+                write_failed = Some(e);
+                io::Error::other(msg)
+            })
+        });
+        if let Some(e) = write_failed {
+            return Err(werr(e));
+        }
+        res.map_err(|e| self.io(format!("read volume {name}"), e))?;
+        b.into_inner().and_then(|mut w| w.flush()).map_err(werr)?;
+        Ok(())
+    }
+
+    /// Fills the volume `name` from a tar stream (as [`export`](Self::export) writes),
+    /// creating the volume when missing; an existing one must be empty. Owners are shifted
+    /// into the node's range. The archive is untrusted: it is unpacked through descriptors
+    /// confined to the data dir (no `..` or absolute path, symlink or hard link leads out of
+    /// it), and device nodes are refused. On failure the volume is removed again when this
+    /// call created it, emptied otherwise.
+    pub fn import(&self, name: &str, reader: impl Read) -> Result<LocalVolume> {
+        validate_name(name)?;
+        let v = match self.get(name) {
+            Ok(v) => Some(v),
+            Err(VolumeError::NotFound(_)) => None,
+            Err(e) => return Err(e),
+        };
+        {
+            let mut busy = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
+            if !busy.insert(name.to_string()) {
+                return Err(VolumeError::Busy(name.into()));
+            }
+        }
+        let res = self.import_locked(name, v, reader);
+        self.busy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name);
+        res
+    }
+
+    fn import_locked(
+        &self,
+        name: &str,
+        existing: Option<LocalVolume>,
+        reader: impl Read,
+    ) -> Result<LocalVolume> {
+        let created = existing.is_none();
+        let v = match existing {
+            Some(v) => v,
+            None => self.create(name, BTreeMap::new())?,
+        };
+        let data = self.data_dir(&v)?;
+        let empty = data
+            .is_empty()
+            .map_err(|e| self.io(format!("list {}", v.path.display()), e))?;
+        if !empty {
+            return Err(VolumeError::NotEmpty(name.into()));
+        }
+        match flotilla_runtime::image::layer::unpack_volume(reader, &v.path, self.owner) {
+            Ok(()) => {
+                tracing::info!(volume = %name, "volume imported");
+                Ok(v)
+            }
+            Err(e) => {
+                let err = from_unpack(&self.root, e);
+                tracing::warn!(volume = %name, error = %err, "volume import failed; undoing it");
+                let undo = if created {
+                    self.busy
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(name);
+                    self.remove(name)
+                } else {
+                    data.clear()
+                        .map_err(|e| self.io(format!("empty {}", v.path.display()), e))
+                        .and_then(|()| self.reset_data_root(&v.path))
+                };
+                if let Err(u) = undo {
+                    tracing::warn!(volume = %name, error = %u, "cannot undo a failed import");
+                }
+                Err(err)
+            }
+        }
+    }
+
+    fn io(&self, context: String, e: io::Error) -> VolumeError {
+        io_err(&self.root, context, e)
+    }
+
+    fn root_dir(&self) -> Result<Dir> {
+        Dir::open(&self.root).map_err(|e| self.io(format!("open {}", self.root.display()), e))
+    }
+
+    /// The volume's data dir, opened (it must not be a symlink: its parent is root's, so no
+    /// container can have put one there).
+    fn data_dir(&self, v: &LocalVolume) -> Result<Dir> {
+        let vdir = self.root.join(&v.name);
+        Dir::open(&vdir)
+            .and_then(|d| d.open_dir(OsStr::new(DATA)))
+            .map_err(|e| self.io(format!("open {}", v.path.display()), e))
+    }
+
+    /// The host id container root maps to (0 without user namespaces).
+    fn mapped_root(&self) -> u32 {
+        self.owner.map_or(0, |r| r.shift(0))
+    }
+
+    /// A directory on the way to the data dirs: 0710 root:<mapped root's gid> (0700 without
+    /// user namespaces).
+    fn traversal_dir(&self, p: &Path) -> Result<()> {
+        fs::create_dir_all(p).map_err(|e| self.io(format!("create {}", p.display()), e))?;
+        let mode = match self.owner {
+            Some(r) => {
+                std::os::unix::fs::chown(p, Some(0), Some(r.shift(0)))
+                    .map_err(|e| self.io(format!("chown {}", p.display()), e))?;
+                0o710
+            }
+            None => {
+                std::os::unix::fs::chown(p, Some(0), Some(0))
+                    .map_err(|e| self.io(format!("chown {}", p.display()), e))?;
+                0o700
+            }
+        };
+        fs::set_permissions(p, fs::Permissions::from_mode(mode))
+            .map_err(|e| self.io(format!("chmod {}", p.display()), e))
+    }
+
+    /// A data dir as created: container root's, 0755.
+    fn reset_data_root(&self, data: &Path) -> Result<()> {
+        let id = self.mapped_root();
+        let d = Dir::open(data).map_err(|e| self.io(format!("open {}", data.display()), e))?;
+        flotilla_runtime::dirfd::set_owner(&d, id, id)
+            .and_then(|()| flotilla_runtime::dirfd::set_mode(&d, 0o755))
+            .map_err(|e| self.io(format!("chown {}", data.display()), e))
+    }
+
+    /// Writes `dir/name` (0600) through a temporary file and a rename, synced.
+    fn write_atomic(&self, dir: &Path, name: &str, data: &[u8]) -> Result<()> {
+        let tmp = dir.join(format!(".{name}.tmp-{}-{}", std::process::id(), seq()));
+        let dst = dir.join(name);
+        let write = || -> io::Result<()> {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &dst)?;
+            fs::File::open(dir)?.sync_all()
+        };
+        write().map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            self.io(format!("write {}", dst.display()), e)
+        })
+    }
+}
+
+/// An error meaning the entry changed between listing and opening it.
+fn skippable(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::InvalidInput
+        || matches!(
+            e.raw_os_error(),
+            Some(libc::ELOOP | libc::ENOENT | libc::ENXIO | libc::ENOTDIR)
+        )
+}
+
+/// Yields exactly `left` bytes of `inner`: cut when it grew, zero-padded when it shrank, so
+/// the tar header's size stays true.
+struct Exact<R> {
+    inner: R,
+    left: u64,
+    eof: bool,
+}
+
+impl<R: Read> Exact<R> {
+    fn new(inner: R, size: u64) -> Self {
+        Exact {
+            inner,
+            left: size,
+            eof: false,
+        }
+    }
+}
+
+impl<R: Read> Read for Exact<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let want = usize::try_from(self.left)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = if self.eof {
+            0
+        } else {
+            self.inner.read(&mut buf[..want])?
+        };
+        let n = if n == 0 {
+            self.eof = true;
+            buf[..want].fill(0);
+            want
+        } else {
+            n
+        };
+        self.left -= n as u64;
+        Ok(n)
+    }
+}

@@ -1,0 +1,581 @@
+//! Volumes, binds, tmpfs, secrets and configs through real clusters: a busybox "database"
+//! whose lines survive updates, forced restarts, an agent restart and its node going down
+//! (the task waits for the node instead of starting elsewhere on an empty volume); one volume
+//! per replica; the refusals; tmpfs limits; secrets delivered as files only to the node that
+//! runs the task, rotated by `service update`, and found nowhere on disk afterwards.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn ok(o: &std::process::Output, what: &str) -> String {
+    assert!(o.status.success(), "{what}: {}{}", stdout(o), stderr(o));
+    stdout(o)
+}
+
+/// The lines of `/log` in volume `name`, read back through `volume export`.
+fn volume_log(c: &Cluster, name: &str) -> Vec<String> {
+    let file = c.tmp.path().join(format!("{name}.tar"));
+    ok(
+        &c.run(&["volume", "export", name, "-o", file.to_str().unwrap()]),
+        "volume export",
+    );
+    let out = Command::new("tar")
+        .arg("-xOf")
+        .arg(&file)
+        .args(["--wildcards", "*log"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "tar: {}", stderr(&out));
+    stdout(&out).lines().map(str::to_string).collect()
+}
+
+fn volumes(c: &Cluster) -> Vec<serde_json::Value> {
+    serde_json::from_str(&ok(
+        &c.run(&["volume", "ls", "--format", "json"]),
+        "volume ls",
+    ))
+    .unwrap()
+}
+
+/// The one task of `svc` that should run, once it runs: (task id, node id).
+fn running_one(c: &Cluster, svc: &str) -> (String, String) {
+    wait_for(&format!("{svc} running"), Duration::from_secs(60), || {
+        let r = c.running(svc);
+        (r.len() == 1).then(|| r[0].clone())
+    })
+}
+
+#[test]
+fn s10_volume_data_survives_updates_restarts_and_a_down_node() {
+    let mut c = Cluster::init(63, &["--heartbeat-timeout", "8s"]);
+    c.join("w1", "worker");
+    c.import("db", "sleep 1000");
+    let img = "db".to_string();
+    let w1 = c.node_id("w1");
+    // The volume lives on w1 (else the first task's node would be its home).
+    ok(
+        &c.run(&[
+            "volume", "create", "data", "--node", "w1", "--label", "app=db",
+        ]),
+        "volume create",
+    );
+    ok(
+        &c.run(&[
+            "service",
+            "create",
+            "--name",
+            "db",
+            "--mount",
+            "type=volume,src=data,dst=/data",
+            "--stop-grace-period",
+            "1s",
+            &img,
+            "sh",
+            "-c",
+            "echo start >> /data/log; exec sleep 1000",
+        ]),
+        "service create",
+    );
+    let (t1, node) = running_one(&c, "db");
+    assert_eq!(node, w1, "the task runs where its volume lives");
+    assert_eq!(volume_log(&c, "data"), vec!["start"]);
+
+    // An update and a forced restart replace the task; the data stays.
+    ok(
+        &c.run(&["service", "update", "--env-add", "A=1", "db"]),
+        "update",
+    );
+    let (t2, node) = running_one(&c, "db");
+    assert_ne!(t1, t2);
+    assert_eq!(node, w1);
+    ok(&c.run(&["service", "update", "--force", "db"]), "force");
+    let (t3, _) = wait_for("a third task", Duration::from_secs(60), || {
+        let r = running_one(&c, "db");
+        (r.0 != t2).then_some(r)
+    });
+    assert_eq!(volume_log(&c, "data"), vec!["start"; 3]);
+
+    // The agent restarts: the container is re-adopted, nothing starts again.
+    c.nodes[1].restart();
+    wait_for("w1 ready again", Duration::from_secs(60), || {
+        let n = c.node_ls().ok()?;
+        n.iter()
+            .any(|n| n["id"] == w1.as_str() && n["status"]["state"] == "ready")
+            .then_some(())
+    });
+    assert_eq!(running_one(&c, "db").0, t3);
+    assert_eq!(volume_log(&c, "data"), vec!["start"; 3]);
+
+    // w1 goes down: the replacement waits for it, never starting elsewhere.
+    c.nodes[1].kill9();
+    let why = wait_for("the replacement to wait", Duration::from_secs(60), || {
+        c.tasks("db").into_iter().find_map(|t| {
+            let m = t["status"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            (t["status"]["state"] == "pending" && m.contains("volume data lives on node"))
+                .then_some(m)
+        })
+    });
+    assert!(why.contains("down"), "{why}");
+    assert!(
+        c.tasks("db")
+            .iter()
+            .all(|t| t["status"]["state"] != "running" || t["node_id"] == w1.as_str()),
+        "no task runs away from the volume"
+    );
+    // Back up: the old container is stopped first, then the new task mounts the volume.
+    c.nodes[1].spawn(&[]);
+    let (t4, node) = wait_for("the task back on w1", Duration::from_secs(90), || {
+        let r = c.running("db");
+        (r.len() == 1 && r[0].0 != t3).then(|| r[0].clone())
+    });
+    assert_eq!(node, w1);
+    assert_ne!(t4, t3);
+    assert_eq!(volume_log(&c, "data"), vec!["start"; 4]);
+
+    // The listing: node, labels, size and user; rm refused while used, then removes the data.
+    let v = volumes(&c);
+    let data = v.iter().find(|v| v["name"] == "data").unwrap();
+    assert_eq!(data["node_id"], w1.as_str());
+    assert_eq!(data["labels"]["app"], "db");
+    assert!(data["size_bytes"].as_u64().unwrap_or(0) > 0, "{data}");
+    assert_eq!(data["used_by"][0], "db");
+    let o = c.run(&["volume", "rm", "data"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("in use by db"), "{}", stderr(&o));
+    ok(&c.run(&["service", "rm", "db"]), "service rm");
+    wait_for(
+        "volume rm once the task stopped",
+        Duration::from_secs(60),
+        || {
+            c.run(&["volume", "rm", "data"])
+                .status
+                .success()
+                .then_some(())
+        },
+    );
+    assert!(
+        !c.nodes[1].dir.join("volumes").join("data").exists(),
+        "the data is gone from w1"
+    );
+}
+
+#[test]
+fn s20_replicas_get_their_own_volumes_and_bad_mounts_are_refused() {
+    let c = Cluster::init(64, &[]);
+    c.import("vol", "sleep 1000");
+    let img = "vol".to_string();
+    ok(
+        &c.run(&[
+            "service",
+            "create",
+            "--name",
+            "web",
+            "--replicas",
+            "2",
+            "--mount",
+            "src=web-{{.Task.Slot}},dst=/data",
+            "--mount",
+            "type=tmpfs,dst=/scratch,tmpfs-size=1m",
+            &img,
+            "sh",
+            "-c",
+            "echo slot >> /data/log; busybox dd if=/dev/zero of=/scratch/f bs=1k count=2048 2>&1; echo dd-rc=$?; exec sleep 1000",
+        ]),
+        "create",
+    );
+    let names: Vec<String> = volumes(&c)
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, vec!["web-1", "web-2"]);
+    assert_eq!(volume_log(&c, "web-1"), vec!["slot"]);
+    // Backup and restore: export web-1, import the archive into a new volume.
+    let m1 = c.node_id("m1");
+    ok(
+        &c.run(&["volume", "create", "copy", "--node", &m1]),
+        "create copy",
+    );
+    let tar = c.tmp.path().join("web-1.tar");
+    ok(
+        &c.run(&["volume", "import", "copy", tar.to_str().unwrap()]),
+        "import",
+    );
+    assert_eq!(volume_log(&c, "copy"), vec!["slot"]);
+    let o = c.run(&["volume", "import", "copy", tar.to_str().unwrap()]);
+    assert!(stderr(&o).contains("not empty"), "{}", stderr(&o));
+    // A hostile archive writes nothing outside the volume.
+    ok(
+        &c.run(&["volume", "create", "evil", "--node", &m1]),
+        "create evil",
+    );
+    let evil = c.tmp.path().join("evil.tar");
+    std::fs::write(&evil, tar_with_entry("../../../escaped", b"x")).unwrap();
+    let o = c.run(&["volume", "import", "evil", evil.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("bad volume archive"), "{}", stderr(&o));
+    assert!(!c.nodes[0].dir.join("escaped").exists());
+    assert!(!c.nodes[0].dir.join("volumes").join("escaped").exists());
+    // The tmpfs holds 1 MiB: dd fails with ENOSPC.
+    let logs = wait_for("dd's output", Duration::from_secs(30), || {
+        let l = stdout(&c.run(&["service", "logs", "web"]));
+        (l.matches("dd-rc=1").count() == 2).then_some(l)
+    });
+    assert!(logs.contains("No space left on device"), "{logs}");
+
+    for (args, says) in [
+        (
+            vec!["--mount", "type=bind,src=/etc,dst=/x"],
+            "not under a host path the cluster allows",
+        ),
+        (
+            vec!["--replicas", "2", "--mount", "src=one,dst=/d"],
+            "every replica would mount the same volume",
+        ),
+        (
+            vec!["--update-order", "start-first", "--mount", "src=one,dst=/d"],
+            "start-first",
+        ),
+        (vec!["--mount", "src=../x,dst=/d"], "volume source"),
+        (vec!["--mount", "type=tmpfs,dst=/d,tmpfs-size=x"], "64m"),
+        (vec!["--secret", "nope"], "secret \"nope\" not found"),
+    ] {
+        let mut a = vec!["service", "create", "--name", "bad", "--detach"];
+        a.extend(args.iter());
+        a.push(&img);
+        let o = c.run(&a);
+        assert!(!o.status.success(), "{args:?} was accepted");
+        assert!(stderr(&o).contains(says), "{args:?}: {}", stderr(&o));
+    }
+    // Hostile API bodies get a 400 that says why, and store nothing.
+    let sock = c.nodes[0].socket();
+    let big = "A".repeat(700 * 1024);
+    for (body, says) in [
+        (r#"{"name":"s1","data":"!!!"}"#.to_string(), "base64"),
+        (
+            r#"{"name":"../x","data":"eA=="}"#.to_string(),
+            "secret name",
+        ),
+        (r#"{"name":"s1","data":""}"#.to_string(), "cannot be empty"),
+        (format!(r#"{{"name":"s1","data":"{big}"}}"#), "the most is"),
+        (r#"{"name":"s1"}"#.to_string(), "data"),
+    ] {
+        let (code, text) = unix_post(&sock, "/v1/secrets", &body);
+        assert_eq!(code, 400, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(v["message"].as_str().unwrap().contains(says), "{text}");
+    }
+    for (body, says) in [
+        (r#"{"name":"a/b"}"#, "volume name"),
+        (r#"{"name":"v1","node":"nowhere"}"#, "not found"),
+    ] {
+        let (code, text) = unix_post(&sock, "/v1/volumes", body);
+        assert!(code == 400 || code == 404, "{code} {text}");
+        assert!(text.contains(says), "{text}");
+    }
+    let o = c.run(&["secret", "ls", "--format", "json"]);
+    assert_eq!(ok(&o, "secret ls").trim(), "[]");
+    // An allowed bind works, read-only.
+    let host = c.tmp.path().join("shared");
+    std::fs::create_dir_all(&host).unwrap();
+    std::fs::write(host.join("hello"), "from the host\n").unwrap();
+    ok(
+        &c.run(&["cluster", "update", "--bind-allow", host.to_str().unwrap()]),
+        "bind-allow",
+    );
+    let spec = format!("type=bind,src={},dst=/host,readonly", host.display());
+    ok(
+        &c.run(&[
+            "service",
+            "create",
+            "--name",
+            "binder",
+            "--mount",
+            &spec,
+            &img,
+            "sh",
+            "-c",
+            "cat /host/hello; touch /host/x 2>&1 || echo ro-ok; exec sleep 1000",
+        ]),
+        "bind service",
+    );
+    let logs = wait_for("bind output", Duration::from_secs(30), || {
+        let l = stdout(&c.run(&["service", "logs", "binder"]));
+        l.contains("ro-ok").then_some(l)
+    });
+    assert!(logs.contains("from the host"), "{logs}");
+    assert!(!host.join("x").exists());
+}
+
+/// Every file under `dir` (not following symlinks, skipping sockets and the like) that holds
+/// `needle`.
+fn files_holding(dir: &Path, needle: &[u8], out: &mut Vec<PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if m.is_dir() {
+            files_holding(&p, needle, out);
+        } else if m.is_file() {
+            if let Ok(b) = std::fs::read(&p) {
+                if b.windows(needle.len()).any(|w| w == needle) {
+                    out.push(p);
+                }
+            }
+        }
+    }
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    let out = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut ch| {
+            use std::io::Write;
+            ch.stdin.take().unwrap().write_all(data)?;
+            ch.wait_with_output()
+        })
+        .unwrap();
+    stdout(&out).split_whitespace().next().unwrap().to_string()
+}
+
+#[test]
+fn s30_secrets_reach_only_their_task_rotate_and_leave_no_trace() {
+    let mut c = Cluster::init(65, &[]);
+    c.join("w1", "worker");
+    c.join("w2", "worker");
+    c.import("app", "sleep 1000");
+    let img = "app".to_string();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let secret = format!("pw-{:x}-{}", nanos, std::process::id());
+    let secret2 = format!("{secret}-rotated");
+    let outside = tempfile::tempdir().unwrap();
+    let f1 = outside.path().join("s1");
+    let f2 = outside.path().join("s2");
+    std::fs::write(&f1, &secret).unwrap();
+    std::fs::write(&f2, &secret2).unwrap();
+    ok(
+        &c.run(&["secret", "create", "db_pass", f1.to_str().unwrap()]),
+        "secret create",
+    );
+    ok(
+        &c.run(&["config", "create", "app_conf", f2.to_str().unwrap()]),
+        "config create",
+    );
+    // Inspect shows the digest, never the data; a config shows its data.
+    let s: serde_json::Value =
+        serde_json::from_str(&ok(&c.run(&["secret", "inspect", "db_pass"]), "inspect")).unwrap();
+    assert_eq!(
+        s["digest"],
+        format!("sha256:{}", sha256_hex(secret.as_bytes())).as_str()
+    );
+    assert!(s.get("data").is_none(), "{s}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&ok(&c.run(&["config", "inspect", "app_conf"]), "inspect")).unwrap();
+    assert!(cfg["data"].as_str().is_some_and(|d| !d.is_empty()));
+    // The same name twice is refused: secrets are immutable.
+    let o = c.run(&["secret", "create", "db_pass", f2.to_str().unwrap()]);
+    assert!(stderr(&o).contains("immutable"), "{}", stderr(&o));
+
+    let script = "busybox sha256sum /run/secrets/db_pass; busybox stat -c 'owner=%u:%g mode=%a' /run/secrets/db_pass /etc/app.conf; cat /etc/app.conf; echo; exec sleep 1000";
+    ok(
+        &c.run(&[
+            "service",
+            "create",
+            "--name",
+            "app",
+            "--constraint",
+            "node.hostname!=never",
+            "--constraint",
+            "node.role==worker",
+            "--secret",
+            "db_pass",
+            "--config",
+            "src=app_conf,target=/etc/app.conf,uid=1000,gid=1000,mode=0440",
+            "--stop-grace-period",
+            "1s",
+            &img,
+            "sh",
+            "-c",
+            script,
+        ]),
+        "create",
+    );
+    let logs = wait_for("the digest in the logs", Duration::from_secs(60), || {
+        let l = stdout(&c.run(&["service", "logs", "app"]));
+        l.contains(&secret2).then_some(l)
+    });
+    assert!(logs.contains(&sha256_hex(secret.as_bytes())), "{logs}");
+    assert!(logs.contains("owner=0:0 mode=444"), "{logs}");
+    assert!(logs.contains("owner=1000:1000 mode=440"), "{logs}");
+    // service inspect shows references only.
+    let insp = ok(&c.run(&["service", "inspect", "app"]), "inspect");
+    assert!(!insp.contains(&secret), "{insp}");
+
+    // A worker's certificate reaches only its own tasks' secrets.
+    let (task, node) = running_one(&c, "app");
+    let (mine, other) = if node == c.node_id("w1") {
+        (1, 2)
+    } else {
+        (2, 1)
+    };
+    let other_id = c.node_id(&c.nodes[other].name.clone());
+    let node_id = node.clone();
+    let path_other = format!("/v1/nodes/{other_id}/tasks/{task}/files");
+    let path_mine_as_other = format!("/v1/nodes/{node_id}/tasks/{task}/files");
+    let keys = c.nodes[other].dir.join("tls");
+    let m1 = c.nodes[0].addr.clone();
+    let (code, body) = curl(&keys, &m1, "GET", &path_other, &[]);
+    assert_eq!(code, 403, "{body}");
+    assert!(!body.contains(&secret));
+    let (code, body) = curl(&keys, &m1, "GET", &path_mine_as_other, &[]);
+    assert_eq!(code, 403, "{body}");
+    // The other worker has no copy.
+    let mut hits = Vec::new();
+    files_holding(&c.nodes[other].dir, secret.as_bytes(), &mut hits);
+    assert!(hits.is_empty(), "{hits:?}");
+    let _ = mine;
+
+    // Rotation: a new secret at the same target, through a rolling update.
+    ok(
+        &c.run(&["secret", "create", "db_pass2", f2.to_str().unwrap()]),
+        "secret create 2",
+    );
+    ok(
+        &c.run(&[
+            "service",
+            "update",
+            "--secret-rm",
+            "db_pass",
+            "--secret-add",
+            "src=db_pass2,target=db_pass",
+            "app",
+        ]),
+        "rotate",
+    );
+    wait_for("the new digest", Duration::from_secs(60), || {
+        let l = stdout(&c.run(&["service", "logs", "app"]));
+        l.contains(&sha256_hex(secret2.as_bytes())).then_some(())
+    });
+    let o = c.run(&["secret", "rm", "db_pass2"]);
+    assert!(stderr(&o).contains("in use by app"), "{}", stderr(&o));
+    ok(&c.run(&["secret", "rm", "db_pass"]), "rm the old secret");
+
+    // Remove everything; the value is then nowhere under any node's directory (Raft files and
+    // snapshots included) nor in the daemons' environment.
+    ok(&c.run(&["service", "rm", "app"]), "service rm");
+    wait_for("the files tmpfs unmounted", Duration::from_secs(30), || {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        (!mounts.contains(&task)).then_some(())
+    });
+    // The removed service's task holds the secret until it has stopped.
+    wait_for(
+        "secret rm once the task ended",
+        Duration::from_secs(60),
+        || {
+            c.run(&["secret", "rm", "db_pass2"])
+                .status
+                .success()
+                .then_some(())
+        },
+    );
+    let b64 = base64_of(secret.as_bytes());
+    for n in &c.nodes {
+        for needle in [secret.as_bytes(), b64.as_bytes()] {
+            let mut hits = Vec::new();
+            files_holding(&n.dir, needle, &mut hits);
+            assert!(hits.is_empty(), "{}: {hits:?}", n.name);
+        }
+    }
+    for n in &c.nodes {
+        if let Some(pid) = n.child.as_ref().map(|c| c.id()) {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            assert!(!env.windows(secret.len()).any(|w| w == secret.as_bytes()));
+        }
+    }
+}
+
+fn base64_of(data: &[u8]) -> String {
+    let out = Command::new("base64")
+        .arg("-w0")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut ch| {
+            use std::io::Write;
+            ch.stdin.take().unwrap().write_all(data)?;
+            ch.wait_with_output()
+        })
+        .unwrap();
+    // The stored form may start mid-group: search for the first full quartets only.
+    let s = stdout(&out);
+    s[..s.len().saturating_sub(4)].to_string()
+}
+
+/// A ustar archive holding one regular file named `name` (any bytes, `..` included).
+fn tar_with_entry(name: &str, data: &[u8]) -> Vec<u8> {
+    let mut h = [0u8; 512];
+    h[..name.len()].copy_from_slice(name.as_bytes());
+    h[100..107].copy_from_slice(b"0000644");
+    h[108..115].copy_from_slice(b"0000000");
+    h[116..123].copy_from_slice(b"0000000");
+    h[124..135].copy_from_slice(format!("{:011o}", data.len()).as_bytes());
+    h[136..147].copy_from_slice(b"00000000000");
+    h[156] = b'0';
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|b| *b as u32).sum();
+    h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+    let mut out = h.to_vec();
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out.extend_from_slice(&[0u8; 1024]);
+    out
+}
+
+/// POSTs `body` over a node's unix socket; returns (HTTP status, body).
+fn unix_post(sock: &str, path: &str, body: &str) -> (u16, String) {
+    let sock = sock.trim_start_matches("unix://");
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--unix-socket", sock])
+        .args([
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            "@-",
+        ])
+        .args(["-w", "\n%{http_code}"])
+        .arg(format!("http://localhost{path}"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut ch| {
+            use std::io::Write;
+            ch.stdin.take().unwrap().write_all(body.as_bytes())?;
+            ch.wait_with_output()
+        })
+        .unwrap();
+    let text = stdout(&out);
+    let (body, code) = text
+        .trim_end()
+        .rsplit_once('\n')
+        .unwrap_or(("", text.trim()));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
