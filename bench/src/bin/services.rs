@@ -8,7 +8,8 @@
 //!   wait, so `-d` is used for both); every timed round starts on a quiet machine (`settle`);
 //! - kill -9 a worker of a 3-node Flotilla cluster → its tasks running elsewhere;
 //! - with `--secrets` (only this): 100 replicas with three secrets each against 100 without, the
-//!   rounds interleaved (the anchor is the same service without secrets).
+//!   rounds interleaved (the anchor is the same service without secrets); `--secrets-control`
+//!   runs the same rounds with no secrets in either arm.
 //!
 //! Run: `cargo build --release -p flotilla -p flotilla-bench && target/release/services [--no-swarm] [--repeat K] [--secrets]`
 //! Needs root; starts its own dockerd in a temporary directory (apt-get install docker.io for the
@@ -457,7 +458,7 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|v| v.parse().ok())
         .filter(|k| *k > 0)
         .unwrap_or(3);
-    if std::env::args().any(|a| a == "--secrets") {
+    if std::env::args().any(|a| a == "--secrets" || a == "--secrets-control") {
         return secrets_rounds(&sock, &client, &n1.dir, tmp.path(), repeat).await;
     }
     let mut rows = Vec::new();
@@ -691,17 +692,29 @@ async fn secrets_rounds(
             ],
         )?;
     }
-    let with = [
-        "--secret", "bench-s1", "--secret", "bench-s2", "--secret", "bench-s3",
-    ];
+    // `--secrets-control`: both arms without secrets (an A/A run: what the order of the rounds
+    // alone does to the ratio).
+    let control = std::env::args().any(|a| a == "--secrets-control");
+    let with: &[&str] = if control {
+        &[]
+    } else {
+        &[
+            "--secret", "bench-s1", "--secret", "bench-s2", "--secret", "bench-s3",
+        ]
+    };
+    let b = if control {
+        "no secrets (control)"
+    } else {
+        "3 secrets"
+    };
     let (mut plain, mut secret) = (Vec::new(), Vec::new());
     for r in 1..=repeat {
         quiet();
         let (p, _) = flotilla_round(sock, client, data_dir, 100, &[]).await?;
         quiet();
-        let (s, _) = flotilla_round(sock, client, data_dir, 100, &with).await?;
+        let (s, _) = flotilla_round(sock, client, data_dir, 100, with).await?;
         println!(
-            "  --replicas 100, round {r}: no secrets {:.2} s, 3 secrets {:.2} s",
+            "  --replicas 100, round {r}: no secrets {:.2} s, {b} {:.2} s",
             p.as_secs_f64(),
             s.as_secs_f64()
         );
@@ -711,7 +724,7 @@ async fn secrets_rounds(
     let p = median(&mut plain);
     let s = median(&mut secret);
     println!(
-        "create --replicas 100 → all running, median of {repeat}: no secrets {:.2} s ({}), 3 secrets {:.2} s ({}), with / without = {:.2}x",
+        "create --replicas 100 → all running, median of {repeat}: no secrets {:.2} s ({}), {b} {:.2} s ({}), ratio {:.2}x",
         p.as_secs_f64(),
         range(&plain),
         s.as_secs_f64(),

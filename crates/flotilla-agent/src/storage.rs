@@ -127,12 +127,23 @@ impl NodeStorage {
                 }
                 MountKind::Bind => {
                     let src = PathBuf::from(&m.source);
-                    let exists = tokio::fs::symlink_metadata(&src).await.is_ok();
-                    if !exists {
-                        return Err(storage_err(format!(
-                            "bind source {} does not exist on this node",
-                            m.source
-                        )));
+                    // The manager checked the path against the allow-list; a symlink on the way
+                    // (one a container with a writable bind could plant) would lead elsewhere.
+                    match tokio::fs::canonicalize(&src).await {
+                        Err(_) => {
+                            return Err(storage_err(format!(
+                                "bind source {} does not exist on this node",
+                                m.source
+                            )))
+                        }
+                        Ok(real) if real != src.components().collect::<PathBuf>() => {
+                            return Err(storage_err(format!(
+                                "bind source {} leads through a symlink (to {}): give the real path",
+                                m.source,
+                                real.display()
+                            )))
+                        }
+                        Ok(_) => {}
                     }
                     out.binds.push(BindMount {
                         src,

@@ -313,6 +313,26 @@ fn s20_replicas_get_their_own_volumes_and_bad_mounts_are_refused() {
     });
     assert!(logs.contains("from the host"), "{logs}");
     assert!(!host.join("x").exists());
+    // A symlink inside the allowed directory does not lead out of it.
+    std::os::unix::fs::symlink("/etc", host.join("escape")).unwrap();
+    let spec = format!("type=bind,src={},dst=/host", host.join("escape").display());
+    let o = c.run(&[
+        "service",
+        "create",
+        "--name",
+        "escaper",
+        "--mount",
+        &spec,
+        "--timeout",
+        "20s",
+        &img,
+    ]);
+    assert!(!o.status.success(), "a bind through a symlink was accepted");
+    assert!(
+        stderr(&o).contains("leads through a symlink"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// Every file under `dir` (not following symlinks, skipping sockets and the like) that holds
