@@ -165,6 +165,8 @@ pub struct NodeNet {
     /// Resolvers the DNS responder forwards names outside the cluster to (`--dns`, else the
     /// host's); empty: cluster names only.
     dns_upstreams: Vec<SocketAddr>,
+    /// Tasks' own resolvers by task address (`--dns`), read by the DNS responder.
+    task_resolvers: flotilla_mesh::SourceUpstreams,
     /// The netlink connection of the node's namespace, opened by the first set-up.
     net: OnceLock<Net>,
     /// Task addresses of the set-up subnet; `None` before set-up.
@@ -191,6 +193,8 @@ pub struct TaskNames {
     pub hostname: String,
     pub search: Vec<String>,
     pub options: Vec<String>,
+    /// The task's own resolvers for outside names (`--dns`); the node's when empty.
+    pub servers: Vec<SocketAddr>,
 }
 
 /// A task's `/etc/resolv.conf`: the node's responder, the task's search domains then the cluster
@@ -246,6 +250,7 @@ impl NodeNet {
             bind_ip,
             underlay,
             dns_upstreams,
+            task_resolvers: Default::default(),
             net: OnceLock::new(),
             addrs: Arc::new(Mutex::new(None)),
             ready: watch::channel(None).0,
@@ -426,6 +431,7 @@ impl NodeNet {
         let opts = DnsOptions {
             domain: Some(ready.domain.clone()),
             upstreams: self.dns_upstreams.clone(),
+            source_upstreams: self.task_resolvers.clone(),
             ..Default::default()
         };
         match DnsServer::bind(SocketAddr::new(IpAddr::V4(ready.gateway), 53), opts).await {
@@ -508,6 +514,8 @@ impl NodeNet {
         let (hosts, resolv) = self
             .write_resolver_files(task_id, names, addr, &ready)
             .await?;
+        self.task_resolvers
+            .set(IpAddr::V4(addr), names.servers.clone());
         Ok(TaskNet {
             netns: path,
             addr,
@@ -581,6 +589,14 @@ impl NodeNet {
     }
 
     /// The address a task has (after an agent restart, from the persisted allocations).
+    /// Sets a running task's own resolvers (`--dns`) again, e.g. after an agent restart
+    /// re-adopted it (they live in the agent's memory).
+    pub async fn set_task_resolvers(&self, task_id: &str, servers: Vec<SocketAddr>) {
+        if let Some(addr) = self.address_of(task_id).await {
+            self.task_resolvers.set(IpAddr::V4(addr), servers);
+        }
+    }
+
     pub async fn address_of(&self, task_id: &str) -> Option<Ipv4Addr> {
         // Right after an agent restart the allocations load with the first network map.
         let _ = self.wait_ready(Duration::from_secs(10)).await;
@@ -593,6 +609,14 @@ impl NodeNet {
 
     /// Removes a task's veth, namespace, files and address (idempotent).
     pub async fn release_task(&self, task_id: &str) {
+        let (addrs, id) = (self.addrs.clone(), task_id.to_string());
+        let addr = blocking(move || lock(&addrs).as_ref()?.get(&id))
+            .await
+            .ok()
+            .flatten();
+        if let Some(addr) = addr {
+            self.task_resolvers.set(IpAddr::V4(addr), Vec::new());
+        }
         if let Some(net) = self.net.get() {
             let ifname = veth::host_ifname(&self.names.veth_prefix, task_id);
             if let Err(e) = veth::detach(net, &ifname).await {
@@ -982,6 +1006,7 @@ mod tests {
             hostname: "h".into(),
             search: vec!["corp.example".into(), "flotilla".into()],
             options: vec!["ndots:2".into(), "timeout:1".into()],
+            ..Default::default()
         };
         assert_eq!(
             resolv_conf(gw, "flotilla", &names),

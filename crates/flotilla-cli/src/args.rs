@@ -518,6 +518,11 @@ pub struct SpecFlags {
     /// Allocate a pseudo-terminal for each task (`--tty=false` turns it off on update).
     #[arg(long, short = 't', num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub tty: Option<bool>,
+    /// A resolver for the tasks' names outside the cluster, IP[:PORT] (repeatable, at most 3; on
+    /// update, replaces the list; `--dns none` clears it): the node forwards them there instead
+    /// of to its own resolvers.
+    #[arg(long, value_name = "IP[:PORT]")]
+    pub dns: Vec<String>,
     /// A search domain for the tasks' resolv.conf (repeatable; on update, replaces the list).
     #[arg(long, value_name = "DOMAIN")]
     pub dns_search: Vec<String>,

@@ -1014,6 +1014,16 @@ fn apply_process_flags(
     if let Some(t) = f.tty {
         c.tty = t;
     }
+    if !f.dns.is_empty() {
+        c.dns_servers = if f.dns == ["none"] {
+            Vec::new()
+        } else {
+            for d in &f.dns {
+                flotilla_types::parse_dns_server(d).map_err(CliError::usage)?;
+            }
+            f.dns.clone()
+        };
+    }
     if !f.dns_search.is_empty() {
         c.dns_search = f.dns_search.clone();
     }

@@ -15,7 +15,7 @@
 //! taking the time as an argument; the server around them only moves bytes.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
@@ -60,6 +60,38 @@ pub struct DnsOptions {
     pub max_forwards: usize,
     /// At most this many TCP clients are served at once; more are closed at accept (default 128).
     pub max_tcp_clients: usize,
+    /// Resolvers of particular clients (a task's `--dns`), by the client's address: names
+    /// outside the cluster from that address go to these instead of [`DnsOptions::upstreams`],
+    /// and their answers are not cached (default empty; shared with whoever updates it).
+    pub source_upstreams: SourceUpstreams,
+}
+
+/// Client address → its own resolvers (see [`DnsOptions::source_upstreams`]).
+#[derive(Debug, Clone, Default)]
+pub struct SourceUpstreams(Arc<RwLock<HashMap<IpAddr, Vec<SocketAddr>>>>);
+
+impl SourceUpstreams {
+    /// Sets (or, with an empty list, clears) the resolvers of `client`.
+    pub fn set(&self, client: IpAddr, upstreams: Vec<SocketAddr>) {
+        let mut m = match self.0.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if upstreams.is_empty() {
+            m.remove(&client);
+        } else {
+            m.insert(client, upstreams);
+        }
+    }
+
+    /// The resolvers of `client`, if it has its own.
+    pub fn get(&self, client: IpAddr) -> Option<Vec<SocketAddr>> {
+        let m = match self.0.read() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        m.get(&client).cloned()
+    }
 }
 
 impl Default for DnsOptions {
@@ -73,6 +105,7 @@ impl Default for DnsOptions {
             tcp_idle_timeout: Duration::from_secs(10),
             max_forwards: 256,
             max_tcp_clients: 128,
+            source_upstreams: SourceUpstreams::default(),
         }
     }
 }
@@ -434,8 +467,28 @@ impl Shared {
         }
     }
 
-    fn respond(&self, query: &[u8], max_len: usize) -> Outcome {
-        respond(query, &self.records(), &self.opts, max_len, |a| {
+    /// The resolvers for a query from `client`: its own, else the node's (`own` tells which).
+    fn upstreams_of(&self, client: IpAddr) -> (Vec<SocketAddr>, bool) {
+        match self.opts.source_upstreams.get(client) {
+            Some(u) => (u, true),
+            None => (self.opts.upstreams.clone(), false),
+        }
+    }
+
+    fn respond(&self, query: &[u8], max_len: usize, client: IpAddr) -> Outcome {
+        let own = self.opts.source_upstreams.get(client);
+        let with_own;
+        let opts = match own {
+            Some(u) => {
+                with_own = DnsOptions {
+                    upstreams: u,
+                    ..self.opts.clone()
+                };
+                &with_own
+            }
+            None => &self.opts,
+        };
+        respond(query, &self.records(), opts, max_len, |a| {
             a.shuffle(&mut rand::rng())
         })
     }
@@ -452,11 +505,12 @@ impl Shared {
         self.cache().get(query, Instant::now())
     }
 
-    /// Forwards `query` to the upstreams in order until one answers (over TCP or UDP), and caches
-    /// the answer; `None` when all failed.
-    async fn forward(&self, query: &[u8], tcp: bool) -> Option<Vec<u8>> {
+    /// Forwards `query` from `client` to its upstreams in order until one answers (over TCP or
+    /// UDP), and caches the answer of the node's upstreams; `None` when all failed.
+    async fn forward(&self, query: &[u8], tcp: bool, client: IpAddr) -> Option<Vec<u8>> {
         let timeout = self.opts.upstream_timeout;
-        for &upstream in &self.opts.upstreams {
+        let (upstreams, own) = self.upstreams_of(client);
+        for upstream in upstreams {
             let result = if tcp {
                 forward_tcp(query, upstream, timeout).await
             } else {
@@ -464,7 +518,9 @@ impl Shared {
             };
             match result {
                 Ok(answer) => {
-                    self.cache().put(query, &answer, Instant::now());
+                    if !own {
+                        self.cache().put(query, &answer, Instant::now());
+                    }
                     return Some(answer);
                 }
                 Err(e) => debug!(%upstream, tcp, error = %e, "dns forward failed"),
@@ -586,7 +642,9 @@ async fn udp_loop(sock: Arc<UdpSocket>, shared: Arc<Shared>) {
             }
         };
         let query = &buf[..n];
-        match shared.respond(query, UDP_MAX) {
+        let client = peer.ip();
+        let own = shared.opts.source_upstreams.get(client).is_some();
+        match shared.respond(query, UDP_MAX, client) {
             Outcome::Reply(bytes) => {
                 if let Err(e) = sock.send_to(&bytes, peer).await {
                     debug!(%peer, error = %e, "dns udp send failed");
@@ -594,7 +652,8 @@ async fn udp_loop(sock: Arc<UdpSocket>, shared: Arc<Shared>) {
             }
             Outcome::Forward => {
                 // An answer cached from a TCP exchange may be too big for this client.
-                if let Some(answer) = shared.cached(query).filter(|a| a.len() <= udp_limit(query)) {
+                let cached = if own { None } else { shared.cached(query) };
+                if let Some(answer) = cached.filter(|a| a.len() <= udp_limit(query)) {
                     if let Err(e) = sock.send_to(&answer, peer).await {
                         debug!(%peer, error = %e, "dns udp send failed");
                     }
@@ -610,7 +669,7 @@ async fn udp_loop(sock: Arc<UdpSocket>, shared: Arc<Shared>) {
                 let sock = sock.clone();
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    let answer = match shared.forward(&query, false).await {
+                    let answer = match shared.forward(&query, false, client).await {
                         Some(a) => a,
                         None => header_only(&query, RCODE::ServerFailure),
                     };
@@ -708,11 +767,13 @@ async fn serve_tcp(mut s: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         ) {
             return;
         }
-        let answer = match shared.respond(&query, u16::MAX as usize) {
+        let client = peer.ip();
+        let own = shared.opts.source_upstreams.get(client).is_some();
+        let answer = match shared.respond(&query, u16::MAX as usize, client) {
             Outcome::Reply(b) => b,
-            Outcome::Forward => match shared.cached(&query) {
+            Outcome::Forward => match if own { None } else { shared.cached(&query) } {
                 Some(a) => a,
-                None => match shared.forward(&query, true).await {
+                None => match shared.forward(&query, true, client).await {
                     Some(a) => a,
                     None => header_only(&query, RCODE::ServerFailure),
                 },

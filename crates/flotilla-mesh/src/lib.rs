@@ -42,7 +42,9 @@ mod tcp;
 mod udp;
 mod workers;
 
-pub use dns::{respond, DnsCache, DnsOptions, DnsServer, Outcome, Records, UDP_MAX};
+pub use dns::{
+    respond, DnsCache, DnsOptions, DnsServer, Outcome, Records, SourceUpstreams, UDP_MAX,
+};
 pub use error::MeshError;
 pub use mesh::{
     ApplyReport, FrontendError, FrontendKey, FrontendSpec, FrontendStats, Mesh, MeshOptions,

@@ -356,6 +356,55 @@ async fn t34_cache_disabled_forwards_every_query() {
     assert_eq!(received.load(Ordering::SeqCst), 3);
 }
 
+/// A client with its own resolvers (a task's `--dns`) has its outside names forwarded there,
+/// uncached, while other clients get the node's (here none: NXDOMAIN); cluster names stay local.
+#[tokio::test]
+async fn t35_a_client_with_its_own_resolvers() {
+    let (up, received, _task) = fake_upstream().await;
+    let own = flotilla_mesh::SourceUpstreams::default();
+    let s = server(DnsOptions {
+        source_upstreams: own.clone(),
+        ..DnsOptions::default()
+    })
+    .await;
+    let ask_from = |client: &'static str, id: u16, name: &'static str| {
+        let server = s.local_addr();
+        async move {
+            let c = UdpSocket::bind(client).await.expect("bind");
+            c.send_to(&query(id, name, TYPE::A), server)
+                .await
+                .expect("send");
+            let mut buf = vec![0u8; 4096];
+            let (n, _) = within("dns answer", c.recv_from(&mut buf))
+                .await
+                .expect("recv");
+            buf.truncate(n);
+            buf
+        }
+    };
+    own.set("127.0.0.1".parse().expect("ip"), vec![up]);
+    for id in 0..2 {
+        let (rcode, ips, _) = parse(&ask_from("127.0.0.1:0", id, "example.net").await);
+        assert_eq!(
+            (rcode, ips),
+            (RCODE::NoError, vec![Ipv4Addr::new(192, 0, 2, 7)])
+        );
+    }
+    assert_eq!(received.load(Ordering::SeqCst), 2, "not cached");
+    // Another client: the node forwards nothing.
+    let (rcode, ips, _) = parse(&ask_from("127.0.0.2:0", 5, "example.net").await);
+    assert_eq!((rcode, ips.len()), (RCODE::NameError, 0));
+    // Cluster names are answered locally, for the client with resolvers too.
+    let (rcode, ips, _) = parse(&ask_from("127.0.0.1:0", 6, "web").await);
+    assert_eq!(rcode, RCODE::NoError);
+    assert!(!ips.is_empty());
+    assert_eq!(received.load(Ordering::SeqCst), 2);
+    // Cleared: NXDOMAIN again.
+    own.set("127.0.0.1".parse().expect("ip"), Vec::new());
+    let (rcode, _, _) = parse(&ask_from("127.0.0.1:0", 7, "example.net").await);
+    assert_eq!(rcode, RCODE::NameError);
+}
+
 #[tokio::test]
 async fn t40_garbage_is_ignored_or_formerr_and_server_survives() {
     let s = server(DnsOptions::default()).await;

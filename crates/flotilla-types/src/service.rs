@@ -34,6 +34,20 @@ pub struct Service {
     pub service_status: Option<ServiceStatus>,
 }
 
+/// A `--dns` entry: `IP` (port 53) or `IP:PORT`, IPv4.
+pub fn parse_dns_server(s: &str) -> Result<std::net::SocketAddr, String> {
+    let t = s.trim();
+    if let Ok(ip) = t.parse::<std::net::Ipv4Addr>() {
+        return Ok(std::net::SocketAddr::from((ip, 53)));
+    }
+    match t.parse::<std::net::SocketAddr>() {
+        Ok(a) if a.is_ipv4() && a.port() != 0 => Ok(a),
+        _ => Err(format!(
+            "--dns {s:?}: give an IPv4 address, optionally with :PORT"
+        )),
+    }
+}
+
 impl Service {
     /// The task template as one task runs it: volume names with their placeholders
     /// (`{{.Task.Slot}}`, `{{.Task.ID}}`, `{{.Node.ID}}`, `{{.Service.Name}}`,
@@ -183,6 +197,11 @@ pub struct ContainerSpec {
     /// Resolver options of the task's resolv.conf, e.g. `ndots:2` (`--dns-option`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dns_options: Vec<String>,
+    /// Resolvers for the task's names outside the cluster, `IP` or `IP:PORT`, tried in order
+    /// (`--dns`; the node's when empty). The task still asks its node, which answers cluster
+    /// names and forwards the rest here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_servers: Vec<String>,
     /// Allocate a pseudo-terminal for the task's process (its output is logged as stdout).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tty: bool,
@@ -504,6 +523,29 @@ impl std::str::FromStr for PublishMode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dns_servers_parse_or_say_the_form() {
+        assert_eq!(
+            parse_dns_server("10.0.0.2").map(|a| a.to_string()),
+            Ok("10.0.0.2:53".to_string())
+        );
+        assert_eq!(
+            parse_dns_server("10.0.0.2:5353").map(|a| a.to_string()),
+            Ok("10.0.0.2:5353".to_string())
+        );
+        for bad in [
+            "",
+            "dns.example",
+            "10.0.0.2:0",
+            "[::1]:53",
+            "::1",
+            "10.0.0.2:99999",
+            "1.2.3.4\nx",
+        ] {
+            assert!(parse_dns_server(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn port_enums_round_trip() {

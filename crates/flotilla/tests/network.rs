@@ -124,9 +124,21 @@ fn stop_and_check_leftovers(c: &mut Cluster) {
 
 /// A client task on `node_id` running `script`; returns its log once `done` appears in it.
 fn client_log(c: &Cluster, name: &str, node_id: &str, script: &str, image: &str) -> String {
+    client_log_with(c, name, node_id, script, image, &[])
+}
+
+/// [`client_log`] with extra `service create` flags.
+fn client_log_with(
+    c: &Cluster,
+    name: &str,
+    node_id: &str,
+    script: &str,
+    image: &str,
+    extra: &[&str],
+) -> String {
     let constraint = format!("node.id=={node_id}");
     let full = format!("{script}; echo CLIENT-DONE; sleep 3600");
-    let o = c.run(&[
+    let mut args = vec![
         "service",
         "create",
         "--name",
@@ -134,11 +146,10 @@ fn client_log(c: &Cluster, name: &str, node_id: &str, script: &str, image: &str)
         "--constraint",
         &constraint,
         "--detach",
-        image,
-        "sh",
-        "-c",
-        &full,
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    args.extend([image, "sh", "-c", &full]);
+    let o = c.run(&args);
     assert!(o.status.success(), "create {name}: {}", stderr(&o));
     wait_for(
         &format!("{name} to finish"),
@@ -607,4 +618,47 @@ fn n30_names_outside_the_cluster_resolve_through_the_nodes_upstream() {
         !after[before.len()..].contains("query resolver "),
         "a cluster name was forwarded: {after}"
     );
+}
+
+/// A service's `--dns`: its tasks' outside names go to its own resolver, on a node that
+/// forwards nothing itself (`--dns none`, the harness default); other tasks still get NXDOMAIN.
+#[test]
+fn n31_a_services_own_resolver() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start(46, dir.path());
+    let c = Cluster::init(46, &[]);
+    c.import("dnsclient:1", "sh");
+    let m1 = c.node_id("m1");
+    let log = client_log_with(
+        &c,
+        "own-resolver",
+        &m1,
+        "nslookup example.test; nslookup resolver-peer",
+        "dnsclient:1",
+        &["--dns", "10.251.46.2"],
+    );
+    assert!(log.contains("192.0.2.7"), "resolved through --dns: {log}");
+    assert!(upstream.queries("example.test") >= 1);
+    let log = client_log(
+        &c,
+        "no-resolver",
+        &m1,
+        "nslookup example.test",
+        "dnsclient:1",
+    );
+    assert!(
+        !log.contains("192.0.2.7"),
+        "a task without --dns used another task's resolver: {log}"
+    );
+    // Bad values are refused with the accepted form.
+    let o = c.run(&[
+        "service",
+        "create",
+        "--name",
+        "bad",
+        "--dns",
+        "8.8.8.8:0",
+        "dnsclient:1",
+    ]);
+    assert!(stderr(&o).contains("IPv4 address"), "{}", stderr(&o));
 }

@@ -368,7 +368,7 @@ impl Executor {
     async fn run_task(self: &Arc<Self>, task: Task, mut cmd: watch::Receiver<Command>) {
         let id = task.id.clone();
         let mut runner = Runner::new(task.clone());
-        let (found, address) = self.found(&id).await;
+        let (found, address) = self.found(&id, &task).await;
         if found == Found::Running {
             runner.use_image_healthcheck(self.image_healthcheck(&task).await);
         }
@@ -445,7 +445,7 @@ impl Executor {
     /// What a runner finds of its container when it begins (after an agent restart), and the
     /// address of a running one: the persisted allocation (else the runner keeps the store's,
     /// so a running task never loses its address and leaves the load-balancing pools).
-    async fn found(&self, id: &str) -> (Found, Option<String>) {
+    async fn found(&self, id: &str, task: &Task) -> (Found, Option<String>) {
         let found = match self.rt.state(id).await.ok() {
             None => Found::Nothing,
             Some(s) if s.status == ContainerStatus::Running => Found::Running,
@@ -460,6 +460,12 @@ impl Executor {
             (Found::Running, Some(net)) => net.address_of(id).await.map(|a| a.to_string()),
             _ => None,
         };
+        if let (Found::Running, Some(net)) = (&found, &self.net) {
+            let servers = dns_servers(task);
+            if !servers.is_empty() {
+                net.set_task_resolvers(id, servers).await;
+            }
+        }
         if found == Found::Running {
             tracing::info!(task = %id, "re-adopted running container");
         }
@@ -480,6 +486,7 @@ impl Executor {
             hostname: spec::hostname_of(task),
             search: task.spec.container.dns_search.clone(),
             options: task.spec.container.dns_options.clone(),
+            servers: dns_servers(task),
         };
         let n = net.prepare_task(&task.id, &names).await?;
         let addr = n.addr.to_string();
@@ -614,6 +621,17 @@ fn stop_requested(cmd: &mut watch::Receiver<Command>) -> bool {
         Ok(false) => false,
         Err(_) => true,
     }
+}
+
+/// A task's own resolvers (`--dns`, checked by the manager; an entry that does not parse is
+/// left out).
+fn dns_servers(task: &Task) -> Vec<std::net::SocketAddr> {
+    task.spec
+        .container
+        .dns_servers
+        .iter()
+        .filter_map(|d| flotilla_types::parse_dns_server(d).ok())
+        .collect()
 }
 
 /// The image a task's container is created from: the digest of a pinned

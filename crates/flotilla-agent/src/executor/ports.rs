@@ -96,6 +96,14 @@ pub trait TaskNetwork: Send + Sync {
     fn attach_task<'a>(&'a self, t: &'a TaskNet) -> BoxFuture<'a, Result<(), NetError>>;
     /// The address a task has (after an agent restart, from the persisted allocations).
     fn address_of<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, Option<Ipv4Addr>>;
+    /// Sets a task's own resolvers (`--dns`) for its address; nothing by default.
+    fn set_task_resolvers<'a>(
+        &'a self,
+        _task_id: &'a str,
+        _servers: Vec<std::net::SocketAddr>,
+    ) -> BoxFuture<'a, ()> {
+        async {}.boxed()
+    }
     /// Removes a task's veth, namespace, files and address (idempotent).
     fn release_task<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, ()>;
     /// Task ids that have a network namespace here.
@@ -121,6 +129,14 @@ impl TaskNetwork for NodeNet {
 
     fn address_of<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, Option<Ipv4Addr>> {
         NodeNet::address_of(self, task_id).boxed()
+    }
+
+    fn set_task_resolvers<'a>(
+        &'a self,
+        task_id: &'a str,
+        servers: Vec<std::net::SocketAddr>,
+    ) -> BoxFuture<'a, ()> {
+        NodeNet::set_task_resolvers(self, task_id, servers).boxed()
     }
 
     fn release_task<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, ()> {

@@ -165,6 +165,14 @@ fn is_dns_name(h: &str) -> bool {
 
 /// `--dns-search` and `--dns-option` values are ones resolv.conf takes on one line.
 fn validate_resolver(c: &flotilla_types::ContainerSpec) -> Result<(), ManagerError> {
+    if c.dns_servers.len() > 3 {
+        return Err(ManagerError::bad_request(
+            "--dns: at most 3 resolvers (as resolv.conf)",
+        ));
+    }
+    for d in &c.dns_servers {
+        flotilla_types::parse_dns_server(d).map_err(ManagerError::bad_request)?;
+    }
     if c.dns_search.len() > MAX_DNS_SEARCH
         || c.dns_search.iter().map(String::len).sum::<usize>() > 256
     {
