@@ -384,10 +384,15 @@ fn s30_secrets_reach_only_their_task_rotate_and_leave_no_trace() {
         .unwrap()
         .as_nanos();
     let secret = format!("pw-{:x}-{}", nanos, std::process::id());
-    let secret2 = format!("{secret}-rotated");
+    // Three unrelated values: the config is printed by the task (and so sits in its log until
+    // the log is swept); the secrets never are, only their digests.
+    let secret2 = format!("pw2-{:x}-{}", nanos.wrapping_mul(31), std::process::id());
+    let conf = format!("conf-{:x}", nanos.wrapping_mul(17));
     let outside = tempfile::tempdir().unwrap();
     let f1 = outside.path().join("s1");
     let f2 = outside.path().join("s2");
+    let f3 = outside.path().join("conf");
+    std::fs::write(&f3, &conf).unwrap();
     std::fs::write(&f1, &secret).unwrap();
     std::fs::write(&f2, &secret2).unwrap();
     ok(
@@ -395,7 +400,7 @@ fn s30_secrets_reach_only_their_task_rotate_and_leave_no_trace() {
         "secret create",
     );
     ok(
-        &c.run(&["config", "create", "app_conf", f2.to_str().unwrap()]),
+        &c.run(&["config", "create", "app_conf", f3.to_str().unwrap()]),
         "config create",
     );
     // Inspect shows the digest, never the data; a config shows its data.
@@ -439,7 +444,7 @@ fn s30_secrets_reach_only_their_task_rotate_and_leave_no_trace() {
     );
     let logs = wait_for("the digest in the logs", Duration::from_secs(60), || {
         let l = stdout(&c.run(&["service", "logs", "app"]));
-        l.contains(&secret2).then_some(l)
+        l.contains(&conf).then_some(l)
     });
     assert!(logs.contains(&sha256_hex(secret.as_bytes())), "{logs}");
     assert!(logs.contains("owner=0:0 mode=444"), "{logs}");
@@ -515,9 +520,14 @@ fn s30_secrets_reach_only_their_task_rotate_and_leave_no_trace() {
                 .then_some(())
         },
     );
-    let b64 = base64_of(secret.as_bytes());
+    let (b64, b64_2) = (base64_of(secret.as_bytes()), base64_of(secret2.as_bytes()));
     for n in &c.nodes {
-        for needle in [secret.as_bytes(), b64.as_bytes()] {
+        for needle in [
+            secret.as_bytes(),
+            b64.as_bytes(),
+            secret2.as_bytes(),
+            b64_2.as_bytes(),
+        ] {
             let mut hits = Vec::new();
             files_holding(&n.dir, needle, &mut hits);
             assert!(hits.is_empty(), "{}: {hits:?}", n.name);
