@@ -11,6 +11,7 @@ command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
 [ -x /usr/bin/tini-static ] || need+=(tini)
+command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

@@ -11,11 +11,13 @@
 //! sealed so drift of the shared machine hits both. Prints the medians over the rounds and the
 //! sealed/plain ratios.
 //!
-//! Run: `cargo build --release -p flotilla-bench --bin at_rest && target/release/at_rest [rounds] [tasks] [writes]`
+//! Run: `cargo build --release -p flotilla-bench --bin at_rest && target/release/at_rest [rounds] [tasks] [writes] [plain|sealed]`
+//! (the last argument runs one kind only, for a profiler: no ratio then).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,6 +30,8 @@ use flotilla_store::{
 #[derive(Default)]
 struct Net {
     nodes: Mutex<HashMap<NodeId, Store>>,
+    /// Bytes of RPC request bodies sent so far (re-sent entries included).
+    sent: AtomicU64,
 }
 
 struct InProc {
@@ -42,6 +46,9 @@ impl RaftTransport for InProc {
         rpc: RpcKind,
         body: Vec<u8>,
     ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, TransportError>> + Send + '_>> {
+        self.net
+            .sent
+            .fetch_add(body.len() as u64, Ordering::Relaxed);
         Box::pin(async move {
             let store = self
                 .net
@@ -125,6 +132,8 @@ fn cpu_time() -> Duration {
 
 struct Round {
     mutations_per_s: f64,
+    /// RPC request bytes per batched mutation (replication, re-sends included).
+    rpc_bytes: f64,
     /// CPU time of the 3 stores per batched mutation.
     cpu_us: f64,
     p50: Duration,
@@ -157,6 +166,7 @@ async fn round(
     }
     let started = Instant::now();
     let cpu0 = cpu_time();
+    let sent0 = net.sent.load(Ordering::Relaxed);
     for b in batches {
         leader
             .write(b)
@@ -180,6 +190,7 @@ async fn round(
         }
     }
     let cpu_us = (cpu_time() - cpu0).as_secs_f64() * 1e6 / tasks as f64;
+    let rpc_bytes = (net.sent.load(Ordering::Relaxed) - sent0) as f64 / tasks as f64;
     // Commit latency: sequential single-op writes.
     let value = format!(r#"{{"spec":"{}"}}"#, "y".repeat(180));
     let mut lat = Vec::with_capacity(writes);
@@ -209,6 +220,7 @@ async fn round(
     }
     Ok(Round {
         mutations_per_s,
+        rpc_bytes,
         cpu_us,
         p50: pct(&lat, 50.0),
         p99: pct(&lat, 99.0),
@@ -230,6 +242,12 @@ async fn main() -> anyhow::Result<()> {
     let rounds: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(5);
     let tasks: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let writes: usize = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(1000);
+    let only: Option<bool> = match args.get(4).map(String::as_str) {
+        None => None,
+        Some("plain") => Some(false),
+        Some("sealed") => Some(true),
+        Some(other) => anyhow::bail!("unknown kind {other:?}: expected plain or sealed"),
+    };
     // On the disk of the current directory's temp dir (not a tmpfs: fsync must cost).
     let tmp = tempfile::tempdir()?;
     println!("machine: {}", machine());
@@ -246,26 +264,43 @@ async fn main() -> anyhow::Result<()> {
     );
     let mut plain = Vec::new();
     let mut sealed = Vec::new();
+    // (throughput, CPU) ratios sealed/plain of each pair of adjacent rounds (one of each kind).
+    let mut pairs: Vec<(f64, f64)> = Vec::new();
     for r in 0..rounds * 2 {
         // Alternate which goes first in each pair.
-        let is_sealed = (r % 2 == 1) ^ ((r / 2) % 2 == 1);
+        let is_sealed = only.unwrap_or((r % 2 == 1) ^ ((r / 2) % 2 == 1));
         settle(Duration::from_secs(10));
         let dir = tmp.path().join(format!("round{r}"));
         let res = round(&dir, is_sealed, tasks, writes).await?;
         println!(
-            "  {:<6} batched {:>8.0} mutations/s ({:.0} us CPU each)   commit p50 {:.2} ms p99 {:.2} ms",
+            "  {:<6} batched {:>8.0} mutations/s ({:.0} us CPU each, {:.0} B of RPC each)   commit p50 {:.2} ms p99 {:.2} ms",
             if is_sealed { "sealed" } else { "plain" },
             res.mutations_per_s,
             res.cpu_us,
+            res.rpc_bytes,
             ms(res.p50),
             ms(res.p99)
         );
         std::fs::remove_dir_all(&dir)?;
+        if r % 2 == 1 && only.is_none() {
+            let other = if is_sealed {
+                plain.last()
+            } else {
+                sealed.last()
+            };
+            if let Some(o) = other {
+                let (s, p) = if is_sealed { (&res, o) } else { (o, &res) };
+                pairs.push((s.mutations_per_s / p.mutations_per_s, s.cpu_us / p.cpu_us));
+            }
+        }
         if is_sealed {
             sealed.push(res);
         } else {
             plain.push(res);
         }
+    }
+    if only.is_some() {
+        return Ok(());
     }
     let m = |v: &[Round], f: fn(&Round) -> f64| median(v.iter().map(f).collect());
     let (pm, sm) = (
@@ -286,6 +321,19 @@ async fn main() -> anyhow::Result<()> {
         (sc / pc - 1.0) * 100.0,
         sp50 / pp50,
         (sp50 / pp50 - 1.0) * 100.0
+    );
+    let range = |v: &[f64]| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("{:.3}x ({lo:.3}-{hi:.3})", median(v.to_vec()))
+    };
+    let tp: Vec<f64> = pairs.iter().map(|p| p.0).collect();
+    let cp: Vec<f64> = pairs.iter().map(|p| p.1).collect();
+    println!(
+        "  sealed/plain per pair of adjacent rounds, median (range) over {} pairs: throughput {}, CPU per mutation {}",
+        pairs.len(),
+        range(&tp),
+        range(&cp)
     );
     Ok(())
 }

@@ -9,9 +9,10 @@
 //!   the DNS responder on the gateway, port 53.
 //! - **Tasks**: an address from the node subnet (persisted in `DATA/net/ipam.json`), a network
 //!   namespace under `DATA/run/net/netns/`, a veth pair, `/etc/hosts` and `/etc/resolv.conf`.
-//! - **Network map** (streamed from a manager): overlay peers, DNS records and the routing
-//!   mesh's frontends (published ports on this node's address, VIP ports) with the healthy
-//!   tasks as backends.
+//! - **Network map** (streamed from a manager): overlay peers, DNS records, the routing
+//!   mesh's frontends (published ports on this node's address, a VIP's target ports) and the
+//!   VIPs' kernel load balancing (every other port: `nat::set_vips`), with the healthy tasks
+//!   as backends.
 //!
 //! **Locking: task starts never wait for a network map.** [`NodeNet::apply_map`] holds the map
 //! lock (a tokio mutex over the overlay flag, the mesh and the DNS responder) across its
@@ -150,6 +151,8 @@ struct MapState {
     overlay: bool,
     mesh: Mesh,
     dns: Option<DnsServer>,
+    /// The VIPs' kernel load balancing last set (`None`: not yet, or it failed).
+    vips: Option<Vec<nat::VipBalance>>,
 }
 
 /// Task address allocations, shared with the blocking pool.
@@ -258,6 +261,7 @@ impl NodeNet {
                 overlay: false,
                 mesh: Mesh::new(opts),
                 dns: None,
+                vips: None,
             }),
             _workers: workers,
         })
@@ -409,6 +413,8 @@ impl NodeNet {
         match self.setup(subnet, s).await {
             Ok((ready, overlay)) => {
                 state.overlay = overlay;
+                // The chains were (re)made: set the VIPs again on this map.
+                state.vips = None;
                 tracing::info!(subnet = %subnet, overlay, "task network ready");
                 self.ready.send_replace(Some(ready));
                 true
@@ -473,6 +479,17 @@ impl NodeNet {
         let published = published_ports(&specs, self.bind_ip);
         if let Err(e) = nat::set_published(net, &self.names.tag, &published).await {
             tracing::warn!(error = %e, "updating the published ports tasks may reach failed");
+        }
+        // Every other port of a VIP: destination NAT in the kernel, set when it changed.
+        let vips = vip_balances(map);
+        if state.vips.as_ref() != Some(&vips) {
+            match nat::set_vips(net, &self.names.tag, &vips).await {
+                Ok(()) => state.vips = Some(vips),
+                Err(e) => {
+                    state.vips = None;
+                    tracing::warn!(error = %e, "updating the VIPs' load balancing failed; retrying on the next map");
+                }
+            }
         }
         let report = state.mesh.apply(specs).await;
         for f in &report.failed {
@@ -837,6 +854,44 @@ fn vip_frontends(s: &NetService, subnets: &HashMap<&str, Ipv4Net>) -> Vec<Fronte
         .collect()
 }
 
+/// Each VIP service's kernel load balancing: its healthy tasks (addresses checked by
+/// [`backend_ip`]) on every port but the target ports the mesh serves (see
+/// [`vip_frontends`]).
+fn vip_balances(map: &NetworkMap) -> Vec<nat::VipBalance> {
+    let subnets = node_subnets(map);
+    let mut out: Vec<nat::VipBalance> = map
+        .services
+        .iter()
+        .filter(|s| s.mode == EndpointMode::Vip)
+        .filter_map(|s| {
+            let vip = s.vip.as_ref()?.parse::<Ipv4Addr>().ok()?;
+            let mut backends: Vec<Ipv4Addr> = s
+                .backends
+                .iter()
+                .filter_map(|b| backend_ip(&subnets, b))
+                .collect();
+            backends.sort();
+            backends.dedup();
+            Some(nat::VipBalance {
+                vip,
+                mesh_ports: s
+                    .ports
+                    .iter()
+                    .map(|p| match p.protocol {
+                        flotilla_types::Protocol::Tcp => (nat::L4::Tcp, p.target),
+                        flotilla_types::Protocol::Udp => (nat::L4::Udp, p.target),
+                    })
+                    .collect(),
+                backends,
+            })
+        })
+        .collect();
+    // One entry per VIP (a forged map naming a VIP twice gets the first).
+    out.sort_by_key(|v| v.vip);
+    out.dedup_by_key(|v| v.vip);
+    out
+}
+
 /// The VIP pool of the node's local route (from the settings it recorded at set-up).
 async fn own_vip_pool(names: &Names) -> Option<Ipv4Net> {
     let path = names.dir.join("settings.json");
@@ -1089,5 +1144,48 @@ mod tests {
             .filter_map(|b| backend_ip(&subnets, b))
             .collect();
         assert_eq!(kept, [Ipv4Addr::new(10, 200, 0, 2)]);
+        // The kernel's VIP load balancing gets the same single address.
+        let vips = vip_balances(&m);
+        assert_eq!(vips[0].backends, [Ipv4Addr::new(10, 200, 0, 2)]);
+    }
+
+    #[test]
+    fn vips_balance_every_port_but_the_meshs_and_dnsrr_has_none() {
+        let mut m = map();
+        let mut dup = m.services[0].clone();
+        dup.name = "forged-same-vip".into();
+        dup.backends = vec![backend("t9", "n2", "10.200.1.9")];
+        m.services.push(dup);
+        let mut rr = m.services[0].clone();
+        rr.name = "rr".into();
+        rr.mode = EndpointMode::Dnsrr;
+        rr.vip = Some("10.199.0.77".into());
+        m.services.push(rr);
+        let vips = vip_balances(&m);
+        let vip: Vec<String> = vips.iter().map(|v| v.vip.to_string()).collect();
+        let first = &m.services[0];
+        assert_eq!(
+            vip,
+            [first.vip.clone().expect("vip")],
+            "one entry per VIP, no dnsrr"
+        );
+        assert_eq!(
+            vips[0].mesh_ports,
+            first
+                .ports
+                .iter()
+                .map(|p| (nat::L4::Tcp, p.target))
+                .collect::<Vec<_>>()
+        );
+        let mut want: Vec<Ipv4Addr> = first
+            .backends
+            .iter()
+            .map(|b| b.addr.parse().expect("ip"))
+            .collect();
+        want.sort();
+        assert_eq!(
+            vips[0].backends, want,
+            "the first service naming the VIP wins"
+        );
     }
 }

@@ -114,7 +114,9 @@ impl NodeStorage {
                     } else {
                         (m.source.clone(), false)
                     };
-                    let path = self.create_volume(&name, &m.volume_labels).await?;
+                    let path = self
+                        .create_volume(&name, &m.volume_labels, m.volume_size)
+                        .await?;
                     if !anonymous && !m.shared {
                         out.exclusive.push(name);
                     }
@@ -170,7 +172,7 @@ impl NodeStorage {
             }
             targets.push(t.clone());
             let name = anonymous_name(&task.id, c.mounts.len() + k);
-            let path = self.create_volume(&name, &BTreeMap::new()).await?;
+            let path = self.create_volume(&name, &BTreeMap::new(), None).await?;
             out.binds.push(BindMount {
                 src: path,
                 dst: t.into(),
@@ -189,10 +191,11 @@ impl NodeStorage {
         self: &Arc<Self>,
         name: &str,
         labels: &BTreeMap<String, String>,
+        size_limit: Option<u64>,
     ) -> Result<PathBuf, TaskError> {
         let this = self.clone();
         let (name, labels) = (name.to_string(), labels.clone());
-        crate::blocking(move || this.volumes.create(&name, labels))
+        crate::blocking(move || this.volumes.create_with(&name, labels, size_limit))
             .await
             .map_err(storage_err)?
             .map(|v| v.path)

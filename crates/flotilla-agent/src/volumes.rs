@@ -7,6 +7,8 @@
 
 use std::sync::Arc;
 
+use sha2::{Digest, Sha256};
+
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::response::Response;
@@ -41,6 +43,7 @@ pub async fn list(State(ctx): State<Arc<AgentCtx>>) -> Result<Response, ApiError
             vols.into_iter()
                 .map(|v| LocalVolumeInfo {
                     size_bytes: s.volumes.usage(&v.name).unwrap_or(0),
+                    size_limit: v.size_limit,
                     in_use_by: in_use.get(&v.name).cloned().unwrap_or_default(),
                     name: v.name,
                 })
@@ -175,21 +178,37 @@ pub async fn import(
     let tmp = crate::images::spill(&ctx.runtime, req, "empty upload: send a tar archive").await?;
     let n = name.clone();
     let res = blocking(move || {
-        let r = std::fs::File::open(&tmp.0)
-            .map_err(|e| flotilla_volume::VolumeError::Io {
-                context: "the spooled archive".into(),
-                source: e,
+        let spooled = |e| flotilla_volume::VolumeError::Io {
+            context: "the spooled archive".into(),
+            source: e,
+        };
+        // The archive's digest as received, for a sender that checks the copy (volume move).
+        let digest = std::fs::File::open(&tmp.0)
+            .and_then(|f| {
+                let mut h = Sha256::new();
+                let n = std::io::copy(&mut std::io::BufReader::new(f), &mut h)?;
+                Ok((hex::encode(h.finalize()), n))
             })
-            .and_then(|f| s.volumes.import(&n, std::io::BufReader::new(f)));
+            .map_err(spooled);
+        let r = digest.and_then(|d| {
+            std::fs::File::open(&tmp.0)
+                .map_err(spooled)
+                .and_then(|f| s.volumes.import(&n, std::io::BufReader::new(f)))
+                .map(|v| (v, d))
+        });
         drop(tmp);
         r
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?;
     match res {
-        Ok(v) => {
-            tracing::info!(volume = %name, "volume imported");
-            Ok(json_ok(&serde_json::json!({ "imported": v.name })))
+        Ok((v, (sha256, bytes))) => {
+            tracing::info!(volume = %name, bytes, "volume imported");
+            Ok(json_ok(&serde_json::json!({
+                "imported": v.name,
+                "sha256": sha256,
+                "bytes": bytes,
+            })))
         }
         Err(e @ flotilla_volume::VolumeError::NotEmpty(_)) => {
             Err(ApiError::conflict(e.to_string()))

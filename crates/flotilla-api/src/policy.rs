@@ -71,6 +71,9 @@ pub const ROUTES: &[Route] = &[
     // The node's own (flotilla-node).
     route(Method::GET, "/v1/ping", Access::Anyone),
     route(Method::GET, "/v1/join/ca", Access::Anyone),
+    // A locked manager's unlock (autolock): the admin, over the local socket or mTLS (the
+    // node's certificates are not sealed, so TLS works while the store is locked).
+    route(Method::POST, "/v1/cluster/unlock", Access::Admin),
     // The manager's, behind its leader gate (flotilla-manager).
     route(Method::POST, "/v1/join", Access::Anyone),
     route(Method::GET, "/v1/nodes", Access::Admin),
@@ -91,6 +94,8 @@ pub const ROUTES: &[Route] = &[
     ),
     route(Method::POST, "/v1/cluster/managers", Access::AnyNode),
     route(Method::PUT, "/v1/cluster/settings", Access::Admin),
+    route(Method::GET, "/v1/cluster/unlock-key", Access::Admin),
+    route(Method::POST, "/v1/cluster/unlock-key/rotate", Access::Admin),
     route(Method::GET, "/v1/trust/keys", Access::Admin),
     route(Method::POST, "/v1/trust/keys", Access::Admin),
     route(Method::DELETE, "/v1/trust/keys/{id}", Access::Admin),
@@ -121,6 +126,7 @@ pub const ROUTES: &[Route] = &[
     route(Method::DELETE, "/v1/volumes/{name}", Access::Admin),
     route(Method::GET, "/v1/volumes/{name}/export", Access::Admin),
     route(Method::POST, "/v1/volumes/{name}/import", Access::Admin),
+    route(Method::POST, "/v1/volumes/{name}/move", Access::Admin),
     // The manager's, answered by any manager (flotilla-manager).
     route(Method::GET, "/v1/events", Access::Admin),
     route(Method::GET, "/v1/nodes/{id}/assignments", Access::OwnNode),

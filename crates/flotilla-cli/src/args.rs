@@ -211,6 +211,22 @@ pub enum ClusterCmd {
         /// once to allow none).
         #[arg(long, value_name = "DIR")]
         bind_allow: Vec<String>,
+        /// Autolock: a restarted manager waits for `cluster unlock` with the unlock key
+        /// (printed once when turned on) before it opens its data.
+        #[arg(long, value_name = "true|false")]
+        autolock: Option<bool>,
+    },
+    /// Unlock a manager that restarted with autolock on (--host points at it); reads the
+    /// unlock key from standard input.
+    Unlock,
+    /// Print (or rotate) the unlock key of an autolocked cluster.
+    UnlockKey {
+        /// Replace the key with a new one (keep the old one until every manager is up).
+        #[arg(long)]
+        rotate: bool,
+        /// Print only the key.
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// Print (or rotate) the token a node needs to join.
     JoinToken {
@@ -282,6 +298,16 @@ pub enum VolumeCmd {
     /// Fill a new or empty volume from a tar archive (FILE, or `-` for standard input). The
     /// volume must have a node: `volume create NAME --node NODE` first.
     Import { name: String, file: PathBuf },
+    /// Move a volume to another node: copied over the nodes' mTLS connections and checked by
+    /// its SHA-256 on both ends; the tasks waiting for it then start there. No task may hold
+    /// it meanwhile: drain its node (`node update --availability drain`) or scale to 0 first.
+    /// The old copy is deleted once a task runs on the new node.
+    Move {
+        name: String,
+        /// Node id or hostname.
+        #[arg(long)]
+        to: String,
+    },
     /// Write a volume's content as a tar archive to FILE, or to standard output.
     Export {
         name: String,
@@ -535,7 +561,8 @@ pub struct SpecFlags {
     pub shm_size: Option<String>,
     /// Mount a volume, host directory or tmpfs (repeatable; on update, replaces the mount at
     /// the same target): type=volume,src=NAME,dst=/data[,readonly][,volume-nocopy][,shared]
-    /// [,volume-label=K=V] (NAME may hold {{.Task.Slot}}), type=bind,src=/host/dir,dst=/x
+    /// [,volume-label=K=V][,volume-opt=size=512m] (NAME may hold {{.Task.Slot}}),
+    /// type=bind,src=/host/dir,dst=/x
     /// (under a `cluster update --bind-allow` path), type=tmpfs,dst=/x[,tmpfs-size=64m]
     /// [,tmpfs-mode=1770].
     #[arg(long, visible_alias = "mount-add", value_name = "SPEC")]

@@ -277,6 +277,62 @@ async fn node_update(client: &Client, args: NodeUpdateArgs) -> Result<(), CliErr
     Ok(())
 }
 
+/// The unlock key with how to use it (as `docker swarm update --autolock` prints it).
+fn print_unlock_key(key: &str, rotated: bool) {
+    if !rotated {
+        println!("Autolock is on.");
+    }
+    println!("To unlock a manager after it restarts, run `flotilla cluster unlock` against it and give this key:\n");
+    println!("    {}\n", escape(key));
+    println!("Keep it in a password manager: without it a restarted manager cannot open its data.");
+}
+
+/// The unlock key from standard input (a prompt first when it is a terminal); at most one
+/// short line is read.
+fn read_unlock_key() -> Result<String, CliError> {
+    use std::io::{BufRead, IsTerminal, Read, Write};
+    /// Terminal echo off while the key is typed (`stty`, as the crate has no unsafe code),
+    /// back on when dropped.
+    struct NoEcho(bool);
+    impl NoEcho {
+        fn stty(arg: &str) -> bool {
+            std::process::Command::new("stty")
+                .arg(arg)
+                .stdin(std::process::Stdio::inherit())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        }
+    }
+    impl Drop for NoEcho {
+        fn drop(&mut self) {
+            if self.0 {
+                NoEcho::stty("echo");
+                eprintln!();
+            }
+        }
+    }
+    let stdin = std::io::stdin();
+    let mut _echo = NoEcho(false);
+    if stdin.is_terminal() {
+        eprint!("Unlock key: ");
+        let _ = std::io::stderr().flush();
+        _echo = NoEcho(NoEcho::stty("-echo"));
+    }
+    let mut line = String::new();
+    stdin.lock().take(4096).read_line(&mut line).map_err(|e| {
+        CliError::new(format!(
+            "cannot read the unlock key from standard input: {e}"
+        ))
+    })?;
+    if line.trim().is_empty() {
+        return Err(CliError::usage(
+            "no unlock key: give it on standard input, e.g. `flotilla cluster unlock < keyfile`",
+        ));
+    }
+    Ok(line)
+}
+
 async fn cluster(client: &Client, cmd: ClusterCmd) -> Result<(), CliError> {
     match cmd {
         ClusterCmd::Info(f) => {
@@ -349,10 +405,11 @@ async fn cluster(client: &Client, cmd: ClusterCmd) -> Result<(), CliError> {
         ClusterCmd::Update {
             signature_enforcement,
             bind_allow,
+            autolock,
         } => {
-            if signature_enforcement.is_none() && bind_allow.is_empty() {
+            if signature_enforcement.is_none() && bind_allow.is_empty() && autolock.is_none() {
                 return Err(CliError::usage(
-                    "nothing to update: give --signature-enforcement on|off or --bind-allow DIR",
+                    "nothing to update: give --signature-enforcement on|off, --bind-allow DIR or --autolock true|false",
                 ));
             }
             let mut body = serde_json::Map::new();
@@ -363,13 +420,29 @@ async fn cluster(client: &Client, cmd: ClusterCmd) -> Result<(), CliError> {
                 let dirs: Vec<&String> = bind_allow.iter().filter(|d| !d.is_empty()).collect();
                 body.insert("bind_allow".into(), serde_json::json!(dirs));
             }
-            let _: serde_json::Value = client
+            if let Some(on) = autolock {
+                body.insert("autolock".into(), on.into());
+            }
+            let settings: serde_json::Value = client
                 .send_json(
                     Method::PUT,
                     "/v1/cluster/settings",
                     &serde_json::Value::Object(body),
                 )
                 .await?;
+            match (autolock, settings["unlock_key"].as_str()) {
+                (Some(true), Some(key)) => print_unlock_key(key, false),
+                (Some(true), None) => println!(
+                    "Autolock is already on: `flotilla cluster unlock-key` shows the unlock key."
+                ),
+                (Some(false), _) => {
+                    println!(
+                        "Autolock is off: managers keep their key files beside their data again."
+                    );
+                    println!("A manager that is down now still needs the last unlock key once when it restarts.");
+                }
+                (None, _) => {}
+            }
             if let Some(on) = signature_enforcement {
                 println!("Image signature enforcement is {on}.");
                 if on == "off" {
@@ -389,6 +462,45 @@ async fn cluster(client: &Client, cmd: ClusterCmd) -> Result<(), CliError> {
                             .join(", ")
                     );
                 }
+            }
+            Ok(())
+        }
+        ClusterCmd::Unlock => {
+            let key = read_unlock_key()?;
+            // Opening the store after the key is accepted can take a while on a large one.
+            let out: serde_json::Value = client
+                .clone()
+                .with_timeout(Duration::from_secs(150))
+                .post_json(
+                    "/v1/cluster/unlock",
+                    &serde_json::json!({ "key": key.trim() }),
+                )
+                .await?;
+            if out["starting"] == true {
+                println!("Manager unlocked; it is still opening its data.");
+            } else {
+                println!("Manager unlocked.");
+            }
+            Ok(())
+        }
+        ClusterCmd::UnlockKey { rotate, quiet } => {
+            let out: serde_json::Value = if rotate {
+                client
+                    .post_json("/v1/cluster/unlock-key/rotate", &())
+                    .await?
+            } else {
+                get(client, "/v1/cluster/unlock-key").await?
+            };
+            let key = out["unlock_key"]
+                .as_str()
+                .ok_or_else(|| CliError::new("the manager answered without an unlock key"))?;
+            if quiet {
+                println!("{}", escape(key));
+            } else {
+                if rotate {
+                    println!("Rotated the unlock key. Each manager re-wraps its data keys with the new key within a second; a manager that is down now still needs the old key once, so keep it until every manager has been up.\n");
+                }
+                print_unlock_key(key, rotate);
             }
             Ok(())
         }

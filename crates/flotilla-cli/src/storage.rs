@@ -156,7 +156,13 @@ pub async fn volumes(client: &Client, cmd: VolumeCmd) -> Result<(), CliError> {
                         escape(&v.name).to_string(),
                         v.driver.clone(),
                         escape(&node_name(&v.node_id)).to_string(),
-                        v.size_bytes.map(human).unwrap_or_else(|| "-".into()),
+                        match (v.size_bytes, v.size_limit) {
+                            (Some(used), Some(limit)) => {
+                                format!("{} / {}", human(used), human(limit))
+                            }
+                            (Some(used), None) => human(used),
+                            (None, _) => "-".into(),
+                        },
                         escape(&v.used_by.join(", ")).to_string(),
                     ],
                 );
@@ -220,6 +226,32 @@ pub async fn volumes(client: &Client, cmd: VolumeCmd) -> Result<(), CliError> {
                 .await?;
             client.finish(resp).await?;
             println!("{name}");
+            Ok(())
+        }
+        VolumeCmd::Move { name, to } => {
+            // The copy takes as long as the data needs; then up to 2 minutes for a task.
+            let long = client
+                .clone()
+                .with_timeout(std::time::Duration::from_secs(24 * 3600));
+            let m: flotilla_types::VolumeMoved = long
+                .post_json(
+                    &format!("/v1/volumes/{}/move", enc(&name)),
+                    &flotilla_types::VolumeMove { to },
+                )
+                .await?;
+            println!(
+                "moved volume {} from {} to {}: {} in {:.1} s, sha256 {} checked on both nodes",
+                escape(&m.name),
+                escape(&m.from),
+                escape(&m.to),
+                human(m.bytes),
+                m.copy_ms as f64 / 1000.0,
+                m.sha256
+            );
+            match m.source_kept_because {
+                None => println!("the copy on the old node is deleted"),
+                Some(why) => eprintln!("warning: {}", escape(&why)),
+            }
             Ok(())
         }
         VolumeCmd::Export { name, output } => {

@@ -52,6 +52,12 @@ pub struct ClusterObject {
     /// default.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bind_allow: Vec<String>,
+    /// Autolock (`cluster update --autolock true`): the unlock key's text form
+    /// (`FLTKEY-1-…`), which wraps every manager's data keys in place of its `kek` file.
+    /// `None`: autolock off. A secret like the CA key: sealed in the store, shown only to
+    /// admins by `cluster unlock-key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unlock_key: Option<String>,
 }
 
 pub const CLUSTER_KEY: &str = "cluster";

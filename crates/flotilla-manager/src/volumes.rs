@@ -105,8 +105,14 @@ pub fn constrain(
                 n.id,
                 n.status.state.as_str()
             )),
+            Some(n) if n.spec.availability == Availability::Drain => Some(format!(
+                "volume {vol} lives on node {} ({}), which is drained: the volume moves to the \
+                 node this task gets (`flotilla volume move {vol} --to NODE` chooses one)",
+                n.spec.name, n.id
+            )),
             Some(n) if n.spec.availability != Availability::Active => Some(format!(
-                "volume {vol} lives on node {} ({}), whose availability is {}: the task waits for it",
+                "volume {vol} lives on node {} ({}), whose availability is {}: the task waits \
+                 for it (`flotilla volume move {vol} --to NODE` takes the data elsewhere)",
                 n.spec.name,
                 n.id,
                 n.spec.availability.as_str()
@@ -174,6 +180,115 @@ pub fn bind_ops(
         }
     }
     ops
+}
+
+/// The volume moves a drain asks for: for each task waiting (pending, not bound to a node)
+/// for unshared volumes that all live on one ready but drained node, the node the scheduler
+/// would give that task if its data were elsewhere: (volume name, from node, to node). One
+/// move per volume; none while another live task holds the volume.
+pub fn drain_moves(
+    volumes: &[Volume],
+    tasks: &[Task],
+    nodes: &[Node],
+) -> Vec<(String, String, String)> {
+    let homes = homes(volumes, tasks);
+    let node = |id: &str| nodes.iter().find(|n| n.id == id);
+    let mut out: Vec<(String, String, String)> = Vec::new();
+    let mut planned: HashSet<String> = HashSet::new();
+    for t in tasks {
+        if t.desired_state != TaskState::Running
+            || t.status.state != TaskState::Pending
+            || t.node_id.is_some()
+        {
+            continue;
+        }
+        let mounts: Vec<&flotilla_types::Mount> = named(t).collect();
+        if mounts.is_empty() || mounts.iter().any(|m| m.shared) {
+            continue;
+        }
+        let mut from: Option<&str> = None;
+        let mut one_home = true;
+        for m in &mounts {
+            match (homes.get(&m.source), from) {
+                (Some(h), None) => from = Some(h),
+                (Some(h), Some(f)) if h == f => {}
+                _ => one_home = false,
+            }
+        }
+        let (true, Some(from)) = (one_home, from) else {
+            continue;
+        };
+        let drained = node(from).is_some_and(|n| {
+            n.status.state == NodeState::Ready && n.spec.availability == Availability::Drain
+        });
+        if !drained || mounts.iter().any(|m| planned.contains(&m.source)) {
+            continue;
+        }
+        // Another live task still holding one of the volumes (the one the drain is stopping).
+        let held = tasks.iter().any(|o| {
+            o.id != t.id
+                && o.node_id.is_some()
+                && o.status.state >= TaskState::Assigned
+                && o.status.state <= TaskState::Running
+                && named(o).any(|m| mounts.iter().any(|x| x.source == m.source))
+        });
+        if held {
+            continue;
+        }
+        let others: Vec<Node> = nodes.iter().filter(|n| n.id != from).cloned().collect();
+        let decision = flotilla_control::schedule(std::slice::from_ref(t), &others, tasks);
+        let Some(Decision::Assign { node_id, .. }) = decision.into_iter().next() else {
+            continue;
+        };
+        for m in &mounts {
+            planned.insert(m.source.clone());
+            out.push((m.source.clone(), from.to_string(), node_id.clone()));
+        }
+    }
+    out
+}
+
+/// How often the leader looks for volumes a drain should move.
+const MOVER_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The leader moves the volumes of tasks a drain stopped to the node the scheduler picks for
+/// each task ([`drain_moves`]), one at a time, with `volume move` (a checked copy over mTLS,
+/// then the new home). A move refused because the old container has not let go yet is
+/// retried on the next tick.
+pub async fn mover_loop(
+    mgr: std::sync::Arc<crate::manager::Manager>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(MOVER_PERIOD);
+    loop {
+        tokio::select! {
+            _ = flotilla_api::server::stopped(&mut stop) => return,
+            _ = tick.tick() => {}
+        }
+        if !mgr.is_leader() {
+            continue;
+        }
+        let plan = mgr
+            .blocking(|m| {
+                let volumes: Vec<Volume> = m.list()?;
+                let tasks: Vec<Task> = m.list()?;
+                let nodes: Vec<Node> = m.list()?;
+                Ok(drain_moves(&volumes, &tasks, &nodes))
+            })
+            .await;
+        let Ok(plan) = plan else { continue };
+        for (volume, from, to) in plan {
+            match crate::api::storage::move_to(&mgr, &volume, &to).await {
+                Ok(m) => tracing::info!(
+                    %volume, %from, %to, bytes = m.bytes, copy_ms = m.copy_ms,
+                    source_removed = m.source_removed, "moved a drained node's volume with its task"
+                ),
+                Err(e) => {
+                    tracing::debug!(%volume, %from, %to, error = %e, "moving a drained node's volume: retrying")
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -257,6 +372,68 @@ mod tests {
         ];
         let ops = bind_ops(&ds, &by_id, &[], &homes, 5);
         assert_eq!(ops.len(), 2);
+    }
+
+    #[test]
+    fn a_drain_moves_a_waiting_tasks_volume_once_nothing_holds_it() {
+        let drained = |id: &str| {
+            let mut n = node(id, NodeState::Ready);
+            n.spec.availability = Availability::Drain;
+            n
+        };
+        let vol = |name: &str, home: &str| Volume {
+            name: name.into(),
+            node_id: Some(home.into()),
+            ..Default::default()
+        };
+        let nodes = [drained("n1"), node("n2", NodeState::Ready)];
+        let waiting = task("t2", "db");
+        // The old task still runs on n1: nothing moves yet.
+        let mut old = task("t1", "db");
+        old.node_id = Some("n1".into());
+        old.status.state = TaskState::Running;
+        old.desired_state = TaskState::Shutdown;
+        let vols = [vol("db", "n1")];
+        assert!(drain_moves(&vols, &[old.clone(), waiting.clone()], &nodes).is_empty());
+        // Stopped: the volume goes where the scheduler puts the task.
+        old.status.state = TaskState::Shutdown;
+        assert_eq!(
+            drain_moves(&vols, &[old.clone(), waiting.clone()], &nodes),
+            vec![("db".to_string(), "n1".to_string(), "n2".to_string())]
+        );
+        // Not for a pause, a down node, a shared mount, a task bound to its node, or when no
+        // other node fits.
+        let mut paused = drained("n1");
+        paused.spec.availability = Availability::Pause;
+        assert!(drain_moves(
+            &vols,
+            std::slice::from_ref(&waiting),
+            &[paused, node("n2", NodeState::Ready)]
+        )
+        .is_empty());
+        let mut down = drained("n1");
+        down.status.state = NodeState::Down;
+        assert!(drain_moves(
+            &vols,
+            std::slice::from_ref(&waiting),
+            &[down, node("n2", NodeState::Ready)]
+        )
+        .is_empty());
+        let mut shared = waiting.clone();
+        shared.spec.container.mounts[0].shared = true;
+        assert!(drain_moves(&vols, &[shared], &nodes).is_empty());
+        let mut bound = waiting.clone();
+        bound.node_id = Some("n1".into());
+        assert!(drain_moves(&vols, &[bound], &nodes).is_empty());
+        assert!(drain_moves(
+            &vols,
+            std::slice::from_ref(&waiting),
+            &[drained("n1"), drained("n2")]
+        )
+        .is_empty());
+        // Two tasks waiting for one volume: one move.
+        let twice = drain_moves(&vols, &[waiting.clone(), task("t3", "db")], &nodes);
+        assert_eq!(twice.len(), 1);
     }
 
     #[test]

@@ -23,11 +23,20 @@
 //!     and drops the rest (the API, Raft, ssh, … of the node are not reachable from tasks);
 //!   - from the overlay device: replies and ICMP only.
 //!
+//! * `FLT-<tag>-VIP` in `nat`, jumped to from `PREROUTING` for packets coming in by the
+//!   bridge (with a VIP pool): the kernel side of the VIPs, set by [`set_vips`]. A new
+//!   connection (TCP, UDP, or anything else) to a VIP is destination-NATed to one of its
+//!   service's tasks, picked at random (`statistic`), on any port; the ports the userspace
+//!   mesh serves on that VIP return first and reach the mesh's listener. Conntrack keeps
+//!   every established connection on its task, so a task leaving the list is drained.
+//!   `FLT-<tag>-POST` masquerades such a connection when it goes back out of the bridge it
+//!   came from (client and task on the same bridge), so that the reply passes the node.
+//!
 //! `FLT-<tag>-IN` and its two sub-chains only ever drop: what they let through goes on to the
 //! host's own `INPUT` rules. `FLT-<tag>-NODE` and `FLT-<tag>-PUB` are converged entry by
 //! entry (no flush), so a change of the node list never opens a window.
 //!
-//! Only these chains and the three jump rules are ever touched; nothing else is flushed.
+//! Only these chains and the four jump rules are ever touched; nothing else is flushed.
 //! Commands run in the namespace of the given [`Net`].
 
 use std::collections::BTreeSet;
@@ -113,11 +122,17 @@ pub fn published_chain(tag: &str) -> String {
     format!("FLT-{tag}-PUB")
 }
 
+/// Name of the nat chain holding the VIPs' load balancing for `tag` (see [`set_vips`]).
+pub fn vip_chain(tag: &str) -> String {
+    format!("FLT-{tag}-VIP")
+}
+
 /// Every chain of `tag`, as (table, chain, parent jumping to it), parents before children
 /// (a chain cannot be deleted while a rule jumps to it).
-fn all_chains(tag: &str) -> [(&'static str, String, String); 5] {
+fn all_chains(tag: &str) -> [(&'static str, String, String); 6] {
     [
         ("nat", post_chain(tag), "POSTROUTING".into()),
+        ("nat", vip_chain(tag), "PREROUTING".into()),
         ("filter", fwd_chain(tag), "FORWARD".into()),
         ("filter", input_chain(tag), "INPUT".into()),
         ("filter", nodes_chain(tag), input_chain(tag)),
@@ -171,7 +186,17 @@ impl NatRules {
     /// Rules of the nat chain, in `iptables -S` form.
     fn post_rules(&self) -> Vec<String> {
         let c = post_chain(&self.tag);
-        let mut r = vec![format!("-A {c} -o {} -j RETURN", self.bridge)];
+        let mut r = Vec::new();
+        if self.vip_pool.is_some() {
+            // A VIP connection DNATed back out of the bridge it came from: without this, the
+            // task would answer its client directly over the bridge, from its own address.
+            let s = self.subnet.trunc();
+            r.push(format!(
+                "-A {c} -s {s} -d {s} -o {} -m conntrack --ctstate DNAT -j MASQUERADE",
+                self.bridge
+            ));
+        }
+        r.push(format!("-A {c} -o {} -j RETURN", self.bridge));
         if let Some(o) = &self.overlay {
             r.push(format!("-A {c} -o {o} -j RETURN"));
         }
@@ -381,10 +406,14 @@ fn ensure_allow_list(chain: &str) -> Result<()> {
 /// Removes every jump from `parent` to `chain`, then the chain; a missing parent or chain
 /// is fine.
 fn remove_chain(table: &str, parent: &str, chain: &str) -> Result<()> {
-    // Delete every jump (there should be one; loop in case of duplicates).
-    for _ in 0..16 {
-        if iptables(&["-t", table, "-D", parent, "-j", chain]).is_err() {
-            break;
+    // Delete every jump, with whatever matches it carries (`-i <bridge>` for the VIP chain).
+    let head = format!("-A {parent} ");
+    let tail = format!(" -j {chain}");
+    for rule in chain_rules(table, parent).unwrap_or_default() {
+        if let Some(spec) = rule.strip_prefix(&head) {
+            if rule.ends_with(&tail) {
+                iptables_rule(table, &["-D", parent], spec)?;
+            }
         }
     }
     if chain_exists(table, chain) {
@@ -402,6 +431,9 @@ pub async fn ensure(net: &Net, rules: &NatRules) -> Result<()> {
     let r = rules.clone();
     net.run(move || -> Result<()> {
         ensure_chain("nat", "POSTROUTING", &post_chain(&r.tag), &r.post_rules())?;
+        if r.vip_pool.is_some() {
+            ensure_vip_jump(&vip_chain(&r.tag), &r.bridge)?;
+        }
         ensure_chain("filter", "FORWARD", &fwd_chain(&r.tag), &r.fwd_rules())?;
         // The sub-chains first: the input chain jumps to them.
         ensure_allow_list(&nodes_chain(&r.tag))?;
@@ -412,6 +444,117 @@ pub async fn ensure(net: &Net, rules: &NatRules) -> Result<()> {
     .await??;
     tracing::debug!(tag = %rules.tag, "iptables chains ensured");
     Ok(())
+}
+
+/// Makes sure the VIP chain exists (keeping its rules: [`set_vips`] sets them) and that
+/// `PREROUTING` jumps to it, first, for packets coming in by `bridge`.
+fn ensure_vip_jump(chain: &str, bridge: &str) -> Result<()> {
+    if !chain_exists("nat", chain) {
+        iptables(&["-t", "nat", "-N", chain])?;
+    }
+    let jump = ["-i", bridge, "-j", chain];
+    let mut check = vec!["-t", "nat", "-C", "PREROUTING"];
+    check.extend_from_slice(&jump);
+    if iptables(&check).is_err() {
+        let mut insert = vec!["-t", "nat", "-I", "PREROUTING", "1"];
+        insert.extend_from_slice(&jump);
+        iptables(&insert)?;
+    }
+    Ok(())
+}
+
+/// One VIP's load balancing in the kernel (see [`set_vips`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VipBalance {
+    /// The service's VIP.
+    pub vip: Ipv4Addr,
+    /// Ports of the VIP the userspace mesh serves (they are left to it).
+    pub mesh_ports: Vec<(L4, u16)>,
+    /// The service's tasks that may take new connections (running, healthy, wanted).
+    pub backends: Vec<Ipv4Addr>,
+}
+
+/// The rules of the VIP chain for `vips`, in `iptables -S` form. A VIP without backends has
+/// no rule: its connections reach the node, where nothing listens on the VIP but the mesh's
+/// ports, and are refused at once (TCP reset, ICMP port unreachable).
+fn vip_rules(tag: &str, vips: &[VipBalance]) -> Vec<String> {
+    let c = vip_chain(tag);
+    let mut r = Vec::new();
+    for v in vips {
+        if v.backends.is_empty() {
+            continue;
+        }
+        let d = format!("-d {}/32", v.vip);
+        let mut mesh = v.mesh_ports.clone();
+        mesh.sort();
+        mesh.dedup();
+        for (p, port) in mesh {
+            let p = p.name();
+            r.push(format!("-A {c} {d} -p {p} -m {p} --dport {port} -j RETURN"));
+        }
+        let n = v.backends.len();
+        for (i, b) in v.backends.iter().enumerate() {
+            // Rule i takes 1/(n-i) of what the rules before it left: each task gets 1/n.
+            if i + 1 < n {
+                let p = 1.0 / (n - i) as f64;
+                r.push(format!(
+                    "-A {c} {d} -m statistic --mode random --probability {p:.11} -j DNAT --to-destination {b}"
+                ));
+            } else {
+                r.push(format!("-A {c} {d} -j DNAT --to-destination {b}"));
+            }
+        }
+    }
+    r
+}
+
+/// Sets the VIPs' load balancing: every new connection from a task to a VIP, on any port and
+/// protocol, goes to one of the VIP's backends (destination NAT, chosen at random), except on
+/// the ports the mesh serves. The chain is replaced in one `iptables-restore` transaction, so
+/// no packet sees half a list; established connections keep their task (conntrack). Call
+/// after [`ensure`] (with a VIP pool) whenever the services or their tasks change.
+pub async fn set_vips(net: &Net, tag: &str, vips: &[VipBalance]) -> Result<()> {
+    validate_tag(tag)?;
+    let chain = vip_chain(tag);
+    let mut text = format!("*nat\n:{chain} - [0:0]\n");
+    for r in vip_rules(tag, vips) {
+        text.push_str(&r);
+        text.push('\n');
+    }
+    text.push_str("COMMIT\n");
+    let count = vips.len();
+    net.run(move || restore(&text)).await??;
+    tracing::debug!(tag, vips = count, "vip load balancing set");
+    Ok(())
+}
+
+/// Runs `iptables-restore --noflush` on `text`: only the chains it declares are flushed and
+/// refilled, in one transaction.
+fn restore(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut child = Command::new("iptables-restore")
+        .args(["-w", "--noflush"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::io("run iptables-restore", e))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(text.as_bytes())
+            .map_err(|e| Error::io("write to iptables-restore", e))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| Error::io("run iptables-restore", e))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(Error::Iptables {
+            args: "-restore --noflush".into(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
 }
 
 /// Sets the underlay addresses that may send to the VXLAN port (the cluster's nodes; this
@@ -544,6 +687,7 @@ mod tests {
         assert_eq!(
             r.post_rules(),
             vec![
+                "-A FLT-n1-POST -s 10.200.1.0/24 -d 10.200.1.0/24 -o fltbr0 -m conntrack --ctstate DNAT -j MASQUERADE",
                 "-A FLT-n1-POST -o fltbr0 -j RETURN",
                 "-A FLT-n1-POST -o fltvx0 -j RETURN",
                 "-A FLT-n1-POST -d 10.200.0.0/16 -j RETURN",
@@ -558,6 +702,46 @@ mod tests {
         for (_, c, _) in all_chains("abcdefghij012345678") {
             assert!(c.len() <= 28, "{c}");
         }
+    }
+
+    #[test]
+    fn vip_rules_split_new_connections_evenly_and_leave_the_mesh_ports() {
+        let ip = |s: &str| s.parse::<Ipv4Addr>().expect("ip");
+        let vips = [
+            VipBalance {
+                vip: ip("10.199.0.2"),
+                mesh_ports: vec![(L4::Udp, 53), (L4::Tcp, 80), (L4::Tcp, 80)],
+                backends: vec![ip("10.200.1.3"), ip("10.200.2.3"), ip("10.200.1.4")],
+            },
+            VipBalance {
+                vip: ip("10.199.0.3"),
+                mesh_ports: vec![(L4::Tcp, 5432)],
+                backends: vec![],
+            },
+            VipBalance {
+                vip: ip("10.199.0.4"),
+                mesh_ports: vec![],
+                backends: vec![ip("10.200.2.9")],
+            },
+        ];
+        assert_eq!(
+            vip_rules("n1", &vips),
+            vec![
+                "-A FLT-n1-VIP -d 10.199.0.2/32 -p tcp -m tcp --dport 80 -j RETURN",
+                "-A FLT-n1-VIP -d 10.199.0.2/32 -p udp -m udp --dport 53 -j RETURN",
+                "-A FLT-n1-VIP -d 10.199.0.2/32 -m statistic --mode random --probability 0.33333333333 -j DNAT --to-destination 10.200.1.3",
+                "-A FLT-n1-VIP -d 10.199.0.2/32 -m statistic --mode random --probability 0.50000000000 -j DNAT --to-destination 10.200.2.3",
+                "-A FLT-n1-VIP -d 10.199.0.2/32 -j DNAT --to-destination 10.200.1.4",
+                // no backends: no rule (the connection is refused on the node)
+                "-A FLT-n1-VIP -d 10.199.0.4/32 -j DNAT --to-destination 10.200.2.9",
+            ]
+        );
+        // no pool, no hairpin rule
+        let r = NatRules {
+            vip_pool: None,
+            ..sample()
+        };
+        assert_eq!(r.post_rules()[0], "-A FLT-n1-POST -o fltbr0 -j RETURN");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use ipnet::Ipv4Net;
-use rtnetlink::LinkUnspec;
+use rtnetlink::{LinkBridgePort, LinkUnspec};
 
 use crate::link::{self, validate_ifname};
 use crate::{Error, Net, Result};
@@ -90,6 +90,15 @@ pub async fn attach(host: &Net, t: &TaskLink) -> Result<()> {
         .execute()
         .await
         .map_err(|e| Error::netlink(format!("attach {} to {}", t.host_ifname, t.bridge), e))?;
+    // Hairpin: a task's connection to its own service's VIP can be NATed back to the task
+    // itself. With `br_netfilter` on, the bridge then forwards the frame out of the port it
+    // came in by, which a bridge port refuses unless it is in hairpin mode.
+    host.handle()
+        .link()
+        .set_port(LinkBridgePort::new(hidx).hairpin(true).build())
+        .execute()
+        .await
+        .map_err(|e| Error::netlink(format!("hairpin mode on {}", t.host_ifname), e))?;
 
     let eidx = link::require(&inner, TASK_IFNAME).await?.header.index;
     link::ensure_address(&inner, eidx, t.addr).await?;

@@ -20,7 +20,7 @@ use crate::disk::{
     prepare_data_dir, read_identity, set_traversal_mode, write_atomic, write_identity, MappedRoot,
     NodeIdentity, Paths,
 };
-use crate::{joining, routes, NodeConfig, NodeCtx, NodeError, StartMode};
+use crate::{autolock, joining, routes, NodeConfig, NodeCtx, NodeError, StartMode};
 
 const CA_LIFETIME: Duration = Duration::from_secs(20 * 365 * 24 * 3600);
 const ADMIN_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -46,8 +46,6 @@ fn init_cluster(
         .map_err(NodeError::pki("issuing the first manager's certificate"))?;
     write_atomic(&paths.ca_cert(), ca.cert_pem().as_bytes(), 0o644)
         .map_err(NodeError::io("writing CA"))?;
-    write_atomic(&paths.ca_key(), ca.key_pem().as_bytes(), 0o600)
-        .map_err(NodeError::io("writing CA key"))?;
     write_atomic(&paths.node_cert(), cert.as_bytes(), 0o644)
         .map_err(NodeError::io("writing cert"))?;
     write_atomic(&paths.node_key(), key.as_bytes(), 0o600).map_err(NodeError::io("writing key"))?;
@@ -95,6 +93,7 @@ fn init_cluster(
             enforce: true,
         },
         bind_allow: Vec::new(),
+        unlock_key: None,
     };
     let identity = NodeIdentity {
         cluster_id,
@@ -248,6 +247,23 @@ pub async fn cleanup(data_dir: &std::path::Path) -> Result<usize, NodeError> {
             Err(e) => return Err(e.into()),
         }
     }
+    // Size-limited volumes' file systems (their data stays in the images).
+    let volumes = data_dir.join("volumes");
+    match flotilla_volume::unmount_all(&volumes) {
+        Ok(gone) if !gone.is_empty() => {
+            tracing::info!(
+                unmounted = gone.len(),
+                "unmounted the volumes' file systems"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => {
+            return Err(NodeError::Config(format!(
+                "volumes under {}: {e}",
+                volumes.display()
+            )))
+        }
+    }
     unmount_run_dir(data_dir)?;
     Ok(removed)
 }
@@ -275,6 +291,9 @@ pub async fn leftovers(data_dir: &std::path::Path) -> Result<Vec<String>, NodeEr
     }
     let run = Paths::new(data_dir).run();
     for m in flotilla_runtime::overlay::mounted_among(std::slice::from_ref(&run)) {
+        out.push(format!("mount {}", m.display()));
+    }
+    for m in flotilla_volume::mounted(&data_dir.join("volumes")) {
         out.push(format!("mount {}", m.display()));
     }
     Ok(out)
@@ -529,6 +548,10 @@ fn manager_loops(
             m.clone(),
             stop.clone(),
         )),
+        tokio::spawn(flotilla_manager::volumes::mover_loop(
+            m.clone(),
+            stop.clone(),
+        )),
     ]
 }
 
@@ -579,16 +602,13 @@ async fn run_node(
         register_voter,
     } = start_identity(&cfg, &paths, &description).await?;
 
+    // The node's certificates and key are plain files, not sealed with the store's keys: TLS
+    // (and so the admin's unlock over the network) works while a manager is locked.
     let tls = Arc::new(TlsState::load(
         &paths.ca_cert(),
         &paths.node_cert(),
         &paths.node_key(),
     )?);
-    let manager = if identity.role == NodeRole::Manager {
-        Some(open_manager(&cfg, &paths, &identity, &tls, &runtime).await?)
-    } else {
-        None
-    };
     let ctx = Arc::new(NodeCtx {
         cfg: cfg.clone(),
         paths: Paths::new(&cfg.data_dir),
@@ -596,14 +616,69 @@ async fn run_node(
         tls: tls.clone(),
         role_changed: tokio::sync::Notify::new(),
     });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let switch = routes::Switch::default();
+    let mut listener = Some(listener);
+    let mut servers = None;
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut at_rest = None;
+    let manager = if identity.role == NodeRole::Manager {
+        // The CA key lives only in the sealed store (the cluster object); a plain copy that
+        // an older version wrote at init goes.
+        match std::fs::remove_file(paths.ca_key()) {
+            Ok(()) => tracing::info!("removed the plain CA key file; the sealed store holds it"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(NodeError::io("removing the plain CA key file")(e)),
+        }
+        let keys_dir = crate::keys::dir(&paths.raft());
+        let (keyring, unlocked) = match crate::keys::open(&paths.raft())? {
+            crate::keys::Keys::Open(k) => (k, None),
+            crate::keys::Keys::Locked(locked) => {
+                // Autolock: serve only ping and unlock until an admin gives the unlock key.
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let unlocker = Arc::new(autolock::Unlocker::new(locked, tx));
+                switch.set(routes::locked_router(identity.clone(), unlocker));
+                servers = listener
+                    .take()
+                    .map(|l| serve(l, &tls, &paths, switch.router(), &stop_rx));
+                tracing::warn!(node = %identity.node_id, listen = %cfg.listen,
+                    "this manager is locked (autolock): waiting for `flotilla cluster unlock`");
+                let unlocked = tokio::select! {
+                    _ = &mut shutdown => None,
+                    u = rx => u.ok(),
+                };
+                let Some(u) = unlocked else {
+                    let _ = stop_tx.send(true);
+                    for server in servers.into_iter().flatten() {
+                        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+                    }
+                    return Ok(RunOutcome::Stopped);
+                };
+                (u.keyring, Some((u.key, u.done)))
+            }
+        };
+        let opened = open_manager(&cfg, &paths, &identity, &tls, &runtime, keyring.clone()).await;
+        let state = match unlocked {
+            Some((key, done)) => {
+                let _ = done.send(opened.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                autolock::AtRest::unlocked(keys_dir, keyring, key)
+            }
+            None => autolock::AtRest::with_kek_file(keys_dir, keyring),
+        };
+        at_rest = Some(Arc::new(state));
+        Some(opened?)
+    } else {
+        None
+    };
     let agent = agent_ctx(&ctx, &runtime, manager.as_ref());
     // A new cluster is seeded before the API opens, so no client ever sees it half-made.
     if let (Some(mgr), Some(cluster)) = (&manager, bootstrap) {
         seed_cluster(mgr, &identity, cluster, description.clone()).await?;
     }
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let router = routes::router(ctx.clone(), agent.clone(), manager.clone());
-    let servers = serve(listener, &tls, &paths, router, &stop_rx);
+    switch.set(routes::router(ctx.clone(), agent.clone(), manager.clone()));
+    if let Some(l) = listener.take() {
+        servers = Some(serve(l, &tls, &paths, switch.router(), &stop_rx));
+    }
 
     // A manager whose Raft state is empty (just joined, or just promoted) asks to be added.
     if register_voter || manager.as_ref().is_some_and(|m| !m.store.is_initialized()) {
@@ -613,12 +688,19 @@ async fn run_node(
         listen = %cfg.listen, socket = %paths.socket().display(), "node running");
 
     let agent_loops = flotilla_agent::Agent::start(agent, description, stop_rx.clone()).await;
-    let manager_loops = manager
+    let mut manager_loops = manager
         .as_ref()
         .map_or_else(Vec::new, |m| manager_loops(m, &stop_rx));
+    if let (Some(m), Some(at_rest)) = (&manager, at_rest) {
+        manager_loops.push(tokio::spawn(autolock::autolock_loop(
+            m.clone(),
+            at_rest,
+            stop_rx.clone(),
+        )));
+    }
 
     let outcome = tokio::select! {
-        _ = shutdown => RunOutcome::Stopped,
+        _ = &mut shutdown => RunOutcome::Stopped,
         _ = ctx.role_changed.notified() => RunOutcome::RoleChanged,
     };
     tracing::info!(?outcome, "shutting down");
@@ -628,7 +710,7 @@ async fn run_node(
         let _ = l.await;
     }
     // The servers get 5 s to finish their requests.
-    for server in servers {
+    for server in servers.into_iter().flatten() {
         let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     }
     if let Some(mgr) = manager {
@@ -679,6 +761,7 @@ async fn open_manager(
     identity: &NodeIdentity,
     tls: &Arc<TlsState>,
     runtime: &flotilla_runtime::Runtime,
+    keyring: Arc<flotilla_store::flotilla_secrets::Keyring>,
 ) -> Result<Arc<Manager>, NodeError> {
     let store_cfg = StoreConfig {
         node_id: identity.raft_id,
@@ -688,8 +771,9 @@ async fn open_manager(
         election_max_ms: cfg.raft_election_max_ms,
         snapshot_every: cfg.snapshot_every,
         write_timeout: cfg.write_timeout,
-        // Encryption at rest: this manager's keys, created on first start (keys.rs).
-        at_rest: Some(crate::keys::load_or_create(&paths.raft())?),
+        // Encryption at rest: this manager's keys, created on first start or unlocked
+        // (keys.rs, autolock.rs).
+        at_rest: Some(keyring),
         ..StoreConfig::default()
     };
     let transport = Arc::new(HttpRaftTransport { tls: tls.clone() });

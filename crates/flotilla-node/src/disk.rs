@@ -4,7 +4,8 @@
 //! DIR/node.json        identity: cluster id, node id, role, raft id, name, known managers
 //! DIR/tls/ca.pem       cluster root certificate
 //! DIR/tls/node.pem     this node's certificate     DIR/tls/node.key  its key (0600)
-//! DIR/tls/ca.key       root key (managers only, 0600)
+//! DIR/tls/ca.key       none: the CA key lives only in the sealed store (a copy older
+//!                      versions wrote here is removed when a manager starts)
 //! DIR/raft/            the Raft log and state (managers only; they hold the CA key and the
 //!                      join secrets)
 //! DIR/admin/           operator bundle written by --init: ca.pem, cert.pem, key.pem

@@ -5,6 +5,7 @@
 //! resource; see ARCHITECTURE.md for how the pieces connect.
 #![forbid(unsafe_code)]
 
+mod autolock;
 mod config;
 mod daemon;
 mod disk;

@@ -52,7 +52,7 @@ pub fn write_private_atomic(path: &Path, bytes: &[u8]) -> Result<(), SecretsErro
     sync_dir(path)
 }
 
-fn sync_dir(path: &Path) -> Result<(), SecretsError> {
+pub(crate) fn sync_dir(path: &Path) -> Result<(), SecretsError> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -75,7 +75,7 @@ fn private_dir(dir: &Path) -> Result<(), SecretsError> {
 }
 
 /// Reads a key file (making it 0600 if it was more open); `None` if it does not exist.
-fn read_private(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>>, SecretsError> {
+pub(crate) fn read_private(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>>, SecretsError> {
     use std::io::Read;
     let f = match std::fs::File::open(path) {
         Ok(f) => f,
@@ -102,7 +102,7 @@ fn read_private(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>>, SecretsError>
     Ok(Some(buf))
 }
 
-fn read_kek(path: &Path) -> Result<Option<Kek>, SecretsError> {
+pub(crate) fn read_kek(path: &Path) -> Result<Option<Kek>, SecretsError> {
     let Some(bytes) = read_private(path)? else {
         return Ok(None);
     };

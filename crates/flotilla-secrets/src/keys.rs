@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use ring::rand::SecureRandom;
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::envelope::{self, Cipher};
+use crate::envelope::{self, Cipher, Gcm};
 use crate::error::SecretsError;
 
 /// Length of every key (KEK and DEK), in bytes.
@@ -105,15 +105,29 @@ fn dek_aad(id: u32) -> Vec<u8> {
     aad
 }
 
-/// One data key. Zeroized on drop.
+/// One data key (zeroized on drop): seals v2 envelopes (AES-256-GCM under its subkeys), opens
+/// those and v1 ones (XChaCha20-Poly1305 under the key itself).
 struct DataKey {
     cipher: Cipher,
+    gcm: Gcm,
 }
 
 impl DataKey {
     fn new(key: Zeroizing<[u8; KEY_LEN]>) -> DataKey {
         DataKey {
             cipher: Cipher::new(key),
+            gcm: Gcm::new(),
+        }
+    }
+
+    fn seal(&self, id: u32, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, SecretsError> {
+        self.gcm.seal(self.cipher.key(), id, plaintext, aad)
+    }
+
+    fn open(&self, parsed: &envelope::Parsed<'_>, aad: &[u8]) -> Result<Vec<u8>, SecretsError> {
+        match parsed.version {
+            envelope::VERSION_1 => self.cipher.open(parsed, aad),
+            _ => self.gcm.open(self.cipher.key(), parsed, aad),
         }
     }
 }
@@ -161,7 +175,22 @@ impl Keyring {
             };
             (*id, key.clone())
         };
-        key.cipher.seal(id, plaintext, aad)
+        key.seal(id, plaintext, aad)
+    }
+
+    /// Like [`Keyring::seal`] without copying: `buf` holds [`HEADER_LEN`] bytes of room (any
+    /// content) followed by the plaintext, and becomes the sealed value. Reserve
+    /// [`ENVELOPE_OVERHEAD`] bytes more than the plaintext to spare a reallocation.
+    ///
+    /// [`HEADER_LEN`]: crate::HEADER_LEN
+    /// [`ENVELOPE_OVERHEAD`]: crate::ENVELOPE_OVERHEAD
+    pub fn seal_in_place(&self, buf: &mut Vec<u8>, aad: &[u8]) -> Result<(), SecretsError> {
+        // Under the read lock: a rotation waits for the seals under way (microseconds).
+        let keys = self.read();
+        let Some((id, key)) = keys.iter().next_back() else {
+            return Err(SecretsError::UnknownKey(0));
+        };
+        key.gcm.seal_in_place(key.cipher.key(), *id, buf, aad)
     }
 
     /// Opens a value sealed by [`Keyring::seal`] with the same `aad`. Errors (never panics)
@@ -174,7 +203,7 @@ impl Keyring {
             .get(&parsed.key_id)
             .cloned()
             .ok_or(SecretsError::UnknownKey(parsed.key_id))?;
-        key.cipher.open(&parsed, aad)
+        key.open(&parsed, aad)
     }
 
     /// Like [`Keyring::open`], but passes a plain (never sealed) value through unchanged: for
@@ -198,6 +227,35 @@ impl Keyring {
     pub(crate) fn add_key(&self, id: u32, key: Zeroizing<[u8; KEY_LEN]>) {
         let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
         keys.insert(id, Arc::new(DataKey::new(key)));
+    }
+
+    /// A keyring holding `key` as id 1 whose subkeys seal at most `limit` values (tests).
+    #[cfg(test)]
+    pub(crate) fn for_test(key: [u8; KEY_LEN], limit: u64) -> Keyring {
+        let key = DataKey {
+            cipher: Cipher::new(Zeroizing::new(key)),
+            gcm: Gcm::with_limit(limit),
+        };
+        Keyring {
+            keys: RwLock::new(BTreeMap::from([(1, Arc::new(key))])),
+        }
+    }
+
+    /// Seals with the newest key as the v1 envelope did (XChaCha20-Poly1305; tests).
+    #[cfg(test)]
+    pub(crate) fn seal_v1(&self, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, SecretsError> {
+        let keys = self.read();
+        let (id, key) = keys.iter().next_back().ok_or(SecretsError::UnknownKey(0))?;
+        key.cipher.seal(*id, plaintext, aad)
+    }
+
+    /// The salt of the newest key's sealing subkey (tests).
+    #[cfg(test)]
+    pub(crate) fn sealing_salt(&self) -> Option<[u8; envelope::SALT_LEN]> {
+        self.read()
+            .values()
+            .next_back()
+            .and_then(|k| k.gcm.sealing_salt())
     }
 
     /// The data-key file's bytes with `extra` (a key about to be added) included.
@@ -262,7 +320,7 @@ impl Keyring {
         for _ in 0..count {
             let id = be32(take(4)?);
             let len = usize::try_from(be32(take(4)?)).unwrap_or(usize::MAX);
-            if len != KEY_LEN + envelope::ENVELOPE_OVERHEAD {
+            if len != KEY_LEN + envelope::V1_OVERHEAD {
                 return Err(Some(format!(
                     "data key {id} has a wrapped length of {len} bytes"
                 )));

@@ -88,12 +88,16 @@ fn truncated_flipped_and_relabelled_envelopes_fail_cleanly() {
         Err(SecretsError::UnknownKey(7))
     ));
     // Unknown version.
-    let mut v2 = sealed.clone();
-    v2[7] = b'2';
+    let mut v3 = sealed.clone();
+    v3[7] = b'3';
     assert!(matches!(
-        k.open(&v2, b"aad"),
-        Err(SecretsError::UnknownVersion(b'2'))
+        k.open(&v3, b"aad"),
+        Err(SecretsError::UnknownVersion(b'3'))
     ));
+    // The same bytes taken for the other known version.
+    let mut v1 = sealed.clone();
+    v1[7] = b'1';
+    assert!(k.open(&v1, b"aad").is_err());
 }
 
 #[test]
@@ -258,11 +262,111 @@ fn output_is_rustcrypto_xchacha20poly1305() {
             )
             .expect("reference");
         assert_eq!(
-            &ours[ENVELOPE_OVERHEAD - 16..],
+            &ours[crate::envelope::V1_OVERHEAD - 16..],
             theirs.as_slice(),
             "len {len}"
         );
     }
+}
+
+/// The v1 envelope of RustCrypto's XChaCha20-Poly1305 output under `key`, key id 1.
+fn v1_envelope(key: &[u8; KEY_LEN], nonce: &[u8; 24], msg: &[u8], aad: &[u8]) -> Vec<u8> {
+    use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+    let sealed = chacha20poly1305::XChaCha20Poly1305::new(&(*key).into())
+        .encrypt(&(*nonce).into(), Payload { msg, aad })
+        .expect("reference");
+    let mut out = MAGIC.to_vec();
+    out.push(b'1');
+    out.extend_from_slice(&1u32.to_be_bytes());
+    out.extend_from_slice(nonce);
+    out.extend_from_slice(&sealed);
+    out
+}
+
+#[test]
+fn values_sealed_by_the_v1_construction_still_open() {
+    let key = [0x5au8; KEY_LEN];
+    let k = Keyring::for_test(key, 1 << 30);
+    for len in [0usize, 1, 16, 1000, 70_000] {
+        let msg: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let old = v1_envelope(&key, &[0x11; 24], &msg, b"tasks\0t1");
+        assert_eq!(
+            k.open(&old, b"tasks\0t1").expect("open v1"),
+            msg,
+            "len {len}"
+        );
+        assert!(k.open(&old, b"tasks\0t2").is_err(), "moved v1 value");
+        let mut bad = old.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(k.open(&bad, b"tasks\0t1").is_err(), "flipped v1 tag");
+        let old = k.seal_v1(&msg, b"a").expect("seal v1");
+        assert_eq!(old[7], b'1');
+        assert_eq!(k.open(&old, b"a").expect("open v1"), msg);
+    }
+}
+
+#[test]
+fn new_values_are_aes_256_gcm_under_a_salted_subkey_of_the_data_key() {
+    use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+    let key = [0x77u8; KEY_LEN];
+    let k = Keyring::for_test(key, 1 << 30);
+    let msg = b"a value of some length, sealed at rest";
+    let sealed = k.seal(msg, b"aad").expect("seal");
+    assert_eq!(sealed.len(), msg.len() + ENVELOPE_OVERHEAD);
+    assert_eq!(&sealed[..7], &MAGIC);
+    assert_eq!(sealed[7], b'2');
+    assert_eq!(&sealed[8..12], &1u32.to_be_bytes());
+    // Open it with ring directly, from the documented construction.
+    let (salt, rest) = sealed[12..].split_at(16);
+    let (nonce, body) = rest.split_at(12);
+    let prk = ring::hkdf::Prk::new_less_safe(ring::hkdf::HKDF_SHA256, &key);
+    let info = [&b"flotilla-aes256gcm-v2\0"[..], salt];
+    let okm = prk.expand(&info, &AES_256_GCM).expect("expand");
+    let sub = LessSafeKey::new(UnboundKey::from(okm));
+    let mut buf = body.to_vec();
+    let plain = sub
+        .open_in_place(
+            Nonce::try_assume_unique_for_key(nonce).expect("nonce"),
+            Aad::from(b"aad"),
+            &mut buf,
+        )
+        .expect("reference open");
+    assert_eq!(plain, msg);
+}
+
+#[test]
+fn a_subkey_seals_at_most_its_limit_and_older_subkeys_still_open() {
+    let key = [0x33u8; KEY_LEN];
+    let k = Keyring::for_test(key, 3);
+    let mut sealed = Vec::new();
+    let mut salts = Vec::new();
+    for i in 0..40u32 {
+        let v = k.seal(&i.to_be_bytes(), b"a").expect("seal");
+        salts.push(v[12..28].to_vec());
+        sealed.push(v);
+        assert_eq!(k.sealing_salt().map(|s| s.to_vec()), salts.last().cloned());
+    }
+    for chunk in salts.chunks(3) {
+        assert!(chunk.iter().all(|s| *s == chunk[0]), "3 seals per subkey");
+    }
+    let mut distinct = salts.clone();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 14, "a fresh salt every 3 seals");
+    // More subkeys than the open cache holds: the oldest are derived again.
+    for (i, v) in (0..40u32).zip(&sealed) {
+        assert_eq!(k.open(v, b"a").expect("open"), i.to_be_bytes());
+    }
+    // Another keyring with the same data key (a restarted manager): its own salt, and each
+    // opens what the other sealed.
+    let again = Keyring::for_test(key, 3);
+    let v = again.seal(b"x", b"a").expect("seal");
+    assert!(!salts.contains(&v[12..28].to_vec()));
+    assert_eq!(k.open(&v, b"a").expect("open"), b"x");
+    assert_eq!(
+        again.open(&sealed[0], b"a").expect("open"),
+        0u32.to_be_bytes()
+    );
 }
 
 proptest! {
@@ -273,10 +377,12 @@ proptest! {
         let _ = k.open_or_plain(&bytes, b"aad");
         let kek = Kek::generate().expect("kek");
         let _ = Keyring::unwrap(&bytes, &kek);
-        let mut framed = MAGIC.to_vec();
-        framed.push(b'1');
-        framed.extend_from_slice(&bytes);
-        prop_assert!(k.open(&framed, b"aad").is_err());
+        for version in [b'1', b'2'] {
+            let mut framed = MAGIC.to_vec();
+            framed.push(version);
+            framed.extend_from_slice(&bytes);
+            prop_assert!(k.open(&framed, b"aad").is_err());
+        }
     }
 
     #[test]

@@ -1,8 +1,7 @@
 //! Encryption at rest: how the store seals every value it writes to disk.
 //!
 //! With a keyring ([`crate::StoreConfig::at_rest`]) every value of every redb table, in both
-//! files, is an envelope of [`flotilla_secrets`] (XChaCha20-Poly1305 under the newest data
-//! key). The AAD binds a value to its place: the table's name, a NUL, and the value's key
+//! files, is an envelope of [`flotilla_secrets`] (AES-256-GCM under the newest data key). The AAD binds a value to its place: the table's name, a NUL, and the value's key
 //! (a log index or revision big-endian, an object id, a meta key), so a value copied or moved
 //! to another place (another object, another log index, the other file) fails to open. Keys
 //! stay plain: they are ids and indexes, which the store needs to range over.
@@ -20,7 +19,7 @@ use std::borrow::Cow;
 use std::path::Path;
 use std::sync::Arc;
 
-use flotilla_secrets::{is_sealed, Keyring};
+use flotilla_secrets::{is_sealed, Keyring, ENVELOPE_OVERHEAD, HEADER_LEN};
 use redb::{Database, Durability};
 
 use crate::error::StoreError;
@@ -32,12 +31,26 @@ pub(crate) struct Sealer {
 }
 
 /// The AAD of the value at `key` in `table`.
-pub(crate) fn aad(table: &str, key: &[u8]) -> Vec<u8> {
+fn aad(table: &str, key: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(table.len() + 1 + key.len());
     out.extend_from_slice(table.as_bytes());
     out.push(0);
     out.extend_from_slice(key);
     out
+}
+
+/// Calls `f` with the AAD of the value at `key` in `table`, built on the stack when it is
+/// short (table names and ids are).
+fn with_aad<R>(table: &str, key: &[u8], f: impl FnOnce(&[u8]) -> R) -> R {
+    const STACK: usize = 128;
+    let len = table.len() + 1 + key.len();
+    if len > STACK {
+        return f(&aad(table, key));
+    }
+    let mut buf = [0u8; STACK];
+    buf[..table.len()].copy_from_slice(table.as_bytes());
+    buf[table.len() + 1..len].copy_from_slice(key);
+    f(&buf[..len])
 }
 
 impl Sealer {
@@ -53,8 +66,36 @@ impl Sealer {
     pub(crate) fn seal(&self, table: &str, key: &[u8], plain: Vec<u8>) -> Result<Vec<u8>, String> {
         match &self.keyring {
             None => Ok(plain),
-            Some(k) => k
-                .seal(&plain, &aad(table, key))
+            Some(k) => with_aad(table, key, |aad| k.seal(&plain, aad))
+                .map_err(|e| format!("cannot seal the value at {table}/{}: {e}", show(key))),
+        }
+    }
+
+    /// An empty buffer to write a value into for [`Sealer::seal_buf`], with room for
+    /// `capacity` bytes of it: it starts with room for the envelope's header when keyed.
+    pub(crate) fn buffer(&self, capacity: usize) -> Vec<u8> {
+        match &self.keyring {
+            None => Vec::with_capacity(capacity),
+            Some(_) => {
+                let mut buf = Vec::with_capacity(ENVELOPE_OVERHEAD + capacity);
+                buf.resize(HEADER_LEN, 0);
+                buf
+            }
+        }
+    }
+
+    /// What to store at (`table`, `key`) for the value written into `buf` after
+    /// [`Sealer::buffer`]'s header room; sealed in place, without a copy.
+    pub(crate) fn seal_buf(
+        &self,
+        table: &str,
+        key: &[u8],
+        mut buf: Vec<u8>,
+    ) -> Result<Vec<u8>, String> {
+        match &self.keyring {
+            None => Ok(buf),
+            Some(k) => with_aad(table, key, |aad| k.seal_in_place(&mut buf, aad))
+                .map(|()| buf)
                 .map_err(|e| format!("cannot seal the value at {table}/{}: {e}", show(key))),
         }
     }
@@ -68,8 +109,7 @@ impl Sealer {
     ) -> Result<Cow<'a, [u8]>, String> {
         match &self.keyring {
             None => Ok(Cow::Borrowed(plain)),
-            Some(k) => k
-                .seal(plain, &aad(table, key))
+            Some(k) => with_aad(table, key, |aad| k.seal(plain, aad))
                 .map(Cow::Owned)
                 .map_err(|e| format!("cannot seal the value at {table}/{}: {e}", show(key))),
         }
@@ -83,8 +123,7 @@ impl Sealer {
         stored: &'a [u8],
     ) -> Result<Cow<'a, [u8]>, String> {
         match (&self.keyring, is_sealed(stored)) {
-            (Some(k), true) => k
-                .open(stored, &aad(table, key))
+            (Some(k), true) => with_aad(table, key, |aad| k.open(stored, aad))
                 .map(Cow::Owned)
                 .map_err(|e| format!("cannot open the value at {table}/{}: {e}", show(key))),
             (Some(_), false) => Err(format!(

@@ -27,7 +27,7 @@
 //!
 //! ## Encryption at rest
 //! With [`StoreConfig::at_rest`] set to a [`flotilla_secrets::Keyring`], every value of both files
-//! (log entries, Raft metadata, objects, events, the stored snapshot) is sealed (XChaCha20-Poly1305)
+//! (log entries, Raft metadata, objects, events, the stored snapshot) is sealed (AES-256-GCM)
 //! with an AAD naming its table and key, so values cannot be swapped between places. Raft RPC bodies
 //! stay plain (they travel over mTLS); each manager seals with its own keys. Opening a plain store
 //! with a keyring rewrites each file sealed (a new file renamed over the old) before Raft starts.

@@ -1,8 +1,10 @@
 //! The replicated state machine, persisted in redb (`state.redb`).
 //!
 //! Tables: one per [`Table`] (`id → [version u64][created u64][value]`), `_meta` (last applied
-//! log id, last membership, events floor), `_events` (`(revision, op index) → Event JSON`, the
-//! most recent `event_retention` events) and `_snapshot` (the current snapshot's meta and data).
+//! log id, last membership, events floor), `_events` (the most recent `event_retention` events:
+//! one row per revision, `(revision, index of its last event) → JSON array of its events`; rows
+//! of older stores, one per event, `(revision, op index) → Event JSON`, are still read) and
+//! `_snapshot` (the current snapshot's meta and data).
 //! With a keyring every value is sealed ([`crate::at_rest`]), with AAD `table name + "\0" +
 //! key` (object id; revision and op index u64/u32 BE for events; the meta or snapshot key).
 //!
@@ -71,14 +73,6 @@ struct Rec {
     value: Vec<u8>,
 }
 
-fn encode_rec(version: u64, created: u64, value: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + value.len());
-    out.extend_from_slice(&version.to_le_bytes());
-    out.extend_from_slice(&created.to_le_bytes());
-    out.extend_from_slice(value);
-    out
-}
-
 fn decode_rec(bytes: &[u8]) -> Result<Rec, String> {
     if bytes.len() < 16 {
         return Err(format!("object record too short ({} bytes)", bytes.len()));
@@ -112,11 +106,11 @@ fn seal_rec(
     created: u64,
     value: &[u8],
 ) -> Result<Vec<u8>, String> {
-    sealer.seal(
-        table.as_str(),
-        id.as_bytes(),
-        encode_rec(version, created, value),
-    )
+    let mut buf = sealer.buffer(16 + value.len());
+    buf.extend_from_slice(&version.to_le_bytes());
+    buf.extend_from_slice(&created.to_le_bytes());
+    buf.extend_from_slice(value);
+    sealer.seal_buf(table.as_str(), id.as_bytes(), buf)
 }
 
 /// Opens and decodes an object record of `table` for `id`.
@@ -174,6 +168,8 @@ pub(crate) struct StateMachine {
     db: Arc<Database>,
     shared: Arc<SmShared>,
     sealer: Sealer,
+    /// Events the `_events` table holds (counted from its keys on open).
+    events: u64,
 }
 
 impl StateMachine {
@@ -185,13 +181,19 @@ impl StateMachine {
     ) -> Result<StateMachine, StorageError> {
         init_tables(&db).map_err(write_err)?;
         let applied = applied_index(&db, &sealer).map_err(read_err)?;
+        let events = count_events(&db).map_err(read_err)?;
         let (feed, _) = broadcast::channel(1024);
         let shared = Arc::new(SmShared {
             applied: AtomicU64::new(applied),
             feed,
             event_retention,
         });
-        Ok(StateMachine { db, shared, sealer })
+        Ok(StateMachine {
+            db,
+            shared,
+            sealer,
+            events,
+        })
     }
 
     pub(crate) fn shared(&self) -> Arc<SmShared> {
@@ -352,7 +354,12 @@ pub(crate) fn events_after(
         let bytes = sealer
             .open(EVENTS_NAME, &event_key(revision, seq), v.value())
             .map_err(StoreError::Storage)?;
-        out.push(serde_json::from_slice::<Event>(&bytes).map_err(storage)?);
+        // A revision's row holds an array; a row of an older store, one event.
+        if bytes.first() == Some(&b'[') {
+            out.extend(serde_json::from_slice::<Vec<Event>>(&bytes).map_err(storage)?);
+        } else {
+            out.push(serde_json::from_slice::<Event>(&bytes).map_err(storage)?);
+        }
     }
     Ok(out)
 }
@@ -498,37 +505,72 @@ fn apply_batch(
     Ok((Ok(()), events))
 }
 
-/// Drops the oldest events (whole revisions) once there are noticeably more than `retention`.
-/// Returns the new floor (every event with revision > floor is still retained).
+/// How many events the `_events` row at `key` holds, `prev` being the row before it: the events
+/// of its revision up to op `key.1` that no earlier row of that revision holds (all of them for
+/// a revision's row, one for each row of an older store).
+fn row_events(prev: Option<(u64, u32)>, key: (u64, u32)) -> u64 {
+    let before = match prev {
+        Some((revision, last)) if revision == key.0 => u64::from(last) + 1,
+        _ => 0,
+    };
+    (u64::from(key.1) + 1).saturating_sub(before)
+}
+
+/// How many events the `_events` table holds (from its keys).
+fn count_events(db: &Database) -> Result<u64, String> {
+    let txn = db.begin_read().map_err(|e| e.to_string())?;
+    let events = txn.open_table(EVENTS).map_err(|e| e.to_string())?;
+    let mut n = 0u64;
+    let mut prev = None;
+    for item in events.iter().map_err(|e| e.to_string())? {
+        let (k, _) = item.map_err(|e| e.to_string())?;
+        let key = k.value();
+        n += row_events(prev, key);
+        prev = Some(key);
+    }
+    Ok(n)
+}
+
+/// Drops the oldest events (whole revisions) once there are noticeably more than `retention`;
+/// `count` is how many the table holds, kept up to date. Returns the new floor (every event
+/// with revision > floor is still retained).
 fn prune_events(
     events: &mut redb::Table<'_, (u64, u32), &'static [u8]>,
+    count: &mut u64,
     retention: u64,
 ) -> Result<Option<u64>, StorageError> {
-    let len = events.len().map_err(read_err)?;
     let slack = (retention / 16).max(64);
-    if len <= retention.saturating_add(slack) {
+    if *count <= retention.saturating_add(slack) {
         return Ok(None);
     }
-    let to_delete = len - retention;
+    let to_delete = *count - retention;
     let mut cutoff = None;
-    for (n, item) in events.iter().map_err(read_err)?.enumerate() {
-        if n as u64 + 1 >= to_delete {
-            let (k, _) = item.map_err(read_err)?;
-            cutoff = Some(k.value().0);
+    let mut deleted = 0u64;
+    let mut prev = None;
+    for item in events.iter().map_err(read_err)? {
+        let (k, _) = item.map_err(read_err)?;
+        let key = k.value();
+        if cutoff.is_some_and(|rev| rev != key.0) {
             break;
+        }
+        deleted += row_events(prev, key);
+        prev = Some(key);
+        if cutoff.is_none() && deleted >= to_delete {
+            cutoff = Some(key.0);
         }
     }
     if let Some(rev) = cutoff {
         events
             .retain_in(..=(rev, u32::MAX), |_, _| false)
             .map_err(write_err)?;
+        *count = count.saturating_sub(deleted);
     }
     Ok(cutoff)
 }
 
 /// Result of applying entries: one response per entry, the events of each entry that produced
-/// any, and the last applied index.
-type Applied = (Vec<Response>, Vec<Vec<Event>>, u64);
+/// any, the last applied index, and how many events the table holds now.
+type Applied = (Vec<Response>, Vec<Vec<Event>>, u64, u64);
 
 /// Applies entries in one (non-durable, see module docs) write transaction.
 fn apply_entries(
@@ -536,6 +578,7 @@ fn apply_entries(
     sealer: &Sealer,
     entries: Vec<Entry>,
     retention: u64,
+    mut events_held: u64,
 ) -> Result<Applied, StorageError> {
     let mut txn = db.begin_write().map_err(write_err)?;
     txn.set_durability(Durability::None).map_err(write_err)?;
@@ -552,17 +595,27 @@ fn apply_entries(
                 EntryPayload::Blank => responses.push(Response { result: Ok(()) }),
                 EntryPayload::Normal(batch) => {
                     let (result, evs) = apply_batch(&txn, sealer, log_id.index, &batch)?;
-                    for (i, ev) in evs.iter().enumerate() {
-                        let seq = u32::try_from(i).map_err(write_err)?;
-                        let bytes = serde_json::to_vec(ev).map_err(write_err)?;
+                    if let Some(last) = evs.len().checked_sub(1) {
+                        // One row (one sealed value) for all the events of this revision.
+                        let last = u32::try_from(last).map_err(write_err)?;
+                        let hint = 2 + evs
+                            .iter()
+                            .map(|ev| {
+                                128 + ev.id.len() + ev.value.as_ref().map_or(0, |v| v.len() * 9 / 8)
+                            })
+                            .sum::<usize>();
+                        let mut buf = sealer.buffer(hint);
+                        serde_json::to_writer(&mut buf, &evs).map_err(write_err)?;
                         let bytes = sealer
-                            .seal(EVENTS_NAME, &event_key(log_id.index, seq), bytes)
+                            .seal_buf(EVENTS_NAME, &event_key(log_id.index, last), buf)
                             .map_err(write_err)?;
-                        events
-                            .insert((log_id.index, seq), bytes.as_slice())
-                            .map_err(write_err)?;
-                    }
-                    if !evs.is_empty() {
+                        let replaced = events
+                            .insert((log_id.index, last), bytes.as_slice())
+                            .map_err(write_err)?
+                            .is_some();
+                        if !replaced {
+                            events_held += evs.len() as u64;
+                        }
                         feeds.push(evs);
                     }
                     responses.push(Response { result });
@@ -573,7 +626,7 @@ fn apply_entries(
                 }
             }
         }
-        let floor = prune_events(&mut events, retention)?;
+        let floor = prune_events(&mut events, &mut events_held, retention)?;
         let mut meta = txn.open_table(META).map_err(write_err)?;
         let applied = seal_json(sealer, META_NAME, KEY_APPLIED, &last_applied)?;
         meta.insert(KEY_APPLIED, applied.as_slice())
@@ -590,7 +643,12 @@ fn apply_entries(
         }
     }
     txn.commit().map_err(write_err)?;
-    Ok((responses, feeds, last_applied.map(|l| l.index).unwrap_or(0)))
+    Ok((
+        responses,
+        feeds,
+        last_applied.map(|l| l.index).unwrap_or(0),
+        events_held,
+    ))
 }
 
 // ---- snapshot data format ----
@@ -800,8 +858,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let db = self.db.clone();
         let sealer = self.sealer.clone();
         let retention = self.shared.event_retention;
-        let (responses, feeds, last) =
-            blocking(move || apply_entries(&db, &sealer, entries, retention)).await?;
+        let held = self.events;
+        let (responses, feeds, last, held) =
+            blocking(move || apply_entries(&db, &sealer, entries, retention, held)).await?;
+        self.events = held;
         self.shared.applied.store(last, Ordering::Release);
         for evs in feeds {
             // No receivers is fine.
@@ -866,6 +926,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         })
         .await?;
         self.shared.applied.store(index, Ordering::Release);
+        // The install emptied the event history.
+        self.events = 0;
         let _ = self.shared.feed.send(Feed::Reset { oldest: index });
         tracing::info!(snapshot_id = %snapshot_id, last_index = index, bytes, "installed snapshot; watchers reset");
         Ok(())
@@ -891,5 +953,91 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta,
             snapshot: Box::new(Cursor::new(data)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod event_rows_tests {
+    use super::*;
+
+    fn event(revision: u64, n: u32) -> Event {
+        Event {
+            revision,
+            table: Table::Tasks,
+            id: format!("t{revision}-{n}"),
+            kind: EventKind::Created,
+            value: Some(format!(r#"{{"n":{n}}}"#).into_bytes()),
+            version: revision,
+        }
+    }
+
+    /// Writes `row` at (`revision`, `last`) as the store does, sealed.
+    fn put<T: serde::Serialize>(
+        txn: &WriteTransaction,
+        sealer: &Sealer,
+        revision: u64,
+        last: u32,
+        row: &T,
+    ) {
+        let bytes = serde_json::to_vec(row).expect("json");
+        let sealed = sealer
+            .seal(EVENTS_NAME, &event_key(revision, last), bytes)
+            .expect("seal");
+        let mut t = txn.open_table(EVENTS).expect("table");
+        t.insert((revision, last), sealed.as_slice())
+            .expect("insert");
+    }
+
+    #[test]
+    fn rows_of_older_stores_and_revision_rows_are_read_counted_and_pruned_alike() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let db = Database::create(dir.path().join("state.redb")).expect("db");
+        init_tables(&db).expect("tables");
+        let keys = flotilla_secrets::Keyring::generate().expect("keyring");
+        let sealer = Sealer::new(Some(Arc::new(keys)));
+        let txn = db.begin_write().expect("txn");
+        // Revisions 1..=40 as older stores wrote them: one row per event, two events each.
+        for rev in 1..=40 {
+            for n in 0..2 {
+                put(&txn, &sealer, rev, n, &event(rev, n));
+            }
+        }
+        // Revisions 41..=60 as written now: one row of three events each.
+        for rev in 41..=60 {
+            let evs: Vec<Event> = (0..3).map(|n| event(rev, n)).collect();
+            put(&txn, &sealer, rev, 2, &evs);
+        }
+        txn.commit().expect("commit");
+
+        assert_eq!(count_events(&db).expect("count"), 80 + 60);
+        let all = events_after(&db, &sealer, 0, 1000).expect("events");
+        assert_eq!(all.len(), 140);
+        let order: Vec<(u64, String)> = all.iter().map(|e| (e.revision, e.id.clone())).collect();
+        let mut expected = Vec::new();
+        for rev in 1..=40 {
+            expected.extend((0..2).map(|n| (rev, format!("t{rev}-{n}"))));
+        }
+        for rev in 41..=60 {
+            expected.extend((0..3).map(|n| (rev, format!("t{rev}-{n}"))));
+        }
+        assert_eq!(order, expected);
+        // A page ends at a whole revision.
+        let page = events_after(&db, &sealer, 40, 4).expect("page");
+        assert_eq!(page.len(), 6);
+
+        // Retention 10 (slack 64): 130 events must go, whole revisions: up to revision 57.
+        let txn = db.begin_write().expect("txn");
+        let mut count = 140;
+        let floor = {
+            let mut t = txn.open_table(EVENTS).expect("table");
+            prune_events(&mut t, &mut count, 10).expect("prune")
+        };
+        txn.commit().expect("commit");
+        assert_eq!(floor, Some(57));
+        assert_eq!(count, 9);
+        assert_eq!(count_events(&db).expect("count"), 9);
+        let left = events_after(&db, &sealer, 0, 1000).expect("events");
+        assert_eq!(left.first().map(|e| e.revision), Some(58));
+        assert_eq!(left.len(), 9);
     }
 }

@@ -59,6 +59,10 @@ pub struct Mount {
     /// mounts it only after the one before has stopped).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shared: bool,
+    /// Volume only: size limit in bytes of a volume this mount creates (`volume-opt=size=`;
+    /// the volume gets a file system of its own). Unlimited when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_size: Option<u64>,
     /// Tmpfs only: size limit in bytes (unlimited when unset, as Docker).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tmpfs_size: Option<u64>,
@@ -106,6 +110,14 @@ impl Mount {
         validate_target(&self.target)?;
         match self.kind {
             MountKind::Volume => {
+                if let Some(size) = self.volume_size {
+                    if !(VOLUME_SIZE_MIN..=VOLUME_SIZE_MAX).contains(&size) {
+                        return Err(format!(
+                            "volume-opt=size={size}: give 8m to 16t (the volume gets a file \
+                             system of that size)"
+                        ));
+                    }
+                }
                 if !self.source.is_empty() {
                     let mut probe = self.source.clone();
                     for t in MOUNT_TEMPLATES {
@@ -136,11 +148,17 @@ impl Mount {
                 if self.nocopy || !self.volume_labels.is_empty() || self.shared {
                     return Err("volume-nocopy, volume-label and shared need type=volume".into());
                 }
+                if self.volume_size.is_some() {
+                    return Err("volume-opt needs type=volume".into());
+                }
                 if self.tmpfs_size.is_some() || self.tmpfs_mode.is_some() {
                     return Err("tmpfs-size and tmpfs-mode need type=tmpfs".into());
                 }
             }
             MountKind::Tmpfs => {
+                if self.volume_size.is_some() {
+                    return Err("volume-opt needs type=volume".into());
+                }
                 if !self.source.is_empty() {
                     return Err("a tmpfs mount takes no source".into());
                 }
@@ -225,6 +243,21 @@ pub fn parse_mount(s: &str) -> Result<Mount, String> {
                 }
                 m.volume_labels.insert(lk.to_string(), lv.to_string());
             }
+            "volume-opt" => {
+                let kv = need(v)?;
+                match kv.split_once('=') {
+                    Some(("size", size)) => {
+                        // The range is checked with the rest of the mount, below.
+                        m.volume_size = Some(parse_size(size)?);
+                    }
+                    _ => {
+                        return Err(format!(
+                            "volume-opt {kv:?}: the local driver takes only size=SIZE (e.g. \
+                             volume-opt=size=512m)"
+                        ))
+                    }
+                }
+            }
             "tmpfs-size" => m.tmpfs_size = Some(parse_size(&need(v)?)?),
             "tmpfs-mode" => {
                 let raw = need(v)?;
@@ -235,7 +268,7 @@ pub fn parse_mount(s: &str) -> Result<Mount, String> {
             other => {
                 return Err(format!(
                     "unknown mount option {other:?}: use type, source/src, target/dst, readonly, \
-                     volume-nocopy, volume-label, shared, tmpfs-size, tmpfs-mode"
+                     volume-nocopy, volume-label, volume-opt, shared, tmpfs-size, tmpfs-mode"
                 ))
             }
         }
@@ -255,7 +288,12 @@ fn parse_flag(k: &str, v: Option<&str>) -> Result<bool, String> {
     }
 }
 
-/// `1024`, `64k`, `64m`, `1g` (binary units, as Docker).
+/// The smallest `volume-opt=size=` (the node's volume store checks the same bounds).
+pub const VOLUME_SIZE_MIN: u64 = 8 << 20;
+/// The largest `volume-opt=size=` (the volume's image is sparse: a cap, not space taken).
+pub const VOLUME_SIZE_MAX: u64 = 16 << 40;
+
+/// `1024`, `64k`, `64m`, `1g`, `2t` (binary units, as Docker).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim().to_ascii_lowercase();
     let t = t.strip_suffix('b').unwrap_or(&t);
@@ -263,12 +301,13 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         Some('k') => (&t[..t.len() - 1], 1u64 << 10),
         Some('m') => (&t[..t.len() - 1], 1 << 20),
         Some('g') => (&t[..t.len() - 1], 1 << 30),
+        Some('t') => (&t[..t.len() - 1], 1 << 40),
         _ => (t, 1),
     };
     num.parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("size {s:?}: give bytes or a number with k, m or g, e.g. 64m"))
+        .ok_or_else(|| format!("size {s:?}: give bytes or a number with k, m, g or t, e.g. 64m"))
 }
 
 /// A task's reference to a secret or config (`--secret src=NAME,target=…,uid=,gid=,mode=`).
@@ -419,6 +458,9 @@ pub struct Volume {
     /// Filled in on reads: bytes used on the home node (absent when the node did not answer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<u64>,
+    /// Filled in on reads: the size limit the home node gave the volume (`volume-opt=size=`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_limit: Option<u64>,
     /// Filled in on reads: services whose tasks mount it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub used_by: Vec<String>,
@@ -439,11 +481,41 @@ pub struct VolumeCreate {
     pub node: Option<String>,
 }
 
+/// `POST /v1/volumes/{name}/move`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeMove {
+    /// Node id or hostname to move the volume to.
+    pub to: String,
+}
+
+/// What `POST /v1/volumes/{name}/move` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMoved {
+    pub name: String,
+    /// Node ids.
+    pub from: String,
+    pub to: String,
+    /// Bytes of the archive copied, and its SHA-256 as sent and as the target received it.
+    pub bytes: u64,
+    pub sha256: String,
+    /// Time from the start of the copy to the new home being recorded, in milliseconds.
+    pub copy_ms: u64,
+    /// Whether the copy on the old node was deleted (once a task runs on the new node, or at
+    /// once when no task wants to run on the volume); otherwise why it was kept.
+    pub source_removed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_kept_because: Option<String>,
+}
+
 /// A volume as its home node's agent sees it (`GET /v1/agent/volumes`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LocalVolumeInfo {
     pub name: String,
     pub size_bytes: u64,
+    /// The volume's size limit in bytes, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_limit: Option<u64>,
     /// Tasks on this node whose containers mount it now.
     #[serde(default)]
     pub in_use_by: Vec<String>,
@@ -519,6 +591,18 @@ mod tests {
     }
 
     #[test]
+    fn a_volume_size_limit_comes_from_volume_opt() {
+        let m = parse_mount("src=db,dst=/data,volume-opt=size=512m").expect("size");
+        assert_eq!(m.volume_size, Some(512 << 20));
+        let m = parse_mount("dst=/data,volume-opt=size=2t").expect("anonymous, terabytes");
+        assert_eq!(m.volume_size, Some(2 << 40));
+        assert_eq!(
+            parse_mount("src=db,dst=/data").expect("none").volume_size,
+            None
+        );
+    }
+
+    #[test]
     fn hostile_or_wrong_mounts_are_refused_with_the_form() {
         for (input, says) in [
             ("type=volume,src=data", "needs a target"),
@@ -544,6 +628,17 @@ mod tests {
             ("src=data,dst=/x\ny,ro", "control characters"),
             ("src=data,dst=/x\0", "control characters"),
             ("type", "needs a value"),
+            ("src=data,dst=/x,volume-opt=size=1m", "8m to 16t"),
+            ("src=data,dst=/x,volume-opt=size=17t", "8m to 16t"),
+            ("src=data,dst=/x,volume-opt=size=99999999999999999t", "64m"),
+            ("src=data,dst=/x,volume-opt=size=", "64m"),
+            ("src=data,dst=/x,volume-opt=type=nfs", "only size=SIZE"),
+            ("src=data,dst=/x,volume-opt=size", "only size=SIZE"),
+            ("type=tmpfs,dst=/x,volume-opt=size=64m", "needs type=volume"),
+            (
+                "type=bind,src=/srv,dst=/x,volume-opt=size=64m",
+                "needs type=volume",
+            ),
         ] {
             let e = parse_mount(input).expect_err(input);
             assert!(e.contains(says), "{input:?}: {e}");

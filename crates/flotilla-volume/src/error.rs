@@ -22,6 +22,11 @@ pub enum VolumeError {
     /// Another import into this volume is running.
     #[error("volume {0} is busy with an import (wait for it to finish)")]
     Busy(String),
+    /// A size limit out of range.
+    #[error(
+        "volume size limit {0} bytes is out of range: give 8 MiB to 16 TiB (e.g. volume-opt=size=512m)"
+    )]
+    InvalidSize(u64),
     /// The archive is not a tar stream, or holds an entry a volume may not (a path leaving
     /// the volume, a device node, a link to outside).
     #[error("bad volume archive: {0}")]

@@ -41,4 +41,7 @@ mod error;
 mod store;
 
 pub use error::{Result, VolumeError};
-pub use store::{validate_name, LocalVolume, VolumeStore, NAME_RULE};
+pub use store::{
+    mounted, unmount_all, validate_name, validate_size_limit, LocalVolume, VolumeStore,
+    MAX_SIZE_LIMIT, MIN_SIZE_LIMIT, NAME_RULE,
+};

@@ -10,6 +10,7 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
@@ -20,6 +21,13 @@ pub const NAME_RULE: &str =
 /// The data dir inside a volume's dir.
 const DATA: &str = "_data";
 const META: &str = "meta.json";
+/// A size-limited volume's file system image, loop-mounted on its data dir.
+const IMAGE: &str = "disk.ext4";
+
+/// The smallest size limit a volume takes.
+pub const MIN_SIZE_LIMIT: u64 = 8 << 20;
+/// The largest size limit a volume takes (the image is sparse: this is a cap, not space taken).
+pub const MAX_SIZE_LIMIT: u64 = 16 << 40;
 
 /// Checks a volume name: `[A-Za-z0-9][A-Za-z0-9_.-]{0,127}` (Docker's rule with a length cap),
 /// so it is one path component that is neither `.` nor `..` and holds no `/` or NUL.
@@ -52,6 +60,9 @@ pub struct LocalVolume {
     /// RFC 3339, UTC.
     pub created_at: String,
     pub labels: BTreeMap<String, String>,
+    /// Bytes the volume may hold at most (its own ext4 file system, loop-mounted on the data
+    /// dir); `None`: as much as the node's disk has.
+    pub size_limit: Option<u64>,
 }
 
 /// `meta.json`.
@@ -60,6 +71,8 @@ struct Meta {
     created_at: String,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    size_limit: Option<u64>,
 }
 
 /// The volumes of one node, each a directory under `root` (see the crate docs for the layout).
@@ -98,8 +111,21 @@ impl VolumeStore {
             .map_err(|e| store.io(format!("list {}", store.root.display()), e))?;
         for n in names {
             if n.as_encoded_bytes().starts_with(b".trash-") {
+                let trash = store.root.join(&n);
+                if let Err(e) = unmount_if_mounted(&trash) {
+                    tracing::warn!(dir = ?n, error = %e, "cannot unmount a removed volume's file system");
+                    continue;
+                }
                 if let Err(e) = dir.remove(&n) {
                     tracing::warn!(dir = ?n, error = %e, "cannot delete a removed volume's leftovers");
+                }
+            }
+        }
+        // Size-limited volumes are mounted again after the host restarted.
+        for v in store.list()? {
+            if v.size_limit.is_some() {
+                if let Err(e) = store.mount_image(&store.root.join(&v.name)) {
+                    tracing::warn!(volume = %v.name, error = %e, "cannot mount a size-limited volume");
                 }
             }
         }
@@ -118,7 +144,24 @@ impl VolumeStore {
 
     /// Creates the volume `name` with `labels`; an existing volume is returned as it is.
     pub fn create(&self, name: &str, labels: BTreeMap<String, String>) -> Result<LocalVolume> {
+        self.create_with(name, labels, None)
+    }
+
+    /// [`VolumeStore::create`] with an optional size limit in bytes
+    /// ([`MIN_SIZE_LIMIT`]..=[`MAX_SIZE_LIMIT`]): the volume gets an ext4 file system of
+    /// its own in a sparse image file, loop-mounted `nosuid,nodev` on its data dir, so a task
+    /// that fills it gets `ENOSPC` and the node's disk keeps its space. An existing volume is
+    /// returned as it is, whatever its limit.
+    pub fn create_with(
+        &self,
+        name: &str,
+        labels: BTreeMap<String, String>,
+        size_limit: Option<u64>,
+    ) -> Result<LocalVolume> {
         validate_name(name)?;
+        if let Some(size) = size_limit {
+            validate_size_limit(size)?;
+        }
         let _g = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
         match self.get(name) {
             Err(VolumeError::NotFound(_)) => {}
@@ -133,10 +176,18 @@ impl VolumeStore {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(self.io(format!("create {}", data.display()), e)),
         }
+        if let Some(size) = size_limit {
+            if let Err(e) = self.make_image(&vdir, size) {
+                let _ = unmount_if_mounted(&vdir);
+                let _ = fs::remove_file(vdir.join(IMAGE));
+                return Err(e);
+            }
+        }
         self.reset_data_root(&data)?;
         let meta = Meta {
             created_at: flotilla_runtime::now_rfc3339(),
             labels,
+            size_limit,
         };
         let json = serde_json::to_vec_pretty(&meta).map_err(|e| VolumeError::Corrupt {
             path: vdir.join(META),
@@ -168,6 +219,7 @@ impl VolumeStore {
             path: vdir.join(DATA),
             created_at: meta.created_at,
             labels: meta.labels,
+            size_limit: meta.size_limit,
         })
     }
 
@@ -218,6 +270,8 @@ impl VolumeStore {
             }
             Err(e) => return Err(self.io(format!("stat {}", vdir.display()), e)),
         }
+        // A size-limited volume's file system goes first (refused while a container has it).
+        unmount_if_mounted(&vdir)?;
         let root = self.root_dir()?;
         let trash = format!(".trash-{name}-{}-{}", std::process::id(), seq());
         root.rename(OsStr::new(name), OsStr::new(&trash))
@@ -444,6 +498,53 @@ impl VolumeStore {
             .map_err(|e| self.io(format!("open {}", v.path.display()), e))
     }
 
+    /// Makes the volume's file system image (`size` bytes, sparse; root dir owned by container
+    /// root) and mounts it on the data dir. Replaces an image left by an interrupted create.
+    fn make_image(&self, vdir: &Path, size: u64) -> Result<()> {
+        unmount_if_mounted(vdir)?;
+        let image = vdir.join(IMAGE);
+        let _ = fs::remove_file(&image);
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&image)
+            .map_err(|e| self.io(format!("create {}", image.display()), e))?;
+        f.set_len(size)
+            .map_err(|e| self.io(format!("size {}", image.display()), e))?;
+        drop(f);
+        let id = self.mapped_root();
+        run(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-m", "0", "-E"])
+                .arg(format!("root_owner={id}:{id},lazy_itable_init=1,nodiscard"))
+                .arg(&image),
+            "make the volume's file system (mkfs.ext4, package e2fsprogs)",
+        )?;
+        self.mount_image(vdir)?;
+        // An empty volume: mkfs's lost+found goes (the image's copy-up needs none).
+        let lost = vdir.join(DATA).join("lost+found");
+        match fs::remove_dir(&lost) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.io(format!("remove {}", lost.display()), e)),
+        }
+    }
+
+    /// Mounts the volume's image on its data dir unless it is mounted already.
+    fn mount_image(&self, vdir: &Path) -> Result<()> {
+        if is_mounted(vdir) {
+            return Ok(());
+        }
+        run(
+            Command::new("mount")
+                .args(["-t", "ext4", "-o", "loop,nosuid,nodev,noatime"])
+                .arg(vdir.join(IMAGE))
+                .arg(vdir.join(DATA)),
+            "mount the volume's file system",
+        )
+    }
+
     /// The host id container root maps to (0 without user namespaces).
     fn mapped_root(&self) -> u32 {
         self.owner.map_or(0, |r| r.shift(0))
@@ -550,4 +651,85 @@ impl<R: Read> Read for Exact<R> {
         self.left -= n as u64;
         Ok(n)
     }
+}
+
+/// Checks a size limit against [`MIN_SIZE_LIMIT`] and [`MAX_SIZE_LIMIT`].
+pub fn validate_size_limit(size: u64) -> Result<()> {
+    if (MIN_SIZE_LIMIT..=MAX_SIZE_LIMIT).contains(&size) {
+        Ok(())
+    } else {
+        Err(VolumeError::InvalidSize(size))
+    }
+}
+
+/// Whether `<vdir>/_data` is a mount point (another device than its parent).
+fn is_mounted(vdir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (
+        fs::symlink_metadata(vdir),
+        fs::symlink_metadata(vdir.join(DATA)),
+    ) {
+        (Ok(parent), Ok(data)) => data.is_dir() && parent.dev() != data.dev(),
+        _ => false,
+    }
+}
+
+/// Unmounts `<vdir>/_data` when a file system is mounted there.
+fn unmount_if_mounted(vdir: &Path) -> Result<()> {
+    if !is_mounted(vdir) {
+        return Ok(());
+    }
+    run(
+        Command::new("umount").arg(vdir.join(DATA)),
+        "unmount the volume's file system (is a container still using it?)",
+    )
+}
+
+/// Runs `cmd`; its stderr becomes the error.
+fn run(cmd: &mut Command, what: &str) -> Result<()> {
+    let out = cmd.output().map_err(|e| VolumeError::Io {
+        context: format!("{what}: run {:?}", cmd.get_program()),
+        source: e,
+    })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(VolumeError::Io {
+            context: format!("{what}: {}", String::from_utf8_lossy(&out.stderr).trim()),
+            source: io::Error::other(format!(
+                "{:?} exited with {}",
+                cmd.get_program(),
+                out.status
+            )),
+        })
+    }
+}
+
+/// The data dirs of size-limited volumes under the store root `root` that have their file
+/// system mounted (for `node cleanup --dry-run`).
+pub fn mounted(root: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut out: Vec<PathBuf> = rd
+        .flatten()
+        .map(|e| e.path())
+        .filter(|vdir| is_mounted(vdir))
+        .map(|vdir| vdir.join(DATA))
+        .collect();
+    out.sort();
+    out
+}
+
+/// Unmounts every size-limited volume's file system under the store root `root` (for
+/// `node cleanup`, with no container left; the data stays in the images and is mounted again
+/// when the node starts). Returns the data dirs unmounted.
+pub fn unmount_all(root: &Path) -> Result<Vec<PathBuf>> {
+    let found = mounted(root);
+    for data in &found {
+        if let Some(vdir) = data.parent() {
+            unmount_if_mounted(vdir)?;
+        }
+    }
+    Ok(found)
 }

@@ -693,3 +693,93 @@ fn t16_a_full_disk_is_a_clear_error() {
         "failed import undone"
     );
 }
+
+#[test]
+fn t17_a_size_limit_is_its_own_file_system() {
+    use std::io::Write;
+    if !is_root() {
+        return;
+    }
+    let s = Scratch::new();
+    // Out of range: refused before anything is made.
+    for bad in [0, (8 << 20) - 1, (16u64 << 40) + 1, u64::MAX] {
+        let e = s
+            .store
+            .create_with("bad", BTreeMap::new(), Some(bad))
+            .expect_err("out of range");
+        assert!(matches!(e, VolumeError::InvalidSize(_)), "{e:?}");
+        assert!(e.to_string().contains("8 MiB to 16 TiB"), "{e}");
+    }
+    assert!(s.store.list().expect("list").is_empty());
+
+    let v = s
+        .store
+        .create_with("small", BTreeMap::new(), Some(8 << 20))
+        .expect("create 8 MiB");
+    assert_eq!(v.size_limit, Some(8 << 20));
+    let vdir = v.path.parent().expect("volume dir").to_path_buf();
+    let dev = |p: &Path| fs::metadata(p).expect("stat").dev();
+    assert_ne!(dev(&v.path), dev(&vdir), "the data dir is a mount point");
+    // Empty (no lost+found), container root's, 0755, like an unlimited volume.
+    assert_eq!(fs::read_dir(&v.path).expect("list").count(), 0);
+    let md = fs::metadata(&v.path).expect("stat data");
+    assert_eq!((md.uid(), md.gid()), (100_000, 100_000));
+    assert_eq!(md.permissions().mode() & 0o7777, 0o755);
+
+    // Filling it: ENOSPC inside, the node's disk keeps its space.
+    let mut f = fs::File::create(v.path.join("fill")).expect("create");
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut written = 0u64;
+    let err = loop {
+        match f.write_all(&chunk).and_then(|()| f.sync_all()) {
+            Ok(()) => written += 1 << 20,
+            Err(e) => break e,
+        }
+        assert!(
+            written <= 16 << 20,
+            "wrote {written} bytes into an 8 MiB volume"
+        );
+    };
+    drop(f);
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    assert!(written >= 4 << 20, "most of the limit is usable: {written}");
+    let used = s.store.usage("small").expect("usage");
+    assert!(used <= 8 << 20, "usage {used}");
+
+    // Unmounted behind the store's back (a host restart): mounted again on open, data kept.
+    assert!(std::process::Command::new("umount")
+        .arg(&v.path)
+        .status()
+        .expect("umount")
+        .success());
+    assert_eq!(dev(&v.path), dev(&vdir));
+    let again = VolumeStore::open(s.base.join("volumes"), Some(RANGE)).expect("reopen");
+    assert_ne!(dev(&v.path), dev(&vdir), "mounted again");
+    assert!(v.path.join("fill").exists(), "data kept");
+    assert_eq!(
+        again.get("small").expect("get").size_limit,
+        Some(8 << 20),
+        "the limit is remembered"
+    );
+
+    // `node cleanup` unmounts (the data stays in the image), the next open mounts again.
+    let root = s.base.join("volumes");
+    assert_eq!(flotilla_volume::mounted(&root), vec![v.path.clone()]);
+    assert_eq!(
+        flotilla_volume::unmount_all(&root).expect("unmount all"),
+        vec![v.path.clone()]
+    );
+    assert!(flotilla_volume::mounted(&root).is_empty());
+    let again = VolumeStore::open(root.clone(), Some(RANGE)).expect("reopen");
+    assert!(v.path.join("fill").exists(), "mounted again");
+
+    // Remove: unmounted, then gone, nothing left.
+    again.remove("small").expect("remove");
+    assert!(!vdir.exists());
+    let mounts = fs::read_to_string("/proc/self/mounts").expect("mounts");
+    assert!(
+        !mounts.contains(vdir.to_str().expect("utf-8")),
+        "no mount left: {mounts}"
+    );
+    s.marker_untouched("size limit");
+}

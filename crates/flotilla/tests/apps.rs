@@ -20,10 +20,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 /// Checks that wait on another issue: (check name, the issue's title).
-const EXPECTED_TO_FAIL: &[(&str, &str)] = &[(
-    "redis-unpublished by name",
-    "#18 Networks for real applications: a VIP carries every port",
-)];
+const EXPECTED_TO_FAIL: &[(&str, &str)] = &[];
 
 /// One application under test.
 struct App {
@@ -431,10 +428,6 @@ fn postgres_rows_survive_a_replacement(c: &Cluster) -> Result<(), String> {
         "--name",
         "pgvol",
         "--detach",
-        // Published so that its name answers on 5432 (a VIP carries only published ports
-        // until #18 is done; `redis-unpublished` above tracks that).
-        "-p",
-        "15433:5432",
         "--mount",
         "type=volume,src=pgdata,dst=/var/lib/postgresql/data",
         "apps/postgres:1",

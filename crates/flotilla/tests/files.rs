@@ -93,7 +93,10 @@ fn f10_a_local_user_reads_no_raft_file_key_or_container_record() {
         refused("an encryption-at-rest key", &f);
         assert_eq!(mode_and_group(&f).0, 0o600, "{}", f.display());
     }
-    refused("the CA key", &data.join("tls/ca.key"));
+    assert!(
+        !data.join("tls/ca.key").exists(),
+        "the CA key lives only in the sealed raft files"
+    );
     refused("the node key", &data.join("tls/node.key"));
     refused("the node record", &data.join("node.json"));
     refused("the admin key", &data.join("admin/key.pem"));

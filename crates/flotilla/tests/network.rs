@@ -662,3 +662,76 @@ fn n31_a_services_own_resolver() {
     ]);
     assert!(stderr(&o).contains("IPv4 address"), "{}", stderr(&o));
 }
+
+/// A service without published ports answers on every port of its VIP, by name, from a task
+/// on another host and from one on its own host (the kernel's VIP load balancing; UDP, the
+/// draining of removed tasks and a task reaching itself are in `flotilla-net` t70).
+#[test]
+fn n32_a_vip_carries_every_port_across_hosts() {
+    let mut c = Cluster::init_in_hosts(43, 2, &[]);
+    c.join("w1", "worker");
+    c.import("kv:1", "/bin/sh");
+    // Two replicas, one per host; each answers "<port> <hostname>" on 7000 and 7001. Healthy
+    // (so in the VIP's list) once 7000 listens.
+    let o = c.run(&[
+        "service",
+        "create",
+        "--name",
+        "kv",
+        "--replicas",
+        "2",
+        "--replicas-max-per-node",
+        "1",
+        "--health-tcp",
+        "7000",
+        "--health-interval",
+        "200ms",
+        "--detach",
+        "kv:1",
+        "sh",
+        "-c",
+        "(while true; do echo \"p7001 $(hostname)\" | nc -l -p 7001; done) & \
+         while true; do echo \"p7000 $(hostname)\" | nc -l -p 7000; done",
+    ]);
+    assert!(o.status.success(), "create kv: {}", stderr(&o));
+    let tasks = wait_healthy(&c, "kv", 2);
+    let want: BTreeSet<String> = tasks
+        .iter()
+        .map(|t| short(t["id"].as_str().unwrap()))
+        .collect();
+    let svc: serde_json::Value = serde_json::from_str(&stdout(
+        &c.run(&["service", "inspect", "kv", "--format", "json"]),
+    ))
+    .unwrap();
+    let vip = svc["vip"].as_str().expect("a VIP").to_string();
+    for node in ["m1", "w1"] {
+        let id = c.node_id(node);
+        let log = client_log(
+            &c,
+            &format!("kv-client-{node}"),
+            &id,
+            "nslookup kv; for i in $(seq 1 24); do nc -w 2 kv 7000 </dev/null; \
+             nc -w 2 kv 7001 </dev/null; done",
+            "kv:1",
+        );
+        assert!(log.contains(&vip), "kv resolves to its VIP {vip}: {log}");
+        for port in ["p7000", "p7001"] {
+            let seen: BTreeSet<String> = log
+                .lines()
+                .filter_map(|l| {
+                    let mut words = l.split_whitespace().skip_while(|w| *w != port);
+                    words.next()?;
+                    words.next()
+                })
+                .map(str::to_string)
+                .collect();
+            assert_eq!(
+                seen, want,
+                "from {node}, {port} of the VIP reached both replicas: {log}"
+            );
+        }
+    }
+    let o = c.run(&["service", "rm", "kv", "kv-client-m1", "kv-client-w1"]);
+    assert!(o.status.success(), "rm: {}", stderr(&o));
+    stop_and_check_leftovers(&mut c);
+}

@@ -609,3 +609,229 @@ fn unix_post(sock: &str, path: &str, body: &str) -> (u16, String) {
         .unwrap_or(("", text.trim()));
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
+
+/// A volume with a size limit: a task that fills it gets "No space left on device", the node
+/// and its other tasks keep working, `volume ls` shows the limit, and removing the volume
+/// leaves no mount behind.
+#[test]
+fn s40_a_full_volume_fails_its_task_not_the_node() {
+    let c = Cluster::init(67, &[]);
+    c.import("fill", "sleep 1000");
+    ok(
+        &c.run(&[
+            "service",
+            "create",
+            "--name",
+            "keeper",
+            "fill",
+            "sh",
+            "-c",
+            "exec sleep 1000",
+        ]),
+        "create keeper",
+    );
+    ok(
+        &c.run(&[
+            "service",
+            "create",
+            "--name",
+            "filler",
+            "--mount",
+            "type=volume,src=small,dst=/data,volume-opt=size=8m",
+            "fill",
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/data/fill bs=1M count=64 2>&1; echo dd-exit=$?; \
+             df -k /data | tail -1; exec sleep 1000",
+        ]),
+        "create filler",
+    );
+    let log = wait_for("the filler's dd to end", Duration::from_secs(60), || {
+        let text = stdout(&c.run(&["service", "logs", "filler"]));
+        text.contains("dd-exit=").then_some(text)
+    });
+    assert!(
+        log.contains("No space left on device") && !log.contains("dd-exit=0"),
+        "the task got ENOSPC: {log}"
+    );
+    // The volume's file system is 8 MiB; the node's disk is not what filled up.
+    let vols = volumes(&c);
+    let small = vols.iter().find(|v| v["name"] == "small").expect("listed");
+    assert_eq!(small["size_limit"], 8 << 20, "{small}");
+    let used = small["size_bytes"].as_u64().expect("size");
+    assert!(used > 4 << 20 && used <= 8 << 20, "used {used}");
+    let table = ok(&c.run(&["volume", "ls"]), "volume ls");
+    assert!(table.contains("/ 8.0 MiB"), "{table}");
+    // The node goes on: the other task runs and a new one starts.
+    assert_eq!(c.running("keeper").len(), 1);
+    ok(
+        &c.run(&[
+            "service",
+            "create",
+            "--name",
+            "after",
+            "fill",
+            "sh",
+            "-c",
+            "echo after-ok > /tmp/x && exec sleep 1000",
+        ]),
+        "a new service after the volume filled",
+    );
+    running_one(&c, "after");
+
+    ok(
+        &c.run(&["service", "rm", "filler", "keeper", "after"]),
+        "service rm",
+    );
+    // Refused while the removed task's container still holds it.
+    wait_for("volume rm small", Duration::from_secs(60), || {
+        c.run(&["volume", "rm", "small"])
+            .status
+            .success()
+            .then_some(())
+    });
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let data = c.tmp.path().to_str().unwrap().to_string();
+    assert!(
+        !mounts
+            .lines()
+            .any(|l| l.contains(&data) && l.contains("/volumes/")),
+        "no volume mount left: {mounts}"
+    );
+}
+
+/// `volume move`: refused while a task holds the volume; by hand with the service scaled to
+/// 0; and by the leader when a drain stops the task: the copy is checked on both ends, the
+/// task starts on the new node with its lines intact and in order, and the old copy goes.
+#[test]
+fn s50_a_volume_moves_with_a_drain() {
+    let c = {
+        let mut c = Cluster::init(68, &[]);
+        c.join("w1", "worker");
+        c
+    };
+    c.import("db", "sleep 1000");
+    let (m1, w1) = (c.node_id("m1"), c.node_id("w1"));
+    ok(
+        &c.run(&["volume", "create", "data", "--node", "w1"]),
+        "volume create",
+    );
+    ok(
+        &c.run(&[
+            "service",
+            "create",
+            "--name",
+            "db",
+            "--mount",
+            "type=volume,src=data,dst=/data",
+            "--stop-grace-period",
+            "1s",
+            "db",
+            "sh",
+            "-c",
+            "echo start >> /data/log; seq 1 20000 > /data/numbers; exec sleep 1000",
+        ]),
+        "service create",
+    );
+    let (t1, node) = running_one(&c, "db");
+    assert_eq!(node, w1);
+    assert_eq!(volume_log(&c, "data"), vec!["start"]);
+
+    // Refusals, each with what to do.
+    for (args, says) in [
+        (vec!["data", "--to", "m1"], "drain that node"),
+        (vec!["data", "--to", "w1"], "already"),
+        (vec!["data", "--to", "nowhere"], "not found"),
+        (vec!["nosuch", "--to", "m1"], "not found"),
+        (vec!["../x", "--to", "m1"], "not found"),
+    ] {
+        let mut full = vec!["volume", "move"];
+        full.extend(args.iter().copied());
+        let o = c.run(&full);
+        assert!(!o.status.success(), "{args:?} was refused");
+        assert!(stderr(&o).contains(says), "{args:?}: {}", stderr(&o));
+    }
+    // The API: a body without `to` is a 400 with a JSON message; a worker may not move.
+    let m1_addr = c.nodes[0].addr.clone();
+    let admin = c.tmp.path().join("admin-as-node");
+    std::fs::create_dir_all(&admin).unwrap();
+    for (from, to) in [
+        ("ca.pem", "ca.pem"),
+        ("cert.pem", "node.pem"),
+        ("key.pem", "node.key"),
+    ] {
+        std::fs::copy(c.admin_dir().join(from), admin.join(to)).unwrap();
+    }
+    let (code, body) = curl(&admin, &m1_addr, "POST", "/v1/volumes/data/move", &[]);
+    assert_eq!(code, 400, "{body}");
+    let msg: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(msg["message"].as_str().unwrap().contains("to"), "{body}");
+    let (code, body) = curl(
+        &c.nodes[1].dir.join("tls"),
+        &m1_addr,
+        "POST",
+        "/v1/volumes/data/move",
+        &[],
+    );
+    assert_eq!(code, 403, "a worker's certificate: {body}");
+    assert_eq!(
+        running_one(&c, "db").0,
+        t1,
+        "the refused moves left the task alone"
+    );
+
+    // By hand: with the service scaled to 0, `volume move` copies the data to m1.
+    ok(&c.run(&["service", "scale", "db=0"]), "scale to 0");
+    let out = wait_for("the move", Duration::from_secs(60), || {
+        let o = c.run(&["volume", "move", "data", "--to", "m1"]);
+        if o.status.success() {
+            return Some(stdout(&o));
+        }
+        // Until the old container is removed.
+        assert!(stderr(&o).contains("is mounted by task"), "{}", stderr(&o));
+        None
+    });
+    assert!(
+        out.contains("checked on both nodes")
+            && out.contains("the copy on the old node is deleted"),
+        "{out}"
+    );
+    assert!(
+        !c.nodes[1].dir.join("volumes").join("data").exists(),
+        "no service task was waiting: the old copy on w1 is deleted at once"
+    );
+    ok(&c.run(&["service", "scale", "db=1"]), "scale to 1");
+    let (t2, node) = running_one(&c, "db");
+    assert_ne!(t2, t1);
+    assert_eq!(node, m1, "the task goes where its data is");
+    assert_eq!(volume_log(&c, "data"), vec!["start", "start"]);
+
+    // A drain moves the data with the task: m1 drained, the leader copies the volume to w1
+    // (the node the scheduler picks) and the task starts there with its lines in order.
+    ok(
+        &c.run(&["node", "update", "--availability", "active", "w1"]),
+        "w1 active",
+    );
+    ok(
+        &c.run(&["node", "update", "--availability", "drain", "m1"]),
+        "drain m1",
+    );
+    let (t3, node) = wait_for("the task on w1", Duration::from_secs(90), || {
+        let r = c.running("db");
+        (r.len() == 1 && r[0].0 != t2).then(|| r[0].clone())
+    });
+    assert_ne!(t3, t2);
+    assert_eq!(node, w1, "the task followed its data off the drained node");
+    assert_eq!(
+        volume_log(&c, "data"),
+        vec!["start", "start", "start"],
+        "lines intact, in order"
+    );
+    let v = volumes(&c);
+    let data = v.iter().find(|v| v["name"] == "data").unwrap();
+    assert_eq!(data["node_id"], w1.as_str());
+    wait_for("the old copy gone from m1", Duration::from_secs(30), || {
+        (!c.nodes[0].dir.join("volumes").join("data").exists()).then_some(())
+    });
+    assert!(c.nodes[1].dir.join("volumes/data/_data/numbers").exists());
+}

@@ -112,6 +112,9 @@ fn expectations() -> Vec<Row> {
         (M::POST,   "/v1/cluster/join-tokens/rotate",  [401, 200, 200, 403, 403, 403, 403, 403], None),
         (M::POST,   "/v1/cluster/managers",            [401, 200, 200, 200, 200, 403, 200, 403], None),
         (M::PUT,    "/v1/cluster/settings",            [401, 200, 200, 403, 403, 403, 403, 403], None),
+        (M::GET,    "/v1/cluster/unlock-key",          [401, 200, 200, 403, 403, 403, 403, 403], None),
+        (M::POST,   "/v1/cluster/unlock-key/rotate",   [401, 200, 200, 403, 403, 403, 403, 403], None),
+        (M::POST,   "/v1/cluster/unlock",              [401, 200, 200, 403, 403, 403, 403, 403], None),
         (M::GET,    "/v1/trust/keys",                  [401, 200, 200, 403, 403, 403, 403, 403], None),
         (M::POST,   "/v1/trust/keys",                  [401, 200, 200, 403, 403, 403, 403, 403], None),
         (M::DELETE, "/v1/trust/keys/{id}",             [401, 200, 200, 403, 403, 403, 403, 403],
@@ -152,6 +155,7 @@ fn expectations() -> Vec<Row> {
         (M::DELETE, "/v1/volumes/{name}",              [401, 200, 200, 403, 403, 403, 403, 403], None),
         (M::GET,    "/v1/volumes/{name}/export",       [401, 200, 200, 403, 403, 403, 403, 403], None),
         (M::POST,   "/v1/volumes/{name}/import",       [401, 200, 200, 403, 403, 403, 403, 403], None),
+        (M::POST,   "/v1/volumes/{name}/move",         [401, 200, 200, 403, 403, 403, 403, 403], None),
         // A node's volumes: managers (still managers) and admins.
         (M::GET,    "/v1/agent/volumes",               [401, 200, 200, 200, 403, 403, 403, 403], None),
         (M::DELETE, "/v1/agent/volumes/{name}",        [401, 200, 200, 200, 403, 403, 403, 403], None),

@@ -14,6 +14,7 @@
 //! Handlers read whole tables through [`crate::Manager::blocking`] (see the crate's
 //! documentation); a lookup of one object by key stays inline.
 
+mod autolock;
 mod cluster;
 pub mod dispatch;
 mod events;
@@ -72,6 +73,8 @@ pub fn router(ctx: Ctx) -> Router {
         )
         .route("/v1/cluster/managers", post(join::add_manager))
         .route("/v1/cluster/settings", put(trust::update_settings))
+        .route("/v1/cluster/unlock-key", get(autolock::show))
+        .route("/v1/cluster/unlock-key/rotate", post(autolock::rotate))
         .route("/v1/trust/keys", get(trust::list).post(trust::add))
         .route("/v1/trust/keys/{id}", delete(trust::remove))
         .route("/v1/services", get(services::list).post(services::create))
@@ -121,6 +124,7 @@ pub fn router(ctx: Ctx) -> Router {
         .route("/v1/services/{id}/logs", get(logs::service_logs))
         .route("/v1/volumes/{name}/export", get(storage::export_volume))
         .route("/v1/volumes/{name}/import", post(storage::import_volume))
+        .route("/v1/volumes/{name}/move", post(storage::move_volume))
         .route(
             "/internal/raft/{kind}",
             post(raft::rpc).layer(axum::extract::DefaultBodyLimit::max(64 << 20)),

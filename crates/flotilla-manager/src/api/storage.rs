@@ -535,13 +535,9 @@ async fn with_sizes(ctx: &Ctx, volumes: &mut [Volume], nodes: &[Node]) {
         .collect();
     for v in volumes.iter_mut() {
         if let Some(local) = v.node_id.as_ref().and_then(|n| answers.get(n)) {
-            v.size_bytes = Some(
-                local
-                    .iter()
-                    .find(|l| l.name == v.name)
-                    .map(|l| l.size_bytes)
-                    .unwrap_or(0),
-            );
+            let found = local.iter().find(|l| l.name == v.name);
+            v.size_bytes = Some(found.map(|l| l.size_bytes).unwrap_or(0));
+            v.size_limit = found.and_then(|l| l.size_limit);
         }
     }
 }
@@ -636,6 +632,7 @@ pub async fn create_volume(
         driver: "local".into(),
         node_id,
         size_bytes: None,
+        size_limit: None,
         used_by: Vec::new(),
     };
     ctx.write(
@@ -799,6 +796,328 @@ pub async fn export_volume(
     Ok(out
         .body(Body::new(resp.into_body()))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+}
+
+/// How long `volume move` waits for a task to run on the new node before it deletes the copy
+/// on the old one.
+const MOVE_SOURCE_WAIT: Duration = Duration::from_secs(120);
+
+/// What the agent's import answers.
+#[derive(Deserialize)]
+struct Imported {
+    sha256: String,
+    bytes: u64,
+}
+
+/// `POST /v1/volumes/{name}/move` (`{"to": NODE}`): copies a volume that no task holds from
+/// its home node to another over the nodes' mTLS connections (the old node's export streamed
+/// through this manager into the new node's import), checks the copy by the SHA-256 of the
+/// archive on both ends, records the new home (the tasks that wait for the volume go there),
+/// and deletes the old copy once a task runs on the new node (at once when no task wants to
+/// run on the volume; after [`MOVE_SOURCE_WAIT`] it is kept and the answer says so).
+pub async fn move_volume(
+    State(ctx): State<Ctx>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    Json(req): Json<flotilla_types::VolumeMove>,
+) -> Result<Json<flotilla_types::VolumeMoved>, ManagerError> {
+    admin_only(&caller, "volumes")?;
+    move_to(&ctx, &name, &req.to).await.map(Json)
+}
+
+/// Moves volume `name` to the node `to` (id or hostname), as [`move_volume`] describes; also
+/// what the leader's drain mover (`crate::volumes::mover_loop`) calls.
+pub async fn move_to(
+    ctx: &Ctx,
+    name: &str,
+    to: &str,
+) -> Result<flotilla_types::VolumeMoved, ManagerError> {
+    let (v, from, to, users) = {
+        let (name, key) = (name.to_string(), to.to_string());
+        ctx.blocking(move |m| {
+            let v = find_volume(m, &name)?;
+            let from = match &v.node_id {
+                Some(id) => m.get::<Node>(id)?,
+                None => None,
+            };
+            let to = super::nodes::find_node(m, &key)?;
+            // The services with a task that wants to run on the volume: the old copy stays
+            // until one runs on the new node.
+            let services: Vec<Service> = m.list()?;
+            let tasks: Vec<Task> = m.list()?;
+            let users: BTreeSet<String> = tasks
+                .iter()
+                .filter(|t| {
+                    t.desired_state == TaskState::Running
+                        && !t.status.state.is_terminal()
+                        && volume_mounts(&t.spec).any(|s| s == name)
+                })
+                .map(|t| {
+                    services
+                        .iter()
+                        .find(|s| s.id == t.service_id)
+                        .map(|s| s.spec.name.clone())
+                        .unwrap_or_else(|| t.service_id.clone())
+                })
+                .collect();
+            Ok((v, from, to, users))
+        })
+        .await?
+    };
+    let Some(from) = from else {
+        return Err(ManagerError::bad_request(match &v.node_id {
+            None => format!(
+                "volume {} has no data yet (no task has used it): `flotilla volume rm {}` and \
+                 `flotilla volume create {} --node NODE` place it",
+                v.name, v.name, v.name
+            ),
+            Some(id) => format!(
+                "volume {} lives on node {id}, which left the cluster: nothing to copy from",
+                v.name
+            ),
+        }));
+    };
+    if from.id == to.id {
+        return Err(ManagerError::bad_request(format!(
+            "volume {} is on node {} already",
+            v.name, to.spec.name
+        )));
+    }
+    for (n, what) in [(&from, "its node"), (&to, "the target node")] {
+        if n.status.state != NodeState::Ready {
+            return Err(ManagerError::unavailable(format!(
+                "volume {}: {what} {} is {}: both nodes must be up to copy",
+                v.name,
+                n.spec.name,
+                n.status.state.as_str()
+            )));
+        }
+    }
+    let agent = |n: &Node| {
+        ctx.tls
+            .node(&n.status.addr)
+            .with_timeout(Duration::from_secs(30))
+    };
+    // Nobody may write while it is copied: refused while a container on the old node holds it.
+    let held: Vec<LocalVolumeInfo> =
+        agent(&from)
+            .get_json("/v1/agent/volumes")
+            .await
+            .map_err(|e| {
+                ManagerError::unavailable(format!(
+                    "volume {}: its node {} cannot be reached: {e}",
+                    v.name, from.spec.name
+                ))
+            })?;
+    if let Some(h) = held
+        .iter()
+        .find(|l| l.name == v.name && !l.in_use_by.is_empty())
+    {
+        return Err(ManagerError::conflict(format!(
+            "volume {} is mounted by task {} on node {}: drain that node (`flotilla node update \
+             --availability drain {}`) or scale the service to 0, then move the volume",
+            v.name,
+            h.in_use_by.join(", "),
+            from.spec.name,
+            from.spec.name
+        )));
+    }
+    let there: Vec<LocalVolumeInfo> =
+        agent(&to)
+            .get_json("/v1/agent/volumes")
+            .await
+            .map_err(|e| {
+                ManagerError::unavailable(format!(
+                    "volume {}: the target node {} cannot be reached: {e}",
+                    v.name, to.spec.name
+                ))
+            })?;
+    if there.iter().any(|l| l.name == v.name) {
+        return Err(ManagerError::conflict(format!(
+            "node {} already holds a volume named {} (a copy left by an earlier move?): remove \
+             it there first",
+            to.spec.name, v.name
+        )));
+    }
+
+    let started = std::time::Instant::now();
+    let src = ctx.tls.node(&from.status.addr);
+    let resp = src
+        .send(
+            axum::http::Method::GET,
+            &format!("/v1/agent/volumes/{}/export", v.name),
+            None,
+        )
+        .await
+        .map_err(|e| {
+            ManagerError::unavailable(format!(
+                "volume {}: export on node {} failed: {e}",
+                v.name, from.spec.name
+            ))
+        })?;
+    if !resp.status().is_success() {
+        let e = src
+            .finish(resp)
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        return Err(ManagerError::unavailable(format!(
+            "volume {}: export on node {} failed: {e}",
+            v.name, from.spec.name
+        )));
+    }
+    // The archive's digest and size as they pass.
+    let sent = std::sync::Arc::new(std::sync::Mutex::new((Sha256::new(), 0u64)));
+    let tap = sent.clone();
+    let body = http_body_util::BodyExt::map_frame(resp.into_body(), move |frame| {
+        if let Some(d) = frame.data_ref() {
+            let mut t = tap
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            t.0.update(d);
+            t.1 += d.len() as u64;
+        }
+        frame
+    });
+    let body =
+        http_body_util::BodyExt::map_err(body, |e| Box::new(e) as flotilla_api::upload::BoxError);
+    let dst = ctx.tls.node(&to.status.addr);
+    let copied = async {
+        let resp = dst
+            .send_stream(
+                axum::http::Method::POST,
+                &format!("/v1/agent/volumes/{}/import", v.name),
+                "application/x-tar",
+                Box::pin(body),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let r = dst.finish(resp).await.map_err(|e| e.to_string())?;
+        serde_json::from_slice::<Imported>(&r.body).map_err(|e| e.to_string())
+    }
+    .await;
+    let (sha256, bytes) = {
+        let t = sent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (hex::encode(t.0.clone().finalize()), t.1)
+    };
+    let drop_copy = || async {
+        let path = format!("/v1/agent/volumes/{}", v.name);
+        if let Err(e) = agent(&to)
+            .request(axum::http::Method::DELETE, &path, None)
+            .await
+        {
+            if e.status() != Some(404) {
+                tracing::warn!(volume = %v.name, node = %to.id, error = %e, "a failed move's copy stays on the target");
+            }
+        }
+    };
+    match copied {
+        Ok(got) if got.sha256 == sha256 && got.bytes == bytes => {}
+        Ok(got) => {
+            drop_copy().await;
+            return Err(ManagerError::unavailable(format!(
+                "volume {}: the copy on node {} does not match (sent {bytes} bytes, sha256 \
+                 {sha256}; received {} bytes, sha256 {}); the volume stays on node {}",
+                v.name, to.spec.name, got.bytes, got.sha256, from.spec.name
+            )));
+        }
+        Err(e) => {
+            drop_copy().await;
+            return Err(ManagerError::unavailable(format!(
+                "volume {}: copying to node {} failed ({e}); the volume stays on node {}",
+                v.name, to.spec.name, from.spec.name
+            )));
+        }
+    }
+    // The new home: from here the tasks waiting for the volume go to the new node.
+    let mut moved = v.clone();
+    moved.node_id = Some(to.id.clone());
+    moved.meta.updated_at = now_ms();
+    moved.size_bytes = None;
+    moved.size_limit = None;
+    moved.used_by = Vec::new();
+    if let Err(e) = ctx
+        .write(
+            Batch::single(Op::update(
+                Table::Volumes,
+                &v.name,
+                encode(&moved)?,
+                Some(v.meta.version),
+            )),
+            "volume",
+        )
+        .await
+    {
+        drop_copy().await;
+        return Err(e);
+    }
+    let copy_ms = started.elapsed().as_millis() as u64;
+    tracing::info!(volume = %v.name, from = %from.id, to = %to.id, bytes, copy_ms, "volume moved");
+
+    // The old copy stays until a task runs on the new node (at once without users).
+    let kept = if users.is_empty() {
+        None
+    } else {
+        let deadline = tokio::time::Instant::now() + MOVE_SOURCE_WAIT;
+        loop {
+            let (vol, node) = (v.name.clone(), to.id.clone());
+            let running = ctx
+                .blocking(move |m| {
+                    let tasks: Vec<Task> = m.list()?;
+                    Ok(tasks.iter().any(|t| {
+                        t.node_id.as_deref() == Some(node.as_str())
+                            && t.status.state == TaskState::Running
+                            && volume_mounts(&t.spec).any(|s| s == vol)
+                    }))
+                })
+                .await?;
+            if running {
+                break None;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break Some(format!(
+                    "no task of {} ran on node {} within {} s: the old copy stays on node {} \
+                     (delete its DATA/volumes/{} by hand once the data is checked)",
+                    users.iter().cloned().collect::<Vec<_>>().join(", "),
+                    to.spec.name,
+                    MOVE_SOURCE_WAIT.as_secs(),
+                    from.spec.name,
+                    v.name
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let kept = match kept {
+        Some(why) => Some(why),
+        None => {
+            let path = format!("/v1/agent/volumes/{}", v.name);
+            match agent(&from)
+                .request(axum::http::Method::DELETE, &path, None)
+                .await
+            {
+                Ok(_) => None,
+                Err(e) if e.status() == Some(404) => None,
+                Err(e) => Some(format!(
+                    "node {} did not delete the old copy ({e}): delete its DATA/volumes/{} by hand",
+                    from.spec.name, v.name
+                )),
+            }
+        }
+    };
+    Ok(flotilla_types::VolumeMoved {
+        name: v.name,
+        from: from.id,
+        to: to.id,
+        bytes,
+        sha256,
+        copy_ms,
+        source_removed: kept.is_none(),
+        source_kept_because: kept,
+    })
 }
 
 /// Answers `e` without reading an upload (past what `refuse_unread` drains).

@@ -42,6 +42,10 @@ pub fn settings(
         serde_json::Value::from(c.bind_allow.clone()),
     );
     m.insert(
+        "autolock".to_string(),
+        serde_json::Value::from(if c.unlock_key.is_some() { "on" } else { "off" }),
+    );
+    m.insert(
         "signature_enforcement".to_string(),
         serde_json::Value::from(if trust.enforce { "on" } else { "off" }),
     );
@@ -125,6 +129,9 @@ pub struct SettingsUpdate {
     /// Host directories services may bind-mount (replaces the list; empty allows none).
     #[serde(default)]
     pub bind_allow: Option<Vec<String>>,
+    /// Autolock: managers' data keys wrapped by an unlock key instead of a key file.
+    #[serde(default)]
+    pub autolock: Option<bool>,
 }
 
 /// `PUT /v1/cluster/settings` → the settings as `cluster info` shows them.
@@ -134,9 +141,9 @@ pub async fn update_settings(
     Json(req): Json<SettingsUpdate>,
 ) -> Result<Response, ManagerError> {
     admin_only(&caller)?;
-    if req.signature_enforcement.is_none() && req.bind_allow.is_none() {
+    if req.signature_enforcement.is_none() && req.bind_allow.is_none() && req.autolock.is_none() {
         return Err(ManagerError::bad_request(
-            "nothing to change: send {\"signature_enforcement\": true|false} or {\"bind_allow\": [\"/srv/data\"]}",
+            "nothing to change: send {\"signature_enforcement\": true|false}, {\"bind_allow\": [\"/srv/data\"]} or {\"autolock\": true|false}",
         ));
     }
     if let Some(dirs) = &req.bind_allow {
@@ -145,7 +152,7 @@ pub async fn update_settings(
         }
     }
     let mgr = &ctx;
-    let (_, c) = mgr
+    let (new_key, c) = mgr
         .update_cluster(move |c| {
             if let Some(on) = req.signature_enforcement {
                 c.trust.enforce = on;
@@ -153,7 +160,10 @@ pub async fn update_settings(
             if let Some(dirs) = req.bind_allow {
                 c.bind_allow = dirs;
             }
-            Ok(())
+            match req.autolock {
+                Some(on) => super::autolock::apply(c, on),
+                None => Ok(None),
+            }
         })
         .await?;
     match req.signature_enforcement {
@@ -163,5 +173,17 @@ pub async fn update_settings(
         }
         None => {}
     }
-    Ok(json_ok(&settings(&c)))
+    match req.autolock {
+        Some(true) => tracing::info!("autolock on: managers need the unlock key after a restart"),
+        Some(false) => {
+            tracing::warn!("autolock off: managers keep their key files beside the data")
+        }
+        None => {}
+    }
+    let mut out = settings(&c);
+    // A new unlock key is shown once, to the admin who turned autolock on.
+    if let Some(key) = new_key {
+        out.insert("unlock_key".to_string(), serde_json::Value::from(key));
+    }
+    Ok(json_ok(&out))
 }
