@@ -480,7 +480,12 @@ impl NodeNet {
         if let Err(e) = nat::set_published(net, &self.names.tag, &published).await {
             tracing::warn!(error = %e, "updating the published ports tasks may reach failed");
         }
-        // Every other port of a VIP: destination NAT in the kernel, set when it changed.
+        let report = state.mesh.apply(specs).await;
+        for f in &report.failed {
+            tracing::debug!(listen = %f.listen, error = %f.error, "a mesh frontend could not listen; retrying on the next map");
+        }
+        // Every other port of a VIP: destination NAT in the kernel, set when it changed (after
+        // the mesh, which is in memory: an `iptables-restore` must not delay it).
         let vips = vip_balances(map);
         if state.vips.as_ref() != Some(&vips) {
             match nat::set_vips(net, &self.names.tag, &vips).await {
@@ -490,10 +495,6 @@ impl NodeNet {
                     tracing::warn!(error = %e, "updating the VIPs' load balancing failed; retrying on the next map");
                 }
             }
-        }
-        let report = state.mesh.apply(specs).await;
-        for f in &report.failed {
-            tracing::debug!(listen = %f.listen, error = %f.error, "a mesh frontend could not listen; retrying on the next map");
         }
     }
 
