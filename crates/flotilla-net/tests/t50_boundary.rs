@@ -15,7 +15,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{fetch, fetch_until, net, sock, Sandbox, Server};
+use common::{fetch, fetch_until, net, rules_for, sock, Sandbox, Server};
 use flotilla_net::nat::{self, L4};
 use flotilla_net::overlay::{self, OverlayPeer, Vxlan};
 use flotilla_net::task::{self, TaskLink};
@@ -64,21 +64,6 @@ async fn bridge_and_task(sb: &Sandbox, host: &Net, name: &str, n: u8) -> std::pa
     .await
     .expect("attach");
     t
-}
-
-fn rules_for(tag: &str, n: u8, overlay: bool) -> nat::NatRules {
-    nat::NatRules {
-        tag: tag.into(),
-        subnet: net(&format!("10.200.{n}.0/24")),
-        bridge: "fltbr0".into(),
-        overlay: overlay.then(|| "fltvx0".into()),
-        cluster_pool: Some(net("10.200.0.0/16")),
-        outbound_nat: true,
-        trusted_ifaces: vec![],
-        vxlan_port: overlay.then_some(VXLAN_PORT),
-        dns: Some(SocketAddrV4::new(Ipv4Addr::new(10, 200, n, 1), 53)),
-        vip_pool: Some(net("10.199.0.0/16")),
-    }
 }
 
 /// Packets counted so far by `rule` (`iptables -S` form, without counters) of `chain`; 0
@@ -316,7 +301,7 @@ async fn vxlan_only_from_cluster_nodes() {
     );
 
     let tag = "t50";
-    nat::ensure(&host, &rules_for(tag, 1, true))
+    nat::ensure(&host, &rules_for(tag, 1, Some(VXLAN_PORT)))
         .await
         .expect("ensure");
     nat::set_nodes(&host, tag, &[me, member])
@@ -405,7 +390,7 @@ async fn vxlan_only_from_cluster_nodes() {
     // (a flush would reset the counters)
     let vx_drops = hits(&host, &in_chain, &vx_drop).await;
     assert!(vx_drops > 0);
-    nat::ensure(&host, &rules_for(tag, 1, true))
+    nat::ensure(&host, &rules_for(tag, 1, Some(VXLAN_PORT)))
         .await
         .expect("ensure again");
     assert_eq!(hits(&host, &in_chain, &vx_drop).await, vx_drops);
@@ -467,7 +452,7 @@ async fn lan_hosts_cannot_route_into_task_subnets() {
     assert_eq!(fetch_until(&lan_ns, dns_port, WAIT).expect("open"), "dns");
 
     let tag = "t51";
-    nat::ensure(&host, &rules_for(tag, 3, false))
+    nat::ensure(&host, &rules_for(tag, 3, None))
         .await
         .expect("ensure");
     let fwd = nat::fwd_chain(tag);
@@ -586,7 +571,7 @@ async fn tasks_cannot_reach_host_listeners() {
     assert_eq!(fetch_until(&task_ns, api_node, WAIT).expect("open"), "api");
 
     let tag = "t52";
-    nat::ensure(&host, &rules_for(tag, 4, false))
+    nat::ensure(&host, &rules_for(tag, 4, None))
         .await
         .expect("ensure");
     nat::set_published(&host, tag, &[(L4::Tcp, 8080), (L4::Udp, 8080)])

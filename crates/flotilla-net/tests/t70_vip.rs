@@ -11,7 +11,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{fetch, fetch_until, net, sock, Sandbox, Server};
+use common::{fetch, fetch_until, net, rules_for, sock, Sandbox, Server};
 use flotilla_net::nat::{self, VipBalance, L4};
 use flotilla_net::overlay::{self, OverlayPeer, Vxlan};
 use flotilla_net::task::{self, TaskLink};
@@ -22,21 +22,6 @@ const VIP: &str = "10.199.0.2";
 
 fn vip() -> Ipv4Addr {
     VIP.parse().expect("vip")
-}
-
-fn rules(tag: &str, n: u8, overlay: bool) -> nat::NatRules {
-    nat::NatRules {
-        tag: tag.into(),
-        subnet: net(&format!("10.200.{n}.0/24")),
-        bridge: "fltbr0".into(),
-        overlay: overlay.then(|| "fltvx0".into()),
-        cluster_pool: Some(net("10.200.0.0/16")),
-        outbound_nat: true,
-        trusted_ifaces: vec![],
-        vxlan_port: overlay.then_some(overlay::DEFAULT_PORT),
-        dns: None,
-        vip_pool: Some(net("10.199.0.0/16")),
-    }
 }
 
 /// A task `10.200.<n>.<host>` named `<name>` on `host`'s bridge.
@@ -165,7 +150,7 @@ async fn one_host_every_port_tcp_udp_hairpin_and_draining() {
     route::ensure_local(&host, net("10.199.0.0/16"), 100)
         .await
         .expect("vip route");
-    nat::ensure(&host, &rules("t70", 1, false))
+    nat::ensure(&host, &rules_for("t70", 1, None))
         .await
         .expect("nat");
     for (ns, name) in [(&b1, "b1"), (&b2, "b2")] {
@@ -315,7 +300,7 @@ async fn across_hosts_the_task_sees_its_client() {
         route::ensure_local(host, net("10.199.0.0/16"), 100)
             .await
             .expect("vip route");
-        nat::ensure(host, &rules("t71", n, true))
+        nat::ensure(host, &rules_for("t71", n, Some(overlay::DEFAULT_PORT)))
             .await
             .expect("nat");
         nat::set_nodes(host, "t71", &[ua, ub]).await.expect("nodes");

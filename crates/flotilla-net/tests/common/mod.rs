@@ -160,3 +160,24 @@ pub fn net(s: &str) -> ipnet::Ipv4Net {
 pub fn sock(s: &str) -> SocketAddr {
     s.parse().expect("socket addr")
 }
+
+/// The node chains a test host gets: subnet `10.200.<n>.0/24` on `fltbr0`, the cluster pool
+/// `10.200.0.0/16`, the VIP pool `10.199.0.0/16`, DNS on the gateway, and with `vxlan_port` the
+/// overlay device `fltvx0` and its allow-list.
+pub fn rules_for(tag: &str, n: u8, vxlan_port: Option<u16>) -> flotilla_net::nat::NatRules {
+    flotilla_net::nat::NatRules {
+        tag: tag.into(),
+        subnet: net(&format!("10.200.{n}.0/24")),
+        bridge: "fltbr0".into(),
+        overlay: vxlan_port.map(|_| "fltvx0".into()),
+        cluster_pool: Some(net("10.200.0.0/16")),
+        outbound_nat: true,
+        trusted_ifaces: vec![],
+        vxlan_port,
+        dns: Some(std::net::SocketAddrV4::new(
+            std::net::Ipv4Addr::new(10, 200, n, 1),
+            53,
+        )),
+        vip_pool: Some(net("10.199.0.0/16")),
+    }
+}
