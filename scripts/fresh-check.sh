@@ -76,6 +76,12 @@ leftovers() {
 	done
 	if [[ -s $work/new ]]; then
 		cat "$work/new"
+		# For a process: what it is, and which runtime started it (shims carry
+		# FLOTILLA_SHIM_OF=<data dir>/runtime, which `node cleanup` looks for too).
+		awk '$1 == "pid" {print $2}' "$work/new" | while read -r pid; do
+			ps -o pid,ppid,pgid,stat,etime,comm,args -p "$pid" 2>/dev/null | tail -n +2 || true
+			tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep '^FLOTILLA_SHIM_OF=' | sed 's/^/    /' || true
+		done
 		echo "fresh-check: $what left the objects above on the host" >&2
 		exit 1
 	fi

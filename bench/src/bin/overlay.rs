@@ -3,9 +3,10 @@
 //! bridge, VXLAN device, NAT chains and VIP chain, and tasks in namespaces of their own.
 //!
 //! * **Throughput and round trips between hosts**: a task on host A to a task on host B over
-//!   the VXLAN overlay, against host A to host B over the underlay (the anchor, same run): one
-//!   TCP stream of `--mib` MiB, and `--pings` one-byte round trips on one connection (p50,
-//!   p99).
+//!   the VXLAN overlay, and over the encrypted tunnel (`flotilla_net::crypt`, AES-256-GCM in
+//!   userspace over TUN + UDP; its routes win over the VXLAN ones while that kind runs),
+//!   against host A to host B over the underlay (the anchor, same run): one TCP stream of
+//!   `--mib` MiB, and `--pings` one-byte round trips on one connection (p50, p99).
 //! * **New connections through a VIP**: connect, one byte each way, close; from a task to a
 //!   task on the same host and on the other host, directly and through the VIP (destination
 //!   NAT), alternating in rounds. Reports connections/s and p50/p99 per connection.
@@ -15,7 +16,7 @@
 //! Needs root (namespaces, iptables). Sends nothing outside the namespaces it creates.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,7 @@ use anyhow::{bail, Context};
 use ipnet::Ipv4Net;
 
 use flotilla_bench::machine;
+use flotilla_net::crypt::{self, Tunnel, TunnelConfig, TunnelKey, TunnelPeer};
 use flotilla_net::nat::{self, VipBalance};
 use flotilla_net::overlay::{self, OverlayPeer, Vxlan};
 use flotilla_net::task::{self, TaskLink};
@@ -30,6 +32,9 @@ use flotilla_net::{bridge, link, netns, route, Net};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 199, 0, 2);
 const VIP_FAR: Ipv4Addr = Ipv4Addr::new(10, 199, 0, 3);
+/// The encrypted tunnel's device and UDP port.
+const TUN: &str = "fltet0";
+const TUN_PORT: u16 = 51820;
 
 struct Args {
     rounds: usize,
@@ -113,7 +118,8 @@ async fn host(ns: &Path, n: u8, underlay: Ipv4Addr) -> anyhow::Result<Net> {
             overlay: Some("fltvx0".into()),
             cluster_pool: Some(net("10.200.0.0/16")),
             outbound_nat: true,
-            trusted_ifaces: vec![],
+            // the encrypted tunnel's device, like the overlay's
+            trusted_ifaces: vec![TUN.into()],
             vxlan_port: Some(overlay::DEFAULT_PORT),
             dns: None,
             vip_pool: Some(net("10.199.0.0/16")),
@@ -295,10 +301,12 @@ async fn main() -> anyhow::Result<()> {
         OverlayPeer {
             underlay: ua,
             subnet: net("10.200.1.0/24"),
+            extra: Vec::new(),
         },
         OverlayPeer {
             underlay: ub,
             subnet: net("10.200.2.0/24"),
+            extra: Vec::new(),
         },
     ];
     for (h, tag) in [(&ha, "bench1"), (&hb, "bench2")] {
@@ -318,11 +326,13 @@ async fn main() -> anyhow::Result<()> {
                 vip: VIP,
                 mesh_ports: vec![],
                 backends: vec![near_ip],
+                source: None,
             },
             VipBalance {
                 vip: VIP_FAR,
                 mesh_ports: vec![],
                 backends: vec![far_ip],
+                source: None,
             },
         ],
     )
@@ -332,13 +342,55 @@ async fn main() -> anyhow::Result<()> {
     serve(listen(&far, SocketAddr::from((far_ip, PORT)))?);
     serve(listen(&b_ns, SocketAddr::from((ub, PORT)))?);
 
+    // The encrypted tunnel on both hosts; its routes are installed only while its kind runs.
+    let key = TunnelKey {
+        id: 1,
+        secret: *b"flotilla-bench-tunnel-key-000001",
+    };
+    let tun_cfg = |ip: Ipv4Addr| TunnelConfig {
+        ifname: TUN.into(),
+        listen: SocketAddrV4::new(ip, TUN_PORT),
+        mtu: 1500 - crypt::OVERHEAD,
+    };
+    let ta = Tunnel::start(&ha, tun_cfg(ua), vec![key.clone()]).await?;
+    let tb = Tunnel::start(&hb, tun_cfg(ub), vec![key]).await?;
+    let tunnels = [
+        (
+            &ha,
+            &ta,
+            TunnelPeer {
+                underlay: SocketAddrV4::new(ub, TUN_PORT),
+                routes: vec![net("10.200.2.0/24")],
+            },
+        ),
+        (
+            &hb,
+            &tb,
+            TunnelPeer {
+                underlay: SocketAddrV4::new(ua, TUN_PORT),
+                routes: vec![net("10.200.1.0/24")],
+            },
+        ),
+    ];
+    let encrypted = |on: bool| {
+        let tunnels = &tunnels;
+        async move {
+            for (h, t, peer) in tunnels {
+                let peers = if on { vec![peer.clone()] } else { vec![] };
+                t.set_peers(h, &peers).await?;
+            }
+            anyhow::Ok(())
+        }
+    };
+
     println!("machine: {}", machine());
     println!(
         "{} rounds; per round: a {} MiB stream, {} one-byte round trips, {} new connections per kind",
         a.rounds, a.mib, a.pings, a.conns
     );
 
-    let kinds_stream: [(&str, &Path, SocketAddr); 2] = [
+    const ENCRYPTED: usize = 2;
+    let kinds_stream: [(&str, &Path, SocketAddr); 3] = [
         (
             "host A -> host B (underlay)",
             &a_ns,
@@ -349,6 +401,11 @@ async fn main() -> anyhow::Result<()> {
             &client,
             SocketAddr::from((far_ip, PORT)),
         ),
+        (
+            "task A -> task B (encrypted)",
+            &client,
+            SocketAddr::from((far_ip, PORT)),
+        ),
     ];
     let kinds_conn: [(&str, SocketAddr); 4] = [
         ("same host, direct", SocketAddr::from((near_ip, PORT))),
@@ -356,26 +413,35 @@ async fn main() -> anyhow::Result<()> {
         ("other host, direct", SocketAddr::from((far_ip, PORT))),
         ("other host, VIP", SocketAddr::from((VIP_FAR, PORT))),
     ];
-    // Warm up (ARP, routes, conntrack).
-    for (_, ns, to) in &kinds_stream {
+    // Warm up (ARP, routes, conntrack, path MTU of the tunnel).
+    for (i, (_, ns, to)) in kinds_stream.iter().enumerate() {
+        encrypted(i == ENCRYPTED).await?;
         pings(ns, *to, 50)?;
+        stream(ns, *to, 8)?;
     }
+    encrypted(false).await?;
     for (_, to) in &kinds_conn {
         conns(&client, *to, 50)?;
     }
 
-    let mut tput: Vec<Vec<f64>> = vec![Vec::new(); 2];
-    let mut rtt: Vec<Vec<Duration>> = vec![Vec::new(); 2];
+    let mut tput: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    let mut rtt: Vec<Vec<Duration>> = vec![Vec::new(); 3];
     let mut rate: Vec<Vec<f64>> = vec![Vec::new(); 4];
     let mut per_conn: Vec<Vec<Duration>> = vec![Vec::new(); 4];
     for r in 0..a.rounds {
         // Alternate the order in each round.
-        let order: Vec<usize> = if r % 2 == 0 { vec![0, 1] } else { vec![1, 0] };
+        let order: Vec<usize> = if r % 2 == 0 {
+            vec![0, 1, 2]
+        } else {
+            vec![2, 1, 0]
+        };
         for &i in &order {
             let (_, ns, to) = kinds_stream[i];
+            encrypted(i == ENCRYPTED).await?;
             tput[i].push(stream(ns, to, a.mib)?);
             rtt[i].extend(pings(ns, to, a.pings)?);
         }
+        encrypted(false).await?;
         let order: Vec<usize> = if r % 2 == 0 {
             vec![0, 1, 2, 3]
         } else {
@@ -404,6 +470,21 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "overlay / underlay throughput: {:.2}x (goal >= 0.9x)",
         medians[1] / medians[0]
+    );
+    println!(
+        "encrypted / underlay throughput: {:.2}x (goal >= 0.5x); encrypted / overlay: {:.2}x",
+        medians[2] / medians[0],
+        medians[2] / medians[1]
+    );
+    let (sa, sb) = (ta.stats(), tb.stats());
+    println!(
+        "tunnel A: {} packets sent, {} received, {} dropped; B: {} sent, {} received, {} dropped",
+        sa.tx_packets,
+        sa.rx_packets,
+        sa.rx_dropped() + sa.dropped_no_route + sa.send_errors,
+        sb.tx_packets,
+        sb.rx_packets,
+        sb.rx_dropped() + sb.dropped_no_route + sb.send_errors
     );
     println!();
     println!("| new connections from a task | median conn/s | per connection p50 / p99 |");

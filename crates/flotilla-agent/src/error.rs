@@ -116,6 +116,12 @@ pub enum NetError {
     /// The node's subnet is not set up.
     #[error("task network not ready")]
     NotReady,
+    /// A user-defined network the task is attached to has no block on this node.
+    #[error("network {network:?} is not set up on this node after {waited:?} (removed, or no block of its range for this node)")]
+    NoNetwork {
+        network: String,
+        waited: std::time::Duration,
+    },
     /// No subnet arrived from the managers within `waited`.
     #[error(
         "this node's task network is not set up after {}s (no subnet from the managers yet)",

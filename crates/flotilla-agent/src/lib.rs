@@ -210,6 +210,7 @@ pub fn router(ctx: Arc<AgentCtx>) -> Router {
         .route("/v1/agent/volumes/{name}", delete(volumes::remove))
         .route("/v1/agent/volumes/{name}/export", get(volumes::export))
         .route("/v1/agent/volumes/{name}/import", post(volumes::import))
+        .route("/v1/agent/volumes/{name}/tree", get(volumes::tree))
         .route("/v1/images", get(images::list))
         // Uploads are streamed to disk by the handlers, bounded by `images::UPLOAD_LIMIT`.
         .route("/v1/images/import", post(images::import))

@@ -47,6 +47,13 @@ use crate::{blocking, NetError};
 /// MTU of task interfaces: leaves room for VXLAN's 50 bytes on a 1500-byte underlay.
 const TASK_MTU: u32 = 1450;
 
+/// MTU of the encrypted tunnel's device: a 1500-byte underlay less the outer IPv4 and UDP
+/// headers and the tunnel's own (29 bytes) and tag (16).
+const TUNNEL_MTU: u32 = 1427;
+
+/// MTU of task interfaces on encrypted networks (within [`TUNNEL_MTU`]).
+const ENCRYPTED_TASK_MTU: u32 = 1420;
+
 /// Short, stable tag of a node for interface and chain names.
 pub fn node_tag(node_id: &str) -> String {
     let h = Sha256::digest(node_id.as_bytes());
@@ -59,6 +66,9 @@ pub struct Names {
     pub tag: String,
     pub bridge: String,
     pub vxlan: String,
+    /// The encrypted tunnel's device: the VXLAN device's name plus `e`, so that the overlay's
+    /// iptables rules (`fltvx<tag>+`) cover it too.
+    pub tunnel: String,
     pub veth_prefix: String,
     /// Lasting state: `settings.json`, `ipam.json`.
     pub dir: PathBuf,
@@ -73,11 +83,31 @@ impl Names {
         Names {
             bridge: format!("fltbr{tag}"),
             vxlan: format!("fltvx{tag}"),
+            tunnel: format!("fltvx{tag}e"),
             veth_prefix: format!("fv{}", &tag[..4]),
             dir: data_dir.join("net"),
             vdir: data_dir.join("run").join("net"),
             tag,
         }
+    }
+    /// The short tag of a user-defined network (bridge and allocation file names).
+    fn net_tag(network: &str) -> String {
+        let h = Sha256::digest(network.as_bytes());
+        hex::encode(&h[..2])
+    }
+    /// The bridge of a user-defined network: the node bridge's name plus the network's tag,
+    /// so that `fltbr<tag>+` matches every bridge of the node in iptables.
+    fn net_bridge(&self, network: &str) -> String {
+        format!("{}{}", self.bridge, Self::net_tag(network))
+    }
+    /// The allocation file of a user-defined network's block.
+    fn net_ipam(&self, network: &str) -> PathBuf {
+        self.dir
+            .join(format!("ipam-{}.json", Self::net_tag(network)))
+    }
+    /// The host end of a task's veth on a user-defined network.
+    fn net_veth(&self, task_id: &str, network: &str) -> String {
+        veth::host_ifname(&self.veth_prefix, &format!("{task_id}\0{network}"))
     }
     /// The metric of this node's VIP-pool route (distinct per node).
     fn route_metric(&self) -> u32 {
@@ -111,6 +141,56 @@ pub struct TaskNet {
     pub resolv: PathBuf,
     /// The veth to wire with [`NodeNet::attach_task`] (before the container starts).
     link: veth::TaskLink,
+    /// The first user-defined network the task is on (its `eth0`, `addr`), if any.
+    network: Option<String>,
+    /// Its further user-defined networks (`eth1`, …).
+    extra: Vec<ExtraNet>,
+}
+
+/// A task's interface on a further user-defined network.
+#[derive(Debug, Clone)]
+struct ExtraNet {
+    network: String,
+    addr: Ipv4Addr,
+    /// The network's range, routed through this interface.
+    range: Ipv4Net,
+    link: veth::TaskLink,
+}
+
+impl TaskNet {
+    /// The task's address on each user-defined network it is on.
+    pub fn network_addresses(&self) -> std::collections::BTreeMap<String, String> {
+        self.network
+            .iter()
+            .map(|n| (n.clone(), self.addr.to_string()))
+            .chain(
+                self.extra
+                    .iter()
+                    .map(|e| (e.network.clone(), e.addr.to_string())),
+            )
+            .collect()
+    }
+}
+
+/// A user-defined network as set up on this node.
+#[derive(Debug)]
+struct UserNet {
+    range: Ipv4Net,
+    block: Ipv4Net,
+    gateway: Ipv4Addr,
+    bridge: String,
+    internal: bool,
+    encrypted: bool,
+    /// Task addresses of the block (persisted in `DATA/net/ipam-<tag>.json`).
+    addrs: TaskAddrs,
+}
+
+/// The user-defined networks set up here, shared with the blocking pool (taken only there,
+/// for one allocation or release, and by map applications between awaits).
+type Nets = Arc<Mutex<HashMap<String, UserNet>>>;
+
+fn lock_nets(nets: &Mutex<HashMap<String, UserNet>>) -> MutexGuard<'_, HashMap<String, UserNet>> {
+    nets.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
@@ -132,6 +212,8 @@ impl TaskNet {
             addr,
             hosts: dir.join("hosts"),
             resolv: dir.join("resolv.conf"),
+            network: None,
+            extra: Vec::new(),
         }
     }
 }
@@ -153,6 +235,11 @@ struct MapState {
     dns: Option<DnsServer>,
     /// The VIPs' kernel load balancing last set (`None`: not yet, or it failed).
     vips: Option<Vec<nat::VipBalance>>,
+    /// The user-defined networks' rules last set (`None`: not yet, or they failed).
+    networks: Option<nat::Networks>,
+    /// The encrypted tunnel, while an encrypted network exists and this node runs the
+    /// overlay.
+    tunnel: Option<flotilla_net::crypt::Tunnel>,
 }
 
 /// Task address allocations, shared with the blocking pool.
@@ -170,6 +257,13 @@ pub struct NodeNet {
     dns_upstreams: Vec<SocketAddr>,
     /// Tasks' own resolvers by task address (`--dns`), read by the DNS responder.
     task_resolvers: flotilla_mesh::SourceUpstreams,
+    /// Tasks' user-defined networks by task address (their DNS scope), read by the DNS
+    /// responder.
+    task_networks: flotilla_mesh::SourceNetworks,
+    /// The user-defined networks set up on this node.
+    nets: Nets,
+    /// Bumped whenever a map application changed `nets` (task paths wait on it).
+    nets_rev: watch::Sender<u64>,
     /// The netlink connection of the node's namespace, opened by the first set-up.
     net: OnceLock<Net>,
     /// Task addresses of the set-up subnet; `None` before set-up.
@@ -198,6 +292,9 @@ pub struct TaskNames {
     pub options: Vec<String>,
     /// The task's own resolvers for outside names (`--dns`); the node's when empty.
     pub servers: Vec<SocketAddr>,
+    /// The user-defined networks the task is on, the first carrying its default route; none:
+    /// the default network.
+    pub networks: Vec<String>,
 }
 
 /// A task's `/etc/resolv.conf`: the node's responder, the task's search domains then the cluster
@@ -254,6 +351,9 @@ impl NodeNet {
             underlay,
             dns_upstreams,
             task_resolvers: Default::default(),
+            task_networks: Default::default(),
+            nets: Arc::new(Mutex::new(HashMap::new())),
+            nets_rev: watch::channel(0).0,
             net: OnceLock::new(),
             addrs: Arc::new(Mutex::new(None)),
             ready: watch::channel(None).0,
@@ -262,6 +362,8 @@ impl NodeNet {
                 mesh: Mesh::new(opts),
                 dns: None,
                 vips: None,
+                networks: None,
+                tunnel: None,
             }),
             _workers: workers,
         })
@@ -341,8 +443,10 @@ impl NodeNet {
         nat::NatRules {
             tag: self.names.tag.clone(),
             subnet,
-            bridge: self.names.bridge.clone(),
-            overlay: overlay.then(|| self.names.vxlan.clone()),
+            // Every bridge of the node: the default network's and each user-defined one's.
+            bridge: format!("{}+", self.names.bridge),
+            // The VXLAN device and the encrypted tunnel's.
+            overlay: overlay.then(|| format!("{}+", self.names.vxlan)),
             cluster_pool: s.address_pool.parse().ok(),
             outbound_nat: s.outbound_nat,
             // Other nodes' bridges and overlay devices in this namespace (see `Names`).
@@ -380,13 +484,185 @@ impl NodeNet {
             return;
         };
         self.ensure_dns(&mut state).await;
+        self.program_networks(&mut state, &net, map, subnet).await;
         if state.overlay {
             self.program_overlay(&net, map).await;
         }
+        self.program_tunnel(&mut state, &net, map).await;
         if let Some(d) = &state.dns {
             d.set_records(dns_records(map));
+            d.set_network_records(network_dns_records(map));
         }
         self.program_mesh(&mut state, &net, map).await;
+    }
+
+    /// The user-defined networks: a bridge and an allocator for each block this node has,
+    /// none for networks gone, and the rules separating them.
+    async fn program_networks(
+        &self,
+        state: &mut MapState,
+        net: &Net,
+        map: &NetworkMap,
+        subnet: Ipv4Net,
+    ) {
+        let mut changed = false;
+        let mut wanted: HashMap<String, (Ipv4Net, Ipv4Net, bool, bool)> = HashMap::new();
+        let mut bridges: HashSet<String> = HashSet::new();
+        for n in &map.networks {
+            let (Ok(range), Some(Ok(block))) = (
+                n.subnet.parse::<Ipv4Net>(),
+                n.blocks.get(&self.node_id).map(|b| b.parse::<Ipv4Net>()),
+            ) else {
+                continue;
+            };
+            // Two networks whose tags collide would share a bridge: the second is skipped.
+            if !bridges.insert(self.names.net_bridge(&n.name)) || !range.contains(&block) {
+                tracing::warn!(network = %n.name, "network skipped: its bridge name is taken or its block lies outside its range");
+                continue;
+            }
+            wanted.insert(
+                n.name.clone(),
+                (range, block.trunc(), n.internal, n.encrypted),
+            );
+        }
+        // Gone, or a different block: remove (made again below).
+        let stale: Vec<String> = lock_nets(&self.nets)
+            .iter()
+            .filter(|(name, u)| {
+                wanted
+                    .get(*name)
+                    .is_none_or(|(r, b, _, e)| *r != u.range || *b != u.block || *e != u.encrypted)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            let removed = lock_nets(&self.nets).remove(&name);
+            if let Some(u) = removed {
+                changed = true;
+                if let Err(e) = bridge::delete_link(net, &u.bridge).await {
+                    tracing::warn!(network = %name, error = %e, "removing the network's bridge failed");
+                }
+                let path = self.names.net_ipam(&name);
+                let _ = blocking(move || std::fs::remove_file(path)).await;
+                tracing::info!(network = %name, "network removed from this node");
+            }
+        }
+        for (name, (range, block, internal, encrypted)) in &wanted {
+            if lock_nets(&self.nets).contains_key(name) {
+                continue;
+            }
+            match self
+                .setup_network(net, name, *range, *block, *internal, *encrypted)
+                .await
+            {
+                Ok(u) => {
+                    lock_nets(&self.nets).insert(name.clone(), u);
+                    changed = true;
+                    tracing::info!(network = %name, block = %block, "network ready on this node");
+                }
+                Err(e) => {
+                    tracing::warn!(network = %name, error = %e, "setting up the network failed; retrying on the next map")
+                }
+            }
+        }
+        let rules = nat::Networks {
+            pool: map.settings.address_pool.parse().ok(),
+            default_bridge: Some((self.names.bridge.clone(), subnet)),
+            networks: map
+                .networks
+                .iter()
+                .filter_map(|n| {
+                    let range: Ipv4Net = n.subnet.parse().ok()?;
+                    Some(nat::NetRange {
+                        range,
+                        internal: n.internal,
+                        vips: flotilla_control::allocate::vip_block(
+                            range,
+                            map.settings.subnet_prefix,
+                        ),
+                    })
+                })
+                .collect(),
+            local: {
+                let nets = lock_nets(&self.nets);
+                let mut l: Vec<nat::LocalBlock> = nets
+                    .values()
+                    .map(|u| nat::LocalBlock {
+                        bridge: u.bridge.clone(),
+                        block: u.block,
+                        outbound_nat: map.settings.outbound_nat && !u.internal,
+                    })
+                    .collect();
+                l.sort_by(|a, b| a.bridge.cmp(&b.bridge));
+                l
+            },
+            vteps: map
+                .nodes
+                .iter()
+                .filter_map(|n| Some(n.subnet.as_ref()?.parse::<Ipv4Net>().ok()?.network()))
+                .collect(),
+            tunnel: {
+                let nets = lock_nets(&self.nets);
+                let mut enc: Vec<(Ipv4Net, Ipv4Addr)> = nets
+                    .values()
+                    .filter(|u| u.encrypted)
+                    .map(|u| (u.range, u.gateway))
+                    .collect();
+                enc.sort();
+                (state.overlay && !enc.is_empty()).then(|| (self.names.tunnel.clone(), enc))
+            },
+        };
+        if state.networks.as_ref() != Some(&rules) {
+            match nat::set_networks(net, &self.names.tag, &rules).await {
+                Ok(()) => state.networks = Some(rules),
+                Err(e) => {
+                    state.networks = None;
+                    tracing::warn!(error = %e, "updating the networks' rules failed; retrying on the next map");
+                }
+            }
+        }
+        // Task paths wait for a network (or for the first map) on this.
+        self.nets_rev.send_modify(|r| *r += u64::from(changed) + 1);
+    }
+
+    /// A user-defined network's bridge and allocator on this node.
+    async fn setup_network(
+        &self,
+        net: &Net,
+        name: &str,
+        range: Ipv4Net,
+        block: Ipv4Net,
+        internal: bool,
+        encrypted: bool,
+    ) -> Result<UserNet, NetError> {
+        let gateway = flotilla_control::ipam::gateway_of(block);
+        let bridge = self.names.net_bridge(name);
+        bridge::ensure_bridge(
+            net,
+            &bridge,
+            Ipv4Net::new(gateway, block.prefix_len())?,
+            1500,
+        )
+        .await?;
+        let path = self.names.net_ipam(name);
+        let addrs = blocking(move || match TaskAddrs::open(&path, block) {
+            // A network made again with another block: its old allocations are void.
+            Err(flotilla_net::Error::SubnetMismatch { .. }) => {
+                let _ = std::fs::remove_file(&path);
+                TaskAddrs::open(&path, block)
+            }
+            r => r,
+        })
+        .await??;
+        Ok(UserNet {
+            range,
+            block,
+            gateway,
+            bridge,
+            internal,
+            encrypted,
+            addrs,
+        })
     }
 
     /// This node's subnet in the map.
@@ -415,6 +691,7 @@ impl NodeNet {
                 state.overlay = overlay;
                 // The chains were (re)made: set the VIPs again on this map.
                 state.vips = None;
+                state.networks = None;
                 tracing::info!(subnet = %subnet, overlay, "task network ready");
                 self.ready.send_replace(Some(ready));
                 true
@@ -438,6 +715,7 @@ impl NodeNet {
             domain: Some(ready.domain.clone()),
             upstreams: self.dns_upstreams.clone(),
             source_upstreams: self.task_resolvers.clone(),
+            source_networks: self.task_networks.clone(),
             ..Default::default()
         };
         match DnsServer::bind(SocketAddr::new(IpAddr::V4(ready.gateway), 53), opts).await {
@@ -459,6 +737,17 @@ impl NodeNet {
                 Some(overlay::OverlayPeer {
                     underlay: n.ip.parse().ok()?,
                     subnet: n.subnet.as_ref()?.parse().ok()?,
+                    // The peer's blocks of user-defined networks, each inside its range.
+                    extra: map
+                        .networks
+                        .iter()
+                        .filter(|x| !x.encrypted)
+                        .filter_map(|x| {
+                            let range: Ipv4Net = x.subnet.parse().ok()?;
+                            let b: Ipv4Net = x.blocks.get(&n.id)?.parse().ok()?;
+                            range.contains(&b).then_some(b)
+                        })
+                        .collect(),
                 })
             })
             .collect();
@@ -469,6 +758,77 @@ impl NodeNet {
         let underlays: Vec<Ipv4Addr> = map.nodes.iter().filter_map(|n| n.ip.parse().ok()).collect();
         if let Err(e) = nat::set_nodes(net, &self.names.tag, &underlays).await {
             tracing::warn!(error = %e, "updating the vxlan allow-list failed");
+        }
+    }
+
+    /// The encrypted tunnel: started while an encrypted network exists (and this node runs the
+    /// overlay; nodes sharing one network namespace route between their bridges directly),
+    /// with the map's keys and, as peers, the other nodes and their blocks of encrypted
+    /// networks; stopped (its device and routes removed) when none is left.
+    async fn program_tunnel(&self, state: &mut MapState, net: &Net, map: &NetworkMap) {
+        let keys: Vec<flotilla_net::crypt::TunnelKey> = map
+            .tunnel_keys
+            .iter()
+            .filter_map(|k| {
+                let b = hex::decode(&k.key).ok()?;
+                Some(flotilla_net::crypt::TunnelKey {
+                    id: k.id,
+                    secret: b.try_into().ok()?,
+                })
+            })
+            .collect();
+        let wanted = state.overlay && map.networks.iter().any(|n| n.encrypted) && !keys.is_empty();
+        if !wanted {
+            if state.tunnel.take().is_some() {
+                tracing::info!("encrypted tunnel stopped");
+            }
+            return;
+        }
+        if state.tunnel.is_none() {
+            let cfg = flotilla_net::crypt::TunnelConfig {
+                ifname: self.names.tunnel.clone(),
+                listen: SocketAddrV4::new(self.underlay, map.settings.tunnel_port),
+                mtu: TUNNEL_MTU,
+            };
+            match flotilla_net::crypt::Tunnel::start(net, cfg, keys.clone()).await {
+                Ok(t) => {
+                    tracing::info!(port = map.settings.tunnel_port, "encrypted tunnel started");
+                    state.tunnel = Some(t);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "starting the encrypted tunnel failed; retrying on the next map");
+                    return;
+                }
+            }
+        }
+        let Some(t) = &state.tunnel else {
+            return;
+        };
+        t.set_keys(keys);
+        let peers: Vec<flotilla_net::crypt::TunnelPeer> = map
+            .nodes
+            .iter()
+            .filter(|n| n.id != self.node_id)
+            .filter_map(|n| {
+                let ip: Ipv4Addr = n.ip.parse().ok()?;
+                let routes: Vec<Ipv4Net> = map
+                    .networks
+                    .iter()
+                    .filter(|x| x.encrypted)
+                    .filter_map(|x| {
+                        let range: Ipv4Net = x.subnet.parse().ok()?;
+                        let b: Ipv4Net = x.blocks.get(&n.id)?.parse().ok()?;
+                        range.contains(&b).then_some(b)
+                    })
+                    .collect();
+                Some(flotilla_net::crypt::TunnelPeer {
+                    underlay: SocketAddrV4::new(ip, map.settings.tunnel_port),
+                    routes,
+                })
+            })
+            .collect();
+        if let Err(e) = t.set_peers(net, &peers).await {
+            tracing::warn!(error = %e, "programming the encrypted tunnel's peers failed");
         }
     }
 
@@ -519,28 +879,110 @@ impl NodeNet {
         names: &TaskNames,
     ) -> Result<TaskNet, NetError> {
         let ready = self.wait_ready(Duration::from_secs(60)).await?;
-        let addr = self.allocate(task_id).await?;
         let path = self.names.netns_dir().join(task_id);
-        let link = veth::TaskLink {
-            netns: path.clone(),
-            host_ifname: veth::host_ifname(&self.names.veth_prefix, task_id),
-            bridge: self.names.bridge.clone(),
-            addr: Ipv4Net::new(addr, ready.subnet.prefix_len())?,
-            gateway: ready.gateway,
-            mtu: TASK_MTU,
+        let (addr, link, network, extra) = if names.networks.is_empty() {
+            let addr = self.allocate(task_id).await?;
+            let link = veth::TaskLink {
+                netns: path.clone(),
+                host_ifname: veth::host_ifname(&self.names.veth_prefix, task_id),
+                bridge: self.names.bridge.clone(),
+                addr: Ipv4Net::new(addr, ready.subnet.prefix_len())?,
+                gateway: ready.gateway,
+                mtu: TASK_MTU,
+            };
+            (addr, link, None, Vec::new())
+        } else {
+            self.wait_networks(&names.networks, Duration::from_secs(60))
+                .await?;
+            let mut links = Vec::new();
+            for n in &names.networks {
+                let (addr, block, gateway, range, bridge, mtu) =
+                    self.allocate_on(n, task_id).await?;
+                let link = veth::TaskLink {
+                    netns: path.clone(),
+                    host_ifname: self.names.net_veth(task_id, n),
+                    bridge,
+                    addr: Ipv4Net::new(addr, block.prefix_len())?,
+                    gateway,
+                    mtu,
+                };
+                links.push(ExtraNet {
+                    network: n.clone(),
+                    addr,
+                    range,
+                    link,
+                });
+            }
+            let first = links.remove(0);
+            (first.addr, first.link, Some(first.network), links)
         };
         let (hosts, resolv) = self
             .write_resolver_files(task_id, names, addr, &ready)
             .await?;
         self.task_resolvers
             .set(IpAddr::V4(addr), names.servers.clone());
+        self.task_networks
+            .set(IpAddr::V4(addr), names.networks.clone());
+        for e in &extra {
+            self.task_networks
+                .set(IpAddr::V4(e.addr), names.networks.clone());
+        }
         Ok(TaskNet {
             netns: path,
             addr,
             hosts,
             resolv,
             link,
+            network,
+            extra,
         })
+    }
+
+    /// Waits until every one of `networks` is set up on this node.
+    async fn wait_networks(&self, networks: &[String], within: Duration) -> Result<(), NetError> {
+        let mut rx = self.nets_rev.subscribe();
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let missing = {
+                let nets = lock_nets(&self.nets);
+                networks.iter().find(|n| !nets.contains_key(*n)).cloned()
+            };
+            let Some(missing) = missing else {
+                return Ok(());
+            };
+            let changed = tokio::time::timeout_at(deadline, rx.changed()).await;
+            if !matches!(changed, Ok(Ok(()))) {
+                return Err(NetError::NoNetwork {
+                    network: missing,
+                    waited: within,
+                });
+            }
+        }
+    }
+
+    /// The task's address on a user-defined network (allocated and persisted if it has none),
+    /// with the network's block, gateway, range and bridge.
+    async fn allocate_on(
+        &self,
+        network: &str,
+        task_id: &str,
+    ) -> Result<(Ipv4Addr, Ipv4Net, Ipv4Addr, Ipv4Net, String, u32), NetError> {
+        let (nets, n, id) = (self.nets.clone(), network.to_string(), task_id.to_string());
+        blocking(move || {
+            let mut nets = lock_nets(&nets);
+            let u = nets.get_mut(&n).ok_or_else(|| NetError::NoNetwork {
+                network: n.clone(),
+                waited: Duration::ZERO,
+            })?;
+            let addr = u.addrs.allocate(&id)?;
+            let mtu = if u.encrypted {
+                ENCRYPTED_TASK_MTU
+            } else {
+                TASK_MTU
+            };
+            Ok((addr, u.block, u.gateway, u.range, u.bridge.clone(), mtu))
+        })
+        .await?
     }
 
     /// The task's address (allocated and persisted if it has none).
@@ -586,6 +1028,9 @@ impl NodeNet {
         if blocking(move || path.exists()).await? {
             if let Some(net) = self.net.get() {
                 let _ = veth::detach(net, &t.link.host_ifname).await;
+                for e in &t.extra {
+                    let _ = veth::detach(net, &e.link.host_ifname).await;
+                }
             }
         }
         let dir = self.names.netns_dir();
@@ -603,7 +1048,14 @@ impl NodeNet {
     /// Wires the task's namespace to the bridge (veth, address, default route).
     pub async fn attach_task(&self, t: &TaskNet) -> Result<(), NetError> {
         let net = self.net.get().ok_or(NetError::NotReady)?;
-        veth::attach(net, &t.link).await.map_err(NetError::Wire)
+        veth::attach(net, &t.link).await.map_err(NetError::Wire)?;
+        for (i, e) in t.extra.iter().enumerate() {
+            let ifname = format!("eth{}", i + 1);
+            veth::attach_extra(net, &e.link, &ifname, e.range)
+                .await
+                .map_err(NetError::Wire)?;
+        }
+        Ok(())
     }
 
     /// The address a task has (after an agent restart, from the persisted allocations).
@@ -611,7 +1063,32 @@ impl NodeNet {
     /// re-adopted it (they live in the agent's memory).
     pub async fn set_task_resolvers(&self, task_id: &str, servers: Vec<SocketAddr>) {
         if let Some(addr) = self.address_of(task_id).await {
-            self.task_resolvers.set(IpAddr::V4(addr), servers);
+            self.task_resolvers.set(IpAddr::V4(addr), servers.clone());
+        }
+        for addr in self.network_addresses(task_id).await.into_values() {
+            self.task_resolvers.set(IpAddr::V4(addr), servers.clone());
+        }
+    }
+
+    /// A task's addresses on user-defined networks (after an agent restart, once the first
+    /// map set the networks up again).
+    pub async fn network_addresses(
+        &self,
+        task_id: &str,
+    ) -> std::collections::BTreeMap<String, Ipv4Addr> {
+        let _ = self.wait_ready(Duration::from_secs(10)).await;
+        let mut rx = self.nets_rev.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|r| *r > 0)).await;
+        lock_nets(&self.nets)
+            .iter()
+            .filter_map(|(n, u)| Some((n.clone(), u.addrs.get(task_id)?)))
+            .collect()
+    }
+
+    /// Records a re-adopted task's user-defined networks for its DNS scope.
+    pub async fn set_task_networks(&self, task_id: &str, networks: Vec<String>) {
+        for addr in self.network_addresses(task_id).await.into_values() {
+            self.task_networks.set(IpAddr::V4(addr), networks.clone());
         }
     }
 
@@ -635,15 +1112,30 @@ impl NodeNet {
         if let Some(addr) = addr {
             self.task_resolvers.set(IpAddr::V4(addr), Vec::new());
         }
+        // Its addresses on user-defined networks (released below with the default one).
+        let on: Vec<(String, Ipv4Addr)> = lock_nets(&self.nets)
+            .iter()
+            .filter_map(|(n, u)| Some((n.clone(), u.addrs.get(task_id)?)))
+            .collect();
+        for (_, a) in &on {
+            self.task_resolvers.set(IpAddr::V4(*a), Vec::new());
+            self.task_networks.set(IpAddr::V4(*a), Vec::new());
+        }
         if let Some(net) = self.net.get() {
             let ifname = veth::host_ifname(&self.names.veth_prefix, task_id);
             if let Err(e) = veth::detach(net, &ifname).await {
                 tracing::warn!(task = task_id, error = %e, "removing the task's veth failed");
             }
+            for (n, _) in &on {
+                let ifname = self.names.net_veth(task_id, n);
+                if let Err(e) = veth::detach(net, &ifname).await {
+                    tracing::warn!(task = task_id, network = %n, error = %e, "removing the task's veth failed");
+                }
+            }
         }
         let path = self.names.netns_dir().join(task_id);
         let dir = self.names.task_dir(task_id);
-        let (addrs, id) = (self.addrs.clone(), task_id.to_string());
+        let (addrs, id, nets) = (self.addrs.clone(), task_id.to_string(), self.nets.clone());
         let _ = blocking(move || {
             if let Err(e) = netns::remove(&path) {
                 tracing::warn!(task = %id, error = %e, "removing the task's network namespace failed");
@@ -652,6 +1144,11 @@ impl NodeNet {
             if let Some(a) = lock(&addrs).as_mut() {
                 if let Err(e) = a.release(&id) {
                     tracing::warn!(task = %id, error = %e, "releasing the task's address failed");
+                }
+            }
+            for (n, u) in lock_nets(&nets).iter_mut() {
+                if let Err(e) = u.addrs.release(&id) {
+                    tracing::warn!(task = %id, network = %n, error = %e, "releasing the task's address failed");
                 }
             }
         })
@@ -717,9 +1214,65 @@ fn backend_ip(subnets: &HashMap<&str, Ipv4Net>, b: &NetBackend) -> Option<Ipv4Ad
     flotilla_control::ipam::is_task_addr(subnet, ip).then_some(ip)
 }
 
-/// A mesh backend for a task on `port`, when its address passes [`backend_ip`].
-fn backend(subnets: &HashMap<&str, Ipv4Net>, b: &NetBackend, port: u16) -> Option<Backend> {
-    let ip = backend_ip(subnets, b)?;
+/// Each node's subnet and its blocks of the user-defined networks, from the map.
+struct Blocks<'a> {
+    default: HashMap<&'a str, Ipv4Net>,
+    /// (network, node) → block, each inside the network's range.
+    nets: HashMap<(&'a str, &'a str), Ipv4Net>,
+    /// Network → range.
+    ranges: HashMap<&'a str, Ipv4Net>,
+}
+
+impl<'a> Blocks<'a> {
+    fn of(map: &'a NetworkMap) -> Self {
+        let mut nets = HashMap::new();
+        let mut ranges = HashMap::new();
+        for n in &map.networks {
+            let Ok(range) = n.subnet.parse::<Ipv4Net>() else {
+                continue;
+            };
+            ranges.insert(n.name.as_str(), range);
+            for (node, b) in &n.blocks {
+                if let Ok(b) = b.parse::<Ipv4Net>() {
+                    if range.contains(&b) {
+                        nets.insert((n.name.as_str(), node.as_str()), b);
+                    }
+                }
+            }
+        }
+        Blocks {
+            default: node_subnets(map),
+            nets,
+            ranges,
+        }
+    }
+
+    /// A backend's address on its service's first network (the default network's subnet
+    /// of its node, or its node's block of the first user-defined network), when it is a task
+    /// address there (see [`backend_ip`]).
+    fn primary(&self, s: &NetService, b: &NetBackend) -> Option<Ipv4Addr> {
+        match s.networks.first() {
+            None => backend_ip(&self.default, b),
+            Some(a) => {
+                let ip: Ipv4Addr = b.addr.parse().ok()?;
+                let block = *self.nets.get(&(a.target.as_str(), b.node_id.as_str()))?;
+                flotilla_control::ipam::is_task_addr(block, ip).then_some(ip)
+            }
+        }
+    }
+
+    /// A backend's address on the user-defined network `network`, when it is a task address
+    /// of its node's block there.
+    fn on(&self, network: &str, b: &NetBackend) -> Option<Ipv4Addr> {
+        let ip: Ipv4Addr = b.addrs.get(network)?.parse().ok()?;
+        let block = *self.nets.get(&(network, b.node_id.as_str()))?;
+        flotilla_control::ipam::is_task_addr(block, ip).then_some(ip)
+    }
+}
+
+/// A mesh backend for a task on `port`, when its address passes [`Blocks::primary`].
+fn backend(blocks: &Blocks, s: &NetService, b: &NetBackend, port: u16) -> Option<Backend> {
+    let ip = blocks.primary(s, b)?;
     Some(Backend::new(
         b.task_id.clone(),
         SocketAddr::new(IpAddr::V4(ip), port),
@@ -730,7 +1283,7 @@ fn backend(subnets: &HashMap<&str, Ipv4Net>, b: &NetBackend, port: u16) -> Optio
 fn dns_records(map: &NetworkMap) -> HashMap<String, Vec<Ipv4Addr>> {
     let subnets = node_subnets(map);
     let mut records = HashMap::new();
-    for s in &map.services {
+    for s in map.services.iter().filter(|s| s.networks.is_empty()) {
         let tasks: Vec<Ipv4Addr> = s
             .backends
             .iter()
@@ -745,6 +1298,48 @@ fn dns_records(map: &NetworkMap) -> HashMap<String, Vec<Ipv4Addr>> {
         records.insert(format!("tasks.{}", s.name), tasks);
     }
     records
+}
+
+/// DNS records of each user-defined network: its services' names and aliases → their VIP (or
+/// their tasks' addresses on that network for dnsrr); `tasks.name` → those addresses.
+fn network_dns_records(map: &NetworkMap) -> HashMap<String, HashMap<String, Vec<Ipv4Addr>>> {
+    let blocks = Blocks::of(map);
+    let mut out: HashMap<String, HashMap<String, Vec<Ipv4Addr>>> = HashMap::new();
+    for n in &map.networks {
+        out.entry(n.name.clone()).or_default();
+    }
+    for s in &map.services {
+        for a in &s.networks {
+            let Some(records) = out.get_mut(&a.target) else {
+                continue;
+            };
+            let tasks: Vec<Ipv4Addr> = s
+                .backends
+                .iter()
+                .filter_map(|b| blocks.on(&a.target, b))
+                .collect();
+            let vip = s
+                .network_vips
+                .get(&a.target)
+                .and_then(|v| v.parse::<Ipv4Addr>().ok())
+                .filter(|v| {
+                    blocks
+                        .ranges
+                        .get(a.target.as_str())
+                        .is_some_and(|r| r.contains(v))
+                });
+            let name_addrs = match (s.mode, vip) {
+                (EndpointMode::Vip, Some(v)) => vec![v],
+                (EndpointMode::Vip, None) => Vec::new(),
+                _ => tasks.clone(),
+            };
+            for name in std::iter::once(&s.name).chain(a.aliases.iter()) {
+                records.insert(name.clone(), name_addrs.clone());
+                records.insert(format!("tasks.{name}"), tasks.clone());
+            }
+        }
+    }
+    out
 }
 
 /// The mesh's transport for a published port's protocol.
@@ -782,7 +1377,7 @@ fn published_ports(specs: &[FrontendSpec], bind_ip: IpAddr) -> Vec<(nat::L4, u16
 /// The mesh frontends this node runs for a map: each service's published ports, then its VIP
 /// ports; the first frontend for an address and protocol wins.
 pub fn frontends(map: &NetworkMap, node_id: &str, bind_ip: IpAddr) -> Vec<FrontendSpec> {
-    let subnets = node_subnets(map);
+    let subnets = Blocks::of(map);
     let mut out: Vec<FrontendSpec> = Vec::new();
     let mut seen: HashSet<(SocketAddr, Protocol)> = HashSet::new();
     for s in &map.services {
@@ -802,7 +1397,7 @@ fn published_frontends(
     s: &NetService,
     node_id: &str,
     bind_ip: IpAddr,
-    subnets: &HashMap<&str, Ipv4Net>,
+    subnets: &Blocks,
 ) -> Vec<FrontendSpec> {
     s.ports
         .iter()
@@ -812,7 +1407,7 @@ fn published_frontends(
                 .backends
                 .iter()
                 .filter(|b| !host_mode || b.node_id == node_id)
-                .filter_map(|b| backend(subnets, b, p.target))
+                .filter_map(|b| backend(subnets, s, b, p.target))
                 .collect();
             if host_mode && backends.is_empty() {
                 return None;
@@ -828,7 +1423,7 @@ fn published_frontends(
 }
 
 /// A VIP service's VIP: it answers on every target port, load-balanced over all tasks.
-fn vip_frontends(s: &NetService, subnets: &HashMap<&str, Ipv4Net>) -> Vec<FrontendSpec> {
+fn vip_frontends(s: &NetService, subnets: &Blocks) -> Vec<FrontendSpec> {
     let vip = s.vip.as_ref().and_then(|v| v.parse::<Ipv4Addr>().ok());
     let (EndpointMode::Vip, Some(vip)) = (s.mode, vip) else {
         return Vec::new();
@@ -848,7 +1443,7 @@ fn vip_frontends(s: &NetService, subnets: &HashMap<&str, Ipv4Net>) -> Vec<Fronte
             backends: s
                 .backends
                 .iter()
-                .filter_map(|b| backend(subnets, b, port))
+                .filter_map(|b| backend(subnets, s, b, port))
                 .collect(),
             proxy_protocol: None,
         })
@@ -859,21 +1454,26 @@ fn vip_frontends(s: &NetService, subnets: &HashMap<&str, Ipv4Net>) -> Vec<Fronte
 /// [`backend_ip`]) on every port but the target ports the mesh serves (see
 /// [`vip_frontends`]).
 fn vip_balances(map: &NetworkMap) -> Vec<nat::VipBalance> {
-    let subnets = node_subnets(map);
-    let mut out: Vec<nat::VipBalance> = map
-        .services
-        .iter()
-        .filter(|s| s.mode == EndpointMode::Vip)
-        .filter_map(|s| {
-            let vip = s.vip.as_ref()?.parse::<Ipv4Addr>().ok()?;
+    let blocks = Blocks::of(map);
+    let mut out: Vec<nat::VipBalance> = Vec::new();
+    let mut seen: HashSet<Ipv4Addr> = HashSet::new();
+    for s in map.services.iter().filter(|s| s.mode == EndpointMode::Vip) {
+        if s.networks.is_empty() {
+            let Some(vip) = s.vip.as_ref().and_then(|v| v.parse::<Ipv4Addr>().ok()) else {
+                continue;
+            };
+            // One service per VIP (a forged map naming a VIP twice gets the first).
+            if !seen.insert(vip) {
+                continue;
+            }
             let mut backends: Vec<Ipv4Addr> = s
                 .backends
                 .iter()
-                .filter_map(|b| backend_ip(&subnets, b))
+                .filter_map(|b| backend_ip(&blocks.default, b))
                 .collect();
             backends.sort();
             backends.dedup();
-            Some(nat::VipBalance {
+            out.push(nat::VipBalance {
                 vip,
                 mesh_ports: s
                     .ports
@@ -884,12 +1484,43 @@ fn vip_balances(map: &NetworkMap) -> Vec<nat::VipBalance> {
                     })
                     .collect(),
                 backends,
-            })
-        })
-        .collect();
-    // One entry per VIP (a forged map naming a VIP twice gets the first).
+                source: None,
+            });
+            continue;
+        }
+        // On user-defined networks: the service's VIP on each network (inside its range)
+        // takes that network's tasks, on every port, from clients of that network only.
+        for a in &s.networks {
+            let Some(range) = blocks.ranges.get(a.target.as_str()) else {
+                continue;
+            };
+            let Some(vip) = s
+                .network_vips
+                .get(&a.target)
+                .and_then(|v| v.parse::<Ipv4Addr>().ok())
+                .filter(|v| range.contains(v))
+            else {
+                continue;
+            };
+            if !seen.insert(vip) {
+                continue;
+            }
+            let mut backends: Vec<Ipv4Addr> = s
+                .backends
+                .iter()
+                .filter_map(|b| blocks.on(&a.target, b))
+                .collect();
+            backends.sort();
+            backends.dedup();
+            out.push(nat::VipBalance {
+                vip,
+                mesh_ports: Vec::new(),
+                backends,
+                source: Some(*range),
+            });
+        }
+    }
     out.sort_by_key(|v| v.vip);
-    out.dedup_by_key(|v| v.vip);
     out
 }
 
@@ -959,6 +1590,7 @@ mod tests {
             task_id: task.into(),
             node_id: node.into(),
             addr: addr.into(),
+            addrs: Default::default(),
         }
     }
 
@@ -991,6 +1623,8 @@ mod tests {
                         backend("t1", "n1", "10.200.0.2"),
                         backend("t2", "n2", "10.200.1.2"),
                     ],
+                    networks: Vec::new(),
+                    network_vips: Default::default(),
                 },
                 NetService {
                     id: "s2".into(),
@@ -999,8 +1633,12 @@ mod tests {
                     vip: None,
                     ports: vec![port(9090, 90, PublishMode::Host)],
                     backends: vec![backend("t3", "n2", "10.200.1.3")],
+                    networks: Vec::new(),
+                    network_vips: Default::default(),
                 },
             ],
+            networks: Vec::new(),
+            tunnel_keys: Vec::new(),
         }
     }
 
@@ -1188,5 +1826,136 @@ mod tests {
             vips[0].backends, want,
             "the first service naming the VIP wins"
         );
+    }
+
+    /// `map()` plus two user-defined networks with blocks on n1 and n2, and a service `api`
+    /// on both (`front` first, alias `pay` on `back`) with a task on each node.
+    fn map_with_networks() -> NetworkMap {
+        let mut m = map();
+        let net = |name: &str, range: &str, b1: &str, b2: &str| flotilla_types::NetNetwork {
+            name: name.into(),
+            subnet: range.into(),
+            internal: false,
+            encrypted: false,
+            blocks: [
+                ("n1".to_string(), b1.to_string()),
+                ("n2".to_string(), b2.to_string()),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        m.networks = vec![
+            net(
+                "front",
+                "10.200.240.0/20",
+                "10.200.240.0/24",
+                "10.200.241.0/24",
+            ),
+            net(
+                "back",
+                "10.200.224.0/20",
+                "10.200.224.0/24",
+                "10.200.225.0/24",
+            ),
+        ];
+        let on = |task: &str, node: &str, front: &str, back: &str| {
+            let mut b = backend(task, node, front);
+            b.addrs.insert("front".into(), front.into());
+            b.addrs.insert("back".into(), back.into());
+            b
+        };
+        m.services.push(NetService {
+            id: "s3".into(),
+            name: "api".into(),
+            mode: EndpointMode::Vip,
+            vip: Some("10.199.0.3".into()),
+            ports: vec![],
+            networks: vec![
+                flotilla_types::NetworkAttachment {
+                    target: "front".into(),
+                    aliases: vec![],
+                },
+                flotilla_types::NetworkAttachment {
+                    target: "back".into(),
+                    aliases: vec!["pay".into()],
+                },
+            ],
+            network_vips: [
+                ("front".to_string(), "10.200.255.2".to_string()),
+                ("back".to_string(), "10.200.239.2".to_string()),
+            ]
+            .into_iter()
+            .collect(),
+            backends: vec![
+                on("t10", "n1", "10.200.240.2", "10.200.224.2"),
+                on("t11", "n2", "10.200.241.2", "10.200.225.2"),
+                // Forged: n1's front block claimed by n2, the back gateway, a network the
+                // task is not on.
+                on("t12", "n2", "10.200.240.9", "10.200.225.1"),
+            ],
+        });
+        m
+    }
+
+    #[test]
+    fn services_on_networks_are_balanced_and_named_per_network() {
+        let m = map_with_networks();
+        let ip = |s: &str| s.parse::<Ipv4Addr>().expect("ip");
+        let vips: Vec<(String, Option<String>, Vec<Ipv4Addr>)> = vip_balances(&m)
+            .into_iter()
+            .filter(|v| v.vip != ip("10.199.0.1"))
+            .map(|v| {
+                (
+                    v.vip.to_string(),
+                    v.source.map(|s| s.to_string()),
+                    v.backends,
+                )
+            })
+            .collect();
+        assert_eq!(
+            vips,
+            [
+                (
+                    "10.200.239.2".to_string(),
+                    Some("10.200.224.0/20".to_string()),
+                    vec![ip("10.200.224.2"), ip("10.200.225.2")]
+                ),
+                (
+                    "10.200.255.2".to_string(),
+                    Some("10.200.240.0/20".to_string()),
+                    vec![ip("10.200.240.2"), ip("10.200.241.2")]
+                ),
+            ]
+        );
+        // The default table does not know it; each network's table does, by its names there.
+        assert!(!dns_records(&m).contains_key("api"));
+        let nets = network_dns_records(&m);
+        assert_eq!(nets["front"]["api"], [ip("10.200.255.2")]);
+        assert!(!nets["front"].contains_key("pay"));
+        assert_eq!(nets["back"]["pay"], [ip("10.200.239.2")]);
+        assert_eq!(
+            nets["back"]["tasks.api"],
+            [ip("10.200.224.2"), ip("10.200.225.2")]
+        );
+        assert!(
+            !nets["back"].contains_key("web"),
+            "a default-network service"
+        );
+        // The mesh reaches the tasks by their first network's address.
+        let mut api = m.services[2].clone();
+        api.ports = vec![port(9443, 443, PublishMode::Ingress)];
+        let mut m2 = m.clone();
+        m2.services[2] = api;
+        let f = frontends(&m2, "n1", "127.0.0.2".parse().expect("ip"));
+        let ingress = f
+            .iter()
+            .find(|f| f.listen.port() == 9443)
+            .expect("published");
+        let addrs: Vec<String> = ingress
+            .backends
+            .iter()
+            .map(|b| b.addr.to_string())
+            .collect();
+        assert_eq!(addrs, ["10.200.240.2:443", "10.200.241.2:443"]);
     }
 }

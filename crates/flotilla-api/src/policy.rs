@@ -127,6 +127,10 @@ pub const ROUTES: &[Route] = &[
     route(Method::GET, "/v1/volumes/{name}/export", Access::Admin),
     route(Method::POST, "/v1/volumes/{name}/import", Access::Admin),
     route(Method::POST, "/v1/volumes/{name}/move", Access::Admin),
+    route(Method::GET, "/v1/networks", Access::Admin),
+    route(Method::POST, "/v1/networks", Access::Admin),
+    route(Method::GET, "/v1/networks/{name}", Access::Admin),
+    route(Method::DELETE, "/v1/networks/{name}", Access::Admin),
     // The manager's, answered by any manager (flotilla-manager).
     route(Method::GET, "/v1/events", Access::Admin),
     route(Method::GET, "/v1/nodes/{id}/assignments", Access::OwnNode),
@@ -149,6 +153,11 @@ pub const ROUTES: &[Route] = &[
     route(
         Method::POST,
         "/v1/agent/volumes/{name}/import",
+        Access::Manager,
+    ),
+    route(
+        Method::GET,
+        "/v1/agent/volumes/{name}/tree",
         Access::Manager,
     ),
     route(Method::GET, "/v1/images", Access::Admin),

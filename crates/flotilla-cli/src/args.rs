@@ -61,6 +61,9 @@ pub enum Command {
     /// Named volumes: data on one node that outlives tasks.
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// User-defined overlay networks: services on one reach each other, and only them.
+    #[command(subcommand)]
+    Network(NetworkCmd),
     /// Start a single-node cluster in the foreground with a demo service.
     Dev(DevArgs),
     /// Per-container supervisor started by the agent (not for humans).
@@ -313,6 +316,48 @@ pub enum VolumeCmd {
         name: String,
         #[arg(long, short)]
         output: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NetworkCmd {
+    /// Create a network (prints its name).
+    Create {
+        name: String,
+        /// The network driver: overlay (the only one).
+        #[arg(long, short)]
+        driver: Option<String>,
+        /// Its address range, a CIDR inside the cluster's address pool (default: a free /20 of
+        /// the pool).
+        #[arg(long, value_name = "CIDR")]
+        subnet: Option<String>,
+        /// No traffic leaves the network: no outbound NAT.
+        #[arg(long)]
+        internal: bool,
+        /// Accepted for Docker compatibility (there are no standalone containers).
+        #[arg(long)]
+        attachable: bool,
+        /// Driver option (repeatable): `encrypted` (or `encrypted=true`) encrypts the network's
+        /// traffic between nodes.
+        #[arg(long, short = 'o', value_name = "OPTION")]
+        opt: Vec<String>,
+        /// Label KEY=VALUE (repeatable).
+        #[arg(long, value_name = "KEY=VALUE")]
+        label: Vec<String>,
+    },
+    /// List networks with their range and the services attached.
+    Ls(FormatArgs),
+    /// Show networks (JSON).
+    Inspect {
+        #[arg(required = true)]
+        names: Vec<String>,
+        #[command(flatten)]
+        format: FormatArgs,
+    },
+    /// Remove networks (refused while a service is attached).
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
     },
 }
 
@@ -584,6 +629,15 @@ pub struct SpecFlags {
     /// On update: remove the config with this name.
     #[arg(long, value_name = "NAME")]
     pub config_rm: Vec<String>,
+    /// Attach the tasks to a user-defined network: NAME or name=NAME[,alias=ALIAS]... (each
+    /// task gets an interface on it; repeatable, at most 8, the first one carries the default
+    /// route; on update, replaces the attachment to the same network). Without any, the service
+    /// is on the cluster's default network.
+    #[arg(long, visible_alias = "network-add", value_name = "SPEC")]
+    pub network: Vec<String>,
+    /// On update: detach from this network.
+    #[arg(long, value_name = "NAME")]
+    pub network_rm: Vec<String>,
     /// Service label key=value (repeatable).
     #[arg(long, value_name = "KEY=VALUE")]
     pub label: Vec<String>,

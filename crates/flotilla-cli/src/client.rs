@@ -74,6 +74,7 @@ pub async fn run_client(
             crate::storage::files(&client, flotilla_types::FileKind::Config, cmd).await
         }
         Command::Volume(cmd) => crate::storage::volumes(&client, cmd).await,
+        Command::Network(cmd) => crate::network::run(&client, cmd).await,
         Command::Dev(_) => Err(CliError::usage("`dev` is handled by the binary")),
         Command::Shim(_) => Err(CliError::usage("shim is started by the agent, not by hand")),
     }

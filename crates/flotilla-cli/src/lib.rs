@@ -6,6 +6,7 @@ mod args;
 mod client;
 mod image;
 mod logs;
+mod network;
 mod output;
 mod service;
 mod storage;

@@ -240,6 +240,7 @@ fn apply_flags(spec: &mut ServiceSpec, f: &SpecFlags) -> Result<(), CliError> {
         spec.task_template.container.stop_grace_period = Some(nanos(d));
     }
     apply_process_flags(f, &mut spec.task_template.container)?;
+    crate::network::apply_network_flags(f, &mut spec.task_template.networks)?;
     if !f.label.is_empty() {
         spec.labels.extend(kv_map(&f.label, "--label")?);
     }

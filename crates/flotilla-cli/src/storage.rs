@@ -16,7 +16,9 @@ use crate::client::{enc, get};
 use crate::output::{add_row, ago, escape, print_json, print_table, table};
 use crate::{CliError, FileCmd, Format, VolumeCmd};
 
-fn labels(list: &[String]) -> Result<std::collections::BTreeMap<String, String>, CliError> {
+pub(crate) fn labels(
+    list: &[String],
+) -> Result<std::collections::BTreeMap<String, String>, CliError> {
     let mut m = std::collections::BTreeMap::new();
     for kv in list {
         let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
@@ -239,6 +241,15 @@ pub async fn volumes(client: &Client, cmd: VolumeCmd) -> Result<(), CliError> {
                     &flotilla_types::VolumeMove { to },
                 )
                 .await?;
+            for p in &m.passes {
+                println!(
+                    "{} pass: {} in {:.1} s, sha256 {} checked on both nodes",
+                    escape(&p.pass),
+                    human(p.bytes),
+                    p.ms as f64 / 1000.0,
+                    p.sha256
+                );
+            }
             println!(
                 "moved volume {} from {} to {}: {} in {:.1} s, sha256 {} checked on both nodes",
                 escape(&m.name),

@@ -81,6 +81,7 @@ pub fn service(mode: ServiceMode) -> Service {
         job_iteration: 0,
         vip: None,
         service_status: None,
+        network_vips: Default::default(),
     }
 }
 

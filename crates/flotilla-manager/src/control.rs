@@ -129,9 +129,10 @@ fn allocation_ops(
     settings: &flotilla_types::NetworkSettings,
     nodes: &[Node],
     services: &[Service],
+    networks: &[flotilla_types::Network],
     now: u64,
 ) -> Vec<Op> {
-    let alloc = flotilla_control::allocate::allocate(settings, nodes, services, now);
+    let alloc = flotilla_control::allocate::allocate(settings, nodes, services, networks, now);
     let mut ops = Vec::new();
     for n in &alloc.nodes {
         if let Ok(v) = encode(n) {
@@ -141,6 +142,16 @@ fn allocation_ops(
     for s in &alloc.services {
         if let Ok(v) = encode(s) {
             ops.push(Op::update(Table::Services, &s.id, v, Some(s.meta.version)));
+        }
+    }
+    for n in &alloc.networks {
+        if let Ok(v) = encode(n) {
+            ops.push(Op::update(
+                Table::Networks,
+                &n.name,
+                v,
+                Some(n.meta.version),
+            ));
         }
     }
     ops
@@ -162,14 +173,21 @@ async fn read<T: Stored>(mgr: &Arc<Manager>) -> Result<Vec<T>, StoreError> {
 /// Services and nodes with the allocator's decisions (node subnets, service VIPs) written
 /// first when there are any, read again after that write.
 async fn allocated(mgr: &Arc<Manager>, now: u64) -> Result<(Vec<Service>, Vec<Node>), StoreError> {
-    let (services, nodes, cluster) = mgr
-        .blocking(|m| Ok((m.list::<Service>()?, m.list::<Node>()?, m.cluster().ok())))
+    let (services, nodes, networks, cluster) = mgr
+        .blocking(|m| {
+            Ok((
+                m.list::<Service>()?,
+                m.list::<Node>()?,
+                m.list::<flotilla_types::Network>()?,
+                m.cluster().ok(),
+            ))
+        })
         .await
         .map_err(storage)?;
     let Some(cluster) = cluster else {
         return Ok((services, nodes));
     };
-    let ops = allocation_ops(&cluster.network, &nodes, &services, now);
+    let ops = allocation_ops(&cluster.network, &nodes, &services, &networks, now);
     if ops.is_empty() {
         return Ok((services, nodes));
     }
@@ -201,7 +219,12 @@ async fn reconcile_all(
     let mut wrote = false;
     for s in services {
         let mine = per_service.remove(s.id.as_str()).unwrap_or_default();
-        let r = flotilla_control::reconcile(s, &mine, nodes, now, cfg);
+        let mut r = flotilla_control::reconcile(s, &mine, nodes, now, cfg);
+        // A drain's stop of a task with a local volume waits for the volume's pre-copy.
+        let held = mgr.moves.gate(&mut r.actions, tasks, nodes);
+        if !held.is_empty() {
+            tracing::debug!(service = %s.id, tasks = ?held, "stop held for a volume pre-copy");
+        }
         wake = min_opt(wake, r.wake_at);
         if r.actions.is_empty() {
             continue;
@@ -288,6 +311,13 @@ fn decided(t: &Task, d: Decision, now: u64) -> Option<Task> {
 async fn pass(mgr: &Arc<Manager>, cfg: &OrchestratorConfig) -> Result<Option<u64>, StoreError> {
     let now = now_ms();
     let (services, nodes) = allocated(mgr, now).await?;
+    let keys_wake = match crate::tunnel::ensure_keys(mgr, now).await {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "making the tunnel keys failed; retrying soon");
+            Some(now + 1000)
+        }
+    };
     let tasks: Vec<Task> = read(mgr).await?;
     let (wake, wrote) = reconcile_all(mgr, &services, &nodes, &tasks, now, cfg).await?;
     // Schedule on the state after this pass's writes.
@@ -297,7 +327,7 @@ async fn pass(mgr: &Arc<Manager>, cfg: &OrchestratorConfig) -> Result<Option<u64
     if !ops.is_empty() {
         write_chunked(mgr, ops, "schedule").await?;
     }
-    Ok(wake)
+    Ok(min_opt(wake, keys_wake))
 }
 
 fn min_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {

@@ -49,6 +49,7 @@ pub mod liveness;
 pub mod manager;
 pub mod replicate;
 pub mod transport;
+pub mod tunnel;
 pub mod volumes;
 
 pub use error::ManagerError;

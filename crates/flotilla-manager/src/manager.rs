@@ -58,6 +58,10 @@ pub struct ClusterObject {
     /// admins by `cluster unlock-key`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unlock_key: Option<String>,
+    /// The keys of the nodes' encrypted tunnel (encrypted networks), newest first; made and
+    /// rotated by the leader (`crate::tunnel`), handed to nodes in their network map.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tunnel_keys: Vec<flotilla_types::TunnelKeyRecord>,
 }
 
 pub const CLUSTER_KEY: &str = "cluster";
@@ -147,6 +151,8 @@ pub struct Manager {
     pub decoded: Decoded,
     /// The dispatcher's per-node state: write budgets and open agent streams.
     pub dispatcher: Dispatcher,
+    /// Leader only: volume moves under way and the stops held for their pre-copies.
+    pub moves: crate::volumes::Moves,
     /// Store reads running on the blocking pool at once ([`Manager::blocking`]): one per CPU,
     /// so that many streams rebuilding after the same change take turns instead of each
     /// holding a copy of a whole table at the same time.
@@ -386,6 +392,7 @@ impl Manager {
             tls,
             decoded: Default::default(),
             dispatcher: Dispatcher::new(),
+            moves: Default::default(),
             read_slots: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(4, |n| n.get()),
             ),

@@ -191,6 +191,26 @@ pub fn drain_moves(
     tasks: &[Task],
     nodes: &[Node],
 ) -> Vec<(String, String, String)> {
+    planned_moves(volumes, tasks, nodes, false)
+}
+
+/// The pre-copies a drain asks for: as [`drain_moves`], but for the volumes another task
+/// still runs with on the drained node (the one whose stop [`hold_stops`] holds back): the
+/// first pass copies them while it runs.
+pub fn precopy_moves(
+    volumes: &[Volume],
+    tasks: &[Task],
+    nodes: &[Node],
+) -> Vec<(String, String, String)> {
+    planned_moves(volumes, tasks, nodes, true)
+}
+
+fn planned_moves(
+    volumes: &[Volume],
+    tasks: &[Task],
+    nodes: &[Node],
+    running: bool,
+) -> Vec<(String, String, String)> {
     let homes = homes(volumes, tasks);
     let node = |id: &str| nodes.iter().find(|n| n.id == id);
     let mut out: Vec<(String, String, String)> = Vec::new();
@@ -225,14 +245,27 @@ pub fn drain_moves(
             continue;
         }
         // Another live task still holding one of the volumes (the one the drain is stopping).
-        let held = tasks.iter().any(|o| {
-            o.id != t.id
-                && o.node_id.is_some()
-                && o.status.state >= TaskState::Assigned
-                && o.status.state <= TaskState::Running
-                && named(o).any(|m| mounts.iter().any(|x| x.source == m.source))
-        });
-        if held {
+        // The final pass waits until none does (one writer); a pre-copy wants the one that
+        // still runs on the drained node.
+        let holders: Vec<&Task> = tasks
+            .iter()
+            .filter(|o| {
+                o.id != t.id
+                    && o.node_id.is_some()
+                    && o.status.state >= TaskState::Assigned
+                    && o.status.state <= TaskState::Running
+                    && named(o).any(|m| mounts.iter().any(|x| x.source == m.source))
+            })
+            .collect();
+        let wanted = if running {
+            !holders.is_empty()
+                && holders.iter().all(|o| {
+                    o.status.state == TaskState::Running && o.node_id.as_deref() == Some(from)
+                })
+        } else {
+            holders.is_empty()
+        };
+        if !wanted {
             continue;
         }
         let others: Vec<Node> = nodes.iter().filter(|n| n.id != from).cloned().collect();
@@ -248,22 +281,270 @@ pub fn drain_moves(
     out
 }
 
-/// How often the leader looks for volumes a drain should move.
+/// How often the leader looks for volumes a drain should move (it also looks on every store
+/// change).
 const MOVER_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The leader moves the volumes of tasks a drain stopped to the node the scheduler picks for
-/// each task ([`drain_moves`]), one at a time, with `volume move` (a checked copy over mTLS,
-/// then the new home). A move refused because the old container has not let go yet is
-/// retried on the next tick.
+/// How long a stop stays held for a pre-copy nobody started (no node for the task, say).
+const HOLD_UNSTARTED: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a finished pre-copy waits for its final pass before its copy is dropped (the
+/// drain was undone, or the task went elsewhere).
+const PRECOPY_STALE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Where a volume's move stands, as the leader keeps it in memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// The first pass runs, the task still running on the old node.
+    PreCopying,
+    /// The first pass is on the new node; the task may stop.
+    PreCopied(flotilla_types::VolumePass),
+    /// The first pass failed: the task stops, the move copies everything after it.
+    GivenUp,
+    /// The final pass (or a one-pass copy) runs.
+    Copying,
+}
+
+/// One volume's move.
+#[derive(Clone, Debug)]
+pub struct MoveState {
+    pub from: String,
+    pub to: String,
+    pub phase: Phase,
+    /// Bytes of the running pass relayed so far, and the volume's size when it started.
+    pub done: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub total: u64,
+    pub since: std::time::Instant,
+}
+
+impl MoveState {
+    pub fn new(from: &str, to: &str, phase: Phase) -> MoveState {
+        MoveState {
+            from: from.to_string(),
+            to: to.to_string(),
+            phase,
+            done: Default::default(),
+            total: 0,
+            since: std::time::Instant::now(),
+        }
+    }
+
+    /// As `volume inspect` shows it.
+    pub fn shown(&self) -> flotilla_types::VolumeMoving {
+        let pass = match &self.phase {
+            Phase::PreCopying => "pre-copy",
+            Phase::PreCopied(_) => "pre-copied",
+            Phase::GivenUp => "pre-copy failed",
+            Phase::Copying => "final",
+        };
+        flotilla_types::VolumeMoving {
+            to: self.to.clone(),
+            pass: pass.to_string(),
+            bytes_done: self.done.load(std::sync::atomic::Ordering::Relaxed),
+            bytes_total: self.total,
+        }
+    }
+}
+
+/// The leader's volume moves under way (in memory: a new leader starts over, and a copy a
+/// lost pre-copy left on a node is refused by the next move until removed), and the stops
+/// held for them.
+#[derive(Default)]
+pub struct Moves {
+    inner: std::sync::Mutex<MovesInner>,
+}
+
+#[derive(Default)]
+struct MovesInner {
+    by_volume: HashMap<String, MoveState>,
+    /// Task id → when its stop was first held.
+    held: HashMap<String, std::time::Instant>,
+}
+
+impl Moves {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MovesInner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn get(&self, volume: &str) -> Option<MoveState> {
+        self.lock().by_volume.get(volume).cloned()
+    }
+
+    pub fn set(&self, volume: &str, st: MoveState) {
+        self.lock().by_volume.insert(volume.to_string(), st);
+    }
+
+    /// Sets the phase of a move that is still recorded (keeps its progress counter).
+    pub fn set_phase(&self, volume: &str, phase: Phase) {
+        if let Some(st) = self.lock().by_volume.get_mut(volume) {
+            st.phase = phase;
+            st.since = std::time::Instant::now();
+        }
+    }
+
+    /// Records `st` unless a move of `volume` is recorded already; whether it was.
+    pub fn start(&self, volume: &str, st: MoveState) -> bool {
+        match self.lock().by_volume.entry(volume.to_string()) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(st);
+                true
+            }
+        }
+    }
+
+    pub fn remove(&self, volume: &str) -> Option<MoveState> {
+        self.lock().by_volume.remove(volume)
+    }
+
+    /// Every recorded move.
+    pub fn all(&self) -> Vec<(String, MoveState)> {
+        self.lock()
+            .by_volume
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Filters the orchestrator's `actions` through [`hold_stops`] with what is recorded
+    /// here; returns the task ids held.
+    pub fn gate(
+        &self,
+        actions: &mut Vec<flotilla_control::Action>,
+        tasks: &[Task],
+        nodes: &[Node],
+    ) -> Vec<String> {
+        let mut inner = self.lock();
+        let now = std::time::Instant::now();
+        let MovesInner { by_volume, held } = &mut *inner;
+        let precopy = |volume: &str, task: &str| match by_volume.get(volume).map(|m| &m.phase) {
+            Some(Phase::PreCopied(_)) | Some(Phase::GivenUp) => Gate::Release,
+            Some(Phase::PreCopying) | Some(Phase::Copying) => Gate::Hold,
+            None => match held.get(task) {
+                Some(at) if now.duration_since(*at) >= HOLD_UNSTARTED => Gate::Release,
+                _ => Gate::Hold,
+            },
+        };
+        let ids = hold_stops(actions, tasks, nodes, precopy);
+        // Called once per service: entries of other services stay; old ones go.
+        held.retain(|_, at| now.duration_since(*at) < HOLD_UNSTARTED * 30);
+        for id in &ids {
+            held.entry(id.clone()).or_insert(now);
+        }
+        ids
+    }
+}
+
+/// What a held stop waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gate {
+    /// Keep the task running (its volume's pre-copy runs or is about to start).
+    Hold,
+    /// Let it stop (pre-copied, or the pre-copy failed or never started).
+    Release,
+}
+
+/// The pre-copy gate of a drain: removes from `actions` each order to stop a task that runs on
+/// a ready, drained node with unshared volumes while a task waits to replace it there (pending,
+/// or created by these same actions) and `precopy(volume, task)` says to hold it; the next
+/// control pass orders the stop again. Keeping the old task running while the first pass
+/// copies its volume is what makes the downtime the final pass only. Returns the ids held.
+pub fn hold_stops(
+    actions: &mut Vec<flotilla_control::Action>,
+    tasks: &[Task],
+    nodes: &[Node],
+    precopy: impl Fn(&str, &str) -> Gate,
+) -> Vec<String> {
+    use flotilla_control::Action;
+    let created: Vec<Task> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::CreateTask(t) => Some((**t).clone()),
+            _ => None,
+        })
+        .collect();
+    let mut held = Vec::new();
+    actions.retain(|a| {
+        let Action::UpdateTask(u) = a else {
+            return true;
+        };
+        if u.desired_state != Some(TaskState::Shutdown) || u.status.is_some() {
+            return true;
+        }
+        let Some(t) = tasks.iter().find(|t| t.id == u.task_id) else {
+            return true;
+        };
+        let Some(node) = t.node_id.as_deref() else {
+            return true;
+        };
+        let drained = nodes.iter().any(|n| {
+            n.id == node
+                && n.status.state == NodeState::Ready
+                && n.spec.availability == Availability::Drain
+        });
+        let mounts: Vec<&flotilla_types::Mount> = named(t).collect();
+        if t.status.state != TaskState::Running
+            || !drained
+            || mounts.is_empty()
+            || mounts.iter().any(|m| m.shared)
+        {
+            return true;
+        }
+        let replaced = tasks
+            .iter()
+            .filter(|o| {
+                o.id != t.id
+                    && o.node_id.is_none()
+                    && o.desired_state == TaskState::Running
+                    && matches!(o.status.state, TaskState::New | TaskState::Pending)
+            })
+            .chain(created.iter())
+            .any(|o| named(o).any(|m| mounts.iter().any(|x| x.source == m.source)));
+        if !replaced {
+            return true;
+        }
+        if mounts
+            .iter()
+            .any(|m| precopy(&m.source, &t.id) == Gate::Hold)
+        {
+            held.push(t.id.clone());
+            return false;
+        }
+        true
+    });
+    held
+}
+
+/// The leader's drain mover. For a task a drain wants off its node with unshared volumes,
+/// the control loop holds the stop ([`Moves::gate`]) while this loop copies the volumes to
+/// the node the scheduler picks for the replacement ([`precopy_moves`], the first pass, the
+/// task still running); then the stop goes through, and once no task holds the volumes
+/// ([`drain_moves`]) the final pass sends what changed and the new home is written
+/// (`api::storage::move_to`). Without a first pass (it failed, or none could start) the
+/// move is one full copy. Runs every second and on each store change; one final move at a
+/// time, pre-copies in the background.
 pub async fn mover_loop(
     mgr: std::sync::Arc<crate::manager::Manager>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(MOVER_PERIOD);
+    let mut watcher = mgr.store.watch(mgr.store.revision()).ok();
     loop {
         tokio::select! {
             _ = flotilla_api::server::stopped(&mut stop) => return,
             _ = tick.tick() => {}
+            ev = async {
+                match watcher.as_mut() {
+                    Some(w) => w.next().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if !matches!(ev, Some(Ok(_))) {
+                    watcher = mgr.store.watch(mgr.store.revision()).ok();
+                }
+            }
         }
         if !mgr.is_leader() {
             continue;
@@ -273,15 +554,68 @@ pub async fn mover_loop(
                 let volumes: Vec<Volume> = m.list()?;
                 let tasks: Vec<Task> = m.list()?;
                 let nodes: Vec<Node> = m.list()?;
-                Ok(drain_moves(&volumes, &tasks, &nodes))
+                Ok((
+                    precopy_moves(&volumes, &tasks, &nodes),
+                    drain_moves(&volumes, &tasks, &nodes),
+                ))
             })
             .await;
-        let Ok(plan) = plan else { continue };
-        for (volume, from, to) in plan {
+        let Ok((pre, finals)) = plan else { continue };
+        for (volume, from, to) in pre {
+            if !mgr
+                .moves
+                .start(&volume, MoveState::new(&from, &to, Phase::PreCopying))
+            {
+                continue;
+            }
+            let mgr = mgr.clone();
+            tokio::spawn(async move {
+                let phase = match crate::api::storage::precopy(&mgr, &volume, &from, &to).await {
+                    Ok(pass) => {
+                        tracing::info!(%volume, %from, %to, bytes = pass.bytes, ms = pass.ms,
+                            "pre-copied a drained node's volume; its task may stop");
+                        Phase::PreCopied(pass)
+                    }
+                    Err(e) => {
+                        tracing::warn!(%volume, %from, %to, error = %e,
+                            "pre-copy failed: the task stops and the volume is copied whole");
+                        Phase::GivenUp
+                    }
+                };
+                mgr.moves.set_phase(&volume, phase);
+                mgr.wake.notify_one();
+            });
+        }
+        let planned: HashSet<&str> = finals.iter().map(|(v, _, _)| v.as_str()).collect();
+        for (volume, st) in mgr.moves.all() {
+            let stale = st.since.elapsed() >= PRECOPY_STALE && !planned.contains(volume.as_str());
+            if stale && matches!(st.phase, Phase::PreCopied(_) | Phase::GivenUp) {
+                let still_held = mgr
+                    .blocking({
+                        let volume = volume.clone();
+                        move |m| {
+                            let volumes: Vec<Volume> = m.list()?;
+                            let tasks: Vec<Task> = m.list()?;
+                            let nodes: Vec<Node> = m.list()?;
+                            Ok(precopy_moves(&volumes, &tasks, &nodes)
+                                .iter()
+                                .any(|(v, _, _)| *v == volume))
+                        }
+                    })
+                    .await
+                    .unwrap_or(true);
+                if !still_held {
+                    tracing::info!(%volume, to = %st.to, "a pre-copy nobody finished: its copy is dropped");
+                    crate::api::storage::drop_precopy(&mgr, &volume, &st).await;
+                }
+            }
+        }
+        for (volume, from, to) in finals {
             match crate::api::storage::move_to(&mgr, &volume, &to).await {
                 Ok(m) => tracing::info!(
                     %volume, %from, %to, bytes = m.bytes, copy_ms = m.copy_ms,
-                    source_removed = m.source_removed, "moved a drained node's volume with its task"
+                    passes = m.passes.len(), source_removed = m.source_removed,
+                    "moved a drained node's volume with its task"
                 ),
                 Err(e) => {
                     tracing::debug!(%volume, %from, %to, error = %e, "moving a drained node's volume: retrying")
@@ -434,6 +768,86 @@ mod tests {
         // Two tasks waiting for one volume: one move.
         let twice = drain_moves(&vols, &[waiting.clone(), task("t3", "db")], &nodes);
         assert_eq!(twice.len(), 1);
+    }
+
+    #[test]
+    fn a_drain_holds_the_stop_until_the_pre_copy_and_the_final_move_waits_for_the_stop() {
+        use flotilla_control::{Action, TaskUpdate};
+        let mut drained = node("n1", NodeState::Ready);
+        drained.spec.availability = Availability::Drain;
+        let nodes = [drained.clone(), node("n2", NodeState::Ready)];
+        let vols = [Volume {
+            name: "db".into(),
+            node_id: Some("n1".into()),
+            ..Default::default()
+        }];
+        let mut old = task("t1", "db");
+        old.node_id = Some("n1".into());
+        old.status.state = TaskState::Running;
+        let waiting = task("t2", "db");
+        let stop = |t: &Task| {
+            Action::UpdateTask(TaskUpdate {
+                task_id: t.id.clone(),
+                version: 0,
+                desired_state: Some(TaskState::Shutdown),
+                status: None,
+            })
+        };
+        let tasks = [old.clone(), waiting.clone()];
+        // While the pre-copy is to come or runs: held; the stop of another task is not.
+        let mut other = task("t9", "other");
+        other.node_id = Some("n1".into());
+        other.status.state = TaskState::Running;
+        let mut actions = vec![stop(&old), stop(&other)];
+        let held = hold_stops(&mut actions, &tasks, &nodes, |_, _| Gate::Hold);
+        assert_eq!(held, vec!["t1".to_string()]);
+        assert_eq!(
+            actions.len(),
+            1,
+            "only t9's stop goes through (nothing replaces it)"
+        );
+        // The replacement created in the same pass counts too.
+        let mut actions = vec![stop(&old), Action::CreateTask(Box::new(waiting.clone()))];
+        assert_eq!(
+            hold_stops(&mut actions, std::slice::from_ref(&old), &nodes, |_, _| {
+                Gate::Hold
+            }),
+            vec!["t1".to_string()]
+        );
+        // Pre-copied (or given up): the stop goes through.
+        let mut actions = vec![stop(&old)];
+        assert!(hold_stops(&mut actions, &tasks, &nodes, |_, _| Gate::Release).is_empty());
+        assert_eq!(actions.len(), 1);
+        // Not for an active node, a shared volume or a task not running.
+        let mut actions = vec![stop(&old)];
+        let active = [node("n1", NodeState::Ready), node("n2", NodeState::Ready)];
+        assert!(hold_stops(&mut actions, &tasks, &active, |_, _| Gate::Hold).is_empty());
+        let mut shared = old.clone();
+        shared.spec.container.mounts[0].shared = true;
+        let mut actions = vec![stop(&shared)];
+        assert!(
+            hold_stops(&mut actions, &[shared, waiting.clone()], &nodes, |_, _| {
+                Gate::Hold
+            })
+            .is_empty()
+        );
+
+        // The mover: a pre-copy while t1 runs on the drained node, no final move yet (one
+        // writer: the new copy is written only once the old task has stopped) …
+        assert_eq!(
+            precopy_moves(&vols, &tasks, &nodes),
+            vec![("db".to_string(), "n1".to_string(), "n2".to_string())]
+        );
+        assert!(drain_moves(&vols, &tasks, &nodes).is_empty());
+        // … still none while it stops …
+        old.desired_state = TaskState::Shutdown;
+        let stopping = [old.clone(), waiting.clone()];
+        assert!(drain_moves(&vols, &stopping, &nodes).is_empty());
+        // … and the final move once it has stopped.
+        old.status.state = TaskState::Shutdown;
+        let stopped = [old.clone(), waiting.clone()];
+        assert!(precopy_moves(&vols, &stopped, &nodes).is_empty());
+        assert_eq!(drain_moves(&vols, &stopped, &nodes).len(), 1);
     }
 
     #[test]

@@ -64,6 +64,10 @@ pub struct DnsOptions {
     /// outside the cluster from that address go to these instead of [`DnsOptions::upstreams`],
     /// and their answers are not cached (default empty; shared with whoever updates it).
     pub source_upstreams: SourceUpstreams,
+    /// The user-defined networks of particular clients: a query from such a client is answered
+    /// from those networks' tables only (set with [`DnsServer::set_network_records`]), any
+    /// other from the default table (default empty; shared with whoever updates it).
+    pub source_networks: SourceNetworks,
 }
 
 /// Client address → its own resolvers (see [`DnsOptions::source_upstreams`]).
@@ -106,6 +110,7 @@ impl Default for DnsOptions {
             max_forwards: 256,
             max_tcp_clients: 128,
             source_upstreams: SourceUpstreams::default(),
+            source_networks: SourceNetworks::default(),
         }
     }
 }
@@ -134,10 +139,62 @@ impl Records {
         }
         Records { map, domain }
     }
+}
 
+/// A name table [`respond`] answers from: `(addresses, whether the name is inside the search
+/// domain)`.
+pub trait Lookup {
+    fn lookup(&self, name: &str) -> (Option<&[Ipv4Addr]>, bool);
+}
+
+impl Lookup for Records {
     fn lookup(&self, name: &str) -> (Option<&[Ipv4Addr]>, bool) {
         let n = normalize(name, self.domain.as_deref());
         (self.map.get(&n.name).map(|v| v.as_slice()), n.in_domain)
+    }
+}
+
+/// The tables of several networks, in order: the first that knows a name answers it.
+impl Lookup for [Arc<Records>] {
+    fn lookup(&self, name: &str) -> (Option<&[Ipv4Addr]>, bool) {
+        let mut in_domain = false;
+        for r in self {
+            let (found, d) = r.lookup(name);
+            if found.is_some() {
+                return (found, d);
+            }
+            in_domain |= d;
+        }
+        (None, in_domain)
+    }
+}
+
+/// Client address → the networks it is on (a task of user-defined networks, see
+/// [`DnsServer::set_network_records`]); shared with whoever updates it.
+#[derive(Debug, Clone, Default)]
+pub struct SourceNetworks(Arc<RwLock<HashMap<IpAddr, Vec<String>>>>);
+
+impl SourceNetworks {
+    /// Sets (or, with an empty list, clears) the networks of `client`.
+    pub fn set(&self, client: IpAddr, networks: Vec<String>) {
+        let mut m = match self.0.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if networks.is_empty() {
+            m.remove(&client);
+        } else {
+            m.insert(client, networks);
+        }
+    }
+
+    /// The networks of `client`, if it is on any.
+    pub fn get(&self, client: IpAddr) -> Option<Vec<String>> {
+        let m = match self.0.read() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        m.get(&client).cloned()
     }
 }
 
@@ -195,9 +252,9 @@ fn header_only(query: &[u8], rcode: RCODE) -> Vec<u8> {
 
 /// Decides the answer to `query` (one DNS message) from `records`. `max_len` is the largest answer
 /// the transport allows (see [`UDP_MAX`]); bigger answers are sent empty with the TC flag.
-pub fn respond(
+pub fn respond<L: Lookup + ?Sized>(
     query: &[u8],
-    records: &Records,
+    records: &L,
     opts: &DnsOptions,
     max_len: usize,
     shuffle: impl FnOnce(&mut [Ipv4Addr]),
@@ -453,6 +510,8 @@ fn udp_limit(query: &[u8]) -> usize {
 
 struct Shared {
     records: RwLock<Arc<Records>>,
+    /// Each user-defined network's table, by network name.
+    networks: RwLock<Arc<HashMap<String, Arc<Records>>>>,
     opts: DnsOptions,
     forwards: Arc<Semaphore>,
     tcp_clients: Arc<Semaphore>,
@@ -488,9 +547,19 @@ impl Shared {
             }
             None => &self.opts,
         };
-        respond(query, &self.records(), opts, max_len, |a| {
-            a.shuffle(&mut rand::rng())
-        })
+        let shuffle = |a: &mut [Ipv4Addr]| a.shuffle(&mut rand::rng());
+        match self.opts.source_networks.get(client) {
+            None => respond(query, &*self.records(), opts, max_len, shuffle),
+            Some(nets) => {
+                let tables = match self.networks.read() {
+                    Ok(g) => g.clone(),
+                    Err(p) => p.into_inner().clone(),
+                };
+                let scoped: Vec<Arc<Records>> =
+                    nets.iter().filter_map(|n| tables.get(n).cloned()).collect();
+                respond(query, scoped.as_slice(), opts, max_len, shuffle)
+            }
+        }
     }
 
     fn cache(&self) -> MutexGuard<'_, DnsCache> {
@@ -558,6 +627,7 @@ impl DnsServer {
                 HashMap::new(),
                 opts.domain.as_deref(),
             ))),
+            networks: RwLock::new(Arc::new(HashMap::new())),
             forwards: Arc::new(Semaphore::new(opts.max_forwards)),
             tcp_clients: Arc::new(Semaphore::new(opts.max_tcp_clients)),
             cache: Mutex::new(DnsCache::new(opts.cache_entries)),
@@ -592,6 +662,22 @@ impl DnsServer {
         match self.shared.records.write() {
             Ok(mut g) => *g = r,
             Err(p) => *p.into_inner() = r,
+        }
+    }
+
+    /// Replaces the tables of the user-defined networks (network name → its names). A client
+    /// listed in [`DnsOptions::source_networks`] is answered from its networks' tables only, in
+    /// its order; names of other networks and of the default network are unknown to it.
+    pub fn set_network_records(&self, networks: HashMap<String, HashMap<String, Vec<Ipv4Addr>>>) {
+        let domain = self.shared.opts.domain.as_deref();
+        let tables: HashMap<String, Arc<Records>> = networks
+            .into_iter()
+            .map(|(n, r)| (n, Arc::new(Records::new(r, domain))))
+            .collect();
+        let tables = Arc::new(tables);
+        match self.shared.networks.write() {
+            Ok(mut g) => *g = tables,
+            Err(p) => *p.into_inner() = tables,
         }
     }
 }

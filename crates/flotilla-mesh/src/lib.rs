@@ -43,7 +43,8 @@ mod udp;
 mod workers;
 
 pub use dns::{
-    respond, DnsCache, DnsOptions, DnsServer, Outcome, Records, SourceUpstreams, UDP_MAX,
+    respond, DnsCache, DnsOptions, DnsServer, Lookup, Outcome, Records, SourceNetworks,
+    SourceUpstreams, UDP_MAX,
 };
 pub use error::MeshError;
 pub use mesh::{

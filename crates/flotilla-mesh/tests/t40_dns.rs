@@ -405,6 +405,85 @@ async fn t35_a_client_with_its_own_resolvers() {
     assert_eq!(rcode, RCODE::NameError);
 }
 
+/// A client on user-defined networks is answered from its networks' tables only, in its order;
+/// a client on none from the default table.
+#[tokio::test]
+async fn t36_answers_are_scoped_to_the_clients_networks() {
+    let scopes = flotilla_mesh::SourceNetworks::default();
+    let s = server(DnsOptions {
+        source_networks: scopes.clone(),
+        ..DnsOptions::default()
+    })
+    .await;
+    let table = |pairs: &[(&str, [u8; 4])]| -> HashMap<String, Vec<Ipv4Addr>> {
+        pairs
+            .iter()
+            .map(|(n, a)| (n.to_string(), vec![Ipv4Addr::from(*a)]))
+            .collect()
+    };
+    s.set_network_records(
+        [
+            (
+                "front".to_string(),
+                table(&[("pay", [10, 200, 16, 2]), ("shared", [10, 200, 16, 9])]),
+            ),
+            (
+                "back".to_string(),
+                table(&[("db", [10, 200, 32, 2]), ("shared", [10, 200, 32, 9])]),
+            ),
+        ]
+        .into_iter()
+        .collect(),
+    );
+    let ask_from = |client: &'static str, id: u16, name: &'static str| {
+        let server = s.local_addr();
+        async move {
+            let c = UdpSocket::bind(client).await.expect("bind");
+            c.send_to(&query(id, name, TYPE::A), server)
+                .await
+                .expect("send");
+            let mut buf = vec![0u8; 4096];
+            let (n, _) = within("dns answer", c.recv_from(&mut buf))
+                .await
+                .expect("recv");
+            buf.truncate(n);
+            parse(&buf)
+        }
+    };
+    scopes.set("127.0.0.3".parse().expect("ip"), vec!["front".into()]);
+    scopes.set(
+        "127.0.0.4".parse().expect("ip"),
+        vec!["back".into(), "front".into()],
+    );
+    // On `front`: its names, not `back`'s, not the default network's.
+    let (rcode, ips, _) = ask_from("127.0.0.3:0", 1, "pay").await;
+    assert_eq!(
+        (rcode, ips),
+        (RCODE::NoError, vec![Ipv4Addr::new(10, 200, 16, 2)])
+    );
+    for (id, name) in [(2, "db"), (3, "web"), (4, "db.flotilla")] {
+        let (rcode, ips, _) = ask_from("127.0.0.3:0", id, name).await;
+        assert_eq!((rcode, ips.len()), (RCODE::NameError, 0), "{name}");
+    }
+    // On both: each network's names; a name on both from the first network.
+    let (_, ips, _) = ask_from("127.0.0.4:0", 5, "pay").await;
+    assert_eq!(ips, vec![Ipv4Addr::new(10, 200, 16, 2)]);
+    let (_, ips, _) = ask_from("127.0.0.4:0", 6, "db").await;
+    assert_eq!(ips, vec![Ipv4Addr::new(10, 200, 32, 2)]);
+    let (_, ips, _) = ask_from("127.0.0.4:0", 7, "shared").await;
+    assert_eq!(ips, vec![Ipv4Addr::new(10, 200, 32, 9)]);
+    // On none: the default table, without the networks' names.
+    let (rcode, ips, _) = ask_from("127.0.0.5:0", 8, "web").await;
+    assert_eq!(rcode, RCODE::NoError);
+    assert!(!ips.is_empty());
+    let (rcode, _, _) = ask_from("127.0.0.5:0", 9, "pay").await;
+    assert_eq!(rcode, RCODE::NameError);
+    // Cleared: the default table again.
+    scopes.set("127.0.0.3".parse().expect("ip"), Vec::new());
+    let (rcode, _, _) = ask_from("127.0.0.3:0", 10, "web").await;
+    assert_eq!(rcode, RCODE::NoError);
+}
+
 #[tokio::test]
 async fn t40_garbage_is_ignored_or_formerr_and_server_survives() {
     let s = server(DnsOptions::default()).await;

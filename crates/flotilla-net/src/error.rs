@@ -76,6 +76,9 @@ pub enum Error {
     /// A helper thread panicked.
     #[error("helper thread panicked: {0}")]
     Panicked(String),
+    /// The tunnel's key derivation or random source failed.
+    #[error("tunnel crypto failed: {0}")]
+    Crypto(String),
     /// No tokio runtime is running on this thread.
     #[error("no tokio runtime: call from inside a tokio runtime")]
     NoRuntime,

@@ -15,6 +15,7 @@
 //! | [`nat`] | per-node iptables chains: `FLT-<tag>-POST` (NAT), `FLT-<tag>-FWD` (nothing from outside into task subnets), `FLT-<tag>-IN` + `-NODE` + `-PUB` (VXLAN only from nodes, host closed to tasks) |
 //! | [`overlay`] | kernel VXLAN, flannel-style L3 with deterministic VTEP MACs |
 //! | [`route`] | local (AnyIP) routes on `lo`: the VIP pool as local addresses, one metric per node |
+//! | [`crypt`] | encrypted tunnel between nodes: userspace AES-256-GCM over TUN + UDP (no WireGuard/ESP needed) |
 //! | [`cleanup`] | find and remove everything a node left behind |
 //!
 //! Call order for the agent (all `async` calls take a [`Net`]; `host` is
@@ -51,11 +52,13 @@
 //! one network namespace (the kernel refuses the second with "A VXLAN device with the
 //! specified VNI already exists", whatever the `local` address); see [`overlay`].
 
-#![forbid(unsafe_code)]
+// `unsafe` only in `crypt` (the TUN ioctls), each block with a SAFETY comment.
+#![deny(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod bridge;
 pub mod cleanup;
+pub mod crypt;
 mod error;
 pub mod ipam;
 pub mod link;

@@ -186,10 +186,10 @@ pub async fn create_veth(
     r.map_err(|e| Error::netlink(format!("create veth {name}/{peer}"), e))
 }
 
-/// Replaces the default route of `net` with one via `gateway` on link `index`.
-pub async fn replace_default_route(net: &Net, index: u32, gateway: Ipv4Addr) -> Result<()> {
+/// Adds (or replaces) the route to `dst` via `gateway` on link `index`.
+pub async fn replace_route(net: &Net, index: u32, dst: Ipv4Net, gateway: Ipv4Addr) -> Result<()> {
     let route = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+        .destination_prefix(dst.network(), dst.prefix_len())
         .gateway(gateway)
         .output_interface(index)
         .build();
@@ -199,5 +199,10 @@ pub async fn replace_default_route(net: &Net, index: u32, gateway: Ipv4Addr) -> 
         .replace()
         .execute()
         .await
-        .map_err(|e| Error::netlink(format!("default route via {gateway}"), e))
+        .map_err(|e| Error::netlink(format!("route {dst} via {gateway}"), e))
+}
+
+/// Replaces the default route of `net` with one via `gateway` on link `index`.
+pub async fn replace_default_route(net: &Net, index: u32, gateway: Ipv4Addr) -> Result<()> {
+    replace_route(net, index, Ipv4Net::default(), gateway).await
 }

@@ -32,6 +32,15 @@
 //!   `FLT-<tag>-POST` masquerades such a connection when it goes back out of the bridge it
 //!   came from (client and task on the same bridge), so that the reply passes the node.
 //!
+//! * `FLT-<tag>-ISO` in `filter`, jumped to first from `FLT-<tag>-FWD`, and `FLT-<tag>-NETS`
+//!   in `nat`, jumped to first from `FLT-<tag>-POST`: the user-defined networks, set by
+//!   [`set_networks`]. A task reaches only tasks of a network it is on: a routed packet between
+//!   two ranges of the cluster pool passes only when both ends lie in one network's range (or
+//!   both in the default network), a bridge accepts only its own block as source, and an
+//!   internal network's packets go nowhere outside its range. `NETS` masquerades a local
+//!   block's hairpin VIP connections and its traffic out of the cluster (outbound NAT, not for
+//!   internal networks).
+//!
 //! `FLT-<tag>-IN` and its two sub-chains only ever drop: what they let through goes on to the
 //! host's own `INPUT` rules. `FLT-<tag>-NODE` and `FLT-<tag>-PUB` are converged entry by
 //! entry (no flush), so a change of the node list never opens a window.
@@ -127,13 +136,25 @@ pub fn vip_chain(tag: &str) -> String {
     format!("FLT-{tag}-VIP")
 }
 
+/// Name of the filter chain separating the user-defined networks (see [`set_networks`]).
+pub fn iso_chain(tag: &str) -> String {
+    format!("FLT-{tag}-ISO")
+}
+
+/// Name of the nat chain of the user-defined networks' local blocks (see [`set_networks`]).
+pub fn nets_chain(tag: &str) -> String {
+    format!("FLT-{tag}-NETS")
+}
+
 /// Every chain of `tag`, as (table, chain, parent jumping to it), parents before children
 /// (a chain cannot be deleted while a rule jumps to it).
-fn all_chains(tag: &str) -> [(&'static str, String, String); 6] {
+fn all_chains(tag: &str) -> [(&'static str, String, String); 8] {
     [
         ("nat", post_chain(tag), "POSTROUTING".into()),
+        ("nat", nets_chain(tag), post_chain(tag)),
         ("nat", vip_chain(tag), "PREROUTING".into()),
         ("filter", fwd_chain(tag), "FORWARD".into()),
+        ("filter", iso_chain(tag), fwd_chain(tag)),
         ("filter", input_chain(tag), "INPUT".into()),
         ("filter", nodes_chain(tag), input_chain(tag)),
         ("filter", published_chain(tag), input_chain(tag)),
@@ -186,7 +207,7 @@ impl NatRules {
     /// Rules of the nat chain, in `iptables -S` form.
     fn post_rules(&self) -> Vec<String> {
         let c = post_chain(&self.tag);
-        let mut r = Vec::new();
+        let mut r = vec![format!("-A {c} -j {}", nets_chain(&self.tag))];
         if self.vip_pool.is_some() {
             // A VIP connection DNATed back out of the bridge it came from: without this, the
             // task would answer its client directly over the bridge, from its own address.
@@ -214,7 +235,10 @@ impl NatRules {
         const EST: &str = "-m conntrack --ctstate RELATED,ESTABLISHED";
         let c = fwd_chain(&self.tag);
         let br = &self.bridge;
-        let mut r = vec![format!("-A {c} -i {br} -j ACCEPT")];
+        let mut r = vec![
+            format!("-A {c} -j {}", iso_chain(&self.tag)),
+            format!("-A {c} -i {br} -j ACCEPT"),
+        ];
         for t in &self.trusted_ifaces {
             r.push(format!("-A {c} -i {t} -j ACCEPT"));
         }
@@ -430,6 +454,9 @@ pub async fn ensure(net: &Net, rules: &NatRules) -> Result<()> {
     rules.validate()?;
     let r = rules.clone();
     net.run(move || -> Result<()> {
+        // The sub-chains first: their parents jump to them ([`set_networks`] fills them).
+        ensure_exists("nat", &nets_chain(&r.tag))?;
+        ensure_exists("filter", &iso_chain(&r.tag))?;
         ensure_chain("nat", "POSTROUTING", &post_chain(&r.tag), &r.post_rules())?;
         if r.vip_pool.is_some() {
             ensure_vip_jump(&vip_chain(&r.tag), &r.bridge)?;
@@ -443,6 +470,14 @@ pub async fn ensure(net: &Net, rules: &NatRules) -> Result<()> {
     })
     .await??;
     tracing::debug!(tag = %rules.tag, "iptables chains ensured");
+    Ok(())
+}
+
+/// Makes sure `chain` exists in `table` (keeping its rules).
+fn ensure_exists(table: &str, chain: &str) -> Result<()> {
+    if !chain_exists(table, chain) {
+        iptables(&["-t", table, "-N", chain])?;
+    }
     Ok(())
 }
 
@@ -472,6 +507,9 @@ pub struct VipBalance {
     pub mesh_ports: Vec<(L4, u16)>,
     /// The service's tasks that may take new connections (running, healthy, wanted).
     pub backends: Vec<Ipv4Addr>,
+    /// Only connections from this range (a user-defined network, with the tasks' addresses
+    /// on it as `backends`); `None`: from anywhere.
+    pub source: Option<Ipv4Net>,
 }
 
 /// The rules of the VIP chain for `vips`, in `iptables -S` form. A VIP without backends has
@@ -484,7 +522,10 @@ fn vip_rules(tag: &str, vips: &[VipBalance]) -> Vec<String> {
         if v.backends.is_empty() {
             continue;
         }
-        let d = format!("-d {}/32", v.vip);
+        let d = match v.source {
+            Some(s) => format!("-s {} -d {}/32", s.trunc(), v.vip),
+            None => format!("-d {}/32", v.vip),
+        };
         let mut mesh = v.mesh_ports.clone();
         mesh.sort();
         mesh.dedup();
@@ -525,6 +566,180 @@ pub async fn set_vips(net: &Net, tag: &str, vips: &[VipBalance]) -> Result<()> {
     let count = vips.len();
     net.run(move || restore(&text)).await??;
     tracing::debug!(tag, vips = count, "vip load balancing set");
+    Ok(())
+}
+
+/// A user-defined network as [`set_networks`] needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetRange {
+    /// The network's whole range (inside the cluster pool).
+    pub range: Ipv4Net,
+    /// Nothing leaves the range.
+    pub internal: bool,
+    /// The block of the range holding the services' VIPs: a packet still addressed to it
+    /// after the VIP chain (a VIP without tasks) is rejected.
+    pub vips: Option<Ipv4Net>,
+}
+
+/// A user-defined network's block on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalBlock {
+    /// The bridge holding the block's gateway.
+    pub bridge: String,
+    /// The node's block of the network.
+    pub block: Ipv4Net,
+    /// Masquerade what leaves the cluster pool from the block.
+    pub outbound_nat: bool,
+}
+
+/// What [`set_networks`] installs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Networks {
+    /// The cluster pool (the default network's subnets and every network's range).
+    pub pool: Option<Ipv4Net>,
+    /// The node's default bridge and subnet (its tasks' only source addresses).
+    pub default_bridge: Option<(String, Ipv4Net)>,
+    /// Every user-defined network.
+    pub networks: Vec<NetRange>,
+    /// This node's blocks of them.
+    pub local: Vec<LocalBlock>,
+    /// The nodes' overlay addresses (each VXLAN device's, the network address of its node's
+    /// subnet): the source of the mesh's connections to other nodes' tasks, let into every
+    /// network. Tasks cannot use them (the default bridge drops its own node's as a source).
+    pub vteps: Vec<Ipv4Addr>,
+    /// The encrypted tunnel's device and, per encrypted network, its range and this node's
+    /// gateway on it: the node's own connections into the range through the tunnel (the mesh)
+    /// leave from that gateway, an address of this node's block the peers accept.
+    pub tunnel: Option<(String, Vec<(Ipv4Net, Ipv4Addr)>)>,
+}
+
+impl Networks {
+    fn validate(&self) -> Result<()> {
+        if let Some((b, _)) = &self.default_bridge {
+            validate_iface(b)?;
+        }
+        for l in &self.local {
+            validate_iface(&l.bridge)?;
+        }
+        if let Some((t, _)) = &self.tunnel {
+            validate_iface(t)?;
+        }
+        Ok(())
+    }
+
+    /// Rules of the filter chain `FLT-<tag>-ISO`, in `iptables -S` form.
+    fn iso_rules(&self, tag: &str) -> Vec<String> {
+        let c = iso_chain(tag);
+        let mut r = Vec::new();
+        // No spoofing: a bridge's packets come from its own block (and not from the node's
+        // overlay address, the network address of its subnet).
+        if let Some((b, s)) = &self.default_bridge {
+            r.push(format!("-A {c} -i {b} -s {}/32 -j DROP", s.network()));
+            r.push(format!("-A {c} -i {b} ! -s {} -j DROP", s.trunc()));
+        }
+        for l in &self.local {
+            r.push(format!(
+                "-A {c} -i {} ! -s {} -j DROP",
+                l.bridge,
+                l.block.trunc()
+            ));
+        }
+        if self.networks.is_empty() {
+            return r;
+        }
+        // Replies of what a task opened (outside, or the mesh's ports).
+        r.push(format!(
+            "-A {c} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"
+        ));
+        for n in &self.networks {
+            if let Some(v) = n.vips {
+                r.push(format!(
+                    "-A {c} -d {} -j REJECT --reject-with icmp-port-unreachable",
+                    v.trunc()
+                ));
+            }
+        }
+        // The nodes themselves (the mesh's connections to other nodes' tasks).
+        let mut vteps = self.vteps.clone();
+        vteps.sort();
+        vteps.dedup();
+        for v in vteps {
+            r.push(format!("-A {c} -s {v}/32 -j RETURN"));
+        }
+        for n in &self.networks {
+            let x = n.range.trunc();
+            r.push(format!("-A {c} -s {x} -d {x} -j RETURN"));
+        }
+        for n in &self.networks {
+            r.push(format!("-A {c} -d {} -j DROP", n.range.trunc()));
+        }
+        for n in &self.networks {
+            let x = n.range.trunc();
+            if n.internal {
+                r.push(format!("-A {c} -s {x} -j DROP"));
+            } else if let Some(p) = &self.pool {
+                r.push(format!("-A {c} -s {x} -d {} -j DROP", p.trunc()));
+            }
+        }
+        r
+    }
+
+    /// Rules of the nat chain `FLT-<tag>-NETS`, in `iptables -S` form.
+    fn nets_rules(&self, tag: &str) -> Vec<String> {
+        let c = nets_chain(tag);
+        let mut r = Vec::new();
+        for l in &self.local {
+            let b = l.block.trunc();
+            r.push(format!(
+                "-A {c} -s {b} -d {b} -o {} -m conntrack --ctstate DNAT -j MASQUERADE",
+                l.bridge
+            ));
+        }
+        if let Some((t, nets)) = &self.tunnel {
+            for (range, gw) in nets {
+                let x = range.trunc();
+                r.push(format!(
+                    "-A {c} -d {x} ! -s {x} -o {t} -j SNAT --to-source {gw}"
+                ));
+            }
+        }
+        if let Some(p) = &self.pool {
+            for l in self.local.iter().filter(|l| l.outbound_nat) {
+                r.push(format!(
+                    "-A {c} -s {} ! -d {} -j MASQUERADE",
+                    l.block.trunc(),
+                    p.trunc()
+                ));
+            }
+        }
+        r
+    }
+}
+
+/// Sets the user-defined networks' separation and this node's blocks (see the module doc):
+/// both chains are replaced in one `iptables-restore` transaction. Call after [`ensure`]
+/// whenever the networks or this node's blocks change.
+pub async fn set_networks(net: &Net, tag: &str, n: &Networks) -> Result<()> {
+    validate_tag(tag)?;
+    n.validate()?;
+    let mut text = format!("*filter\n:{} - [0:0]\n", iso_chain(tag));
+    for r in n.iso_rules(tag) {
+        text.push_str(&r);
+        text.push('\n');
+    }
+    text.push_str(&format!("COMMIT\n*nat\n:{} - [0:0]\n", nets_chain(tag)));
+    for r in n.nets_rules(tag) {
+        text.push_str(&r);
+        text.push('\n');
+    }
+    text.push_str("COMMIT\n");
+    net.run(move || restore(&text)).await??;
+    tracing::debug!(
+        tag,
+        networks = n.networks.len(),
+        local = n.local.len(),
+        "user-defined networks set"
+    );
     Ok(())
 }
 
@@ -687,6 +902,7 @@ mod tests {
         assert_eq!(
             r.post_rules(),
             vec![
+                "-A FLT-n1-POST -j FLT-n1-NETS",
                 "-A FLT-n1-POST -s 10.200.1.0/24 -d 10.200.1.0/24 -o fltbr0 -m conntrack --ctstate DNAT -j MASQUERADE",
                 "-A FLT-n1-POST -o fltbr0 -j RETURN",
                 "-A FLT-n1-POST -o fltvx0 -j RETURN",
@@ -712,16 +928,19 @@ mod tests {
                 vip: ip("10.199.0.2"),
                 mesh_ports: vec![(L4::Udp, 53), (L4::Tcp, 80), (L4::Tcp, 80)],
                 backends: vec![ip("10.200.1.3"), ip("10.200.2.3"), ip("10.200.1.4")],
+                source: None,
             },
             VipBalance {
                 vip: ip("10.199.0.3"),
                 mesh_ports: vec![(L4::Tcp, 5432)],
                 backends: vec![],
+                source: None,
             },
             VipBalance {
                 vip: ip("10.199.0.4"),
                 mesh_ports: vec![],
                 backends: vec![ip("10.200.2.9")],
+                source: None,
             },
         ];
         assert_eq!(
@@ -741,7 +960,112 @@ mod tests {
             vip_pool: None,
             ..sample()
         };
-        assert_eq!(r.post_rules()[0], "-A FLT-n1-POST -o fltbr0 -j RETURN");
+        assert_eq!(r.post_rules()[1], "-A FLT-n1-POST -o fltbr0 -j RETURN");
+    }
+
+    #[test]
+    fn networks_are_separated_and_their_blocks_masqueraded() {
+        let net = |s: &str| s.parse::<Ipv4Net>().expect("net");
+        let n = Networks {
+            pool: Some(net("10.200.0.0/16")),
+            default_bridge: Some(("fltbrab".into(), net("10.200.1.0/24"))),
+            networks: vec![
+                NetRange {
+                    range: net("10.200.240.0/20"),
+                    internal: false,
+                    vips: Some(net("10.200.255.0/24")),
+                },
+                NetRange {
+                    range: net("10.200.224.0/20"),
+                    internal: true,
+                    vips: None,
+                },
+            ],
+            local: vec![
+                LocalBlock {
+                    bridge: "fltbrab1".into(),
+                    block: net("10.200.240.0/24"),
+                    outbound_nat: true,
+                },
+                LocalBlock {
+                    bridge: "fltbrab2".into(),
+                    block: net("10.200.224.0/24"),
+                    outbound_nat: false,
+                },
+            ],
+            vteps: vec![
+                "10.200.2.0".parse().expect("ip"),
+                "10.200.1.0".parse().expect("ip"),
+            ],
+            tunnel: Some((
+                "fltvxabe".into(),
+                vec![(net("10.200.240.0/20"), "10.200.240.1".parse().expect("ip"))],
+            )),
+        };
+        assert_eq!(
+            n.iso_rules("n1"),
+            vec![
+                "-A FLT-n1-ISO -i fltbrab -s 10.200.1.0/32 -j DROP",
+                "-A FLT-n1-ISO -i fltbrab ! -s 10.200.1.0/24 -j DROP",
+                "-A FLT-n1-ISO -i fltbrab1 ! -s 10.200.240.0/24 -j DROP",
+                "-A FLT-n1-ISO -i fltbrab2 ! -s 10.200.224.0/24 -j DROP",
+                "-A FLT-n1-ISO -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+                "-A FLT-n1-ISO -d 10.200.255.0/24 -j REJECT --reject-with icmp-port-unreachable",
+                "-A FLT-n1-ISO -s 10.200.1.0/32 -j RETURN",
+                "-A FLT-n1-ISO -s 10.200.2.0/32 -j RETURN",
+                "-A FLT-n1-ISO -s 10.200.240.0/20 -d 10.200.240.0/20 -j RETURN",
+                "-A FLT-n1-ISO -s 10.200.224.0/20 -d 10.200.224.0/20 -j RETURN",
+                "-A FLT-n1-ISO -d 10.200.240.0/20 -j DROP",
+                "-A FLT-n1-ISO -d 10.200.224.0/20 -j DROP",
+                "-A FLT-n1-ISO -s 10.200.240.0/20 -d 10.200.0.0/16 -j DROP",
+                "-A FLT-n1-ISO -s 10.200.224.0/20 -j DROP",
+            ]
+        );
+        assert_eq!(
+            n.nets_rules("n1"),
+            vec![
+                "-A FLT-n1-NETS -s 10.200.240.0/24 -d 10.200.240.0/24 -o fltbrab1 -m conntrack --ctstate DNAT -j MASQUERADE",
+                "-A FLT-n1-NETS -s 10.200.224.0/24 -d 10.200.224.0/24 -o fltbrab2 -m conntrack --ctstate DNAT -j MASQUERADE",
+                "-A FLT-n1-NETS -d 10.200.240.0/20 ! -s 10.200.240.0/20 -o fltvxabe -j SNAT --to-source 10.200.240.1",
+                "-A FLT-n1-NETS -s 10.200.240.0/24 ! -d 10.200.0.0/16 -j MASQUERADE",
+            ]
+        );
+        // No networks: only the default bridge's source check.
+        let none = Networks {
+            networks: vec![],
+            local: vec![],
+            tunnel: None,
+            ..n.clone()
+        };
+        assert_eq!(
+            none.iso_rules("n1"),
+            vec![
+                "-A FLT-n1-ISO -i fltbrab -s 10.200.1.0/32 -j DROP",
+                "-A FLT-n1-ISO -i fltbrab ! -s 10.200.1.0/24 -j DROP"
+            ]
+        );
+        assert!(none.nets_rules("n1").is_empty());
+        // Hostile interface names never reach iptables.
+        let bad = Networks {
+            local: vec![LocalBlock {
+                bridge: "-j ACCEPT".into(),
+                block: net("10.200.240.0/24"),
+                outbound_nat: true,
+            }],
+            ..n
+        };
+        assert!(bad.validate().is_err());
+        // A VIP balanced for one network's sources only.
+        let v = VipBalance {
+            vip: "10.199.0.5".parse().expect("ip"),
+            mesh_ports: vec![],
+            backends: vec!["10.200.240.7".parse().expect("ip")],
+            source: Some(net("10.200.240.0/20")),
+        };
+        assert_eq!(
+            vip_rules("n1", &[v]),
+            vec!["-A FLT-n1-VIP -s 10.200.240.0/20 -d 10.199.0.5/32 -j DNAT --to-destination 10.200.240.7"]
+        );
     }
 
     #[test]
@@ -749,6 +1073,7 @@ mod tests {
         assert_eq!(
             sample().fwd_rules(),
             vec![
+                "-A FLT-n1-FWD -j FLT-n1-ISO",
                 "-A FLT-n1-FWD -i fltbr0 -j ACCEPT",
                 "-A FLT-n1-FWD -i fltbr+ -j ACCEPT",
                 "-A FLT-n1-FWD -d 10.200.0.0/16 -i fltvx0 -j ACCEPT",

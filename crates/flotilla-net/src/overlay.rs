@@ -26,12 +26,13 @@ use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVxlan, LinkAttribute
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
+
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
 use crate::error::errno;
 use crate::link::{self, validate_ifname};
+use crate::route::{main_routes, route_dst, route_oif};
 use crate::{Error, Net, Result};
 
 /// Metric of overlay routes. Higher than a connected route's (0), so when a subnet
@@ -66,12 +67,15 @@ pub struct Vxlan {
 }
 
 /// One other node, as seen by the overlay.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct OverlayPeer {
     /// The peer's underlay address.
     pub underlay: Ipv4Addr,
     /// The peer's node subnet.
     pub subnet: Ipv4Net,
+    /// The peer's blocks of user-defined networks, routed through the peer's VTEP like its
+    /// subnet.
+    pub extra: Vec<Ipv4Net>,
 }
 
 /// What [`set_peers`] did.
@@ -175,46 +179,6 @@ pub async fn ensure_vxlan(net: &Net, v: &Vxlan) -> Result<u32> {
     Ok(idx)
 }
 
-fn route_dst(r: &RouteMessage) -> Option<Ipv4Net> {
-    let a = r.attributes.iter().find_map(|a| match a {
-        RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(*a),
-        _ => None,
-    })?;
-    Ipv4Net::new(a, r.header.destination_prefix_length).ok()
-}
-
-fn route_oif(r: &RouteMessage) -> Option<u32> {
-    r.attributes.iter().find_map(|a| match a {
-        RouteAttribute::Oif(i) => Some(*i),
-        _ => None,
-    })
-}
-
-fn route_table(r: &RouteMessage) -> u32 {
-    r.attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Table(t) => Some(*t),
-            _ => None,
-        })
-        .unwrap_or(u32::from(r.header.table))
-}
-
-async fn main_routes(net: &Net) -> Result<Vec<RouteMessage>> {
-    let all: Vec<RouteMessage> = net
-        .handle()
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute()
-        .try_collect()
-        .await
-        .map_err(|e| Error::netlink("list routes", e))?;
-    Ok(all
-        .into_iter()
-        .filter(|r| route_table(r) == u32::from(RouteHeader::RT_TABLE_MAIN))
-        .collect())
-}
-
 async fn neighbours(net: &Net, family: AddressFamily, index: u32) -> Result<Vec<NeighbourMessage>> {
     let all: Vec<NeighbourMessage> = net
         .handle()
@@ -265,9 +229,21 @@ pub async fn set_peers(net: &Net, name: &str, peers: &[OverlayPeer]) -> Result<P
         if local {
             out.skipped_local.push(subnet);
         } else if !want.iter().any(|w| w.subnet == subnet) {
+            // Blocks another device routes (a node of this namespace) are left to it.
+            let extra: Vec<Ipv4Net> = p
+                .extra
+                .iter()
+                .map(|b| b.trunc())
+                .filter(|b| {
+                    !routes
+                        .iter()
+                        .any(|r| route_dst(r) == Some(*b) && route_oif(r).is_some_and(|o| o != vx))
+                })
+                .collect();
             want.push(OverlayPeer {
                 underlay: p.underlay,
                 subnet,
+                extra,
             });
         }
     }
@@ -292,24 +268,29 @@ pub async fn set_peers(net: &Net, name: &str, peers: &[OverlayPeer]) -> Result<P
             .execute()
             .await
             .map_err(|e| Error::netlink(format!("fdb {} on {name}", p.underlay), e))?;
-        let route = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(p.subnet.network(), p.subnet.prefix_len())
-            .gateway(gw)
-            .output_interface(vx)
-            .onlink()
-            .priority(ROUTE_METRIC)
-            .build();
-        h.route()
-            .add(route)
-            .replace()
-            .execute()
-            .await
-            .map_err(|e| Error::netlink(format!("route {} on {name}", p.subnet), e))?;
-        out.routed.push(p.subnet);
+        for dst in std::iter::once(p.subnet).chain(p.extra.iter().copied()) {
+            let route = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(dst.network(), dst.prefix_len())
+                .gateway(gw)
+                .output_interface(vx)
+                .onlink()
+                .priority(ROUTE_METRIC)
+                .build();
+            h.route()
+                .add(route)
+                .replace()
+                .execute()
+                .await
+                .map_err(|e| Error::netlink(format!("route {dst} on {name}"), e))?;
+            out.routed.push(dst);
+        }
     }
 
     // Remove what is no longer wanted.
-    let want_subnets: HashSet<Ipv4Net> = want.iter().map(|p| p.subnet).collect();
+    let want_subnets: HashSet<Ipv4Net> = want
+        .iter()
+        .flat_map(|p| std::iter::once(p.subnet).chain(p.extra.iter().copied()))
+        .collect();
     let want_gws: HashSet<Ipv4Addr> = want.iter().map(|p| p.subnet.network()).collect();
     let want_macs: HashSet<[u8; 6]> = want.iter().map(|p| vtep_mac(p.subnet)).collect();
     for r in main_routes(net).await? {

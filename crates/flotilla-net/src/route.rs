@@ -15,7 +15,7 @@ use std::net::Ipv4Addr;
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
 use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope, RouteType,
 };
 use rtnetlink::RouteMessageBuilder;
 
@@ -111,4 +111,48 @@ fn is_local_route(r: &RouteMessage, pool: Ipv4Net, metric: u32) -> bool {
         && dst == Some(pool.network())
         && r.header.destination_prefix_length == pool.prefix_len()
         && priority == Some(metric)
+}
+
+/// A route's IPv4 destination.
+pub(crate) fn route_dst(r: &RouteMessage) -> Option<Ipv4Net> {
+    let a = r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(*a),
+        _ => None,
+    })?;
+    Ipv4Net::new(a, r.header.destination_prefix_length).ok()
+}
+
+/// A route's output interface.
+pub(crate) fn route_oif(r: &RouteMessage) -> Option<u32> {
+    r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        _ => None,
+    })
+}
+
+/// A route's table.
+pub(crate) fn route_table(r: &RouteMessage) -> u32 {
+    r.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(r.header.table))
+}
+
+/// The IPv4 routes of the main table.
+pub(crate) async fn main_routes(net: &Net) -> Result<Vec<RouteMessage>> {
+    let all: Vec<RouteMessage> = net
+        .handle()
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|e| Error::netlink("list routes", e))?;
+    Ok(all
+        .into_iter()
+        .filter(|r| route_table(r) == u32::from(RouteHeader::RT_TABLE_MAIN))
+        .collect())
 }

@@ -53,7 +53,19 @@ pub fn host_ifname(prefix: &str, task_id: &str) -> String {
 /// Re-entrant: if the host end exists and `eth0` already carries `addr`, only the cheap
 /// settings are re-applied (agent restart). A half-made pair is deleted and made again.
 pub async fn attach(host: &Net, t: &TaskLink) -> Result<()> {
+    attach_as(host, t, TASK_IFNAME, None).await
+}
+
+/// Connects the task namespace to another network's bridge (a user-defined network): like
+/// [`attach`], with the inner end named `ifname` (`eth1`, …) and, instead of the default
+/// route, a route to the network's whole `range` via `t.gateway`.
+pub async fn attach_extra(host: &Net, t: &TaskLink, ifname: &str, range: Ipv4Net) -> Result<()> {
+    attach_as(host, t, ifname, Some(range)).await
+}
+
+async fn attach_as(host: &Net, t: &TaskLink, inner_if: &str, range: Option<Ipv4Net>) -> Result<()> {
     validate_ifname(&t.host_ifname)?;
+    validate_ifname(inner_if)?;
     validate_ifname(&t.bridge)?;
     if !t.addr.contains(&t.gateway) {
         return Err(Error::Invalid(format!(
@@ -65,7 +77,7 @@ pub async fn attach(host: &Net, t: &TaskLink) -> Result<()> {
     let inner = Net::open(&t.netns)?;
 
     let existing = link::get(host, &t.host_ifname).await?;
-    let reuse = match (&existing, link::index(&inner, TASK_IFNAME).await?) {
+    let reuse = match (&existing, link::index(&inner, inner_if).await?) {
         (Some(_), Some(idx)) => link::addresses(&inner, idx).await?.contains(&t.addr),
         _ => false,
     };
@@ -74,8 +86,8 @@ pub async fn attach(host: &Net, t: &TaskLink) -> Result<()> {
         if existing.is_some() {
             link::delete(host, &t.host_ifname).await?;
         }
-        link::delete(&inner, TASK_IFNAME).await?;
-        link::create_veth(host, &t.host_ifname, TASK_IFNAME, &t.netns, t.mtu).await?;
+        link::delete(&inner, inner_if).await?;
+        link::create_veth(host, &t.host_ifname, inner_if, &t.netns, t.mtu).await?;
     }
 
     let hidx = link::require(host, &t.host_ifname).await?.header.index;
@@ -100,10 +112,13 @@ pub async fn attach(host: &Net, t: &TaskLink) -> Result<()> {
         .await
         .map_err(|e| Error::netlink(format!("hairpin mode on {}", t.host_ifname), e))?;
 
-    let eidx = link::require(&inner, TASK_IFNAME).await?.header.index;
+    let eidx = link::require(&inner, inner_if).await?.header.index;
     link::ensure_address(&inner, eidx, t.addr).await?;
-    link::set_up(&inner, TASK_IFNAME).await?;
-    link::replace_default_route(&inner, eidx, t.gateway).await?;
+    link::set_up(&inner, inner_if).await?;
+    match range {
+        None => link::replace_default_route(&inner, eidx, t.gateway).await?,
+        Some(r) => link::replace_route(&inner, eidx, r.trunc(), t.gateway).await?,
+    }
     tracing::debug!(host_if = %t.host_ifname, addr = %t.addr, reused = reuse, "task attached");
     Ok(())
 }

@@ -91,14 +91,16 @@ async fn bridge_tasks_nat_and_teardown() {
         natr.contains(&"-A FLT-t20-POST -s 10.200.5.0/24 -j MASQUERADE".to_string()),
         "{natr:?}"
     );
-    assert_eq!(natr.len(), 6, "{natr:?}"); // -N, jump, 4 rules: no duplicates
+    // -N (POST and NETS), jump, the jump to NETS and 4 rules: no duplicates
+    assert_eq!(natr.len(), 8, "{natr:?}");
     let filt = nat::rules(&host, "filter", "t20").await.expect("rules");
     assert!(
         filt.contains(&"-A FORWARD -j FLT-t20-FWD".to_string()),
         "{filt:?}"
     );
-    // FWD: -N, jump, 6 rules; IN: -N, jump, 6 rules; NODE and PUB: -N and DROP each
-    assert_eq!(filt.len(), 8 + 8 + 2 + 2, "{filt:?}");
+    // FWD: -N, jump, the jump to ISO and 6 rules; IN: -N, jump, 6 rules; NODE and PUB: -N and
+    // DROP each; ISO: -N (empty until `set_networks`)
+    assert_eq!(filt.len(), 9 + 8 + 2 + 2 + 1, "{filt:?}");
     // outbound NAT off: converges to no MASQUERADE
     let off = nat::NatRules {
         outbound_nat: false,

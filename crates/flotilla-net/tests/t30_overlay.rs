@@ -88,10 +88,12 @@ async fn two_hosts_over_vxlan() {
         OverlayPeer {
             underlay: ua,
             subnet: a.subnet,
+            extra: Vec::new(),
         },
         OverlayPeer {
             underlay: ub,
             subnet: b.subnet,
+            extra: Vec::new(),
         },
     ];
     for n in [&a, &b] {
@@ -227,10 +229,11 @@ async fn nodes_sharing_a_namespace() {
     let n2_peer = OverlayPeer {
         underlay: Ipv4Addr::new(192, 168, 78, 2),
         subnet: net("10.200.12.0/24"),
+        extra: Vec::new(),
     };
     // node 1 hears of node 2 before node 2 made its bridge: an overlay route is installed,
     // with a metric that lets the bridge's connected route win once it appears
-    let applied = overlay::set_peers(&n1.host, "fltvx0", &[n2_peer])
+    let applied = overlay::set_peers(&n1.host, "fltvx0", std::slice::from_ref(&n2_peer))
         .await
         .expect("peers early");
     assert_eq!(applied.routed, vec![net("10.200.12.0/24")]);

@@ -82,7 +82,7 @@ async fn remove_all_leaves_nothing() {
     };
     let mut left = cleanup::leftovers(&host, &owned).await.expect("leftovers");
     left.sort();
-    assert_eq!(left.len(), 2 + 1 + 1 + 2 + 5, "{left:?}"); // fltv0/1, fltvx0, fltbr0, 2 netns, 5 chains
+    assert_eq!(left.len(), 2 + 1 + 1 + 2 + 7, "{left:?}"); // fltv0/1, fltvx0, fltbr0, 2 netns, 7 chains
     let removed = cleanup::remove_all(&host, &owned)
         .await
         .expect("remove_all");

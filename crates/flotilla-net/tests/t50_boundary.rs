@@ -248,6 +248,7 @@ async fn vxlan_only_from_cluster_nodes() {
         &[OverlayPeer {
             underlay: member,
             subnet: peer_subnet,
+            extra: Vec::new(),
         }],
     )
     .await

@@ -172,6 +172,7 @@ async fn one_host_every_port_tcp_udp_hairpin_and_draining() {
             vip: vip(),
             mesh_ports: vec![(L4::Tcp, 80)],
             backends: backends.iter().map(|b| b.parse().expect("ip")).collect(),
+            source: None,
         }]
     };
     nat::set_vips(&host, "t70", &balance(&["10.200.1.3", "10.200.1.4"]))
@@ -289,6 +290,7 @@ async fn across_hosts_the_task_sees_its_client() {
         peers.push(OverlayPeer {
             underlay: u,
             subnet,
+            extra: Vec::new(),
         });
     }
     let client = task_on(&sb, &a, "t71-client", 1, 2, "fltv0").await;
@@ -315,6 +317,7 @@ async fn across_hosts_the_task_sees_its_client() {
             vip: vip(),
             mesh_ports: vec![],
             backends: vec!["10.200.2.2".parse().expect("ip")],
+            source: None,
         }],
     )
     .await

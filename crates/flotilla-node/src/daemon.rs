@@ -94,6 +94,7 @@ fn init_cluster(
         },
         bind_allow: Vec::new(),
         unlock_key: None,
+        tunnel_keys: Vec::new(),
     };
     let identity = NodeIdentity {
         cluster_id,
@@ -284,6 +285,8 @@ pub async fn leftovers(data_dir: &std::path::Path) -> Result<Vec<String>, NodeEr
                 .into_iter()
                 .map(|c| format!("container {}", c.id)),
         );
+        // Shim processes (those of the containers above too) and what no record names.
+        out.extend(rt.strays()?);
     }
     if let Ok(Some(id)) = crate::disk::read_identity(&Paths::new(data_dir)) {
         let net = flotilla_agent::net::leftovers(data_dir, &id.node_id).await?;
@@ -318,6 +321,19 @@ async fn cleanup_containers(data_dir: &std::path::Path) -> Result<usize, NodeErr
         match flotilla_runtime::RuntimeDriver::remove(&rt, &c.id, false).await {
             Ok(()) => removed += 1,
             Err(e) => tracing::warn!(container = %c.id, error = %e, "removing container failed"),
+        }
+    }
+    // Then what the records do not name: a shim whose agent was killed while it was still
+    // inside `runc create` (no socket yet when its container was removed above), the standby,
+    // the OCI runtime's containers without a record, creates that never finished.
+    // A failure here is reported like a container's, and the rest of the cleanup still runs.
+    match rt.remove_strays().await {
+        Ok(strays) if !strays.is_empty() => {
+            tracing::info!(removed = ?strays, "removed what no container record names")
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "removing shims or containers no record names failed")
         }
     }
     Ok(removed)

@@ -10,9 +10,11 @@
 //! - [`Runtime`]: the [`RuntimeDriver`] driving runc (or `--runtime PATH`) through one
 //!   `flotilla shim` per container; survives agent restarts ([`RuntimeDriver::adopt`]).
 //! - [`HostProbe`]: host requirements checked at node start.
+//! - [`Runtime::remove_strays`]: shims found in `/proc` (by [`SHIM_ENV`]) that no record
+//!   names, for `node cleanup`.
 //! - [`testing`]: the driver contract suite and test-image helpers.
 
-#![deny(unsafe_code)] // raw syscalls live only in `overlay`, `image::layer` and `dirfd`, each with SAFETY comments
+#![deny(unsafe_code)] // raw syscalls live only in `overlay`, `image::layer`, `dirfd` and `strays`, each with SAFETY comments
 
 mod config;
 mod copyup;
@@ -27,6 +29,7 @@ mod runtime;
 pub mod seccomp;
 mod shim_client;
 pub mod spec;
+mod strays;
 pub mod testing;
 
 pub use config::{IdRange, RuntimeConfig};
@@ -41,3 +44,4 @@ pub use image::{ImageConfigInput, ImageInspect, ImageStore, ImageSummary};
 pub use probe::{CgroupLayout, HostProbe};
 pub use runtime::Runtime;
 pub use spec::{BindMount, ContainerSpec, Resources, SecurityOptions, TmpfsMount};
+pub use strays::{ShimProcess, SHIM_ENV};

@@ -39,6 +39,7 @@ use crate::overlay;
 use crate::probe::{CgroupLayout, HostProbe};
 use crate::shim_client;
 use crate::spec::{self, BuildContext, ContainerSpec};
+use crate::strays::{self, ShimProcess};
 use flotilla_shim::{Request, ShimArgs, ShimState, Status};
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -89,6 +90,9 @@ struct Inner {
     /// assignment set it receives: about fifty times during a 100-replica start), and every
     /// other call checks only that the container's dir still exists.
     records: Mutex<std::collections::HashMap<String, ContainerInfo>>,
+    /// What every shim this runtime starts gets as [`strays::SHIM_ENV`] (its canonical root),
+    /// so `node cleanup` finds shims no record names.
+    mark: PathBuf,
 }
 
 fn mkdir(p: &Path, mode: u32) -> Result<()> {
@@ -163,6 +167,7 @@ impl Runtime {
             mkdir(&cfg.state.join(d), 0o700)?;
         }
         let images = Arc::new(ImageStore::open(cfg.root.join("images"))?);
+        let mark = strays::mark_of(&cfg.root);
         let is_crun = runtime_path
             .file_name()
             .is_some_and(|n| n.to_string_lossy().contains("crun"));
@@ -180,6 +185,7 @@ impl Runtime {
                 standby: Mutex::new(None),
                 filler: Mutex::new(None),
                 records: Mutex::new(std::collections::HashMap::new()),
+                mark,
             }),
         })
     }
@@ -258,9 +264,86 @@ impl Runtime {
     pub fn inspect(&self, id: &str) -> Result<ContainerInfo> {
         self.inner.info(id)
     }
+
+    /// This runtime's live shim processes, found in `/proc` rather than through records (see
+    /// [`crate::strays`]): its containers' shims, its standby, and any shim no record names.
+    pub fn shim_processes(&self) -> Vec<ShimProcess> {
+        self.inner.shim_processes()
+    }
+
+    /// What [`Runtime::remove_strays`] would remove: shim processes (those of listed containers
+    /// too), OCI runtime containers without a record and container dirs whose create never
+    /// finished.
+    pub fn strays(&self) -> Result<Vec<String>> {
+        let inner = &self.inner;
+        let mut out: Vec<String> = inner
+            .shim_processes()
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        for id in inner.stray_runtime_containers() {
+            out.push(format!("runc container {id}"));
+        }
+        let dir = inner.cfg.root.join("containers");
+        for e in fs::read_dir(&dir)
+            .ctx(|| format!("list {}", dir.display()))?
+            .flatten()
+        {
+            if !e.path().join("meta.json").exists() {
+                out.push(format!(
+                    "unfinished container {}",
+                    e.file_name().to_string_lossy()
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// For `node cleanup`, once the containers the records name are removed and no agent uses
+    /// this runtime: kills every shim process of it still alive (with its process group),
+    /// then removes the OCI runtime's containers that have no record and the dirs of creates
+    /// that never finished. Returns what it removed, as [`Runtime::strays`] names it.
+    pub async fn remove_strays(&self) -> Result<Vec<String>> {
+        let inner = self.inner.clone();
+        blocking(move || {
+            let procs = inner.shim_processes();
+            let left = strays::kill(&procs, Duration::from_secs(10));
+            if !left.is_empty() {
+                let names: Vec<String> = left.iter().map(|p| p.to_string()).collect();
+                return Err(RuntimeError::Shim(format!(
+                    "still alive after SIGKILL: {}",
+                    names.join(", ")
+                )));
+            }
+            let mut out: Vec<String> = procs.iter().map(|p| p.to_string()).collect();
+            for id in inner.stray_runtime_containers() {
+                inner.cleanup_sync(&id, false)?;
+                out.push(format!("runc container {id}"));
+            }
+            for id in inner.half_created_sync()? {
+                out.push(format!("unfinished container {id}"));
+            }
+            Ok(out)
+        })
+        .await
+    }
 }
 
 impl Inner {
+    fn shim_processes(&self) -> Vec<ShimProcess> {
+        strays::find(&self.mark, &self.cfg.root, &self.cfg.state)
+    }
+
+    /// Containers the OCI runtime holds (under either runc root) whose lasting dir is gone.
+    fn stray_runtime_containers(&self) -> Vec<String> {
+        let mut ids = strays::runtime_containers(&self.runc_root());
+        ids.extend(strays::runtime_containers(&self.cfg.root.join("runc")));
+        ids.sort();
+        ids.dedup();
+        ids.retain(|id| spec::validate_id(id).is_ok() && !self.dir(id).exists());
+        ids
+    }
+
     /// A container's lasting dir (its record and writable layer).
     fn dir(&self, id: &str) -> PathBuf {
         self.cfg.root.join("containers").join(id)
@@ -610,6 +693,7 @@ impl Inner {
         let mut child = tokio::process::Command::new(&self.cfg.shim_exe)
             .args(&self.cfg.shim_args)
             .arg("--standby")
+            .env(strays::SHIM_ENV, &self.mark)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

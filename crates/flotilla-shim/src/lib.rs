@@ -204,6 +204,15 @@ pub fn decode_args(input: &mut impl BufRead) -> Result<Option<Vec<OsString>>, St
     Ok(Some(args))
 }
 
+/// Writes one handshake line to stdout, ignoring a reader that went away (`println!` would
+/// panic on EPIPE).
+macro_rules! answer {
+    ($($t:tt)*) => {{
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, $($t)*).and_then(|()| out.flush());
+    }};
+}
+
 /// Entry point of `flotilla shim <args>` and `flotilla shim --standby`; returns the process
 /// exit code.
 ///
@@ -228,19 +237,19 @@ pub fn run(args: Vec<OsString>) -> i32 {
             Ok(Some(_)) => return 0, // the grandparent reaps us; the child reports readiness
             Ok(None) => {}
             Err(e) => {
-                println!("error fork: {e}");
+                answer!("error fork: {e}");
                 return 1;
             }
         }
     }
     if let Err(e) = sys::setsid() {
         if !foreground {
-            println!("error setsid: {e}");
+            answer!("error setsid: {e}");
             return 1;
         }
     }
     if let Err(e) = sys::set_child_subreaper() {
-        println!("error subreaper: {e}");
+        answer!("error subreaper: {e}");
         return 1;
     }
     let args = match parsed {
@@ -256,12 +265,12 @@ pub fn run(args: Vec<OsString>) -> i32 {
             }) {
                 Ok(Some(a)) if !a.foreground => a,
                 Ok(Some(_)) => {
-                    println!("error a standby shim cannot run in the foreground");
+                    answer!("error a standby shim cannot run in the foreground");
                     return 2;
                 }
                 Ok(None) => return 0, // the agent went away before it needed us
                 Err(e) => {
-                    println!("error {e}");
+                    answer!("error {e}");
                     return 2;
                 }
             }
@@ -270,20 +279,33 @@ pub fn run(args: Vec<OsString>) -> i32 {
     sys::set_name(&format!("shim {}", args.id));
     if args.hide_cgroup2 {
         if let Err(e) = sys::hide_cgroup2() {
-            println!("error hide cgroup2: {e}");
+            answer!("error hide cgroup2: {e}");
             return 1;
         }
     }
     let (shim, listener) = match server::Shim::create(args.clone()) {
         Ok(x) => x,
         Err(e) => {
-            println!("error {}", e.replace('\n', " "));
+            answer!("error {}", e.replace('\n', " "));
             return 1;
         }
     };
     let mut out = std::io::stdout();
-    let _ = writeln!(out, "ok {} {}", shim.pid(), std::process::id());
-    let _ = out.flush();
+    let told = writeln!(out, "ok {} {}", shim.pid(), std::process::id()).and_then(|()| out.flush());
+    if let Err(e) = told {
+        // Nobody reads the handshake (EPIPE): the agent that asked for this container is gone
+        // (killed, or it gave up waiting) and never learned of it. Whoever cleans up after it
+        // (`node cleanup`, a restarted agent) may already have removed the container's record
+        // after finding no socket here, before this shim bound it. Serving now would keep a
+        // container nobody knows of, forever: undo it instead.
+        let _ = writeln!(
+            std::io::stderr(),
+            "flotilla shim {}: nobody took the handshake ({e}); removing the container",
+            args.id
+        );
+        shim.abandon(listener);
+        return 1;
+    }
     if !args.foreground {
         let _ = server::detach_stdio(&args.state_dir);
     }

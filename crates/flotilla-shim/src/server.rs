@@ -177,6 +177,12 @@ fn oom_kills(cgroup: &str) -> u64 {
 impl Shim {
     /// Runs `runtime create`; on success returns the shim ready to serve.
     pub(crate) fn create(args: ShimArgs) -> Result<(Shim, UnixListener), String> {
+        // No bundle: the container was removed before this shim got its arguments (its agent
+        // vanished and was cleaned up after). Recreate nothing of it (state dir, log).
+        let config = args.bundle.join("config.json");
+        if !config.is_file() {
+            return Err(format!("no {}: the container is gone", config.display()));
+        }
         fs::create_dir_all(&args.state_dir).map_err(|e| format!("create state dir: {e}"))?;
         let log = LogWriter::open(&args.log, args.log_max_bytes, args.log_max_files)
             .map_err(|e| format!("open log {}: {e}", args.log.display()))?;
@@ -497,6 +503,32 @@ impl Shim {
             )),
             Err(e) => err(format!("delete: {e}")),
         }
+    }
+
+    /// Undoes a container nobody will ever ask about (its agent vanished before the
+    /// handshake): kills its init, deletes it with the runtime and removes the socket. Bounded:
+    /// an init that does not die within a few seconds is left to the runtime's `delete --force`.
+    pub(crate) fn abandon(self, listener: UnixListener) {
+        drop(listener);
+        let _ = fs::remove_file(&self.args.socket);
+        let pid = self.state.pid;
+        if sys::kill(pid, libc::SIGKILL).is_ok() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while sys::alive_not_zombie(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            while sys::reap_any().is_some() {}
+        }
+        // Without `--log`: the state dir (where `runtime.log` goes) may be gone already, and
+        // runc refuses to run when it cannot open its log.
+        let _ = Command::new(&self.args.runtime)
+            .arg("--root")
+            .arg(&self.args.runtime_root)
+            .args(["delete", "--force", &self.args.id])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 
     /// The poll loop. Returns when a `delete` request was served.

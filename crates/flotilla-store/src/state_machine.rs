@@ -1041,3 +1041,76 @@ mod event_rows_tests {
         assert_eq!(left.len(), 9);
     }
 }
+
+#[cfg(test)]
+mod added_table_tests {
+    use super::*;
+
+    /// A snapshot section as `encode_snapshot` writes it: one table with one object.
+    fn section(out: &mut Vec<u8>, table: &str, id: &str, value: &[u8]) {
+        out.extend_from_slice(&u16::try_from(table.len()).expect("len").to_le_bytes());
+        out.extend_from_slice(table.as_bytes());
+        out.extend_from_slice(&1u64.to_le_bytes());
+        out.extend_from_slice(&u32::try_from(id.len()).expect("len").to_le_bytes());
+        out.extend_from_slice(id.as_bytes());
+        out.extend_from_slice(&7u64.to_le_bytes());
+        out.extend_from_slice(&3u64.to_le_bytes());
+        out.extend_from_slice(&u32::try_from(value.len()).expect("len").to_le_bytes());
+        out.extend_from_slice(value);
+    }
+
+    fn ids(db: &Database, table: Table) -> Vec<String> {
+        list(db, &Sealer::default(), table)
+            .expect("list")
+            .1
+            .into_iter()
+            .map(|v| v.id)
+            .collect()
+    }
+
+    #[test]
+    fn a_state_file_and_a_snapshot_from_before_the_networks_table_still_load() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let db = Database::create(dir.path().join("state.redb")).expect("db");
+        init_tables(&db).expect("tables");
+        // A file written before the table existed: drop it again.
+        let txn = db.begin_write().expect("txn");
+        assert!(txn.delete_table(obj_def(Table::Networks)).expect("delete"));
+        txn.commit().expect("commit");
+        // Opening creates it, empty.
+        init_tables(&db).expect("tables again");
+        assert!(ids(&db, Table::Networks).is_empty());
+
+        // An older snapshot lists only the tables it knew.
+        let mut old = SNAPSHOT_MAGIC.to_vec();
+        old.extend_from_slice(&1u32.to_le_bytes());
+        section(&mut old, "volumes", "v1", b"{}");
+        let txn = db.begin_write().expect("txn");
+        load_snapshot(&txn, &Sealer::default(), &old).expect("old snapshot");
+        txn.commit().expect("commit");
+        assert_eq!(ids(&db, Table::Volumes), ["v1"]);
+        assert!(ids(&db, Table::Networks).is_empty());
+
+        // A current one carries the networks section, and round-trips it.
+        let mut new = SNAPSHOT_MAGIC.to_vec();
+        new.extend_from_slice(&2u32.to_le_bytes());
+        section(&mut new, "volumes", "v2", b"{}");
+        section(&mut new, "networks", "backend", br#"{"name":"backend"}"#);
+        let txn = db.begin_write().expect("txn");
+        load_snapshot(&txn, &Sealer::default(), &new).expect("new snapshot");
+        txn.commit().expect("commit");
+        assert_eq!(ids(&db, Table::Volumes), ["v2"]);
+        assert_eq!(ids(&db, Table::Networks), ["backend"]);
+        let txn = db.begin_read().expect("read");
+        let encoded = encode_snapshot(&txn, &Sealer::default()).expect("encode");
+        drop(txn);
+        let txn = db.begin_write().expect("txn");
+        load_snapshot(&txn, &Sealer::default(), &encoded).expect("reload");
+        txn.commit().expect("commit");
+        let net = get(&db, &Sealer::default(), Table::Networks, "backend")
+            .expect("get")
+            .expect("present");
+        assert_eq!((net.version, net.created), (7, 3));
+        assert_eq!(net.value, br#"{"name":"backend"}"#);
+    }
+}

@@ -28,6 +28,8 @@ pub enum Table {
     Volumes,
     Images,
     Cluster,
+    /// User-defined networks (`network create`), by name.
+    Networks,
 }
 
 impl Table {
@@ -41,6 +43,7 @@ impl Table {
         Table::Volumes,
         Table::Images,
         Table::Cluster,
+        Table::Networks,
     ];
 
     /// The lower-case name (also the serde name and the redb table name).
@@ -54,6 +57,7 @@ impl Table {
             Table::Volumes => "volumes",
             Table::Images => "images",
             Table::Cluster => "cluster",
+            Table::Networks => "networks",
         }
     }
 }

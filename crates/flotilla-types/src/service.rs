@@ -29,6 +29,10 @@ pub struct Service {
     /// The service's virtual IP (endpoint mode `vip`), allocated by the leader.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vip: Option<String>,
+    /// The service's virtual IP on each user-defined network it is attached to (endpoint mode
+    /// `vip`; network name → address in the network's VIP block), allocated by the leader.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub network_vips: BTreeMap<String, String>,
     /// Filled in on reads (never stored): how many tasks run and should run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_status: Option<ServiceStatus>,
@@ -160,6 +164,10 @@ pub struct TaskSpec {
     /// Bumped by `service update --force` to replace tasks without a spec change.
     #[serde(default)]
     pub force_update: u64,
+    /// User-defined networks (`--network`), the first one carrying the default route; none:
+    /// the cluster's default network.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<crate::NetworkAttachment>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -464,6 +464,51 @@ pub struct Volume {
     /// Filled in on reads: services whose tasks mount it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub used_by: Vec<String>,
+    /// Filled in on reads (by the leader): the move under way, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moving: Option<VolumeMoving>,
+    /// The last move that gave the volume its present home (written with the new home).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_move: Option<VolumeLastMove>,
+}
+
+/// A volume move under way (`volume inspect` while it runs).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMoving {
+    /// Node id the volume goes to.
+    pub to: String,
+    /// `pre-copy` (the first pass, the task still running), `final` (what changed since,
+    /// the task stopped), `copy` (one full pass, nothing running) or `pre-copied` (waiting for
+    /// the task to stop).
+    pub pass: String,
+    /// Bytes of this pass's stream relayed so far, and the volume's size on its node when
+    /// the pass started (the stream is a little larger: tar headers).
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+/// One pass of a move: the stream relayed from the old node to the new one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumePass {
+    /// `pre-copy`, `final` or `copy` (see [`VolumeMoving::pass`]).
+    pub pass: String,
+    /// Bytes of the stream, and its SHA-256 as the new node received it (checked against
+    /// what the leader relayed).
+    pub bytes: u64,
+    pub sha256: String,
+    /// Milliseconds from the pass's first request to its check.
+    pub ms: u64,
+}
+
+/// [`Volume::last_move`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeLastMove {
+    /// Node ids.
+    pub from: String,
+    pub to: String,
+    /// When the new home was recorded (ms since the epoch).
+    pub at: u64,
+    pub passes: Vec<VolumePass>,
 }
 
 fn local_driver() -> String {
@@ -496,11 +541,16 @@ pub struct VolumeMoved {
     /// Node ids.
     pub from: String,
     pub to: String,
-    /// Bytes of the archive copied, and its SHA-256 as sent and as the target received it.
+    /// Bytes of the streams copied (all passes), and the SHA-256 of the last pass's stream
+    /// as sent and as the target received it.
     pub bytes: u64,
     pub sha256: String,
-    /// Time from the start of the copy to the new home being recorded, in milliseconds.
+    /// Time from the start of the copy done in this call (the final pass, after a pre-copy)
+    /// to the new home being recorded, in milliseconds.
     pub copy_ms: u64,
+    /// The passes, in order: `pre-copy` then `final`, or one `copy`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub passes: Vec<VolumePass>,
     /// Whether the copy on the old node was deleted (once a task runs on the new node, or at
     /// once when no task wants to run on the volume); otherwise why it was kept.
     pub source_removed: bool,

@@ -132,9 +132,12 @@ pub struct TaskStatus {
         deserialize_with = "Health::lenient"
     )]
     pub health: Option<Health>,
-    /// The task's IP address on its node's task network.
+    /// The task's IP address on its node's task network (its first network's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+    /// The task's address on each user-defined network (network name → address).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub addresses: std::collections::BTreeMap<String, String>,
 }
 
 /// A task's health as its agent's probes see it (Docker's `starting` / `healthy` /
@@ -182,6 +185,7 @@ impl TaskStatus {
             container_id: None,
             health: None,
             address: None,
+            addresses: Default::default(),
         }
     }
 }

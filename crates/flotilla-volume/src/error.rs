@@ -22,6 +22,12 @@ pub enum VolumeError {
     /// Another import into this volume is running.
     #[error("volume {0} is busy with an import (wait for it to finish)")]
     Busy(String),
+    /// A final pass of a move without a first one on this node (or after the agent
+    /// restarted): the move starts over.
+    #[error(
+        "volume {0} has no first-pass snapshot on this node: the move starts over with a full copy"
+    )]
+    NoSnapshot(String),
     /// A size limit out of range.
     #[error(
         "volume size limit {0} bytes is out of range: give 8 MiB to 16 TiB (e.g. volume-opt=size=512m)"

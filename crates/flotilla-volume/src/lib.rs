@@ -37,11 +37,13 @@
 
 #![forbid(unsafe_code)]
 
+pub mod delta;
 mod error;
 mod store;
 
+pub use delta::Snapshot;
 pub use error::{Result, VolumeError};
 pub use store::{
-    mounted, unmount_all, validate_name, validate_size_limit, LocalVolume, VolumeStore,
-    MAX_SIZE_LIMIT, MIN_SIZE_LIMIT, NAME_RULE,
+    mounted, unmount_all, validate_name, validate_size_limit, ExportStats, LocalVolume, Received,
+    TreeDigest, VolumeStore, MAX_SIZE_LIMIT, MIN_SIZE_LIMIT, NAME_RULE,
 };

@@ -1,13 +1,15 @@
 //! [`VolumeStore`]: the volumes of one node under one root directory.
 
+use crate::delta::{FileState, Snapshot};
 use crate::error::{from_unpack, io_err, Result, VolumeError};
 use flotilla_runtime::dirfd::{Dir, Event, Kind};
 use flotilla_runtime::IdRange;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs;
 use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -84,6 +86,38 @@ pub struct VolumeStore {
     lock: Mutex<()>,
     /// Volumes an import is writing.
     busy: Mutex<HashSet<String>>,
+    /// What the first pass of a move read, by volume (for the final pass).
+    snapshots: Mutex<HashMap<String, Snapshot>>,
+}
+
+/// What an export wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExportStats {
+    /// Regular files written, and their bytes.
+    pub files: u64,
+    pub file_bytes: u64,
+    /// Paths a delta deletes.
+    pub deleted: u64,
+}
+
+/// What an import or a delta read: the stream's SHA-256 (hex) and length.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Received {
+    pub sha256: String,
+    pub bytes: u64,
+    /// Paths a delta deleted.
+    pub deleted: u64,
+}
+
+/// [`VolumeStore::tree_digest`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeDigest {
+    /// Hex SHA-256 over the sorted entries.
+    pub sha256: String,
+    pub entries: u64,
+    pub files: u64,
+    /// Bytes of the regular files.
+    pub bytes: u64,
 }
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
@@ -103,6 +137,7 @@ impl VolumeStore {
             owner,
             lock: Mutex::new(()),
             busy: Mutex::new(HashSet::new()),
+            snapshots: Mutex::new(HashMap::new()),
         };
         store.traversal_dir(&store.root)?;
         let dir = store.root_dir()?;
@@ -278,6 +313,7 @@ impl VolumeStore {
             .map_err(|e| self.io(format!("move {} away", vdir.display()), e))?;
         root.remove(OsStr::new(&trash))
             .map_err(|e| self.io(format!("delete the data of volume {name}"), e))?;
+        self.forget_snapshot(name);
         tracing::info!(volume = %name, "volume removed");
         Ok(())
     }
@@ -316,15 +352,127 @@ impl VolumeStore {
     pub fn export(&self, name: &str, writer: impl Write) -> Result<()> {
         let v = self.get(name)?;
         let data = self.data_dir(&v)?;
+        let mut b = tar::Builder::new(writer);
+        self.write_tar(&v, &data, &mut b, None)?;
+        self.finish_tar(name, b)
+    }
+
+    /// The first pass of a move: [`export`](Self::export), with a [`Snapshot`] of what was
+    /// read kept (in memory, one per volume) for [`export_changes`](Self::export_changes).
+    /// Works while a container writes the volume.
+    pub fn export_tracked(&self, name: &str, writer: impl Write) -> Result<ExportStats> {
+        let v = self.get(name)?;
+        let data = self.data_dir(&v)?;
+        let mut b = tar::Builder::new(writer);
+        let (snap, stats) = self.write_tar(&v, &data, &mut b, None)?;
+        self.finish_tar(name, b)?;
+        self.snapshots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_string(), snap);
+        Ok(stats)
+    }
+
+    /// The final pass of a move, once nothing writes the volume: a delta stream (see
+    /// [`crate::delta`]) with what changed since [`export_tracked`](Self::export_tracked):
+    /// the paths gone, then a tar of the root, every directory and symlink, and the files
+    /// whose stat changed. [`VolumeError::NoSnapshot`] without a first pass.
+    pub fn export_changes(&self, name: &str, mut writer: impl Write) -> Result<ExportStats> {
+        let v = self.get(name)?;
+        let since = self
+            .snapshots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| VolumeError::NoSnapshot(name.into()))?;
+        let data = self.data_dir(&v)?;
+        // What is there now (export leaves out devices, FIFOs and sockets: so does this).
+        let mut now: HashSet<Vec<u8>> = HashSet::new();
+        data.walk(|ev| {
+            match ev {
+                Event::Leave { .. } => {}
+                Event::Enter { path, .. } => {
+                    now.insert(path.as_os_str().as_bytes().to_vec());
+                }
+                Event::Entry { path, stat, .. } => {
+                    if stat.kind != Kind::Other {
+                        now.insert(path.as_os_str().as_bytes().to_vec());
+                    }
+                }
+            }
+            Ok(())
+        })
+        .map_err(|e| self.io(format!("read volume {name}"), e))?;
+        let mut deleted: Vec<Vec<u8>> = since
+            .entries
+            .keys()
+            .filter(|p| !now.contains(*p))
+            .cloned()
+            .collect();
+        // Parents before children: a removed directory takes its entries with it.
+        deleted.sort();
+        crate::delta::write_head(&mut writer, &deleted).map_err(|e| VolumeError::Io {
+            context: format!("write the changes of volume {name}"),
+            source: e,
+        })?;
+        let mut b = tar::Builder::new(writer);
+        let (snap, mut stats) = self.write_tar(&v, &data, &mut b, Some(&since))?;
+        self.finish_tar(name, b)?;
+        stats.deleted = deleted.len() as u64;
+        self.snapshots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_string(), snap);
+        Ok(stats)
+    }
+
+    /// Whether a first pass of a move left a snapshot of `name` here.
+    pub fn has_snapshot(&self, name: &str) -> bool {
+        self.snapshots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(name)
+    }
+
+    /// Forgets the first-pass snapshot of `name` (a move given up).
+    pub fn forget_snapshot(&self, name: &str) {
+        self.snapshots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name);
+    }
+
+    fn finish_tar<W: Write>(&self, name: &str, b: tar::Builder<W>) -> Result<()> {
+        b.into_inner()
+            .and_then(|mut w| w.flush())
+            .map_err(|e| VolumeError::Io {
+                context: format!("write the archive of volume {name}"),
+                source: e,
+            })
+    }
+
+    /// Writes the tree of `v` into `b` (without the end of archive): everything, or with
+    /// `since`, the root, directories, symlinks and the files changed since that snapshot.
+    /// Returns the snapshot of what it saw.
+    fn write_tar<W: Write>(
+        &self,
+        v: &LocalVolume,
+        data: &Dir,
+        b: &mut tar::Builder<W>,
+        since: Option<&Snapshot>,
+    ) -> Result<(Snapshot, ExportStats)> {
+        let name = v.name.as_str();
         let unshift = |id: u32| match self.owner {
             Some(r) => r.unshift(id).unwrap_or(65_534),
             None => id,
         };
-        let mut b = tar::Builder::new(writer);
         let werr = |e: io::Error| VolumeError::Io {
             context: format!("write the archive of volume {name}"),
             source: e,
         };
+        let mut snap = Snapshot::default();
+        let mut stats = ExportStats::default();
         // The root entry (`./`) carries the data dir's owner and mode.
         let st = data
             .stat()
@@ -358,6 +506,7 @@ impl VolumeStore {
                     stat,
                 } => (parent, name, path, stat),
             };
+            let key = path.as_os_str().as_bytes();
             let mut h = tar::Header::new_gnu();
             h.set_mode(st.mode);
             h.set_uid(u64::from(unshift(st.uid)));
@@ -365,12 +514,14 @@ impl VolumeStore {
             h.set_mtime(u64::try_from(st.mtime.secs).unwrap_or(0));
             let wrote = match st.kind {
                 Kind::Dir => {
+                    snap.record_other(key);
                     h.set_entry_type(tar::EntryType::Directory);
                     h.set_size(0);
                     b.append_data(&mut h, path, io::empty())
                 }
                 Kind::Symlink => {
                     let target = parent.read_link(name)?;
+                    snap.record_other(key);
                     h.set_entry_type(tar::EntryType::Symlink);
                     h.set_size(0);
                     b.append_link(&mut h, path, Path::new(&target))
@@ -385,7 +536,18 @@ impl VolumeStore {
                         }
                         Err(e) => return Err(e),
                     };
-                    let size = f.metadata()?.len();
+                    // Stat before reading: a write after it changes ctime (and is sent by
+                    // the final pass).
+                    let meta = f.metadata()?;
+                    let state = FileState::of(&meta);
+                    let changed = since.is_none_or(|s| s.file_changed(key, &state));
+                    snap.record_file(key, state, std::time::SystemTime::now());
+                    if !changed {
+                        return Ok(());
+                    }
+                    let size = meta.len();
+                    stats.files += 1;
+                    stats.file_bytes += size;
                     h.set_entry_type(tar::EntryType::Regular);
                     h.set_size(size);
                     b.append_data(&mut h, path, Exact::new(f, size))
@@ -405,8 +567,126 @@ impl VolumeStore {
             return Err(werr(e));
         }
         res.map_err(|e| self.io(format!("read volume {name}"), e))?;
-        b.into_inner().and_then(|mut w| w.flush()).map_err(werr)?;
-        Ok(())
+        Ok((snap, stats))
+    }
+
+    /// Applies a delta stream (as [`export_changes`](Self::export_changes) writes) to the
+    /// existing volume `name`: the deletions first (each path checked, resolved without
+    /// following a symlink; see [`crate::delta`]), then the tar through the confined
+    /// unpacker, replacing what it names. Returns the SHA-256 and length of the whole
+    /// stream. On failure the volume is left part-way: the caller drops it.
+    pub fn apply_changes(&self, name: &str, reader: impl Read) -> Result<Received> {
+        validate_name(name)?;
+        let v = self.get(name)?;
+        {
+            let mut busy = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
+            if !busy.insert(name.to_string()) {
+                return Err(VolumeError::Busy(name.into()));
+            }
+        }
+        let res = (|| {
+            let mut r = crate::delta::Hashing {
+                inner: reader,
+                hasher: sha2::Sha256::default(),
+                count: 0,
+            };
+            let deleted = crate::delta::read_head(&mut r)?;
+            let data = self.data_dir(&v)?;
+            for p in &deleted {
+                crate::delta::delete_in(&data, p)?;
+            }
+            flotilla_runtime::image::layer::unpack_volume(&mut r, &v.path, self.owner)
+                .map_err(|e| from_unpack(&self.root, e))?;
+            // Anything after the archive's end is hashed too (the sender hashed it).
+            io::copy(&mut r, &mut io::sink()).map_err(|e| VolumeError::Io {
+                context: "read the delta stream".into(),
+                source: e,
+            })?;
+            Ok(Received {
+                sha256: hex::encode(sha2::Digest::finalize(r.hasher)),
+                bytes: r.count,
+                deleted: deleted.len() as u64,
+            })
+        })();
+        self.busy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name);
+        res
+    }
+
+    /// A digest of the volume's tree without its contents: every entry export writes (path,
+    /// kind, size, mode, owner as the container sees it, symlink target), sorted, hashed.
+    /// Two nodes agree on it when a copy left no entry out, none behind and no attribute
+    /// different (the data itself is checked by the hashes of the streams).
+    pub fn tree_digest(&self, name: &str) -> Result<TreeDigest> {
+        let v = self.get(name)?;
+        let data = self.data_dir(&v)?;
+        let unshift = |id: u32| match self.owner {
+            Some(r) => r.unshift(id).unwrap_or(65_534),
+            None => id,
+        };
+        let line =
+            |path: &[u8], kind: u8, size: u64, st: &flotilla_runtime::dirfd::Stat, link: &[u8]| {
+                let mut l = Vec::with_capacity(path.len() + link.len() + 48);
+                l.extend_from_slice(path);
+                l.push(0);
+                l.push(kind);
+                l.extend_from_slice(&size.to_be_bytes());
+                l.extend_from_slice(&st.mode.to_be_bytes());
+                l.extend_from_slice(&unshift(st.uid).to_be_bytes());
+                l.extend_from_slice(&unshift(st.gid).to_be_bytes());
+                l.extend_from_slice(link);
+                l.push(0);
+                l
+            };
+        let root = data
+            .stat()
+            .map_err(|e| self.io(format!("stat {}", v.path.display()), e))?;
+        let mut lines = vec![line(b".", b'd', 0, &root, b"")];
+        let mut out = TreeDigest::default();
+        data.walk(|ev| {
+            let (parent, name, path, st) = match ev {
+                Event::Leave { .. } => return Ok(()),
+                Event::Enter {
+                    parent,
+                    name,
+                    path,
+                    stat,
+                    ..
+                }
+                | Event::Entry {
+                    parent,
+                    name,
+                    path,
+                    stat,
+                } => (parent, name, path, stat),
+            };
+            let key = path.as_os_str().as_bytes();
+            match st.kind {
+                Kind::Dir => lines.push(line(key, b'd', 0, st, b"")),
+                Kind::File => {
+                    out.files += 1;
+                    out.bytes += st.size;
+                    lines.push(line(key, b'f', st.size, st, b""))
+                }
+                Kind::Symlink => {
+                    let target = parent.read_link(name)?;
+                    lines.push(line(key, b'l', 0, st, target.as_bytes()))
+                }
+                Kind::Other => {}
+            }
+            out.entries += 1;
+            Ok(())
+        })
+        .map_err(|e| self.io(format!("read volume {name}"), e))?;
+        lines.sort();
+        let mut h = sha2::Sha256::default();
+        for l in &lines {
+            sha2::Digest::update(&mut h, l);
+        }
+        out.sha256 = hex::encode(sha2::Digest::finalize(h));
+        Ok(out)
     }
 
     /// Fills the volume `name` from a tar stream (as [`export`](Self::export) writes),
@@ -416,6 +696,12 @@ impl VolumeStore {
     /// it), and device nodes are refused. On failure the volume is removed again when this
     /// call created it, emptied otherwise.
     pub fn import(&self, name: &str, reader: impl Read) -> Result<LocalVolume> {
+        self.import_hashed(name, reader).map(|(v, _)| v)
+    }
+
+    /// [`import`](Self::import), also returning the SHA-256 and length of the stream read
+    /// (hashed as it is unpacked: the stream is read once).
+    pub fn import_hashed(&self, name: &str, reader: impl Read) -> Result<(LocalVolume, Received)> {
         validate_name(name)?;
         let v = match self.get(name) {
             Ok(v) => Some(v),
@@ -441,7 +727,7 @@ impl VolumeStore {
         name: &str,
         existing: Option<LocalVolume>,
         reader: impl Read,
-    ) -> Result<LocalVolume> {
+    ) -> Result<(LocalVolume, Received)> {
         let created = existing.is_none();
         let v = match existing {
             Some(v) => v,
@@ -455,9 +741,20 @@ impl VolumeStore {
             return Err(VolumeError::NotEmpty(name.into()));
         }
         match flotilla_runtime::image::layer::unpack_volume(reader, &v.path, self.owner) {
-            Ok(()) => {
-                tracing::info!(volume = %name, "volume imported");
-                Ok(v)
+            Ok((digest, bytes)) => {
+                tracing::info!(volume = %name, bytes, "volume imported");
+                let sha256 = digest
+                    .strip_prefix("sha256:")
+                    .unwrap_or(&digest)
+                    .to_string();
+                Ok((
+                    v,
+                    Received {
+                        sha256,
+                        bytes,
+                        deleted: 0,
+                    },
+                ))
             }
             Err(e) => {
                 let err = from_unpack(&self.root, e);

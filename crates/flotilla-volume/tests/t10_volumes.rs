@@ -783,3 +783,217 @@ fn t17_a_size_limit_is_its_own_file_system() {
     );
     s.marker_untouched("size limit");
 }
+
+/// Gives everything beneath `root` (not following symlinks) to host id `id`.
+fn own_tree(root: &Path, id: u32) {
+    for (rel, _) in snapshot(root) {
+        chown(&root.join(rel), id);
+    }
+}
+
+/// Asserts two snapshots are equal, naming only the entries that differ.
+fn same_trees(a: &BTreeMap<PathBuf, String>, b: &BTreeMap<PathBuf, String>) {
+    let short = |s: Option<&String>| s.map(|s| s.chars().take(120).collect::<String>());
+    let diff: Vec<_> = a
+        .keys()
+        .chain(b.keys())
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| (k.clone(), short(a.get(k)), short(b.get(k))))
+        .collect();
+    assert!(diff.is_empty(), "the trees differ: {diff:#?}");
+}
+
+/// A delta stream: `deleted` paths, then `archive` (a tar).
+fn delta_of(deleted: &[&[u8]], archive: &[u8]) -> Vec<u8> {
+    let list: Vec<u8> = deleted
+        .iter()
+        .flat_map(|p| p.iter().copied().chain([0u8]))
+        .collect();
+    let mut out = flotilla_volume::delta::MAGIC.to_vec();
+    out.extend_from_slice(&(list.len() as u64).to_be_bytes());
+    out.extend_from_slice(&list);
+    out.extend_from_slice(archive);
+    out
+}
+
+#[test]
+fn t18_a_two_pass_copy_sends_only_changes_and_ends_equal() {
+    if !is_root() {
+        return;
+    }
+    let src = Scratch::new();
+    let dst = Scratch::new();
+    let v = src.store.create("db", BTreeMap::new()).expect("create");
+    let d = &v.path;
+    fs::create_dir_all(d.join("keep/deep")).expect("mkdir");
+    fs::create_dir_all(d.join("gone/sub")).expect("mkdir");
+    fs::write(d.join("keep/big"), vec![7u8; 300_000]).expect("write");
+    fs::write(d.join("keep/deep/same"), b"same").expect("write");
+    fs::write(d.join("log"), b"1\n2\n").expect("write");
+    fs::write(d.join("gone/sub/x"), b"x").expect("write");
+    fs::write(d.join("rewritten"), b"aaaa").expect("write");
+    fs::write(d.join("to-link"), b"file").expect("write");
+    symlink("/etc/passwd", d.join("abs-link")).expect("symlink");
+    own_tree(d, RANGE.host_start);
+    chown(&d.join("keep/big"), RANGE.host_start + 1000);
+
+    // Pass 1: everything, with a snapshot kept.
+    let mut first = Vec::new();
+    let stats = src.store.export_tracked("db", &mut first).expect("pass 1");
+    assert_eq!(stats.files, 6);
+    let (_, got) = dst.store.import_hashed("db", &first[..]).expect("import");
+    assert_eq!(got.bytes, first.len() as u64);
+    // The racy rule: files written just now are sent again whatever their stat. Backdate
+    // the snapshot by waiting out the window, then take pass 1 again.
+    std::thread::sleep(flotilla_volume::delta::RACY + std::time::Duration::from_millis(100));
+    let _ = dst.store.remove("db");
+    let mut first = Vec::new();
+    src.store.export_tracked("db", &mut first).expect("pass 1");
+    dst.store.import_hashed("db", &first[..]).expect("import");
+
+    // Changes after pass 1: an append, a same-size rewrite with the mtime put back, a new
+    // file, a removed tree, a file replaced by a symlink, a mode change.
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(d.join("log"))
+        .expect("open");
+    std::io::Write::write_all(&mut f, b"3\n").expect("append");
+    drop(f);
+    let old_mtime = fs::metadata(d.join("rewritten"))
+        .expect("stat")
+        .modified()
+        .expect("mtime");
+    fs::write(d.join("rewritten"), b"bbbb").expect("write");
+    fs::File::options()
+        .write(true)
+        .open(d.join("rewritten"))
+        .and_then(|f| f.set_modified(old_mtime))
+        .expect("set mtime back");
+    fs::write(d.join("keep/new"), b"new").expect("write");
+    fs::remove_dir_all(d.join("gone")).expect("rm");
+    fs::remove_file(d.join("to-link")).expect("rm");
+    symlink("keep", d.join("to-link")).expect("symlink");
+    chmod(&d.join("keep/deep/same"), 0o600);
+    for p in ["keep/new", "to-link"] {
+        chown(&d.join(p), RANGE.host_start);
+    }
+
+    let mut delta = Vec::new();
+    let stats = src.store.export_changes("db", &mut delta).expect("pass 2");
+    // log, rewritten, keep/new and the chmod'ed file; not keep/big.
+    assert_eq!(stats.files, 4, "{stats:?}");
+    assert_eq!(stats.deleted, 3, "gone, gone/sub, gone/sub/x: {stats:?}");
+    assert!(stats.file_bytes < 100, "{stats:?}");
+    let got = dst.store.apply_changes("db", &delta[..]).expect("apply");
+    assert_eq!(got.bytes, delta.len() as u64);
+    assert_eq!(got.deleted, 3);
+    let dv = dst.store.get("db").expect("get");
+    same_trees(&snapshot(&dv.path), &snapshot(d));
+    assert_eq!(
+        dst.store.tree_digest("db").expect("digest"),
+        src.store.tree_digest("db").expect("digest")
+    );
+    assert_eq!(fs::read(dv.path.join("log")).expect("log"), b"1\n2\n3\n");
+    // A second delta with nothing changed sends no file data.
+    let mut again = Vec::new();
+    std::thread::sleep(flotilla_volume::delta::RACY + std::time::Duration::from_millis(100));
+    src.store.export_changes("db", &mut again).expect("pass 3");
+    let mut again = Vec::new();
+    let stats = src.store.export_changes("db", &mut again).expect("pass 4");
+    assert_eq!((stats.files, stats.deleted), (0, 0), "{stats:?}");
+    // A tree digest sees a difference in attributes.
+    chmod(&dv.path.join("log"), 0o611);
+    assert_ne!(
+        dst.store.tree_digest("db").expect("digest"),
+        src.store.tree_digest("db").expect("digest")
+    );
+    // Without a first pass there is no delta.
+    src.store.create("other", BTreeMap::new()).expect("create");
+    assert!(matches!(
+        src.store.export_changes("other", Vec::new()),
+        Err(VolumeError::NoSnapshot(_))
+    ));
+    src.marker_untouched("src");
+    dst.marker_untouched("dst");
+}
+
+#[test]
+fn t19_hostile_deltas_stay_inside_the_data_dir() {
+    if !is_root() {
+        return;
+    }
+    let s = Scratch::new();
+    let marker = s.marker.display().to_string();
+    let v = s.store.create("db", BTreeMap::new()).expect("create");
+    fs::write(v.path.join("keep"), b"keep").expect("write");
+    symlink(&marker, v.path.join("out")).expect("symlink");
+    fs::create_dir(v.path.join("dir")).expect("mkdir");
+    let before = snapshot(&v.path);
+    for (what, deleted) in [
+        ("dotdot", &b"../../marker/victim"[..]),
+        ("inner dotdot", b"dir/../../marker/victim"),
+        ("absolute", b"/etc/passwd"),
+        ("through a symlink", b"out/victim"),
+        ("through a symlink, deeper", b"out/etc/passwd"),
+        ("the root", b""),
+        ("dot", b"."),
+    ] {
+        let res = s.store.apply_changes("db", &delta_of(&[deleted], &[])[..]);
+        assert!(
+            matches!(res, Err(VolumeError::BadArchive(_))),
+            "{what}: {res:?}"
+        );
+        assert_eq!(snapshot(&v.path), before, "{what}: nothing deleted");
+        s.marker_untouched(what);
+    }
+    // A refused path anywhere in the list: nothing is deleted, not even the good ones.
+    let res = s
+        .store
+        .apply_changes("db", &delta_of(&[b"keep", b"../x"], &[])[..]);
+    assert!(matches!(res, Err(VolumeError::BadArchive(_))), "{res:?}");
+    assert!(v.path.join("keep").exists());
+    // Deleting the symlink itself removes the link, never its target.
+    let ok = s
+        .store
+        .apply_changes("db", &delta_of(&[b"out", b"missing/x"], &tar_of(&[]))[..]);
+    assert!(ok.is_ok(), "{ok:?}");
+    assert!(!v.path.join("out").exists() && s.marker.join("victim").exists());
+    // The delta's archive is confined like an import's.
+    for (what, entries) in [
+        ("tar dotdot", vec![E::File("../../marker/victim", b"pwned")]),
+        ("tar device", vec![E::Device("dev")]),
+    ] {
+        let res = s
+            .store
+            .apply_changes("db", &delta_of(&[], &tar_of(&entries))[..]);
+        assert!(
+            matches!(res, Err(VolumeError::BadArchive(_))),
+            "{what}: {res:?}"
+        );
+        s.marker_untouched(what);
+    }
+    // An absolute name lands inside the volume, as tar does, never at the host path.
+    let res = s.store.apply_changes(
+        "db",
+        &delta_of(&[], &tar_of(&[E::File("/etc/flotilla-t19", b"pwned")]))[..],
+    );
+    assert!(
+        res.is_err() || v.path.join("etc/flotilla-t19").exists(),
+        "{res:?}"
+    );
+    assert!(!Path::new("/etc/flotilla-t19").exists());
+    s.marker_untouched("tar absolute");
+    symlink(&marker, v.path.join("out2")).expect("symlink");
+    let res = s.store.apply_changes(
+        "db",
+        &delta_of(&[], &tar_of(&[E::File("out2/victim", b"pwned")]))[..],
+    );
+    assert!(res.is_err(), "writing through a symlink: {res:?}");
+    s.marker_untouched("tar through a symlink");
+    // Not a delta at all.
+    assert!(matches!(
+        s.store
+            .apply_changes("db", &tar_of(&[E::File("a", b"a")])[..]),
+        Err(VolumeError::BadArchive(_))
+    ));
+}

@@ -151,15 +151,18 @@ fn client_log_with(
     args.extend([image, "sh", "-c", &full]);
     let o = c.run(&args);
     assert!(o.status.success(), "create {name}: {}", stderr(&o));
-    wait_for(
-        &format!("{name} to finish"),
-        Duration::from_secs(60),
-        || {
-            let o = c.run(&["service", "logs", name]);
-            let text = stdout(&o);
-            text.contains("CLIENT-DONE").then_some(text)
-        },
-    )
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = stdout(&c.run(&["service", "logs", name]));
+        if text.contains("CLIENT-DONE") {
+            return text;
+        }
+        if std::time::Instant::now() > deadline {
+            let ps = stdout(&c.run(&["service", "ps", name]));
+            panic!("timed out after 60s waiting for {name} to finish: tasks {ps}, log {text}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
@@ -732,6 +735,371 @@ fn n32_a_vip_carries_every_port_across_hosts() {
         }
     }
     let o = c.run(&["service", "rm", "kv", "kv-client-m1", "kv-client-w1"]);
+    assert!(o.status.success(), "rm: {}", stderr(&o));
+    stop_and_check_leftovers(&mut c);
+}
+
+/// `nc` lines `<word> <hostname>` a client log shows for `word`: the hostnames reached.
+fn reached(log: &str, word: &str) -> BTreeSet<String> {
+    log.lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace().skip_while(|w| *w != word);
+            words.next()?;
+            words.next()
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// A replicated service on `networks`, one task per host, answering `<word> <hostname>` on
+/// port 7000 (healthy once it listens).
+fn create_on_networks(c: &Cluster, name: &str, word: &str, networks: &[&str]) {
+    let script = format!("while true; do echo \"{word} $(hostname)\" | nc -l -p 7000; done");
+    let mut args = vec![
+        "service",
+        "create",
+        "--name",
+        name,
+        "--replicas",
+        "2",
+        "--replicas-max-per-node",
+        "1",
+        "--health-tcp",
+        "7000",
+        "--health-interval",
+        "200ms",
+        "--detach",
+    ];
+    for n in networks {
+        args.extend(["--network", n]);
+    }
+    args.extend(["nb:1", "sh", "-c", &script]);
+    let o = c.run(&args);
+    assert!(o.status.success(), "create {name}: {}", stderr(&o));
+}
+
+/// User-defined networks: a task reaches the services of the networks it is on, by name and
+/// VIP, across hosts, and nothing of the others (names unknown, addresses unreachable); an
+/// internal network does not reach outside the cluster; a network in use cannot be removed.
+#[test]
+fn n40_user_defined_networks_separate_services_across_hosts() {
+    let mut c = Cluster::init_in_hosts(45, 2, &[]);
+    c.join("w1", "worker");
+    c.import("nb:1", "/bin/sh");
+    // "Outside the cluster": a listener of the test on the hosts' bridge.
+    let outside = std::net::TcpListener::bind("10.250.45.254:17045").unwrap();
+    std::thread::spawn(move || {
+        for s in outside.incoming().flatten() {
+            let mut s = s;
+            let _ = s.write_all(b"OUTSIDE reached\n");
+        }
+    });
+
+    for args in [
+        &["network", "create", "front"][..],
+        &["network", "create", "--subnet", "10.45.96.0/20", "back"][..],
+        &["network", "create", "--internal", "iso"][..],
+    ] {
+        let o = c.run(args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    }
+    let o = c.run(&[
+        "network",
+        "create",
+        "--subnet",
+        "192.168.7.0/24",
+        "elsewhere",
+    ]);
+    assert!(
+        !o.status.success(),
+        "a range outside the address pool is refused"
+    );
+    assert!(stderr(&o).contains("10.45.0.0/17"), "{}", stderr(&o));
+    let o = c.run(&["network", "create", "front"]);
+    assert!(!o.status.success(), "a second `front` is refused");
+    let o = c.run(&[
+        "service",
+        "create",
+        "--name",
+        "x",
+        "--network",
+        "nope",
+        "nb:1",
+        "true",
+    ]);
+    assert!(!o.status.success(), "an unknown network is refused");
+    assert!(stderr(&o).contains("nope"), "{}", stderr(&o));
+
+    create_on_networks(&c, "srv-f", "FRONT", &["front"]);
+    create_on_networks(&c, "srv-b", "BACK", &["name=back,alias=bdb"]);
+    let f_tasks = wait_healthy(&c, "srv-f", 2);
+    let b_tasks = wait_healthy(&c, "srv-b", 2);
+    let names = |ts: &[serde_json::Value]| -> BTreeSet<String> {
+        ts.iter()
+            .map(|t| short(t["id"].as_str().unwrap()))
+            .collect()
+    };
+    let addrs = |ts: &[serde_json::Value], net: &str| -> Vec<String> {
+        ts.iter()
+            .map(|t| {
+                t["status"]["addresses"][net]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("an address on {net}: {t}"))
+                    .to_string()
+            })
+            .collect()
+    };
+    let b_addrs = addrs(&b_tasks, "back");
+    for a in &b_addrs {
+        let ip: std::net::Ipv4Addr = a.parse().unwrap();
+        let [x, y, z, _] = ip.octets();
+        assert!(
+            (x, y) == (10, 45) && (96..112).contains(&z),
+            "{a} in back's range"
+        );
+    }
+    let f_addrs = addrs(&f_tasks, "front");
+    // A service's VIP on each of its networks, inside the network's range.
+    let vip = |name: &str, net: &str| -> String {
+        let svc: serde_json::Value = serde_json::from_str(&stdout(
+            &c.run(&["service", "inspect", name, "--format", "json"]),
+        ))
+        .unwrap();
+        svc["network_vips"][net]
+            .as_str()
+            .unwrap_or_else(|| panic!("a VIP on {net}: {svc}"))
+            .to_string()
+    };
+    let (vip_f, vip_b) = (vip("srv-f", "front"), vip("srv-b", "back"));
+    assert!(vip_b.starts_with("10.45.111."), "back's VIP block: {vip_b}");
+
+    // A client on `front` on each host: both front tasks by name, nothing of `back`.
+    for node in ["m1", "w1"] {
+        let id = c.node_id(node);
+        let mut script = String::from(
+            "nslookup srv-f; nslookup srv-b; nslookup bdb; for i in $(seq 1 12); do nc -w 2 srv-f 7000 </dev/null; done; ",
+        );
+        for a in b_addrs.iter().chain([&vip_b]) {
+            script.push_str(&format!("nc -w 2 {a} 7000 </dev/null; "));
+        }
+        script.push_str("nc -w 3 10.250.45.254 17045 </dev/null");
+        let log = client_log_with(
+            &c,
+            &format!("cf-{node}"),
+            &id,
+            &script,
+            "nb:1",
+            &["--network", "front"],
+        );
+        assert!(
+            log.contains(&vip_f),
+            "srv-f resolves to its VIP from {node}: {log}"
+        );
+        assert!(
+            log.contains("can't find srv-b")
+                && log.contains("can't find bdb")
+                && !log.contains(&format!("Address: {vip_b}")),
+            "srv-b is unknown on front ({node}): {log}"
+        );
+        assert_eq!(
+            reached(&log, "FRONT"),
+            names(&f_tasks),
+            "from {node}: {log}"
+        );
+        assert!(
+            reached(&log, "BACK").is_empty(),
+            "back reached from front on {node}: {log}"
+        );
+        assert!(
+            log.contains("OUTSIDE reached"),
+            "front reaches outside from {node}: {log}"
+        );
+    }
+
+    // A client on both networks reaches both services, by name.
+    let w1 = c.node_id("w1");
+    let log = client_log_with(
+        &c,
+        "c-both",
+        &w1,
+        "for i in $(seq 1 12); do nc -w 2 srv-f 7000 </dev/null; nc -w 2 srv-b 7000 </dev/null; done; \
+         for i in $(seq 1 12); do echo -n ALIAS-; nc -w 2 bdb 7000 </dev/null; done",
+        "nb:1",
+        &["--network", "back", "--network", "front"],
+    );
+    assert_eq!(reached(&log, "FRONT"), names(&f_tasks), "{log}");
+    assert_eq!(reached(&log, "BACK"), names(&b_tasks), "{log}");
+    // The alias srv-b has on `back`.
+    assert_eq!(reached(&log, "ALIAS-BACK"), names(&b_tasks), "{log}");
+
+    // An internal network: nothing outside, nothing of the other networks.
+    let m1 = c.node_id("m1");
+    let mut script = String::from("nc -w 3 10.250.45.254 17045 </dev/null; ");
+    for a in f_addrs.iter().chain(b_addrs.iter()) {
+        script.push_str(&format!("nc -w 2 {a} 7000 </dev/null; "));
+    }
+    script.push_str("true");
+    let log = client_log_with(&c, "c-iso", &m1, &script, "nb:1", &["--network", "iso"]);
+    assert!(
+        !log.contains("OUTSIDE"),
+        "an internal network reached outside: {log}"
+    );
+    assert!(
+        reached(&log, "FRONT").is_empty() && reached(&log, "BACK").is_empty(),
+        "{log}"
+    );
+
+    // A network in use stays; once unused it goes.
+    let o = c.run(&["network", "rm", "back"]);
+    assert!(!o.status.success(), "back is in use");
+    assert!(stderr(&o).contains("srv-b"), "{}", stderr(&o));
+    let o = c.run(&[
+        "service", "rm", "srv-f", "srv-b", "cf-m1", "cf-w1", "c-both", "c-iso",
+    ]);
+    assert!(o.status.success(), "rm: {}", stderr(&o));
+    // Refused (409, "retry") until the removed services' tasks have stopped.
+    for n in ["front", "back", "iso"] {
+        wait_for(&format!("network rm {n}"), Duration::from_secs(30), || {
+            let o = c.run(&["network", "rm", n]);
+            if !o.status.success() {
+                assert!(stderr(&o).contains("not stopped"), "rm {n}: {}", stderr(&o));
+            }
+            o.status.success().then_some(())
+        });
+    }
+    let o = c.run(&["network", "ls", "--format", "json"]);
+    assert_eq!(stdout(&o).trim(), "[]", "{}", stdout(&o));
+    stop_and_check_leftovers(&mut c);
+}
+
+/// Counts, on an interface of the test's namespace, the frames that contain each marker and
+/// the UDP datagrams to the tunnel and VXLAN ports, until `stop` exists.
+const CAPTURE: &str = r#"
+import os, socket, sys
+iface, enc, plain, stop = sys.argv[1], sys.argv[2].encode(), sys.argv[3].encode(), sys.argv[4]
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(3))
+s.bind((iface, 0))
+s.settimeout(0.1)
+print("listening", flush=True)
+n = tun = vx = e = p = 0
+while not os.path.exists(stop):
+    try:
+        f = s.recv(65535)
+    except socket.timeout:
+        continue
+    n += 1
+    e += enc in f
+    p += plain in f
+    if len(f) >= 42 and f[12:14] == b"\x08\x00" and f[23] == 17:
+        ihl = (f[14] & 15) * 4
+        port = int.from_bytes(f[14 + ihl + 2 : 14 + ihl + 4], "big")
+        tun += port == 4790
+        vx += port == 4789
+print(f"frames={n} tunnel={tun} vxlan={vx} enc={e} plain={p}", flush=True)
+"#;
+
+/// An encrypted network: its tasks reach each other across hosts, and a capture of the
+/// underlay shows the tunnel's datagrams but never the text they carry (a plain network's
+/// text, captured alike, shows the capture sees the overlay's payloads).
+#[test]
+fn n41_an_encrypted_network_keeps_its_traffic_off_the_wire() {
+    let mut c = Cluster::init_in_hosts(47, 2, &[]);
+    c.join("w1", "worker");
+    c.import("nb:1", "/bin/sh");
+    for args in [
+        &["network", "create", "--opt", "encrypted", "sec"][..],
+        &["network", "create", "plain"][..],
+    ] {
+        let o = c.run(args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    }
+    let o = c.run(&["network", "create", "--opt", "mtu=9000", "x"]);
+    assert!(!o.status.success(), "an unknown option is refused");
+    create_on_networks(&c, "srv-e", "ENC-SECRET-4c1d", &["sec"]);
+    create_on_networks(&c, "srv-p", "PLAIN-TEXT-9f2e", &["plain"]);
+    let e_tasks = wait_healthy(&c, "srv-e", 2);
+    let p_tasks = wait_healthy(&c, "srv-p", 2);
+    let names = |ts: &[serde_json::Value]| -> BTreeSet<String> {
+        ts.iter()
+            .map(|t| short(t["id"].as_str().unwrap()))
+            .collect()
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let stop = dir.path().join("stop");
+    let out = dir.path().join("capture.log");
+    let mut capture = std::process::Command::new("python3")
+        .args([
+            "-c",
+            CAPTURE,
+            "flttv47h1",
+            "ENC-SECRET-4c1d",
+            "PLAIN-TEXT-9f2e",
+        ])
+        .arg(&stop)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for("the capture", Duration::from_secs(10), || {
+        std::fs::read_to_string(&out)
+            .ok()?
+            .contains("listening")
+            .then_some(())
+    });
+    // Clients on w1 (host 2): every task of each service, one of them on m1 (host 1).
+    let w1 = c.node_id("w1");
+    let each = |svc: &str| format!("for i in $(seq 1 16); do nc -w 2 {svc} 7000 </dev/null; done");
+    let log_e = client_log_with(
+        &c,
+        "c-sec",
+        &w1,
+        &each("srv-e"),
+        "nb:1",
+        &["--network", "sec"],
+    );
+    let log_p = client_log_with(
+        &c,
+        "c-plain",
+        &w1,
+        &each("srv-p"),
+        "nb:1",
+        &["--network", "plain"],
+    );
+    std::fs::write(&stop, b"").unwrap();
+    let _ = capture.wait();
+    let stats = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(
+        reached(&log_e, "ENC-SECRET-4c1d"),
+        names(&e_tasks),
+        "{log_e}"
+    );
+    assert_eq!(
+        reached(&log_p, "PLAIN-TEXT-9f2e"),
+        names(&p_tasks),
+        "{log_p}"
+    );
+    let field = |k: &str| -> u64 {
+        stats
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{k} in {stats}"))
+    };
+    assert!(
+        field("tunnel") > 0,
+        "the tunnel carried the encrypted network: {stats}"
+    );
+    assert!(
+        field("plain") > 0,
+        "the capture sees overlay payloads: {stats}"
+    );
+    assert_eq!(
+        field("enc"),
+        0,
+        "plaintext of the encrypted network on the wire: {stats}"
+    );
+
+    let o = c.run(&["service", "rm", "srv-e", "srv-p", "c-sec", "c-plain"]);
     assert!(o.status.success(), "rm: {}", stderr(&o));
     stop_and_check_leftovers(&mut c);
 }

@@ -835,3 +835,121 @@ fn s50_a_volume_moves_with_a_drain() {
     });
     assert!(c.nodes[1].dir.join("volumes/data/_data/numbers").exists());
 }
+
+/// A drain moves a volume in two passes while its task keeps writing: the first pass copies
+/// it with the task running, the stop waits for that pass, the final pass sends what changed
+/// once the task has stopped (one writer: the old task's last line, written on SIGTERM, is
+/// on the new node before any line of the new task), and every line is there in order.
+#[test]
+fn s60_a_drain_pre_copies_a_volume_while_its_task_writes() {
+    let c = {
+        let mut c = Cluster::init(69, &[]);
+        c.join("w1", "worker");
+        c
+    };
+    c.import("db", "sleep 1000");
+    let (m1, w1) = (c.node_id("m1"), c.node_id("w1"));
+    ok(
+        &c.run(&["volume", "create", "data", "--node", "w1"]),
+        "volume create",
+    );
+    // Each run: 64 MiB of data (so the first pass takes a while), then numbered lines under
+    // its own id every 20 ms, and a last line when told to stop.
+    let script = "id=$(busybox cut -c1-8 /proc/sys/kernel/random/uuid); \
+        [ -f /data/blob ] || busybox dd if=/dev/zero of=/data/blob bs=1M count=64 2>/dev/null; \
+        trap 'echo \"$id end\" >> /data/log; exit 0' TERM; \
+        i=0; while true; do i=$((i+1)); echo \"$id $i\" >> /data/log; sleep 0.02; done";
+    ok(
+        &c.run(&[
+            "service",
+            "create",
+            "--name",
+            "db",
+            "--mount",
+            "type=volume,src=data,dst=/data",
+            "--stop-grace-period",
+            "5s",
+            "db",
+            "sh",
+            "-c",
+            script,
+        ]),
+        "service create",
+    );
+    let (t1, node) = running_one(&c, "db");
+    assert_eq!(node, w1);
+    // 150 lines take at least 3 s (a 20 ms sleep each) after the blob was written: older than
+    // the 2 s in which a file the first pass reads is sent again whatever its stat.
+    wait_for("lines in the log", Duration::from_secs(60), || {
+        (volume_log(&c, "data").len() >= 150).then_some(())
+    });
+    let before = volume_log(&c, "data").len();
+
+    ok(
+        &c.run(&["node", "update", "--availability", "drain", "w1"]),
+        "drain w1",
+    );
+    let (t2, node) = wait_for("the task on m1", Duration::from_secs(120), || {
+        let r = c.running("db");
+        (r.len() == 1 && r[0].0 != t1).then(|| r[0].clone())
+    });
+    assert_eq!(node, m1, "the task followed its data off the drained node");
+    assert_ne!(t2, t1);
+    // The new task writes too: wait for a few of its lines.
+    let log = wait_for("the new task's lines", Duration::from_secs(30), || {
+        let log = volume_log(&c, "data");
+        let ids: Vec<&str> = log.iter().filter_map(|l| l.split(' ').next()).collect();
+        (ids.first() != ids.last() && log.len() > before + 3).then_some(log)
+    });
+    // First run: `A 1` … `A n`, `A end`; then the second: `B 1` … in order, nothing lost.
+    let first = log[0].split(' ').next().unwrap().to_string();
+    let mine: Vec<&String> = log.iter().take_while(|l| l.starts_with(&first)).collect();
+    let n = mine.len() - 1;
+    for (i, l) in mine[..n].iter().enumerate() {
+        assert_eq!(
+            **l,
+            format!("{first} {}", i + 1),
+            "first run, line {i}: {log:?}"
+        );
+    }
+    assert_eq!(
+        *mine[n],
+        format!("{first} end"),
+        "the old task's last line (written on SIGTERM) made it, before any new line: {log:?}"
+    );
+    assert!(
+        n > before,
+        "lines written during the first pass and after it are there ({n} > {before})"
+    );
+    let rest = &log[n + 1..];
+    let second = rest[0].split(' ').next().unwrap().to_string();
+    assert_ne!(second, first);
+    for (i, l) in rest.iter().enumerate() {
+        assert_eq!(
+            *l,
+            format!("{second} {}", i + 1),
+            "second run, line {i}: {log:?}"
+        );
+    }
+
+    // The move's record: a pre-copy of everything, then a small final pass.
+    let v: serde_json::Value = serde_json::from_str(&ok(
+        &c.run(&["volume", "inspect", "data"]),
+        "volume inspect",
+    ))
+    .unwrap();
+    assert_eq!(v["node_id"], m1.as_str());
+    let passes = v["last_move"]["passes"].as_array().unwrap();
+    let names: Vec<&str> = passes.iter().map(|p| p["pass"].as_str().unwrap()).collect();
+    assert_eq!(names, vec!["pre-copy", "final"], "{v}");
+    let (pre, fin) = (
+        passes[0]["bytes"].as_u64().unwrap(),
+        passes[1]["bytes"].as_u64().unwrap(),
+    );
+    assert!(pre > 64 << 20, "the pre-copy took the blob: {v}");
+    assert!(fin < 4 << 20, "the final pass only what changed: {v}");
+    assert!(v.get("moving").is_none(), "no move under way: {v}");
+    wait_for("the old copy gone from w1", Duration::from_secs(30), || {
+        (!c.nodes[1].dir.join("volumes").join("data").exists()).then_some(())
+    });
+}

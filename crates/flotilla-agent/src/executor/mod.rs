@@ -368,7 +368,8 @@ impl Executor {
     async fn run_task(self: &Arc<Self>, task: Task, mut cmd: watch::Receiver<Command>) {
         let id = task.id.clone();
         let mut runner = Runner::new(task.clone());
-        let (found, address) = self.found(&id, &task).await;
+        let (found, address, addresses) = self.found(&id, &task).await;
+        runner.set_addresses(addresses);
         if found == Found::Running {
             runner.use_image_healthcheck(self.image_healthcheck(&task).await);
         }
@@ -408,6 +409,9 @@ impl Executor {
                 }
                 Effect::PrepareNetwork => {
                     let res = self.prepare_network(&task, &mut start).await;
+                    if let Some(n) = &start.net {
+                        runner.set_addresses(n.network_addresses());
+                    }
                     start.t_net = start.elapsed();
                     Some(Event::NetworkPrepared(res))
                 }
@@ -445,7 +449,15 @@ impl Executor {
     /// What a runner finds of its container when it begins (after an agent restart), and the
     /// address of a running one: the persisted allocation (else the runner keeps the store's,
     /// so a running task never loses its address and leaves the load-balancing pools).
-    async fn found(&self, id: &str, task: &Task) -> (Found, Option<String>) {
+    async fn found(
+        &self,
+        id: &str,
+        task: &Task,
+    ) -> (
+        Found,
+        Option<String>,
+        std::collections::BTreeMap<String, String>,
+    ) {
         let found = match self.rt.state(id).await.ok() {
             None => Found::Nothing,
             Some(s) if s.status == ContainerStatus::Running => Found::Running,
@@ -456,11 +468,25 @@ impl Executor {
             }
             Some(_) => Found::Other,
         };
-        let address = match (&found, &self.net) {
-            (Found::Running, Some(net)) => net.address_of(id).await.map(|a| a.to_string()),
-            _ => None,
-        };
+        let networks: Vec<String> = task
+            .spec
+            .networks
+            .iter()
+            .map(|a| a.target.clone())
+            .collect();
+        let (mut address, mut addresses) = (None, std::collections::BTreeMap::new());
         if let (Found::Running, Some(net)) = (&found, &self.net) {
+            if networks.is_empty() {
+                address = net.address_of(id).await.map(|a| a.to_string());
+            } else {
+                let on = net.network_addresses(id).await;
+                address = networks
+                    .first()
+                    .and_then(|n| on.get(n))
+                    .map(|a| a.to_string());
+                addresses = on.into_iter().map(|(n, a)| (n, a.to_string())).collect();
+                net.set_task_networks(id, networks).await;
+            }
             let servers = dns_servers(task);
             if !servers.is_empty() {
                 net.set_task_resolvers(id, servers).await;
@@ -469,7 +495,7 @@ impl Executor {
         if found == Found::Running {
             tracing::info!(task = %id, "re-adopted running container");
         }
-        (found, address)
+        (found, address, addresses)
     }
 
     /// Prepares the task's network namespace and address (`None` without task networking).
@@ -487,6 +513,12 @@ impl Executor {
             search: task.spec.container.dns_search.clone(),
             options: task.spec.container.dns_options.clone(),
             servers: dns_servers(task),
+            networks: task
+                .spec
+                .networks
+                .iter()
+                .map(|a| a.target.clone())
+                .collect(),
         };
         let n = net.prepare_task(&task.id, &names).await?;
         let addr = n.addr.to_string();

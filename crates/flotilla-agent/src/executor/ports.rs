@@ -104,6 +104,23 @@ pub trait TaskNetwork: Send + Sync {
     ) -> BoxFuture<'a, ()> {
         async {}.boxed()
     }
+    /// A task's addresses on user-defined networks (network → address; after an agent
+    /// restart, from the persisted allocations); none by default.
+    fn network_addresses<'a>(
+        &'a self,
+        _task_id: &'a str,
+    ) -> BoxFuture<'a, std::collections::BTreeMap<String, Ipv4Addr>> {
+        async { std::collections::BTreeMap::new() }.boxed()
+    }
+    /// Records which user-defined networks a re-adopted task is on (its DNS scope); nothing
+    /// by default.
+    fn set_task_networks<'a>(
+        &'a self,
+        _task_id: &'a str,
+        _networks: Vec<String>,
+    ) -> BoxFuture<'a, ()> {
+        async {}.boxed()
+    }
     /// Removes a task's veth, namespace, files and address (idempotent).
     fn release_task<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, ()>;
     /// Task ids that have a network namespace here.
@@ -137,6 +154,21 @@ impl TaskNetwork for NodeNet {
         servers: Vec<std::net::SocketAddr>,
     ) -> BoxFuture<'a, ()> {
         NodeNet::set_task_resolvers(self, task_id, servers).boxed()
+    }
+
+    fn network_addresses<'a>(
+        &'a self,
+        task_id: &'a str,
+    ) -> BoxFuture<'a, std::collections::BTreeMap<String, Ipv4Addr>> {
+        NodeNet::network_addresses(self, task_id).boxed()
+    }
+
+    fn set_task_networks<'a>(
+        &'a self,
+        task_id: &'a str,
+        networks: Vec<String>,
+    ) -> BoxFuture<'a, ()> {
+        NodeNet::set_task_networks(self, task_id, networks).boxed()
     }
 
     fn release_task<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, ()> {

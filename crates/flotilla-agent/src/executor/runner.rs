@@ -203,6 +203,8 @@ pub struct Runner {
     phase: Phase,
     /// The address reported with every status (`None` until known).
     address: Option<String>,
+    /// The addresses on user-defined networks reported with every status.
+    addresses: std::collections::BTreeMap<String, String>,
     stop_requested: bool,
     /// `Some` only while monitoring a task with a health check.
     health: Option<Health>,
@@ -224,6 +226,7 @@ impl Runner {
             task,
             phase: Phase::Idle,
             address: None,
+            addresses: Default::default(),
             stop_requested: false,
             health: None,
             failures: 0,
@@ -303,6 +306,12 @@ impl Runner {
         self.health
     }
 
+    /// Sets the task's addresses on user-defined networks (network → address), reported
+    /// with every status from now on.
+    pub fn set_addresses(&mut self, addresses: std::collections::BTreeMap<String, String>) {
+        self.addresses = addresses;
+    }
+
     /// The task's address, once known.
     pub fn address(&self) -> Option<&str> {
         self.address.as_deref()
@@ -356,6 +365,7 @@ impl Runner {
         let mut st = TaskStatus::new(state, now_ms, msg);
         st.container_id = Some(self.task.id.clone());
         st.address = self.address.clone();
+        st.addresses = self.addresses.clone();
         st
     }
 
@@ -416,9 +426,15 @@ impl Runner {
     /// address), then monitors it.
     fn adopt_running(&mut self, address: Option<String>, now_ms: u64) -> Vec<Effect> {
         self.address = address.or_else(|| self.task.status.address.clone());
+        if self.addresses.is_empty() {
+            self.addresses = self.task.status.addresses.clone();
+        }
         let recorded = self.task.status.clone();
         let mut fx = Vec::new();
-        if recorded.state < TaskState::Running || recorded.address != self.address {
+        if recorded.state < TaskState::Running
+            || recorded.address != self.address
+            || recorded.addresses != self.addresses
+        {
             let mut st = self.status(TaskState::Running, now_ms, "started");
             st.health = recorded.health;
             fx.push(Effect::Report(st));

@@ -156,11 +156,16 @@ fn expectations() -> Vec<Row> {
         (M::GET,    "/v1/volumes/{name}/export",       [401, 200, 200, 403, 403, 403, 403, 403], None),
         (M::POST,   "/v1/volumes/{name}/import",       [401, 200, 200, 403, 403, 403, 403, 403], None),
         (M::POST,   "/v1/volumes/{name}/move",         [401, 200, 200, 403, 403, 403, 403, 403], None),
+        (M::GET,    "/v1/networks",                    [401, 200, 200, 403, 403, 403, 403, 403], None),
+        (M::POST,   "/v1/networks",                    [401, 200, 200, 403, 403, 403, 403, 403], None),
+        (M::GET,    "/v1/networks/{name}",             [401, 200, 200, 403, 403, 403, 403, 403], None),
+        (M::DELETE, "/v1/networks/{name}",             [401, 200, 200, 403, 403, 403, 403, 403], None),
         // A node's volumes: managers (still managers) and admins.
         (M::GET,    "/v1/agent/volumes",               [401, 200, 200, 200, 403, 403, 403, 403], None),
         (M::DELETE, "/v1/agent/volumes/{name}",        [401, 200, 200, 200, 403, 403, 403, 403], None),
         (M::GET,    "/v1/agent/volumes/{name}/export", [401, 200, 200, 200, 403, 403, 403, 403], None),
         (M::POST,   "/v1/agent/volumes/{name}/import", [401, 200, 200, 200, 403, 403, 403, 403], None),
+        (M::GET,    "/v1/agent/volumes/{name}/tree",   [401, 200, 200, 200, 403, 403, 403, 403], None),
         // Raft: only the peer's own certificate, not even an admin.
         (M::POST,   "/internal/raft/{kind}",           [403, 403, 403, 200, 403, 403, 403, 403], None),
         // The registry: admins everything, nodes pull only, anonymous nothing.

@@ -103,6 +103,7 @@ mod tests {
             trust: Default::default(),
             bind_allow: Vec::new(),
             unlock_key: None,
+            tunnel_keys: Vec::new(),
         }
     }
 

@@ -229,11 +229,15 @@ fn address_ok(subnet: Option<ipnet::Ipv4Net>, addr: &str) -> bool {
 
 /// The status to store for a report of `current`, or `None` when there is nothing to write
 /// (the report moves the task backwards, or changes nothing but the timestamp). Pure: the
-/// reporting node's subnet and the leader's clock come in as arguments.
+/// reporting node's subnet for the task's first network (the default subnet, or its block of
+/// the first user-defined network), its blocks of the task's user-defined networks, and the
+/// leader's clock come in as arguments. An address on a network the task is not attached to,
+/// or outside the node's block, is not kept.
 pub fn accept_report(
     current: &TaskStatus,
     mut reported: TaskStatus,
     subnet: Option<ipnet::Ipv4Net>,
+    blocks: &std::collections::BTreeMap<String, ipnet::Ipv4Net>,
     now_ms: u64,
 ) -> Option<TaskStatus> {
     // Never move backwards; the same state may refresh details (health, message).
@@ -253,6 +257,24 @@ pub fn accept_report(
     if reported.address.is_some() && !valid(&reported.address) {
         reported.address = current.address.clone().filter(|_| valid(&current.address));
     }
+    let on_block =
+        |net: &str, a: &str| matches!(blocks.get(net), Some(b) if address_ok(Some(*b), a));
+    let mut addresses = std::collections::BTreeMap::new();
+    for (net, a) in std::mem::take(&mut reported.addresses) {
+        let keep = if on_block(&net, &a) {
+            Some(a)
+        } else {
+            current
+                .addresses
+                .get(&net)
+                .filter(|c| on_block(&net, c))
+                .cloned()
+        };
+        if let Some(a) = keep {
+            addresses.insert(net, a);
+        }
+    }
+    reported.addresses = addresses;
     reported.timestamp = reported.timestamp.min(now_ms);
     let unchanged = TaskStatus {
         timestamp: current.timestamp,
@@ -520,6 +542,12 @@ fn report_batch(
         .get::<Node>(node_id)?
         .and_then(|n| n.network)
         .and_then(|n| n.subnet.parse::<ipnet::Ipv4Net>().ok());
+    // This node's block of every user-defined network.
+    let node_blocks: std::collections::BTreeMap<String, ipnet::Ipv4Net> = mgr
+        .list::<flotilla_types::Network>()?
+        .into_iter()
+        .filter_map(|n| Some((n.name, n.blocks.get(node_id)?.parse().ok()?)))
+        .collect();
     let now = now_ms();
     let mut batch = Batch::new();
     let mut applied = 0usize;
@@ -530,6 +558,15 @@ fn report_batch(
         if t.node_id.as_deref() != Some(node_id) {
             continue;
         }
+        let attached = &t.spec.networks;
+        let blocks: std::collections::BTreeMap<String, ipnet::Ipv4Net> = attached
+            .iter()
+            .filter_map(|a| Some((a.target.clone(), *node_blocks.get(&a.target)?)))
+            .collect();
+        let subnet = match attached.first() {
+            None => subnet,
+            Some(a) => blocks.get(&a.target).copied(),
+        };
         if let Some(a) = r
             .status
             .address
@@ -538,7 +575,7 @@ fn report_batch(
         {
             mgr.dispatcher.log_forged_address(node_id, &t.id, a, subnet);
         }
-        let Some(status) = accept_report(&t.status, r.status, subnet, now) else {
+        let Some(status) = accept_report(&t.status, r.status, subnet, &blocks, now) else {
             continue;
         };
         t.status = status;
@@ -580,18 +617,31 @@ mod tests {
         ] {
             let mut r = running(Some(bad));
             r.health = Some(flotilla_types::Health::Healthy);
-            let got = accept_report(&current, r, subnet(), 5_000).expect("health changed");
+            let got = accept_report(&current, r, subnet(), &Default::default(), 5_000)
+                .expect("health changed");
             assert_eq!(got.address.as_deref(), Some("10.200.3.5"), "{bad}");
             assert_eq!(got.health, Some(flotilla_types::Health::Healthy));
         }
         // The first report of an address, from a node without a subnet: nothing to keep, so
         // nothing changes.
         assert_eq!(
-            accept_report(&running(None), running(Some("10.200.3.9")), None, 5_000),
+            accept_report(
+                &running(None),
+                running(Some("10.200.3.9")),
+                None,
+                &Default::default(),
+                5_000
+            ),
             None
         );
-        let got = accept_report(&running(None), running(Some("10.200.3.9")), subnet(), 5_000)
-            .expect("a change");
+        let got = accept_report(
+            &running(None),
+            running(Some("10.200.3.9")),
+            subnet(),
+            &Default::default(),
+            5_000,
+        )
+        .expect("a change");
         assert_eq!(got.address.as_deref(), Some("10.200.3.9"));
     }
 
@@ -600,12 +650,24 @@ mod tests {
         let current = running(Some("10.200.3.5"));
         let mut later = current.clone();
         later.timestamp += 60_000;
-        assert_eq!(accept_report(&current, later, subnet(), 1_000_000), None);
+        assert_eq!(
+            accept_report(&current, later, subnet(), &Default::default(), 1_000_000),
+            None
+        );
         let starting = TaskStatus::new(TaskState::Starting, 2_000, "x");
-        assert_eq!(accept_report(&current, starting, subnet(), 1_000_000), None);
+        assert_eq!(
+            accept_report(&current, starting, subnet(), &Default::default(), 1_000_000),
+            None
+        );
         // A rewritten invalid address falls back to the stored one: also no change.
         assert_eq!(
-            accept_report(&current, running(Some("127.0.0.1")), subnet(), 1_000_000),
+            accept_report(
+                &current,
+                running(Some("127.0.0.1")),
+                subnet(),
+                &Default::default(),
+                1_000_000
+            ),
             None
         );
     }
@@ -619,7 +681,8 @@ mod tests {
         v["health"] = serde_json::json!("\u{1b}]0;pwned\u{7}");
         let mut r: TaskStatus = serde_json::from_value(v).expect("decode");
         r.container_id = Some("c".repeat(1000));
-        let got = accept_report(&running(None), r, subnet(), 7_000).expect("a change");
+        let got = accept_report(&running(None), r, subnet(), &Default::default(), 7_000)
+            .expect("a change");
         assert!(
             got.message.len() <= MAX_STATUS_TEXT,
             "{}",
@@ -690,5 +753,52 @@ mod tests {
             .claim_stream(&me, StreamKind::Assignments, "n1")
             .expect("claim on b");
         assert!(on_a.superseded.try_recv().is_err());
+    }
+
+    #[test]
+    fn addresses_on_user_networks_must_lie_in_the_nodes_block() {
+        let blocks: std::collections::BTreeMap<String, ipnet::Ipv4Net> = [
+            ("front".to_string(), "10.200.16.0/24".parse().expect("net")),
+            ("back".to_string(), "10.200.32.16/28".parse().expect("net")),
+        ]
+        .into_iter()
+        .collect();
+        let mut r = running(Some("10.200.16.5"));
+        for (net, a) in [
+            ("front", "10.200.16.7"),
+            ("back", "10.200.32.18"),
+            // Another node's block, a network the task is not on, the block's gateway.
+            ("elsewhere", "10.200.48.2"),
+        ] {
+            r.addresses.insert(net.into(), a.into());
+        }
+        let got = accept_report(
+            &running(None),
+            r,
+            blocks.get("front").copied(),
+            &blocks,
+            7_000,
+        )
+        .expect("a change");
+        assert_eq!(got.address.as_deref(), Some("10.200.16.5"));
+        let kept: Vec<(&str, &str)> = got
+            .addresses
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(kept, [("back", "10.200.32.18"), ("front", "10.200.16.7")]);
+
+        // A forged address falls back to the one stored before.
+        let mut forged = got.clone();
+        forged
+            .addresses
+            .insert("back".into(), "10.200.32.17".into());
+        forged
+            .addresses
+            .insert("front".into(), "10.200.17.9".into());
+        forged.message = "again".into();
+        let again = accept_report(&got, forged, blocks.get("front").copied(), &blocks, 8_000)
+            .expect("the message changed");
+        assert_eq!(again.addresses, got.addresses);
     }
 }

@@ -16,7 +16,8 @@ use crate::error::ManagerError;
 pub struct EventsQuery {
     /// Replay events after this revision (default: only new ones).
     since: Option<u64>,
-    /// Comma-separated object types: node, service, task, secret, config, volume, image.
+    /// Comma-separated object types: node, service, task, secret, config, volume, image,
+    /// network.
     #[serde(rename = "type")]
     kind: Option<String>,
 }
@@ -31,6 +32,7 @@ pub fn type_name(t: Table) -> &'static str {
         Table::Volumes => "volume",
         Table::Images => "image",
         Table::Cluster => "cluster",
+        Table::Networks => "network",
     }
 }
 
@@ -75,7 +77,7 @@ pub async fn events(
         for t in ts {
             if !Table::ALL.iter().any(|tb| type_name(*tb) == t) || t == "cluster" {
                 return Err(ManagerError::bad_request(format!(
-                    "unknown event type {t:?}: use node, service, task, secret, config, volume or image"
+                    "unknown event type {t:?}: use node, service, task, secret, config, volume, image or network"
                 )));
             }
         }

@@ -21,6 +21,7 @@ mod events;
 mod join;
 mod logs;
 pub mod network;
+pub mod networks;
 mod nodes;
 mod raft;
 mod services;
@@ -114,6 +115,11 @@ pub fn router(ctx: Ctx) -> Router {
         .route(
             "/v1/volumes/{name}",
             get(storage::inspect_volume).delete(storage::remove_volume),
+        )
+        .route("/v1/networks", get(networks::list).post(networks::create))
+        .route(
+            "/v1/networks/{name}",
+            get(networks::inspect).delete(networks::remove),
         )
         .layer(axum::extract::DefaultBodyLimit::max(body::JSON_BODY_LIMIT))
         .layer(middleware::from_fn_with_state(ctx.clone(), leader_gate));

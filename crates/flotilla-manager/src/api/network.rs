@@ -9,7 +9,8 @@ use axum::Extension;
 
 use flotilla_store::Table;
 use flotilla_types::{
-    NetBackend, NetNode, NetService, NetworkMap, Node, NodeState, Service, Task, TaskState,
+    NetBackend, NetNetwork, NetNode, NetService, Network, NetworkMap, Node, NodeState, Service,
+    Task, TaskState,
 };
 
 use super::{Caller, Ctx};
@@ -61,6 +62,8 @@ pub fn build(
     nodes: &[Node],
     services: &[Service],
     tasks: &[Task],
+    networks: &[Network],
+    tunnel_keys: &[flotilla_types::TunnelKeyRecord],
 ) -> NetworkMap {
     let mut net_nodes: Vec<NetNode> = nodes
         .iter()
@@ -77,9 +80,20 @@ pub fn build(
         .iter()
         .filter_map(|n| Some((n.id.as_str(), n.network.as_ref()?.subnet.as_str())))
         .collect();
+    let blocks: std::collections::HashMap<&str, &Network> =
+        networks.iter().map(|n| (n.name.as_str(), n)).collect();
+    // The block of `network` on `node` (the default subnet when `network` is `None`).
+    let block_of = |node: &str, network: Option<&str>| -> Option<&str> {
+        match network {
+            None => subnets.get(node).copied(),
+            Some(n) => blocks.get(n)?.blocks.get(node).map(String::as_str),
+        }
+    };
     let mut net_services: Vec<NetService> = services
         .iter()
         .map(|s| {
+            let attached = &s.spec.task_template.networks;
+            let first = attached.first().map(|a| a.target.as_str());
             let mut backends: Vec<NetBackend> = tasks
                 .iter()
                 .filter(|t| t.service_id == s.id && in_pool(t))
@@ -88,13 +102,23 @@ pub fn build(
                     let addr = t.status.address.clone()?;
                     // The leader stores only checked addresses; this keeps an address written
                     // before that check (or by a bug) out of every node's mesh and DNS.
-                    if !is_task_addr_str(subnets.get(node_id.as_str())?, &addr) {
+                    if !is_task_addr_str(block_of(&node_id, first)?, &addr) {
                         return None;
+                    }
+                    // An address on every attached network, each inside this node's block.
+                    let mut addrs = std::collections::BTreeMap::new();
+                    for a in attached {
+                        let x = t.status.addresses.get(&a.target)?;
+                        if !is_task_addr_str(block_of(&node_id, Some(&a.target))?, x) {
+                            return None;
+                        }
+                        addrs.insert(a.target.clone(), x.clone());
                     }
                     Some(NetBackend {
                         task_id: t.id.clone(),
                         node_id,
                         addr,
+                        addrs,
                     })
                 })
                 .collect();
@@ -105,30 +129,69 @@ pub fn build(
                 mode: s.spec.endpoint_spec.mode,
                 vip: s.vip.clone(),
                 ports: s.spec.endpoint_spec.ports.clone(),
+                networks: attached.clone(),
+                network_vips: s
+                    .network_vips
+                    .iter()
+                    .filter(|(n, _)| attached.iter().any(|a| &a.target == *n))
+                    .map(|(n, v)| (n.clone(), v.clone()))
+                    .collect(),
                 backends,
             }
         })
         .collect();
     net_services.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut net_networks: Vec<NetNetwork> = networks
+        .iter()
+        .map(|n| NetNetwork {
+            name: n.name.clone(),
+            subnet: n.subnet.clone(),
+            internal: n.internal,
+            encrypted: n.encrypted,
+            blocks: n.blocks.clone(),
+        })
+        .collect();
+    net_networks.sort_by(|a, b| a.name.cmp(&b.name));
     NetworkMap {
         revision,
         settings,
         nodes: net_nodes,
+        // Only when some network needs them.
+        tunnel_keys: if networks.iter().any(|n| n.encrypted) {
+            tunnel_keys.to_vec()
+        } else {
+            Vec::new()
+        },
         services: net_services,
+        networks: net_networks,
     }
 }
 
 fn current(mgr: &Manager) -> Result<NetworkMap, ManagerError> {
     let revision = mgr.store.revision();
-    let settings = mgr.cluster()?.network;
+    let cluster = mgr.cluster()?;
+    let (settings, tunnel_keys) = (cluster.network, cluster.tunnel_keys);
     let nodes: Vec<Node> = mgr.list()?;
     let services: Vec<Service> = mgr.list()?;
     let tasks: Vec<Task> = mgr.list()?;
-    Ok(build(revision, settings, &nodes, &services, &tasks))
+    let networks: Vec<Network> = mgr.list()?;
+    Ok(build(
+        revision,
+        settings,
+        &nodes,
+        &services,
+        &tasks,
+        &networks,
+        &tunnel_keys,
+    ))
 }
 
 fn same(a: &NetworkMap, b: &NetworkMap) -> bool {
-    a.settings == b.settings && a.nodes == b.nodes && a.services == b.services
+    a.settings == b.settings
+        && a.nodes == b.nodes
+        && a.services == b.services
+        && a.networks == b.networks
+        && a.tunnel_keys == b.tunnel_keys
 }
 
 pub async fn stream(
@@ -142,7 +205,7 @@ pub async fn stream(
         ctx.clone(),
         claim,
         |ev| match ev.table {
-            Table::Services | Table::Nodes | Table::Cluster => true,
+            Table::Services | Table::Nodes | Table::Cluster | Table::Networks => true,
             // Backends are placed tasks; unplaced ones never carry an address.
             Table::Tasks => super::dispatch::task_node(ev).is_none_or(|n| n.is_some()),
             _ => false,
@@ -277,6 +340,8 @@ mod tests {
             &nodes,
             &[service],
             &[good, loopback, other, unallocated],
+            &[],
+            &[],
         );
         let addrs: Vec<&str> = map.services[0]
             .backends

@@ -444,6 +444,7 @@ pub async fn create(
     let spec = ctx
         .blocking(move |m| {
             super::storage::resolve_refs(m, &mut spec)?;
+            super::networks::check_attachments(m, &spec)?;
             Ok(spec)
         })
         .await?;
@@ -464,6 +465,7 @@ pub async fn create(
         job_iteration: 0,
         vip: None,
         service_status: None,
+        network_vips: Default::default(),
     };
     let rev = mgr
         .write(
@@ -555,6 +557,7 @@ pub async fn update(
     let mut spec = ctx
         .blocking(move |m| {
             super::storage::resolve_refs(m, &mut spec)?;
+            super::networks::check_attachments(m, &spec)?;
             Ok(spec)
         })
         .await?;
@@ -608,6 +611,8 @@ pub async fn rollback(
             s.spec.name
         )));
     }
+    // The previous spec may name a network removed since.
+    super::networks::check_attachments(mgr, &s.spec)?;
     s.meta.updated_at = now_ms();
     s.service_status = None;
     let id = s.id.clone();
@@ -874,6 +879,7 @@ mod tests {
             job_iteration: 0,
             vip: None,
             service_status: None,
+            network_vips: Default::default(),
         };
         let all = vec![other(serde_json::json!([
             {"published": 8080, "target": 80},

@@ -588,7 +588,8 @@ pub async fn inspect_volume(
         .await?;
     let mut one = [v];
     with_sizes(&ctx, &mut one, &nodes).await;
-    let [v] = one;
+    let [mut v] = one;
+    v.moving = ctx.moves.get(&v.name).map(|m| m.shown());
     Ok(json_ok(&v))
 }
 
@@ -634,6 +635,8 @@ pub async fn create_volume(
         size_bytes: None,
         size_limit: None,
         used_by: Vec::new(),
+        moving: None,
+        last_move: None,
     };
     ctx.write(
         Batch::single(Op::create(Table::Volumes, &v.name, encode(&v)?)),
@@ -809,12 +812,227 @@ struct Imported {
     bytes: u64,
 }
 
-/// `POST /v1/volumes/{name}/move` (`{"to": NODE}`): copies a volume that no task holds from
-/// its home node to another over the nodes' mTLS connections (the old node's export streamed
-/// through this manager into the new node's import), checks the copy by the SHA-256 of the
-/// archive on both ends, records the new home (the tasks that wait for the volume go there),
-/// and deletes the old copy once a task runs on the new node (at once when no task wants to
-/// run on the volume; after [`MOVE_SOURCE_WAIT`] it is kept and the answer says so).
+/// What the agent's tree route answers (`flotilla_volume::TreeDigest`).
+#[derive(Debug, Deserialize, PartialEq, Eq)]
+struct TreeDigest {
+    sha256: String,
+    entries: u64,
+    files: u64,
+    bytes: u64,
+}
+
+/// An agent client for node `n` with a short timeout (for questions, not streams).
+fn agent(ctx: &Ctx, n: &Node) -> flotilla_api::Client {
+    ctx.tls
+        .node(&n.status.addr)
+        .with_timeout(Duration::from_secs(30))
+}
+
+/// The volumes node `n` holds (`what` names it in the error).
+async fn local_volumes(
+    ctx: &Ctx,
+    volume: &str,
+    n: &Node,
+    what: &str,
+) -> Result<Vec<LocalVolumeInfo>, ManagerError> {
+    agent(ctx, n)
+        .get_json("/v1/agent/volumes")
+        .await
+        .map_err(|e| {
+            ManagerError::unavailable(format!(
+                "volume {volume}: {what} {} cannot be reached: {e}",
+                n.spec.name
+            ))
+        })
+}
+
+/// Deletes the copy of `volume` on node `n` (a failed or abandoned move's), logging a failure.
+async fn drop_copy(ctx: &Ctx, volume: &str, n: &Node) {
+    let path = format!("/v1/agent/volumes/{volume}");
+    if let Err(e) = agent(ctx, n)
+        .request(axum::http::Method::DELETE, &path, None)
+        .await
+    {
+        if e.status() != Some(404) {
+            tracing::warn!(%volume, node = %n.id, error = %e, "a failed move's copy stays on the target");
+        }
+    }
+}
+
+/// One pass of a move: the old node's export streamed through this manager into the new
+/// node's import over the nodes' mTLS connections, hashed (SHA-256) and counted as it passes
+/// (`progress`); the new node answers the hash and length of what it received, and they
+/// must match. `pass`: `pre-copy` (a full export that leaves a snapshot on the old node,
+/// into a new volume), `final` (the delta since that snapshot, onto the pre-copied volume)
+/// or `copy` (a full export into a new volume).
+async fn relay(
+    ctx: &Ctx,
+    volume: &str,
+    from: &Node,
+    to: &Node,
+    pass: &str,
+    progress: &std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> Result<flotilla_types::VolumePass, String> {
+    let started = std::time::Instant::now();
+    let (export_q, import_q) = match pass {
+        "pre-copy" => ("?pass=first", "?pass=first"),
+        "final" => ("?pass=final", "?pass=final"),
+        _ => ("", ""),
+    };
+    let src = ctx.tls.node(&from.status.addr);
+    let resp = src
+        .send(
+            axum::http::Method::GET,
+            &format!("/v1/agent/volumes/{volume}/export{export_q}"),
+            None,
+        )
+        .await
+        .map_err(|e| format!("export on node {} failed: {e}", from.spec.name))?;
+    if !resp.status().is_success() {
+        let e = src
+            .finish(resp)
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        return Err(format!("export on node {} failed: {e}", from.spec.name));
+    }
+    // The stream's digest and size as they pass.
+    let sent = std::sync::Arc::new(std::sync::Mutex::new(Sha256::new()));
+    let tap = sent.clone();
+    let counter = progress.clone();
+    counter.store(0, std::sync::atomic::Ordering::Relaxed);
+    let body = http_body_util::BodyExt::map_frame(resp.into_body(), move |frame| {
+        if let Some(d) = frame.data_ref() {
+            tap.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .update(d);
+            counter.fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        frame
+    });
+    let body =
+        http_body_util::BodyExt::map_err(body, |e| Box::new(e) as flotilla_api::upload::BoxError);
+    let dst = ctx.tls.node(&to.status.addr);
+    let got = async {
+        let resp = dst
+            .send_stream(
+                axum::http::Method::POST,
+                &format!("/v1/agent/volumes/{volume}/import{import_q}"),
+                "application/x-tar",
+                Box::pin(body),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let r = dst.finish(resp).await.map_err(|e| e.to_string())?;
+        serde_json::from_slice::<Imported>(&r.body).map_err(|e| e.to_string())
+    }
+    .await
+    .map_err(|e| format!("copying to node {} failed ({e})", to.spec.name))?;
+    let sha256 = hex::encode(
+        sent.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .finalize(),
+    );
+    let bytes = progress.load(std::sync::atomic::Ordering::Relaxed);
+    if got.sha256 != sha256 || got.bytes != bytes {
+        return Err(format!(
+            "the copy on node {} does not match (sent {bytes} bytes, sha256 {sha256}; \
+             received {} bytes, sha256 {})",
+            to.spec.name, got.bytes, got.sha256
+        ));
+    }
+    Ok(flotilla_types::VolumePass {
+        pass: pass.to_string(),
+        bytes,
+        sha256,
+        ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// The two nodes of a move, by id.
+async fn move_nodes(ctx: &Ctx, from: &str, to: &str) -> Result<(Node, Node), ManagerError> {
+    let (from, to) = (from.to_string(), to.to_string());
+    ctx.blocking(move |m| {
+        let get = |id: &str| {
+            m.get::<Node>(id)?
+                .ok_or_else(|| ManagerError::not_found(format!("node {id} left the cluster")))
+        };
+        Ok((get(&from)?, get(&to)?))
+    })
+    .await
+}
+
+/// The first pass of a drain's move (`volumes::mover_loop`): copies volume `name` from node
+/// `from` to node `to` while its task still runs on `from`; the old node keeps a snapshot of
+/// what it sent, for the final pass. The caller has recorded the move (`PreCopying`), so no
+/// other move of the volume starts meanwhile. On failure the copy on `to` is deleted.
+pub async fn precopy(
+    ctx: &Ctx,
+    name: &str,
+    from: &str,
+    to: &str,
+) -> Result<flotilla_types::VolumePass, ManagerError> {
+    let (from, to) = move_nodes(ctx, from, to).await?;
+    for (n, what) in [(&from, "its node"), (&to, "the target node")] {
+        if n.status.state != NodeState::Ready {
+            return Err(ManagerError::unavailable(format!(
+                "volume {name}: {what} {} is {}",
+                n.spec.name,
+                n.status.state.as_str()
+            )));
+        }
+    }
+    let here = local_volumes(ctx, name, &from, "its node").await?;
+    let there = local_volumes(ctx, name, &to, "the target node").await?;
+    if there.iter().any(|l| l.name == name) {
+        return Err(ManagerError::conflict(format!(
+            "node {} already holds a volume named {name} (a copy left by an earlier move?): \
+             remove it there first",
+            to.spec.name
+        )));
+    }
+    let Some(st) = ctx.moves.get(name) else {
+        return Err(ManagerError::conflict(format!(
+            "volume {name}: the pre-copy was called off"
+        )));
+    };
+    let mut shown = st.clone();
+    shown.total = here
+        .iter()
+        .find(|l| l.name == name)
+        .map_or(0, |l| l.size_bytes);
+    ctx.moves.set(name, shown);
+    match relay(ctx, name, &from, &to, "pre-copy", &st.done).await {
+        Ok(pass) => Ok(pass),
+        Err(e) => {
+            drop_copy(ctx, name, &to).await;
+            Err(ManagerError::unavailable(format!(
+                "volume {name}: {e}; the volume stays on node {}",
+                from.spec.name
+            )))
+        }
+    }
+}
+
+/// Forgets a pre-copy whose final pass never came (the drain was undone, or the task went
+/// elsewhere) and deletes its copy, unless the volume's home is that node by now.
+pub async fn drop_precopy(ctx: &Ctx, name: &str, st: &crate::volumes::MoveState) {
+    ctx.moves.remove(name);
+    let (vol, to) = (name.to_string(), st.to.clone());
+    let found = ctx
+        .blocking(move |m| Ok((m.get::<Volume>(&vol)?, m.get::<Node>(&to)?)))
+        .await;
+    if let Ok((v, Some(node))) = found {
+        if v.and_then(|v| v.node_id).as_deref() != Some(node.id.as_str()) {
+            drop_copy(ctx, name, &node).await;
+        }
+    }
+}
+
+/// `POST /v1/volumes/{name}/move` (`{"to": NODE}`): moves a volume that no task holds from
+/// its home node to another ([`move_to`]).
 pub async fn move_volume(
     State(ctx): State<Ctx>,
     Extension(caller): Extension<Caller>,
@@ -825,8 +1043,16 @@ pub async fn move_volume(
     move_to(&ctx, &name, &req.to).await.map(Json)
 }
 
-/// Moves volume `name` to the node `to` (id or hostname), as [`move_volume`] describes; also
-/// what the leader's drain mover (`crate::volumes::mover_loop`) calls.
+/// Moves volume `name` to the node `to` (id or hostname); also what the leader's drain mover
+/// (`crate::volumes::mover_loop`) calls once the task is stopped. Refused while a container
+/// on the old node holds the volume (one writer). After a pre-copy to `to`
+/// (`volumes::mover_loop`) only the final pass runs: what changed since, checked by the
+/// stream's SHA-256 on both ends and then by comparing a digest of both trees (paths, kinds,
+/// sizes, modes, owners, link targets); otherwise one full pass, checked by the stream's
+/// SHA-256. Then the new home is recorded in one conditional write (the tasks that wait for
+/// the volume go there), and the old copy is deleted once a task runs on the new node (at
+/// once when no task wants to run on the volume; after [`MOVE_SOURCE_WAIT`] it is kept and
+/// the answer says so). A failed copy is deleted; the volume stays where it was.
 pub async fn move_to(
     ctx: &Ctx,
     name: &str,
@@ -893,22 +1119,22 @@ pub async fn move_to(
             )));
         }
     }
-    let agent = |n: &Node| {
-        ctx.tls
-            .node(&n.status.addr)
-            .with_timeout(Duration::from_secs(30))
-    };
-    // Nobody may write while it is copied: refused while a container on the old node holds it.
-    let held: Vec<LocalVolumeInfo> =
-        agent(&from)
-            .get_json("/v1/agent/volumes")
-            .await
-            .map_err(|e| {
-                ManagerError::unavailable(format!(
-                    "volume {}: its node {} cannot be reached: {e}",
-                    v.name, from.spec.name
-                ))
-            })?;
+    let prior = ctx.moves.get(&v.name);
+    if let Some(p) = &prior {
+        if matches!(
+            p.phase,
+            crate::volumes::Phase::PreCopying | crate::volumes::Phase::Copying
+        ) {
+            return Err(ManagerError::conflict(format!(
+                "volume {}: a move to node {} is under way (`flotilla volume inspect {}` shows \
+                 it); try again when it is done",
+                v.name, p.to, v.name
+            )));
+        }
+    }
+    // Nobody may write while the final (or only) pass copies: refused while a container on
+    // the old node holds it.
+    let held = local_volumes(ctx, &v.name, &from, "its node").await?;
     if let Some(h) = held
         .iter()
         .find(|l| l.name == v.name && !l.in_use_by.is_empty())
@@ -922,116 +1148,86 @@ pub async fn move_to(
             from.spec.name
         )));
     }
-    let there: Vec<LocalVolumeInfo> =
-        agent(&to)
-            .get_json("/v1/agent/volumes")
-            .await
-            .map_err(|e| {
-                ManagerError::unavailable(format!(
-                    "volume {}: the target node {} cannot be reached: {e}",
-                    v.name, to.spec.name
-                ))
-            })?;
-    if there.iter().any(|l| l.name == v.name) {
+    let total = held
+        .iter()
+        .find(|l| l.name == v.name)
+        .map_or(0, |l| l.size_bytes);
+    // A pre-copy counts only from this node to that one; one elsewhere is dropped.
+    let pre = match prior {
+        Some(p) => match &p.phase {
+            crate::volumes::Phase::PreCopied(pass) if p.from == from.id && p.to == to.id => {
+                Some(pass.clone())
+            }
+            _ => {
+                drop_precopy(ctx, &v.name, &p).await;
+                None
+            }
+        },
+        None => None,
+    };
+    if pre.is_none() {
+        let there = local_volumes(ctx, &v.name, &to, "the target node").await?;
+        if there.iter().any(|l| l.name == v.name) {
+            return Err(ManagerError::conflict(format!(
+                "node {} already holds a volume named {} (a copy left by an earlier move?): \
+                 remove it there first",
+                to.spec.name, v.name
+            )));
+        }
+    }
+    let mut st = crate::volumes::MoveState::new(&from.id, &to.id, crate::volumes::Phase::Copying);
+    st.total = total;
+    if pre.is_none() && !ctx.moves.start(&v.name, st.clone()) {
         return Err(ManagerError::conflict(format!(
-            "node {} already holds a volume named {} (a copy left by an earlier move?): remove \
-             it there first",
-            to.spec.name, v.name
+            "volume {}: another move is under way; try again when it is done",
+            v.name
         )));
+    }
+    if pre.is_some() {
+        ctx.moves.set(&v.name, st.clone());
     }
 
     let started = std::time::Instant::now();
-    let src = ctx.tls.node(&from.status.addr);
-    let resp = src
-        .send(
-            axum::http::Method::GET,
-            &format!("/v1/agent/volumes/{}/export", v.name),
-            None,
-        )
-        .await
-        .map_err(|e| {
-            ManagerError::unavailable(format!(
-                "volume {}: export on node {} failed: {e}",
-                v.name, from.spec.name
-            ))
-        })?;
-    if !resp.status().is_success() {
-        let e = src
-            .finish(resp)
-            .await
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        return Err(ManagerError::unavailable(format!(
-            "volume {}: export on node {} failed: {e}",
-            v.name, from.spec.name
-        )));
-    }
-    // The archive's digest and size as they pass.
-    let sent = std::sync::Arc::new(std::sync::Mutex::new((Sha256::new(), 0u64)));
-    let tap = sent.clone();
-    let body = http_body_util::BodyExt::map_frame(resp.into_body(), move |frame| {
-        if let Some(d) = frame.data_ref() {
-            let mut t = tap
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            t.0.update(d);
-            t.1 += d.len() as u64;
-        }
-        frame
-    });
-    let body =
-        http_body_util::BodyExt::map_err(body, |e| Box::new(e) as flotilla_api::upload::BoxError);
-    let dst = ctx.tls.node(&to.status.addr);
-    let copied = async {
-        let resp = dst
-            .send_stream(
-                axum::http::Method::POST,
-                &format!("/v1/agent/volumes/{}/import", v.name),
-                "application/x-tar",
-                Box::pin(body),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        let r = dst.finish(resp).await.map_err(|e| e.to_string())?;
-        serde_json::from_slice::<Imported>(&r.body).map_err(|e| e.to_string())
-    }
-    .await;
-    let (sha256, bytes) = {
-        let t = sent
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        (hex::encode(t.0.clone().finalize()), t.1)
-    };
-    let drop_copy = || async {
-        let path = format!("/v1/agent/volumes/{}", v.name);
-        if let Err(e) = agent(&to)
-            .request(axum::http::Method::DELETE, &path, None)
-            .await
-        {
-            if e.status() != Some(404) {
-                tracing::warn!(volume = %v.name, node = %to.id, error = %e, "a failed move's copy stays on the target");
+    let pass_name = if pre.is_some() { "final" } else { "copy" };
+    let copied = relay(ctx, &v.name, &from, &to, pass_name, &st.done).await;
+    // After a final pass the two trees must agree too (a delta that missed an entry would
+    // not show in the stream's hash).
+    let checked =
+        match (copied, pre.is_some()) {
+            (Ok(pass), true) => {
+                let path = format!("/v1/agent/volumes/{}/tree", v.name);
+                let (ca, cb) = (agent(ctx, &from), agent(ctx, &to));
+                let (a, b) = tokio::join!(
+                    ca.get_json::<TreeDigest>(&path),
+                    cb.get_json::<TreeDigest>(&path)
+                );
+                match (a, b) {
+                    (Ok(a), Ok(b)) if a == b => Ok(pass),
+                    (Ok(a), Ok(b)) => {
+                        Err(format!(
+                    "the trees differ after the final pass (node {}: {} entries, {} bytes, \
+                     {}; node {}: {} entries, {} bytes, {})",
+                    from.spec.name, a.entries, a.bytes, a.sha256, to.spec.name, b.entries,
+                    b.bytes, b.sha256
+                ))
+                    }
+                    (Err(e), _) | (_, Err(e)) => Err(format!("comparing the trees failed: {e}")),
+                }
             }
+            (other, _) => other,
+        };
+    let pass = match checked {
+        Ok(pass) => pass,
+        Err(e) => {
+            ctx.moves.remove(&v.name);
+            drop_copy(ctx, &v.name, &to).await;
+            return Err(ManagerError::unavailable(format!(
+                "volume {}: {e}; the volume stays on node {}",
+                v.name, from.spec.name
+            )));
         }
     };
-    match copied {
-        Ok(got) if got.sha256 == sha256 && got.bytes == bytes => {}
-        Ok(got) => {
-            drop_copy().await;
-            return Err(ManagerError::unavailable(format!(
-                "volume {}: the copy on node {} does not match (sent {bytes} bytes, sha256 \
-                 {sha256}; received {} bytes, sha256 {}); the volume stays on node {}",
-                v.name, to.spec.name, got.bytes, got.sha256, from.spec.name
-            )));
-        }
-        Err(e) => {
-            drop_copy().await;
-            return Err(ManagerError::unavailable(format!(
-                "volume {}: copying to node {} failed ({e}); the volume stays on node {}",
-                v.name, to.spec.name, from.spec.name
-            )));
-        }
-    }
+    let passes: Vec<flotilla_types::VolumePass> = pre.into_iter().chain([pass.clone()]).collect();
     // The new home: from here the tasks waiting for the volume go to the new node.
     let mut moved = v.clone();
     moved.node_id = Some(to.id.clone());
@@ -1039,7 +1235,14 @@ pub async fn move_to(
     moved.size_bytes = None;
     moved.size_limit = None;
     moved.used_by = Vec::new();
-    if let Err(e) = ctx
+    moved.moving = None;
+    moved.last_move = Some(flotilla_types::VolumeLastMove {
+        from: from.id.clone(),
+        to: to.id.clone(),
+        at: moved.meta.updated_at,
+        passes: passes.clone(),
+    });
+    let written = ctx
         .write(
             Batch::single(Op::update(
                 Table::Volumes,
@@ -1049,13 +1252,16 @@ pub async fn move_to(
             )),
             "volume",
         )
-        .await
-    {
-        drop_copy().await;
+        .await;
+    ctx.moves.remove(&v.name);
+    if let Err(e) = written {
+        drop_copy(ctx, &v.name, &to).await;
         return Err(e);
     }
     let copy_ms = started.elapsed().as_millis() as u64;
-    tracing::info!(volume = %v.name, from = %from.id, to = %to.id, bytes, copy_ms, "volume moved");
+    let bytes: u64 = passes.iter().map(|p| p.bytes).sum();
+    tracing::info!(volume = %v.name, from = %from.id, to = %to.id, bytes, copy_ms,
+        passes = passes.len(), "volume moved");
 
     // The old copy stays until a task runs on the new node (at once without users).
     let kept = if users.is_empty() {
@@ -1095,7 +1301,7 @@ pub async fn move_to(
         Some(why) => Some(why),
         None => {
             let path = format!("/v1/agent/volumes/{}", v.name);
-            match agent(&from)
+            match agent(ctx, &from)
                 .request(axum::http::Method::DELETE, &path, None)
                 .await
             {
@@ -1113,8 +1319,9 @@ pub async fn move_to(
         from: from.id,
         to: to.id,
         bytes,
-        sha256,
+        sha256: pass.sha256,
         copy_ms,
+        passes,
         source_removed: kept.is_none(),
         source_kept_because: kept,
     })

@@ -535,7 +535,7 @@ struct Attrs {
 /// Hostile entries (see the module docs) fail with [`RuntimeError::BadArchive`]; `dest` may
 /// then hold part of the layer, and the caller removes it. Nothing outside `dest` is touched.
 pub fn unpack_layer(reader: impl Read, dest: &Path, shift: Option<IdRange>) -> Result<String> {
-    unpack(reader, dest, shift, false)
+    unpack(reader, dest, shift, false).map(|(digest, _)| digest)
 }
 
 /// Unpacks a volume archive (a plain tar, as `flotilla volume export` writes) into the volume
@@ -543,11 +543,22 @@ pub fn unpack_layer(reader: impl Read, dest: &Path, shift: Option<IdRange>) -> R
 /// Unlike a layer: names are taken literally (`.wh.x` is a file, not a whiteout), a device
 /// node is refused, and the root entry (`./`) sets the owner and mode of `dest` itself
 /// (otherwise `dest` ends up owned by container root).
-pub fn unpack_volume(reader: impl Read, dest: &Path, shift: Option<IdRange>) -> Result<()> {
-    unpack(reader, dest, shift, true).map(|_| ())
+/// Returns the `sha256:` digest and the length of the whole stream read (trailing padding
+/// included), so a caller can check a copy without reading it twice.
+pub fn unpack_volume(
+    reader: impl Read,
+    dest: &Path,
+    shift: Option<IdRange>,
+) -> Result<(String, u64)> {
+    unpack(reader, dest, shift, true)
 }
 
-fn unpack(reader: impl Read, dest: &Path, shift: Option<IdRange>, volume: bool) -> Result<String> {
+fn unpack(
+    reader: impl Read,
+    dest: &Path,
+    shift: Option<IdRange>,
+    volume: bool,
+) -> Result<(String, u64)> {
     let mut hashing = HashingReader::new(io::BufReader::with_capacity(256 * 1024, reader));
     let map = |id: u64| -> u32 {
         let id = u32::try_from(id).unwrap_or(65_534);
@@ -578,12 +589,12 @@ fn unpack(reader: impl Read, dest: &Path, shift: Option<IdRange>, volume: bool) 
     }
     // Hash the trailing padding too, so the digest covers the whole stream.
     io::copy(&mut hashing, &mut io::sink()).ctx(|| "read layer".into())?;
-    let (digest, _) = hashing.finish();
+    let (digest, len) = hashing.finish();
     if shift.is_some() && !tree.root_set {
         // The layer root itself: owned by container root.
         let _ = fchown(tree.root.as_fd(), tree.owner, tree.owner);
     }
-    Ok(digest)
+    Ok((digest, len))
 }
 
 fn unpack_entry<R: Read>(

@@ -113,9 +113,11 @@ impl NodeProc {
 
 impl Drop for NodeProc {
     fn drop(&mut self) {
+        // Killed and reaped first: nothing can start a container after the cleanup listed them.
         self.kill9();
         // Containers outlive their agent by design: remove them, or they keep running after the
-        // test's temporary directory is gone.
+        // test's temporary directory is gone. The cleanup also ends shim processes no record
+        // names (a shim whose create the kill interrupted).
         let o = node_command(self.netns.as_deref())
             .args(["node", "cleanup", "--data-dir"])
             .arg(&self.dir)
