@@ -92,8 +92,7 @@ impl Names {
     }
     /// The short tag of a user-defined network (bridge and allocation file names).
     fn net_tag(network: &str) -> String {
-        let h = Sha256::digest(network.as_bytes());
-        hex::encode(&h[..2])
+        flotilla_control::ipam::network_tag(network)
     }
     /// The bridge of a user-defined network: the node bridge's name plus the network's tag,
     /// so that `fltbr<tag>+` matches every bridge of the node in iptables.

@@ -134,6 +134,18 @@ pub fn is_task_addr(subnet: Ipv4Net, ip: Ipv4Addr) -> bool {
         && ip != gateway_of(subnet)
 }
 
+/// The 4-hex-digit tag of a user-defined network, part of its bridge's and allocation file's
+/// names on every node (FNV-1a, folded to 16 bits). The manager refuses a new network whose
+/// tag another one has.
+pub fn network_tag(name: &str) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("{:04x}", (h ^ (h >> 16)) & 0xffff)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,5 +196,13 @@ mod tests {
             gateway_of(net("10.200.7.5/29")),
             Ipv4Addr::new(10, 200, 7, 1)
         );
+    }
+
+    #[test]
+    fn network_tags_are_four_hex_digits_and_stable() {
+        assert_eq!(network_tag("front").len(), 4);
+        assert_eq!(network_tag("front"), network_tag("front"));
+        assert_ne!(network_tag("front"), network_tag("back"));
+        assert!(network_tag("").chars().all(|c| c.is_ascii_hexdigit()));
     }
 }

@@ -355,6 +355,19 @@ pub async fn create(
                     n = net.name
                 )));
             }
+            // Nodes name a network's bridge after its tag: no two networks may share one.
+            let tag = flotilla_control::ipam::network_tag(&net.name);
+            if let Some(other) = m
+                .list::<Network>()?
+                .into_iter()
+                .find(|o| flotilla_control::ipam::network_tag(&o.name) == tag)
+            {
+                return Err(ManagerError::conflict(format!(
+                    "network name {:?} would share its bridge tag ({tag}) with network {:?} on \
+                     every node: choose another name",
+                    net.name, other.name
+                )));
+            }
             let pool_text = m.cluster()?.network.address_pool;
             let pool: Ipv4Net = pool_text.parse().map_err(|e| {
                 ManagerError::internal(format!("the cluster's address pool {pool_text:?}: {e}"))
@@ -867,6 +880,15 @@ mod api_tests {
         let (code, v) = post(json!({"name": "backend"})).await;
         assert_eq!(code, 409, "{v}");
         assert!(message(&v).contains("exists"), "{v}");
+        // A name whose bridge tag `backend` has already.
+        let tag = flotilla_control::ipam::network_tag("backend");
+        let twin = (0..200_000)
+            .map(|i| format!("n{i}"))
+            .find(|n| flotilla_control::ipam::network_tag(n) == tag)
+            .expect("a name with the same tag");
+        let (code, v) = post(json!({ "name": twin })).await;
+        assert_eq!(code, 409, "{v}");
+        assert!(message(&v).contains("bridge tag"), "{v}");
 
         let (code, v) = post(json!({"name": "front", "subnet": "10.200.0.0/23"})).await;
         assert_eq!(code, 400, "{v}");
