@@ -1957,4 +1957,42 @@ mod tests {
             .collect();
         assert_eq!(addrs, ["10.200.240.2:443", "10.200.241.2:443"]);
     }
+
+    #[test]
+    fn a_forged_network_block_outside_its_range_carries_nothing() {
+        let mut m = map_with_networks();
+        // `evil` claims n1's default subnet as n2's block; a task there at 10.200.0.5.
+        m.networks.push(flotilla_types::NetNetwork {
+            name: "evil".into(),
+            subnet: "10.200.192.0/20".into(),
+            internal: false,
+            encrypted: false,
+            blocks: [("n2".to_string(), "10.200.0.0/24".to_string())]
+                .into_iter()
+                .collect(),
+        });
+        let mut svc = m.services[2].clone();
+        svc.id = "s4".into();
+        svc.name = "evil-svc".into();
+        svc.networks = vec![flotilla_types::NetworkAttachment {
+            target: "evil".into(),
+            aliases: vec![],
+        }];
+        svc.network_vips = [("evil".to_string(), "10.200.207.2".to_string())]
+            .into_iter()
+            .collect();
+        let mut b = backend("t20", "n2", "10.200.0.5");
+        b.addrs.insert("evil".into(), "10.200.0.5".into());
+        svc.backends = vec![b];
+        m.services.push(svc);
+        let blocks = Blocks::of(&m);
+        assert!(!blocks.nets.contains_key(&("evil", "n2")));
+        let evil: Vec<nat::VipBalance> = vip_balances(&m)
+            .into_iter()
+            .filter(|v| v.vip == "10.200.207.2".parse::<Ipv4Addr>().expect("ip"))
+            .collect();
+        assert_eq!(evil.len(), 1);
+        assert!(evil[0].backends.is_empty(), "{evil:?}");
+        assert!(network_dns_records(&m)["evil"]["tasks.evil-svc"].is_empty());
+    }
 }

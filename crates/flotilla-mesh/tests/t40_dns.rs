@@ -55,7 +55,12 @@ fn table() -> HashMap<String, Vec<Ipv4Addr>> {
 }
 
 async fn udp_ask(server: SocketAddr, q: &[u8]) -> Vec<u8> {
-    let c = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    udp_ask_from("127.0.0.1:0", server, q).await
+}
+
+/// [`udp_ask`] from a socket bound to `client` (the server tells clients apart by address).
+async fn udp_ask_from(client: &str, server: SocketAddr, q: &[u8]) -> Vec<u8> {
+    let c = UdpSocket::bind(client).await.expect("bind");
     c.send_to(q, server).await.expect("send");
     let mut buf = vec![0u8; 4096];
     let (n, _) = within("dns answer", c.recv_from(&mut buf))
@@ -369,18 +374,7 @@ async fn t35_a_client_with_its_own_resolvers() {
     .await;
     let ask_from = |client: &'static str, id: u16, name: &'static str| {
         let server = s.local_addr();
-        async move {
-            let c = UdpSocket::bind(client).await.expect("bind");
-            c.send_to(&query(id, name, TYPE::A), server)
-                .await
-                .expect("send");
-            let mut buf = vec![0u8; 4096];
-            let (n, _) = within("dns answer", c.recv_from(&mut buf))
-                .await
-                .expect("recv");
-            buf.truncate(n);
-            buf
-        }
+        async move { udp_ask_from(client, server, &query(id, name, TYPE::A)).await }
     };
     own.set("127.0.0.1".parse().expect("ip"), vec![up]);
     for id in 0..2 {
@@ -437,18 +431,7 @@ async fn t36_answers_are_scoped_to_the_clients_networks() {
     );
     let ask_from = |client: &'static str, id: u16, name: &'static str| {
         let server = s.local_addr();
-        async move {
-            let c = UdpSocket::bind(client).await.expect("bind");
-            c.send_to(&query(id, name, TYPE::A), server)
-                .await
-                .expect("send");
-            let mut buf = vec![0u8; 4096];
-            let (n, _) = within("dns answer", c.recv_from(&mut buf))
-                .await
-                .expect("recv");
-            buf.truncate(n);
-            parse(&buf)
-        }
+        async move { parse(&udp_ask_from(client, server, &query(id, name, TYPE::A)).await) }
     };
     scopes.set("127.0.0.3".parse().expect("ip"), vec!["front".into()]);
     scopes.set(

@@ -207,6 +207,29 @@ pub enum Event<'a> {
     },
 }
 
+impl<'a> Event<'a> {
+    /// The entry this event first reaches, as (parent, name, path, stat): a directory on
+    /// [`Event::Enter`], anything else on [`Event::Entry`]; `None` on [`Event::Leave`].
+    pub fn reached(&self) -> Option<(&'a Dir, &'a OsStr, &'a Path, &'a Stat)> {
+        match *self {
+            Event::Enter {
+                parent,
+                name,
+                path,
+                stat,
+                ..
+            }
+            | Event::Entry {
+                parent,
+                name,
+                path,
+                stat,
+            } => Some((parent, name, path, stat)),
+            Event::Leave { .. } => None,
+        }
+    }
+}
+
 fn at_path(e: io::Error, path: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }

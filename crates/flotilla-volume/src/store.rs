@@ -88,6 +88,9 @@ pub struct VolumeStore {
     busy: Mutex<HashSet<String>>,
     /// What the first pass of a move read, by volume (for the final pass).
     snapshots: Mutex<HashMap<String, Snapshot>>,
+    /// The clock a first pass dates what it read by (files changed within
+    /// [`crate::delta::RACY`] of it are sent again); the system's, but for tests.
+    clock: fn() -> std::time::SystemTime,
 }
 
 /// What an export wrote.
@@ -127,6 +130,13 @@ fn seq() -> u64 {
 }
 
 impl VolumeStore {
+    /// The store with another clock for dating what a first pass reads (tests: files written
+    /// "long ago" without waiting).
+    pub fn with_clock(mut self, clock: fn() -> std::time::SystemTime) -> VolumeStore {
+        self.clock = clock;
+        self
+    }
+
     /// Opens (creating) the store at `root`. `owner` is the node's user-namespace range: a
     /// data dir belongs to container root (`owner.shift(0)`), and `root` and each volume's
     /// dir are 0710 with the group of that id, so a container's root can reach its volume's
@@ -138,6 +148,7 @@ impl VolumeStore {
             lock: Mutex::new(()),
             busy: Mutex::new(HashSet::new()),
             snapshots: Mutex::new(HashMap::new()),
+            clock: std::time::SystemTime::now,
         };
         store.traversal_dir(&store.root)?;
         let dir = store.root_dir()?;
@@ -490,21 +501,8 @@ impl VolumeStore {
         // Write errors are told apart from read errors of the tree.
         let mut write_failed: Option<io::Error> = None;
         let res = data.walk(|ev| {
-            let (parent, name, path, st) = match ev {
-                Event::Leave { .. } => return Ok(()),
-                Event::Enter {
-                    parent,
-                    name,
-                    path,
-                    stat,
-                    ..
-                }
-                | Event::Entry {
-                    parent,
-                    name,
-                    path,
-                    stat,
-                } => (parent, name, path, stat),
+            let Some((parent, name, path, st)) = ev.reached() else {
+                return Ok(());
             };
             let key = path.as_os_str().as_bytes();
             let mut h = tar::Header::new_gnu();
@@ -541,7 +539,7 @@ impl VolumeStore {
                     let meta = f.metadata()?;
                     let state = FileState::of(&meta);
                     let changed = since.is_none_or(|s| s.file_changed(key, &state));
-                    snap.record_file(key, state, std::time::SystemTime::now());
+                    snap.record_file(key, state, (self.clock)());
                     if !changed {
                         return Ok(());
                     }
@@ -646,21 +644,8 @@ impl VolumeStore {
         let mut lines = vec![line(b".", b'd', 0, &root, b"")];
         let mut out = TreeDigest::default();
         data.walk(|ev| {
-            let (parent, name, path, st) = match ev {
-                Event::Leave { .. } => return Ok(()),
-                Event::Enter {
-                    parent,
-                    name,
-                    path,
-                    stat,
-                    ..
-                }
-                | Event::Entry {
-                    parent,
-                    name,
-                    path,
-                    stat,
-                } => (parent, name, path, stat),
+            let Some((parent, name, path, st)) = ev.reached() else {
+                return Ok(());
             };
             let key = path.as_os_str().as_bytes();
             match st.kind {
