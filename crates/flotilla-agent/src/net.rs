@@ -48,11 +48,12 @@ use crate::{blocking, NetError};
 const TASK_MTU: u32 = 1450;
 
 /// MTU of the encrypted tunnel's device: a 1500-byte underlay less the outer IPv4 and UDP
-/// headers and the tunnel's own (29 bytes) and tag (16).
-const TUNNEL_MTU: u32 = 1427;
+/// headers and the tunnel's fragment header, offload header and tag (1413).
+const TUNNEL_MTU: u32 = 1500 - flotilla_net::crypt::OVERHEAD;
 
-/// MTU of task interfaces on encrypted networks (within [`TUNNEL_MTU`]).
-const ENCRYPTED_TASK_MTU: u32 = 1420;
+/// MTU of task interfaces on encrypted networks: the tunnel's, so that a full-size packet
+/// goes in one datagram.
+const ENCRYPTED_TASK_MTU: u32 = TUNNEL_MTU;
 
 /// Short, stable tag of a node for interface and chain names.
 pub fn node_tag(node_id: &str) -> String {

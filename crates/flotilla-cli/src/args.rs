@@ -302,9 +302,11 @@ pub enum VolumeCmd {
     /// volume must have a node: `volume create NAME --node NODE` first.
     Import { name: String, file: PathBuf },
     /// Move a volume to another node: copied over the nodes' mTLS connections and checked by
-    /// its SHA-256 on both ends; the tasks waiting for it then start there. No task may hold
-    /// it meanwhile: drain its node (`node update --availability drain`) or scale to 0 first.
-    /// The old copy is deleted once a task runs on the new node.
+    /// its SHA-256 on both ends; the tasks waiting for it then start there. A replicated
+    /// service's task running with it is moved too: a first pass while it runs, then the task
+    /// stops, a final pass sends what changed, and its replacement starts on the new node.
+    /// Progress is shown while it runs. The old copy is deleted once a task runs on the new
+    /// node.
     Move {
         name: String,
         /// Node id or hostname.

@@ -109,6 +109,80 @@ pub async fn files(client: &Client, kind: FileKind, cmd: FileCmd) -> Result<(), 
 }
 
 /// `1.5 MiB`-style sizes.
+/// A move under way in a few words: `pre-copy to m1: 512.0 MiB of 1.0 GiB (50%)`.
+fn moving_line(m: &flotilla_types::VolumeMoving, to: &str) -> String {
+    let pct = (m.bytes_done.min(m.bytes_total).saturating_mul(100))
+        .checked_div(m.bytes_total)
+        .map(|p| format!(" ({p}%)"))
+        .unwrap_or_default();
+    format!(
+        "{} to {to}: {} of {}{pct}",
+        m.pass,
+        human(m.bytes_done),
+        human(m.bytes_total)
+    )
+}
+
+/// How often `volume move` asks how its move stands.
+const MOVE_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+/// How often a line of progress is printed when stderr is not a terminal.
+const MOVE_LINE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Shows the progress of volume `name`'s move until the caller drops this future: a bar on
+/// stderr when it is a terminal, else a line when the pass changes and every
+/// [`MOVE_LINE_EVERY`]. Never returns by itself (a failed poll just skips a beat).
+async fn show_move_progress(client: &Client, name: &str, to: &str) {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
+    /// Clears the bar when the move's answer drops the future.
+    struct Bar(Option<indicatif::ProgressBar>);
+    impl Drop for Bar {
+        fn drop(&mut self) {
+            if let Some(b) = &self.0 {
+                b.finish_and_clear();
+            }
+        }
+    }
+    let bar = Bar(tty.then(|| {
+        let b = indicatif::ProgressBar::with_draw_target(
+            Some(0),
+            indicatif::ProgressDrawTarget::stderr(),
+        );
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+        ) {
+            b.set_style(style.progress_chars("=> "));
+        }
+        b
+    }));
+    let mut last: Option<(String, std::time::Instant)> = None;
+    let path = format!("/v1/volumes/{}", enc(name));
+    loop {
+        tokio::time::sleep(MOVE_POLL).await;
+        let Ok(v) = get::<Volume>(client, &path).await else {
+            continue;
+        };
+        let Some(m) = v.moving else { continue };
+        match &bar.0 {
+            Some(b) => {
+                b.set_message(format!("{} to {}", m.pass, escape(to)));
+                b.set_length(m.bytes_total.max(m.bytes_done));
+                b.set_position(m.bytes_done);
+            }
+            None => {
+                let due = match &last {
+                    Some((pass, at)) => *pass != m.pass || at.elapsed() >= MOVE_LINE_EVERY,
+                    None => true,
+                };
+                if due {
+                    eprintln!("{}", escape(&moving_line(&m, to)));
+                    last = Some((m.pass.clone(), std::time::Instant::now()));
+                }
+            }
+        }
+    }
+}
+
 fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
@@ -150,7 +224,7 @@ pub async fn volumes(client: &Client, cmd: VolumeCmd) -> Result<(), CliError> {
                     .map(|n| n.spec.name.clone())
                     .unwrap_or_else(|| id.clone()),
             };
-            let mut t = table(&["NAME", "DRIVER", "NODE", "SIZE", "USED BY"]);
+            let mut t = table(&["NAME", "DRIVER", "NODE", "SIZE", "USED BY", "MOVE"]);
             for v in &all {
                 add_row(
                     &mut t,
@@ -166,6 +240,12 @@ pub async fn volumes(client: &Client, cmd: VolumeCmd) -> Result<(), CliError> {
                             (None, _) => "-".into(),
                         },
                         escape(&v.used_by.join(", ")).to_string(),
+                        v.moving.as_ref().map_or_else(
+                            || "-".to_string(),
+                            |m| {
+                                escape(&moving_line(m, &node_name(&Some(m.to.clone())))).to_string()
+                            },
+                        ),
                     ],
                 );
             }
@@ -235,12 +315,15 @@ pub async fn volumes(client: &Client, cmd: VolumeCmd) -> Result<(), CliError> {
             let long = client
                 .clone()
                 .with_timeout(std::time::Duration::from_secs(24 * 3600));
-            let m: flotilla_types::VolumeMoved = long
-                .post_json(
-                    &format!("/v1/volumes/{}/move", enc(&name)),
-                    &flotilla_types::VolumeMove { to },
-                )
-                .await?;
+            let path = format!("/v1/volumes/{}/move", enc(&name));
+            let req = flotilla_types::VolumeMove { to: to.clone() };
+            let moved = long.post_json::<_, flotilla_types::VolumeMoved>(&path, &req);
+            let shown = show_move_progress(client, &name, &to);
+            tokio::pin!(moved);
+            let m = tokio::select! {
+                m = &mut moved => m,
+                () = shown => moved.await,
+            }?;
             for p in &m.passes {
                 println!(
                     "{} pass: {} in {:.1} s, sha256 {} checked on both nodes",
@@ -318,5 +401,28 @@ mod tests {
         assert_eq!(human(0), "0 B");
         assert_eq!(human(1536), "1.5 KiB");
         assert_eq!(human(5 << 30), "5.0 GiB");
+    }
+
+    #[test]
+    fn a_move_in_a_few_words() {
+        let m = |pass: &str, done: u64, total: u64| flotilla_types::VolumeMoving {
+            to: "id".into(),
+            pass: pass.into(),
+            bytes_done: done,
+            bytes_total: total,
+        };
+        assert_eq!(
+            moving_line(&m("pre-copy", 512 << 20, 1 << 30), "m1"),
+            "pre-copy to m1: 512.0 MiB of 1.0 GiB (50%)"
+        );
+        // tar headers make the stream a little larger than the volume: never over 100 %
+        assert_eq!(
+            moving_line(&m("final", 3 << 10, 2 << 10), "m1"),
+            "final to m1: 3.0 KiB of 2.0 KiB (100%)"
+        );
+        assert_eq!(
+            moving_line(&m("copy", 0, 0), "w1"),
+            "copy to w1: 0 B of 0 B"
+        );
     }
 }

@@ -252,7 +252,13 @@ async fn reconcile_all(
 
 /// The scheduler's decisions for the tasks waiting for a node, as store writes (none for a
 /// task that stays pending for the reason it already shows).
-fn schedule_ops(tasks: &[Task], nodes: &[Node], volumes: &[Volume], now: u64) -> Vec<Op> {
+fn schedule_ops(
+    tasks: &[Task],
+    nodes: &[Node],
+    volumes: &[Volume],
+    moving: &HashMap<String, String>,
+    now: u64,
+) -> Vec<Op> {
     let unassigned: Vec<Task> = tasks
         .iter()
         .filter(|t| {
@@ -266,7 +272,7 @@ fn schedule_ops(tasks: &[Task], nodes: &[Node], volumes: &[Volume], now: u64) ->
     }
     // Tasks with volumes go to the volumes' node, or wait for it.
     let homes = crate::volumes::homes(volumes, tasks);
-    let (placeable, mut decisions) = crate::volumes::constrain(&unassigned, &homes, nodes);
+    let (placeable, mut decisions) = crate::volumes::constrain(&unassigned, &homes, nodes, moving);
     decisions.extend(flotilla_control::schedule(&placeable, nodes, tasks));
     let by_id: HashMap<&str, &Task> = unassigned.iter().map(|t| (t.id.as_str(), t)).collect();
     // The volume homes first: a task is never assigned without its volume's home written
@@ -323,7 +329,7 @@ async fn pass(mgr: &Arc<Manager>, cfg: &OrchestratorConfig) -> Result<Option<u64
     // Schedule on the state after this pass's writes.
     let tasks: Vec<Task> = if wrote { read(mgr).await? } else { tasks };
     let volumes: Vec<Volume> = read(mgr).await?;
-    let ops = schedule_ops(&tasks, &nodes, &volumes, now);
+    let ops = schedule_ops(&tasks, &nodes, &volumes, &mgr.moves.holding(), now);
     if !ops.is_empty() {
         write_chunked(mgr, ops, "schedule").await?;
     }

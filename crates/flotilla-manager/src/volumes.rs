@@ -43,11 +43,13 @@ pub fn homes(volumes: &[Volume], tasks: &[Task]) -> HashMap<String, String> {
 
 /// Splits the tasks waiting for a node: the ones the scheduler may place (a task whose volume
 /// has a home is handed over with that node set, so the scheduler checks only that node), and
-/// decisions for the ones that must wait.
+/// decisions for the ones that must wait. `moving` holds the volumes a `volume move` is
+/// taking elsewhere (volume → target node): their tasks wait until the new home is written.
 pub fn constrain(
     unassigned: &[Task],
     homes: &HashMap<String, String>,
     nodes: &[Node],
+    moving: &HashMap<String, String>,
 ) -> (Vec<Task>, Vec<Decision>) {
     let node = |id: &str| nodes.iter().find(|n| n.id == id);
     let mut place = Vec::new();
@@ -55,6 +57,17 @@ pub fn constrain(
     // A volume without a home is placed with one task per pass; the others follow it.
     let mut homing: HashSet<String> = HashSet::new();
     'tasks: for t in unassigned {
+        if let Some((vol, to)) = named(t).find_map(|m| Some((&m.source, moving.get(&m.source)?))) {
+            let to = node(to).map_or(to.as_str(), |n| n.spec.name.as_str());
+            wait.push(Decision::NoSuitableNode {
+                task_id: t.id.clone(),
+                reason: format!(
+                    "volume {vol} is moving to node {to}: the task starts there once the copy \
+                     is checked"
+                ),
+            });
+            continue;
+        }
         let mut home: Option<(&str, &str)> = None;
         for m in named(t) {
             match homes.get(&m.source) {
@@ -315,6 +328,9 @@ pub struct MoveState {
     pub done: std::sync::Arc<std::sync::atomic::AtomicU64>,
     pub total: u64,
     pub since: std::time::Instant,
+    /// A `volume move` that stopped the volume's task: tasks wanting the volume wait
+    /// ([`constrain`]) until the new home is written or the move gives up.
+    pub hold: bool,
 }
 
 impl MoveState {
@@ -326,6 +342,7 @@ impl MoveState {
             done: Default::default(),
             total: 0,
             since: std::time::Instant::now(),
+            hold: false,
         }
     }
 
@@ -346,8 +363,9 @@ impl MoveState {
     }
 }
 
-/// The leader's volume moves under way (in memory: a new leader starts over, and a copy a
-/// lost pre-copy left on a node is refused by the next move until removed), and the stops
+/// The leader's volume moves under way (in memory: a new leader starts over, and the next
+/// move to a node deletes the copy a lost move left there, `api::storage::clear_leftover`),
+/// and the stops
 /// held for them.
 #[derive(Default)]
 pub struct Moves {
@@ -397,6 +415,16 @@ impl Moves {
 
     pub fn remove(&self, volume: &str) -> Option<MoveState> {
         self.lock().by_volume.remove(volume)
+    }
+
+    /// The volumes whose tasks must wait (volume → target node): moves with `hold`.
+    pub fn holding(&self) -> HashMap<String, String> {
+        self.lock()
+            .by_volume
+            .iter()
+            .filter(|(_, m)| m.hold)
+            .map(|(v, m)| (v.clone(), m.to.clone()))
+            .collect()
     }
 
     /// Every recorded move.
@@ -588,7 +616,9 @@ pub async fn mover_loop(
         }
         let planned: HashSet<&str> = finals.iter().map(|(v, _, _)| v.as_str()).collect();
         for (volume, st) in mgr.moves.all() {
-            let stale = st.since.elapsed() >= PRECOPY_STALE && !planned.contains(volume.as_str());
+            let stale = !st.hold
+                && st.since.elapsed() >= PRECOPY_STALE
+                && !planned.contains(volume.as_str());
             if stale && matches!(st.phase, Phase::PreCopied(_) | Phase::GivenUp) {
                 let still_held = mgr
                     .blocking({
@@ -665,12 +695,12 @@ mod tests {
     fn a_task_goes_to_its_volume_and_waits_for_a_down_home() {
         let homes: HashMap<String, String> = [("db".to_string(), "n2".to_string())].into();
         let nodes = [node("n1", NodeState::Ready), node("n2", NodeState::Ready)];
-        let (place, wait) = constrain(&[task("t1", "db")], &homes, &nodes);
+        let (place, wait) = constrain(&[task("t1", "db")], &homes, &nodes, &HashMap::new());
         assert!(wait.is_empty());
         assert_eq!(place[0].node_id.as_deref(), Some("n2"));
 
         let nodes = [node("n1", NodeState::Ready), node("n2", NodeState::Down)];
-        let (place, wait) = constrain(&[task("t1", "db")], &homes, &nodes);
+        let (place, wait) = constrain(&[task("t1", "db")], &homes, &nodes, &HashMap::new());
         assert!(place.is_empty());
         match &wait[0] {
             Decision::NoSuitableNode { reason, .. } => {
@@ -684,10 +714,33 @@ mod tests {
     }
 
     #[test]
+    fn a_task_waits_while_its_volume_moves_even_to_a_ready_home() {
+        let homes: HashMap<String, String> = [("db".to_string(), "n1".to_string())].into();
+        let nodes = [node("n1", NodeState::Ready), node("n2", NodeState::Ready)];
+        let moving: HashMap<String, String> = [("db".to_string(), "n2".to_string())].into();
+        let ts = [task("t1", "db"), task("t2", "other")];
+        let (place, wait) = constrain(&ts, &homes, &nodes, &moving);
+        assert_eq!(place.len(), 1, "the other volume's task is placed");
+        assert_eq!(place[0].id, "t2");
+        match &wait[0] {
+            Decision::NoSuitableNode { task_id, reason } => {
+                assert_eq!(task_id, "t1");
+                assert!(reason.contains("volume db is moving to node"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn a_new_volume_is_placed_once_and_bound_to_the_first_node() {
         let homes = HashMap::new();
         let ts = [task("t1", "new"), task("t2", "new"), task("t3", "other")];
-        let (place, wait) = constrain(&ts, &homes, &[node("n1", NodeState::Ready)]);
+        let (place, wait) = constrain(
+            &ts,
+            &homes,
+            &[node("n1", NodeState::Ready)],
+            &HashMap::new(),
+        );
         assert_eq!(
             place.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
             vec!["t1", "t3"]

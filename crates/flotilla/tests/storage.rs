@@ -700,9 +700,10 @@ fn s40_a_full_volume_fails_its_task_not_the_node() {
     );
 }
 
-/// `volume move`: refused while a task holds the volume; by hand with the service scaled to
-/// 0; and by the leader when a drain stops the task: the copy is checked on both ends, the
-/// task starts on the new node with its lines intact and in order, and the old copy goes.
+/// `volume move`: by hand while its task runs (a first pass, the task stopped, a final pass,
+/// the task started on the new node); by hand with the service scaled to 0; and by the leader
+/// when a drain stops the task: the copy is checked on both ends, the task starts on the new
+/// node with its lines intact and in order, and the old copy goes.
 #[test]
 fn s50_a_volume_moves_with_a_drain() {
     let c = {
@@ -739,7 +740,6 @@ fn s50_a_volume_moves_with_a_drain() {
 
     // Refusals, each with what to do.
     for (args, says) in [
-        (vec!["data", "--to", "m1"], "drain that node"),
         (vec!["data", "--to", "w1"], "already"),
         (vec!["data", "--to", "nowhere"], "not found"),
         (vec!["nosuch", "--to", "m1"], "not found"),
@@ -780,60 +780,134 @@ fn s50_a_volume_moves_with_a_drain() {
         "the refused moves left the task alone"
     );
 
-    // By hand: with the service scaled to 0, `volume move` copies the data to m1.
+    // A copy an earlier move left on m1 (as a leader change mid-move would), with a file the
+    // real data does not have: the move deletes it first.
+    let cp = Command::new("cp")
+        .arg("-a")
+        .arg(c.nodes[1].dir.join("volumes").join("data"))
+        .arg(c.nodes[0].dir.join("volumes"))
+        .output()
+        .unwrap();
+    assert!(cp.status.success(), "cp: {}", stderr(&cp));
+    std::fs::write(
+        c.nodes[0].dir.join("volumes/data/_data/STALE"),
+        b"left by an earlier move",
+    )
+    .unwrap();
+
+    // By hand while the task runs: a first pass with it running, then the task stops, the
+    // final pass, and its replacement starts on m1 with the data.
+    let out = ok(
+        &c.run(&["volume", "move", "data", "--to", "m1"]),
+        "volume move with its task running",
+    );
+    assert!(
+        out.contains("pre-copy pass:")
+            && out.contains("final pass:")
+            && out.contains("the copy on the old node is deleted"),
+        "{out}"
+    );
+    let (t2, node) = running_one(&c, "db");
+    assert_ne!(t2, t1);
+    assert_eq!(node, m1, "the task went with its data");
+    assert_eq!(volume_log(&c, "data"), vec!["start", "start"]);
+    assert!(
+        !c.nodes[1].dir.join("volumes").join("data").exists(),
+        "the old copy on w1 is deleted once the task runs on m1"
+    );
+    assert!(
+        !c.nodes[0].dir.join("volumes/data/_data/STALE").exists(),
+        "the leftover copy was replaced, not merged"
+    );
+    let v = volumes(&c);
+    let data = v.iter().find(|v| v["name"] == "data").unwrap();
+    let passes: Vec<&str> = data["last_move"]["passes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pass"].as_str().unwrap())
+        .collect();
+    assert_eq!(passes, vec!["pre-copy", "final"], "{data}");
+
+    // By hand with the service scaled to 0: one pass, back to w1.
     ok(&c.run(&["service", "scale", "db=0"]), "scale to 0");
     let out = wait_for("the move", Duration::from_secs(60), || {
-        let o = c.run(&["volume", "move", "data", "--to", "m1"]);
+        let o = c.run(&["volume", "move", "data", "--to", "w1"]);
         if o.status.success() {
             return Some(stdout(&o));
         }
         // Until the old container is removed.
-        assert!(stderr(&o).contains("is mounted by task"), "{}", stderr(&o));
+        assert!(stderr(&o).contains("try again"), "{}", stderr(&o));
         None
     });
     assert!(
         out.contains("checked on both nodes")
-            && out.contains("the copy on the old node is deleted"),
+            && out.contains("the copy on the old node is deleted")
+            && !out.contains("pre-copy"),
         "{out}"
     );
     assert!(
-        !c.nodes[1].dir.join("volumes").join("data").exists(),
-        "no service task was waiting: the old copy on w1 is deleted at once"
+        !c.nodes[0].dir.join("volumes").join("data").exists(),
+        "no service task was waiting: the old copy on m1 is deleted at once"
     );
     ok(&c.run(&["service", "scale", "db=1"]), "scale to 1");
-    let (t2, node) = running_one(&c, "db");
-    assert_ne!(t2, t1);
-    assert_eq!(node, m1, "the task goes where its data is");
-    assert_eq!(volume_log(&c, "data"), vec!["start", "start"]);
+    let (t3, node) = running_one(&c, "db");
+    assert_ne!(t3, t2);
+    assert_eq!(node, w1, "the task goes where its data is");
+    assert_eq!(volume_log(&c, "data"), vec!["start", "start", "start"]);
 
-    // A drain moves the data with the task: m1 drained, the leader copies the volume to w1
+    // A drain moves the data with the task: w1 drained, the leader copies the volume to m1
     // (the node the scheduler picks) and the task starts there with its lines in order.
     ok(
-        &c.run(&["node", "update", "--availability", "active", "w1"]),
-        "w1 active",
+        &c.run(&["node", "update", "--availability", "drain", "w1"]),
+        "drain w1",
     );
-    ok(
-        &c.run(&["node", "update", "--availability", "drain", "m1"]),
-        "drain m1",
-    );
-    let (t3, node) = wait_for("the task on w1", Duration::from_secs(90), || {
+    let (t4, node) = wait_for("the task on m1", Duration::from_secs(90), || {
         let r = c.running("db");
-        (r.len() == 1 && r[0].0 != t2).then(|| r[0].clone())
+        (r.len() == 1 && r[0].0 != t3).then(|| r[0].clone())
     });
-    assert_ne!(t3, t2);
-    assert_eq!(node, w1, "the task followed its data off the drained node");
+    assert_ne!(t4, t3);
+    assert_eq!(node, m1, "the task followed its data off the drained node");
     assert_eq!(
         volume_log(&c, "data"),
-        vec!["start", "start", "start"],
+        vec!["start", "start", "start", "start"],
         "lines intact, in order"
     );
     let v = volumes(&c);
     let data = v.iter().find(|v| v["name"] == "data").unwrap();
-    assert_eq!(data["node_id"], w1.as_str());
-    wait_for("the old copy gone from m1", Duration::from_secs(30), || {
-        (!c.nodes[0].dir.join("volumes").join("data").exists()).then_some(())
+    assert_eq!(data["node_id"], m1.as_str());
+    wait_for("the old copy gone from w1", Duration::from_secs(30), || {
+        (!c.nodes[1].dir.join("volumes").join("data").exists()).then_some(())
     });
-    assert!(c.nodes[1].dir.join("volumes/data/_data/numbers").exists());
+    assert!(c.nodes[0].dir.join("volumes/data/_data/numbers").exists());
+
+    // A global service's task stays on its node: its volume does not move under it.
+    ok(
+        &c.run(&[
+            "service",
+            "create",
+            "--name",
+            "agent",
+            "--mode",
+            "global",
+            "--mount",
+            "type=volume,src=gdata,dst=/data",
+            "db",
+            "sh",
+            "-c",
+            "echo start >> /data/log; exec sleep 1000",
+        ]),
+        "global service",
+    );
+    running_one(&c, "agent");
+    let o = c.run(&["volume", "move", "gdata", "--to", "w1"]);
+    assert!(!o.status.success(), "a global task's volume was moved");
+    assert!(
+        stderr(&o).contains("global service agent, which stays on its node"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(volume_log(&c, "gdata"), vec!["start"], "left alone");
 }
 
 /// A drain moves a volume in two passes while its task keeps writing: the first pass copies

@@ -846,6 +846,47 @@ async fn local_volumes(
         })
 }
 
+/// Before a copy to node `n`, which is not the volume's home: a volume by that name there is
+/// what an earlier move left (a move that failed half-way, a leader that changed mid-move, an
+/// old copy kept after a move; the home's copy is the volume's data), deleted so that the copy
+/// can start. Refused while a container there uses it.
+async fn clear_leftover(
+    ctx: &Ctx,
+    volume: &str,
+    n: &Node,
+    there: &[LocalVolumeInfo],
+) -> Result<(), ManagerError> {
+    let Some(l) = there.iter().find(|l| l.name == volume) else {
+        return Ok(());
+    };
+    if !l.in_use_by.is_empty() {
+        return Err(ManagerError::conflict(format!(
+            "node {} holds a copy of volume {volume} (left by an earlier move) that container {} \
+             uses: stop it there, then retry",
+            n.spec.name,
+            l.in_use_by.join(", ")
+        )));
+    }
+    let path = format!("/v1/agent/volumes/{volume}");
+    match agent(ctx, n)
+        .request(axum::http::Method::DELETE, &path, None)
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if e.status() == Some(404) => {}
+        Err(e) => {
+            return Err(ManagerError::unavailable(format!(
+                "volume {volume}: node {} holds a copy left by an earlier move and did not \
+                 delete it ({e}): retry, or delete its DATA/volumes/{volume} by hand",
+                n.spec.name
+            )))
+        }
+    }
+    tracing::warn!(%volume, node = %n.id, bytes = l.size_bytes,
+        "deleted a copy an earlier move left on the target node");
+    Ok(())
+}
+
 /// Deletes the copy of `volume` on node `n` (a failed or abandoned move's), logging a failure.
 async fn drop_copy(ctx: &Ctx, volume: &str, n: &Node) {
     let path = format!("/v1/agent/volumes/{volume}");
@@ -986,13 +1027,7 @@ pub async fn precopy(
     }
     let here = local_volumes(ctx, name, &from, "its node").await?;
     let there = local_volumes(ctx, name, &to, "the target node").await?;
-    if there.iter().any(|l| l.name == name) {
-        return Err(ManagerError::conflict(format!(
-            "node {} already holds a volume named {name} (a copy left by an earlier move?): \
-             remove it there first",
-            to.spec.name
-        )));
-    }
+    clear_leftover(ctx, name, &to, &there).await?;
     let Some(st) = ctx.moves.get(name) else {
         return Err(ManagerError::conflict(format!(
             "volume {name}: the pre-copy was called off"
@@ -1132,51 +1167,48 @@ pub async fn move_to(
             )));
         }
     }
-    // Nobody may write while the final (or only) pass copies: refused while a container on
-    // the old node holds it.
+    // Nobody may write while the final (or only) pass copies: a task of a replicated service
+    // holding the volume on the old node is stopped after a first pass, its replacement waits
+    // for the new home; any other holder refuses the move.
     let held = local_volumes(ctx, &v.name, &from, "its node").await?;
-    if let Some(h) = held
-        .iter()
-        .find(|l| l.name == v.name && !l.in_use_by.is_empty())
-    {
-        return Err(ManagerError::conflict(format!(
-            "volume {} is mounted by task {} on node {}: drain that node (`flotilla node update \
-             --availability drain {}`) or scale the service to 0, then move the volume",
-            v.name,
-            h.in_use_by.join(", "),
-            from.spec.name,
-            from.spec.name
-        )));
-    }
     let total = held
         .iter()
         .find(|l| l.name == v.name)
         .map_or(0, |l| l.size_bytes);
-    // A pre-copy counts only from this node to that one; one elsewhere is dropped.
-    let pre = match prior {
-        Some(p) => match &p.phase {
-            crate::volumes::Phase::PreCopied(pass) if p.from == from.id && p.to == to.id => {
-                Some(pass.clone())
-            }
-            _ => {
-                drop_precopy(ctx, &v.name, &p).await;
-                None
-            }
-        },
-        None => None,
-    };
-    if pre.is_none() {
-        let there = local_volumes(ctx, &v.name, &to, "the target node").await?;
-        if there.iter().any(|l| l.name == v.name) {
+    let holders: Vec<String> = held
+        .iter()
+        .find(|l| l.name == v.name)
+        .map(|l| l.in_use_by.clone())
+        .unwrap_or_default();
+    let stopped = !holders.is_empty();
+    let pre = if stopped {
+        if prior.is_some() {
             return Err(ManagerError::conflict(format!(
-                "node {} already holds a volume named {} (a copy left by an earlier move?): \
-                 remove it there first",
-                to.spec.name, v.name
+                "volume {}: a drain's move of it is under way (`flotilla volume inspect {}` \
+                 shows it); try again when it is done",
+                v.name, v.name
             )));
         }
-    }
+        Some(stop_and_precopy(ctx, &v.name, &from, &to, &holders).await?)
+    } else {
+        // A pre-copy counts only from this node to that one; one elsewhere is dropped.
+        match prior {
+            Some(p) => match &p.phase {
+                crate::volumes::Phase::PreCopied(pass) if p.from == from.id && p.to == to.id => {
+                    Some(pass.clone())
+                }
+                _ => {
+                    drop_precopy(ctx, &v.name, &p).await;
+                    None
+                }
+            },
+            None => None,
+        }
+    };
     let mut st = crate::volumes::MoveState::new(&from.id, &to.id, crate::volumes::Phase::Copying);
     st.total = total;
+    // The stopped task's replacement keeps waiting until the new home is written.
+    st.hold = stopped;
     if pre.is_none() && !ctx.moves.start(&v.name, st.clone()) {
         return Err(ManagerError::conflict(format!(
             "volume {}: another move is under way; try again when it is done",
@@ -1185,6 +1217,16 @@ pub async fn move_to(
     }
     if pre.is_some() {
         ctx.moves.set(&v.name, st.clone());
+    } else {
+        // Ours to copy into now (the move is recorded): clear what an earlier move left there.
+        let cleared = match local_volumes(ctx, &v.name, &to, "the target node").await {
+            Ok(there) => clear_leftover(ctx, &v.name, &to, &there).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = cleared {
+            ctx.moves.remove(&v.name);
+            return Err(e);
+        }
     }
 
     let started = std::time::Instant::now();
@@ -1220,6 +1262,7 @@ pub async fn move_to(
         Ok(pass) => pass,
         Err(e) => {
             ctx.moves.remove(&v.name);
+            ctx.wake.notify_one();
             drop_copy(ctx, &v.name, &to).await;
             return Err(ManagerError::unavailable(format!(
                 "volume {}: {e}; the volume stays on node {}",
@@ -1254,6 +1297,8 @@ pub async fn move_to(
         )
         .await;
     ctx.moves.remove(&v.name);
+    // The control loop places the tasks a held move kept waiting.
+    ctx.wake.notify_one();
     if let Err(e) = written {
         drop_copy(ctx, &v.name, &to).await;
         return Err(e);
@@ -1325,6 +1370,200 @@ pub async fn move_to(
         source_removed: kept.is_none(),
         source_kept_because: kept,
     })
+}
+
+/// A task's stop grace period when its spec sets none (10 s, as the agent applies it).
+const DEFAULT_STOP_GRACE_NS: u64 = 10_000_000_000;
+
+/// How long `volume move` waits, past the tasks' stop grace periods, for the tasks it stopped
+/// to let go of the volume.
+const MOVE_STOP_WAIT: Duration = Duration::from_secs(60);
+
+/// The first half of `volume move` for a volume a running task holds, as a drain does it:
+/// checks that every holder is a running task of a replicated service (any other holder
+/// refuses the move), copies the volume to `to` while they run (the first pass), then holds
+/// the tasks that want the volume ([`crate::volumes::constrain`]), stops the holders (the
+/// orchestrator makes their replacements, which wait for the new home) and waits until no
+/// container on `from` holds the volume. Returns the first pass; the caller runs the final
+/// pass and writes the new home. If the first pass fails the tasks were not touched; if they
+/// do not stop in time the copy is dropped, the hold lifted and the replacements start on
+/// `from` with the data there.
+async fn stop_and_precopy(
+    ctx: &Ctx,
+    name: &str,
+    from: &Node,
+    to: &Node,
+    holders: &[String],
+) -> Result<flotilla_types::VolumePass, ManagerError> {
+    use crate::volumes::{MoveState, Phase};
+    let (tasks, grace) = {
+        let (ids, name, from_id) = (holders.to_vec(), name.to_string(), from.id.clone());
+        let from_name = from.spec.name.clone();
+        ctx.blocking(move |m| {
+            let services: Vec<Service> = m.list()?;
+            let mut tasks = Vec::new();
+            let mut grace = 0u64;
+            for id in &ids {
+                let task = m.get::<Task>(id)?;
+                let service = task
+                    .as_ref()
+                    .and_then(|t| services.iter().find(|s| s.id == t.service_id));
+                let why = match (&task, service) {
+                    (None, _) | (_, None) => {
+                        return Err(ManagerError::conflict(format!(
+                            "volume {name} is mounted on node {from_name} by container {id}, \
+                             which no task of the cluster runs (one being removed?): try again \
+                             once it is gone"
+                        )));
+                    }
+                    (Some(t), _) if t.desired_state > TaskState::Running => {
+                        return Err(ManagerError::conflict(format!(
+                            "volume {name} is mounted by task {id} on node {from_name}, which is \
+                             stopping: try again once it has stopped"
+                        )));
+                    }
+                    (Some(t), _)
+                        if t.node_id.as_deref() != Some(from_id.as_str())
+                            || t.desired_state != TaskState::Running =>
+                    {
+                        Some(format!("task {id}, which is not running there"))
+                    }
+                    (Some(_), Some(s))
+                        if !matches!(
+                            s.spec.mode,
+                            flotilla_types::ServiceMode::Replicated { .. }
+                        ) =>
+                    {
+                        Some(format!(
+                            "task {id} of {} service {}, which stays on its node",
+                            s.spec.mode.name(),
+                            s.spec.name
+                        ))
+                    }
+                    (Some(t), _)
+                        if t.spec.container.mounts.iter().any(|m| {
+                            m.kind == MountKind::Volume && m.source == name && m.shared
+                        }) =>
+                    {
+                        Some(format!("task {id}, which mounts it shared"))
+                    }
+                    _ => None,
+                };
+                if let Some(why) = why {
+                    return Err(ManagerError::conflict(format!(
+                        "volume {name} is mounted on node {from_name} by {why}: drain that node \
+                         (`flotilla node update --availability drain {from_name}`) or scale the \
+                         service to 0, then move the volume"
+                    )));
+                }
+                if let Some(t) = task {
+                    grace = grace.max(
+                        t.spec
+                            .container
+                            .stop_grace_period
+                            .unwrap_or(DEFAULT_STOP_GRACE_NS),
+                    );
+                    tasks.push(t);
+                }
+            }
+            Ok((tasks, grace))
+        })
+        .await?
+    };
+    if !ctx
+        .moves
+        .start(name, MoveState::new(&from.id, &to.id, Phase::PreCopying))
+    {
+        return Err(ManagerError::conflict(format!(
+            "volume {name}: another move is under way; try again when it is done"
+        )));
+    }
+    // The first pass, the tasks still running.
+    let pass = match precopy(ctx, name, &from.id, &to.id).await {
+        Ok(pass) => pass,
+        Err(e) => {
+            ctx.moves.remove(name);
+            return Err(ManagerError::unavailable(format!(
+                "{e}; the task keeps running on node {}",
+                from.spec.name
+            )));
+        }
+    };
+    let give_up = |why: String| async move {
+        ctx.moves.remove(name);
+        drop_copy(ctx, name, to).await;
+        ctx.wake.notify_one();
+        ManagerError::unavailable(format!(
+            "volume {name}: {why}; the volume stays on node {}",
+            from.spec.name
+        ))
+    };
+    match ctx.moves.get(name) {
+        Some(mut st) => {
+            st.phase = Phase::PreCopied(pass.clone());
+            st.hold = true;
+            ctx.moves.set(name, st);
+        }
+        None => return Err(give_up("the move was called off".into()).await),
+    }
+    // Stop the holders: desired state shut down, each written against the version read.
+    for t in tasks {
+        if let Err(e) = stop_task(ctx, &t.id).await {
+            return Err(give_up(format!("stopping its task failed: {e}")).await);
+        }
+    }
+    tracing::info!(volume = %name, from = %from.id, to = %to.id, bytes = pass.bytes,
+        "volume move: pre-copied with its task running; the task stops for the final pass");
+    // Wait until no container on the old node holds the volume.
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_nanos(t_grace(grace)) + MOVE_STOP_WAIT;
+    loop {
+        match local_volumes(ctx, name, from, "its node").await {
+            Ok(l) if l.iter().all(|l| l.name != name || l.in_use_by.is_empty()) => break,
+            _ => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(give_up(format!(
+                "its task did not let go of it within {} s",
+                (Duration::from_nanos(t_grace(grace)) + MOVE_STOP_WAIT).as_secs()
+            ))
+            .await);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(pass)
+}
+
+/// Sets task `id`'s desired state to shut down (against the version read; retried a few times
+/// when the task changes meanwhile). Nothing to do for a task gone or already stopping.
+async fn stop_task(ctx: &Ctx, id: &str) -> Result<(), ManagerError> {
+    for _ in 0..5 {
+        let read = {
+            let id = id.to_string();
+            ctx.blocking(move |m| m.get::<Task>(&id)).await?
+        };
+        let Some(mut t) = read else { return Ok(()) };
+        if t.desired_state > TaskState::Running {
+            return Ok(());
+        }
+        let version = t.meta.version;
+        t.desired_state = TaskState::Shutdown;
+        t.meta.updated_at = now_ms();
+        let op = Op::update(Table::Tasks, &t.id, encode(&t)?, Some(version));
+        match ctx.write(Batch::single(op), "task").await {
+            Ok(_) => return Ok(()),
+            Err(ManagerError::Conflict(_)) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(ManagerError::conflict(format!(
+        "task {id} kept changing while the move tried to stop it"
+    )))
+}
+
+/// A stop grace period in nanoseconds, capped at an hour.
+fn t_grace(ns: u64) -> u64 {
+    ns.min(3_600_000_000_000)
 }
 
 /// Answers `e` without reading an upload (past what `refuse_unread` drains).
