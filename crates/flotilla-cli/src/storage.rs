@@ -108,7 +108,6 @@ pub async fn files(client: &Client, kind: FileKind, cmd: FileCmd) -> Result<(), 
     }
 }
 
-/// `1.5 MiB`-style sizes.
 /// A move under way in a few words: `pre-copy to m1: 512.0 MiB of 1.0 GiB (50%)`.
 fn moving_line(m: &flotilla_types::VolumeMoving, to: &str) -> String {
     let pct = (m.bytes_done.min(m.bytes_total).saturating_mul(100))
@@ -183,6 +182,7 @@ async fn show_move_progress(client: &Client, name: &str, to: &str) {
     }
 }
 
+/// `1.5 MiB`-style sizes.
 fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;

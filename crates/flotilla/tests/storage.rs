@@ -829,8 +829,12 @@ fn s50_a_volume_moves_with_a_drain() {
         .collect();
     assert_eq!(passes, vec!["pre-copy", "final"], "{data}");
 
-    // By hand with the service scaled to 0: one pass, back to w1.
+    // By hand with the service scaled to 0: one pass, back to w1. (A move while the task still
+    // runs would take it along in two passes: wait until the scale has stopped it.)
     ok(&c.run(&["service", "scale", "db=0"]), "scale to 0");
+    wait_for("db stopped", Duration::from_secs(60), || {
+        c.running("db").is_empty().then_some(())
+    });
     let out = wait_for("the move", Duration::from_secs(60), || {
         let o = c.run(&["volume", "move", "data", "--to", "w1"]);
         if o.status.success() {

@@ -1093,7 +1093,7 @@ pub async fn move_to(
     name: &str,
     to: &str,
 ) -> Result<flotilla_types::VolumeMoved, ManagerError> {
-    let (v, from, to, users) = {
+    let (v, from, to) = {
         let (name, key) = (name.to_string(), to.to_string());
         ctx.blocking(move |m| {
             let v = find_volume(m, &name)?;
@@ -1102,26 +1102,7 @@ pub async fn move_to(
                 None => None,
             };
             let to = super::nodes::find_node(m, &key)?;
-            // The services with a task that wants to run on the volume: the old copy stays
-            // until one runs on the new node.
-            let services: Vec<Service> = m.list()?;
-            let tasks: Vec<Task> = m.list()?;
-            let users: BTreeSet<String> = tasks
-                .iter()
-                .filter(|t| {
-                    t.desired_state == TaskState::Running
-                        && !t.status.state.is_terminal()
-                        && volume_mounts(&t.spec).any(|s| s == name)
-                })
-                .map(|t| {
-                    services
-                        .iter()
-                        .find(|s| s.id == t.service_id)
-                        .map(|s| s.spec.name.clone())
-                        .unwrap_or_else(|| t.service_id.clone())
-                })
-                .collect();
-            Ok((v, from, to, users))
+            Ok((v, from, to))
         })
         .await?
     };
@@ -1308,7 +1289,24 @@ pub async fn move_to(
     tracing::info!(volume = %v.name, from = %from.id, to = %to.id, bytes, copy_ms,
         passes = passes.len(), "volume moved");
 
-    // The old copy stays until a task runs on the new node (at once without users).
+    // The old copy stays until a task runs on the new node (at once without users). The users
+    // are read now, with the new home written: a service scaled to 0 during the move has none.
+    // After stopping a task for the move, its replacement may not exist yet: give the
+    // orchestrator a moment to make it (none comes if its service was scaled to 0 meanwhile).
+    let replaced_by = tokio::time::Instant::now()
+        + if stopped {
+            REPLACEMENT_WAIT
+        } else {
+            Duration::ZERO
+        };
+    let users = loop {
+        let name = v.name.clone();
+        let users = ctx.blocking(move |m| volume_task_users(m, &name)).await?;
+        if !users.is_empty() || tokio::time::Instant::now() >= replaced_by {
+            break users;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let kept = if users.is_empty() {
         None
     } else {
@@ -1372,8 +1370,33 @@ pub async fn move_to(
     })
 }
 
+/// The services with a task that wants to run on volume `name` (desired running, not ended).
+fn volume_task_users(m: &Manager, name: &str) -> Result<BTreeSet<String>, ManagerError> {
+    let services: Vec<Service> = m.list()?;
+    let tasks: Vec<Task> = m.list()?;
+    Ok(tasks
+        .iter()
+        .filter(|t| {
+            t.desired_state == TaskState::Running
+                && !t.status.state.is_terminal()
+                && volume_mounts(&t.spec).any(|s| s == name)
+        })
+        .map(|t| {
+            services
+                .iter()
+                .find(|s| s.id == t.service_id)
+                .map(|s| s.spec.name.clone())
+                .unwrap_or_else(|| t.service_id.clone())
+        })
+        .collect())
+}
+
 /// A task's stop grace period when its spec sets none (10 s, as the agent applies it).
 const DEFAULT_STOP_GRACE_NS: u64 = 10_000_000_000;
+
+/// How long `volume move` waits for the replacement of a task it stopped to appear before it
+/// treats the volume as unused (its service scaled to 0 meanwhile).
+const REPLACEMENT_WAIT: Duration = Duration::from_secs(10);
 
 /// How long `volume move` waits, past the tasks' stop grace periods, for the tasks it stopped
 /// to let go of the volume.
