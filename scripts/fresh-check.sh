@@ -126,7 +126,12 @@ set +e
 status=${PIPESTATUS[0]}
 set -e
 tail -5 "$work/test.log"
-((status == 0)) || { echo "fresh-check: ./scripts/test.sh failed ($status)" >&2; exit 1; }
+if ((status != 0)); then
+	# The work dir goes with the exit: keep what failed.
+	grep -n -B2 -A30 'panicked at' "$work/test.log" | head -200 >&2 || true
+	echo "fresh-check: ./scripts/test.sh failed ($status)" >&2
+	exit 1
+fi
 stamp "./scripts/test.sh passed"
 leftovers "the tests"
 echo "fresh-check: OK"
