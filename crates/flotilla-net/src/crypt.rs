@@ -736,8 +736,12 @@ impl Opener {
         f: &Fragment,
         data: &[u8],
     ) -> std::result::Result<Option<(Vec<u8>, usize)>, Refused> {
-        let mut fresh = None;
-        let rx = self.peers.entry(from);
+        let Opener {
+            peers,
+            spare,
+            incomplete,
+        } = self;
+        let rx = peers.entry(from);
         rx.received += 1;
         let i = match rx.partials.iter().position(|p| f.same_message(p)) {
             Some(i) if rx.partials[i].count != f.count || rx.partials[i].chunk != f.chunk => {
@@ -750,25 +754,24 @@ impl Opener {
             }
             Some(i) => i,
             None => {
-                if rx.partials.len() >= PARTIALS_PER_PEER {
-                    if let Some(oldest) = rx
-                        .partials
-                        .iter()
-                        .enumerate()
-                        .min_by_key(|(_, p)| p.began)
-                        .map(|(i, _)| i)
-                    {
-                        fresh = Some(rx.partials.swap_remove(oldest).buf);
-                        self.incomplete += 1;
+                // A full table gives its oldest message's buffer to this one.
+                let oldest = (rx.partials.len() >= PARTIALS_PER_PEER)
+                    .then(|| {
+                        rx.partials
+                            .iter()
+                            .enumerate()
+                            .min_by_key(|(_, p)| p.began)
+                            .map(|(i, _)| i)
+                    })
+                    .flatten();
+                let mut buf = match oldest {
+                    Some(o) => {
+                        *incomplete += 1;
+                        rx.partials.swap_remove(o).buf
                     }
-                }
-                let began = rx.received;
-                let mut buf = match fresh.take() {
-                    Some(b) => b,
-                    None => self.spare.pop().unwrap_or_default(),
+                    None => spare.pop().unwrap_or_default(),
                 };
                 buf.resize(f.count * f.chunk, 0);
-                let rx = self.peers.entry(from);
                 rx.partials.push(Partial {
                     key_id: f.key_id,
                     salt: f.salt,
@@ -777,13 +780,12 @@ impl Opener {
                     chunk: f.chunk,
                     have: 0,
                     len: 0,
-                    began,
+                    began: rx.received,
                     buf,
                 });
                 rx.partials.len() - 1
             }
         };
-        let rx = self.peers.entry(from);
         let p = &mut rx.partials[i];
         let at = f.index * f.chunk;
         p.buf[at..at + data.len()].copy_from_slice(data);

@@ -232,6 +232,18 @@ pub struct ContainerSpec {
     pub configs: Vec<crate::FileReference>,
 }
 
+/// A task's stop grace period when its spec sets none.
+pub const DEFAULT_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl ContainerSpec {
+    /// Time between the stop signal and SIGKILL: `stop_grace_period`, else
+    /// [`DEFAULT_STOP_GRACE`].
+    pub fn stop_grace(&self) -> std::time::Duration {
+        self.stop_grace_period
+            .map_or(DEFAULT_STOP_GRACE, std::time::Duration::from_nanos)
+    }
+}
+
 /// Exec/HTTP/TCP probes; durations in nanoseconds.
 ///
 /// Schedule: the first probe runs as soon as the task's process starts. While the task is

@@ -49,9 +49,6 @@ use flotilla_types::{Health, Task, TaskState, TaskStatus};
 
 use crate::TaskError;
 
-/// The stop grace period when the task's spec sets none.
-const DEFAULT_GRACE: Duration = Duration::from_secs(10);
-
 /// The shortest interval between two health probes.
 const MIN_PROBE_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -696,10 +693,7 @@ fn failed_msg(what: &str, output: &str) -> String {
 
 /// The task's stop grace period (SIGTERM to SIGKILL): its spec's, else 10 s.
 pub fn grace_of(task: &Task) -> Duration {
-    task.spec
-        .container
-        .stop_grace_period
-        .map_or(DEFAULT_GRACE, Duration::from_nanos)
+    task.spec.container.stop_grace()
 }
 
 #[cfg(test)]

@@ -1391,9 +1391,6 @@ fn volume_task_users(m: &Manager, name: &str) -> Result<BTreeSet<String>, Manage
         .collect())
 }
 
-/// A task's stop grace period when its spec sets none (10 s, as the agent applies it).
-const DEFAULT_STOP_GRACE_NS: u64 = 10_000_000_000;
-
 /// How long `volume move` waits for the replacement of a task it stopped to appear before it
 /// treats the volume as unused (its service scaled to 0 meanwhile).
 const REPLACEMENT_WAIT: Duration = Duration::from_secs(10);
@@ -1420,76 +1417,14 @@ async fn stop_and_precopy(
 ) -> Result<flotilla_types::VolumePass, ManagerError> {
     use crate::volumes::{MoveState, Phase};
     let (tasks, grace) = {
-        let (ids, name, from_id) = (holders.to_vec(), name.to_string(), from.id.clone());
-        let from_name = from.spec.name.clone();
+        let (ids, name, from) = (holders.to_vec(), name.to_string(), from.clone());
         ctx.blocking(move |m| {
             let services: Vec<Service> = m.list()?;
-            let mut tasks = Vec::new();
-            let mut grace = 0u64;
-            for id in &ids {
-                let task = m.get::<Task>(id)?;
-                let service = task
-                    .as_ref()
-                    .and_then(|t| services.iter().find(|s| s.id == t.service_id));
-                let why = match (&task, service) {
-                    (None, _) | (_, None) => {
-                        return Err(ManagerError::conflict(format!(
-                            "volume {name} is mounted on node {from_name} by container {id}, \
-                             which no task of the cluster runs (one being removed?): try again \
-                             once it is gone"
-                        )));
-                    }
-                    (Some(t), _) if t.desired_state > TaskState::Running => {
-                        return Err(ManagerError::conflict(format!(
-                            "volume {name} is mounted by task {id} on node {from_name}, which is \
-                             stopping: try again once it has stopped"
-                        )));
-                    }
-                    (Some(t), _)
-                        if t.node_id.as_deref() != Some(from_id.as_str())
-                            || t.desired_state != TaskState::Running =>
-                    {
-                        Some(format!("task {id}, which is not running there"))
-                    }
-                    (Some(_), Some(s))
-                        if !matches!(
-                            s.spec.mode,
-                            flotilla_types::ServiceMode::Replicated { .. }
-                        ) =>
-                    {
-                        Some(format!(
-                            "task {id} of {} service {}, which stays on its node",
-                            s.spec.mode.name(),
-                            s.spec.name
-                        ))
-                    }
-                    (Some(t), _)
-                        if t.spec.container.mounts.iter().any(|m| {
-                            m.kind == MountKind::Volume && m.source == name && m.shared
-                        }) =>
-                    {
-                        Some(format!("task {id}, which mounts it shared"))
-                    }
-                    _ => None,
-                };
-                if let Some(why) = why {
-                    return Err(ManagerError::conflict(format!(
-                        "volume {name} is mounted on node {from_name} by {why}: drain that node \
-                         (`flotilla node update --availability drain {from_name}`) or scale the \
-                         service to 0, then move the volume"
-                    )));
-                }
-                if let Some(t) = task {
-                    grace = grace.max(
-                        t.spec
-                            .container
-                            .stop_grace_period
-                            .unwrap_or(DEFAULT_STOP_GRACE_NS),
-                    );
-                    tasks.push(t);
-                }
-            }
-            Ok((tasks, grace))
+            let tasks = ids
+                .iter()
+                .map(|id| m.get::<Task>(id))
+                .collect::<Result<Vec<_>, _>>()?;
+            movable_holders(&name, &from, &ids, tasks, &services)
         })
         .await?
     };
@@ -1538,8 +1473,9 @@ async fn stop_and_precopy(
     tracing::info!(volume = %name, from = %from.id, to = %to.id, bytes = pass.bytes,
         "volume move: pre-copied with its task running; the task stops for the final pass");
     // Wait until no container on the old node holds the volume.
-    let deadline =
-        tokio::time::Instant::now() + Duration::from_nanos(t_grace(grace)) + MOVE_STOP_WAIT;
+    // A grace period is capped at an hour here.
+    let wait = grace.min(Duration::from_secs(3600)) + MOVE_STOP_WAIT;
+    let deadline = tokio::time::Instant::now() + wait;
     loop {
         match local_volumes(ctx, name, from, "its node").await {
             Ok(l) if l.iter().all(|l| l.name != name || l.in_use_by.is_empty()) => break,
@@ -1548,13 +1484,79 @@ async fn stop_and_precopy(
         if tokio::time::Instant::now() >= deadline {
             return Err(give_up(format!(
                 "its task did not let go of it within {} s",
-                (Duration::from_nanos(t_grace(grace)) + MOVE_STOP_WAIT).as_secs()
+                wait.as_secs()
             ))
             .await);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(pass)
+}
+
+/// The tasks a `volume move` may stop for volume `name` on node `from`, and their longest stop
+/// grace period: `ids` are the holders node `from` reports (untrusted), `tasks` what the store
+/// has for each (`None`: unknown). Each must be a running task of a replicated service on that
+/// node that mounts the volume unshared; anything else refuses the move, saying what to do.
+fn movable_holders(
+    name: &str,
+    from: &Node,
+    ids: &[String],
+    tasks: Vec<Option<Task>>,
+    services: &[Service],
+) -> Result<(Vec<Task>, Duration), ManagerError> {
+    let from_name = &from.spec.name;
+    let mut out = Vec::new();
+    let mut grace = Duration::ZERO;
+    for (id, task) in ids.iter().zip(tasks) {
+        let service = task
+            .as_ref()
+            .and_then(|t| services.iter().find(|s| s.id == t.service_id));
+        let (Some(t), Some(s)) = (task, service) else {
+            return Err(ManagerError::conflict(format!(
+                "volume {name} is mounted on node {from_name} by container {id}, which no task \
+                 of the cluster runs (one being removed?): try again once it is gone"
+            )));
+        };
+        if t.desired_state > TaskState::Running {
+            return Err(ManagerError::conflict(format!(
+                "volume {name} is mounted by task {id} on node {from_name}, which is stopping: \
+                 try again once it has stopped"
+            )));
+        }
+        let mount = t
+            .spec
+            .container
+            .mounts
+            .iter()
+            .find(|m| m.kind == MountKind::Volume && m.source == name);
+        let why = if t.node_id.as_deref() != Some(from.id.as_str())
+            || t.desired_state != TaskState::Running
+        {
+            Some(format!("task {id}, which is not running there"))
+        } else if !matches!(s.spec.mode, flotilla_types::ServiceMode::Replicated { .. }) {
+            Some(format!(
+                "task {id} of {} service {}, which stays on its node",
+                s.spec.mode.name(),
+                s.spec.name
+            ))
+        } else {
+            match mount {
+                None => Some(format!("task {id}, which does not mount it")),
+                Some(m) if m.shared => Some(format!("task {id}, which mounts it shared")),
+                Some(_) => None,
+            }
+        };
+        if let Some(why) = why {
+            return Err(ManagerError::conflict(format!(
+                "volume {name} is mounted on node {from_name} by {why}: drain that node \
+                 (`flotilla node update --availability drain {from_name}`) or scale the service \
+                 to 0, then move the volume"
+            )));
+        }
+        grace = grace.max(t.spec.container.stop_grace());
+        out.push(t);
+    }
+    Ok((out, grace))
 }
 
 /// Sets task `id`'s desired state to shut down (against the version read; retried a few times
@@ -1582,11 +1584,6 @@ async fn stop_task(ctx: &Ctx, id: &str) -> Result<(), ManagerError> {
     Err(ManagerError::conflict(format!(
         "task {id} kept changing while the move tried to stop it"
     )))
-}
-
-/// A stop grace period in nanoseconds, capped at an hour.
-fn t_grace(ns: u64) -> u64 {
-    ns.min(3_600_000_000_000)
 }
 
 /// Answers `e` without reading an upload (past what `refuse_unread` drains).
@@ -1667,6 +1664,78 @@ mod tests {
         assert!(!under("/srv/data2", "/srv/data"));
         assert!(!under("/srv", "/srv/data"));
         assert!(!under("/etc", "/"));
+    }
+
+    /// The holders a node reports are checked against the store: only a running task of a
+    /// replicated service there that mounts the volume unshared may be stopped for a move.
+    #[test]
+    fn a_move_stops_only_tasks_that_really_hold_the_volume() {
+        let from: Node = serde_json::from_value(serde_json::json!({
+            "id": "n1",
+            "spec": {"name": "n1-name", "role": "worker", "availability": "active", "labels": {}},
+            "description": {"hostname": "n1", "os": "linux", "arch": "x86_64",
+                "resources": {"nano_cpus": 1, "memory_bytes": 1}},
+            "status": {"state": "ready", "message": "", "addr": "127.0.0.1:1", "last_heartbeat": 0}
+        }))
+        .expect("node json");
+        let service = |id: &str, mode: serde_json::Value| -> Service {
+            serde_json::from_value(serde_json::json!({
+                "id": id,
+                "spec": {"name": id, "task_template": {"container": {"image": "db"}}, "mode": mode},
+            }))
+            .expect("service json")
+        };
+        let services = [
+            service("rep", serde_json::json!({"replicated": {"replicas": 1}})),
+            service("glob", serde_json::json!("global")),
+        ];
+        let task = |id: &str, svc: &str, vol: &str, shared: bool| {
+            let mut t = Task {
+                id: id.into(),
+                meta: Meta::default(),
+                service_id: svc.into(),
+                slot: Some(1),
+                node_id: Some("n1".into()),
+                spec: Default::default(),
+                spec_version: 1,
+                job_iteration: 0,
+                status: flotilla_types::TaskStatus::new(TaskState::Running, 0, "running"),
+                desired_state: TaskState::Running,
+            };
+            t.spec.container.stop_grace_period = Some(3_000_000_000);
+            t.spec.container.mounts.push(flotilla_types::Mount {
+                kind: MountKind::Volume,
+                source: vol.into(),
+                target: "/data".into(),
+                shared,
+                ..Default::default()
+            });
+            t
+        };
+        let check = |t: Option<Task>| {
+            let id = t.as_ref().map_or("forged".to_string(), |t| t.id.clone());
+            movable_holders("data", &from, &[id], vec![t], &services)
+        };
+        let (ok, grace) = check(Some(task("t1", "rep", "data", false))).expect("a real holder");
+        assert_eq!((ok.len(), grace), (1, Duration::from_secs(3)));
+        let refused = |t: Option<Task>, says: &str| match check(t) {
+            Err(ManagerError::Conflict(m)) => assert!(m.contains(says), "{m}"),
+            other => panic!("{says}: {other:?}"),
+        };
+        refused(None, "no task of the cluster runs");
+        let mut other_node = task("t2", "rep", "data", false);
+        other_node.node_id = Some("n2".into());
+        refused(Some(other_node), "not running there");
+        let mut stopping = task("t3", "rep", "data", false);
+        stopping.desired_state = TaskState::Shutdown;
+        refused(Some(stopping), "stopping");
+        refused(Some(task("t4", "glob", "data", false)), "stays on its node");
+        refused(Some(task("t5", "rep", "other", false)), "does not mount it");
+        refused(Some(task("t6", "rep", "data", true)), "mounts it shared");
+        refused(
+            Some(task("t7", "gone", "data", false)),
+            "no task of the cluster runs",
+        );
     }
 
     #[test]
